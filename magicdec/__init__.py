@@ -1,0 +1,27 @@
+"""magicdec: long-context LLM inference with speculative decoding whose drafts use a sparse KV cache.
+
+    from magicdec import LLM, SamplingParams, SpecConfig
+    llm = LLM()  # the built-in SmolLM2-135M-Instruct, or LLM("path/to/hf_dir_or.gguf")
+    result = llm.generate(prompts, SamplingParams(max_new_tokens=64), spec=SpecConfig(method="self"))
+"""
+
+from magicdec.config import ModelConfig
+from magicdec.engine.llm import LLM, PromptError
+from magicdec.engine.outputs import GenerationResult, RequestOutput, RunStats
+from magicdec.engine.sampling import SamplingParams
+from magicdec.loading import LoadError, load_model
+from magicdec.spec.config import SpecConfig
+
+__all__ = [
+    "LLM",
+    "GenerationResult",
+    "LoadError",
+    "ModelConfig",
+    "PromptError",
+    "RequestOutput",
+    "RunStats",
+    "SamplingParams",
+    "SpecConfig",
+    "load_model",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""The memory plan: bytes of weights and KV caches for a batch, checked before anything is allocated."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+class OutOfMemoryPlan(MemoryError):
+    """The planned weights and caches would not fit; the message gives the bytes and the fix."""
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+@dataclass(slots=True)
+class MemoryPlan:
+    """Named byte counts: 'weights' (already resident) and each buffer still to allocate."""
+
+    resident: dict[str, int] = field(default_factory=dict)
+    to_allocate: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.resident.values()) + sum(self.to_allocate.values())
+
+    def describe(self) -> str:
+        parts = [f"{k} {fmt_bytes(v)}" for k, v in {**self.resident, **self.to_allocate}.items()]
+        return ", ".join(parts)
+
+    def check(self, device: torch.device, budget: int | None = None) -> None:
+        """Raise OutOfMemoryPlan if what is still to allocate exceeds the memory available
+        (or if everything exceeds the user's `budget` in bytes)."""
+        need = sum(self.to_allocate.values())
+        if budget is not None and self.total > budget:
+            raise OutOfMemoryPlan(
+                f"the plan needs {fmt_bytes(self.total)} ({self.describe()}), over the memory budget of "
+                f"{fmt_bytes(budget)}. Use a smaller batch, shorter prompts or fewer new tokens, "
+                "a smaller draft budget, or raise the budget."
+            )
+        free = available_bytes(device)
+        if need > free:
+            raise OutOfMemoryPlan(
+                f"the KV caches need {fmt_bytes(need)} ({self.describe()}) but only {fmt_bytes(free)} of "
+                f"{device.type} memory is free. Use a smaller batch, shorter prompts or fewer new tokens, "
+                "or a 2-byte dtype (--dtype bfloat16)."
+            )
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_cache_bytes(n_layers: int, batch: int, kv_heads: int, head_dim: int, slots: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V buffers with `slots` slots per sequence (the trash slot included)."""
+    return 2 * n_layers * batch * kv_heads * slots * head_dim * dtype.itemsize

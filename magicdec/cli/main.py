@@ -1,0 +1,41 @@
+"""The `magicdec` command: one sub-command per module in this package.
+
+Each sub-command module exposes `register(subparsers)`, which adds its parser and sets `func`.
+Errors that name a problem (bad input, a missing file, a plan that does not fit) are printed as one
+line and exit with status 2; set MAGICDEC_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = ("generate", "plan", "corpus")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="magicdec",
+        description="Long-context LLM inference with speculative decoding over sparse-KV drafts.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"magicdec.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, MemoryError, FileNotFoundError) as e:
+        if os.environ.get("MAGICDEC_DEBUG"):
+            raise
+        print(f"magicdec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

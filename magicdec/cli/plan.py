@@ -1,0 +1,197 @@
+"""`magicdec plan`: predicted step times, best γ and speedup over a batch × context grid.
+
+Prints a table (or, with ``--json``, only a JSON list of rows) and draws speedup against batch, one
+line per context, into a PNG. Contexts are plain integers or carry a ``k`` suffix meaning ×1024
+(``32k`` = 32768, as in BACKGROUND's H100 table; the paper's "32000" is written ``32000``).
+Weights are never loaded: models are known shapes or HF config.json files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from magicdec.costmodel import CostModel, DraftSpec, critical_context, load_profile, resolve_model
+from magicdec.costmodel.hardware import BUILTIN_PROFILES, DTYPE_BYTES
+
+K = 1024  # the `k` suffix of --context
+DEFAULT_PNG = "plan.png"
+
+
+def parse_context(text: str) -> int:
+    """``4096``, ``4k`` or ``4K`` (k = 1024) -> tokens."""
+    t = text.strip().lower()
+    try:
+        n = int(t[:-1]) * K if t.endswith("k") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"context {text!r} is not an integer or <int>k (k = 1024)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"context must be positive, got {text!r}")
+    return n
+
+
+def parse_budget(text: str) -> int | None:
+    """A positive token count, or ``full`` for a draft that attends its whole cache."""
+    if text.strip().lower() in ("full", "none"):
+        return None
+    return parse_context(text)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan", help="predict step times, best gamma and speedup from the cost model",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True,
+                   help="known shape name (e.g. llama-3.1-8b) or HF config.json path")
+    p.add_argument("--hardware", default="h100",
+                   help=f"built-in profile ({', '.join(BUILTIN_PROFILES)}) or a profile .json (default h100)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    p.add_argument("--context", type=parse_context, nargs="+", default=[parse_context(c) for c in
+                                                                         ("4k", "8k", "32k", "128k")],
+                   help="contexts in tokens; 'k' suffix = 1024 (default 4k 8k 32k 128k)")
+    p.add_argument("--alpha", type=float, default=0.8, help="acceptance rate per drafted token (default 0.8)")
+    p.add_argument("--drafter", choices=("self", "draft"), default="self",
+                   help="self-speculation on a sparse cache, or a separate draft model")
+    p.add_argument("--draft-model", help="draft model (name or config.json) for --drafter draft")
+    p.add_argument("--draft-tp", type=int, help="draft model's tensor-parallel degree (default: --tp)")
+    p.add_argument("--budget", type=parse_budget, default=512,
+                   help="draft KV budget in tokens, or 'full' (default 512)")
+    p.add_argument("--gamma", type=int, help="fix gamma instead of choosing the best one")
+    p.add_argument("--max-gamma", type=int, default=8, help="largest gamma searched (default 8)")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
+    p.add_argument("--round-overhead-ms", type=float,
+                   help="override the profile's fixed cost per speculation round (ms)")
+    p.add_argument("--png",
+                   help=f"where to draw speedup vs batch (default {DEFAULT_PNG}; with --json only if given)")
+    p.add_argument("--json", action="store_true", help="print only a JSON list of rows to stdout")
+    p.set_defaults(func=run)
+
+
+def build_model(args: argparse.Namespace) -> CostModel:
+    target = resolve_model(args.model)
+    hardware = load_profile(args.hardware)
+    if args.round_overhead_ms is not None:
+        hardware = hardware.with_(round_overhead_s=args.round_overhead_ms * 1e-3)
+    if args.drafter == "draft":
+        if not args.draft_model:
+            raise ValueError("--drafter draft needs --draft-model NAME_OR_PATH")
+        draft = DraftSpec("model", args.budget, resolve_model(args.draft_model), args.draft_tp)
+    else:
+        if args.draft_model:
+            raise ValueError("--draft-model is only used with --drafter draft")
+        draft = DraftSpec("self", args.budget)
+    return CostModel(target, hardware, draft, DTYPE_BYTES[args.dtype], args.tp)
+
+
+def plan_rows(model: CostModel, batches: list[int], contexts: list[int], alpha: float, gamma: int | None,
+              max_gamma: int = 8) -> list[dict[str, Any]]:
+    rows = []
+    for n in contexts:
+        for b in batches:
+            if gamma is None:
+                g, s = model.best_gamma(b, n, alpha, max_gamma)
+            else:
+                g, s = gamma, model.speedup(b, n, gamma, alpha)
+            rows.append({
+                "batch": b, "context": n, "gamma": g,
+                "t_target_ms": model.t_target(b, n) * 1e3,
+                "t_verify_ms": model.t_verify(b, n, g) * 1e3,
+                "t_draft_ms": model.t_draft(b, n) * 1e3,
+                "speedup": s,
+            })
+    return rows
+
+
+def format_table(model: CostModel, rows: list[dict[str, Any]], alpha: float) -> str:
+    hw, d = model.hardware, model.draft
+    drafter = "self" if d.kind == "self" else (d.model.name if d.model else "model")
+    budget = "full cache" if d.budget is None else f"budget {d.budget}"
+    crit = critical_context(model.target, hw, model.dtype_bytes, model.tp)
+    lines = [
+        f"target {model.target.name}  drafter {drafter} ({budget})  hardware {hw.name} [{hw.source}]  "
+        f"tp {model.tp}  alpha {alpha}",
+        f"critical context (memory-bound at any batch, decode): {crit:,.0f} tokens",
+        f"{'batch':>6} {'context':>8} {'gamma':>5} {'T_T ms':>9} {'T_V ms':>9} {'T_D ms':>9} "
+        f"{'speedup':>8}  memory",
+    ]
+    for r in rows:
+        fits = model.fits(r["batch"], r["context"], r["gamma"])
+        lines.append(
+            f"{r['batch']:>6} {r['context']:>8} {r['gamma']:>5} {r['t_target_ms']:>9.2f} "
+            f"{r['t_verify_ms']:>9.2f} {r['t_draft_ms']:>9.2f} {r['speedup']:>8.2f}  "
+            f"{'ok' if fits else 'OUT OF MEMORY'}"
+        )
+    return "\n".join(lines)
+
+
+def draw_png(rows: list[dict[str, Any]], path: str, title: str, fixed_gamma: int | None = None,
+             out_of_memory: frozenset[tuple[int, int]] = frozenset()) -> str:
+    """Speedup against batch, one line per context; rows whose caches do not fit are crossed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for n in dict.fromkeys(r["context"] for r in rows):
+        pts = [(r["batch"], r["speedup"]) for r in rows if r["context"] == n]
+        label = f"{n // K}k" if n % K == 0 else str(n)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {label}")
+    oom = [(r["batch"], r["speedup"]) for r in rows if (r["batch"], r["context"]) in out_of_memory]
+    if oom:
+        ax.scatter([p[0] for p in oom], [p[1] for p in oom], marker="x", s=80, color="black", zorder=3,
+                   label="caches exceed device memory")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    batches = sorted({r["batch"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"predicted speedup ({'best gamma' if fixed_gamma is None else f'gamma {fixed_gamma}'})")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.gamma is not None and args.gamma < 0:
+            raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+        if any(b <= 0 for b in args.batch):
+            raise ValueError("--batch sizes must be positive")
+        model = build_model(args)
+        rows = plan_rows(model, args.batch, args.context, args.alpha, args.gamma, args.max_gamma)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"magicdec plan: error: {exc}", file=sys.stderr)
+        return 2
+    title = f"{model.target.name} on {model.hardware.name} (tp {model.tp}), alpha {args.alpha}"
+    oom = frozenset((r["batch"], r["context"]) for r in rows
+                    if not model.fits(r["batch"], r["context"], r["gamma"]))
+    if args.json:
+        print(json.dumps(rows))
+        if args.png:
+            print(f"wrote {draw_png(rows, args.png, title, args.gamma, oom)}", file=sys.stderr)
+        return 0
+    print(format_table(model, rows, args.alpha))
+    print(f"wrote {draw_png(rows, args.png or DEFAULT_PNG, title, args.gamma, oom)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `plan` on its own (``python -m magicdec.cli.plan ...``)."""
+    parser = argparse.ArgumentParser(prog="magicdec")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

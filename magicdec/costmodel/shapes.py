@@ -1,0 +1,109 @@
+"""Known model shapes by name (no weights), and `resolve_model` for names or config.json paths.
+
+Values are the published Hugging Face ``config.json`` fields of each checkpoint (base models).
+Names are matched case-insensitively, with or without the organisation prefix
+(``meta-llama/Llama-3.1-8B`` and ``llama-3.1-8b`` are the same shape).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from magicdec.config import ModelConfig, RopeScaling
+
+_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+
+
+def _shape(name: str, **kw: object) -> ModelConfig:
+    return ModelConfig(name=name, **kw)  # type: ignore[arg-type]
+
+
+KNOWN_SHAPES: dict[str, ModelConfig] = {
+    m.name.lower(): m
+    for m in (
+        # meta-llama/Llama-2-7b-hf
+        _shape("Llama-2-7B", vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32,
+               n_heads=32, n_kv_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+               max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,)),
+        # togethercomputer/LLaMA-2-7B-32K: Llama-2-7B with linear RoPE interpolation x8
+        _shape("Llama-2-7B-32K", vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32,
+               n_heads=32, n_kv_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+               rope_scaling=RopeScaling(rope_type="linear", factor=8.0), max_position_embeddings=32768,
+               bos_token_id=1, eos_token_ids=(2,)),
+        # meta-llama/Llama-3.1-8B
+        _shape("Llama-3.1-8B", vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32,
+               n_heads=32, n_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling=RopeScaling(factor=8.0, **_LLAMA3_ROPE), max_position_embeddings=131072,
+               bos_token_id=128000, eos_token_ids=(128001,)),
+        # meta-llama/Llama-3.1-70B
+        _shape("Llama-3.1-70B", vocab_size=128256, hidden_size=8192, intermediate_size=28672, n_layers=80,
+               n_heads=64, n_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling=RopeScaling(factor=8.0, **_LLAMA3_ROPE), max_position_embeddings=131072,
+               bos_token_id=128000, eos_token_ids=(128001,)),
+        # meta-llama/Llama-3.2-1B (tied embeddings, head_dim 64)
+        _shape("Llama-3.2-1B", vocab_size=128256, hidden_size=2048, intermediate_size=8192, n_layers=16,
+               n_heads=32, n_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling=RopeScaling(factor=32.0, **_LLAMA3_ROPE), max_position_embeddings=131072,
+               tie_word_embeddings=True, bos_token_id=128000, eos_token_ids=(128001,)),
+        # TinyLlama/TinyLlama_v1.1
+        _shape("TinyLlama-1.1B", vocab_size=32000, hidden_size=2048, intermediate_size=5632, n_layers=22,
+               n_heads=32, n_kv_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
+               bos_token_id=1, eos_token_ids=(2,)),
+        # Qwen/Qwen2.5-7B (q/k/v biases; use_sliding_window is false)
+        _shape("Qwen2.5-7B", vocab_size=152064, hidden_size=3584, intermediate_size=18944, n_layers=28,
+               n_heads=28, n_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
+               max_position_embeddings=131072, attention_bias=True, bos_token_id=151643,
+               eos_token_ids=(151643,)),
+        # mistralai/Mistral-7B-v0.1 (sliding window 4096)
+        _shape("Mistral-7B", vocab_size=32000, hidden_size=4096, intermediate_size=14336, n_layers=32,
+               n_heads=32, n_kv_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
+               sliding_window=4096, bos_token_id=1, eos_token_ids=(2,)),
+        # mistralai/Mistral-7B-v0.3 (no sliding window, larger vocab and RoPE base)
+        _shape("Mistral-7B-v0.3", vocab_size=32768, hidden_size=4096, intermediate_size=14336, n_layers=32,
+               n_heads=32, n_kv_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0,
+               max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,)),
+        # HuggingFaceTB/SmolLM2-135M (tied embeddings, head_dim 64)
+        _shape("SmolLM2-135M", vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30,
+               n_heads=9, n_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+               max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=0, eos_token_ids=(0,)),
+    )
+}
+# Other spellings people use for the same checkpoints.
+_ALIASES = {
+    "meta-llama-3.1-8b": "llama-3.1-8b",
+    "llama-3.1-8b-instruct": "llama-3.1-8b",
+    "llama-3.1-70b-instruct": "llama-3.1-70b",
+    "llama-3.2-1b-instruct": "llama-3.2-1b",
+    "llama-2-7b-hf": "llama-2-7b",
+    "llama-2-7b-32k-instruct": "llama-2-7b-32k",
+    "tinyllama_v1.1": "tinyllama-1.1b",
+    "qwen2.5-7b-instruct": "qwen2.5-7b",
+    "mistral-7b-v0.1": "mistral-7b",
+    "smollm2-135m-instruct": "smollm2-135m",
+}
+
+
+def known_model_names() -> list[str]:
+    return [m.name for m in KNOWN_SHAPES.values()]
+
+
+def resolve_model(name_or_path: str | Path) -> ModelConfig:
+    """A known shape by name, or the shape in an HF ``config.json`` (file or directory holding one)."""
+    raw = str(name_or_path).strip()
+    key = raw.lower().rsplit("/", 1)[-1] if not Path(raw).exists() else ""
+    key = _ALIASES.get(key, key)
+    if key in KNOWN_SHAPES:
+        return KNOWN_SHAPES[key]
+    path = Path(raw)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        with path.open() as fh:
+            cfg = json.load(fh)
+        return ModelConfig.from_hf(cfg, name=cfg.get("_name_or_path") or path.parent.name)
+    raise ValueError(
+        f"unknown model {raw!r}; known shapes: {', '.join(known_model_names())} "
+        "(or a path to an HF config.json or a directory containing one)"
+    )

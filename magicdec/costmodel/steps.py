@@ -1,0 +1,232 @@
+"""Bytes, FLOPs and roofline time of the three steps of speculative decoding, and `CostModel`.
+
+- T_T: one decode step of the target (1 new token per sequence over its full KV cache);
+- T_V(γ): one verification forward of γ+1 tokens per sequence over the full cache;
+- T_D: one draft step (1 token per sequence): self-speculation (the target's weights over a sparse
+  cache of `budget` tokens) or a separate draft model (its own weights, full or budgeted cache).
+
+Counts are per GPU under tensor parallelism `tp`: weights, query heads, MLP columns and the vocab are
+split `tp` ways; KV heads too, but never below one per GPU (replicated when tp > n_kv_heads).
+Each operation's time is its own roofline, max(bytes/bandwidth, FLOPs/FLOP/s), and the step time
+is their sum: decode runs one kernel per operation back to back, so a memory-bound kernel (the KV
+read) cannot hide a compute-bound one (a large verification matmul). A per-layer roofline would
+overlap them and underestimate T_V at large batch. Add to that 2 all-reduces per layer (ring:
+2(tp−1)/tp × message / link bandwidth + latency), one all-gather of the logits, and the fixed
+overheads (per step, and per layer). RMSNorms, RoPE and activations of the norms are neglected.
+Everything is plain Python arithmetic: `CostModel` is called every speculation round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from magicdec.config import ModelConfig
+from magicdec.costmodel import analysis
+from magicdec.costmodel.hardware import HardwareProfile
+
+Context = int | Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation of a step, summed over layers: bytes moved and FLOPs, per GPU."""
+
+    name: str
+    bytes: float
+    flops: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """What one forward step moves and computes on one GPU, and what it communicates."""
+
+    ops: tuple[Op, ...]
+    n_layers: int
+    n_allreduce: int  # all-reduces of `allreduce_bytes` each
+    allreduce_bytes: float
+    gather_bytes: float  # the logits all-gather (0 when tp == 1)
+    tp: int
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(op.bytes for op in self.ops)
+
+    @property
+    def total_flops(self) -> float:
+        return sum(op.flops for op in self.ops)
+
+
+def _contexts(batch: int, context: Context) -> list[int]:
+    if isinstance(context, int):
+        ctx = [context] * batch
+    else:
+        ctx = list(context)
+        if len(ctx) != batch:
+            raise ValueError(f"got {len(ctx)} per-sequence contexts for batch {batch}")
+    if batch <= 0 or any(n < 0 for n in ctx):
+        raise ValueError(f"batch must be positive and contexts non-negative (batch {batch})")
+    return ctx
+
+
+def count_step(model: ModelConfig, batch: int, q_tokens: int, attended: float, dtype_bytes: int = 2,
+               tp: int = 1) -> StepCost:
+    """Bytes and FLOPs of a forward of `q_tokens` new tokens per sequence for `batch` sequences
+    whose attention reads `attended` KV tokens in total (summed over sequences, new ones included)."""
+    if tp < 1 or q_tokens < 1:
+        raise ValueError(f"tp and q_tokens must be >= 1 (got tp={tp}, q_tokens={q_tokens})")
+    dt, d, hd, L = dtype_bytes, model.hidden_size, model.head_dim, model.n_layers
+    t = batch * q_tokens  # tokens in the step
+    qh = math.ceil(model.n_heads / tp)
+    kvh = math.ceil(model.n_kv_heads / tp)  # >= 1: KV heads replicated when tp > n_kv_heads
+    f = math.ceil(model.intermediate_size / tp)
+    v = math.ceil(model.vocab_size / tp)
+    qkv = (qh + 2 * kvh) * hd
+    ops = (
+        Op("qkv", L * dt * (d * qkv + t * (d + qkv)), L * 2 * t * d * qkv),
+        Op("attention", L * dt * (2 * kvh * hd * attended + 2 * t * qh * hd),
+           L * 4 * q_tokens * attended * qh * hd),
+        Op("kv_write", L * dt * t * 2 * kvh * hd, 0.0),
+        Op("o_proj", L * dt * (qh * hd * d + t * (qh * hd + d)), L * 2 * t * qh * hd * d),
+        Op("mlp_gate_up", L * dt * (2 * d * f + t * (d + 2 * f)), L * 4 * t * d * f),
+        Op("mlp_down", L * dt * (f * d + t * (f + d)), L * 2 * t * f * d),
+        Op("lm_head", dt * (v * d + t * (d + v)), 2 * t * d * v),
+        Op("embedding", dt * 2 * t * d, 0.0),
+    )
+    n_ar = 2 * L if tp > 1 else 0
+    return StepCost(ops, L, n_ar, float(t * d * dt), float(t * model.vocab_size * dt) if tp > 1 else 0.0, tp)
+
+
+def step_time(cost: StepCost, hw: HardwareProfile, dtype_bytes: int = 2) -> float:
+    """Seconds: per-operation roofline, summed, plus communication and fixed overheads."""
+    bw, peak = hw.effective_bandwidth, hw.effective_flops(dtype_bytes)
+    t = sum(max(op.bytes / bw, op.flops / peak) for op in cost.ops)
+    return t + comm_time(cost, hw) + hw.step_overhead_s + cost.n_layers * hw.layer_overhead_s
+
+
+def comm_time(cost: StepCost, hw: HardwareProfile) -> float:
+    if cost.tp == 1:
+        return 0.0
+    link = hw.effective_interconnect
+    if link <= 0:
+        raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth; cannot model tp={cost.tp}")
+    ring = (cost.tp - 1) / cost.tp
+    allreduce = cost.n_allreduce * (hw.allreduce_latency_s + 2 * ring * cost.allreduce_bytes / link)
+    gather = hw.allreduce_latency_s + ring * cost.gather_bytes / link
+    return allreduce + gather
+
+
+@dataclass(frozen=True, slots=True)
+class DraftSpec:
+    """The drafter: ``"self"`` (target weights, sparse cache) or ``"model"`` (a separate model).
+
+    `budget` is the draft's KV budget in tokens (StreamingLLM sinks + window); None = full cache.
+    `tp` is the draft model's tensor-parallel degree (None = the target's).
+    """
+
+    kind: str
+    budget: int | None = 512
+    model: ModelConfig | None = None
+    tp: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("self", "model"):
+            raise ValueError(f"draft kind must be 'self' or 'model', got {self.kind!r}")
+        if self.kind == "model" and self.model is None:
+            raise ValueError("a 'model' drafter needs its ModelConfig")
+        if self.kind == "self" and self.model is not None:
+            raise ValueError("a 'self' drafter uses the target's weights; do not pass a model")
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError(f"draft budget must be positive or None (full cache), got {self.budget}")
+        if self.tp is not None and self.tp < 1:
+            raise ValueError(f"draft tp must be >= 1, got {self.tp}")
+
+
+class CostModel:
+    """Predicted step times and speculative speedup for one target, drafter and machine."""
+
+    __slots__ = ("target", "hardware", "draft", "dtype_bytes", "tp", "_draft_model", "_draft_tp")
+
+    def __init__(self, target: ModelConfig, hardware: HardwareProfile, draft: DraftSpec,
+                 dtype_bytes: int = 2, tp: int = 1) -> None:
+        if dtype_bytes not in (2, 4):
+            raise ValueError(f"dtype_bytes must be 2 or 4, got {dtype_bytes}")
+        if tp < 1:
+            raise ValueError(f"tp must be >= 1, got {tp}")
+        self.target, self.hardware, self.draft = target, hardware, draft
+        self.dtype_bytes, self.tp = dtype_bytes, tp
+        self._draft_model = target if draft.kind == "self" else draft.model
+        self._draft_tp = tp if draft.tp is None else draft.tp
+
+    # ---- step costs ----------------------------------------------------------------------------
+    @staticmethod
+    def _attended(model: ModelConfig, ctx: list[int], cap: int | None, q_tokens: int) -> float:
+        """KV tokens read in total: each context (capped at the draft budget `cap`) plus the new
+        tokens, at most the model's sliding window."""
+        if cap is None and model.sliding_window is None:
+            return float(sum(ctx) + len(ctx) * q_tokens)
+        budget = math.inf if cap is None else cap
+        window = model.sliding_window or math.inf
+        return float(sum(min(min(n, budget) + q_tokens, window) for n in ctx))
+
+    def target_cost(self, batch: int, context: Context, q_tokens: int = 1) -> StepCost:
+        attended = self._attended(self.target, _contexts(batch, context), None, q_tokens)
+        return count_step(self.target, batch, q_tokens, attended, self.dtype_bytes, self.tp)
+
+    def draft_cost(self, batch: int, context: Context) -> StepCost:
+        m = self._draft_model
+        assert m is not None
+        attended = self._attended(m, _contexts(batch, context), self.draft.budget, 1)
+        return count_step(m, batch, 1, attended, self.dtype_bytes, self._draft_tp)
+
+    # ---- times (seconds) -----------------------------------------------------------------------
+    def t_target(self, batch: int, context: Context) -> float:
+        return step_time(self.target_cost(batch, context), self.hardware, self.dtype_bytes)
+
+    def t_verify(self, batch: int, context: Context, gamma: int) -> float:
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        return step_time(self.target_cost(batch, context, gamma + 1), self.hardware, self.dtype_bytes)
+
+    def t_draft(self, batch: int, context: Context) -> float:
+        return step_time(self.draft_cost(batch, context), self.hardware, self.dtype_bytes)
+
+    # ---- speculation ---------------------------------------------------------------------------
+    def speedup(self, batch: int, context: Context, gamma: int, alpha: float) -> float:
+        if gamma == 0:
+            return 1.0
+        tt, td = self.t_target(batch, context), self.t_draft(batch, context)
+        tv = self.t_verify(batch, context, gamma)
+        return analysis.speedup(tt, tv, td, gamma, alpha, self.hardware.round_overhead_s)
+
+    def best_gamma(self, batch: int, context: Context, alpha: float, max_gamma: int = 8) -> tuple[int, float]:
+        """(γ, speedup) maximising the speedup over 0..max_gamma; γ = 0 means plain decoding."""
+        tt, td = self.t_target(batch, context), self.t_draft(batch, context)
+        return analysis.best_gamma(tt, lambda g: self.t_verify(batch, context, g), td, alpha, max_gamma,
+                                   self.hardware.round_overhead_s)
+
+    def t_round(self, batch: int, context: Context, gamma: int) -> float:
+        """One speculation round: γ draft steps, one verification, and the round overhead."""
+        return gamma * self.t_draft(batch, context) + self.t_verify(batch, context, gamma) + (
+            self.hardware.round_overhead_s if gamma > 0 else 0.0)
+
+    def memory_bytes(self, batch: int, context: Context, gamma: int = 0) -> float:
+        """Device memory per GPU for weights and KV caches (activations neglected)."""
+        ctx, dt = _contexts(batch, context), self.dtype_bytes
+        t, m = self.target, self._draft_model
+        assert m is not None
+        kv_t = 2 * t.n_layers * math.ceil(t.n_kv_heads / self.tp) * t.head_dim * dt
+        total = t.weight_bytes(dt) / self.tp + kv_t * sum(n + gamma + 1 for n in ctx)
+        if self.draft.kind == "model":
+            total += m.weight_bytes(dt) / self._draft_tp
+        if self.draft.budget is not None or self.draft.kind == "model":
+            kv_d = 2 * m.n_layers * math.ceil(m.n_kv_heads / self._draft_tp) * m.head_dim * dt
+            b = self.draft.budget
+            total += kv_d * sum((n if b is None else min(b, n)) + gamma + 1 for n in ctx)
+        return total
+
+    def fits(self, batch: int, context: Context, gamma: int = 0) -> bool:
+        """False when the caches would not fit the device's memory (True if its size is unknown)."""
+        cap = self.hardware.memory_bytes
+        return cap <= 0 or self.memory_bytes(batch, context, gamma) <= cap

@@ -1,0 +1,95 @@
+"""Per-batch decoding state and the stop rules.
+
+`BatchState` holds, for the rows still generating: each sequence's token history (prompt, committed
+tokens, and the pending token at index `lengths[b]`, which the target has not yet seen) and its
+output record. Rows that finish are dropped from the state and from every cache (`compact`), so a
+finished sequence stops costing compute while the others go on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from magicdec.engine.outputs import RequestOutput
+from magicdec.engine.sampling import SamplingParams
+from magicdec.loading.tokenizer import Tokenizer
+
+STOP_TAIL_TOKENS = 16  # tokens decoded beyond a stop string's length when looking for it
+
+
+class Stopper:
+    """Applies EOS, stop strings and max_new_tokens to tokens as they are committed."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_ids: set[int]) -> None:
+        self.tokenizer, self.params = tokenizer, params
+        self.eos = set() if params.ignore_eos else set(eos_ids)
+        self.tail = max((len(s) for s in params.stop), default=0) + STOP_TAIL_TOKENS
+
+    def extend(self, out: RequestOutput, new: list[int]) -> bool:
+        """Append `new` to `out` up to the first stop condition; True if the sequence finished."""
+        for token in new:
+            out.token_ids.append(token)
+            if token in self.eos:
+                out.finish_reason = "stop"
+            elif self.params.stop and self._stop_string(out):
+                out.finish_reason = "stop"
+            elif len(out.token_ids) >= self.params.max_new_tokens:
+                out.finish_reason = "length"
+            if out.finish_reason:
+                return True
+        return False
+
+    def _stop_string(self, out: RequestOutput) -> bool:
+        tail = self.tokenizer.decode(out.token_ids[-self.tail :])
+        return any(s in tail for s in self.params.stop)
+
+    def finalize(self, out: RequestOutput) -> None:
+        text = self.tokenizer.decode(out.token_ids)
+        if self.params.stop and out.finish_reason == "stop":
+            cut = [text.find(s) for s in self.params.stop if s in text]
+            if cut:
+                text = text[: min(cut)]
+        out.text = text
+
+
+class BatchState:
+    def __init__(self, outputs: list[RequestOutput], tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.outputs = outputs
+        self.tokens = tokens  # [B, capacity + 2]; the last column is a trash column for padded writes
+        self.lengths = lengths  # [B]: tokens already in the target's cache = position of the pending token
+
+    @property
+    def rows(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def trash_column(self) -> int:
+        return self.tokens.shape[1] - 1
+
+    def pending(self) -> torch.Tensor:
+        return self.tokens.gather(1, self.lengths[:, None])
+
+    def commit(self, new: torch.Tensor, count: torch.Tensor) -> None:
+        """Append new[b, :count[b]] after each row's pending token, which becomes committed; the last
+        appended token is the new pending one."""
+        offs = torch.arange(new.shape[1], device=new.device)
+        cols = self.lengths[:, None] + 1 + offs
+        cols = torch.where(offs < count[:, None], cols, self.trash_column)
+        self.tokens.scatter_(1, cols, new)
+        self.lengths = self.lengths + count
+
+    def finished_rows(self) -> list[int]:
+        return [i for i, o in enumerate(self.outputs) if o.finish_reason is not None]
+
+    def compact(self, keep: list[int]) -> None:
+        self.outputs = [self.outputs[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self.tokens.device)
+        self.tokens = self.tokens.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+
+    def clone(self) -> BatchState:
+        outs = [
+            RequestOutput(o.index, o.prompt_token_ids, list(o.token_ids), o.text, o.finish_reason)
+            for o in self.outputs
+        ]
+        return BatchState(outs, self.tokens.clone(), self.lengths.clone())

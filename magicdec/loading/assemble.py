@@ -1,0 +1,84 @@
+"""Turns tensors named as in a Hugging Face Llama checkpoint into our module's state dict.
+
+Both loaders (safetensors, GGUF) only provide `get(hf_name) -> Tensor` in Hugging Face layout;
+this file checks every shape against the config, fuses q/k/v and gate/up, casts, and builds the
+model without ever initialising random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from magicdec.config import ModelConfig
+from magicdec.loading.errors import LoadError
+from magicdec.model.llama import Transformer
+
+TensorGetter = Callable[[str], "torch.Tensor | None"]
+
+
+def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    d, f, p = cfg.hidden_size, cfg.intermediate_size, f"model.layers.{layer}."
+    shapes = {
+        p + "input_layernorm.weight": (d,),
+        p + "self_attn.q_proj.weight": (cfg.q_size, d),
+        p + "self_attn.k_proj.weight": (cfg.kv_size, d),
+        p + "self_attn.v_proj.weight": (cfg.kv_size, d),
+        p + "self_attn.o_proj.weight": (d, cfg.q_size),
+        p + "post_attention_layernorm.weight": (d,),
+        p + "mlp.gate_proj.weight": (f, d),
+        p + "mlp.up_proj.weight": (f, d),
+        p + "mlp.down_proj.weight": (d, f),
+    }
+    if cfg.attention_bias:
+        shapes.update({
+            p + "self_attn.q_proj.bias": (cfg.q_size,),
+            p + "self_attn.k_proj.bias": (cfg.kv_size,),
+            p + "self_attn.v_proj.bias": (cfg.kv_size,),
+        })
+    return shapes
+
+
+def build_model(
+    cfg: ModelConfig, get: TensorGetter, dtype: torch.dtype, device: torch.device | str, source: str
+) -> Transformer:
+    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = get(name)
+        if t is None:
+            raise LoadError(f"{source}: tensor {name!r} is missing")
+        if tuple(t.shape) != shape:
+            raise LoadError(
+                f"{source}: tensor {name!r} has shape {list(t.shape)}, but the config implies {list(shape)}; "
+                "the weights do not match config.json"
+            )
+        return t.to(device=device, dtype=dtype)
+
+    d, v = cfg.hidden_size, cfg.vocab_size
+    state: dict[str, torch.Tensor] = {
+        "embed.weight": take("model.embed_tokens.weight", (v, d)),
+        "norm.weight": take("model.norm.weight", (d,)),
+    }
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = take("lm_head.weight", (v, d))
+    for i in range(cfg.n_layers):
+        s, p, o = expected_shapes(cfg, i), f"model.layers.{i}.", f"layers.{i}."
+        t = {name[len(p):]: take(name, shape) for name, shape in s.items()}
+        state[o + "attn_norm.weight"] = t["input_layernorm.weight"]
+        state[o + "mlp_norm.weight"] = t["post_attention_layernorm.weight"]
+        state[o + "attn.wqkv.weight"] = torch.cat([t[f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        if cfg.attention_bias:
+            state[o + "attn.wqkv.bias"] = torch.cat([t[f"self_attn.{x}_proj.bias"] for x in "qkv"])
+        state[o + "attn.wo.weight"] = t["self_attn.o_proj.weight"]
+        state[o + "mlp.w_gate_up.weight"] = torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]])
+        state[o + "mlp.w_down.weight"] = t["mlp.down_proj.weight"]
+
+    model = Transformer(cfg, device="meta")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.rope = model.rope.to(device)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise LoadError(f"{source}: no weights for {', '.join(missing[:5])}")
+    return model.eval().requires_grad_(False)

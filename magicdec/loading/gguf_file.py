@@ -1,0 +1,184 @@
+"""GGUF files (llama.cpp's format), read with the `gguf` package and dequantized to float.
+
+llama.cpp's converter permutes the rows of q_proj and k_proj (for its interleaved RoPE) in Llama
+checkpoints; we undo that so the weights are in Hugging Face's rotate-half layout again. Llama-3
+RoPE scaling travels as an explicit `rope_freqs` tensor of per-pair divisors.
+
+Reading and dequantizing a GGUF file takes seconds (the `gguf` reader parses every vocabulary entry),
+so small models are converted once into a Hugging Face-style directory under
+`$MAGICDEC_HOME/gguf/` (config.json, float32 model.safetensors, tokenizer files) and loaded from
+there by the ordinary safetensors loader.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from magicdec.config import ConfigError, ModelConfig, RopeScaling
+from magicdec.loading.assemble import build_model
+from magicdec.loading.errors import LoadError
+from magicdec.model.llama import Transformer
+
+ARCHITECTURES = ("llama", "qwen2")
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def open_gguf(path: Path) -> Any:
+    import gguf
+
+    if not path.is_file():
+        raise LoadError(f"GGUF file {path} does not exist")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueError/struct errors on corrupt files
+        raise LoadError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+def field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_config(reader: Any, path: Path) -> ModelConfig:
+    arch = field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise LoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported; magicdec runs {', '.join(ARCHITECTURES)}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+
+    def need(key: str) -> Any:
+        value = field(reader, f"{arch}.{key}")
+        if value is None:
+            raise LoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    n_heads = int(need("attention.head_count"))
+    scaling = RopeScaling()
+    if field(reader, f"{arch}.rope.scaling.type") == "linear":
+        scaling = RopeScaling("linear", factor=float(field(reader, f"{arch}.rope.scaling.factor")))
+    if "rope_freqs.weight" in tensors:
+        factors = tuple(float(x) for x in np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32))
+        scaling = RopeScaling("llama3", freq_factors=factors)
+    eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    try:
+        return ModelConfig(
+            vocab_size=_vocab_size(reader, tensors, path),
+            hidden_size=int(need("embedding_length")),
+            intermediate_size=int(need("feed_forward_length")),
+            n_layers=int(need("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+            head_dim=int(field(reader, f"{arch}.attention.key_length", 0)),
+            rms_norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(field(reader, f"{arch}.context_length", 4096)),
+            tie_word_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors,
+            bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+            name=str(field(reader, "general.name", path.stem)),
+        )
+    except ConfigError as e:
+        raise LoadError(f"{path}: {e}") from None
+
+
+def _vocab_size(reader: Any, tensors: dict[str, Any], path: Path) -> int:
+    arch = field(reader, "general.architecture")
+    if field(reader, f"{arch}.vocab_size"):
+        return int(field(reader, f"{arch}.vocab_size"))
+    if "token_embd.weight" in tensors:
+        return int(tensors["token_embd.weight"].shape[1])  # GGUF shapes list the fastest dimension first
+    raise LoadError(f"{path}: no vocabulary size and no token_embd.weight tensor")
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k row permutation (pairs interleaved → rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(reader: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """All weights, dequantized to float32, under their Hugging Face names."""
+    import gguf
+
+    permuted = field(reader, "general.architecture") == "llama"
+    out: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        hf_name = hf_tensor_name(t.name)
+        if hf_name is None:
+            continue
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        if permuted and ".q_proj." in hf_name:
+            w = _unpermute(w, cfg.n_heads)
+        elif permuted and ".k_proj." in hf_name:
+            w = _unpermute(w, cfg.n_kv_heads)
+        out[hf_name] = torch.from_numpy(np.array(w, dtype=np.float32))
+    return out
+
+
+def hf_tensor_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor (None for tensors with no weight role, e.g. rope_freqs)."""
+    for hf, gg in _GLOBAL_NAMES.items():
+        if name == gg:
+            return hf
+    parts = name.split(".", 2)
+    if parts[0] != "blk":
+        return None
+    inverse = {v: k for k, v in _LAYER_NAMES.items()}
+    return f"model.layers.{parts[1]}.{inverse[parts[2]]}" if parts[2] in inverse else None
+
+
+def convert_gguf(path: Path, dest: Path, save_weights: bool) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a GGUF file; write its config (and, if asked, its float32 weights as model.safetensors)
+    into `dest` as a Hugging Face-style directory. Returns the config and the weights."""
+    from safetensors.torch import save_file
+
+    reader = open_gguf(path)
+    cfg = read_config(reader, path)
+    tensors = gguf_tensors(reader, cfg)
+    dest.mkdir(parents=True, exist_ok=True)
+    if save_weights:
+        tmp = dest / "model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt", "source": str(path)})
+        tmp.rename(dest / "model.safetensors")
+    (dest / "config.json").write_text(json.dumps(cfg.to_hf(), indent=1))
+    return cfg, tensors
+
+
+def load_gguf(
+    path: Path, dtype: torch.dtype, device: torch.device | str, cache_dir: Path, cache_limit_bytes: int
+) -> tuple[Transformer, ModelConfig]:
+    """Load a GGUF model. Files whose dequantized weights fit in `cache_limit_bytes` are converted
+    once into `cache_dir` (a Hugging Face-style directory) and read from there afterwards."""
+    from magicdec.loading.hf import load_hf
+
+    if (cache_dir / "model.safetensors").is_file() and (cache_dir / "config.json").is_file():
+        return load_hf(cache_dir, dtype, device)
+    small = path.stat().st_size * 8 <= cache_limit_bytes  # quantized ≥ 4 bits: float32 ≤ 8× the file
+    cfg, tensors = convert_gguf(path, cache_dir, save_weights=small)
+    return build_model(cfg, tensors.get, dtype, device, source=str(path)), cfg

@@ -1,0 +1,72 @@
+"""Hugging Face checkpoint directories: config.json plus model.safetensors, or sharded safetensors
+with their index. Tensors are read one at a time through `safe_open`, never all at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from magicdec.config import ConfigError, ModelConfig
+from magicdec.loading.assemble import build_model
+from magicdec.loading.errors import LoadError
+from magicdec.model.llama import Transformer
+
+
+def read_config(path: Path) -> ModelConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LoadError(f"{path} has no config.json; expected a Hugging Face checkpoint directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():  # generation_config's eos list (e.g. Llama-3's <|eot_id|>) takes precedence
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if eos is not None:
+            raw = {**raw, "eos_token_id": eos}
+    try:
+        return ModelConfig.from_hf(raw, name=path.name)
+    except ConfigError as e:
+        raise LoadError(f"{cfg_file}: {e}") from None
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file that holds it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / fname for name, fname in weight_map.items()}
+        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        if absent:
+            raise LoadError(f"{index} lists shards that are missing: {', '.join(absent)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    if list(path.glob("*.bin")) or list(path.glob("*.pth")):
+        raise LoadError(
+            f"{path} holds PyTorch pickle weights (*.bin); magicdec reads safetensors only. Convert them "
+            "with transformers (`model.save_pretrained(dir, safe_serialization=True)`)."
+        )
+    raise LoadError(f"{path} has no model.safetensors nor model.safetensors.index.json")
+
+
+def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str) -> tuple[Transformer, ModelConfig]:
+    cfg = read_config(path)
+    files = weight_files(path)
+    handles: dict[Path, object] = {}
+
+    def get(name: str) -> torch.Tensor | None:
+        f = files.get(name)
+        if f is None:
+            return None
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt")
+        return handles[f].get_tensor(name)  # type: ignore[attr-defined]
+
+    return build_model(cfg, get, dtype, device, source=str(path)), cfg

@@ -1,0 +1,109 @@
+"""Tokenizers: a fast `tokenizers` tokenizer plus the chat template and special tokens.
+
+From a checkpoint directory it reads tokenizer.json and tokenizer_config.json. From a GGUF file it
+converts the embedded vocabulary with transformers' GGUF conversion once, and keeps the result in
+the file's conversion directory (see `magicdec.loading.gguf_file`) so later loads are fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from magicdec.loading.errors import LoadError
+
+
+class Tokenizer:
+    def __init__(self, backend: Any, special: dict[str, str | None], chat_template: str | None) -> None:
+        self.backend = backend
+        self.bos_token, self.eos_token = special.get("bos_token"), special.get("eos_token")
+        self.chat_template = chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the checkpoint's own Jinja template."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template; pass plain prompts instead")
+        import jinja2
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(message)
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    # ---- constructors ------------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: Path) -> Tokenizer:
+        from tokenizers import Tokenizer as Backend
+
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise LoadError(
+                f"{path} has no tokenizer.json; magicdec reads fast tokenizers. Create one with transformers: "
+                "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
+            )
+        config: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").is_file():
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # several named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        return cls(Backend.from_file(str(tok_file)), special, template)
+
+    @classmethod
+    def from_gguf(cls, path: Path, cache_dir: Path) -> Tokenizer:
+        """The GGUF file's tokenizer, converted by transformers once and kept in `cache_dir`."""
+        if not (cache_dir / "tokenizer.json").is_file():
+            _convert_gguf_tokenizer(path, cache_dir)
+        return cls.from_dir(cache_dir)
+
+
+def _token_text(token: Any) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _convert_gguf_tokenizer(path: Path, dest: Path) -> None:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise LoadError("reading a GGUF file's tokenizer needs transformers: pip install transformers") from None
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise LoadError(f"{path}: cannot convert the GGUF tokenizer: {e}") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest))
+    tok.save_pretrained(str(tmp))
+    for f in tmp.iterdir():  # tokenizer.json last: its presence marks a complete conversion
+        if f.name != "tokenizer.json":
+            f.replace(dest / f.name)
+    (tmp / "tokenizer.json").replace(dest / "tokenizer.json")
+    shutil.rmtree(tmp, ignore_errors=True)

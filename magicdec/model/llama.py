@@ -1,0 +1,175 @@
+"""The LLaMA-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, grouped-query
+attention with optional q/k/v bias, SwiGLU, tied or untied embeddings.
+
+`forward(input_ids, positions, cache)` knows nothing about speculation or parallelism: it asks the
+cache to prepare one step for the given positions and hands each layer's new keys and values to that
+step, which stores them and returns the attention output. Tensor parallelism shards these modules
+in place after loading (`magicdec.parallel`) and adjusts the head counts stored on them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from magicdec.config import ModelConfig
+from magicdec.model.rope import RotaryEmbedding, apply_rope
+
+
+class CacheStep(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v [B, Hkv, T, D] for this step and return attention of q [B, Hq, T, D]."""
+        ...
+
+
+class Cache(Protocol):
+    def begin(self, positions: torch.Tensor) -> CacheStep:
+        """Prepare one forward of tokens at `positions` [B, T] (-1 marks padding)."""
+        ...
+
+
+def _onednn_linear_available() -> bool:
+    try:
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), torch.ones(3, 4), None, "none", [], "")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+CPU_MATMULS = ("mkl", "onednn")
+_cpu_matmul = {"onednn": False}
+
+
+def set_cpu_matmul(kind: str) -> None:
+    """Which library runs float32 linear layers on the CPU.
+
+    "mkl" (default): PyTorch's own F.linear, bit-identical to Hugging Face transformers on the CPU.
+    "onednn": oneDNN's matmul, 1.1-2x faster for the few-row inputs of decoding on AMD CPUs where
+    MKL's sgemm is slow, but rounding differently (logits differ by ~1e-4 after 30 layers).
+    """
+    if kind not in CPU_MATMULS:
+        raise ValueError(f"cpu matmul must be one of {CPU_MATMULS}, got {kind!r}")
+    if kind == "onednn" and not (torch.backends.mkldnn.is_available() and _onednn_linear_available()):
+        raise ValueError("this PyTorch build has no oneDNN matmul; use --cpu-matmul mkl")
+    _cpu_matmul["onednn"] = kind == "onednn"
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU float32 path can use oneDNN directly (see `set_cpu_matmul`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_matmul["onednn"] and x.device.type == "cpu" and x.dtype == torch.float32:
+            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias,
+                                                     "none", [], "")
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection laid out [q heads | k heads | v heads], so sharding by heads stays a
+    slice of each part."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qkv = cfg.q_size + 2 * cfg.kv_size
+        self.wqkv = Linear(cfg.hidden_size, qkv, bias=cfg.attention_bias, device=device)
+        self.wo = Linear(cfg.q_size, cfg.hidden_size, bias=False, device=device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: CacheStep) -> torch.Tensor:
+        B, T, _ = x.shape
+        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = apply_rope(q.view(B, T, hq, d).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, hkv, d).transpose(1, 2), cos, sin)
+        v = v.view(B, T, hkv, d).transpose(1, 2)
+        out = step.attend(self.layer, q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(B, T, hq * d))
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up fused as [gate | up]."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.w_gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, device=device)
+        self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.intermediate, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.attn = Attention(cfg, layer, device)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.mlp = MLP(cfg, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: CacheStep) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, step)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
+        """`device="meta"` builds the module without allocating or initialising weights (loaders)."""
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device)
+        self.layers = nn.ModuleList(Block(cfg, i, device) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg)
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads held by this process (all of them, or this rank's shard)."""
+        return self.layers[0].attn.n_kv_heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Cache,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions [B, T] → logits [B, T, V], or [B, N, V] for the token indices in
+        `logits_index` [B, N] (e.g. only each prompt's last token during prefill)."""
+        step = cache.begin(positions)
+        h = self.embed(input_ids)
+        cos, sin = self.rope(positions, h.dtype)
+        for block in self.layers:
+            h = block(h, cos, sin, step)
+        if logits_index is not None:
+            h = h.gather(1, logits_index[..., None].expand(-1, -1, h.shape[-1]))
+        return self.lm_head(self.norm(h))

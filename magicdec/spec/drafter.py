@@ -1,0 +1,120 @@
+"""The drafter: proposes γ tokens per sequence with a model over its own (usually sparse) cache.
+
+One class serves every draft method; what differs is configuration:
+- self-speculation: the target's own weights over a `SparseKVCache` (StreamingLLM sinks + window,
+  or SnapKV-selected positions + window);
+- a draft model: a smaller model with a dense or StreamingLLM cache.
+
+Where the draft cache's KV comes from (`kv_source`):
+- "target": at prefill, copied from the target's cache (sinks or selected positions, plus each
+  prompt's last window); after each round, the accepted positions' target KV is copied in, so the
+  draft cache is always an exact sparse subset of the target's;
+- "own": the draft computes it, with its own prefill (windowed for a sparse cache) and the KV of
+  its own decoding steps. The draft then lags the target by one or two tokens after a round, which
+  it feeds at the start of the next.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from magicdec.cache.dense import DenseKVCache
+from magicdec.cache.sparse import SparseKVCache
+from magicdec.engine.prefill import prefill
+from magicdec.engine.sampling import SamplingParams, probabilities, sample
+from magicdec.model.llama import Transformer
+from magicdec.spec.snapkv import select_kept, snapkv_votes
+
+
+class Drafter:
+    def __init__(
+        self,
+        model: Transformer,
+        cache: SparseKVCache | DenseKVCache,
+        kv_source: str,
+        selection: str = "sinks",
+        observe: int = 32,
+        pool_kernel: int = 7,
+    ) -> None:
+        if kv_source == "target" and not isinstance(cache, SparseKVCache):
+            raise ValueError("a draft cache built from the target's KV must be sparse")
+        self.model, self.cache, self.kv_source = model, cache, kv_source
+        self.selection, self.observe, self.pool_kernel = selection, observe, pool_kernel
+        self.seen = torch.zeros(0, dtype=torch.long)  # per row: positions < seen hold draft KV
+
+    @torch.inference_mode()
+    def prefill(
+        self, target: Transformer, target_cache: DenseKVCache, tokens: torch.Tensor, prompt_lens: list[int], chunk: int
+    ) -> None:
+        """Build the draft cache for prompts tokens[b, :prompt_lens[b]] (after the target's prefill)."""
+        device = tokens.device
+        lens = torch.tensor(prompt_lens, device=device)
+        if self.kv_source == "own":
+            prefill(self.model, self.cache, tokens, prompt_lens, chunk)
+        else:
+            cache = self.cache
+            assert isinstance(cache, SparseKVCache)
+            cache.reset()
+            if self.selection == "snapkv":
+                votes = snapkv_votes(target, target_cache, tokens, prompt_lens, self.observe, self.pool_kernel)
+                select_kept(cache, target_cache, votes, prompt_lens)
+            elif cache.n_kept:
+                sinks = torch.arange(cache.n_kept, device=device).expand(len(prompt_lens), -1)
+                cache.copy_from(target_cache, torch.where(sinks < lens[:, None], sinks, -1))
+            recent = lens[:, None] - cache.window + torch.arange(cache.window, device=device)
+            floor = cache.n_kept if self.selection == "sinks" else 0
+            cache.copy_from(target_cache, torch.where(recent >= floor, recent, -1))
+        self.seen = lens.clone()
+
+    @torch.inference_mode()
+    def propose(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        gamma: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft γ tokens after each row's pending token (tokens[b, lengths[b]]).
+        Returns draft tokens [B, γ] and, when sampling, their distributions [B, γ, V]."""
+        B = lengths.shape[0]
+        device = lengths.device
+        seen = self.seen[:B]
+        width = int((lengths - seen).max()) + 1  # 1, or 2 after an all-accepted round in "own" mode
+        pos = seen[:, None] + torch.arange(width, device=device)
+        pos = torch.where(pos <= lengths[:, None], pos, -1)
+        ids = tokens[:B].gather(1, pos.clamp(min=0))
+        index = (lengths - seen)[:, None]
+        drafts, dists = [], []
+        for i in range(gamma):
+            logits = self.model(ids, pos, self.cache, logits_index=index)[:, 0]
+            if params.greedy:
+                nxt = logits.argmax(-1)
+            else:
+                q = probabilities(logits, params)
+                nxt = sample(q, generator)
+                dists.append(q)
+            drafts.append(nxt)
+            if i + 1 < gamma:
+                ids, pos = nxt[:, None], (lengths + i + 1)[:, None]
+                index = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.seen[:B] = lengths + gamma
+        return torch.stack(drafts, 1), (torch.stack(dists, 1) if dists else None)
+
+    @torch.inference_mode()
+    def commit(self, lengths: torch.Tensor, accepted: torch.Tensor, gamma: int, target_cache: DenseKVCache) -> None:
+        """After verification: positions lengths .. lengths + accepted are now committed."""
+        B = lengths.shape[0]
+        committed = lengths + accepted + 1
+        if self.kv_source == "target":
+            assert isinstance(self.cache, SparseKVCache)
+            offs = torch.arange(gamma + 1, device=lengths.device)
+            pos = lengths[:, None] + offs
+            self.cache.copy_from(target_cache, torch.where(offs <= accepted[:, None], pos, -1))
+            self.seen[:B] = committed
+        else:
+            self.seen[:B] = torch.minimum(self.seen[:B], committed)
+
+    def compact(self, keep: list[int]) -> None:
+        self.cache.compact(keep)
+        self.seen = self.seen[keep]

@@ -1,0 +1,69 @@
+"""Builds the drafter a `SpecConfig` asks for: which model drafts, over which cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from magicdec.cache.dense import DenseKVCache
+from magicdec.cache.memory import kv_cache_bytes
+from magicdec.cache.sparse import SparseKVCache
+from magicdec.loading import LoadedModel, load_model
+from magicdec.loading.errors import LoadError
+from magicdec.spec.config import SpecConfig
+from magicdec.spec.drafter import Drafter
+
+if TYPE_CHECKING:
+    from magicdec.engine.llm import LLM
+
+
+@dataclass(slots=True)
+class DraftSetup:
+    """A drafter's plan: the bytes its cache will take, and how to build it."""
+
+    cache_bytes: int
+    build: Callable[[], Drafter]
+
+
+def load_draft_model(llm: LLM, path: str) -> LoadedModel:
+    if path not in llm._draft_models:
+        draft = load_model(path, llm.dtype, llm.device)
+        if draft.config.vocab_size != llm.config.vocab_size:
+            raise LoadError(
+                f"draft model {path} has a vocabulary of {draft.config.vocab_size} tokens but the target has "
+                f"{llm.config.vocab_size}; a draft model must share the target's tokenizer"
+            )
+        llm._draft_models[path] = draft
+    return llm._draft_models[path]
+
+
+def plan_drafter(llm: LLM, spec: SpecConfig, batch: int, capacity: int) -> DraftSetup:
+    if spec.method == "self":
+        model = llm.model
+    else:
+        assert spec.draft_model is not None
+        model = load_draft_model(llm, spec.draft_model).model
+    cfg, kv_heads = model.config, model.kv_heads
+    slack = spec.max_gamma + 2  # room for a round's drafts and the catch-up tokens of "own" mode
+
+    if spec.drafter == "full":
+        slots = capacity + 1
+
+        def build() -> Drafter:
+            cache = DenseKVCache(cfg.n_layers, batch, kv_heads, cfg.head_dim, capacity, cfg.group_size,
+                                 llm.dtype, llm.device)
+            return Drafter(model, cache, "own")
+    else:
+        slots = spec.n_kept + spec.recent_window + slack + 1
+
+        def build() -> Drafter:
+            cache = SparseKVCache(
+                cfg.n_layers, batch, kv_heads, cfg.head_dim, spec.n_kept, spec.recent_window, slack,
+                cfg.group_size, llm.dtype, llm.device, sink_writes=spec.drafter == "streaming",
+                positions=spec.positions, rope=model.rope,
+            )
+            selection = "snapkv" if spec.drafter == "snapkv" else "sinks"
+            return Drafter(model, cache, spec.kv_source, selection, spec.observe, spec.pool_kernel)
+
+    return DraftSetup(kv_cache_bytes(cfg.n_layers, batch, kv_heads, cfg.head_dim, slots, llm.dtype), build)

@@ -1,0 +1,104 @@
+"""Shared fixtures: small random checkpoints written in Hugging Face format (so the real loader is
+exercised), the real built-in SmolLM2, and the transformers oracle for both."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from magicdec import LLM
+from magicdec.config import ModelConfig
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=160, n_layers=3, n_heads=4, n_kv_heads=2,
+            max_position_embeddings=4096, rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
+
+
+def tiny_config(**overrides: Any) -> ModelConfig:
+    return ModelConfig(**{**TINY, **overrides})
+
+
+def word_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer over tokens w0 … w{V-1}, so random models decode to text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return tok
+
+
+def write_checkpoint(path: Path, cfg: ModelConfig, seed: int = 0) -> Path:
+    """A random transformers model with `cfg`'s shape, saved as a Hugging Face directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    hf_cfg = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init: peakier, more decisive distributions
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    word_tokenizer(cfg.vocab_size).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))
+    return path
+
+
+def hf_model(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_dir: Path) -> LLM:
+    return LLM(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol() -> LLM:
+    return LLM(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_smol() -> Any:
+    """transformers' own GGUF loader and dequantization, as an independent oracle."""
+    from transformers import AutoModelForCausalLM
+
+    from magicdec.loading import builtin_model_path
+
+    p = builtin_model_path()
+    return AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+
+
+def random_prompts(n: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+def hf_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(prompt)))
+    return out[0, len(prompt):].tolist()
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """The tokens up to and including the first EOS (what a generation that stops at EOS returns)."""
+    cut = next((i for i, t in enumerate(tokens) if t in eos), None)
+    return tokens if cut is None else tokens[: cut + 1]

@@ -1,0 +1,120 @@
+"""Plain batched generation: greedy equals transformers, sampling controls, stop rules, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import hf_greedy, hf_model, random_prompts, until_eos
+
+from magicdec import LLM, PromptError, SamplingParams
+from magicdec.cache.memory import OutOfMemoryPlan
+from magicdec.engine.sampling import probabilities
+
+UNSEEN = [  # text written for these tests, so no model has seen it
+    "The lighthouse keeper counted the gulls twice each morning, because the first count was never",
+    "Rain fell on the copper roofs of the market town while the clockmaker's apprentice",
+    "Question: what do seven orange kites and a broken ladder have in common? Answer:",
+]
+
+
+@pytest.mark.slow
+def test_greedy_generation_equals_transformers_on_smollm2(smol: LLM, hf_smol) -> None:
+    params = SamplingParams(max_new_tokens=24)
+    result = smol.generate(UNSEEN, params)
+    for out in result.outputs:
+        assert out.token_ids == until_eos(hf_greedy(hf_smol, out.prompt_token_ids, 24), smol.eos_token_ids)
+
+
+@pytest.mark.slow
+def test_cli_json_greedy_equals_transformers(smol: LLM, hf_smol) -> None:
+    cmd = [sys.executable, "-m", "magicdec", "generate", "--json", "--temperature", "0", "--max-new-tokens", "16",
+           "--prompt", UNSEEN[0], "--prompt", UNSEEN[2]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    data = json.loads(proc.stdout)
+    assert set(data["stats"]) >= {"prefill_s", "decode_s", "tokens_per_s"}
+    for out in data["outputs"]:
+        assert out["token_ids"] == until_eos(hf_greedy(hf_smol, out["prompt_token_ids"], 16), smol.eos_token_ids)
+        assert out["text"] == smol.tokenizer.decode(out["token_ids"])
+
+
+def test_tiny_greedy_equals_transformers(tiny_llm: LLM, tiny_dir) -> None:
+    hf = hf_model(tiny_dir)
+    prompts = random_prompts(3, [17, 40, 9], tiny_llm.config.vocab_size, seed=4)
+    result = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    for p, out in zip(prompts, result.outputs):
+        assert out.token_ids == hf_greedy(hf, p, 20)
+
+
+def test_each_sequence_stops_at_eos_while_others_go_on(tiny_llm: LLM) -> None:
+    prompts = random_prompts(4, [12, 30, 21, 8], tiny_llm.config.vocab_size, seed=11)
+    free = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True)).outputs
+    eos = free[1].token_ids[5]  # make the 6th token of sequence 1 the EOS
+    tiny_llm.eos_token_ids = {eos}
+    try:
+        outs = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=16)).outputs
+    finally:
+        tiny_llm.eos_token_ids = {2}
+    for f, o in zip(free, outs):
+        cut = f.token_ids.index(eos) + 1 if eos in f.token_ids else 16
+        assert o.token_ids == f.token_ids[:cut]
+        assert o.finish_reason == ("stop" if cut < 16 or f.token_ids[-1] == eos else "length")
+    assert len(outs[1].token_ids) <= 6
+
+
+def test_stop_string_truncates_text_and_tokens(smol: LLM) -> None:
+    base = smol.generate([UNSEEN[1]], SamplingParams(max_new_tokens=30)).outputs[0]
+    words = base.text.split()
+    stop = words[4]
+    out = smol.generate([UNSEEN[1]], SamplingParams(max_new_tokens=30, stop=(stop,))).outputs[0]
+    assert out.finish_reason == "stop"
+    assert stop not in out.text and base.text.startswith(out.text)
+    assert out.token_ids == base.token_ids[: len(out.token_ids)]
+    assert stop in smol.tokenizer.decode(out.token_ids)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(tiny_llm: LLM) -> None:
+    prompts = random_prompts(2, [10], tiny_llm.config.vocab_size)
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    a = tiny_llm.generate(prompts, p).outputs
+    b = tiny_llm.generate(prompts, p).outputs
+    c = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=8, ignore_eos=True)).outputs
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+
+
+def test_top_k_and_top_p_keep_the_right_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.allclose(p, torch.tensor([[5 / 7, 2 / 7, 0, 0, 0]]))
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.8))  # 0.5+0.2 < 0.8 ≤ +0.15
+    assert torch.allclose(p, torch.tensor([[0.5, 0.2, 0.15, 0, 0]]) / 0.85)
+    p = probabilities(logits, SamplingParams(temperature=0.5))
+    assert torch.allclose(p, torch.softmax(logits * 2, -1))
+    assert probabilities(logits, SamplingParams()).tolist() == [[1.0, 0, 0, 0, 0]]
+
+
+def test_prompt_longer_than_context_is_refused(tiny_llm: LLM) -> None:
+    long = random_prompts(1, [4090], tiny_llm.config.vocab_size)
+    with pytest.raises(PromptError, match="beyond the model's context of 4096"):
+        tiny_llm.generate(long, SamplingParams(max_new_tokens=10))
+    with pytest.raises(PromptError, match="empty"):
+        tiny_llm.generate([[]])
+
+
+def test_cache_that_does_not_fit_is_refused_before_allocating(tiny_llm: LLM) -> None:
+    tiny_llm.memory_budget = 1 << 20
+    try:
+        with pytest.raises(OutOfMemoryPlan, match=r"needs .*MiB.*target KV cache.*budget of 1\.0 MiB"):
+            tiny_llm.generate(random_prompts(64, [1000], tiny_llm.config.vocab_size), SamplingParams(max_new_tokens=8))
+    finally:
+        tiny_llm.memory_budget = None
+
+
+def test_bad_sampling_parameters_are_refused() -> None:
+    for kwargs in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError):
+            SamplingParams(**kwargs)

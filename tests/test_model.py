@@ -1,0 +1,91 @@
+"""The model against Hugging Face transformers, and its own consistency: incremental decoding,
+chunked prefill and ragged batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hf_model, random_prompts, tiny_config, write_checkpoint
+
+from magicdec import LLM
+from magicdec.cache.dense import DenseKVCache
+from magicdec.config import RopeScaling
+from magicdec.engine.prefill import prefill
+
+VARIANTS = {
+    "llama_default_rope": {},
+    "llama_linear_rope": {"rope_scaling": RopeScaling("linear", factor=4.0)},
+    "llama3_rope": {"rope_scaling": RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                original_max_position_embeddings=256), "rope_theta": 500000.0},
+    "qwen2_bias": {"attention_bias": True},
+    "tied_embeddings": {"tie_word_embeddings": True},
+    "mqa": {"n_kv_heads": 1},
+    "mha_head_dim_override": {"n_kv_heads": 4, "head_dim": 32},
+}
+
+
+def full_logits(llm: LLM, ids: list[list[int]]) -> torch.Tensor:
+    """One forward over whole (equal-length) sequences."""
+    x = torch.tensor(ids)
+    cache = DenseKVCache.for_model(llm.model, len(ids), x.shape[1])
+    with torch.inference_mode():
+        return llm.model(x, torch.arange(x.shape[1]).expand_as(x), cache)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(variant: str, tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path, tiny_config(**VARIANTS[variant]), seed=3)
+    ours = LLM(path, device="cpu")
+    ids = random_prompts(2, [300], ours.config.vocab_size, seed=1)  # beyond the llama3 original context
+    with torch.no_grad():
+        ref = hf_model(path)(torch.tensor(ids)).logits
+    diff = (full_logits(ours, ids) - ref).abs().max().item()
+    assert diff <= 1e-4, f"{variant}: max |Δlogit| = {diff}"
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers_gguf_loader(smol: LLM, hf_smol) -> None:
+    text = "Mr. Bennet was among the earliest of those who waited on Mr. Bingley. He had always intended to visit"
+    ids = [smol.tokenizer.encode(text)]
+    with torch.no_grad():
+        ref = hf_smol(torch.tensor(ids)).logits
+    diff = (full_logits(smol, ids) - ref).abs().max().item()
+    assert diff <= 1e-4, f"max |Δlogit| = {diff}"
+
+
+def test_incremental_decoding_equals_full_forward(tiny_llm: LLM) -> None:
+    ids = random_prompts(1, [40], tiny_llm.config.vocab_size, seed=5)[0]
+    full = full_logits(tiny_llm, [ids])[0]
+    cache = DenseKVCache.for_model(tiny_llm.model, 1, 64)
+    steps = []
+    with torch.inference_mode():
+        steps.append(tiny_llm.model(torch.tensor([ids[:25]]), torch.arange(25)[None], cache)[0])
+        for p in range(25, 40):
+            steps.append(tiny_llm.model(torch.tensor([[ids[p]]]), torch.tensor([[p]]), cache)[0])
+    assert (torch.cat(steps) - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_chunked_ragged_prefill_equals_each_sequence_alone(tiny_llm: LLM, chunk: int) -> None:
+    lengths = [90, 61, 33, 5]
+    prompts = random_prompts(4, lengths, tiny_llm.config.vocab_size, seed=2)
+    tokens = torch.zeros((4, 100), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        tokens[r, : len(p)] = torch.tensor(p)
+    cache = DenseKVCache.for_model(tiny_llm.model, 4, 100)
+    last = prefill(tiny_llm.model, cache, tokens, lengths, chunk)
+    for r, p in enumerate(prompts):
+        alone = full_logits(tiny_llm, [p])[0, -1]
+        assert (last[r] - alone).abs().max() <= 1e-5, f"row {r} (length {len(p)})"
+
+
+def test_ragged_batch_generation_equals_sequences_alone(tiny_llm: LLM) -> None:
+    from magicdec import SamplingParams
+
+    prompts = random_prompts(3, [50, 7, 23], tiny_llm.config.vocab_size, seed=9)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    batch = tiny_llm.generate(prompts, params).outputs
+    for p, out in zip(prompts, batch):
+        assert tiny_llm.generate([p], params).outputs[0].token_ids == out.token_ids
