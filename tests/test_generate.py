@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import hf_greedy, hf_model, random_prompts, until_eos
 
+from conftest import hf_greedy, hf_model, random_prompts, until_eos
 from magicdec import LLM, PromptError, SamplingParams
 from magicdec.cache.memory import OutOfMemoryPlan
 from magicdec.engine.sampling import probabilities

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, write_checkpoint
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_config, write_checkpoint
 from magicdec import LLM, LoadError, load_model
 from magicdec.loading.gguf_file import _unpermute
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_model, random_prompts, tiny_config, write_checkpoint
 
+from conftest import hf_model, random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM
 from magicdec.cache.dense import DenseKVCache
 from magicdec.config import RopeScaling

@@ -53,8 +53,9 @@ class SparseKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.tags = torch.full((batch, self.n_slots + 1), -1, dtype=torch.long, device=device)
-        # original position of each kept key, per layer and head (SnapKV keeps different positions)
-        self.kept_pos = torch.zeros((n_layers, batch, n_kv_heads, n_kept), dtype=torch.long, device=device)
+        # original position of each kept key, per layer and head (SnapKV keeps different positions);
+        # attention sinks sit at positions 0 … n_kept - 1
+        self.kept_pos = torch.arange(n_kept, device=device).expand(n_layers, batch, n_kv_heads, n_kept).clone()
         self.group, self.sink_writes = group, sink_writes
         self.position_mode, self.rope = positions, rope
 

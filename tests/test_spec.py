@@ -1,0 +1,194 @@
+"""Speculative decoding: greedy output identical to plain decoding with every drafter, the
+sampling distribution equal to plain sampling, and the sparse cache's masking and rollback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_prompts, tiny_config, write_checkpoint
+from magicdec import LLM, SamplingParams, SpecConfig
+from magicdec.cache.dense import DenseKVCache
+from magicdec.cache.sparse import SparseKVCache
+from magicdec.model.attention import AttentionMask, attend
+
+DRAFTERS = {
+    "self-streaming": dict(method="self", drafter="streaming", budget=24, sinks=4),
+    "self-streaming-own-kv": dict(method="self", drafter="streaming", budget=24, sinks=4, kv_source="own"),
+    "self-streaming-cache-positions": dict(method="self", drafter="streaming", budget=24, sinks=4, positions="cache"),
+    "self-snapkv": dict(method="self", drafter="snapkv", budget=24, window=8, observe=8),
+    "self-snapkv-cache-positions": dict(method="self", drafter="snapkv", budget=24, window=8, positions="cache"),
+    "draft-full": dict(method="draft", drafter="full"),
+    "draft-streaming": dict(method="draft", drafter="streaming", budget=20, sinks=2),
+}
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = tiny_config(n_layers=2, hidden_size=32, intermediate_size=64, n_heads=2, n_kv_heads=1)
+    return write_checkpoint(tmp_path_factory.mktemp("draft"), cfg, seed=1)
+
+
+def spec_config(name: str, draft_dir: Path, gamma: int = 3) -> SpecConfig:
+    kw = dict(DRAFTERS[name])
+    if kw["method"] == "draft":
+        kw["draft_model"] = str(draft_dir)
+    return SpecConfig(gamma=gamma, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(DRAFTERS))
+def test_greedy_speculation_equals_plain_decoding(tiny_llm: LLM, draft_dir: Path, name: str) -> None:
+    prompts = random_prompts(5, [70, 12, 45, 3, 101], tiny_llm.config.vocab_size, seed=21)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    plain = [o.token_ids for o in tiny_llm.generate(prompts, params).outputs]
+    for gamma in (1, 4):
+        result = tiny_llm.generate(prompts, params, spec_config(name, draft_dir, gamma))
+        assert [o.token_ids for o in result.outputs] == plain, f"{name}, gamma={gamma}"
+        s = result.stats
+        assert s.draft_tokens == gamma * s.rounds and 0 <= s.accepted_tokens <= s.draft_tokens
+        assert s.committed_tokens == s.accepted_tokens + s.rounds
+
+
+def test_draft_identical_to_target_accepts_everything(tiny_llm: LLM, tiny_dir: Path) -> None:
+    """The same weights with a full cache agree with the target on every token: α = 1, and "own"
+    mode catches up on the bonus token of every all-accepted round."""
+    prompts = random_prompts(3, [30, 8, 17], tiny_llm.config.vocab_size, seed=3)
+    params = SamplingParams(max_new_tokens=25, ignore_eos=True)
+    result = tiny_llm.generate(prompts, params, SpecConfig(method="draft", drafter="full", draft_model=str(tiny_dir),
+                                                           gamma=4))
+    assert result.stats.acceptance_rate == 1.0
+    assert [o.token_ids for o in result.outputs] == [o.token_ids for o in tiny_llm.generate(prompts, params).outputs]
+
+
+def test_eos_in_the_middle_of_the_batch(tiny_llm: LLM, draft_dir: Path) -> None:
+    prompts = random_prompts(4, [40, 9, 66, 25], tiny_llm.config.vocab_size, seed=8)
+    free = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=30, ignore_eos=True)).outputs
+    eos = free[2].token_ids[7]
+    tiny_llm.eos_token_ids = {eos}
+    try:
+        plain = [o.token_ids for o in tiny_llm.generate(prompts, SamplingParams(max_new_tokens=30)).outputs]
+        for name in ("self-streaming", "self-snapkv", "draft-streaming"):
+            spec = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=30), spec_config(name, draft_dir))
+            assert [o.token_ids for o in spec.outputs] == plain, name
+    finally:
+        tiny_llm.eos_token_ids = {2}
+    assert len(plain[2]) <= 8 and max(len(p) for p in plain) == 30
+
+
+def test_gamma_zero_rounds_fall_back_to_plain_steps(tiny_llm: LLM) -> None:
+    class Alternate:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def choose(self, state) -> int:
+            self.n += 1
+            return (0, 2, 0, 0, 3)[self.n % 5]
+
+        def observe(self, gamma: int, accepted: list[int]) -> None:
+            pass
+
+    prompts = random_prompts(3, [50, 20, 33], tiny_llm.config.vocab_size, seed=12)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    plain = [o.token_ids for o in tiny_llm.generate(prompts, params).outputs]
+    for kv in ("target", "own"):
+        spec = SpecConfig(method="self", budget=16, sinks=2, kv_source=kv, gamma=3)
+        out = tiny_llm.generate(prompts, params, spec, gamma_policy=Alternate())
+        assert [o.token_ids for o in out.outputs] == plain, kv
+        assert 0 in out.stats.gamma_history
+
+
+def test_compare_reports_speedup_and_identical_outputs(tiny_llm: LLM) -> None:
+    prompts = random_prompts(2, [40, 25], tiny_llm.config.vocab_size, seed=2)
+    r = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True),
+                          SpecConfig(method="self", budget=16, sinks=2), compare=True)
+    d = r.to_dict()["stats"]
+    assert d["matches_plain"] is True and d["speedup"] > 0
+    assert len(d["per_sequence"]) == 2 and len(d["per_position_acceptance"]) == 3
+    assert abs(d["baseline"]["decode_s"] / d["baseline"]["generated_tokens"] / (d["decode_s"] / d["generated_tokens"])
+               - d["speedup"]) < 1e-9
+
+
+# ---- the sparse cache against a masked full-attention reference ------------------------------------
+def reference_attention(q, keys, values, qpos, kpos, sinks, window):
+    """Plain softmax attention over tokens at positions kpos, allowed iff kpos ≤ qpos and
+    (kpos < sinks or kpos > qpos - window)."""
+    allowed = (kpos[None, :] <= qpos[:, None]) & ((kpos[None, :] < sinks) | (kpos[None, :] > qpos[:, None] - window))
+    return attend(q, keys, values, AttentionMask.build(allowed[None], q.shape[1] // keys.shape[1], q.dtype))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 40])
+def test_sliding_window_cache_equals_masked_full_attention(chunk: int) -> None:
+    torch.manual_seed(0)
+    H, Hkv, D, n, sinks, window = 4, 2, 16, 120, 3, 10
+    q, k, v = torch.randn(1, H, n, D), torch.randn(1, Hkv, n, D), torch.randn(1, Hkv, n, D)
+    cache = SparseKVCache(1, 1, Hkv, D, n_kept=sinks, window=window, slack=5, group=H // Hkv,
+                          dtype=torch.float32, device="cpu")
+    outs = []
+    for start in range(0, n, chunk):
+        pos = torch.arange(start, min(start + chunk, n))[None]
+        step = cache.begin(pos)
+        outs.append(step.attend(0, q[:, :, pos[0]], k[:, :, pos[0]], v[:, :, pos[0]]))
+    ref = reference_attention(q, k, v, torch.arange(n), torch.arange(n), sinks, window)
+    assert (torch.cat(outs, dim=2) - ref).abs().max() <= 1e-5
+
+
+def test_sparse_cache_rolls_back_rejected_tokens() -> None:
+    """Write γ drafted positions, keep only some, write different tokens at the rejected positions:
+    attention equals a cache that never saw the rejected ones."""
+    torch.manual_seed(1)
+    H, D, window, slack = 2, 8, 6, 4
+    seq = torch.randn(1, H, 40, D)
+    junk = torch.randn(1, H, 40, D)
+    a = SparseKVCache(1, 1, H, D, 2, window, slack, 1, torch.float32, "cpu")
+    b = SparseKVCache(1, 1, H, D, 2, window, slack, 1, torch.float32, "cpu")
+    for p in range(30):
+        for c, src in ((a, seq), (b, seq)):
+            c.begin(torch.tensor([[p]])).attend(0, src[:, :, p : p + 1], src[:, :, p : p + 1], src[:, :, p : p + 1])
+    for p in range(30, 33):  # a drafts 3 tokens that are then rejected
+        a.begin(torch.tensor([[p]])).attend(0, junk[:, :, p : p + 1], junk[:, :, p : p + 1], junk[:, :, p : p + 1])
+    for p in range(30, 38):
+        x = seq[:, :, p : p + 1]
+        oa = a.begin(torch.tensor([[p]])).attend(0, x, x, x)
+        ob = b.begin(torch.tensor([[p]])).attend(0, x, x, x)
+        assert torch.allclose(oa, ob, atol=1e-6), p
+
+
+def test_dense_cache_rollback_is_overwrite() -> None:
+    torch.manual_seed(2)
+    H, D = 2, 8
+    seq, junk = torch.randn(1, H, 20, D), torch.randn(1, H, 20, D)
+    a = DenseKVCache(1, 1, H, D, 32, 1, torch.float32, "cpu")
+    b = DenseKVCache(1, 1, H, D, 32, 1, torch.float32, "cpu")
+    pos = torch.arange(12)[None]
+    for c in (a, b):
+        c.begin(pos).attend(0, seq[:, :, :12], seq[:, :, :12], seq[:, :, :12])
+    a.begin(torch.arange(12, 16)[None]).attend(0, *(junk[:, :, 12:16],) * 3)  # verify block, all rejected
+    x = seq[:, :, 12:14]
+    p = torch.arange(12, 14)[None]
+    assert torch.allclose(a.begin(p).attend(0, x, x, x), b.begin(p).attend(0, x, x, x), atol=1e-6)
+
+
+def test_in_cache_positions_move_kept_keys_next_to_the_window() -> None:
+    """With positions='cache', a kept key stored rotated at position p is seen rotated at the slot
+    just before the window: only relative positions matter, so scores equal those of a query at
+    distance (window + kept - j) from kept slot j."""
+    from magicdec.config import ModelConfig
+    from magicdec.model.rope import RotaryEmbedding, apply_rope
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=8, hidden_size=32, intermediate_size=8, n_layers=1, n_heads=2, n_kv_heads=2)
+    rope = RotaryEmbedding(cfg)
+    D, sinks, window, n = 16, 2, 4, 30
+    raw = torch.randn(1, 2, n, D)
+    cos, sin = rope(torch.arange(n)[None], torch.float32)
+    k = apply_rope(raw, cos, sin)
+    cache = SparseKVCache(1, 1, 2, D, sinks, window, 3, 1, torch.float32, "cpu", positions="cache", rope=rope)
+    for p in range(n - 1):
+        cache.begin(torch.tensor([[p]])).attend(0, k[:, :, p : p + 1], k[:, :, p : p + 1], k[:, :, p : p + 1])
+    step = cache.begin(torch.tensor([[n - 1]]))
+    kept = step._kept_rotated(0, cache.k[0, :1, :, :sinks + 1])[:, :, :sinks]
+    start = n - 1 - window + 1  # oldest window position seen by the query at n - 1
+    moved_cos, moved_sin = rope(torch.arange(start - sinks, start)[None], torch.float32)
+    assert torch.allclose(kept, apply_rope(raw[:, :, :sinks], moved_cos, moved_sin), atol=1e-5)

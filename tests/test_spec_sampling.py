@@ -1,0 +1,104 @@
+"""Speculative sampling draws from the target's distribution: chi-square tests of the generated
+tokens against the exact distribution, computed from the target's own logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from conftest import random_prompts, tiny_config, write_checkpoint
+from magicdec import LLM, SamplingParams, SpecConfig
+from magicdec.cache.dense import DenseKVCache
+from magicdec.engine.sampling import probabilities
+
+VOCAB, N, PROMPT_LEN = 32, 6000, 40
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, Path]:
+    target = write_checkpoint(tmp_path_factory.mktemp("t"), tiny_config(vocab_size=VOCAB), seed=5)
+    draft = write_checkpoint(tmp_path_factory.mktemp("d"), tiny_config(vocab_size=VOCAB, n_layers=1), seed=6)
+    return LLM(target, device="cpu"), draft
+
+
+def next_token_probs(llm: LLM, seqs: list[list[int]], params: SamplingParams) -> torch.Tensor:
+    x = torch.tensor(seqs)
+    cache = DenseKVCache.for_model(llm.model, len(seqs), x.shape[1])
+    with torch.inference_mode():
+        logits = llm.model(x, torch.arange(x.shape[1]).expand_as(x), cache)[:, -1]
+    return probabilities(logits, params)
+
+
+def exact_joint(llm: LLM, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """P(t1, t2, t3) for the three tokens after `prompt`, [V, V, V]."""
+    p1 = next_token_probs(llm, [prompt], params)[0]
+    p2 = next_token_probs(llm, [prompt + [a] for a in range(VOCAB)], params)  # [V, V]
+    seqs = [prompt + [a, b] for a in range(VOCAB) for b in range(VOCAB)]
+    p3 = next_token_probs(llm, seqs, params).view(VOCAB, VOCAB, VOCAB)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Goodness of fit; cells expecting fewer than 5 samples are pooled into one."""
+    exp = expected_probs.flatten().double() * observed.sum()
+    obs = observed.flatten().double()
+    small = exp < 5
+    obs = torch.cat([obs[~small], obs[small].sum()[None]])
+    exp = torch.cat([exp[~small], exp[small].sum()[None]])
+    keep = exp > 0
+    return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp[keep].sum().item()).pvalue)
+
+
+def sample_counts(llm: LLM, prompt: list[int], params: SamplingParams, spec: SpecConfig | None) -> torch.Tensor:
+    outs = llm.generate([prompt] * N, params, spec).outputs
+    counts = torch.zeros(VOCAB, VOCAB, VOCAB)
+    for o in outs:
+        a, b, c = o.token_ids
+        counts[a, b, c] += 1
+    return counts
+
+
+def check(counts: torch.Tensor, joint: torch.Tensor) -> dict[str, float]:
+    return {
+        "t2": chi2_pvalue(counts.sum((0, 2)), joint.sum((0, 2))),
+        "t3": chi2_pvalue(counts.sum((0, 1)), joint.sum((0, 1))),
+        "t2,t3": chi2_pvalue(counts.sum(0), joint.sum(0)),
+        "t1,t2": chi2_pvalue(counts.sum(2), joint.sum(2)),
+    }
+
+
+SETTINGS = {
+    "draft-model": (dict(method="draft", drafter="full"), dict(temperature=1.0)),
+    "self-streaming": (dict(method="self", drafter="streaming", budget=8, sinks=2), dict(temperature=1.0)),
+    "draft-topk-topp": (dict(method="draft", drafter="full"), dict(temperature=0.7, top_k=10, top_p=0.9)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_speculative_sampling_matches_the_target_distribution(models: tuple[LLM, Path], name: str) -> None:
+    llm, draft = models
+    spec_kw, sample_kw = SETTINGS[name]
+    if spec_kw["method"] == "draft":
+        spec_kw = {**spec_kw, "draft_model": str(draft)}
+    params = SamplingParams(max_new_tokens=3, seed=1234, ignore_eos=True, **sample_kw)
+    prompt = random_prompts(1, [PROMPT_LEN], VOCAB, seed=3)[0]
+    result = llm.generate([prompt] * 64, params, SpecConfig(gamma=2, **spec_kw))
+    assert 0.05 < result.stats.acceptance_rate < 0.99  # drafts differ from the target: rejections happen
+    counts = sample_counts(llm, prompt, params, SpecConfig(gamma=2, **spec_kw))
+    pvalues = check(counts, exact_joint(llm, prompt, params))
+    assert min(pvalues.values()) > 1e-3, pvalues
+
+
+def test_the_chi_square_check_detects_a_wrong_distribution(models: tuple[LLM, Path]) -> None:
+    """Power check: samples from the draft model fail the same test against the target's distribution."""
+    llm, draft = models
+    params = SamplingParams(max_new_tokens=3, seed=99, temperature=1.0, ignore_eos=True)
+    prompt = random_prompts(1, [PROMPT_LEN], VOCAB, seed=3)[0]
+    draft_llm = LLM(draft, device="cpu")
+    pvalues = check(sample_counts(draft_llm, prompt, params, None), exact_joint(llm, prompt, params))
+    assert max(pvalues.values()) < 1e-6, pvalues
+    plain = check(sample_counts(llm, prompt, params, None), exact_joint(llm, prompt, params))
+    assert min(plain.values()) > 1e-3, plain
