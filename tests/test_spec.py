@@ -115,7 +115,8 @@ def reference_attention(q, keys, values, qpos, kpos, sinks, window):
     """Plain softmax attention over tokens at positions kpos, allowed iff kpos ≤ qpos and
     (kpos < sinks or kpos > qpos - window)."""
     allowed = (kpos[None, :] <= qpos[:, None]) & ((kpos[None, :] < sinks) | (kpos[None, :] > qpos[:, None] - window))
-    return attend(q, keys, values, AttentionMask.build(allowed[None], q.shape[1] // keys.shape[1], q.dtype))
+    mask = AttentionMask(q.shape[1] // keys.shape[1], q.dtype, qpos[None], len(kpos), allowed=allowed[None])
+    return attend(q, keys, values, mask)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 40])

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from magicdec.model.attention import AttentionMask, attend
+from magicdec.model.attention import DECODE_MAX_T, AttentionMask, attend
 
 if TYPE_CHECKING:
     from magicdec.model.llama import Transformer
@@ -76,6 +76,11 @@ class DenseKVCache:
                 self.k[:, dst].copy_(self.k[:, src])
                 self.v[:, dst].copy_(self.v[:, src])
 
+    def copy_(self, other: DenseKVCache) -> None:
+        """Take `other`'s contents (same shape), keeping this cache's buffers."""
+        self.k.copy_(other.k)
+        self.v.copy_(other.v)
+
     def clone(self) -> DenseKVCache:
         other = object.__new__(DenseKVCache)
         other.k, other.v = self.k.clone(), self.v.clone()
@@ -84,19 +89,24 @@ class DenseKVCache:
 
 
 class DenseStep:
-    """One forward's view of the cache: write slots and the causal mask, shared by all layers."""
+    """One forward's view of the cache: write slots and the causal visibility, shared by all layers.
+
+    Decode-shaped blocks on CUDA attend over the whole buffer (static shapes, no host read: the
+    kernel stops at each sequence's last position); elsewhere the keys are sliced to the furthest
+    position of the block."""
 
     def __init__(self, cache: DenseKVCache, positions: torch.Tensor) -> None:
         self.cache = cache
         self.rows = positions.shape[0]
-        max_pos = int(positions.max())
-        if max_pos >= cache.capacity:
-            raise ValueError(f"position {max_pos} is beyond the KV cache capacity of {cache.capacity} tokens")
         self.slots = torch.where(positions >= 0, positions, cache.capacity)
-        self.kv_len = max_pos + 1
-        query_pos = positions.clamp(min=0)
-        allowed = torch.arange(self.kv_len, device=positions.device) <= query_pos[..., None]
-        self.mask = AttentionMask.build(allowed, cache.group, cache.k.dtype)
+        if positions.is_cuda and positions.shape[1] <= DECODE_MAX_T:
+            self.kv_len = cache.capacity
+        else:
+            max_pos = int(positions.max())
+            if max_pos >= cache.capacity:
+                raise ValueError(f"position {max_pos} is beyond the KV cache capacity of {cache.capacity} tokens")
+            self.kv_len = max_pos + 1
+        self.mask = AttentionMask(cache.group, cache.k.dtype, positions, self.kv_len)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         K, V = self.cache.k[layer, : self.rows], self.cache.v[layer, : self.rows]

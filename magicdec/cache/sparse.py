@@ -143,7 +143,8 @@ class SparseStep:
             self.slots = cache.slot_of(positions)
             tags.scatter_(1, self.slots, positions)
             tags[:, cache.n_slots] = -1
-            allowed = cache.visible(query_pos, tags[:, : cache.n_slots], cache.kept_slots())
+            self.mask = AttentionMask(cache.group, cache.k.dtype, positions, cache.n_slots,
+                                      key_pos=tags[:, : cache.n_slots], window=cache.window, n_kept=cache.n_kept)
         else:
             keep = positions > positions.max(dim=1, keepdim=True).values - cache.ring
             if cache.sink_writes:
@@ -157,11 +158,10 @@ class SparseStep:
                 ],
                 dim=2,
             )
+            allowed[..., 0] |= positions < 0  # padding queries see slot 0
             tags.scatter_(1, self.slots, torch.where(keep, positions, -1))
             tags[:, cache.n_slots] = -1
-        # padding queries must see something: let them see slot 0
-        allowed[..., 0] |= (positions < 0)
-        self.mask = AttentionMask.build(allowed, cache.group, cache.k.dtype)
+            self.mask = AttentionMask(cache.group, cache.k.dtype, positions, allowed.shape[2], allowed=allowed)
         self.kept_rotation = self._kept_rotation(query_pos) if cache.position_mode == "cache" else None
 
     def _kept_rotation(self, query_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

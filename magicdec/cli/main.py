@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("generate", "plan", "corpus")
+COMMANDS = ("generate", "plan", "profile", "bench", "corpus")
 
 
 def build_parser() -> argparse.ArgumentParser:

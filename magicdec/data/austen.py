@@ -21,8 +21,6 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-import rdata
-
 from magicdec.data.corpus import Corpus, CorpusError, Document
 from magicdec.data.paths import corpora_dir
 
@@ -48,6 +46,8 @@ def austen_dir() -> Path:
 
 def _parse_r(data: bytes) -> object:
     # extension=".rds" tells rdata the bytes are a bare serialization (silences "Unknown file type").
+    import rdata  # only needed to read the Austen corpus
+
     return rdata.conversion.convert(rdata.parser.parse_data(data, extension=".rds"))
 
 

@@ -17,11 +17,42 @@ from magicdec.cache.dense import DenseKVCache
 from magicdec.engine.outputs import RunStats
 from magicdec.engine.sampling import SamplingParams, next_tokens, probabilities
 from magicdec.engine.state import BatchState, Stopper
-from magicdec.model.llama import Transformer
+from magicdec.model.llama import Cache
 from magicdec.spec.drafter import Drafter
-from magicdec.spec.verify import verify_greedy, verify_sampling
+from magicdec.spec.verify import verify_greedy, verify_sampling, verify_synthetic
 
 Progress = Callable[[int], None]
+
+
+class Forward(Protocol):
+    """The model, or a `ModelRunner` replaying it as CUDA graphs."""
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: Cache,
+                 logits_index: torch.Tensor | None = None) -> torch.Tensor: ...
+Verdict = tuple[torch.Tensor, torch.Tensor]  # accepted counts [B], next tokens [B]
+# (draft tokens [B, γ], draft distributions [B, γ, V] | None, target logits [B, γ+1, V]) → verdict
+Verifier = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], Verdict]
+
+
+def make_verifier(params: SamplingParams, generator: torch.Generator | None,
+                  synthetic_acceptance: float | None = None) -> Verifier:
+    """The acceptance rule for these sampling parameters (or the synthetic one for benchmarks)."""
+    if synthetic_acceptance is not None:
+        gens: dict[torch.device, torch.Generator] = {}
+
+        def synthetic(d: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
+            g = generator or gens.setdefault(d.device, torch.Generator(device=d.device).manual_seed(0))
+            return verify_synthetic(d, logits, synthetic_acceptance, g)
+
+        return synthetic
+    if params.greedy:
+        return lambda d, q, logits: verify_greedy(d, logits)
+
+    def sampling(d: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
+        assert q is not None
+        return verify_sampling(d, q, probabilities(logits, params), generator)
+
+    return sampling
 
 
 class GammaPolicy(Protocol):
@@ -45,9 +76,27 @@ class FixedGamma:
         pass
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class PhaseClock:
+    """Marks phase boundaries without synchronising: CUDA events on CUDA, read once the round's
+    results have been read back anyway; the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Durations between consecutive marks (call after the device work is done)."""
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
 def _drop_finished(state: BatchState, caches: list[DenseKVCache | Drafter]) -> None:
@@ -60,7 +109,7 @@ def _drop_finished(state: BatchState, caches: list[DenseKVCache | Drafter]) -> N
 
 @torch.inference_mode()
 def decode_plain(
-    model: Transformer,
+    forward: Forward,
     cache: DenseKVCache,
     state: BatchState,
     params: SamplingParams,
@@ -73,7 +122,7 @@ def decode_plain(
     start = time.perf_counter()
     while state.rows:
         pos = state.lengths[:, None]
-        logits = model(state.tokens.gather(1, pos), pos, cache)[:, 0]
+        logits = forward(state.tokens.gather(1, pos), pos, cache)[:, 0]
         nxt = next_tokens(logits, params, generator)
         state.commit(nxt[:, None], torch.ones_like(nxt))
         before = sum(len(o.token_ids) for o in state.outputs)
@@ -87,7 +136,7 @@ def decode_plain(
 
 @torch.inference_mode()
 def decode_speculative(
-    model: Transformer,
+    forward: Forward,
     cache: DenseKVCache,
     drafter: Drafter,
     state: BatchState,
@@ -96,6 +145,7 @@ def decode_speculative(
     stopper: Stopper,
     stats: RunStats,
     policy: GammaPolicy,
+    verifier: Verifier,
     progress: Progress | None = None,
 ) -> None:
     device = state.tokens.device
@@ -106,9 +156,10 @@ def decode_speculative(
         stats.gamma_history.append(gamma)
         before = sum(len(o.token_ids) for o in state.outputs)
         if gamma == 0:
-            _plain_step(model, cache, drafter, state, params, generator, stopper)
+            _plain_step(forward, cache, drafter, state, params, generator, stopper)
         else:
-            _speculative_round(model, cache, drafter, state, params, generator, stopper, stats, policy, gamma, device)
+            _speculative_round(forward, cache, drafter, state, params, generator, stopper, stats, policy, verifier,
+                               gamma, device)
         if progress:
             progress(sum(len(o.token_ids) for o in state.outputs) - before)
         _drop_finished(state, [cache, drafter])
@@ -116,7 +167,7 @@ def decode_speculative(
 
 
 def _speculative_round(
-    model: Transformer,
+    forward: Forward,
     cache: DenseKVCache,
     drafter: Drafter,
     state: BatchState,
@@ -125,27 +176,26 @@ def _speculative_round(
     stopper: Stopper,
     stats: RunStats,
     policy: GammaPolicy,
+    verifier: Verifier,
     gamma: int,
     device: torch.device,
 ) -> None:
     lengths = state.lengths
-    t0 = time.perf_counter()
+    clock = PhaseClock(device)
+    clock.mark()
     drafts, draft_probs = drafter.propose(state.tokens, lengths, gamma, params, generator)
-    _sync(device)
-    t1 = time.perf_counter()
+    clock.mark()
     pos = lengths[:, None] + torch.arange(gamma + 1, device=device)
-    logits = model(torch.cat([state.pending(), drafts], dim=1), pos, cache)
-    if params.greedy:
-        accepted, nxt = verify_greedy(drafts, logits)
-    else:
-        assert draft_probs is not None
-        accepted, nxt = verify_sampling(drafts, draft_probs, probabilities(logits, params), generator)
+    logits = forward(torch.cat([state.pending(), drafts], dim=1), pos, cache)
+    accepted, nxt = verifier(drafts, draft_probs, logits)
+    clock.mark()
     drafter.commit(lengths, accepted, gamma, cache)
     new = torch.cat([drafts, nxt[:, None]], dim=1).scatter_(1, accepted[:, None], nxt[:, None])
     state.commit(new, accepted + 1)
     accepted_list, new_list = accepted.tolist(), new.tolist()  # the round's one device read
-    stats.draft_s += t1 - t0
-    stats.verify_s += time.perf_counter() - t1
+    draft_s, verify_s = clock.seconds()
+    stats.draft_s += draft_s
+    stats.verify_s += verify_s
     stats.record_round(gamma, accepted_list)
     policy.observe(gamma, accepted_list)
     for out, k, toks in zip(state.outputs, accepted_list, new_list):
@@ -156,7 +206,7 @@ def _speculative_round(
 
 
 def _plain_step(
-    model: Transformer,
+    forward: Forward,
     cache: DenseKVCache,
     drafter: Drafter,
     state: BatchState,
@@ -167,7 +217,7 @@ def _plain_step(
     """A round with γ = 0: one target step; the drafter is told the pending token is committed."""
     lengths = state.lengths
     pos = lengths[:, None]
-    logits = model(state.pending(), pos, cache)[:, 0]
+    logits = forward(state.pending(), pos, cache)[:, 0]
     nxt = next_tokens(logits, params, generator)
     drafter.commit(lengths, torch.zeros_like(lengths), 0, cache)
     state.commit(nxt[:, None], torch.ones_like(nxt))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,16 +23,49 @@ from tqdm import tqdm
 
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.memory import MemoryPlan, kv_cache_bytes
-from magicdec.engine.decode import FixedGamma, GammaPolicy, decode_plain, decode_speculative
+from magicdec.costmodel import CostModel, DraftSpec, load_profile
+from magicdec.costmodel.device import device_profile
+from magicdec.engine.autogamma import AutoGamma
+from magicdec.engine.decode import FixedGamma, GammaPolicy, decode_plain, decode_speculative, make_verifier
 from magicdec.engine.outputs import GenerationResult, RequestOutput, RunStats
 from magicdec.engine.prefill import prefill
+from magicdec.engine.runner import ModelRunner
 from magicdec.engine.sampling import SamplingParams, next_tokens
 from magicdec.engine.state import BatchState, Stopper
 from magicdec.loading import LoadedModel, load_model
 from magicdec.spec.config import SpecConfig
-from magicdec.spec.factory import DraftSetup, plan_drafter
+from magicdec.spec.drafter import Drafter
+from magicdec.spec.factory import plan_drafter
 
 Prompt = str | Sequence[int]
+
+
+@dataclass(slots=True)
+class PrefilledBatch:
+    """A batch after prefill and its first token: the target cache and the decoding state."""
+
+    cache: DenseKVCache
+    state: BatchState
+    prompt_lens: list[int]  # sorted, longest first, as the cache rows are
+    params: SamplingParams
+    stopper: Stopper
+    prefill_s: float
+    keep: bool  # decode copies, leaving this batch reusable
+    max_gamma: int
+    work: DenseKVCache | None = None  # the copy decodes run on (one buffer, so CUDA graphs are reused)
+
+    def take(self) -> tuple[DenseKVCache, BatchState]:
+        if self.keep:
+            if self.work is None:
+                self.work = self.cache.clone()
+            else:
+                self.work.copy_(self.cache)
+            return self.work, self.state.clone()
+        if self.state is None:
+            raise ValueError("this prefilled batch was already decoded; prefill with keep=True to decode it twice")
+        cache, state = self.cache, self.state
+        self.state = None  # type: ignore[assignment]
+        return cache, state
 
 
 class PromptError(ValueError):
@@ -60,6 +94,8 @@ class LLM:
             eos = {self.tokenizer.token_id(self.tokenizer.eos_token)}
         self.eos_token_ids: set[int] = eos
         self._draft_models: dict[str, LoadedModel] = {}
+        self.runner = ModelRunner(self.model)  # decode-shaped forwards (CUDA graphs on CUDA)
+        self.draft_runners: dict[str, ModelRunner] = {}
 
     # ---- prompts ---------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -107,85 +143,117 @@ class LLM:
     ) -> GenerationResult:
         """Generate for a batch. With `spec`, decode speculatively; with `compare`, also run plain
         decoding on the same prefilled batch and report the speedup (prefill excluded)."""
-        params = params or SamplingParams()
         spec = spec or SpecConfig()
+        compare = compare and spec.enabled
+        batch = self.prefill(prompts, params, max_gamma=spec.max_gamma if spec.enabled else 0, keep=compare)
+        result = self.decode(batch, spec, gamma_policy=gamma_policy, progress=progress)
+        if compare:
+            plain = self.decode(batch, progress=progress)
+            result.baseline = plain.stats
+            if batch.params.greedy:
+                result.stats.extra["matches_plain"] = [o.token_ids for o in plain.outputs] == [
+                    o.token_ids for o in result.outputs
+                ]
+        return result
+
+    def prefill(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, max_gamma: int = 0, keep: bool = False
+    ) -> PrefilledBatch:
+        """Tokenize, check and prefill a batch, and pick each sequence's first token. With `keep`,
+        `decode` works on copies, so the same prefilled batch can be decoded several ways."""
+        params = params or SamplingParams()
         ids = self.encode(prompts)
         self._check_context(ids, params)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         sorted_ids = [ids[i] for i in order]
         lens = [len(p) for p in sorted_ids]
-        gamma_max = spec.max_gamma if spec.enabled else 0
-        capacity = lens[0] + params.max_new_tokens + gamma_max + 1
+        capacity = lens[0] + params.max_new_tokens + max_gamma + 1
+        target = kv_cache_bytes(self.config.n_layers, len(ids), self.model.kv_heads, self.config.head_dim,
+                                capacity + 1, self.dtype)
+        plan = MemoryPlan(to_allocate={"target KV cache": target})
+        if keep:
+            plan.to_allocate["working copy of the KV cache"] = target
+        plan.check(self.device, self.memory_budget)
 
-        draft = plan_drafter(self, spec, len(ids), capacity) if spec.enabled else None
-        self._memory_plan(len(ids), capacity, compare and spec.enabled, draft).check(self.device, self.memory_budget)
-
+        self.runner.release()  # graphs of earlier batches point at their buffers
+        for runner in self.draft_runners.values():
+            runner.release()
         cache = DenseKVCache.for_model(self.model, len(ids), capacity)
         tokens = torch.zeros((len(ids), capacity + 2), dtype=torch.long, device=self.device)
         for r, p in enumerate(sorted_ids):
             tokens[r, : len(p)] = torch.tensor(p)
-        stats = RunStats(batch=len(ids), prompt_tokens=sum(lens), method=spec.method)
         generator = params.generator(self.device)
-
         t0 = time.perf_counter()
         last = prefill(self.model, cache, tokens, lens, self.prefill_chunk)
         first = next_tokens(last, params, generator)
         lengths = torch.tensor(lens, device=self.device)
         tokens.scatter_(1, lengths[:, None], first[:, None])
-        stats.prefill_s = time.perf_counter() - t0
+        prefill_s = time.perf_counter() - t0
 
         stopper = Stopper(self.tokenizer, params, self.eos_token_ids)
         outputs = [RequestOutput(order[r], sorted_ids[r]) for r in range(len(ids))]
         for out, tok in zip(outputs, first.tolist()):
             stopper.extend(out, [tok])
-        state = BatchState(list(outputs), tokens, lengths)
-        snapshot = (cache.clone(), state.clone()) if compare and spec.enabled else None
+        return PrefilledBatch(cache, BatchState(outputs, tokens, lengths), lens, params, stopper, prefill_s, keep,
+                              max_gamma)
 
-        with tqdm(total=len(ids) * params.max_new_tokens, desc="decode", unit="tok", delay=2,
-                  disable=not progress, leave=False) as bar:
+    def decode(
+        self,
+        batch: PrefilledBatch,
+        spec: SpecConfig | None = None,
+        *,
+        gamma_policy: GammaPolicy | None = None,
+        progress: bool = False,
+    ) -> GenerationResult:
+        """Decode a prefilled batch, plainly or speculatively (γ ≤ the `max_gamma` it was prefilled for)."""
+        spec = spec or SpecConfig()
+        if spec.enabled and spec.max_gamma > batch.max_gamma:
+            raise ValueError(f"this batch was prefilled for γ ≤ {batch.max_gamma}, not {spec.max_gamma}")
+        cache, state = batch.take()
+        params, stopper = batch.params, batch.stopper
+        stats = RunStats(batch=state.rows, prompt_tokens=sum(batch.prompt_lens), method=spec.method,
+                         prefill_s=batch.prefill_s)
+        outputs = list(state.outputs)
+        generator = params.generator(self.device)
+        with tqdm(total=state.rows * params.max_new_tokens, desc=spec.method if spec.enabled else "plain",
+                  unit="tok", delay=2, disable=not progress, leave=False) as bar:
             bar.update(sum(len(o.token_ids) for o in outputs))
-            if draft is None:
-                decode_plain(self.model, cache, state, params, generator, stopper, stats, bar.update)
+            if not spec.enabled:
+                self.runner.prepare(cache, state.rows, 1)
+                decode_plain(self.runner, cache, state, params, generator, stopper, stats, bar.update)
             else:
+                draft = plan_drafter(self, spec, state.rows, cache.capacity)
+                MemoryPlan(to_allocate={"draft KV cache": draft.cache_bytes}).check(self.device, None)
                 t1 = time.perf_counter()
                 drafter = draft.build()
-                drafter.prefill(self.model, cache, tokens, lens, self.prefill_chunk)
+                drafter.prefill(self.model, cache, state.tokens, batch.prompt_lens, self.prefill_chunk)
                 stats.draft_prefill_s = time.perf_counter() - t1
-                policy = gamma_policy or FixedGamma(int(spec.gamma))
-                decode_speculative(self.model, cache, drafter, state, params, generator, stopper, stats, policy,
-                                   bar.update)
+                policy = gamma_policy or self.gamma_policy(spec, drafter)
+                verifier = make_verifier(params, generator, spec.synthetic_acceptance)
+                if spec.synthetic_acceptance is not None:
+                    stats.extra["synthetic_acceptance"] = spec.synthetic_acceptance
+                if spec.gamma != "auto":
+                    self.runner.prepare(cache, state.rows, int(spec.gamma) + 1)
+                    drafter.forward.prepare(drafter.cache, state.rows, 1, with_index=True)
+                decode_speculative(self.runner, cache, drafter, state, params, generator, stopper, stats, policy,
+                                   verifier, bar.update)
+                if isinstance(policy, AutoGamma):
+                    stats.extra["alpha_estimate"] = policy.alpha.value
         stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
-        result = GenerationResult(self._finish(outputs, stopper), stats)
-        if snapshot is not None:
-            result.baseline, plain_tokens = self._baseline(snapshot, params, stopper, progress)
-            if params.greedy:
-                stats.extra["matches_plain"] = plain_tokens == [o.token_ids for o in result.outputs]
-        return result
+        return GenerationResult(self._finish(outputs, stopper), stats)
 
-    def _baseline(
-        self, snapshot: tuple[DenseKVCache, BatchState], params: SamplingParams, stopper: Stopper, progress: bool
-    ) -> tuple[RunStats, list[list[int]]]:
-        cache, state = snapshot
-        outputs = list(state.outputs)
-        stats = RunStats(batch=len(outputs), prompt_tokens=sum(len(o.prompt_token_ids) for o in outputs))
-        generator = params.generator(self.device)
-        with tqdm(total=len(outputs) * params.max_new_tokens, desc="plain", unit="tok", delay=2,
-                  disable=not progress, leave=False) as bar:
-            decode_plain(self.model, cache, state, params, generator, stopper, stats, bar.update)
-        stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
-        return stats, [o.token_ids for o in sorted(outputs, key=lambda o: o.index)]
+    def gamma_policy(self, spec: SpecConfig, drafter: Drafter) -> GammaPolicy:
+        """A fixed γ, or for gamma="auto" the cost-model policy with this device's profile."""
+        if spec.gamma != "auto":
+            return FixedGamma(int(spec.gamma))
+        profile = load_profile(spec.profile) if spec.profile else device_profile(self.device, self.config, self.dtype)
+        budget = None if spec.drafter == "full" else spec.budget
+        draft = (DraftSpec("self", budget) if spec.method == "self"
+                 else DraftSpec("model", budget, drafter.model.config))
+        cost = CostModel(self.config, profile, draft, dtype_bytes=self.dtype.itemsize)
+        return AutoGamma(cost, spec.max_gamma)
 
     def _finish(self, outputs: list[RequestOutput], stopper: Stopper) -> list[RequestOutput]:
         for out in outputs:
             stopper.finalize(out)
         return sorted(outputs, key=lambda o: o.index)
-
-    def _memory_plan(self, batch: int, capacity: int, twice: bool, draft: DraftSetup | None) -> MemoryPlan:
-        cfg = self.config
-        target = kv_cache_bytes(cfg.n_layers, batch, self.model.kv_heads, cfg.head_dim, capacity + 1, self.dtype)
-        plan = MemoryPlan(to_allocate={"target KV cache": target})
-        if twice:
-            plan.to_allocate["baseline KV cache copy"] = target
-        if draft is not None:
-            plan.to_allocate["draft KV cache"] = draft.cache_bytes
-        return plan

@@ -66,6 +66,10 @@ class BatchState:
     def trash_column(self) -> int:
         return self.tokens.shape[1] - 1
 
+    def contexts(self) -> list[int]:
+        """Each row's tokens in the target cache (host-side, no device read)."""
+        return [len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in self.outputs]
+
     def pending(self) -> torch.Tensor:
         return self.tokens.gather(1, self.lengths[:, None])
 

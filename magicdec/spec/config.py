@@ -25,6 +25,10 @@ class SpecConfig:
       synced with the accepted tokens' target KV after each round); "own" lets the draft compute its
       own KV (a windowed prefill pass and its own decode KV). Draft models always use "own".
     - positions: RoPE positions of kept tokens, "original" or "cache" (StreamingLLM's in-cache).
+    - synthetic_acceptance: for systems benchmarks with random weights only; each draft token is
+      accepted with this probability regardless of its value (the output is not the model's).
+    - profile: the hardware profile `gamma="auto"` plans with (a built-in name or a JSON file from
+      `magicdec profile`); by default the one saved for this device and model, else a built-in.
     """
 
     method: str = "none"
@@ -39,6 +43,8 @@ class SpecConfig:
     kv_source: str = "target"
     positions: str = "original"
     max_gamma: int = 8
+    synthetic_acceptance: float | None = None  # benchmarks only: accept drafts with this probability
+    profile: str | None = None  # hardware profile for gamma="auto" (name or JSON); default: this device's
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -54,6 +60,8 @@ class SpecConfig:
             bad(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.gamma != "auto" and (not isinstance(self.gamma, int) or self.gamma < 1):
             bad(f"gamma must be a positive integer or 'auto', got {self.gamma!r}")
+        if self.synthetic_acceptance is not None and not 0 <= self.synthetic_acceptance <= 1:
+            bad(f"synthetic acceptance must be in [0, 1], got {self.synthetic_acceptance}")
         if isinstance(self.gamma, int) and self.gamma > self.max_gamma:
             object.__setattr__(self, "max_gamma", self.gamma)
         if self.method == "none":

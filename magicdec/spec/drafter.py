@@ -21,6 +21,7 @@ import torch
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.sparse import SparseKVCache
 from magicdec.engine.prefill import prefill
+from magicdec.engine.runner import ModelRunner
 from magicdec.engine.sampling import SamplingParams, probabilities, sample
 from magicdec.model.llama import Transformer
 from magicdec.spec.snapkv import select_kept, snapkv_votes
@@ -35,10 +36,13 @@ class Drafter:
         selection: str = "sinks",
         observe: int = 32,
         pool_kernel: int = 7,
+        forward: ModelRunner | None = None,
     ) -> None:
+        """`forward` runs the draft's decode steps (a shared `ModelRunner`, for CUDA graphs)."""
         if kv_source == "target" and not isinstance(cache, SparseKVCache):
             raise ValueError("a draft cache built from the target's KV must be sparse")
         self.model, self.cache, self.kv_source = model, cache, kv_source
+        self.forward = forward or ModelRunner(model)
         self.selection, self.observe, self.pool_kernel = selection, observe, pool_kernel
         self.seen = torch.zeros(0, dtype=torch.long)  # per row: positions < seen hold draft KV
 
@@ -80,14 +84,15 @@ class Drafter:
         B = lengths.shape[0]
         device = lengths.device
         seen = self.seen[:B]
-        width = int((lengths - seen).max()) + 1  # 1, or 2 after an all-accepted round in "own" mode
+        # "target" mode is always in step with the target; "own" mode may lag by a token or two
+        width = 1 if self.kv_source == "target" else int((lengths - seen).max()) + 1
         pos = seen[:, None] + torch.arange(width, device=device)
         pos = torch.where(pos <= lengths[:, None], pos, -1)
         ids = tokens[:B].gather(1, pos.clamp(min=0))
         index = (lengths - seen)[:, None]
         drafts, dists = [], []
         for i in range(gamma):
-            logits = self.model(ids, pos, self.cache, logits_index=index)[:, 0]
+            logits = self.forward(ids, pos, self.cache, logits_index=index)[:, 0]
             if params.greedy:
                 nxt = logits.argmax(-1)
             else:

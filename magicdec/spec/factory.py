@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.memory import kv_cache_bytes
 from magicdec.cache.sparse import SparseKVCache
+from magicdec.engine.runner import ModelRunner
 from magicdec.loading import LoadedModel, load_model
 from magicdec.loading.errors import LoadError
 from magicdec.spec.config import SpecConfig
@@ -40,10 +41,11 @@ def load_draft_model(llm: LLM, path: str) -> LoadedModel:
 
 def plan_drafter(llm: LLM, spec: SpecConfig, batch: int, capacity: int) -> DraftSetup:
     if spec.method == "self":
-        model = llm.model
+        model, forward = llm.model, llm.runner
     else:
         assert spec.draft_model is not None
         model = load_draft_model(llm, spec.draft_model).model
+        forward = llm.draft_runners.setdefault(spec.draft_model, ModelRunner(model))
     cfg, kv_heads = model.config, model.kv_heads
     slack = spec.max_gamma + 2  # room for a round's drafts and the catch-up tokens of "own" mode
 
@@ -53,7 +55,7 @@ def plan_drafter(llm: LLM, spec: SpecConfig, batch: int, capacity: int) -> Draft
         def build() -> Drafter:
             cache = DenseKVCache(cfg.n_layers, batch, kv_heads, cfg.head_dim, capacity, cfg.group_size,
                                  llm.dtype, llm.device)
-            return Drafter(model, cache, "own")
+            return Drafter(model, cache, "own", forward=forward)
     else:
         slots = spec.n_kept + spec.recent_window + slack + 1
 
@@ -64,6 +66,6 @@ def plan_drafter(llm: LLM, spec: SpecConfig, batch: int, capacity: int) -> Draft
                 positions=spec.positions, rope=model.rope,
             )
             selection = "snapkv" if spec.drafter == "snapkv" else "sinks"
-            return Drafter(model, cache, spec.kv_source, selection, spec.observe, spec.pool_kernel)
+            return Drafter(model, cache, spec.kv_source, selection, spec.observe, spec.pool_kernel, forward)
 
     return DraftSetup(kv_cache_bytes(cfg.n_layers, batch, kv_heads, cfg.head_dim, slots, llm.dtype), build)

@@ -47,3 +47,14 @@ def verify_sampling(
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_next)
     token = torch.multinomial(residual, 1, generator=generator).squeeze(1)
     return k, token
+
+
+def verify_synthetic(
+    draft_tokens: torch.Tensor, target_logits: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For systems benchmarks with random weights: accept each draft token with probability α,
+    whatever the values, so throughput at a chosen acceptance rate can be measured without real
+    weights. The output is not the model's; runs using this are labelled synthetic."""
+    ok = torch.rand(draft_tokens.shape, generator=generator, device=draft_tokens.device) < alpha
+    k = accepted_prefix(ok)
+    return k, target_logits.argmax(-1).gather(1, k[:, None]).squeeze(1)

@@ -1,0 +1,337 @@
+"""GPU check: correctness and step times on one GPU, in one call (< 4 minutes on an H100).
+
+    python benchmarks/gpu_check.py [--quick] [--out DIR]      # JSON goes to $OUT (or --out) if set
+
+1. Correctness: GPU bf16 logits against a CPU float32 reference on a small random config (prefill
+   chunk through SDPA, decode and verification blocks through the Triton kernel); greedy identity of
+   speculative and plain decoding on small random models (self StreamingLLM, SnapKV, draft model).
+2. Step times for the Llama-3.1-8B shape with random weights: T_T, T_V(γ = 1..4), T_D for self
+   speculation over a StreamingLLM-512 cache and for a Llama-3.2-1B-shaped draft with a 512 budget,
+   each against the bandwidth bound (weights + KV bytes over the measured copy bandwidth).
+3. End to end: speculative throughput with synthetic acceptance 0.8 against plain decoding at
+   (8, 32K) and (32, 8K), next to the cost model's prediction from the measured step times.
+Every section records its own errors and the script goes on, so one failure does not lose the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from magicdec import LLM, SamplingParams, SpecConfig  # noqa: E402
+from magicdec.cache.dense import DenseKVCache  # noqa: E402
+from magicdec.cache.sparse import SparseKVCache  # noqa: E402
+from magicdec.config import ModelConfig  # noqa: E402
+from magicdec.costmodel import omega, resolve_model  # noqa: E402
+from magicdec.costmodel.measure import fill_random, random_batch  # noqa: E402
+from magicdec.engine.runner import ModelRunner  # noqa: E402
+from magicdec.loading.random_init import random_loaded_model, random_model  # noqa: E402
+
+POINTS = [(1, 32768), (8, 32768), (16, 16384), (32, 8192), (64, 6144), (128, 3072), (256, 1536)]
+E2E_POINTS = [(8, 32768), (32, 8192)]
+GAMMAS = [1, 2, 3, 4]
+BUDGET, SINKS = 512, 16
+ALPHA = 0.8
+DEADLINE_S = 215  # stop starting new timing points after this (the whole check must stay < 4 min)
+
+RESULT: dict[str, Any] = {"errors": []}
+START = time.time()
+DEV = "cuda"  # --dry-run: "cpu", with small shapes, to check the script itself on a machine without a GPU
+
+
+def out_dir(arg: str | None) -> Path | None:
+    d = arg or os.environ.get("OUT")
+    return Path(d) if d else None
+
+
+def save(path: Path | None) -> None:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "gpu_check.json").write_text(json.dumps(RESULT, indent=1))
+
+
+def section(name: str):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            t0 = time.time()
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # keep going: one failing section must not lose the others
+                RESULT["errors"].append({"section": name, "error": repr(e), "trace": traceback.format_exc()[-3000:]})
+                print(f"[{name}] FAILED: {e!r}", flush=True)
+            finally:
+                print(f"[{name}] {time.time() - t0:.1f} s", flush=True)
+        return run
+    return wrap
+
+
+def device_time(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median seconds of fn(): CUDA events on the GPU, the host clock in a dry run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if DEV == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+@section("machine")
+def machine() -> float:
+    big = DEV == "cuda"
+    x = torch.empty((2 << 30) if big else (256 << 20), dtype=torch.uint8, device=DEV).random_()
+    y = torch.empty_like(x)
+    copy_s = device_time(lambda: y.copy_(x), 2, 10)
+    bw = 2 * x.numel() / copy_s  # bytes read + written
+    n = 8192 if big else 1024
+    dt = torch.bfloat16 if big else torch.float32
+    a, b = torch.randn(n, n, device=DEV, dtype=dt), torch.randn(n, n, device=DEV, dtype=dt)
+    mm_s = device_time(lambda: a @ b, 2, 10)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    RESULT["machine"] = {
+        "gpu": torch.cuda.get_device_name() if big else "cpu (dry run)", "torch": torch.__version__,
+        "triton": triton_version, "python": platform.python_version(), "copy_bandwidth_tb_s": bw / 1e12,
+        "matmul_tflops": 2 * n**3 / mm_s / 1e12, "matmul_dtype": str(dt),
+    }
+    print(json.dumps(RESULT["machine"]), flush=True)
+    return bw
+
+
+SMALL = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, n_layers=4, n_heads=8, n_kv_heads=2,
+                    max_position_embeddings=4096, name="small")
+SMALL_DRAFT = SMALL.with_(n_layers=2, hidden_size=128, intermediate_size=256, n_heads=4, n_kv_heads=1, name="draft")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@section("logits_vs_cpu")
+def logits_vs_cpu() -> None:
+    cpu = random_model(SMALL, "cpu", torch.float32, seed=1)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    gpu = random_model(SMALL, DEV, dt, seed=1)
+    gpu.load_state_dict({k: v.to(DEV, dt) for k, v in cpu.state_dict().items()})
+    g = torch.Generator().manual_seed(0)
+    B, P = 3, 300
+    ids = torch.randint(0, SMALL.vocab_size, (B, P + 12), generator=g)
+    res = {}
+    for dev, model in (("cpu", cpu), (DEV, gpu)):
+        cache = DenseKVCache.for_model(model, B, P + 16)
+        x = ids.to(dev)
+        pos = torch.arange(P + 12, device=dev).expand(B, -1)
+        with torch.inference_mode():
+            pre = model(x[:, :P], pos[:, :P], cache)[:, -1]  # a prefill chunk: SDPA
+            dec = [model(x[:, P + i : P + i + 1], pos[:, P + i : P + i + 1], cache)[:, 0] for i in range(8)]
+            ver = model(x[:, P + 8 : P + 12], pos[:, P + 8 : P + 12], cache)  # a verify block: T = 4
+        res["gpu" if model is gpu else "cpu"] = (pre, torch.stack(dec, 1), ver)
+    errs = {name: rel(res["gpu"][i], res["cpu"][i]) for i, name in enumerate(("prefill", "decode", "verify"))}
+    RESULT["logits_vs_cpu"] = {"relative_error": errs, "pass": all(e < 3e-2 for e in errs.values())}
+    print("logits vs CPU fp32:", errs, flush=True)
+
+
+@section("greedy_identity")
+def greedy_identity() -> None:
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32) if DEV == "cuda" else (torch.float32,):
+        llm = LLM(loaded=random_loaded_model(SMALL, DEV, dtype, seed=2))
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(3, SMALL.vocab_size, (n,), generator=g).tolist() for n in (700, 90, 333, 41)]
+        params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+        specs = {
+            "self-streaming": SpecConfig(method="self", budget=64, sinks=4, gamma=3),
+            "self-snapkv": SpecConfig(method="self", drafter="snapkv", budget=64, window=16, gamma=3),
+        }
+        for name, spec in specs.items():
+            r = llm.generate(prompts, params, spec, compare=True)
+            out[f"{name}/{str(dtype)[6:]}"] = {"matches_plain": r.stats.extra.get("matches_plain"),
+                                              "acceptance": r.stats.acceptance_rate}
+        llm._draft_models["random-draft"] = random_loaded_model(SMALL_DRAFT, DEV, dtype, seed=4)
+        r = llm.generate(prompts, params, SpecConfig(method="draft", draft_model="random-draft", drafter="streaming",
+                                                     budget=64, sinks=4, gamma=3), compare=True)
+        out[f"draft-model/{str(dtype)[6:]}"] = {"matches_plain": r.stats.extra.get("matches_plain"),
+                                               "acceptance": r.stats.acceptance_rate}
+    RESULT["greedy_identity"] = out
+    print("greedy identity:", out, flush=True)
+
+
+def kv_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+    return cfg.kv_bytes_per_token(dtype.itemsize) * tokens
+
+
+def shapes() -> tuple[ModelConfig, ModelConfig, list[tuple[int, int]], list[tuple[int, int]], torch.dtype]:
+    """Target and draft shapes, timing points, end-to-end points, dtype (small ones in a dry run)."""
+    if DEV == "cuda":
+        return resolve_model("llama-3.1-8b"), resolve_model("llama-3.2-1b"), POINTS, E2E_POINTS, torch.bfloat16
+    small = resolve_model("smollm2-135m")
+    return small, small.with_(n_layers=4), [(2, 1024), (1, 2048)], [(2, 1024)], torch.float32
+
+
+@section("step_times")
+def step_times(bw: float, quick: bool) -> None:
+    target_cfg, draft_cfg, points, _, dt = shapes()
+    models = {"target": (target_cfg, random_model(target_cfg, DEV, dt, seed=0)),
+              "1b": (draft_cfg, random_model(draft_cfg, DEV, dt, seed=1))}
+    rows: list[dict[str, Any]] = []
+    RESULT["step_times"] = rows
+    for B, ctx in points[:3] if quick else points:
+        if time.time() - START > DEADLINE_S:
+            RESULT["errors"].append({"section": "step_times", "error": f"deadline: skipped ({B}, {ctx}) and later"})
+            break
+        rows.append(time_point(models, B, ctx, bw, dt))
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+
+
+def time_point(models: dict[str, tuple[ModelConfig, Any]], B: int, ctx: int, bw: float,
+               dt: torch.dtype) -> dict[str, Any]:
+    """T_T, T_V(γ) and both T_D at one (batch, context), each against its bandwidth bound."""
+    target_cfg = models["target"][0]
+    ids = torch.randint(0, target_cfg.vocab_size, (B, 5), device=DEV)
+    pos = ctx + torch.arange(5, device=DEV).expand(B, -1)
+    row: dict[str, Any] = {"batch": B, "context": ctx, **time_target(models["target"], ids, pos, bw, dt)}
+    empty_cache()  # the target cache is gone before the drafts' caches are made
+    for name, key in (("self", "target"), ("1b", "1b")):
+        row.update(time_draft(name, models[key], ids, pos, bw, dt))
+        empty_cache()
+    tt = row["t_target_ms"]
+    row["verify3_over_target"] = row["t_verify_3_ms"] / tt
+    row["draft_self_over_target"] = row["t_draft_self_ms"] / tt
+    row["draft_1b_over_target"] = row["t_draft_1b_ms"] / tt
+    return row
+
+
+def time_target(model: tuple[ModelConfig, Any], ids: torch.Tensor, pos: torch.Tensor, bw: float,
+                dt: torch.dtype) -> dict[str, float]:
+    cfg, target = model
+    B, ctx = ids.shape[0], int(pos[0, 0])
+    runner = ModelRunner(target)
+    cache = DenseKVCache.for_model(target, B, ctx + 8)
+    fill_random(cache, ctx)
+    row = {"t_target_ms": device_time(lambda: runner(ids[:, :1], pos[:, :1], cache)) * 1e3}
+    for g in GAMMAS:
+        row[f"t_verify_{g}_ms"] = device_time(lambda g=g: runner(ids[:, : g + 1], pos[:, : g + 1], cache)) * 1e3
+    row["bound_target_ms"] = (cfg.weight_bytes(dt.itemsize) + kv_bytes(cfg, B * ctx, dt)) / bw * 1e3
+    row["target_fraction_of_bound"] = row["bound_target_ms"] / row["t_target_ms"]
+    runner.release()
+    return row
+
+
+def time_draft(name: str, model: tuple[ModelConfig, Any], ids: torch.Tensor, pos: torch.Tensor, bw: float,
+               dt: torch.dtype) -> dict[str, float]:
+    cfg, draft = model
+    B, ctx = ids.shape[0], int(pos[0, 0])
+    runner = ModelRunner(draft)
+    cache = SparseKVCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, SINKS, BUDGET - SINKS, 10,
+                          cfg.group_size, dt, DEV)
+    fill_random(cache, ctx)
+    t = device_time(lambda: runner(ids[:, :1], pos[:, :1], cache))
+    runner.release()
+    bound = (cfg.weight_bytes(dt.itemsize) + kv_bytes(cfg, B * min(BUDGET, ctx), dt)) / bw
+    return {f"t_draft_{name}_ms": t * 1e3, f"bound_draft_{name}_ms": bound * 1e3}
+
+
+def decoder(llm: LLM, B: int, ctx: int) -> Any:
+    def run(spec: SpecConfig | None) -> Any:
+        # a fresh random batch per run: a kept copy of a 32 GB cache would not fit beside it
+        stats = llm.decode(random_batch(llm, B, ctx, 64, 8, keep=False), spec).stats
+        empty_cache()
+        return stats
+
+    return run
+
+
+@section("end_to_end")
+def end_to_end(quick: bool) -> None:
+    target_cfg, _, _, e2e_points, dt = shapes()
+    empty_cache()
+    llm = LLM(loaded=random_loaded_model(target_cfg, DEV, dt, seed=0))
+    rows = []
+    RESULT["end_to_end"] = rows
+    steps = {(r["batch"], r["context"]): r for r in RESULT.get("step_times", [])}
+    for B, ctx in e2e_points[:1] if quick else e2e_points:
+        res: dict[str, Any] = {"batch": B, "context": ctx, "alpha": ALPHA}
+
+        run = decoder(llm, B, ctx)
+        run(None)  # warm-up: compiles and captures the plain step
+        for gamma in (2, 3, 4):
+            spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=gamma, synthetic_acceptance=ALPHA)
+            run(spec)  # warm-up
+            spec_s, plain_s = run(spec), run(None)
+            measured = plain_s.seconds_per_token / spec_s.seconds_per_token
+            entry: dict[str, Any] = {"speedup": measured, "acceptance": spec_s.acceptance_rate,
+                                     "spec_tok_s": spec_s.tokens_per_s, "plain_tok_s": plain_s.tokens_per_s,
+                                     "mean_accepted_tokens": spec_s.mean_accepted_tokens}
+            st = steps.get((B, ctx))
+            if st:
+                tt, tv, td = st["t_target_ms"], st[f"t_verify_{gamma}_ms"], st["t_draft_self_ms"]
+                entry["predicted_from_step_times"] = omega(gamma, ALPHA) / ((gamma * td + tv) / tt)
+                entry["error"] = measured / entry["predicted_from_step_times"] - 1
+            res[f"gamma_{gamma}"] = entry
+        llm.runner.release()
+        empty_cache()
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer points (a smoke test)")
+    ap.add_argument("--out", help="directory for gpu_check.json (default: $OUT)")
+    ap.add_argument("--dry-run", action="store_true", help="run the script on the CPU with small shapes")
+    args = ap.parse_args()
+    path = out_dir(args.out)
+    global DEV
+    if args.dry_run:
+        DEV = "cpu"
+    elif not torch.cuda.is_available():
+        sys.exit("gpu_check needs a CUDA device (or --dry-run)")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    bw = machine() or 3.0e12
+    save(path)
+    logits_vs_cpu()
+    greedy_identity()
+    save(path)
+    step_times(bw, args.quick)
+    save(path)
+    end_to_end(args.quick)
+    RESULT["total_s"] = time.time() - START
+    save(path)
+    print(f"done in {RESULT['total_s']:.0f} s; errors: {len(RESULT['errors'])}", flush=True)
+    for e in RESULT["errors"]:
+        print(e["section"], e["error"], e.get("trace", "")[-1500:], flush=True)
+
+
+if __name__ == "__main__":
+    main()

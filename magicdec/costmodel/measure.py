@@ -1,0 +1,141 @@
+"""Measuring step times on this device, for `magicdec profile`.
+
+Step costs do not depend on the values in the KV cache, so no prompt is prefilled: caches are
+filled with random keys and values up to the context being measured. Each point records
+- "target": one plain decoding step of the engine (forward, sampling, bookkeeping);
+- "verify": one target forward of γ+1 tokens per sequence;
+- "draft": one draft forward of 1 token per sequence over the drafter's cache;
+- "round": one whole speculation round of the engine (γ drafts, verification, commit), with
+  synthetic acceptance so that rounds look alike whatever the random weights say.
+Times are medians over repeats after a warm-up, synchronised on CUDA.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from magicdec.cache.dense import DenseKVCache
+from magicdec.cache.memory import OutOfMemoryPlan
+from magicdec.cache.sparse import SparseKVCache
+from magicdec.engine.outputs import RequestOutput
+from magicdec.engine.sampling import SamplingParams
+from magicdec.engine.state import BatchState, Stopper
+from magicdec.spec.config import SpecConfig
+from magicdec.spec.factory import plan_drafter
+
+if TYPE_CHECKING:
+    from magicdec.engine.llm import LLM, PrefilledBatch
+
+SYNTHETIC_ALPHA = 0.8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def random_batch(llm: LLM, batch: int, context: int, steps: int, max_gamma: int, keep: bool = True) -> PrefilledBatch:
+    """A batch as if `context` prompt tokens had been prefilled (random KV), ready to decode `steps` tokens."""
+    from magicdec.engine.llm import PrefilledBatch
+
+    capacity = context + steps + max_gamma + 1
+    cache = DenseKVCache.for_model(llm.model, batch, capacity)
+    fill_random(cache, context)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, llm.config.vocab_size, (batch, capacity + 2), generator=g).to(llm.device)
+    params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
+    outputs = [RequestOutput(i, tokens[i, :context].tolist(), [int(tokens[i, context])]) for i in range(batch)]
+    state = BatchState(outputs, tokens, torch.full((batch,), context, device=llm.device))
+    return PrefilledBatch(cache, state, [context] * batch, params, Stopper(llm.tokenizer, params, set()), 0.0,
+                          keep, max_gamma)
+
+
+def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: SpecConfig, repeats: int = 3,
+                  steps: int = 6) -> Iterator[dict[str, Any]]:
+    """Yield the "target", "verify", "draft" and "round" records of one (batch, context) point."""
+    dev, model = llm.device, llm.model
+    max_gamma = max(gammas)
+    pre = random_batch(llm, batch, context, steps * (max_gamma + 1), max_gamma)
+    point = {"batch": batch, "context": context}
+
+    plain = [llm.decode(_limit(pre, steps)).stats.decode_s / steps for _ in range(repeats + 1)]
+    yield {**point, "kind": "target", "gamma": 0, "seconds": statistics.median(plain[1:])}
+
+    ids = pre.state.tokens[:, : max_gamma + 1]
+    pos = torch.arange(context, context + max_gamma + 1, device=dev).expand(batch, -1)
+    with torch.inference_mode():
+        for g in gammas:
+            secs = timed(lambda g=g: model(ids[:, : g + 1], pos[:, : g + 1], pre.cache).argmax(-1), dev, repeats)
+            yield {**point, "kind": "verify", "gamma": g, "seconds": secs}
+        drafter = plan_drafter(llm, spec, batch, pre.cache.capacity).build()
+        fill_random(drafter.cache, context)
+        dmodel = drafter.model
+        secs = timed(lambda: dmodel(ids[:, :1], pos[:, :1], drafter.cache).argmax(-1), dev, repeats)
+        yield {**point, "kind": "draft", "gamma": 0, "seconds": secs}
+
+    for g in gammas:
+        cfg = SpecConfig(**{**_spec_kwargs(spec), "gamma": g, "synthetic_acceptance": SYNTHETIC_ALPHA})
+        runs = []
+        for _ in range(repeats + 1):
+            r = llm.decode(_limit(pre, steps * (g + 1)), cfg)
+            runs.append(r.stats.decode_s / max(r.stats.rounds / batch, 1))
+        yield {**point, "kind": "round", "gamma": g, "seconds": statistics.median(runs[1:])}
+
+
+def _limit(pre: PrefilledBatch, steps: int) -> PrefilledBatch:
+    from dataclasses import replace
+
+    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    return replace(pre, params=params, stopper=Stopper(pre.stopper.tokenizer, params, set()))
+
+
+def _spec_kwargs(spec: SpecConfig) -> dict[str, Any]:
+    return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+
+
+def fill_random(cache: DenseKVCache | SparseKVCache, context: int) -> None:
+    """Random KV and the slot tags a cache would have after `context` tokens (costs, not values)."""
+    if isinstance(cache, DenseKVCache):
+        cache.k[:, :, :, :context].normal_(std=0.5)
+        cache.v[:, :, :, :context].normal_(std=0.5)
+        return
+    cache.k.normal_(std=0.5)
+    cache.v.normal_(std=0.5)
+    dev = cache.k.device
+    kept = torch.arange(min(cache.n_kept, context), device=dev)
+    recent = torch.arange(max(context - cache.window, kept.numel()), context, device=dev)
+    positions = torch.cat([kept, recent]).expand(cache.k.shape[1], -1)
+    cache.reset()
+    cache.tags.scatter_(1, cache.slot_of(positions), positions)
+    cache.tags[:, cache.n_slots] = -1
+
+
+def measure(llm: LLM, batches: list[int], contexts: list[int], gammas: list[int], spec: SpecConfig,
+            repeats: int = 3, on_skip: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Every point of the grid that fits in memory (the others are reported to `on_skip`)."""
+    for b in batches:
+        for c in contexts:
+            try:
+                yield from measure_point(llm, b, c, gammas, spec, repeats)
+            except (OutOfMemoryPlan, torch.OutOfMemoryError) as e:
+                if on_skip:
+                    on_skip(f"batch {b} × context {c}: {e}")

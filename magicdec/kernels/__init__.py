@@ -1,0 +1,7 @@
+"""Hand-written kernels for the shapes that the stock PyTorch ops handle poorly (decode-shaped forwards).
+
+Each backend is its own module, imported explicitly where it is used; this package imports nothing, so
+that ``python -m magicdec.kernels.cpu build`` runs cleanly. `magicdec.kernels.cpu`: batch-invariant
+float32 CPU kernels (few-row linear layers, GQA attention of a few query tokens over a long KV cache),
+built lazily from ``csrc/``.
+"""

@@ -1,0 +1,217 @@
+"""Batch-invariant float32 CPU kernels for decode-shaped forwards (AVX2/FMA + OpenMP, C++ in ``csrc/``).
+
+This module owns the Python side: building the extension lazily on first use (cached under
+``$MAGICDEC_HOME/build``), deciding whether it can be used, and the public functions `linear` and
+`attention`, which fall back to PyTorch's ops when it cannot be used (no compiler, no AVX2/FMA, or
+``MAGICDEC_CPU_KERNELS=0``). A fallback caused by a failed build or a CPU without AVX2 is announced by
+one warning; the switch is silent.
+
+Both kernels are *batch-invariant*: an output row is bitwise identical whatever the other rows of the
+call, the batch size, the number of query tokens and the thread count. `linear` computes each output with
+a fixed reduction order over K; `attention` processes keys in fixed blocks of slots and folds per-chunk
+partial results in slot order (see the headers of ``csrc/linear.cpp`` and ``csrc/attention.cpp``). The
+fallbacks are not batch-invariant.
+
+Prebuild with ``python -m magicdec.kernels.cpu build``; ``python -m magicdec.kernels.cpu info`` says
+whether the kernels are in use and why not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from magicdec.data.paths import magicdec_home
+
+ENV_SWITCH = "MAGICDEC_CPU_KERNELS"  # "0" (or "false", "off", "no") disables the kernels
+# Forwards with at most this many tokens per sequence are "decode-shaped" (decode, verification,
+# drafting); longer ones (prefill chunks) are better served by MKL / SDPA, which are efficient at many rows.
+MAX_DECODE_TOKENS = 16
+
+EXTENSION_NAME = "magicdec_cpu_kernels"
+SOURCES = ("bindings.cpp", "linear.cpp", "attention.cpp")
+CSRC = Path(__file__).resolve().parent / "csrc"
+# -mavx2 -mfma rather than -march=native: the build cache may be shared by machines with different
+# CPUs, and the kernels are written with AVX2/FMA intrinsics anyway. -ffp-contract=off keeps the
+# compiler from fusing multiplies and adds on its own, so every code path rounds exactly as written
+# (the basis of batch invariance).
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fno-math-errno")
+LDFLAGS = ("-fopenmp",)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"module": None, "tried": False, "reason": None, "build_s": None}
+
+
+def build_dir() -> Path:
+    """Where the extension is compiled and cached: one directory per torch and Python version."""
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return magicdec_home() / "build" / f"cpu_kernels-torch{torch.__version__}-{py}".replace("+", "_")
+
+
+def enabled() -> bool:
+    """False when ``MAGICDEC_CPU_KERNELS`` switches the kernels off (read on every call)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _cpu_reason() -> str | None:
+    """Why this CPU cannot run the kernels, or None."""
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2" needs AVX2 and FMA; AVX512 includes both
+    if capability not in ("AVX2", "AVX512"):
+        return f"this CPU lacks AVX2/FMA (PyTorch reports {capability})"
+    return None
+
+
+def _compile(verbose: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=EXTENSION_NAME,
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(directory),
+        verbose=verbose,
+    )
+
+
+def _load(verbose: bool = False) -> ModuleType | None:
+    """The compiled extension, building it on first use; None (with one warning) if it cannot be had."""
+    if _state["tried"]:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if not _state["tried"]:
+            reason = _cpu_reason()
+            module = None
+            if reason is None:
+                start = time.perf_counter()
+                try:
+                    module = _compile(verbose)
+                    if not module.cpu_supported():
+                        reason, module = "this CPU lacks AVX2/FMA", None
+                except Exception as e:  # a missing compiler or ninja, a compile error, a locked cache ...
+                    reason = f"building the extension failed ({type(e).__name__}: {str(e).strip()[:500]})"
+                _state["build_s"] = time.perf_counter() - start
+            _state["module"], _state["reason"], _state["tried"] = module, reason, True
+            if reason is not None:
+                warnings.warn(f"magicdec CPU kernels unavailable, using PyTorch ops instead: {reason}",
+                              RuntimeWarning, stacklevel=3)
+    return _state["module"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether `linear` and `attention` run the kernels (builds them on the first call)."""
+    return enabled() and _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels are not used, or None when they are."""
+    if not enabled():
+        return f"switched off by {ENV_SWITCH}={os.environ.get(ENV_SWITCH)}"
+    _load()
+    return _state["reason"]  # type: ignore[return-value]
+
+
+def build(verbose: bool = False) -> float:
+    """Build (or load the cached build of) the extension now; returns the seconds it took.
+
+    Raises RuntimeError if the kernels cannot be used on this machine."""
+    start = time.perf_counter()
+    if _load(verbose) is None:
+        raise RuntimeError(f"magicdec CPU kernels unavailable: {_state['reason']}")
+    return time.perf_counter() - start
+
+
+def applies(x: torch.Tensor, tokens: int, max_tokens: int = MAX_DECODE_TOKENS) -> bool:
+    """Whether a forward of `tokens` tokens per sequence on tensors like `x` should use these kernels:
+    float32 on the CPU, decode-shaped (tokens <= max_tokens), no autograd, kernels available.
+
+    Use one rule for every layer of a forward, and the same `max_tokens` for decoding, verification and
+    drafting: outputs are bitwise consistent between forwards only if they all take the kernels."""
+    return (
+        tokens <= max_tokens
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and available()
+    )
+
+
+def _kernel_ok(*tensors: torch.Tensor) -> bool:
+    if not available():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not (grad and t.requires_grad)
+               for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · weightᵀ + bias`` for x [..., K], weight [N, K], bias [N] or None → [..., N].
+
+    With the kernels: bitwise batch-invariant (each output row depends only on its own input row), and
+    streaming the weight once per call. Otherwise (kernels unavailable, non-float32 or non-CPU tensors,
+    or autograd needed) ``F.linear``."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not _kernel_ok(*tensors):
+        return F.linear(x, weight, bias)
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear: x has {x.shape[-1]} features but weight is {tuple(weight.shape)}")
+    module = _state["module"]
+    out = module.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # type: ignore[attr-defined]
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ/√D, where allowed) v with grouped-query heads.
+
+    q [B, Hq, T, D]; k, v [B, Hkv, S, D] (strided views of a larger cache are fine as long as D is
+    contiguous; they are not copied); allowed [B, T, S] bool → [B, Hq, T, D]. Query head h uses KV head
+    h // (Hq / Hkv). Every query row should see at least one slot (a row that sees none gets zeros from
+    the kernel, NaN from the fallback).
+
+    With the kernels: bitwise invariant to T, B and the other queries (and to S beyond the slots a row
+    may see); D must be a multiple of 8. Otherwise SDPA with a boolean mask."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or allowed.dim() != 3:
+        raise ValueError(f"attention: want q [B, Hq, T, D], k, v [B, Hkv, S, D], allowed [B, T, S]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(allowed.shape)}")
+    if _kernel_ok(q, k, v) and q.shape[-1] % 8 == 0 and allowed.dtype == torch.bool:
+        return _state["module"].attention(q, k, v, allowed)  # type: ignore[attr-defined]
+    Hq, Hkv = q.shape[1], k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=Hq != Hkv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m magicdec.kernels.cpu", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_build = sub.add_parser("build", help="compile the extension now (it is cached for later runs)")
+    p_build.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
+    sub.add_parser("info", help="say whether the kernels are used, and why not")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        if not enabled():
+            print(f"note: {ENV_SWITCH}={os.environ.get(ENV_SWITCH)} switches the kernels off at run time")
+        try:
+            seconds = build(verbose=args.verbose)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(f"magicdec CPU kernels ready in {build_dir()} ({seconds:.1f} s)")
+        return 0
+    reason = unavailable_reason()
+    print(f"build directory: {build_dir()}")
+    print("CPU kernels: in use" if reason is None else f"CPU kernels: not used ({reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+// Python bindings of the CPU kernels: tensor checks, layout handling and the calls into linear.cpp and
+// attention.cpp (which hold the arithmetic and include no torch headers, so they compile in a second).
+// ATen + torch's pybind casters rather than <torch/extension.h>: a third less compile time.
+
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cstdint>
+
+namespace magicdec_cpu {
+
+// Defined in linear.cpp (see there for the numerics contract).
+void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
+                const float* bias, float* y, int64_t ldy);
+
+// Defined in attention.cpp (see there for the numerics contract).
+void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const float* k, int64_t ks_b,
+                   int64_t ks_h, int64_t ks_s, const float* v, int64_t vs_b, int64_t vs_h, int64_t vs_s,
+                   const uint8_t* mask, int64_t ms_b, int64_t ms_t, float* out, int64_t B, int64_t Hq, int64_t Hkv,
+                   int64_t T, int64_t S, int64_t D);
+
+namespace {
+
+void check_f32_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "magicdec cpu kernels: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "magicdec cpu kernels: ", name, " must be float32, got ",
+              t.scalar_type());
+}
+
+// The tensor itself when its last dimension is contiguous (other strides are passed to the kernel),
+// otherwise a contiguous copy.
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+bool cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in) {
+  check_f32_cpu(x_in, "x");
+  check_f32_cpu(w_in, "weight");
+  TORCH_CHECK(x_in.dim() == 2, "magicdec cpu linear: x must be [M, K], got ", x_in.sizes());
+  TORCH_CHECK(w_in.dim() == 2, "magicdec cpu linear: weight must be [N, K], got ", w_in.sizes());
+  TORCH_CHECK(x_in.size(1) == w_in.size(1), "magicdec cpu linear: x is ", x_in.sizes(), " but weight is ",
+              w_in.sizes());
+  const at::Tensor x = last_dim_contiguous(x_in);
+  const at::Tensor w = last_dim_contiguous(w_in);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_f32_cpu(*bias_in, "bias");
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "magicdec cpu linear: bias must be [", N, "], got ",
+                bias_in->sizes());
+    bias = bias_in->contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_().add_(bias.defined() ? bias : at::zeros({N}, x.options()));
+  // Tensors of 0 or 1 rows may report any row stride.
+  const int64_t ldx = M > 1 ? x.stride(0) : K, ldw = N > 1 ? w.stride(0) : K;
+  {
+    pybind11::gil_scoped_release no_gil;
+    linear_f32(x.data_ptr<float>(), M, K, ldx, w.data_ptr<float>(), N, ldw,
+               bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  }
+  return y;
+}
+
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const at::Tensor& allowed_in) {
+  check_f32_cpu(q_in, "q");
+  check_f32_cpu(k_in, "k");
+  check_f32_cpu(v_in, "v");
+  TORCH_CHECK(allowed_in.device().is_cpu() && allowed_in.scalar_type() == at::kBool,
+              "magicdec cpu attention: allowed must be a bool CPU tensor, got ", allowed_in.scalar_type(), " on ",
+              allowed_in.device());
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
+              "magicdec cpu attention: q, k, v must be [B, H, T or S, D], got ", q_in.sizes(), ", ", k_in.sizes(),
+              ", ", v_in.sizes());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), S = k_in.size(2);
+  TORCH_CHECK(k_in.sizes() == v_in.sizes(), "magicdec cpu attention: k is ", k_in.sizes(), " but v is ",
+              v_in.sizes());
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "magicdec cpu attention: q is ", q_in.sizes(),
+              " but k is ", k_in.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "magicdec cpu attention: ", Hq, " query heads are not a multiple of ",
+              Hkv, " KV heads");
+  TORCH_CHECK(D % 8 == 0 && D > 0, "magicdec cpu attention: head dim must be a positive multiple of 8, got ", D);
+  TORCH_CHECK(allowed_in.dim() == 3 && allowed_in.size(0) == B && allowed_in.size(1) == T &&
+                  allowed_in.size(2) == S,
+              "magicdec cpu attention: allowed must be [", B, ", ", T, ", ", S, "], got ", allowed_in.sizes());
+  at::Tensor out = at::empty({B, Hq, T, D}, q_in.options());
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(S > 0, "magicdec cpu attention: no keys to attend to");
+  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor k = last_dim_contiguous(k_in);
+  const at::Tensor v = last_dim_contiguous(v_in);
+  const at::Tensor allowed = last_dim_contiguous(allowed_in);
+  {
+    pybind11::gil_scoped_release no_gil;
+    attention_f32(q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<float>(), k.stride(0),
+                  k.stride(1), k.stride(2), v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2),
+                  reinterpret_cast<const uint8_t*>(allowed.data_ptr<bool>()), allowed.stride(0), allowed.stride(1),
+                  out.data_ptr<float>(), B, Hq, Hkv, T, S, D);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace magicdec_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "magicdec batch-invariant CPU kernels (AVX2/FMA + OpenMP)";
+  m.def("cpu_supported", &magicdec_cpu::cpu_supported, "whether this CPU has AVX2 and FMA");
+  m.def("linear", &magicdec_cpu::linear, "y = x · weightᵀ + bias for x [M, K], weight [N, K] (float32)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
+  m.def("attention", &magicdec_cpu::attention,
+        "GQA attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] where allowed [B, T, S] (float32)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("allowed"));
+}
