@@ -289,20 +289,73 @@ def end_to_end(quick: bool) -> None:
             spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=gamma, synthetic_acceptance=ALPHA)
             run(spec)  # warm-up
             spec_s, plain_s = run(spec), run(None)
-            measured = plain_s.seconds_per_token / spec_s.seconds_per_token
-            entry: dict[str, Any] = {"speedup": measured, "acceptance": spec_s.acceptance_rate,
-                                     "spec_tok_s": spec_s.tokens_per_s, "plain_tok_s": plain_s.tokens_per_s,
-                                     "mean_accepted_tokens": spec_s.mean_accepted_tokens}
+            measured = spec_s.steady_tokens_per_s / plain_s.steady_tokens_per_s
+            rounds = spec_s.rounds / B
+            entry: dict[str, Any] = {
+                "speedup": measured, "speedup_all_tokens": plain_s.seconds_per_token / spec_s.seconds_per_token,
+                "acceptance": spec_s.acceptance_rate, "mean_accepted_tokens": spec_s.mean_accepted_tokens,
+                "spec_steady_tok_s": spec_s.steady_tokens_per_s, "plain_steady_tok_s": plain_s.steady_tokens_per_s,
+                "round_ms": spec_s.decode_s / rounds * 1e3, "draft_ms_per_round": spec_s.draft_s / rounds * 1e3,
+                "verify_ms_per_round": spec_s.verify_s / rounds * 1e3, "plain_step_ms": plain_s.decode_s / 64 * 1e3,
+                "graph_capture_s": spec_s.extra.get("graph_capture_s", 0.0)}
             st = steps.get((B, ctx))
-            if st:
+            if st:  # Eq. 1 with the measured step times and the measured tokens per round
                 tt, tv, td = st["t_target_ms"], st[f"t_verify_{gamma}_ms"], st["t_draft_self_ms"]
-                entry["predicted_from_step_times"] = omega(gamma, ALPHA) / ((gamma * td + tv) / tt)
-                entry["error"] = measured / entry["predicted_from_step_times"] - 1
+                entry["predicted_from_step_times"] = spec_s.mean_accepted_tokens / ((gamma * td + tv) / tt)
+                entry["predicted_with_expected_omega"] = omega(gamma, ALPHA) / ((gamma * td + tv) / tt)
+                entry["error"] = measured / entry["predicted_with_expected_omega"] - 1
+                entry["error_with_measured_omega"] = measured / entry["predicted_from_step_times"] - 1
             res[f"gamma_{gamma}"] = entry
         llm.runner.release()
         empty_cache()
         rows.append(res)
         print(json.dumps(res), flush=True)
+
+
+@section("diagnostics")
+def diagnostics(bw: float) -> None:
+    """Where the time goes: linear layers of the 8B shape at growing row counts, and the GPU kernels of
+    one eager decode step and one verification at (8, 32K), by total time."""
+    target_cfg, _, _, _, dt = shapes()
+    if DEV != "cuda":
+        return
+    d = target_cfg.hidden_size
+    mats = {"qkv": (target_cfg.q_size + 2 * target_cfg.kv_size, d), "o": (d, target_cfg.q_size),
+            "gate_up": (2 * target_cfg.intermediate_size, d), "down": (d, target_cfg.intermediate_size)}
+    lin: dict[str, Any] = {}
+    matmul = torch.backends.cuda.matmul
+    for name, (n, k) in mats.items():
+        w = torch.randn(n, k, device=DEV, dtype=dt)
+        for m in (1, 8, 32, 256, 1280):
+            x = torch.randn(m, k, device=DEV, dtype=dt)
+            for reduced in (True, False):  # may cuBLAS reduce split-K partial sums in bf16?
+                matmul.allow_bf16_reduced_precision_reduction = reduced
+                t = device_time(lambda x=x, w=w: torch.nn.functional.linear(x, w), 3, 20)
+                lin[f"{name}/M={m}/reduced={reduced}"] = {"us": t * 1e6, "fraction_of_bound": (n * k * 2 / bw) / t}
+    matmul.allow_bf16_reduced_precision_reduction = True
+    RESULT["diagnostics"] = {"linear": lin}
+    model = random_model(target_cfg, DEV, dt, seed=0)
+    from torch.profiler import ProfilerActivity, profile
+
+    for B, ctx, T in ((8, 32768, 1), (8, 32768, 4), (256, 1536, 1)):
+        cache = DenseKVCache.for_model(model, B, ctx + 8)
+        fill_random(cache, ctx)
+        ids = torch.randint(0, target_cfg.vocab_size, (B, T), device=DEV)
+        pos = ctx + torch.arange(T, device=DEV).expand(B, -1)
+        with torch.inference_mode():
+            model(ids, pos, cache)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(ids, pos, cache)
+                torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]
+        key = f"B{B}_ctx{ctx}_T{T}"
+        RESULT["diagnostics"][f"kernels_{key}"] = [
+            {"name": e.key[:90], "calls": e.count, "total_us": e.device_time_total} for e in rows]
+        RESULT["diagnostics"][f"kernel_sum_{key}_us"] = sum(e.device_time_total for e in prof.key_averages())
+        del cache
+        empty_cache()
+    print(json.dumps(RESULT["diagnostics"])[:3000], flush=True)
 
 
 def main() -> None:
@@ -317,7 +370,6 @@ def main() -> None:
         DEV = "cpu"
     elif not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA device (or --dry-run)")
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     bw = machine() or 3.0e12
     save(path)
     logits_vs_cpu()
@@ -326,6 +378,9 @@ def main() -> None:
     step_times(bw, args.quick)
     save(path)
     end_to_end(args.quick)
+    save(path)
+    if not args.quick:
+        diagnostics(bw)
     RESULT["total_s"] = time.time() - START
     save(path)
     print(f"done in {RESULT['total_s']:.0f} s; errors: {len(RESULT['errors'])}", flush=True)

@@ -77,6 +77,25 @@ def test_eos_in_the_middle_of_the_batch(tiny_llm: LLM, draft_dir: Path) -> None:
     assert len(plain[2]) <= 8 and max(len(p) for p in plain) == 30
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["drop-at-once", "finished-rows-as-padding"])
+def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_llm: LLM, draft_dir: Path, lazy: bool) -> None:
+    """Sequences of one batch stop at different steps (EOS, different lengths); whether finished rows are
+    dropped at once or ride along as padding until the batch halves, the others' tokens are unchanged."""
+    prompts = random_prompts(6, [40, 9, 66, 25, 13, 50], tiny_llm.config.vocab_size, seed=31)
+    free = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=30, ignore_eos=True)).outputs
+    eos = free[4].token_ids[3]
+    tiny_llm.eos_token_ids, tiny_llm.lazy_compaction = {eos}, lazy
+    try:
+        params = SamplingParams(max_new_tokens=30)
+        plain = [o.token_ids for o in tiny_llm.generate(prompts, params).outputs]
+        for name in ("self-streaming", "draft-streaming", "self-streaming-own-kv"):
+            spec = tiny_llm.generate(prompts, params, spec_config(name, draft_dir))
+            assert [o.token_ids for o in spec.outputs] == plain, name
+    finally:
+        tiny_llm.eos_token_ids, tiny_llm.lazy_compaction = {2}, None
+    assert sorted(len(p) for p in plain)[0] <= 4 and max(len(p) for p in plain) == 30
+
+
 def test_gamma_zero_rounds_fall_back_to_plain_steps(tiny_llm: LLM) -> None:
     class Alternate:
         def __init__(self) -> None:

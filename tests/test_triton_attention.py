@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     interp._patch_lang_tensor = _patched
-    from magicdec.kernels.decode_attention import SPLIT, decode_attention
+    from magicdec.kernels.decode_attention import MIN_SPLIT, decode_attention
 
     def reference(q, k, v, qpos, kpos, window, n_kept):
         B, Hq, T, D = q.shape
@@ -44,15 +44,15 @@ SCRIPT = textwrap.dedent('''
         return (s.softmax(-1) @ vv).float()
 
     torch.manual_seed(0)
-    B, Hkv, g, D, cap = 3, 2, 3, 16, SPLIT * 2 + 300
+    B, Hkv, g, D, cap = 3, 2, 3, 16, MIN_SPLIT * 4 + 300
     buf_k, buf_v = torch.randn(2, B, Hkv, cap + 1, D), torch.randn(2, B, Hkv, cap + 1, D)
     k, v = buf_k[1, :, :, :cap], buf_v[1, :, :, :cap]          # strided views of a layered buffer
     for T in (1, 4):
         q = torch.randn(B, Hkv * g, T, D)
         # dense: rows of different lengths, one reaching into the third split; a padding query
-        qpos = torch.tensor([[2100 + t for t in range(T)], [5 + t for t in range(T)], [900 + t for t in range(T)]])
+        qpos = torch.tensor([[2200 + t for t in range(T)], [5 + t for t in range(T)], [900 + t for t in range(T)]])
         qpos[1, -1] = -1
-        out = decode_attention(q, k, v, qpos)
+        out = decode_attention(q, k, v, qpos.int())
         err = (out - reference(q, k, v, qpos, None, 0, 0)).abs().max().item()
         assert err < 1e-4, ("dense", T, err)
         # sparse: tags with holes, 4 kept slots, a window of 40, positions far beyond the slots
@@ -60,20 +60,72 @@ SCRIPT = textwrap.dedent('''
         kpos[:, :4] = torch.arange(4)
         kpos[:, 10:50] = -1
         qpos = torch.full((B, T), 4990) + torch.arange(T)
-        out = decode_attention(q, k, v, qpos, kpos, window=40, n_kept=4)
+        out = decode_attention(q, k, v, qpos.int(), kpos.int(), window=40, n_kept=4)
         err = (out - reference(q, k, v, qpos, kpos, 40, 4)).abs().max().item()
         assert err < 1e-4, ("sparse", T, err)
     # a query alone gives the result it gets inside a larger block (same splits, same order)
     q = torch.randn(B, Hkv * g, 4, D)
     qpos = torch.tensor([[1500, 1501, 1502, 1503]] * B)
-    block = decode_attention(q, k, v, qpos)
-    alone = decode_attention(q[:, :, 2:3].contiguous(), k, v, qpos[:, 2:3])
+    block = decode_attention(q, k, v, qpos.int())
+    alone = decode_attention(q[:, :, 2:3], k, v, qpos[:, 2:3].int())  # a strided query
     assert (block[:, :, 2:3] - alone).abs().max().item() < 1e-6
+
+    # the fused elementwise kernels against the eager ops
+    from magicdec.kernels import fused
+    from magicdec.model.rope import apply_rope
+    x, w = torch.randn(5, 7, 96), torch.randn(96)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert (fused.rms_norm(x, w, 1e-5) - ref).abs().max() < 1e-5
+    gu = torch.randn(3, 4, 2 * 80)
+    assert (fused.silu_mul(gu) - torch.nn.functional.silu(gu[..., :80]) * gu[..., 80:]).abs().max() < 1e-5
+    B, T, hq, hkv, D = 2, 3, 4, 2, 16
+    qkv = torch.randn(B, T, (hq + 2 * hkv) * D)
+    ang = torch.randn(B, 1, T, D // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    heads = qkv.view(B, T, hq + 2 * hkv, D).transpose(1, 2)
+    want = torch.cat([apply_rope(heads[:, : hq + hkv], cos, sin), heads[:, hq + hkv :]], 1)
+    fused.rope_(qkv, cos, sin, hq + hkv, D)
+    assert (qkv.view(B, T, hq + 2 * hkv, D).transpose(1, 2) - want).abs().max() < 1e-5
+    print("ok")
+''')
+
+MODEL_SCRIPT = SCRIPT.split("torch.manual_seed(0)")[0] + textwrap.dedent('''
+    import os
+    from magicdec.cache.dense import DenseKVCache
+    from magicdec.config import ModelConfig
+    from magicdec.loading.random_init import random_model
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                      name="t")
+    model = random_model(cfg, "cpu", torch.float32, seed=0)
+    ids = torch.randint(0, 96, (2, 40))
+    pos = torch.arange(40).expand(2, -1)
+
+    def run():
+        cache = DenseKVCache.for_model(model, 2, 48)
+        with torch.inference_mode():
+            a = model(ids[:, :30], pos[:, :30], cache)  # a prefill chunk (SDPA)
+            b = model(ids[:, 30:31], pos[:, 30:31], cache)  # a decode step
+            c = model(ids[:, 31:35], pos[:, 31:35], cache)  # a verification block
+        return torch.cat([a, b, c], 1)
+
+    eager = run()
+    os.environ["MAGICDEC_TRITON_ON_CPU"] = "1"
+    triton_path = run()
+    assert (triton_path - eager).abs().max() < 1e-4, (triton_path - eager).abs().max()
     print("ok")
 ''')
 
 
-def test_decode_attention_kernel_in_the_triton_interpreter() -> None:
+def interpret(script: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_decode_attention_and_fused_kernels_in_the_triton_interpreter() -> None:
+    interpret(SCRIPT)
+
+
+def test_model_forward_through_the_triton_kernels_equals_eager() -> None:
+    interpret(MODEL_SCRIPT)

@@ -106,7 +106,7 @@ class DenseStep:
             if max_pos >= cache.capacity:
                 raise ValueError(f"position {max_pos} is beyond the KV cache capacity of {cache.capacity} tokens")
             self.kv_len = max_pos + 1
-        self.mask = AttentionMask(cache.group, cache.k.dtype, positions, self.kv_len)
+        self.mask = AttentionMask(cache.group, cache.k.dtype, positions, self.kv_len, rows_hint=cache.batch)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         K, V = self.cache.k[layer, : self.rows], self.cache.v[layer, : self.rows]

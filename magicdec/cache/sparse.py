@@ -144,7 +144,8 @@ class SparseStep:
             tags.scatter_(1, self.slots, positions)
             tags[:, cache.n_slots] = -1
             self.mask = AttentionMask(cache.group, cache.k.dtype, positions, cache.n_slots,
-                                      key_pos=tags[:, : cache.n_slots], window=cache.window, n_kept=cache.n_kept)
+                                      key_pos=tags[:, : cache.n_slots], window=cache.window, n_kept=cache.n_kept,
+                                      rows_hint=cache.k.shape[1])
         else:
             keep = positions > positions.max(dim=1, keepdim=True).values - cache.ring
             if cache.sink_writes:

@@ -99,12 +99,41 @@ class PhaseClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _drop_finished(state: BatchState, caches: list[DenseKVCache | Drafter]) -> None:
-    keep = [i for i, o in enumerate(state.outputs) if o.finish_reason is None]
-    if len(keep) < state.rows:
+def _drop_finished(state: BatchState, caches: list[DenseKVCache | Drafter], eager: bool) -> None:
+    state.refresh_active()
+    keep = state.compaction_plan(eager)
+    if keep is not None:
         state.compact(keep)
         for c in caches:
             c.compact(keep)
+
+
+def _extend(state: BatchState, stopper: Stopper, new: list[list[int]], progress: Progress | None) -> int:
+    """Apply the stop rules to each live row's new tokens; returns how many tokens were appended."""
+    added = 0
+    for i in state.live():
+        out = state.outputs[i]
+        before = len(out.token_ids)
+        stopper.extend(out, new[i])
+        added += len(out.token_ids) - before
+    if progress:
+        progress(added)
+    return added
+
+
+class SteadyClock:
+    """Accumulates time and tokens of the steps taken while the whole batch was generating."""
+
+    def __init__(self, state: BatchState, stats: RunStats) -> None:
+        self.full, self.stats = len(state.live()), stats
+        self.last = time.perf_counter()
+
+    def step(self, live_before: int, added: int) -> None:
+        now = time.perf_counter()
+        if live_before == self.full:
+            self.stats.steady_s += now - self.last
+            self.stats.steady_tokens += added
+        self.last = now
 
 
 @torch.inference_mode()
@@ -117,20 +146,19 @@ def decode_plain(
     stopper: Stopper,
     stats: RunStats,
     progress: Progress | None = None,
+    eager: bool = True,
 ) -> None:
-    _drop_finished(state, [cache])
+    """Plain decoding. `eager`: drop finished rows at once (no CUDA graphs to keep)."""
+    _drop_finished(state, [cache], eager)
     start = time.perf_counter()
-    while state.rows:
+    steady = SteadyClock(state, stats)
+    while live := len(state.live()):
         pos = state.lengths[:, None]
-        logits = forward(state.tokens.gather(1, pos), pos, cache)[:, 0]
+        logits = forward(state.tokens.gather(1, pos), state.positions(pos), cache)[:, 0]
         nxt = next_tokens(logits, params, generator)
         state.commit(nxt[:, None], torch.ones_like(nxt))
-        before = sum(len(o.token_ids) for o in state.outputs)
-        for out, tok in zip(state.outputs, nxt.tolist()):
-            stopper.extend(out, [tok])
-        if progress:
-            progress(sum(len(o.token_ids) for o in state.outputs) - before)
-        _drop_finished(state, [cache])
+        steady.step(live, _extend(state, stopper, [[t] for t in nxt.tolist()], progress))
+        _drop_finished(state, [cache], eager)
     stats.decode_s += time.perf_counter() - start
 
 
@@ -147,22 +175,22 @@ def decode_speculative(
     policy: GammaPolicy,
     verifier: Verifier,
     progress: Progress | None = None,
+    eager: bool = True,
 ) -> None:
     device = state.tokens.device
-    _drop_finished(state, [cache, drafter])
+    _drop_finished(state, [cache, drafter], eager)
     start = time.perf_counter()
-    while state.rows:
+    steady = SteadyClock(state, stats)
+    while live := len(state.live()):
         gamma = policy.choose(state)
         stats.gamma_history.append(gamma)
-        before = sum(len(o.token_ids) for o in state.outputs)
         if gamma == 0:
-            _plain_step(forward, cache, drafter, state, params, generator, stopper)
+            added = _plain_step(forward, cache, drafter, state, params, generator, stopper, progress)
         else:
-            _speculative_round(forward, cache, drafter, state, params, generator, stopper, stats, policy, verifier,
-                               gamma, device)
-        if progress:
-            progress(sum(len(o.token_ids) for o in state.outputs) - before)
-        _drop_finished(state, [cache, drafter])
+            added = _speculative_round(forward, cache, drafter, state, params, generator, stopper, stats, policy,
+                                       verifier, gamma, device, progress)
+        steady.step(live, added)
+        _drop_finished(state, [cache, drafter], eager)
     stats.decode_s += time.perf_counter() - start
 
 
@@ -179,30 +207,34 @@ def _speculative_round(
     verifier: Verifier,
     gamma: int,
     device: torch.device,
-) -> None:
+    progress: Progress | None,
+) -> int:
     lengths = state.lengths
     clock = PhaseClock(device)
     clock.mark()
-    drafts, draft_probs = drafter.propose(state.tokens, lengths, gamma, params, generator)
+    drafts, draft_probs = drafter.propose(state.tokens, lengths, gamma, params, generator, state.active)
     clock.mark()
     pos = lengths[:, None] + torch.arange(gamma + 1, device=device)
-    logits = forward(torch.cat([state.pending(), drafts], dim=1), pos, cache)
+    logits = forward(torch.cat([state.pending(), drafts], dim=1), state.positions(pos), cache)
     accepted, nxt = verifier(drafts, draft_probs, logits)
     clock.mark()
-    drafter.commit(lengths, accepted, gamma, cache)
+    drafter.commit(lengths, accepted, gamma, cache, state.active)
     new = torch.cat([drafts, nxt[:, None]], dim=1).scatter_(1, accepted[:, None], nxt[:, None])
     state.commit(new, accepted + 1)
-    accepted_list, new_list = accepted.tolist(), new.tolist()  # the round's one device read
+    host = torch.cat([accepted[:, None], new], dim=1).tolist()  # the round's one device read
     draft_s, verify_s = clock.seconds()
     stats.draft_s += draft_s
     stats.verify_s += verify_s
+    live = state.live()
+    accepted_list = [host[i][0] for i in live]
     stats.record_round(gamma, accepted_list)
     policy.observe(gamma, accepted_list)
-    for out, k, toks in zip(state.outputs, accepted_list, new_list):
+    for i, k in zip(live, accepted_list):
+        out = state.outputs[i]
         out.spec.rounds += 1
         out.spec.draft_tokens += gamma
         out.spec.accepted_tokens += k
-        stopper.extend(out, toks[: k + 1])
+    return _extend(state, stopper, [row[1 : row[0] + 2] for row in host], progress)
 
 
 def _plain_step(
@@ -213,13 +245,13 @@ def _plain_step(
     params: SamplingParams,
     generator: torch.Generator | None,
     stopper: Stopper,
-) -> None:
+    progress: Progress | None,
+) -> int:
     """A round with γ = 0: one target step; the drafter is told the pending token is committed."""
     lengths = state.lengths
     pos = lengths[:, None]
-    logits = forward(state.pending(), pos, cache)[:, 0]
+    logits = forward(state.pending(), state.positions(pos), cache)[:, 0]
     nxt = next_tokens(logits, params, generator)
-    drafter.commit(lengths, torch.zeros_like(lengths), 0, cache)
+    drafter.commit(lengths, torch.zeros_like(lengths), 0, cache, state.active)
     state.commit(nxt[:, None], torch.ones_like(nxt))
-    for out, tok in zip(state.outputs, nxt.tolist()):
-        stopper.extend(out, [tok])
+    return _extend(state, stopper, [[t] for t in nxt.tolist()], progress)

@@ -95,6 +95,9 @@ class LLM:
         self.eos_token_ids: set[int] = eos
         self._draft_models: dict[str, LoadedModel] = {}
         self.runner = ModelRunner(self.model)  # decode-shaped forwards (CUDA graphs on CUDA)
+        # finished rows: dropped from the caches at once (eager), or kept as padding until the batch can
+        # shrink to a smaller CUDA graph (lazy); None: lazy exactly when CUDA graphs are used
+        self.lazy_compaction: bool | None = None
         self.draft_runners: dict[str, ModelRunner] = {}
 
     # ---- prompts ---------------------------------------------------------------------------------
@@ -220,7 +223,10 @@ class LLM:
             bar.update(sum(len(o.token_ids) for o in outputs))
             if not spec.enabled:
                 self.runner.prepare(cache, state.rows, 1)
-                decode_plain(self.runner, cache, state, params, generator, stopper, stats, bar.update)
+                captured = self._capture_s()
+                decode_plain(self.runner, cache, state, params, generator, stopper, stats, bar.update,
+                             eager=not self._lazy())
+                self._exclude_captures(stats, captured)
             else:
                 draft = plan_drafter(self, spec, state.rows, cache.capacity)
                 MemoryPlan(to_allocate={"draft KV cache": draft.cache_bytes}).check(self.device, None)
@@ -235,12 +241,28 @@ class LLM:
                 if spec.gamma != "auto":
                     self.runner.prepare(cache, state.rows, int(spec.gamma) + 1)
                     drafter.forward.prepare(drafter.cache, state.rows, 1, with_index=True)
+                captured = self._capture_s()
                 decode_speculative(self.runner, cache, drafter, state, params, generator, stopper, stats, policy,
-                                   verifier, bar.update)
+                                   verifier, bar.update, eager=not self._lazy())
+                self._exclude_captures(stats, captured)
                 if isinstance(policy, AutoGamma):
                     stats.extra["alpha_estimate"] = policy.alpha.value
         stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
         return GenerationResult(self._finish(outputs, stopper), stats)
+
+    def _lazy(self) -> bool:
+        return self.runner.cuda_graphs if self.lazy_compaction is None else self.lazy_compaction
+
+    def _capture_s(self) -> float:
+        return self.runner.capture_s + sum(r.capture_s for r in self.draft_runners.values())
+
+    def _exclude_captures(self, stats: RunStats, before: float) -> None:
+        """CUDA-graph captures of shapes first met mid-run (a batch shrinking as sequences finish) are
+        a one-time cost: report them apart from the steady-state decode time."""
+        spent = self._capture_s() - before
+        if spent > 0:
+            stats.decode_s -= spent
+            stats.extra["graph_capture_s"] = spent
 
     def gamma_policy(self, spec: SpecConfig, drafter: Drafter) -> GammaPolicy:
         """A fixed γ, or for gamma="auto" the cost-model policy with this device's profile."""

@@ -67,6 +67,9 @@ class RunStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     committed_tokens: int = 0  # tokens committed by verifications (bonus included), before truncation
+    # while every sequence of the batch is still generating (no tail of a shrinking batch)
+    steady_s: float = 0.0
+    steady_tokens: int = 0
     per_position_accepted: list[int] = field(default_factory=list)
     per_position_drafted: list[int] = field(default_factory=list)
     gamma_history: list[int] = field(default_factory=list)
@@ -87,6 +90,11 @@ class RunStats:
     @property
     def mean_accepted_tokens(self) -> float:
         return self.committed_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def steady_tokens_per_s(self) -> float:
+        """Throughput while the whole batch was generating: the rate a server keeping its batch full sees."""
+        return self.steady_tokens / self.steady_s if self.steady_s else 0.0
 
     def record_round(self, gamma: int, accepted: list[int]) -> None:
         n = len(accepted)
@@ -109,6 +117,7 @@ class RunStats:
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
             "tokens_per_s": self.tokens_per_s,
+            "steady_tokens_per_s": self.steady_tokens_per_s,
             "method": self.method,
         }
         if self.method != "none":
@@ -144,9 +153,17 @@ class GenerationResult:
         if self.baseline is not None:
             stats["baseline"] = self.baseline.to_dict()
             stats["speedup"] = self.speedup
+            stats["steady_speedup"] = self.steady_speedup
         if stats["per_sequence"] is None:
             del stats["per_sequence"]
         return {"outputs": [o.to_dict() for o in self.outputs], "stats": stats}
+
+    @property
+    def steady_speedup(self) -> float | None:
+        """The same ratio over the rounds in which every sequence was still generating."""
+        if self.baseline is None or not self.baseline.steady_tokens_per_s:
+            return None
+        return self.stats.steady_tokens_per_s / self.baseline.steady_tokens_per_s
 
     @property
     def speedup(self) -> float | None:

@@ -12,6 +12,7 @@ next replay of the same graph. Elsewhere (CPU, prefill chunks) the model runs ea
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ class ModelRunner:
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple, _Graph] = {}
         self._pool: Any = None
+        self.capture_s = 0.0  # time spent capturing graphs, which timings of steady-state decoding exclude
 
     @property
     def config(self) -> Any:
@@ -86,6 +88,8 @@ class ModelRunner:
 
     def _capture(self, cache: Cache, rows: int, T: int, with_index: bool) -> _Graph:
         dev = self.model.device
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
         ids = torch.zeros((rows, T), dtype=torch.long, device=dev)
         pos = torch.full((rows, T), -1, dtype=torch.long, device=dev)  # padding: writes go to the trash slot
         index = torch.zeros((rows, 1), dtype=torch.long, device=dev) if with_index else None
@@ -100,6 +104,8 @@ class ModelRunner:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self.model(ids, pos, cache, index)
+        torch.cuda.synchronize(dev)
+        self.capture_s += time.perf_counter() - t0
         return _Graph(graph, ids, pos, index, out)
 
     def release(self) -> None:

@@ -1,9 +1,13 @@
 """Per-batch decoding state and the stop rules.
 
-`BatchState` holds, for the rows still generating: each sequence's token history (prompt, committed
+`BatchState` holds, for each row of the batch: the sequence's token history (prompt, committed
 tokens, and the pending token at index `lengths[b]`, which the target has not yet seen) and its
-output record. Rows that finish are dropped from the state and from every cache (`compact`), so a
-finished sequence stops costing compute while the others go on.
+output record. A row whose sequence finished stops taking part at once: its forward positions
+become -1 (padding: it writes to the caches' trash slots and reads one slot, so attention skips
+it). Finished rows are then dropped from the state and every cache (`compaction_plan`): at once
+when running eagerly, and under CUDA graphs when the batch can drop to a smaller captured size
+(a padding row costs a graph almost nothing, a changed size costs a new graph). Compaction moves
+as few rows as possible: rows already in place stay, and the holes take rows from the end.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class BatchState:
         self.outputs = outputs
         self.tokens = tokens  # [B, capacity + 2]; the last column is a trash column for padded writes
         self.lengths = lengths  # [B]: tokens already in the target's cache = position of the pending token
+        self.active = torch.ones(len(outputs), dtype=torch.bool, device=tokens.device)
+        self._all_active = True
+        self.refresh_active()
 
     @property
     def rows(self) -> int:
@@ -66,30 +73,54 @@ class BatchState:
     def trash_column(self) -> int:
         return self.tokens.shape[1] - 1
 
+    def live(self) -> list[int]:
+        return [i for i, o in enumerate(self.outputs) if o.finish_reason is None]
+
     def contexts(self) -> list[int]:
-        """Each row's tokens in the target cache (host-side, no device read)."""
-        return [len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in self.outputs]
+        """Each live row's tokens in the target cache (host-side, no device read)."""
+        return [len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in self.outputs if o.finish_reason is None]
 
     def pending(self) -> torch.Tensor:
         return self.tokens.gather(1, self.lengths[:, None])
 
+    def positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Forward positions for all rows, -1 (padding) for finished ones."""
+        return pos if self._all_active else torch.where(self.active[:, None], pos, -1)
+
+    def refresh_active(self) -> None:
+        """Take finished sequences out of the forwards (after the stop rules ran)."""
+        live = [o.finish_reason is None for o in self.outputs]
+        if not all(live) or not self._all_active:
+            self._all_active = all(live)
+            self.active = torch.tensor(live, dtype=torch.bool, device=self.tokens.device)
+
     def commit(self, new: torch.Tensor, count: torch.Tensor) -> None:
-        """Append new[b, :count[b]] after each row's pending token, which becomes committed; the last
-        appended token is the new pending one."""
+        """Append new[b, :count[b]] after each live row's pending token, which becomes committed; the
+        last appended token is the new pending one. Finished rows do not move."""
+        if not self._all_active:
+            count = torch.where(self.active, count, 0)
         offs = torch.arange(new.shape[1], device=new.device)
         cols = self.lengths[:, None] + 1 + offs
         cols = torch.where(offs < count[:, None], cols, self.trash_column)
         self.tokens.scatter_(1, cols, new)
         self.lengths = self.lengths + count
 
-    def finished_rows(self) -> list[int]:
-        return [i for i, o in enumerate(self.outputs) if o.finish_reason is not None]
+    def compaction_plan(self, eager: bool) -> list[int] | None:
+        """Rows to keep (new row i ← old row plan[i]), or None to leave the batch as it is."""
+        live = self.live()
+        n, rows = len(live), self.rows
+        if n == rows or (not eager and n > 0 and n > _bucket(rows) // 2):
+            return None
+        is_live = set(live)
+        movers = iter(i for i in live if i >= n)
+        return [i if i in is_live else next(movers) for i in range(n)]
 
     def compact(self, keep: list[int]) -> None:
         self.outputs = [self.outputs[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self.tokens.device)
         self.tokens = self.tokens.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
+        self.refresh_active()
 
     def clone(self) -> BatchState:
         outs = [
@@ -97,3 +128,8 @@ class BatchState:
             for o in self.outputs
         ]
         return BatchState(outs, self.tokens.clone(), self.lengths.clone())
+
+
+def _bucket(rows: int) -> int:
+    """The batch size a CUDA graph of `rows` rows is captured for (the next power of two)."""
+    return 1 << (rows - 1).bit_length()

@@ -2,10 +2,10 @@
 
 One program handles one (sequence, KV head, split of the cache): it reads that split's keys and
 values once for all g·T query rows that share the KV head (GQA folded into rows), computes an
-online softmax in float32, and writes a partial output with its log-sum-exp; the splits are merged
-afterwards. Splits have a fixed size, so the work is spread over enough programs when a few
-sequences have long contexts, and the reduction order of each query row does not depend on how
-many queries or sequences share the launch.
+online softmax in float32, and writes a partial output with its log-sum-exp; a second kernel
+merges the splits. Splits have a fixed size, so the work is spread over enough programs when a
+few sequences have long contexts (and not at all for large batches), and the reduction order of each
+query row does not depend on how many queries share the launch.
 
 Which keys a query sees is computed in the kernel from positions, not read from a mask:
 - a key's position is its slot index (the target's dense cache) or a tag read from `key_pos`
@@ -14,11 +14,14 @@ Which keys a query sees is computed in the kernel from positions, not read from 
   except the first `n_kept` slots (attention sinks or selected positions);
 - padding queries (position -1) see slot 0 only, so their (ignored) output stays finite.
 Programs stop at the last key their sequence can see, so a short sequence in a long buffer costs
-only its own length. No host synchronisation: the launch can be captured in a CUDA graph.
+only its own length. Queries are read through their strides and the output is written as
+[B, T, Hq, D], the layout the output projection takes, so no copies surround the kernel. No host
+synchronisation: the launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,9 +33,24 @@ except ImportError:  # the CPU wheel of torch does not bring Triton
     triton = None
     tl = None
 
-SPLIT = 1024  # keys per program: 32K contexts give 32 splits, enough programs at batch 1
 BLOCK_N = 64  # keys per inner iteration
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
+MIN_SPLIT = 512  # keys per program at least
+PROGRAMS_PER_SM = 8  # enough independent streams of loads to keep HBM busy (1-2 per SM stalled at 60-70%)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def split_size(S: int, rows: int, kv_heads: int, device: torch.device) -> int:
+    """Keys per program: few long sequences are split across many programs (flash-decoding), a large
+    batch is not split at all (no partial outputs to merge). `rows` is the cache's allocated batch, so
+    the split — hence the reduction order — stays the same while a batch shrinks."""
+    target = PROGRAMS_PER_SM * _sm_count(device)
+    splits = max(1, min(math.ceil(S / MIN_SPLIT), math.ceil(target / (rows * kv_heads))))
+    return math.ceil(S / splits / BLOCK_N) * BLOCK_N
 
 
 def available() -> bool:
@@ -43,16 +61,17 @@ if triton is not None:
 
     @triton.jit
     def _partial_kernel(
-        Q, K, V, QPOS, KPOS, O, LSE,
-        sqb, sqh, sqr,
+        Q, K, V, QPOS, KPOS, O, LSE, OUT,
+        sqb, sqh, sqt,
         skb, skh, sks,
         svb, svh, svs,
         sob, soh, sos, sor,
         slb, slh, sls,
+        s_outb, s_outt, s_outh,
         spb, skpb,
-        S, T, R, window, n_kept, scale,
-        D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-        HAS_KPOS: tl.constexpr, PRECISION: tl.constexpr,
+        S, T, R, G, window, n_kept, scale, SPLIT,
+        D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_KPOS: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)  # 64-bit: batch × stride overflows 32 bits for big caches
         h = tl.program_id(1).to(tl.int64)
@@ -60,14 +79,17 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_R)
         rmask = rows < R
         dims = tl.arange(0, D)
-        qp = tl.load(QPOS + b * spb + rows % T, mask=rmask, other=-1)
+        t = rows % T
+        head = h * G + rows // T  # query head of each folded row
+        qp = tl.load(QPOS + b * spb + t, mask=rmask, other=-1)
         valid = qp >= 0
         qpc = tl.where(valid, qp, 0)
         lo = sp * SPLIT
         hi = tl.minimum(lo + SPLIT, S)
         if not HAS_KPOS:  # slot = position: nothing beyond the furthest query
             hi = tl.minimum(hi, tl.max(qpc, axis=0) + 1)
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqr + dims[None, :], mask=rmask[:, None], other=0.0)
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + dims[None, :], mask=rmask[:, None],
+                    other=0.0)
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, D], tl.float32)
@@ -95,9 +117,38 @@ if triton is not None:
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
-        tl.store(O + b * sob + h * soh + sp * sos + rows[:, None] * sor + dims[None, :], out, mask=rmask[:, None])
-        tl.store(LSE + b * slb + h * slh + sp * sls + rows, lse, mask=rmask)
+        if DIRECT:  # a single split: write the final output
+            dst = OUT + b * s_outb + t[:, None] * s_outt + head[:, None] * s_outh + dims[None, :]
+            tl.store(dst, out.to(OUT.dtype.element_ty), mask=rmask[:, None])
+        else:
+            lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+            tl.store(O + b * sob + h * soh + sp * sos + rows[:, None] * sor + dims[None, :], out, mask=rmask[:, None])
+            tl.store(LSE + b * slb + h * slh + sp * sls + rows, lse, mask=rmask)
+
+    @triton.jit
+    def _merge_kernel(
+        O, LSE, OUT,
+        sob, soh, sos, sor,
+        slb, slh, sls,
+        s_outb, s_outt, s_outh,
+        NS, T, G,
+        D: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        r = tl.program_id(2)
+        splits = tl.arange(0, BLOCK_S)
+        smask = splits < NS
+        dims = tl.arange(0, D)
+        lse = tl.load(LSE + b * slb + h * slh + splits * sls + r, mask=smask, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        w = tl.where(smask, tl.exp(lse - m), 0.0)
+        o = tl.load(O + b * sob + h * soh + splits[:, None] * sos + r * sor + dims[None, :], mask=smask[:, None],
+                    other=0.0)
+        out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+        t = r % T
+        head = h * G + r // T
+        tl.store(OUT + b * s_outb + t * s_outt + head * s_outh + dims, out.to(OUT.dtype.element_ty))
 
 
 def decode_attention(
@@ -108,42 +159,51 @@ def decode_attention(
     key_pos: torch.Tensor | None = None,
     window: int = 0,
     n_kept: int = 0,
+    rows_hint: int | None = None,
 ) -> torch.Tensor:
-    """q [B, Hq, T, D]; k, v [B, Hkv, S, D] (any strides with a contiguous last dimension);
-    query_pos [B, T] (-1: padding); key_pos [B, S] or None (slot index = position) → [B, Hq, T, D]."""
+    """q [B, Hq, T, D] (any strides with a contiguous last dimension); k, v [B, Hkv, S, D] (likewise);
+    query_pos [B, T] int32 (-1: padding); key_pos [B, S] int32 or None (slot index = position);
+    rows_hint: the cache's allocated batch (chooses the split; default B).
+    Returns the attention output as a [B, Hq, T, D] view of a contiguous [B, T, Hq, D] tensor."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    R = g * T
+    G = Hq // Hkv
+    R = G * T
     if D & (D - 1) or D < 16:
         raise ValueError(f"head_dim must be a power of two ≥ 16 for the Triton kernel, got {D}")
-    qf = q.reshape(B, Hkv, R, D)
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("keys and values need a contiguous last dimension")
-    splits = max(1, math.ceil(S / SPLIT))
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("queries, keys and values need a contiguous last dimension")
+    split = split_size(S, rows_hint or B, Hkv, q.device)
+    splits = math.ceil(S / split)
     block_r = max(MIN_ROWS, triton.next_power_of_2(R))
-    out = torch.empty((B, Hkv, splits, R, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, Hkv, splits, R), dtype=torch.float32, device=q.device)
-    qpos = query_pos.to(torch.int32)
-    kpos = key_pos.to(torch.int32) if key_pos is not None else qpos
+    final = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
+    direct = splits == 1
+    part = torch.empty((1, 1, 1, 1, 1) if direct else (B, Hkv, splits, R, D), dtype=torch.float32, device=q.device)
+    lse = torch.empty((1, 1, 1, 1) if direct else (B, Hkv, splits, R), dtype=torch.float32, device=q.device)
+    kpos = key_pos if key_pos is not None else query_pos
     _partial_kernel[(B, Hkv, splits)](
-        qf, k, v, qpos, kpos, out, lse,
-        qf.stride(0), qf.stride(1), qf.stride(2),
+        q, k, v, query_pos, kpos, part, lse, final,
+        q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        qpos.stride(0), kpos.stride(0),
-        S, T, R, window, n_kept, 1.0 / math.sqrt(D),
-        D=D, BLOCK_R=block_r, BLOCK_N=BLOCK_N, SPLIT=SPLIT, HAS_KPOS=key_pos is not None,
+        final.stride(0), final.stride(1), final.stride(2),
+        query_pos.stride(0), kpos.stride(0),
+        S, T, R, G, window, n_kept, 1.0 / math.sqrt(D), split,
+        D=D, BLOCK_R=block_r, BLOCK_N=BLOCK_N, HAS_KPOS=key_pos is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
+        DIRECT=direct,
     )
-    if splits == 1:
-        merged = out[:, :, 0]
-    else:
-        m = lse.amax(dim=2, keepdim=True)
-        w = torch.exp(lse - torch.where(torch.isinf(m), 0.0, m))  # [B, Hkv, splits, R]
-        merged = (out * w[..., None]).sum(2) / w.sum(2)[..., None]
-    return merged.to(q.dtype).view(B, Hq, T, D)
+    if not direct:
+        _merge_kernel[(B, Hkv, R)](
+            part, lse, final,
+            part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            final.stride(0), final.stride(1), final.stride(2),
+            splits, T, G,
+            D=D, BLOCK_S=triton.next_power_of_2(splits),
+        )
+    return final.transpose(1, 2)

@@ -8,7 +8,8 @@ explicit [B, T, S] matrix when the rule is irregular.
 
 Backends, chosen per call:
 - decode-shaped blocks (T ≤ DECODE_MAX_T) on CUDA: the Triton split-KV kernel, which reads
-  positions directly (no mask tensor, no host synchronisation, CUDA-graph safe);
+  positions directly (no mask tensor, no host synchronisation, CUDA-graph safe), takes strided
+  queries and writes the [B, T, Hq, D] layout the output projection reads;
 - everything else: PyTorch SDPA, with the g query heads of a KV head folded into the query rows for
   short blocks (each KV head read once) and SDPA's own GQA for long ones (a smaller mask).
 """
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from magicdec.kernels import decode_attention as triton_decode
+from magicdec.kernels.fused import use_triton
 
 # Query rows (T × g) up to which GQA heads are folded into rows for SDPA. Decode/verify/draft blocks are
 # far below it; prefill chunks far above. Measured on the CPU: folding is 1.3-1.6x faster at T ≤ 4.
@@ -30,7 +32,8 @@ DECODE_MAX_T = 16
 class AttentionMask:
     """Which of S key slots each of T queries per sequence may see."""
 
-    __slots__ = ("group", "dtype", "query_pos", "key_pos", "window", "n_kept", "kv_len", "_allowed", "_sdpa")
+    __slots__ = ("group", "dtype", "query_pos", "key_pos", "window", "n_kept", "kv_len", "rows_hint", "_allowed",
+                 "_sdpa", "_pos32")
 
     def __init__(
         self,
@@ -42,13 +45,22 @@ class AttentionMask:
         window: int = 0,
         n_kept: int = 0,
         allowed: torch.Tensor | None = None,
+        rows_hint: int | None = None,
     ) -> None:
         """By positions: query_pos [B, T] (-1 = padding, which sees slot 0 only), key_pos [B, S] or
         None (a key's position is its slot index), window (0 = none) exempting the first n_kept slots.
-        Or explicitly: `allowed` [B, T, S] bool."""
+        Or explicitly: `allowed` [B, T, S] bool. `rows_hint`: the cache's allocated batch (for kernels
+        whose work split should not change as the batch shrinks)."""
         self.group, self.dtype, self.query_pos, self.kv_len = group, dtype, query_pos, kv_len
-        self.key_pos, self.window, self.n_kept = key_pos, window, n_kept
-        self._allowed, self._sdpa = allowed, None
+        self.key_pos, self.window, self.n_kept, self.rows_hint = key_pos, window, n_kept, rows_hint
+        self._allowed, self._sdpa, self._pos32 = allowed, None, None
+
+    def int32_positions(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query and key positions as int32, converted once per forward for the kernel."""
+        if self._pos32 is None:
+            kp = None if self.key_pos is None else self.key_pos.to(torch.int32)
+            self._pos32 = (self.query_pos.to(torch.int32), kp)
+        return self._pos32
 
     @property
     def positional(self) -> bool:
@@ -85,8 +97,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     """q [B, Hq, T, D]; k, v [B, Hkv, S, D] → [B, Hq, T, D]. Every query row must see ≥ 1 slot."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    if q.is_cuda and T <= DECODE_MAX_T and mask.positional and triton_decode.available():
-        return triton_decode.decode_attention(q, k, v, mask.query_pos, mask.key_pos, mask.window, mask.n_kept)
+    if T <= DECODE_MAX_T and mask.positional and use_triton(q):
+        qpos, kpos = mask.int32_positions()
+        return triton_decode.decode_attention(q, k, v, qpos, kpos, mask.window, mask.n_kept, mask.rows_hint)
     if T * (Hq // Hkv) <= FOLD_MAX_ROWS:
         qf = q.reshape(B, Hkv, (Hq // Hkv) * T, D)
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask.sdpa_mask(folded=True))

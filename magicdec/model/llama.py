@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from magicdec.config import ModelConfig
+from magicdec.kernels import fused
+from magicdec.kernels.fused import use_triton
 from magicdec.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -75,9 +77,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after adding `delta` (a sublayer's output), and its norm."""
+        if delta is None:
+            return x, self(x)
+        if use_triton(x):
+            return fused.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 class Attention(nn.Module):
@@ -95,10 +108,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: CacheStep) -> torch.Tensor:
         B, T, _ = x.shape
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        q = apply_rope(q.view(B, T, hq, d).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, hkv, d).transpose(1, 2), cos, sin)
-        v = v.view(B, T, hkv, d).transpose(1, 2)
+        qkv = self.wqkv(x)
+        if use_triton(qkv):  # rotate q and k in place; q, k, v stay strided views of one buffer
+            fused.rope_(qkv, cos, sin, hq + hkv, d)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (q, k, v))
+        if not use_triton(qkv):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = step.attend(self.layer, q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, hq * d))
 
@@ -113,7 +129,10 @@ class MLP(nn.Module):
         self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).split(self.intermediate, dim=-1)
+        gate_up = self.w_gate_up(x)
+        if use_triton(gate_up):
+            return self.w_down(fused.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
 
@@ -125,9 +144,13 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.mlp = MLP(cfg, device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: CacheStep) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, step)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the residual stream and the previous block's pending output; returns the stream and
+        this block's MLP output, which the next norm adds (so each add fuses into a norm)."""
+        x, h = self.attn_norm.add_forward(x, delta)
+        x, h = self.mlp_norm.add_forward(x, self.attn(h, cos, sin, step))
+        return x, self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -166,10 +189,12 @@ class Transformer(nn.Module):
         """input_ids, positions [B, T] → logits [B, T, V], or [B, N, V] for the token indices in
         `logits_index` [B, N] (e.g. only each prompt's last token during prefill)."""
         step = cache.begin(positions)
-        h = self.embed(input_ids)
-        cos, sin = self.rope(positions, h.dtype)
+        x = self.embed(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        delta = None
         for block in self.layers:
-            h = block(h, cos, sin, step)
+            x, delta = block(x, delta, cos, sin, step)
         if logits_index is not None:
-            h = h.gather(1, logits_index[..., None].expand(-1, -1, h.shape[-1]))
-        return self.lm_head(self.norm(h))
+            index = logits_index[..., None].expand(-1, -1, x.shape[-1])
+            x, delta = x.gather(1, index), delta.gather(1, index) if delta is not None else None
+        return self.lm_head(self.norm.add_forward(x, delta)[1])

@@ -78,18 +78,24 @@ class Drafter:
         gamma: int,
         params: SamplingParams,
         generator: torch.Generator | None,
+        active: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft γ tokens after each row's pending token (tokens[b, lengths[b]]).
-        Returns draft tokens [B, γ] and, when sampling, their distributions [B, γ, V]."""
+        """Draft γ tokens after each row's pending token (tokens[b, lengths[b]]); rows not `active`
+        (finished) are padding. Returns draft tokens [B, γ] and, when sampling, their distributions [B, γ, V]."""
         B = lengths.shape[0]
         device = lengths.device
         seen = self.seen[:B]
+        behind = (lengths - seen).clamp(min=0)  # committed tokens the draft has not seen yet
+        if active is not None:
+            behind = torch.where(active, behind, 0)
         # "target" mode is always in step with the target; "own" mode may lag by a token or two
-        width = 1 if self.kv_source == "target" else int((lengths - seen).max()) + 1
-        pos = seen[:, None] + torch.arange(width, device=device)
+        width = 1 if self.kv_source == "target" else int(behind.max()) + 1
+        pos = (lengths - behind)[:, None] + torch.arange(width, device=device)
         pos = torch.where(pos <= lengths[:, None], pos, -1)
+        if active is not None:
+            pos = torch.where(active[:, None], pos, -1)
         ids = tokens[:B].gather(1, pos.clamp(min=0))
-        index = (lengths - seen)[:, None]
+        index = behind[:, None]
         drafts, dists = [], []
         for i in range(gamma):
             logits = self.forward(ids, pos, self.cache, logits_index=index)[:, 0]
@@ -102,20 +108,25 @@ class Drafter:
             drafts.append(nxt)
             if i + 1 < gamma:
                 ids, pos = nxt[:, None], (lengths + i + 1)[:, None]
+                if active is not None:
+                    pos = torch.where(active[:, None], pos, -1)
                 index = torch.zeros((B, 1), dtype=torch.long, device=device)
         self.seen[:B] = lengths + gamma
         return torch.stack(drafts, 1), (torch.stack(dists, 1) if dists else None)
 
     @torch.inference_mode()
-    def commit(self, lengths: torch.Tensor, accepted: torch.Tensor, gamma: int, target_cache: DenseKVCache) -> None:
-        """After verification: positions lengths .. lengths + accepted are now committed."""
+    def commit(self, lengths: torch.Tensor, accepted: torch.Tensor, gamma: int, target_cache: DenseKVCache,
+               active: torch.Tensor | None = None) -> None:
+        """After verification: positions lengths .. lengths + accepted are now committed (live rows)."""
         B = lengths.shape[0]
         committed = lengths + accepted + 1
         if self.kv_source == "target":
             assert isinstance(self.cache, SparseKVCache)
             offs = torch.arange(gamma + 1, device=lengths.device)
-            pos = lengths[:, None] + offs
-            self.cache.copy_from(target_cache, torch.where(offs <= accepted[:, None], pos, -1))
+            keep = offs <= accepted[:, None]
+            if active is not None:
+                keep &= active[:, None]
+            self.cache.copy_from(target_cache, torch.where(keep, lengths[:, None] + offs, -1))
             self.seen[:B] = committed
         else:
             self.seen[:B] = torch.minimum(self.seen[:B], committed)

@@ -57,22 +57,28 @@ constexpr int64_t kBlockBytes = 96 * 1024;
 constexpr int64_t kXBytes = 256 * 1024;
 // How many weight tiles ahead to prefetch: the hardware prefetchers alone leave the loads waiting on memory.
 constexpr int64_t kPrefetchTiles = 2;
+// Floats per 64-byte cache line (the prefetch granularity).
+constexpr int64_t kLineFloats = 16;
 // Below this many multiply-adds a call runs on one thread (an OpenMP fork costs a few microseconds).
 constexpr int64_t kParallelMinFlops = 1 << 16;
 
-// One register tile: y[0..MR) x [0..NR) of x rows and w rows. If `pf` is not null, the NR rows of w at
-// pf (a tile further on) are prefetched, one cache line per row every other step.
+// One register tile: y[0..MR) x [0..NR) of x rows and w rows. Meanwhile it prefetches `pf_lines` cache
+// lines from `pf` on (a part of a weight tile further on), spread evenly over its steps over K.
 template <int MR, int NR>
 void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, const float* bias, float* y,
-          int64_t ldy, const float* pf) {
+          int64_t ldy, const float* pf, int64_t pf_lines) {
   static_assert(MR >= 1 && MR <= kMR && NR >= 1 && NR <= 4, "tile shape");
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   int64_t k = 0;
-  if (pf != nullptr) {
+  if (pf_lines > 0) {
+    const int64_t steps = std::max<int64_t>(1, K / 16);
+    const int64_t per_step = (pf_lines + steps - 1) / steps;
+    int64_t issued = 0;
     for (; k + 16 <= K; k += 16) {
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf + j * ldw + k), _MM_HINT_T0);
+      for (int64_t p = 0; p < per_step && issued < pf_lines; ++p, ++issued)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + issued * kLineFloats), _MM_HINT_T0);
       for (int64_t kk = k; kk < k + 16; kk += 8) {
         __m256 wv[NR];
         for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + kk);
@@ -116,7 +122,7 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, c
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
-                       const float*);
+                       const float*, int64_t);
 
 template <int MR>
 constexpr TileFn pick_nr(int nr) {
@@ -152,15 +158,19 @@ void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* 
     const int64_t n_end = std::min(N, n_begin + rows_per_block);
     for (int64_t mb = 0; mb < M; mb += x_rows) {
       const int64_t m_end = std::min(M, mb + x_rows);
+      const int64_t m_tiles = (m_end - mb + kMR - 1) / kMR;
       for (int64_t n0 = n_begin; n0 < n_end; n0 += kNR) {
         const int nr = static_cast<int>(std::min<int64_t>(kNR, n_end - n0));
-        for (int64_t m0 = mb; m0 < m_end; m0 += kMR) {
+        // While x passes over this weight tile for the first time, the row tiles of x share the prefetch
+        // of the tile kPrefetchTiles further on (contiguous rows only), so that memory stays busy.
+        const int64_t n_pf = n0 + kPrefetchTiles * kNR;
+        const bool prefetch = mb == 0 && ldw == K && n_pf + kNR <= N;
+        const int64_t lines = prefetch ? kNR * K / kLineFloats : 0;
+        for (int64_t m0 = mb, t = 0; m0 < m_end; m0 += kMR, ++t) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, m_end - m0));
-          // the first row tile of x prefetches the weight tile kPrefetchTiles further on
-          const int64_t n_pf = n0 + kPrefetchTiles * kNR;
-          const float* pf = (m0 == mb && n_pf + kNR <= N) ? w + n_pf * ldw : nullptr;
+          const int64_t first = lines * t / m_tiles, last = lines * (t + 1) / m_tiles;
           pick(mr, nr)(x + m0 * ldx, ldx, w + n0 * ldw, ldw, K, bias != nullptr ? bias + n0 : nullptr,
-                       y + m0 * ldy + n0, ldy, pf);
+                       y + m0 * ldy + n0, ldy, w + n_pf * ldw + first * kLineFloats, last - first);
         }
       }
     }
