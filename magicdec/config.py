@@ -192,6 +192,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids),
+            "_name_or_path": self.name,
         }
         if not self.attention_bias:
             out["attention_bias"] = False

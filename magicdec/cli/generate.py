@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from magicdec.engine.llm import LLM
+import torch
+
+from magicdec.engine.llm import DRAFT_PLACEMENTS, LLM
 from magicdec.engine.outputs import GenerationResult
 from magicdec.engine.sampling import SamplingParams
+from magicdec.parallel.tp import init_from_env
 from magicdec.spec.config import DRAFTERS, KV_SOURCES, METHODS, POSITIONS, SpecConfig
 
 SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -69,6 +72,8 @@ def register(subparsers: Any) -> None:
     d.add_argument("--draft-kv", choices=KV_SOURCES, default="target",
                    help="self: build the draft cache from the target's KV, or let the draft compute its own")
     d.add_argument("--positions", choices=POSITIONS, default="original", help="RoPE positions of kept tokens")
+    d.add_argument("--draft-tp", choices=DRAFT_PLACEMENTS, default="auto",
+                   help="under torchrun: shard the draft model like the target, or replicate it on every rank")
     d.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
@@ -95,8 +100,10 @@ def prompts_from_args(args: argparse.Namespace, llm: LLM) -> list[str | list[int
 
 
 def run(args: argparse.Namespace) -> int:
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, prefill_chunk=args.prefill_chunk,
-              memory_budget=args.memory_budget)
+    device_type = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    tp = init_from_env(device_type)  # under torchrun: this process's rank
+    llm = LLM(args.model, dtype=args.dtype, device=args.device if tp is None else device_type,
+              prefill_chunk=args.prefill_chunk, memory_budget=args.memory_budget, tp=tp, draft_tp=args.draft_tp)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     spec = SpecConfig(method=args.spec, drafter=args.drafter, gamma=args.gamma, budget=args.budget, sinks=args.sinks,
@@ -104,8 +111,11 @@ def run(args: argparse.Namespace) -> int:
                       positions=args.positions)
     if args.compare and not spec.enabled:
         raise ValueError("--compare compares speculative with plain decoding: add --spec self or --spec draft")
+    leader = tp is None or tp.rank == 0  # only rank 0 prints
     result = llm.generate(prompts_from_args(args, llm), params, spec, compare=args.compare,
-                          progress=not (args.quiet or args.json))
+                          progress=leader and not (args.quiet or args.json))
+    if not leader:
+        return 0
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MemoryError, FileNotFoundError) as e:
         if os.environ.get("MAGICDEC_DEBUG"):
             raise
-        print(f"magicdec {args.command}: error: {e}", file=sys.stderr)
+        # under torchrun every rank meets the same bad input: rank 0 says it; a failure of one rank alone
+        # is said by that rank. Either way the non-zero exit makes torchrun stop the other ranks.
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or not isinstance(e, ValueError):
+            prefix = "" if rank == 0 else f"[rank {rank}] "
+            print(f"{prefix}magicdec {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

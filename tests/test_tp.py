@@ -1,0 +1,107 @@
+"""Tensor parallelism on the CPU with gloo, ranks spawned inside pytest: logits, greedy plain and
+speculative tokens equal one process's; SmolLM2 (3 KV heads) runs on 3 ranks under torchrun and is
+refused on 2 with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import random_prompts, tiny_config, write_checkpoint
+from magicdec import LLM, SamplingParams, SpecConfig
+from magicdec.cache.dense import DenseKVCache
+from magicdec.parallel.tp import TensorParallel, check_shardable
+
+SPECS = {
+    "plain": None,
+    "self-streaming": SpecConfig(method="self", budget=24, sinks=4, gamma=3),
+    "self-snapkv": SpecConfig(method="self", drafter="snapkv", budget=24, window=8, gamma=2),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_all(llm: LLM, draft: str) -> dict:
+    torch.manual_seed(0)
+    ids = torch.randint(3, llm.config.vocab_size, (2, 37))
+    cache = DenseKVCache.for_model(llm.model, 2, 40)
+    with torch.inference_mode():
+        logits = llm.model(ids, torch.arange(37).expand(2, -1), cache)
+    prompts = random_prompts(3, [50, 17, 33], llm.config.vocab_size, seed=5)
+    out = {"logits": logits}
+    specs = dict(SPECS, draft=SpecConfig(method="draft", drafter="streaming", budget=20, sinks=2, draft_model=draft))
+    for name, spec in specs.items():
+        r = llm.generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True), spec)
+        out[name] = [o.token_ids for o in r.outputs]
+    sampled = llm.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True),
+                           specs["self-streaming"])
+    out["sampled"] = [o.token_ids for o in sampled.outputs]
+    return out
+
+
+def worker(rank: int, world: int, port: int, target: str, draft: str, draft_tp: str, result: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        llm = LLM(target, device="cpu", tp=TensorParallel(rank, world), draft_tp=draft_tp)
+        out = run_all(llm, draft)
+        if rank == 0:
+            torch.save(out, result)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    target = write_checkpoint(tmp_path_factory.mktemp("tp-target"), tiny_config(n_heads=4, n_kv_heads=2), seed=7)
+    draft = write_checkpoint(tmp_path_factory.mktemp("tp-draft"),
+                             tiny_config(n_layers=1, hidden_size=32, n_heads=2, n_kv_heads=2, intermediate_size=64),
+                             seed=8)
+    return target, draft
+
+
+@pytest.mark.parametrize("draft_tp", ["sharded", "replicated"])
+def test_two_ranks_match_one_process(models: tuple[Path, Path], tmp_path: Path, draft_tp: str) -> None:
+    target, draft = models
+    single = run_all(LLM(target, device="cpu"), str(draft))
+    result = tmp_path / "rank0.pt"
+    mp.spawn(worker, args=(2, free_port(), str(target), str(draft), draft_tp, str(result)), nprocs=2, join=True)
+    sharded = torch.load(result)
+    assert (sharded["logits"] - single["logits"]).abs().max() <= 1e-4
+    for name in (*SPECS, "draft", "sampled"):
+        assert sharded[name] == single[name], name
+
+
+def test_uneven_split_is_refused_with_the_fix() -> None:
+    cfg = tiny_config(hidden_size=576, n_heads=9, n_kv_heads=3, intermediate_size=1536, vocab_size=49152)
+    with pytest.raises(ValueError, match=r"3 KV heads are not divisible by 2.*world size of 1, 3"):
+        check_shardable(cfg, 2)
+
+
+@pytest.mark.slow
+def test_smollm2_under_torchrun_with_three_ranks_gives_one_process_tokens() -> None:
+    args = ["-m", "magicdec", "generate", "--json", "--max-new-tokens", "12", "--spec", "self", "--budget", "32",
+            "--sinks", "4", "--prompt", "The lighthouse keeper counted the gulls twice each morning, because"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port",
+                str(free_port())]
+    three = subprocess.run([*torchrun, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert three.returncode == 0, three.stderr[-2000:]
+    tokens = [o["token_ids"] for o in json.loads(three.stdout)["outputs"]]
+    assert tokens == [o["token_ids"] for o in json.loads(one.stdout)["outputs"]]
+    two = subprocess.run([*torchrun[:4], "2", "--master-port", str(free_port()), *args], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert two.returncode != 0 and "3 KV heads are not divisible by 2" in two.stderr
