@@ -54,7 +54,17 @@ class PrefilledBatch:
     prefill_s: float
     keep: bool  # decode copies, leaving this batch reusable
     max_gamma: int
+    rng_state: torch.Tensor | None = None  # the sampler's state after the first tokens: decoding goes on from it
     work: DenseKVCache | None = None  # the copy decodes run on (one buffer, so CUDA graphs are reused)
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The sampling generator, continuing the stream that drew the first tokens (a second stream with
+        the same seed would repeat those draws and correlate the first tokens with the next ones)."""
+        if self.rng_state is None:
+            return None
+        g = torch.Generator(device=device)
+        g.set_state(self.rng_state)
+        return g
 
     def take(self) -> tuple[DenseKVCache, BatchState]:
         if self.keep:
@@ -206,8 +216,9 @@ class LLM:
         outputs = [RequestOutput(order[r], sorted_ids[r]) for r in range(len(ids))]
         for out, tok in zip(outputs, first.tolist()):
             stopper.extend(out, [tok])
+        rng = generator.get_state() if generator is not None else None
         return PrefilledBatch(cache, BatchState(outputs, tokens, lengths), lens, params, stopper, prefill_s, keep,
-                              max_gamma)
+                              max_gamma, rng)
 
     def decode(
         self,
@@ -226,7 +237,7 @@ class LLM:
         stats = RunStats(batch=state.rows, prompt_tokens=sum(batch.prompt_lens), method=spec.method,
                          prefill_s=batch.prefill_s)
         outputs = list(state.outputs)
-        generator = self._generator(params)
+        generator = batch.generator(self.device)
         with tqdm(total=state.rows * params.max_new_tokens, desc=spec.method if spec.enabled else "plain",
                   unit="tok", delay=2, disable=not progress, leave=False) as bar:
             bar.update(sum(len(o.token_ids) for o in outputs))
