@@ -36,7 +36,7 @@ HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 576, 1536, 9, 3, 64, 4
 LINEARS = [("qkv", (HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), ("o", HIDDEN, HEADS * HEAD_DIM),
            ("gate_up", 2 * INTER, HIDDEN), ("down", HIDDEN, INTER)]
 LM_HEAD = ("lm_head", VOCAB, HIDDEN)
-ATTENTION_CASES = [(8, 6144, 1), (8, 6144, 4), (1, 8192, 1), (1, 8192, 4), (16, 2048, 4)]
+ATTENTION_CASES = [(8, 6144, 1), (8, 6144, 4), (8, 6144, 8), (1, 8192, 1), (1, 8192, 4), (16, 2048, 4)]
 # Keep at least this many bytes of distinct operands in rotation so that they cannot stay in the 32 MiB L3.
 ROTATION_BYTES = 128 << 20
 

@@ -195,6 +195,8 @@ def test_attention_rejects_bad_shapes(kernels: None) -> None:
         cpu.attention(q, k, v, allowed[:, :, :10])
     with pytest.raises(RuntimeError, match="not a multiple"):
         cpu.attention(q[:, :3], k, v, allowed)
+    with pytest.raises(ValueError, match="bool"):
+        cpu.attention(q, k, v, allowed.float())
 
 
 # -------------------------------------------------------------------------------------------- fallback

@@ -1,14 +1,15 @@
 """The two decoding loops: plain (one token per step) and speculative (draft → verify → commit).
 
-Both advance every row by its own amount, apply the stop rules as tokens are committed, and drop
-finished rows from the state and the caches at once. The speculative round reads the device once
-(accepted counts and new tokens), which the stop rules need anyway.
+Both advance every row by its own amount, apply the stop rules as tokens are committed, and take
+finished rows out of the forwards (see `BatchState`). A speculative round reads the device once
+(accepted counts and new tokens), which the stop rules need anyway; γ = 0 rounds are plain steps.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -99,28 +100,6 @@ class PhaseClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _drop_finished(state: BatchState, caches: list[DenseKVCache | Drafter], eager: bool) -> None:
-    state.refresh_active()
-    keep = state.compaction_plan(eager)
-    if keep is not None:
-        state.compact(keep)
-        for c in caches:
-            c.compact(keep)
-
-
-def _extend(state: BatchState, stopper: Stopper, new: list[list[int]], progress: Progress | None) -> int:
-    """Apply the stop rules to each live row's new tokens; returns how many tokens were appended."""
-    added = 0
-    for i in state.live():
-        out = state.outputs[i]
-        before = len(out.token_ids)
-        stopper.extend(out, new[i])
-        added += len(out.token_ids) - before
-    if progress:
-        progress(added)
-    return added
-
-
 class SteadyClock:
     """Accumulates time and tokens of the steps taken while the whole batch was generating."""
 
@@ -136,122 +115,105 @@ class SteadyClock:
         self.last = now
 
 
-@torch.inference_mode()
-def decode_plain(
-    forward: Forward,
-    cache: DenseKVCache,
-    state: BatchState,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    stopper: Stopper,
-    stats: RunStats,
-    progress: Progress | None = None,
-    eager: bool = True,
-) -> None:
-    """Plain decoding. `eager`: drop finished rows at once (no CUDA graphs to keep)."""
-    _drop_finished(state, [cache], eager)
-    start = time.perf_counter()
-    steady = SteadyClock(state, stats)
-    while live := len(state.live()):
-        pos = state.lengths[:, None]
-        logits = forward(state.tokens.gather(1, pos), state.positions(pos), cache)[:, 0]
-        nxt = next_tokens(logits, params, generator)
+@dataclass(slots=True)
+class Decoding:
+    """One batch being decoded: the target's forward and cache, the batch state, sampling and stop rules,
+    and where timings go. `eager`: drop finished rows from the caches at once (no CUDA graphs to keep)."""
+
+    forward: Forward
+    cache: DenseKVCache
+    state: BatchState
+    params: SamplingParams
+    generator: torch.Generator | None
+    stopper: Stopper
+    stats: RunStats
+    progress: Progress | None = None
+    eager: bool = True
+
+    @torch.inference_mode()
+    def run_plain(self) -> None:
+        self._run(lambda: self._plain_step(None))
+
+    @torch.inference_mode()
+    def run_speculative(self, drafter: Drafter, policy: GammaPolicy, verifier: Verifier) -> None:
+        def step() -> int:
+            gamma = policy.choose(self.state)
+            self.stats.gamma_history.append(gamma)
+            if gamma == 0:
+                return self._plain_step(drafter)
+            return self._round(drafter, policy, verifier, gamma)
+
+        self._run(step, drafter)
+
+    def _run(self, step: Callable[[], int], drafter: Drafter | None = None) -> None:
+        caches: list[DenseKVCache | Drafter] = [self.cache] if drafter is None else [self.cache, drafter]
+        self._drop_finished(caches)
+        start = time.perf_counter()
+        steady = SteadyClock(self.state, self.stats)
+        while live := len(self.state.live()):
+            steady.step(live, step())
+            self._drop_finished(caches)
+        self.stats.decode_s += time.perf_counter() - start
+
+    def _drop_finished(self, caches: list[DenseKVCache | Drafter]) -> None:
+        self.state.refresh_active()
+        keep = self.state.compaction_plan(self.eager)
+        if keep is not None:
+            self.state.compact(keep)
+            for c in caches:
+                c.compact(keep)
+
+    def _extend(self, new: list[list[int]]) -> int:
+        """Apply the stop rules to each live row's new tokens; returns how many tokens were appended."""
+        added = 0
+        for i in self.state.live():
+            out = self.state.outputs[i]
+            before = len(out.token_ids)
+            self.stopper.extend(out, new[i])
+            added += len(out.token_ids) - before
+        if self.progress:
+            self.progress(added)
+        return added
+
+    def _plain_step(self, drafter: Drafter | None) -> int:
+        """One target step; a drafter, if any, is told the pending token is committed."""
+        state = self.state
+        lengths = state.lengths
+        pos = lengths[:, None]
+        logits = self.forward(state.pending(), state.positions(pos), self.cache)[:, 0]
+        nxt = next_tokens(logits, self.params, self.generator)
+        if drafter is not None:
+            drafter.commit(lengths, torch.zeros_like(lengths), 0, self.cache, state.active)
         state.commit(nxt[:, None], torch.ones_like(nxt))
-        steady.step(live, _extend(state, stopper, [[t] for t in nxt.tolist()], progress))
-        _drop_finished(state, [cache], eager)
-    stats.decode_s += time.perf_counter() - start
+        return self._extend([[t] for t in nxt.tolist()])
 
-
-@torch.inference_mode()
-def decode_speculative(
-    forward: Forward,
-    cache: DenseKVCache,
-    drafter: Drafter,
-    state: BatchState,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    stopper: Stopper,
-    stats: RunStats,
-    policy: GammaPolicy,
-    verifier: Verifier,
-    progress: Progress | None = None,
-    eager: bool = True,
-) -> None:
-    device = state.tokens.device
-    _drop_finished(state, [cache, drafter], eager)
-    start = time.perf_counter()
-    steady = SteadyClock(state, stats)
-    while live := len(state.live()):
-        gamma = policy.choose(state)
-        stats.gamma_history.append(gamma)
-        if gamma == 0:
-            added = _plain_step(forward, cache, drafter, state, params, generator, stopper, progress)
-        else:
-            added = _speculative_round(forward, cache, drafter, state, params, generator, stopper, stats, policy,
-                                       verifier, gamma, device, progress)
-        steady.step(live, added)
-        _drop_finished(state, [cache, drafter], eager)
-    stats.decode_s += time.perf_counter() - start
-
-
-def _speculative_round(
-    forward: Forward,
-    cache: DenseKVCache,
-    drafter: Drafter,
-    state: BatchState,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    stopper: Stopper,
-    stats: RunStats,
-    policy: GammaPolicy,
-    verifier: Verifier,
-    gamma: int,
-    device: torch.device,
-    progress: Progress | None,
-) -> int:
-    lengths = state.lengths
-    clock = PhaseClock(device)
-    clock.mark()
-    drafts, draft_probs = drafter.propose(state.tokens, lengths, gamma, params, generator, state.active)
-    clock.mark()
-    pos = lengths[:, None] + torch.arange(gamma + 1, device=device)
-    logits = forward(torch.cat([state.pending(), drafts], dim=1), state.positions(pos), cache)
-    accepted, nxt = verifier(drafts, draft_probs, logits)
-    clock.mark()
-    drafter.commit(lengths, accepted, gamma, cache, state.active)
-    new = torch.cat([drafts, nxt[:, None]], dim=1).scatter_(1, accepted[:, None], nxt[:, None])
-    state.commit(new, accepted + 1)
-    host = torch.cat([accepted[:, None], new], dim=1).tolist()  # the round's one device read
-    draft_s, verify_s = clock.seconds()
-    stats.draft_s += draft_s
-    stats.verify_s += verify_s
-    live = state.live()
-    accepted_list = [host[i][0] for i in live]
-    stats.record_round(gamma, accepted_list)
-    policy.observe(gamma, accepted_list)
-    for i, k in zip(live, accepted_list):
-        out = state.outputs[i]
-        out.spec.rounds += 1
-        out.spec.draft_tokens += gamma
-        out.spec.accepted_tokens += k
-    return _extend(state, stopper, [row[1 : row[0] + 2] for row in host], progress)
-
-
-def _plain_step(
-    forward: Forward,
-    cache: DenseKVCache,
-    drafter: Drafter,
-    state: BatchState,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    stopper: Stopper,
-    progress: Progress | None,
-) -> int:
-    """A round with γ = 0: one target step; the drafter is told the pending token is committed."""
-    lengths = state.lengths
-    pos = lengths[:, None]
-    logits = forward(state.pending(), state.positions(pos), cache)[:, 0]
-    nxt = next_tokens(logits, params, generator)
-    drafter.commit(lengths, torch.zeros_like(lengths), 0, cache, state.active)
-    state.commit(nxt[:, None], torch.ones_like(nxt))
-    return _extend(state, stopper, [[t] for t in nxt.tolist()], progress)
+    def _round(self, drafter: Drafter, policy: GammaPolicy, verifier: Verifier, gamma: int) -> int:
+        """Draft γ tokens, verify them in one target forward, commit each row's accepted prefix."""
+        state, stats = self.state, self.stats
+        lengths, device = state.lengths, state.tokens.device
+        clock = PhaseClock(device)
+        clock.mark()
+        drafts, draft_probs = drafter.propose(state.tokens, lengths, gamma, self.params, self.generator,
+                                              state.active)
+        clock.mark()
+        pos = lengths[:, None] + torch.arange(gamma + 1, device=device)
+        logits = self.forward(torch.cat([state.pending(), drafts], dim=1), state.positions(pos), self.cache)
+        accepted, nxt = verifier(drafts, draft_probs, logits)
+        clock.mark()
+        drafter.commit(lengths, accepted, gamma, self.cache, state.active)
+        new = torch.cat([drafts, nxt[:, None]], dim=1).scatter_(1, accepted[:, None], nxt[:, None])
+        state.commit(new, accepted + 1)
+        host = torch.cat([accepted[:, None], new], dim=1).tolist()  # the round's one device read
+        draft_s, verify_s = clock.seconds()
+        stats.draft_s += draft_s
+        stats.verify_s += verify_s
+        live = state.live()
+        accepted_list = [host[i][0] for i in live]
+        stats.record_round(gamma, accepted_list)
+        policy.observe(gamma, accepted_list)
+        for i, k in zip(live, accepted_list):
+            out = state.outputs[i]
+            out.spec.rounds += 1
+            out.spec.draft_tokens += gamma
+            out.spec.accepted_tokens += k
+        return self._extend([row[1 : row[0] + 2] for row in host])

@@ -26,7 +26,7 @@ from magicdec.cache.memory import MemoryPlan, kv_cache_bytes
 from magicdec.costmodel import CostModel, DraftSpec, load_profile
 from magicdec.costmodel.device import device_profile
 from magicdec.engine.autogamma import AutoGamma
-from magicdec.engine.decode import FixedGamma, GammaPolicy, decode_plain, decode_speculative, make_verifier
+from magicdec.engine.decode import Decoding, FixedGamma, GammaPolicy, make_verifier
 from magicdec.engine.outputs import GenerationResult, RequestOutput, RunStats
 from magicdec.engine.prefill import prefill
 from magicdec.engine.runner import ModelRunner
@@ -241,11 +241,12 @@ class LLM:
         with tqdm(total=state.rows * params.max_new_tokens, desc=spec.method if spec.enabled else "plain",
                   unit="tok", delay=2, disable=not progress, leave=False) as bar:
             bar.update(sum(len(o.token_ids) for o in outputs))
+            decoding = Decoding(self.runner, cache, state, params, generator, stopper, stats, bar.update,
+                                eager=not self._lazy())
             if not spec.enabled:
                 self.runner.prepare(cache, state.rows, 1)
                 captured = self._capture_s()
-                decode_plain(self.runner, cache, state, params, generator, stopper, stats, bar.update,
-                             eager=not self._lazy())
+                decoding.run_plain()
                 self._exclude_captures(stats, captured)
             else:
                 draft = plan_drafter(self, spec, state.rows, cache.capacity)
@@ -262,8 +263,7 @@ class LLM:
                     self.runner.prepare(cache, state.rows, int(spec.gamma) + 1)
                     drafter.forward.prepare(drafter.cache, state.rows, 1, with_index=True)
                 captured = self._capture_s()
-                decode_speculative(self.runner, cache, drafter, state, params, generator, stopper, stats, policy,
-                                   verifier, bar.update, eager=not self._lazy())
+                decoding.run_speculative(drafter, policy, verifier)
                 self._exclude_captures(stats, captured)
                 if isinstance(policy, AutoGamma):
                     stats.extra["alpha_estimate"] = policy.alpha.value

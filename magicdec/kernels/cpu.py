@@ -184,7 +184,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or allowed.dim() != 3:
         raise ValueError(f"attention: want q [B, Hq, T, D], k, v [B, Hkv, S, D], allowed [B, T, S]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(allowed.shape)}")
-    if _kernel_ok(q, k, v) and q.shape[-1] % 8 == 0 and allowed.dtype == torch.bool:
+    if allowed.dtype != torch.bool:
+        raise ValueError(f"attention: allowed must be a bool tensor, got {allowed.dtype}")
+    if _kernel_ok(q, k, v) and q.shape[-1] % 8 == 0:
         return _state["module"].attention(q, k, v, allowed)  # type: ignore[attr-defined]
     Hq, Hkv = q.shape[1], k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=Hq != Hkv)
