@@ -193,6 +193,10 @@ def summarize(cfg: BenchConfig, runs: list[GenerationResult], plain: list[Genera
         return rec
     s = runs[0].stats
     ratios = [p.stats.decode_s / r.stats.decode_s for p, r in zip(plain, runs)]
+    # the same ratio over the rounds in which every sequence was still generating (no tail of sequences
+    # that accepted less finishing their last tokens), the rate a server keeping its batch full sees
+    steady = [r.stats.steady_tokens_per_s / p.stats.steady_tokens_per_s for p, r in zip(plain, runs)
+              if p.stats.steady_tokens_per_s and r.stats.steady_tokens_per_s]
     ours = [[o.token_ids for o in r.outputs] for r in runs]
     drafted = s.draft_tokens > 0  # gamma="auto" may choose γ = 0 (plain steps) throughout
     rec.update(acceptance_rate=s.acceptance_rate if drafted else None,
@@ -201,7 +205,7 @@ def summarize(cfg: BenchConfig, runs: list[GenerationResult], plain: list[Genera
                draft_prefill_s=_median([r.stats.draft_prefill_s for r in runs]),
                gamma_history=s.gamma_history, gamma_counts=dict(sorted(Counter(s.gamma_history).items())),
                alpha_estimate=s.extra.get("alpha_estimate"), speedup=_median(ratios), speedup_min=min(ratios),
-               speedup_max=max(ratios), speedups=ratios,
+               speedup_max=max(ratios), speedups=ratios, steady_speedup=_median(steady),
                matches_plain=None if synthetic is not None else all(
                    t == [o.token_ids for o in plain[0].outputs] for t in ours))
     return rec

@@ -113,7 +113,7 @@ def markdown(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
     ours = [r for r in records if r.get("engine") == "magicdec"]
     peers = sorted({name for r in ours for name in r.get("over_peers", {})}, key=lambda n: (n != "hf-plain", n))
     cols = ["batch", "context", "config", "γ", "tok/s", "ms/token/seq", "acceptance", "mean accepted",
-            "speedup (min–max)", "= plain", *[f"× {p}" for p in peers], "prefill s", "synthetic"]
+            "speedup (min–max)", "steady speedup", "= plain", *[f"× {p}" for p in peers], "prefill s", "synthetic"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in ours:
         spread = "1" if r["config"] == "plain" else f"{_f(r.get('speedup'))} ({_f(r.get('speedup_min'))}–" \
@@ -122,6 +122,7 @@ def markdown(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([str(r["batch"]), str(r["context"]), r["config"], _gammas(r),
                                         _f(r["tokens_per_s"], ".1f"), _f(r["latency_s"] * 1e3, ".1f"),
                                         _f(r.get("acceptance_rate")), _f(r.get("mean_accepted_tokens")), spread,
+                                        "—" if r["config"] == "plain" else _f(r.get("steady_speedup")),
                                         _same(r.get("matches_plain")), *over, _f(r.get("prefill_s"), ".1f"),
                                         f"α={r['synthetic_acceptance']}" if r.get("synthetic") else "no"]) + " |")
     hf = [r for r in records if r.get("engine") == "hf"]
