@@ -105,7 +105,7 @@ def test_gamma_zero_rounds_fall_back_to_plain_steps(tiny_llm: LLM) -> None:
             self.n += 1
             return (0, 2, 0, 0, 3)[self.n % 5]
 
-        def observe(self, gamma: int, accepted: list[int]) -> None:
+        def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
             pass
 
     prompts = random_prompts(3, [50, 20, 33], tiny_llm.config.vocab_size, seed=12)

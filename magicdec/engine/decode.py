@@ -61,8 +61,9 @@ class GammaPolicy(Protocol):
         """γ for the next round (0: a plain decoding step)."""
         ...
 
-    def observe(self, gamma: int, accepted: list[int]) -> None:
-        """Accepted counts of the round just verified."""
+    def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
+        """The round just verified: accepted counts, and (draft, verify, rest) seconds; a plain step
+        reports (0, its seconds, 0)."""
         ...
 
 
@@ -73,7 +74,7 @@ class FixedGamma:
     def choose(self, state: BatchState) -> int:
         return self.gamma
 
-    def observe(self, gamma: int, accepted: list[int]) -> None:
+    def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
         pass
 
 
@@ -140,7 +141,10 @@ class Decoding:
             gamma = policy.choose(self.state)
             self.stats.gamma_history.append(gamma)
             if gamma == 0:
-                return self._plain_step(drafter)
+                t0 = time.perf_counter()
+                added = self._plain_step(drafter)  # ends with a device read: the host clock is exact
+                policy.observe(0, [], (0.0, time.perf_counter() - t0, 0.0))
+                return added
             return self._round(drafter, policy, verifier, gamma)
 
         self._run(step, drafter)
@@ -204,13 +208,14 @@ class Decoding:
         new = torch.cat([drafts, nxt[:, None]], dim=1).scatter_(1, accepted[:, None], nxt[:, None])
         state.commit(new, accepted + 1)
         host = torch.cat([accepted[:, None], new], dim=1).tolist()  # the round's one device read
-        draft_s, verify_s = clock.seconds()
+        clock.mark()
+        draft_s, verify_s, rest_s = clock.seconds()
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         live = state.live()
         accepted_list = [host[i][0] for i in live]
         stats.record_round(gamma, accepted_list)
-        policy.observe(gamma, accepted_list)
+        policy.observe(gamma, accepted_list, (draft_s, verify_s, rest_s))
         for i, k in zip(live, accepted_list):
             out = state.outputs[i]
             out.spec.rounds += 1

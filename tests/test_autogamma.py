@@ -1,0 +1,51 @@
+"""--gamma auto: the policy follows the cost model, the acceptance it observes, and the step times it
+measures."""
+
+from __future__ import annotations
+
+import torch
+
+from magicdec.costmodel import BUILTIN_PROFILES, CostModel, DraftSpec, resolve_model
+from magicdec.engine.autogamma import AlphaEstimate, AutoGamma
+from magicdec.engine.outputs import RequestOutput
+from magicdec.engine.state import BatchState
+
+
+def batch_at(context: int, batch: int) -> BatchState:
+    outs = [RequestOutput(i, [1] * context, [5]) for i in range(batch)]
+    return BatchState(outs, torch.zeros((batch, context + 16), dtype=torch.long), torch.full((batch,), context))
+
+
+def policy(context: int, batch: int, alpha: float = 0.8) -> tuple[AutoGamma, BatchState]:
+    cost = CostModel(resolve_model("llama-3.1-8b"), BUILTIN_PROFILES["h100"], DraftSpec("self", 512))
+    return AutoGamma(cost, 8, AlphaEstimate(prior=alpha)), batch_at(context, batch)
+
+
+def test_speculates_where_the_kv_cache_dominates_and_not_where_it_does_not() -> None:
+    long_ctx, state = policy(32768, 32)
+    assert long_ctx.choose(state) >= 2
+    short, state = policy(256, 1, alpha=0.3)
+    assert short.choose(state) == 0  # drafting reads all the weights again: not worth it at α = 0.3
+
+
+def test_low_acceptance_lowers_gamma() -> None:
+    auto, state = policy(32768, 32)
+    first = auto.choose(state)
+    for _ in range(30):
+        auto.observe(first, [0] * 32, (0.0, 0.0, 0.0))  # every first draft rejected
+        g = auto.choose(state)
+        first = g or 1
+    assert auto.alpha.value < 0.2 and auto.choose(state) <= 1
+
+
+def test_measured_costs_override_the_model() -> None:
+    auto, state = policy(32768, 32)
+    g = auto.choose(state)
+    assert g >= 2
+    b, ctx = 32, state.contexts()
+    # this machine drafts 5x slower than the model predicts (acceptance stays at 0.8)
+    for _ in range(10):
+        accepted = [min(i % 5, g) for i in range(32)]  # 0, 1, 2, 3, 4 accepted: α ≈ 0.7
+        auto.observe(g, accepted, (5 * g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
+        g = auto.choose(state) or 1
+    assert auto.calibration.get("draft") > 4 and auto.choose(state) <= 1
