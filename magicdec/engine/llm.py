@@ -167,7 +167,7 @@ class LLM:
         decoding on the same prefilled batch and report the speedup (prefill excluded)."""
         spec = spec or SpecConfig()
         compare = compare and spec.enabled
-        batch = self.prefill(prompts, params, max_gamma=spec.max_gamma if spec.enabled else 0, keep=compare)
+        batch = self.prefill(prompts, params, max_gamma=spec.gamma_bound if spec.enabled else 0, keep=compare)
         result = self.decode(batch, spec, gamma_policy=gamma_policy, progress=progress)
         if compare:
             plain = self.decode(batch, progress=progress)
@@ -230,8 +230,9 @@ class LLM:
     ) -> GenerationResult:
         """Decode a prefilled batch, plainly or speculatively (γ ≤ the `max_gamma` it was prefilled for)."""
         spec = spec or SpecConfig()
-        if spec.enabled and spec.max_gamma > batch.max_gamma:
-            raise ValueError(f"this batch was prefilled for γ ≤ {batch.max_gamma}, not {spec.max_gamma}")
+        if spec.enabled and spec.gamma_bound > batch.max_gamma:
+            raise ValueError(f"this batch was prefilled for γ ≤ {batch.max_gamma}, not {spec.gamma_bound}: "
+                             f"pass max_gamma={spec.gamma_bound} to prefill")
         cache, state = batch.take()
         params, stopper = batch.params, batch.stopper
         stats = RunStats(batch=state.rows, prompt_tokens=sum(batch.prompt_lens), method=spec.method,

@@ -46,6 +46,11 @@ class SpecConfig:
     synthetic_acceptance: float | None = None  # benchmarks only: accept drafts with this probability
     profile: str | None = None  # hardware profile for gamma="auto" (name or JSON); default: this device's
 
+    @property
+    def gamma_bound(self) -> int:
+        """The largest γ a round can use: the fixed γ, or `max_gamma` when γ is chosen automatically."""
+        return self.gamma if isinstance(self.gamma, int) else self.max_gamma
+
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
             raise ValueError(f"speculation: {msg}")

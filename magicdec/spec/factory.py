@@ -76,7 +76,7 @@ def plan_drafter(llm: LLM, spec: SpecConfig, batch: int, capacity: int) -> Draft
         model = load_draft_model(llm, spec.draft_model).model
         forward = llm.draft_runners.setdefault(spec.draft_model, ModelRunner(model))
     cfg, kv_heads = model.config, model.kv_heads
-    slack = spec.max_gamma + 2  # room for a round's drafts and the catch-up tokens of "own" mode
+    slack = spec.gamma_bound + 2  # room for a round's drafts and the catch-up tokens of "own" mode
 
     if spec.drafter == "full":
         slots = capacity + 1
