@@ -16,9 +16,13 @@ def batch_at(context: int, batch: int) -> BatchState:
     return BatchState(outs, torch.zeros((batch, context + 16), dtype=torch.long), torch.full((batch,), context))
 
 
-def policy(context: int, batch: int, alpha: float = 0.8) -> tuple[AutoGamma, BatchState]:
+def policy(context: int, batch: int, alpha: float = 0.8, plain_ratio: float = 1.0) -> tuple[AutoGamma, BatchState]:
+    """A policy past its first round, a plain step measured `plain_ratio` times the model's T_T."""
     cost = CostModel(resolve_model("llama-3.1-8b"), BUILTIN_PROFILES["h100"], DraftSpec("self", 512))
-    return AutoGamma(cost, 8, AlphaEstimate(prior=alpha)), batch_at(context, batch)
+    auto, state = AutoGamma(cost, 8, AlphaEstimate(prior=alpha)), batch_at(context, batch)
+    assert auto.choose(state) == 0  # the baseline is measured first
+    auto.observe(0, [], (0.0, plain_ratio * cost.t_target(batch, state.contexts()), 0.0))
+    return auto, state
 
 
 def test_speculates_where_the_kv_cache_dominates_and_not_where_it_does_not() -> None:
@@ -49,3 +53,29 @@ def test_measured_costs_override_the_model() -> None:
         auto.observe(g, accepted, (5 * g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
         g = auto.choose(state) or 1
     assert auto.calibration.get("draft") > 4 and auto.choose(state) <= 1
+
+
+def test_a_plain_step_slower_than_predicted_keeps_speculating_and_a_faster_one_stops_it() -> None:
+    """The measured plain step is the baseline: if plain decoding runs 5x faster than the model says
+    while drafting and verification run as predicted, speculation no longer pays."""
+    slow, state = policy(32768, 32, plain_ratio=1.5)
+    assert slow.choose(state) >= 2
+    fast, state = policy(32768, 32, plain_ratio=0.2)
+    b, ctx = 32, state.contexts()
+    g = 2  # a round as the model predicts it
+    fast.observe(g, [2] * 32, (g * fast.cost.t_draft(b, ctx), fast.cost.t_verify(b, ctx, g), 0.0))
+    assert fast.choose(state) == 0
+
+
+def test_plain_steps_are_remeasured_while_speculating() -> None:
+    auto, state = policy(32768, 32)
+    b, ctx = 32, state.contexts()
+    history = []
+    for _ in range(2 * auto.plain_every + 2):
+        g = auto.choose(state)
+        history.append(g)
+        if g:
+            auto.observe(g, [g] * 32, (g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
+        else:
+            auto.observe(0, [], (0.0, auto.cost.t_target(b, ctx), 0.0))
+    assert history.count(0) == 2 and all(g >= 2 for g in history if g)

@@ -13,7 +13,9 @@ Eq. 1's speedup Ω(γ, α)·T_T / (γ·T_D + T_V(γ) + R) at the acceptance rate
   measured bookkeeping time as R. The cost model's shape (how costs scale with batch, context and γ)
   is kept; its level is corrected to what this machine does now.
 - While γ = 0 is chosen nothing is learned about drafting, so a one-token probe round runs every
-  `probe_every` plain steps.
+  `probe_every` plain steps. Conversely, while speculating nothing is learned about a plain step, the
+  baseline every choice is weighed against: the first round is a plain step, and one more runs every
+  `plain_every` speculative rounds, so a cost model that flatters speculation is caught by the clock.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ PRIOR_TRIALS = 16.0  # the prior weighs as much as 16 observed draft positions
 FORGET = 0.9  # per round: an estimate follows the text within ~10 rounds
 RATIO_FORGET = 0.7  # measured/predicted time ratios: follow the machine within a few rounds
 PROBE_EVERY = 16
+PLAIN_EVERY = 32
 
 
 class AlphaEstimate:
@@ -61,12 +64,13 @@ class AutoGamma:
     """A `GammaPolicy` driven by a `CostModel`, calibrated by the run's own step times."""
 
     def __init__(self, cost: CostModel, max_gamma: int, alpha: AlphaEstimate | None = None,
-                 probe_every: int = PROBE_EVERY) -> None:
+                 probe_every: int = PROBE_EVERY, plain_every: int = PLAIN_EVERY) -> None:
         self.cost, self.max_gamma = cost, max_gamma
         self.alpha = alpha or AlphaEstimate()
         self.calibration = Calibration()
         self.overhead: float | None = None  # measured seconds per round beyond drafting and verifying
         self.probe_every, self._plain_steps = probe_every, 0
+        self.plain_every, self._spec_rounds = plain_every, 0
         self.predicted: list[float] = []  # the speedup expected of each choice, for diagnostics
         self._step: tuple[int, list[int]] | None = None
 
@@ -92,6 +96,12 @@ class AutoGamma:
             self._plain_steps += 1
             if self._plain_steps % self.probe_every == 0:
                 gamma = 1
+        elif "target" not in cal.ratios:
+            gamma = 0  # measure the baseline first
+        else:
+            self._spec_rounds += 1
+            if self._spec_rounds % self.plain_every == 0:
+                gamma = 0  # and again now and then
         self.predicted.append(best)
         self._step = (batch, contexts)
         return gamma

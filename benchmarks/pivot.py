@@ -1,0 +1,98 @@
+"""Pivot a `magicdec bench` results.jsonl into compact markdown tables.
+
+    python benchmarks/pivot.py results/cpu-grid/results.jsonl [--auto-check]
+
+Prints, per drafter and budget, one row per (batch, context) with the speedup over plain decoding and
+the acceptance at every fixed γ, and `auto`'s speedup with the γ it chose. With `--auto-check`, also a
+table of `gamma=auto` against the best fixed γ at each point (plain decoding, γ = 0, counts as 1.00):
+the ratio auto / best and whether it is within 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def load(path: Path) -> tuple[dict, list[dict]]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines[0], [r for r in lines[1:] if r.get("type") == "point" and r.get("engine") == "magicdec"]
+
+
+def gamma_label(rec: dict) -> str:
+    counts = rec.get("gamma_counts") or {}
+    return " ".join(f"{g}×{n}" for g, n in counts.items())
+
+
+def speedup_tables(points: list[dict]) -> str:
+    groups: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
+    gammas: dict[tuple, set] = defaultdict(set)
+    for r in points:
+        if r["drafter"] == "plain":
+            continue
+        key = (r["drafter"], r["budget"])
+        groups[key][(r["batch"], r["context"], str(r["gamma"]))] = r
+        gammas[key].add(str(r["gamma"]))
+    out = []
+    for (drafter, budget), recs in sorted(groups.items()):
+        fixed = sorted((g for g in gammas[(drafter, budget)] if g != "auto"), key=int)
+        has_auto = "auto" in gammas[(drafter, budget)]
+        out.append(f"\n**{drafter}, budget {budget}** — speedup over plain (acceptance)\n")
+        head = ["batch", "context", *[f"γ={g}" for g in fixed]] + (["auto (γ chosen: rounds)"] if has_auto else [])
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for b, c in sorted({(k[0], k[1]) for k in recs}):
+            cells = [str(b), str(c)]
+            for g in fixed:
+                r = recs.get((b, c, g))
+                cells.append("—" if r is None else f"{r['speedup']:.2f} ({r['acceptance_rate']:.2f})")
+            if has_auto:
+                r = recs.get((b, c, "auto"))
+                cells.append("—" if r is None else f"{r['speedup']:.2f} ({gamma_label(r)})")
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def auto_check(points: list[dict]) -> str:
+    best: dict[tuple, tuple[float, str]] = {}
+    auto: dict[tuple, dict] = {}
+    for r in points:
+        if r["drafter"] == "plain":
+            continue
+        key = (r["drafter"], r["budget"], r["batch"], r["context"])
+        if r["gamma"] == "auto":
+            auto[key] = r
+        elif r["speedup"] > best.get(key, (1.0, "0"))[0]:
+            best[key] = (r["speedup"], str(r["gamma"]))
+    out = ["| drafter | budget | batch | context | best fixed γ (speedup) | auto speedup (γ: rounds) | auto / best "
+           "| within 5% |", "|---|---|---|---|---|---|---|---|"]
+    hits = 0
+    for key in sorted(auto):
+        s, g = best.get(key, (1.0, "0"))
+        a = auto[key]["speedup"]
+        ok = a / s >= 0.95
+        hits += ok
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {g} ({s:.2f}) | {a:.2f} ({gamma_label(auto[key])}) "
+                   f"| {a / s:.2f} | {'yes' if ok else 'no'} |")
+    out.append(f"\nauto within 5% of the best fixed γ at {hits} of {len(auto)} points")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=Path)
+    ap.add_argument("--auto-check", action="store_true")
+    args = ap.parse_args()
+    header, points = load(args.results)
+    print(f"`{header['command']}` — {header['machine'].get('cpu')}, {header['machine'].get('cores')} cores, "
+          f"commit {header.get('magicdec_commit')}")
+    print(speedup_tables(points))
+    if args.auto_check:
+        print()
+        print(auto_check(points))
+
+
+if __name__ == "__main__":
+    main()
