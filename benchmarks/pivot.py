@@ -11,19 +11,15 @@ the ratio auto / best and whether it is within 5%.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
-
-def load(path: Path) -> tuple[dict, list[dict]]:
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return lines[0], [r for r in lines[1:] if r.get("type") == "point" and r.get("engine") == "magicdec"]
+from magicdec.bench.report import gamma_label, read_jsonl
 
 
-def gamma_label(rec: dict) -> str:
-    counts = rec.get("gamma_counts") or {}
-    return " ".join(f"{g}×{n}" for g, n in counts.items())
+def rounds(rec: dict) -> str:
+    """'0×29 1×1': how many rounds auto ran at each γ."""
+    return gamma_label(rec).removeprefix("auto: ")
 
 
 def speedup_tables(points: list[dict]) -> str:
@@ -50,7 +46,7 @@ def speedup_tables(points: list[dict]) -> str:
                 cells.append("—" if r is None else f"{r['speedup']:.2f} ({r['acceptance_rate']:.2f})")
             if has_auto:
                 r = recs.get((b, c, "auto"))
-                cells.append("—" if r is None else f"{r['speedup']:.2f} ({gamma_label(r)})")
+                cells.append("—" if r is None else f"{r['speedup']:.2f} ({rounds(r)})")
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -74,7 +70,7 @@ def auto_check(points: list[dict]) -> str:
         a = auto[key]["speedup"]
         ok = a / s >= 0.95
         hits += ok
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {g} ({s:.2f}) | {a:.2f} ({gamma_label(auto[key])}) "
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {g} ({s:.2f}) | {a:.2f} ({rounds(auto[key])}) "
                    f"| {a / s:.2f} | {'yes' if ok else 'no'} |")
     out.append(f"\nauto within 5% of the best fixed γ at {hits} of {len(auto)} points")
     return "\n".join(out)
@@ -85,7 +81,8 @@ def main() -> None:
     ap.add_argument("results", type=Path)
     ap.add_argument("--auto-check", action="store_true")
     args = ap.parse_args()
-    header, points = load(args.results)
+    header, records = read_jsonl(args.results)
+    points = [r for r in records if r.get("engine") == "magicdec"]
     print(f"`{header['command']}` — {header['machine'].get('cpu')}, {header['machine'].get('cores')} cores, "
           f"commit {header.get('magicdec_commit')}")
     print(speedup_tables(points))

@@ -108,7 +108,7 @@ class Grid:
 
     @property
     def max_gamma(self) -> int:
-        return max([c.spec(self.draft_model).max_gamma for c in self.configs()], default=0)
+        return max([c.spec(self.draft_model).gamma_bound for c in self.configs()], default=0)
 
     def total_steps(self, peers: Callable[[int], int] = lambda batch: 0) -> int:
         """Progress units: one per prefill stage and decode run, plus `peers(batch)` per point."""

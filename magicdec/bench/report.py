@@ -92,7 +92,8 @@ def _same(x: bool | None) -> str:
     return "—" if x is None else ("yes" if x else "**NO**")
 
 
-def _gammas(rec: dict[str, Any]) -> str:
+def gamma_label(rec: dict[str, Any]) -> str:
+    """The γ of a record: fixed, or for auto the rounds each γ was chosen ('auto: 0×29 1×1')."""
     counts = rec.get("gamma_counts") or {}
     if rec.get("gamma") != "auto" or not counts:
         return str(rec.get("gamma") or "—")
@@ -119,7 +120,7 @@ def markdown(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
         spread = "1" if r["config"] == "plain" else f"{_f(r.get('speedup'))} ({_f(r.get('speedup_min'))}–" \
                                                     f"{_f(r.get('speedup_max'))})"
         over = [_f(r.get("over_peers", {}).get(p)) for p in peers]
-        lines.append("| " + " | ".join([str(r["batch"]), str(r["context"]), r["config"], _gammas(r),
+        lines.append("| " + " | ".join([str(r["batch"]), str(r["context"]), r["config"], gamma_label(r),
                                         _f(r["tokens_per_s"], ".1f"), _f(r["latency_s"] * 1e3, ".1f"),
                                         _f(r.get("acceptance_rate")), _f(r.get("mean_accepted_tokens")), spread,
                                         "—" if r["config"] == "plain" else _f(r.get("steady_speedup")),

@@ -42,7 +42,7 @@ class SpecConfig:
     draft_model: str | None = None
     kv_source: str = "target"
     positions: str = "original"
-    max_gamma: int = 8
+    max_gamma: int = 8  # the largest γ gamma="auto" may choose
     synthetic_acceptance: float | None = None  # benchmarks only: accept drafts with this probability
     profile: str | None = None  # hardware profile for gamma="auto" (name or JSON); default: this device's
 
@@ -67,8 +67,6 @@ class SpecConfig:
             bad(f"gamma must be a positive integer or 'auto', got {self.gamma!r}")
         if self.synthetic_acceptance is not None and not 0 <= self.synthetic_acceptance <= 1:
             bad(f"synthetic acceptance must be in [0, 1], got {self.synthetic_acceptance}")
-        if isinstance(self.gamma, int) and self.gamma > self.max_gamma:
-            object.__setattr__(self, "max_gamma", self.gamma)
         if self.method == "none":
             return
         if self.drafter == "streaming" and not 0 <= self.sinks < self.budget:
