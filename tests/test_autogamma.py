@@ -3,10 +3,12 @@ measures."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from magicdec.bench.policy_sim import StepTimes, compare
 from magicdec.costmodel import BUILTIN_PROFILES, CostModel, DraftSpec, resolve_model
-from magicdec.engine.autogamma import AlphaEstimate, AutoGamma
+from magicdec.engine.autogamma import CLIMB, AlphaEstimate, AutoGamma
 from magicdec.engine.outputs import RequestOutput
 from magicdec.engine.state import BatchState
 
@@ -79,3 +81,53 @@ def test_plain_steps_are_remeasured_while_speculating() -> None:
         else:
             auto.observe(0, [], (0.0, auto.cost.t_target(b, ctx), 0.0))
     assert history.count(0) == 2 and all(g >= 2 for g in history if g)
+
+
+# Simulated machines whose step times differ from the cost model the policy plans with (plain steps faster,
+# drafts slower, verification growing faster with γ), decoding 64 tokens per sequence with noisy, drifting
+# step times: the policy must land within 5% of the best fixed γ (0 = plain) in mean throughput.
+SCENARIOS = [  # model, profile, batch, context, α
+    ("llama-3.1-8b", "h100", 32, 32768, 0.8),  # long context, large batch: speculation pays well
+    ("llama-3.1-8b", "h100", 64, 4096, 0.8),  # the paper's case where self-speculation loses
+    ("smollm2-135m", "cpu", 1, 2048, 0.95),  # weight-bound: drafting costs nearly a full step
+    ("smollm2-135m", "cpu", 8, 2048, 0.6),  # low acceptance: plain decoding is best
+    ("smollm2-135m", "cpu", 8, 6144, 0.9),
+]
+
+
+@pytest.mark.parametrize(("model", "hardware", "batch", "context", "alpha"), SCENARIOS)
+def test_auto_is_within_5_percent_of_the_best_fixed_gamma_in_simulation(
+        model: str, hardware: str, batch: int, context: int, alpha: float) -> None:
+    cost = CostModel(resolve_model(model), BUILTIN_PROFILES[hardware], DraftSpec("self", 512))
+    ctx = [context] * batch
+    truth = StepTimes(target=0.8 * cost.t_target(batch, ctx), draft=1.3 * cost.t_draft(batch, ctx),
+                      verify={g: (1 + 0.08 * g) * cost.t_verify(batch, ctx, g) for g in range(1, 9)},
+                      round=0.02 * cost.t_target(batch, ctx))
+
+    def scale(live: list[int]) -> float:
+        return cost.t_target(len(live), live) / cost.t_target(batch, ctx)
+
+    tps = compare(lambda: AutoGamma(cost, 8, max_new_tokens=64), truth, batch, context, 64, alpha, range(0, 7),
+                  runs=30, scale=scale)
+    best = max(v for k, v in tps.items() if k != "auto")
+    assert tps["auto"] >= 0.95 * best, {k: round(v / tps["0"], 3) for k, v in tps.items()}
+
+
+def test_gamma_never_drafts_past_the_tokens_still_needed() -> None:
+    auto, state = policy(32768, 32)
+    auto.max_new_tokens = 3  # every row holds 1 token (from prefill): 2 to go, so at most 1 draft
+    assert auto.choose(state) == 1
+    auto.max_new_tokens = 2
+    assert auto.choose(state) == 0
+
+
+def test_gamma_climbs_step_by_step_to_what_it_has_timed() -> None:
+    auto, state = policy(131072, 32, alpha=0.95)  # the model alone would draft 8 at once
+    b, ctx = 32, state.contexts()
+    chosen = []
+    for _ in range(6):
+        g = auto.choose(state)
+        chosen.append(g)
+        auto.observe(g, [g] * 32, (g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
+    assert chosen[0] <= CLIMB and all(b - a <= CLIMB for a, b in zip(chosen, chosen[1:]))
+    assert chosen[-1] > chosen[0]

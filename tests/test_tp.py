@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,14 @@ import torch.multiprocessing as mp
 from conftest import random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM, SamplingParams, SpecConfig
 from magicdec.cache.dense import DenseKVCache
-from magicdec.parallel.tp import TensorParallel, check_shardable
+from magicdec.parallel.tp import RankZeroGamma, TensorParallel, check_shardable
 
 SPECS = {
     "plain": None,
     "self-streaming": SpecConfig(method="self", budget=24, sinks=4, gamma=3),
     "self-snapkv": SpecConfig(method="self", drafter="snapkv", budget=24, window=8, gamma=2),
+    # each rank times its own steps; rank 0's choice of γ is the one every rank runs
+    "self-auto": SpecConfig(method="self", budget=24, sinks=4, gamma="auto", profile="cpu"),
 }
 
 
@@ -53,7 +56,8 @@ def run_all(llm: LLM, draft: str) -> dict:
 
 
 def worker(rank: int, world: int, port: int, target: str, draft: str, draft_tp: str, result: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # a rank left waiting fails the test, not hangs it
     try:
         llm = LLM(target, device="cpu", tp=TensorParallel(rank, world), draft_tp=draft_tp)
         out = run_all(llm, draft)
@@ -82,6 +86,38 @@ def test_two_ranks_match_one_process(models: tuple[Path, Path], tmp_path: Path, 
     assert (sharded["logits"] - single["logits"]).abs().max() <= 1e-4
     for name in (*SPECS, "draft", "sampled"):
         assert sharded[name] == single[name], name
+
+
+class RankGamma:
+    """A policy that would run a different γ on every rank (as timing noise can make a real one do)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.seen: list[int] = []
+
+    def choose(self, state: object) -> int:
+        return self.rank + 2
+
+    def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
+        self.seen.append(gamma)
+
+
+def choose_worker(rank: int, world: int, port: int, result: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        shared = RankZeroGamma(RankGamma(rank), TensorParallel(rank, world), torch.device("cpu"))
+        chosen = [shared.choose(None) for _ in range(3)]
+        shared.observe(chosen[0], [1], (0.0, 0.0, 0.0))
+        torch.save({"chosen": chosen, "seen": shared.seen}, f"{result}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_runs_rank_zeros_gamma(tmp_path: Path) -> None:
+    mp.spawn(choose_worker, args=(3, free_port(), str(tmp_path / "r")), nprocs=3, join=True)
+    for rank in range(3):
+        assert torch.load(tmp_path / f"r.{rank}") == {"chosen": [2, 2, 2], "seen": [2]}
 
 
 def test_uneven_split_is_refused_with_the_fix() -> None:

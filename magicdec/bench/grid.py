@@ -5,8 +5,10 @@ how it is measured (`Runner`). Per batch size the prompts are cut once at the lo
 prefilled stage by stage (`PrefixPrefill`): each shorter context is a prefix of the longest, decoded from
 the cache as it stands when the prefill reaches it, so a batch's prompt tokens go through the model once.
 At each (batch, context) point every configuration decodes the same prefilled batch (on a copy of its
-cache) in interleaved rounds — short warm-up rounds first, then `repeats` timed rounds of plain, cfg1, cfg2, … —
-and the speedup is the median over rounds of plain's decode time over the configuration's.
+cache) in interleaved rounds — short warm-up rounds first, then `repeats` timed rounds of plain, cfg1, cfg2, …,
+each round starting one configuration later (so that no configuration always runs just after plain, or
+last, while the machine's speed drifts) — and the speedup is the median over rounds of plain's decode time
+over the configuration's.
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ class Runner:
         g = self.grid
         params = SamplingParams(max_new_tokens=g.max_new_tokens, ignore_eos=True)
         configs = [PLAIN, *g.configs()]
-        specs = [c.spec(g.draft_model, g.synthetic_acceptance) for c in configs]
+        pairs = [(c, c.spec(g.draft_model, g.synthetic_acceptance)) for c in configs]
         for batch in g.batches:
             prompts = self.prompts(batch, max(g.contexts), g.corpus_seed)
             pre = PrefixPrefill(self.llm, prompts, params, g.max_gamma)
@@ -246,7 +248,8 @@ class Runner:
                 for rnd in range(g.warmup + g.repeats):
                     if rnd == g.warmup:
                         _share_work(warm, prefilled)
-                    for cfg, spec in zip(configs, specs):
+                    shift = rnd % len(pairs)  # each round starts one configuration later
+                    for cfg, spec in pairs[shift:] + pairs[:shift]:
                         result = self.llm.decode(prefilled if rnd >= g.warmup else warm, spec)
                         if rnd >= g.warmup:
                             runs[cfg.label].append(result)

@@ -6,29 +6,41 @@ and every sequence's current context — and picks the γ (0 = a plain decoding 
 Eq. 1's speedup Ω(γ, α)·T_T / (γ·T_D + T_V(γ) + R) at the acceptance rate estimated so far.
 
 - α: per sequence and round, the draft positions tried (up to and including the first rejection) and
-  those accepted, older rounds forgotten geometrically, from a prior worth a few rounds.
+  those accepted, older rounds forgotten geometrically, from a prior worth a few draft positions.
 - Calibration: every round reports how long drafting, verification and the rest took. The policy keeps
   running ratios of measured to predicted time — for a draft step, for verification at each γ tried
-  (others take the average), for a plain step (or, until one is measured, verification's) — and the
-  measured bookkeeping time as R. The cost model's shape (how costs scale with batch, context and γ)
-  is kept; its level is corrected to what this machine does now.
-- While γ = 0 is chosen nothing is learned about drafting, so a one-token probe round runs every
-  `probe_every` plain steps. Conversely, while speculating nothing is learned about a plain step, the
+  (an untried γ takes the nearest tried one's), for a plain step — and the measured bookkeeping time
+  as R. Until a kind of step has been timed it takes the level of those that have. The cost model's
+  shape (how costs scale with batch, context and γ) is kept; its level is corrected to what this
+  machine does now.
+- γ climbs at most `CLIMB` above the largest γ already timed, and never drafts past the tokens the
+  batch still needs (`max_new_tokens`).
+- While γ = 0 is chosen nothing is learned about drafting, so the best speculative γ runs as a probe
+  round now and then: as often as keeps the probes' predicted extra time near `PROBE_SHARE` of the
+  run (often when speculation is close to paying, rarely when it is far from it, at least every
+  `probe_every` plain steps). Conversely, while speculating nothing is learned about a plain step, the
   baseline every choice is weighed against: the first round is a plain step, and one more runs every
   `plain_every` speculative rounds, so a cost model that flatters speculation is caught by the clock.
+
+How much this exploring costs is measured in simulation (`magicdec.bench.policy_sim`, tests and
+benchmarks/autogamma_sim.py) as well as on the machine (docs/cost-model.md).
 """
 
 from __future__ import annotations
+
+import math
 
 from magicdec.costmodel import CostModel, omega
 from magicdec.engine.state import BatchState
 
 ALPHA_PRIOR = 0.8  # StreamingLLM-512 self-speculation accepts 0.79-0.84 on PG-19 (MagicDec, Llama-3.1-8B)
-PRIOR_TRIALS = 16.0  # the prior weighs as much as 16 observed draft positions
+PRIOR_TRIALS = 4.0  # the prior weighs as much as 4 observed draft positions: the text decides within rounds
 FORGET = 0.9  # per round: an estimate follows the text within ~10 rounds
 RATIO_FORGET = 0.7  # measured/predicted time ratios: follow the machine within a few rounds
-PROBE_EVERY = 16
-PLAIN_EVERY = 32
+PROBE_SHARE = 0.015  # while plain, speculative probe rounds may cost this share of the time …
+PROBE_EVERY = 64  # … and one runs at least this often
+PLAIN_EVERY = 32  # while speculating, one round in this many is a plain step
+CLIMB = 2  # γ rises at most this far above the largest γ whose verification has been timed
 
 
 class AlphaEstimate:
@@ -64,8 +76,9 @@ class AutoGamma:
     """A `GammaPolicy` driven by a `CostModel`, calibrated by the run's own step times."""
 
     def __init__(self, cost: CostModel, max_gamma: int, alpha: AlphaEstimate | None = None,
-                 probe_every: int = PROBE_EVERY, plain_every: int = PLAIN_EVERY) -> None:
-        self.cost, self.max_gamma = cost, max_gamma
+                 probe_every: int = PROBE_EVERY, plain_every: int = PLAIN_EVERY,
+                 max_new_tokens: int | None = None) -> None:
+        self.cost, self.max_gamma, self.max_new_tokens = cost, max_gamma, max_new_tokens
         self.alpha = alpha or AlphaEstimate()
         self.calibration = Calibration()
         self.overhead: float | None = None  # measured seconds per round beyond drafting and verifying
@@ -75,36 +88,60 @@ class AutoGamma:
         self._step: tuple[int, list[int]] | None = None
 
     def _verify_ratio(self, gamma: int) -> float:
-        seen = [v for k, v in self.calibration.ratios.items() if isinstance(k, int)]
-        return self.calibration.get(gamma, sum(seen) / len(seen) if seen else 1.0)
+        """Measured/predicted verification time at γ; an untried γ takes the nearest tried one's (the
+        smaller on a tie), and before any the plain step's (the machine's level), or 1."""
+        seen = {k: v for k, v in self.calibration.ratios.items() if isinstance(k, int)}
+        if not seen:
+            return self.calibration.get("target", 1.0)
+        return seen[gamma] if gamma in seen else seen[min(seen, key=lambda k: (abs(k - gamma), k))]
 
     def choose(self, state: BatchState) -> int:
         contexts = state.contexts()
         batch = len(contexts)
         cal = self.calibration
         t_target = self.cost.t_target(batch, contexts) * cal.get("target", self._verify_ratio(1))
-        t_draft = self.cost.t_draft(batch, contexts) * cal.get("draft", 1.0)
+        t_draft = self.cost.t_draft(batch, contexts) * cal.get("draft", self._verify_ratio(1))
         overhead = self.overhead if self.overhead is not None else self.cost.hardware.round_overhead_s
         alpha = self.alpha.value
-        gamma, best = 0, 1.0
-        for g in range(1, self.max_gamma + 1):
+        spec_gamma, spec_best = 0, 0.0  # the best speculative γ, and its predicted speedup
+        for g in range(1, self._gamma_limit(state) + 1):
             t_verify = self.cost.t_verify(batch, contexts, g) * self._verify_ratio(g)
             speedup = omega(g, alpha) * t_target / (g * t_draft + t_verify + overhead)
-            if speedup > best:
-                gamma, best = g, speedup
+            if speedup > spec_best:
+                spec_gamma, spec_best = g, speedup
+        gamma = spec_gamma if spec_best > 1.0 else 0
         if gamma == 0:
             self._plain_steps += 1
-            if self._plain_steps % self.probe_every == 0:
-                gamma = 1
+            if spec_gamma and self._plain_steps >= self._probe_gap(spec_best, omega(spec_gamma, alpha)):
+                gamma, self._plain_steps = spec_gamma, 0
         elif "target" not in cal.ratios:
             gamma = 0  # measure the baseline first
         else:
+            self._plain_steps = 0
             self._spec_rounds += 1
             if self._spec_rounds % self.plain_every == 0:
                 gamma = 0  # and again now and then
-        self.predicted.append(best)
+        self.predicted.append(max(spec_best, 1.0))
         self._step = (batch, contexts)
         return gamma
+
+    def _probe_gap(self, predicted: float, tokens: float) -> int:
+        """Plain steps between probes: a probe round expected to commit `tokens` per sequence at `predicted`
+        × plain's speed costs tokens · (1/predicted − 1) plain steps more than plain decoding would, and
+        probes may cost PROBE_SHARE of the time — often when speculation is close to paying, rarely when
+        it is far from it."""
+        return max(1, min(self.probe_every, math.ceil(tokens * (1.0 / predicted - 1.0) / PROBE_SHARE)))
+
+    def _gamma_limit(self, state: BatchState) -> int:
+        """γ climbs at most CLIMB above the largest γ verified so far (whose time it has measured), and
+        never drafts past the tokens the longest-running live sequence still needs."""
+        tried = max((k for k in self.calibration.ratios if isinstance(k, int)), default=0)
+        limit = min(self.max_gamma, tried + CLIMB)
+        if self.max_new_tokens is not None:
+            left = max((self.max_new_tokens - len(o.token_ids) for o in state.outputs if o.finish_reason is None),
+                       default=1)
+            limit = min(limit, left - 1)
+        return limit
 
     def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
         """After a round: accepted counts, and (draft, verify, rest) seconds; a plain step reports

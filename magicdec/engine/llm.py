@@ -33,7 +33,7 @@ from magicdec.engine.runner import ModelRunner
 from magicdec.engine.sampling import SamplingParams, next_tokens
 from magicdec.engine.state import BatchState, Stopper
 from magicdec.loading import LoadedModel, load_model
-from magicdec.parallel.tp import TensorParallel, broadcast_seed
+from magicdec.parallel.tp import RankZeroGamma, TensorParallel, broadcast_seed
 from magicdec.spec.config import SpecConfig
 from magicdec.spec.drafter import Drafter
 from magicdec.spec.factory import plan_drafter
@@ -256,7 +256,7 @@ class LLM:
                 drafter = draft.build()
                 drafter.prefill(self.model, cache, state.tokens, batch.prompt_lens, self.prefill_chunk)
                 stats.draft_prefill_s = time.perf_counter() - t1
-                policy = gamma_policy or self.gamma_policy(spec, drafter)
+                policy = gamma_policy or self.gamma_policy(spec, drafter, params.max_new_tokens)
                 verifier = make_verifier(params, generator, spec.synthetic_acceptance)
                 if spec.synthetic_acceptance is not None:
                     stats.extra["synthetic_acceptance"] = spec.synthetic_acceptance
@@ -266,7 +266,7 @@ class LLM:
                 captured = self._capture_s()
                 decoding.run_speculative(drafter, policy, verifier)
                 self._exclude_captures(stats, captured)
-                if isinstance(policy, AutoGamma):
+                if isinstance(policy, (AutoGamma, RankZeroGamma)):
                     stats.extra["alpha_estimate"] = policy.alpha.value
         stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
         return GenerationResult(self._finish(outputs, stopper), stats)
@@ -296,16 +296,22 @@ class LLM:
             stats.decode_s -= spent
             stats.extra["graph_capture_s"] = spent
 
-    def gamma_policy(self, spec: SpecConfig, drafter: Drafter) -> GammaPolicy:
-        """A fixed γ, or for gamma="auto" the cost-model policy with this device's profile."""
+    def gamma_policy(self, spec: SpecConfig, drafter: Drafter, max_new_tokens: int | None = None) -> GammaPolicy:
+        """A fixed γ, or for gamma="auto" the cost-model policy with this device's profile (which drafts no
+        further than `max_new_tokens` needs)."""
         if spec.gamma != "auto":
             return FixedGamma(int(spec.gamma))
         profile = load_profile(spec.profile) if spec.profile else device_profile(self.device, self.config, self.dtype)
+        if self.tp_world > 1 and profile.interconnect_bandwidth <= 0:
+            # ranks on one host without a profiled link (gloo on a CPU): communication goes through memory;
+            # the step times each round measures correct the estimate
+            profile = replace(profile, interconnect_bandwidth=profile.mem_bandwidth)
         budget = None if spec.drafter == "full" else spec.budget
         draft = (DraftSpec("self", budget) if spec.method == "self"
                  else DraftSpec("model", budget, drafter.model.config))
         cost = CostModel(self.config, profile, draft, dtype_bytes=self.dtype.itemsize, tp=self.tp_world)
-        return AutoGamma(cost, spec.max_gamma)
+        policy = AutoGamma(cost, spec.max_gamma, max_new_tokens=max_new_tokens)
+        return policy if self.tp is None or self.tp.world == 1 else RankZeroGamma(policy, self.tp, self.device)
 
     def _finish(self, outputs: list[RequestOutput], stopper: Stopper) -> list[RequestOutput]:
         for out in outputs:

@@ -163,3 +163,25 @@ def broadcast_seed(tp: TensorParallel | None, seed: int | None, device: torch.de
     t = torch.tensor([draw], dtype=torch.long, device=device if dist.get_backend(tp.group) == "nccl" else "cpu")
     dist.broadcast(t, src=0, group=tp.group)
     return int(t.item())
+
+
+class RankZeroGamma:
+    """Every rank must run the same γ each round (their forwards meet in collectives), but each times its
+    own steps: rank 0's policy chooses and broadcasts its choice; every rank reports its rounds to its own
+    policy (only rank 0's is consulted)."""
+
+    def __init__(self, policy: Any, tp: TensorParallel, device: torch.device) -> None:
+        self.policy, self.tp = policy, tp
+        self.device = device if dist.get_backend(tp.group) == "nccl" else torch.device("cpu")
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped policy's state (alpha, predicted, …)
+        return getattr(self.policy, name)
+
+    def choose(self, state: Any) -> int:
+        gamma = self.policy.choose(state) if self.tp.rank == 0 else 0
+        t = torch.tensor([gamma], dtype=torch.long, device=self.device)
+        dist.broadcast(t, src=0, group=self.tp.group)
+        return int(t.item())
+
+    def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
+        self.policy.observe(gamma, accepted, seconds)

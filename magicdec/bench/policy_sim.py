@@ -1,0 +1,121 @@
+"""Replaying a γ policy against given step times: what `--gamma auto` costs next to each fixed γ, free of
+the noise of any one machine run.
+
+A simulated batch decodes `new_tokens` per sequence, shrinking as sequences finish. Each round asks the
+policy for γ, charges the given step times (with per-step noise and a slow drift of the machine's speed,
+both multiplicative and log-normal), draws each sequence's accepted drafts from its own acceptance rate
+(every draft position accepted with probability α until the first rejection), and reports the round to
+the policy exactly as the engine does. Used by tests/test_autogamma.py and benchmarks/autogamma_sim.py.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from magicdec.engine.decode import FixedGamma, GammaPolicy
+
+Scale = Callable[[list[int]], float]  # live contexts → factor on the full batch's step times
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimes:
+    """Seconds of one plain step, one draft step, one verification of γ+1 tokens (by γ; beyond the largest
+    given, extrapolated linearly from the last two) and the bookkeeping of a speculation round."""
+
+    target: float
+    draft: float
+    verify: dict[int, float]
+    round: float = 0.0
+
+    def verify_at(self, gamma: int) -> float:
+        if gamma in self.verify:
+            return self.verify[gamma]
+        known = sorted(self.verify)
+        hi, lo = known[-1], known[-2] if len(known) > 1 else None
+        slope = (self.verify[hi] - self.verify[lo]) / (hi - lo) if lo is not None else self.verify[hi] / (hi + 1)
+        return self.verify[hi] + slope * (gamma - hi)
+
+
+class _Sequence:
+    def __init__(self, context: int) -> None:
+        self.context, self.token_ids, self.finish_reason = context, [0], None  # the first token is prefill's
+
+
+class _Batch:
+    """The part of `BatchState` a policy reads: live rows' contexts, and the outputs so far."""
+
+    def __init__(self, outputs: list[_Sequence]) -> None:
+        self.outputs = outputs
+
+    def contexts(self) -> list[int]:
+        return [o.context + len(o.token_ids) - 1 for o in self.outputs if o.finish_reason is None]
+
+
+@dataclass(frozen=True, slots=True)
+class Noise:
+    step: float = 0.05  # log-normal σ of each step's time
+    drift: float = 0.07  # stationary σ of the machine's log-speed, which drifts …
+    drift_rounds: float = 20.0  # … with this correlation time, in rounds
+    alpha_spread: float = 0.05  # σ of the sequences' acceptance rates around α
+
+
+def simulate(policy: GammaPolicy, times: StepTimes, batch: int, context: int, new_tokens: int, alpha: float,
+             rng: random.Random, noise: Noise = Noise(), scale: Scale | None = None) -> float:
+    """Seconds the policy takes to bring every sequence to `new_tokens` tokens (the first from prefill).
+    `scale(contexts)`: the factor on step times once the batch has shrunk to these live contexts."""
+    seqs = [_Sequence(context) for _ in range(batch)]
+    state = _Batch(seqs)
+    alphas = [min(0.999, max(0.0, rng.gauss(alpha, noise.alpha_spread))) for _ in range(batch)]
+    decay = math.exp(-1.0 / noise.drift_rounds)
+    level, clock = rng.gauss(0.0, noise.drift), 0.0
+    while live := [i for i, o in enumerate(seqs) if o.finish_reason is None]:
+        gamma = policy.choose(state)  # type: ignore[arg-type]
+        level = decay * level + rng.gauss(0.0, noise.drift * math.sqrt(1 - decay * decay))
+        factor = scale(state.contexts()) if scale else 1.0
+        if gamma == 0:
+            step = _noisy(factor * times.target, level, noise, rng)
+            clock += step
+            policy.observe(0, [], (0.0, step, 0.0))
+            gained = [1] * len(live)
+        else:
+            draft, verify, rest = (_noisy(factor * t, level, noise, rng) for t in
+                                   (gamma * times.draft, times.verify_at(gamma), times.round))
+            clock += draft + verify + rest
+            accepted = [_accepted(alphas[i], gamma, rng) for i in live]
+            policy.observe(gamma, accepted, (draft, verify, rest))
+            gained = [k + 1 for k in accepted]
+        for i, n in zip(live, gained):
+            out = seqs[i]
+            out.token_ids += [0] * min(n, new_tokens - len(out.token_ids))
+            if len(out.token_ids) >= new_tokens:
+                out.finish_reason = "length"
+    return clock
+
+
+def _noisy(seconds: float, level: float, noise: Noise, rng: random.Random) -> float:
+    return seconds * math.exp(level + rng.gauss(0.0, noise.step))
+
+
+def _accepted(alpha: float, gamma: int, rng: random.Random) -> int:
+    k = 0
+    while k < gamma and rng.random() < alpha:
+        k += 1
+    return k
+
+
+def compare(make_auto: Callable[[], GammaPolicy], times: StepTimes, batch: int, context: int, new_tokens: int,
+            alpha: float, gammas: range, runs: int = 50, noise: Noise = Noise(), scale: Scale | None = None,
+            seed: int = 0) -> dict[str, float]:
+    """Mean throughput (tokens/s) of "auto" and of each fixed γ in `gammas` (0 = plain) over `runs` seeds."""
+    policies: dict[str, Callable[[], GammaPolicy]] = {f"{g}": (lambda g=g: FixedGamma(g)) for g in gammas}
+    policies["auto"] = make_auto
+    out = {}
+    for name, make in policies.items():
+        seconds = [simulate(make(), times, batch, context, new_tokens, alpha, random.Random(seed + r), noise, scale)
+                   for r in range(runs)]
+        out[name] = batch * new_tokens / statistics.mean(seconds)
+    return out
