@@ -16,11 +16,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from magicdec.bench.policy_sim import StepTimes, compare
+from magicdec.bench.policy_sim import StepTimes, compare, model_scale
 from magicdec.bench.report import read_jsonl
 from magicdec.costmodel import CostModel, DraftSpec, load_profile, resolve_model
-from magicdec.costmodel.device import device_name
-from magicdec.data.paths import magicdec_home
+from magicdec.costmodel.device import device_name, saved_profile_path
 from magicdec.engine.autogamma import AutoGamma
 
 
@@ -52,7 +51,9 @@ def step_times(records: list[dict[str, Any]]) -> dict[tuple[int, int], tuple[Ste
 def saved_cpu_profile() -> Path:
     import torch
 
-    saved = sorted((magicdec_home() / "profiles").glob(f"{device_name(torch.device('cpu'))}--*--float32.json"))
+    cpu = torch.device("cpu")
+    folder = saved_profile_path(cpu, resolve_model("smollm2-135m"), torch.float32).parent
+    saved = sorted(folder.glob(f"{device_name(cpu)}--*--float32.json"))  # whatever the model's own name
     if not saved:
         raise SystemExit("no saved CPU profile: run `magicdec profile` first, or pass --profile")
     return saved[0]
@@ -76,11 +77,9 @@ def main() -> None:
     print("| batch | context | α (γ=1) | " + " | ".join(f"γ={g}" for g in range(5)) + " | auto | auto / best |")
     print("|---|---|---|" + "---|" * 7)
     for (batch, context), (times, alpha) in sorted(step_times(records).items()):
-        def scale(ctx: list[int], full: float = cost.t_target(batch, [context] * batch)) -> float:
-            return cost.t_target(len(ctx), ctx) / full
-
         tps = compare(lambda: AutoGamma(cost, 8, max_new_tokens=new_tokens), times, batch, context, new_tokens,
-                      alpha, range(0, max(times.verify) + 1), runs=args.runs, scale=scale)
+                      alpha, range(0, max(times.verify) + 1), runs=args.runs,
+                      scale=model_scale(cost, batch, context))
         best = max(v for k, v in tps.items() if k != "auto")
         cells = " | ".join(f"{tps[str(g)] / tps['0']:.3f}" if str(g) in tps else "" for g in range(5))
         print(f"| {batch} | {context} | {alpha:.2f} | {cells} | {tps['auto'] / tps['0']:.3f} | "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magicdec.bench.policy_sim import StepTimes, compare
+from magicdec.bench.policy_sim import StepTimes, compare, model_scale
 from magicdec.costmodel import BUILTIN_PROFILES, CostModel, DraftSpec, resolve_model
 from magicdec.engine.autogamma import CLIMB, AlphaEstimate, AutoGamma
 from magicdec.engine.outputs import RequestOutput
@@ -103,12 +103,8 @@ def test_auto_is_within_5_percent_of_the_best_fixed_gamma_in_simulation(
     truth = StepTimes(target=0.8 * cost.t_target(batch, ctx), draft=1.3 * cost.t_draft(batch, ctx),
                       verify={g: (1 + 0.08 * g) * cost.t_verify(batch, ctx, g) for g in range(1, 9)},
                       round=0.02 * cost.t_target(batch, ctx))
-
-    def scale(live: list[int]) -> float:
-        return cost.t_target(len(live), live) / cost.t_target(batch, ctx)
-
     tps = compare(lambda: AutoGamma(cost, 8, max_new_tokens=64), truth, batch, context, 64, alpha, range(0, 7),
-                  runs=30, scale=scale)
+                  runs=30, scale=model_scale(cost, batch, context))
     best = max(v for k, v in tps.items() if k != "auto")
     assert tps["auto"] >= 0.95 * best, {k: round(v / tps["0"], 3) for k, v in tps.items()}
 

@@ -16,9 +16,16 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from magicdec.costmodel import CostModel
 from magicdec.engine.decode import FixedGamma, GammaPolicy
 
 Scale = Callable[[list[int]], float]  # live contexts → factor on the full batch's step times
+
+
+def model_scale(cost: CostModel, batch: int, context: int) -> Scale:
+    """Step times follow the cost model's plain step as the batch shrinks and its contexts grow."""
+    full = cost.t_target(batch, [context] * batch)
+    return lambda live: cost.t_target(len(live), live) / full
 
 
 @dataclass(frozen=True, slots=True)

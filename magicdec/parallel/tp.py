@@ -155,12 +155,17 @@ def _all_gather_hook(tp: TensorParallel) -> Any:
     return hook
 
 
+def comm_device(tp: TensorParallel, device: torch.device) -> torch.device:
+    """Where small host values travel between ranks: the device under NCCL, the CPU under gloo."""
+    return device if dist.get_backend(tp.group) == "nccl" else torch.device("cpu")
+
+
 def broadcast_seed(tp: TensorParallel | None, seed: int | None, device: torch.device) -> int | None:
     """A seed every rank shares (rank 0's draw when none was given), so sampling agrees across ranks."""
     if tp is None or seed is not None:
         return seed
     draw = int.from_bytes(os.urandom(4), "little") if tp.rank == 0 else 0
-    t = torch.tensor([draw], dtype=torch.long, device=device if dist.get_backend(tp.group) == "nccl" else "cpu")
+    t = torch.tensor([draw], dtype=torch.long, device=comm_device(tp, device))
     dist.broadcast(t, src=0, group=tp.group)
     return int(t.item())
 
@@ -172,7 +177,7 @@ class RankZeroGamma:
 
     def __init__(self, policy: Any, tp: TensorParallel, device: torch.device) -> None:
         self.policy, self.tp = policy, tp
-        self.device = device if dist.get_backend(tp.group) == "nccl" else torch.device("cpu")
+        self.device = comm_device(tp, device)
 
     def __getattr__(self, name: str) -> Any:  # the wrapped policy's state (alpha, predicted, …)
         return getattr(self.policy, name)
