@@ -6,12 +6,16 @@ Prints, per drafter and budget, one row per (batch, context) with the speedup ov
 the acceptance at every fixed γ, and `auto`'s speedup with the γ it chose. With `--auto-check`, also a
 table of `gamma=auto` against the best fixed γ at each point (plain decoding, γ = 0, included): the ratio
 of their measured throughputs (tokens/s from the median decode time) and whether it is within 5%, and
-the same comparison by the median of per-round speedups over plain.
+the same comparison by the median of per-round speedups over plain, and by the median over repetitions of
+auto's speed relative to the best fixed γ in the same repetition, with a 90% bootstrap interval (how much a
+verdict of this one run is worth: on a noisy machine the interval is wide).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -52,6 +56,15 @@ def speedup_tables(points: list[dict]) -> str:
     return "\n".join(out)
 
 
+def paired(best: dict, auto: dict, resamples: int = 2000) -> tuple[float, float, float]:
+    """Median over repetitions of best's decode time / auto's in the same repetition (> 1: auto faster),
+    and a 90% bootstrap interval of that median."""
+    ratios = [b / a for b, a in zip(best["decode_s_all"], auto["decode_s_all"])]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), meds[int(0.05 * resamples)], meds[int(0.95 * resamples) - 1]
+
+
 def auto_check(points: list[dict]) -> str:
     """auto against the best fixed γ (plain decoding included) at each point, by measured throughput
     (tokens/s from each configuration's median decode time) and by the median of the per-round speedups
@@ -64,7 +77,8 @@ def auto_check(points: list[dict]) -> str:
         else:
             by_point[(r["drafter"], r["budget"], r["batch"], r["context"])].append(r)
     out = ["| drafter | budget | batch | context | best fixed γ: tok/s | auto: tok/s (γ: rounds) | auto / best "
-           "| within 5% | by median speedup: best / auto |", "|---|---|---|---|---|---|---|---|---|"]
+           "| within 5% | by median speedup: best / auto | paired: median [90% interval] |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     hits = total = 0
     for key, recs in sorted(by_point.items()):
         auto = next((r for r in recs if r["gamma"] == "auto"), None)
@@ -79,7 +93,8 @@ def auto_check(points: list[dict]) -> str:
         g = 0 if best["drafter"] == "plain" else best["gamma"]
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | γ={g}: {best['tokens_per_s']:.1f} "
                    f"| {auto['tokens_per_s']:.1f} ({rounds(auto)}) | {ratio:.3f} | {'yes' if ok else 'no'} "
-                   f"| {best_speedup:.2f} / {auto['speedup']:.2f} = {auto['speedup'] / best_speedup:.3f} |")
+                   f"| {best_speedup:.2f} / {auto['speedup']:.2f} = {auto['speedup'] / best_speedup:.3f} "
+                   "| {:.3f} [{:.3f}, {:.3f}] |".format(*paired(best, auto)))
     out.append(f"\nauto within 5% of the best fixed γ's throughput at {hits} of {total} points")
     return "\n".join(out)
 

@@ -54,7 +54,7 @@ def test_measured_costs_override_the_model() -> None:
         accepted = [min(i % 5, g) for i in range(32)]  # 0, 1, 2, 3, 4 accepted: α ≈ 0.7
         auto.observe(g, accepted, (5 * g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
         g = auto.choose(state) or 1
-    assert auto.calibration.get("draft") > 4 and auto.choose(state) <= 1
+    assert auto.calibration.factor("draft") > 4 and auto.choose(state) <= 1
 
 
 def test_a_plain_step_slower_than_predicted_keeps_speculating_and_a_faster_one_stops_it() -> None:
@@ -81,6 +81,24 @@ def test_plain_steps_are_remeasured_while_speculating() -> None:
         else:
             auto.observe(0, [], (0.0, auto.cost.t_target(b, ctx), 0.0))
     assert history.count(0) == 2 and all(g >= 2 for g in history if g)
+
+
+def test_a_probe_timed_while_the_machine_was_slow_does_not_stop_speculation_once_it_is_fast() -> None:
+    """The machine slows down 1.5x for a while (plain steps and one speculative round, all 1.5x the
+    model), then recovers: the round was as costly as the model says relative to the plain steps of its
+    time, so speculation (predicted 1.33x here) goes on once plain steps are fast again."""
+    auto, state = policy(8192, 32)
+    b, ctx = 32, state.contexts()
+    g = auto.choose(state)
+    for _ in range(5):
+        auto.observe(0, [], (0.0, 1.5 * auto.cost.t_target(b, ctx), 0.0))
+    assert g == 2
+    accepted = [0] * 6 + [1] * 5 + [2] * 21  # α stays 0.8
+    rest = auto.cost.hardware.round_overhead_s
+    auto.observe(g, accepted, (1.5 * g * auto.cost.t_draft(b, ctx), 1.5 * auto.cost.t_verify(b, ctx, g), 1.5 * rest))
+    for _ in range(5):
+        auto.observe(0, [], (0.0, auto.cost.t_target(b, ctx), 0.0))
+    assert auto.calibration.level < 1.1 and auto.choose(state) >= 1
 
 
 # Simulated machines whose step times differ from the cost model the policy plans with (plain steps faster,

@@ -7,12 +7,14 @@ Eq. 1's speedup Ω(γ, α)·T_T / (γ·T_D + T_V(γ) + R) at the acceptance rate
 
 - α: per sequence and round, the draft positions tried (up to and including the first rejection) and
   those accepted, older rounds forgotten geometrically, from a prior worth a few draft positions.
-- Calibration: every round reports how long drafting, verification and the rest took. The policy keeps
-  running ratios of measured to predicted time — for a draft step, for verification at each γ tried
-  (an untried γ takes the nearest tried one's), for a plain step — and the measured bookkeeping time
-  as R. Until a kind of step has been timed it takes the level of those that have. The cost model's
-  shape (how costs scale with batch, context and γ) is kept; its level is corrected to what this
-  machine does now.
+- Calibration: every round reports how long drafting, verification and the rest took. The policy
+  splits what it measures into the machine's level (measured/predicted time of a plain step, moved by
+  every round, so it follows the machine as it speeds up and slows down) and, for a draft step and
+  for verification at each γ tried (an untried γ takes the nearest tried one's), a factor relative to
+  that level (a running mean). Choosing γ weighs kinds of step against each other at one moment, which
+  only the factors decide, so a probe timed while the machine was slow does not condemn speculation
+  once it is fast again. The bookkeeping time per round is R. The cost model's shape (how costs scale
+  with batch, context and γ) is kept; its level and the relative costs are corrected to this machine.
 - γ climbs at most `CLIMB` above the largest γ already timed, and never drafts past the tokens the
   batch still needs (`max_new_tokens`).
 - While γ = 0 is chosen nothing is learned about drafting, so the best speculative γ runs as a probe
@@ -36,7 +38,8 @@ from magicdec.engine.state import BatchState
 ALPHA_PRIOR = 0.8  # StreamingLLM-512 self-speculation accepts 0.79-0.84 on PG-19 (MagicDec, Llama-3.1-8B)
 PRIOR_TRIALS = 4.0  # the prior weighs as much as 4 observed draft positions: the text decides within rounds
 FORGET = 0.9  # per round: an estimate follows the text within ~10 rounds
-RATIO_FORGET = 0.7  # measured/predicted time ratios: follow the machine within a few rounds
+LEVEL_FORGET = 0.7  # the machine's speed: followed within a few rounds
+FACTOR_MIN_WEIGHT = 0.15  # a kind of step's cost relative to a plain step: a running mean, down to this weight
 PROBE_SHARE = 0.015  # while plain, speculative probe rounds may cost this share of the time …
 PROBE_EVERY = 64  # … and one runs at least this often
 PLAIN_EVERY = 32  # while speculating, one round in this many is a plain step
@@ -57,19 +60,47 @@ class AlphaEstimate:
 
 
 class Calibration:
-    """Running ratios of measured to predicted seconds, by kind of step."""
+    """This machine's step times against the cost model's predictions, split into what is common to every
+    step and what is particular to each kind of step.
 
-    def __init__(self, forget: float = RATIO_FORGET) -> None:
-        self.forget, self.ratios = forget, {}
+    - `level`: measured/predicted time of a plain step, moved by every round (a speculative round through
+      its kinds' factors), so it follows the machine as it speeds up and slows down;
+    - `factor(kind)`: a draft step's or a verification's measured/predicted time relative to the level at
+      the time, a running mean over its observations (the most recent weigh at least `min_weight`).
 
-    def update(self, key: object, measured: float, predicted: float) -> None:
+    Choosing γ compares kinds at one moment, which only the factors decide: a probe timed while the
+    machine was slow does not make speculation look slow once the machine is fast again, and a plain step
+    timed long ago does not set the baseline of today.
+    """
+
+    def __init__(self, forget: float = LEVEL_FORGET, min_weight: float = FACTOR_MIN_WEIGHT) -> None:
+        self.forget, self.min_weight = forget, min_weight
+        self.level: float | None = None
+        self.factors: dict[object, tuple[float, int]] = {}  # kind → (factor, observations)
+
+    def factor(self, kind: object, default: float | None = None) -> float | None:
+        return self.factors[kind][0] if kind in self.factors else default
+
+    def plain(self, measured: float, predicted: float) -> None:
         if measured > 0 and predicted > 0:
-            old = self.ratios.get(key)
-            r = measured / predicted
-            self.ratios[key] = r if old is None else self.forget * old + (1 - self.forget) * r
+            self._move(measured / predicted)
 
-    def get(self, key: object, default: float | None = None) -> float | None:
-        return self.ratios.get(key, default)
+    def round(self, parts: list[tuple[object, float, float]]) -> None:
+        """A speculative round's (kind, measured, predicted) parts: each kind's factor learns from the
+        level before the round, then the level moves by the whole round."""
+        parts = [(k, m, p) for k, m, p in parts if m > 0 and p > 0]
+        if not parts:
+            return
+        if self.level is None:  # nothing to be relative to yet: the round sets the level
+            self.level = sum(m for _, m, _ in parts) / sum(p for _, _, p in parts)
+        for kind, m, p in parts:
+            old, n = self.factors.get(kind, (0.0, 0))
+            w = max(1.0 / (n + 1), self.min_weight)
+            self.factors[kind] = ((1 - w) * old + w * m / (p * self.level), n + 1)
+        self._move(sum(m for _, m, _ in parts) / sum(p * self.factors[k][0] for k, _, p in parts))
+
+    def _move(self, observed: float) -> None:
+        self.level = observed if self.level is None else self.forget * self.level + (1 - self.forget) * observed
 
 
 class AutoGamma:
@@ -81,31 +112,34 @@ class AutoGamma:
         self.cost, self.max_gamma, self.max_new_tokens = cost, max_gamma, max_new_tokens
         self.alpha = alpha or AlphaEstimate()
         self.calibration = Calibration()
-        self.overhead: float | None = None  # measured seconds per round beyond drafting and verifying
+        self.overhead: float | None = None  # measured seconds per round beyond drafting and verifying, / level
+        self._plain_timed = False
         self.probe_every, self._plain_steps = probe_every, 0
         self.plain_every, self._spec_rounds = plain_every, 0
         self.predicted: list[float] = []  # the speedup expected of each choice, for diagnostics
         self._step: tuple[int, list[int]] | None = None
 
-    def _verify_ratio(self, gamma: int) -> float:
-        """Measured/predicted verification time at γ; an untried γ takes the nearest tried one's (the
-        smaller on a tie), and before any the plain step's (the machine's level), or 1."""
-        seen = {k: v for k, v in self.calibration.ratios.items() if isinstance(k, int)}
+    def _verify_factor(self, gamma: int) -> float:
+        """Verification at γ relative to a plain step, measured against the model's prediction; an untried
+        γ takes the nearest tried one's (the smaller on a tie), and before any, 1 (the model's shape)."""
+        seen = [k for k in self.calibration.factors if isinstance(k, int)]
         if not seen:
-            return self.calibration.get("target", 1.0)
-        return seen[gamma] if gamma in seen else seen[min(seen, key=lambda k: (abs(k - gamma), k))]
+            return 1.0
+        nearest = gamma if gamma in seen else min(seen, key=lambda k: (abs(k - gamma), k))
+        return self.calibration.factors[nearest][0]
 
     def choose(self, state: BatchState) -> int:
         contexts = state.contexts()
         batch = len(contexts)
         cal = self.calibration
-        t_target = self.cost.t_target(batch, contexts) * cal.get("target", self._verify_ratio(1))
-        t_draft = self.cost.t_draft(batch, contexts) * cal.get("draft", self._verify_ratio(1))
-        overhead = self.overhead if self.overhead is not None else self.cost.hardware.round_overhead_s
+        level = cal.level or 1.0
+        t_target = self.cost.t_target(batch, contexts) * level
+        t_draft = self.cost.t_draft(batch, contexts) * level * cal.factor("draft", self._verify_factor(1))
+        overhead = (self.cost.hardware.round_overhead_s if self.overhead is None else self.overhead) * level
         alpha = self.alpha.value
         spec_gamma, spec_best = 0, 0.0  # the best speculative γ, and its predicted speedup
         for g in range(1, self._gamma_limit(state) + 1):
-            t_verify = self.cost.t_verify(batch, contexts, g) * self._verify_ratio(g)
+            t_verify = self.cost.t_verify(batch, contexts, g) * level * self._verify_factor(g)
             speedup = omega(g, alpha) * t_target / (g * t_draft + t_verify + overhead)
             if speedup > spec_best:
                 spec_gamma, spec_best = g, speedup
@@ -114,7 +148,7 @@ class AutoGamma:
             self._plain_steps += 1
             if spec_gamma and self._plain_steps >= self._probe_gap(spec_best, omega(spec_gamma, alpha)):
                 gamma, self._plain_steps = spec_gamma, 0
-        elif "target" not in cal.ratios:
+        elif not self._plain_timed:
             gamma = 0  # measure the baseline first
         else:
             self._plain_steps = 0
@@ -135,7 +169,7 @@ class AutoGamma:
     def _gamma_limit(self, state: BatchState) -> int:
         """γ climbs at most CLIMB above the largest γ verified so far (whose time it has measured), and
         never drafts past the tokens the longest-running live sequence still needs."""
-        tried = max((k for k in self.calibration.ratios if isinstance(k, int)), default=0)
+        tried = max((k for k in self.calibration.factors if isinstance(k, int)), default=0)
         limit = min(self.max_gamma, tried + CLIMB)
         if self.max_new_tokens is not None:
             left = max((self.max_new_tokens - len(o.token_ids) for o in state.outputs if o.finish_reason is None),
@@ -150,11 +184,14 @@ class AutoGamma:
             return
         batch, contexts = self._step
         draft_s, verify_s, rest_s = seconds
+        cal = self.calibration
         if gamma == 0:
-            self.calibration.update("target", verify_s, self.cost.t_target(batch, contexts))
+            self._plain_timed = True
+            cal.plain(verify_s, self.cost.t_target(batch, contexts))
             return
         self.alpha.update(gamma, accepted)
-        self.calibration.update("draft", draft_s / gamma, self.cost.t_draft(batch, contexts))
-        self.calibration.update(gamma, verify_s, self.cost.t_verify(batch, contexts, gamma))
-        f = RATIO_FORGET
-        self.overhead = rest_s if self.overhead is None else f * self.overhead + (1 - f) * rest_s
+        cal.round([("draft", draft_s / gamma, self.cost.t_draft(batch, contexts)),
+                   (gamma, verify_s, self.cost.t_verify(batch, contexts, gamma))])
+        rest = rest_s / (cal.level or 1.0)  # bookkeeping, at the machine's level of speed
+        f = LEVEL_FORGET
+        self.overhead = rest if self.overhead is None else f * self.overhead + (1 - f) * rest
