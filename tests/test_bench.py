@@ -19,7 +19,7 @@ from magicdec.cli import bench
 POINT_FIELDS = {"type", "engine", "batch", "context", "config", "drafter", "budget", "gamma", "prefill_s",
                 "decode_s", "decode_tokens", "tokens_per_s", "latency_s", "synthetic", "synthetic_acceptance",
                 "max_new_tokens", "repeats"}
-SPEC_FIELDS = {"acceptance_rate", "mean_accepted_tokens", "gamma_history", "gamma_counts", "speedup",
+SPEC_FIELDS = {"acceptance_rate", "mean_accepted_tokens", "gamma_history", "gamma_histories", "gamma_counts", "speedup",
                "speedup_min", "speedup_max", "speedups", "matches_plain", "over_peers"}
 
 
@@ -97,6 +97,9 @@ def test_bench_end_to_end_with_hf_peer(tiny_dir: Path, corpus: Path, tmp_path: P
         assert SPEC_FIELDS <= set(r)
         assert r["matches_plain"] is True and len(r["speedups"]) == 2
         assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+        assert len(r["gamma_histories"]) == 2 and r["gamma_histories"][0] == r["gamma_history"]
+        rounds = sum(map(len, r["gamma_histories"])) / 2  # per run, averaged
+        assert abs(sum(r["gamma_counts"].values()) - rounds) <= 0.05 * len(r["gamma_counts"])
         assert set(r["over_peers"]) == {"hf-plain", "hf-prompt-lookup"}
     peers = {r["config"]: r for r in records if r["engine"] == "hf"}
     assert set(peers) == {"hf-plain", "hf-prompt-lookup", "hf-assisted"}

@@ -205,12 +205,19 @@ def summarize(cfg: BenchConfig, runs: list[GenerationResult], plain: list[Genera
                mean_accepted_tokens=s.mean_accepted_tokens if drafted else None,
                draft_s=_median([r.stats.draft_s for r in runs]), verify_s=_median([r.stats.verify_s for r in runs]),
                draft_prefill_s=_median([r.stats.draft_prefill_s for r in runs]),
-               gamma_history=s.gamma_history, gamma_counts=dict(sorted(Counter(s.gamma_history).items())),
+               gamma_history=s.gamma_history, gamma_histories=[r.stats.gamma_history for r in runs],
+               gamma_counts=_mean_counts([r.stats.gamma_history for r in runs]),
                alpha_estimate=s.extra.get("alpha_estimate"), speedup=_median(ratios), speedup_min=min(ratios),
                speedup_max=max(ratios), speedups=ratios, steady_speedup=_median(steady),
                matches_plain=None if synthetic is not None else all(
                    t == [o.token_ids for o in plain[0].outputs] for t in ours))
     return rec
+
+
+def _mean_counts(histories: list[list[int]]) -> dict[int, float]:
+    """Rounds per run at each γ, averaged over the runs (auto's choices differ from run to run)."""
+    total = Counter(g for h in histories for g in h)
+    return {g: round(n / len(histories), 1) for g, n in sorted(total.items())}
 
 
 Peers = Callable[[list[list[int]], int], list[dict[str, Any]]]  # (prompts, max_new_tokens) → peer records

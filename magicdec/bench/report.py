@@ -93,11 +93,11 @@ def _same(x: bool | None) -> str:
 
 
 def gamma_label(rec: dict[str, Any]) -> str:
-    """The γ of a record: fixed, or for auto the rounds each γ was chosen ('auto: 0×29 1×1')."""
+    """The γ of a record: fixed, or for auto the rounds each γ was chosen, per run ('auto: 0×29 1×1.5')."""
     counts = rec.get("gamma_counts") or {}
     if rec.get("gamma") != "auto" or not counts:
         return str(rec.get("gamma") or "—")
-    return "auto: " + " ".join(f"{g}×{n}" for g, n in counts.items())
+    return "auto: " + " ".join(f"{g}×{n:g}" for g, n in counts.items())
 
 
 def markdown(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
