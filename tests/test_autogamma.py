@@ -54,7 +54,7 @@ def test_measured_costs_override_the_model() -> None:
         accepted = [min(i % 5, g) for i in range(32)]  # 0, 1, 2, 3, 4 accepted: α ≈ 0.7
         auto.observe(g, accepted, (5 * g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
         g = auto.choose(state) or 1
-    assert auto.costs.factor(None) > 4 and auto.choose(state) <= 1
+    assert auto.calibration.get("draft") > 4 and auto.choose(state) <= 1
 
 
 def test_a_plain_step_slower_than_predicted_keeps_speculating_and_a_faster_one_stops_it() -> None:
@@ -81,24 +81,6 @@ def test_plain_steps_are_remeasured_while_speculating() -> None:
         else:
             auto.observe(0, [], (0.0, auto.cost.t_target(b, ctx), 0.0))
     assert history.count(0) == 2 and all(g >= 2 for g in history if g)
-
-
-def test_a_probe_timed_while_the_machine_was_slow_does_not_stop_speculation_once_it_is_fast() -> None:
-    """The machine slows down 1.5x for a while (plain steps and one speculative round, all 1.5x the
-    model), then recovers: the round was as costly as the model says relative to the plain steps of its
-    time, so speculation (predicted 1.33x here) goes on once plain steps are fast again."""
-    auto, state = policy(8192, 32)
-    b, ctx = 32, state.contexts()
-    g = auto.choose(state)
-    for _ in range(5):
-        auto.observe(0, [], (0.0, 1.5 * auto.cost.t_target(b, ctx), 0.0))
-    assert g == 2
-    accepted = [0] * 6 + [1] * 5 + [2] * 21  # α stays 0.8
-    rest = auto.cost.hardware.round_overhead_s
-    auto.observe(g, accepted, (1.5 * g * auto.cost.t_draft(b, ctx), 1.5 * auto.cost.t_verify(b, ctx, g), 1.5 * rest))
-    for _ in range(5):
-        auto.observe(0, [], (0.0, auto.cost.t_target(b, ctx), 0.0))
-    assert auto.costs.level < 1.1 and auto.choose(state) >= 1
 
 
 # Simulated machines whose step times differ from the cost model the policy plans with (plain steps faster,
@@ -130,10 +112,9 @@ def test_auto_is_within_5_percent_of_the_best_fixed_gamma_in_simulation(
 def test_gamma_never_drafts_past_the_tokens_still_needed() -> None:
     auto, state = policy(32768, 32)
     auto.max_new_tokens = 3  # every row holds 1 token (from prefill): 2 to go, so at most 1 draft
-    chosen = [auto.choose(state) for _ in range(20)]
-    assert max(chosen) == 1
+    assert auto.choose(state) == 1
     auto.max_new_tokens = 2
-    assert {auto.choose(state) for _ in range(20)} == {0}
+    assert auto.choose(state) == 0
 
 
 def test_gamma_climbs_step_by_step_to_what_it_has_timed() -> None:

@@ -1,28 +1,26 @@
-"""`--gamma auto`: choose γ every round from the cost model, what this run has measured, and how sure
-it is of it.
+"""`--gamma auto`: choose γ every round from the cost model, a running estimate of α, and the step
+times this run actually measures.
 
 Each round the policy asks the cost model for T_T, T_D and T_V(γ) of the batch as it is now — its size
 and every sequence's current context — and picks the γ (0 = a plain decoding step) that maximises
-Eq. 1's speedup Ω(γ, α)·T_T / (γ·T_D + T_V(γ) + R).
+Eq. 1's speedup Ω(γ, α)·T_T / (γ·T_D + T_V(γ) + R) at the acceptance rate estimated so far.
 
 - α: per sequence and round, the draft positions tried (up to and including the first rejection) and
   those accepted, older rounds forgotten geometrically, from a prior worth a few draft positions.
-- Step costs (`StepCosts`): every round reports how long drafting, verification and the rest took. A
-  Kalman filter splits the measured/predicted times into the machine's level, which drifts from round
-  to round (this VM's speed moves by 10-20% within minutes), and per kind of speculative step (a draft
-  step, verification at each γ) a constant factor relative to a plain step, which is what the model may
-  have wrong and what decides the choice. Kinds not yet timed borrow from those that have (the prior
-  correlates neighbouring γ), and the filter knows how well each factor is known: a factor is pinned
-  down by plain and speculative steps timed close together, not by one probe in a slow spell.
-- The choice is Thompson sampling: one draw of the factors from what the run believes (at `EXPLORE` of
-  its spread: full draws explored too much in simulation), and the γ fastest under that draw at the
-  estimated α. Where one γ clearly wins it is taken almost always; near a tie, where
-  the choice costs little either way, the candidates keep being tried, so the measurements that settle
-  the tie keep coming. The draws come from a seeded generator: a run's choices are reproducible.
-- The first round is a plain step (the baseline every choice is weighed against), and one in
-  `plain_every` speculative rounds is too, so a cost model that flatters speculation is caught by the
-  clock. γ climbs at most `CLIMB` above the largest γ already timed, and never drafts past the tokens
-  the batch still needs (`max_new_tokens`).
+- Calibration: every round reports how long drafting, verification and the rest took. The policy keeps
+  running ratios of measured to predicted time — for a draft step, for verification at each γ tried
+  (an untried γ takes the nearest tried one's), for a plain step — and the measured bookkeeping time
+  as R. Until a kind of step has been timed it takes the level of those that have. The cost model's
+  shape (how costs scale with batch, context and γ) is kept; its level is corrected to what this
+  machine does now.
+- γ climbs at most `CLIMB` above the largest γ already timed, and never drafts past the tokens the
+  batch still needs (`max_new_tokens`).
+- While γ = 0 is chosen nothing is learned about drafting, so the best speculative γ runs as a probe
+  round now and then: as often as keeps the probes' predicted extra time near `PROBE_SHARE` of the
+  run (often when speculation is close to paying, rarely when it is far from it, at least every
+  `probe_every` plain steps). Conversely, while speculating nothing is learned about a plain step, the
+  baseline every choice is weighed against: the first round is a plain step, and one more runs every
+  `plain_every` speculative rounds, so a cost model that flatters speculation is caught by the clock.
 
 How much this exploring costs is measured in simulation (`magicdec.bench.policy_sim`, tests and
 benchmarks/autogamma_sim.py) as well as on the machine (docs/cost-model.md).
@@ -31,7 +29,6 @@ benchmarks/autogamma_sim.py) as well as on the machine (docs/cost-model.md).
 from __future__ import annotations
 
 import math
-import random
 
 from magicdec.costmodel import CostModel, omega
 from magicdec.engine.state import BatchState
@@ -39,12 +36,9 @@ from magicdec.engine.state import BatchState
 ALPHA_PRIOR = 0.8  # StreamingLLM-512 self-speculation accepts 0.79-0.84 on PG-19 (MagicDec, Llama-3.1-8B)
 PRIOR_TRIALS = 4.0  # the prior weighs as much as 4 observed draft positions: the text decides within rounds
 FORGET = 0.9  # per round: an estimate follows the text within ~10 rounds
-STEP_NOISE = 0.10  # σ of log(measured / predicted) of one step, beyond the machine's drift
-DRIFT = 0.05  # σ per round of the drift of the machine's log-speed
-FACTOR_PRIOR = 0.3  # σ of a kind of step's log cost relative to a plain step, against the model, a priori
-NEIGHBOUR = 0.95  # a priori correlation of those of verification at γ and γ + 1 (0.5: drafting and γ = 1)
-EXPLORE = 0.5  # factors are drawn at this fraction of the filter's spread (a tempered Thompson sampling)
-OVERHEAD_FORGET = 0.7  # the bookkeeping time per round, followed within a few rounds
+RATIO_FORGET = 0.7  # measured/predicted time ratios: follow the machine within a few rounds
+PROBE_SHARE = 0.015  # while plain, speculative probe rounds may cost this share of the time …
+PROBE_EVERY = 64  # … and one runs at least this often
 PLAIN_EVERY = 32  # while speculating, one round in this many is a plain step
 CLIMB = 2  # γ rises at most this far above the largest γ whose verification has been timed
 
@@ -62,137 +56,87 @@ class AlphaEstimate:
         self.trials = self.forget * self.trials + sum(min(k + 1, gamma) for k in accepted)
 
 
-class StepCosts:
-    """A Kalman filter over this machine's step times against the cost model's predictions, in logs:
-    state 0 is the machine's level (a plain step's measured/predicted time), drifting from round to round;
-    then, per kind of speculative step — a draft step, verification at γ = 1 … max_gamma — its cost
-    relative to a plain step's, a constant the model may have wrong (a priori within `FACTOR_PRIOR`,
-    neighbouring kinds alike). A plain step observes the level; a draft step or a verification, the level
-    plus its factor. Only the factors decide which γ is fastest, and what pins them down is how kinds of
-    step compare at moments close in time: a spell of slow machine moves the level, not the factors."""
+class Calibration:
+    """Running ratios of measured to predicted seconds, by kind of step."""
 
-    def __init__(self, max_gamma: int, noise: float = STEP_NOISE, drift: float = DRIFT,
-                 prior: float = FACTOR_PRIOR, neighbour: float = NEIGHBOUR) -> None:
-        self.noise, self.drift = noise, drift
-        n = max_gamma + 2  # level, draft, verification at 1 … max_gamma
-        corr = [[1.0] * (n - 1) for _ in range(n - 1)]  # draft ~ 0.5 · verify(1); verifications AR(1)
-        for i in range(1, n - 1):
-            for j in range(1, n - 1):
-                corr[i][j] = neighbour ** abs(i - j)
-            corr[0][i] = corr[i][0] = 0.5 * neighbour ** (i - 1)
-        self.x = [0.0] * n
-        self.P = [[0.0] * n for _ in range(n)]
-        self.P[0][0] = 1.0  # the level: anything within a factor of e, a priori
-        for i in range(1, n):
-            for j in range(1, n):
-                self.P[i][j] = prior * prior * corr[i - 1][j - 1]
-        self.timed: set[int] = set()  # γ whose verification has been observed
+    def __init__(self, forget: float = RATIO_FORGET) -> None:
+        self.forget, self.ratios = forget, {}
 
-    @staticmethod
-    def kind(gamma: int | None) -> int:
-        """State index of a draft step (None) or of verification at γ."""
-        return 1 if gamma is None else gamma + 1
+    def update(self, key: object, measured: float, predicted: float) -> None:
+        if measured > 0 and predicted > 0:
+            old = self.ratios.get(key)
+            r = measured / predicted
+            self.ratios[key] = r if old is None else self.forget * old + (1 - self.forget) * r
 
-    def factor(self, gamma: int | None) -> float:
-        return math.exp(self.x[self.kind(gamma)])
-
-    @property
-    def level(self) -> float:
-        return math.exp(self.x[0])
-
-    def round(self) -> None:
-        """A round has passed: the machine may have drifted."""
-        self.P[0][0] += self.drift * self.drift
-
-    def observe(self, measured: float, predicted: float, gamma: int | None = None, plain: bool = False) -> None:
-        """One step's time: a plain step, a draft step (gamma None), or verification at γ."""
-        if not (measured > 0 and predicted > 0):
-            return
-        idx = [0] if plain else [0, self.kind(gamma)]
-        if not plain and gamma is not None:
-            self.timed.add(gamma)
-        P, n = self.P, len(self.x)
-        ph = [sum(P[i][j] for j in idx) for i in range(n)]  # P hᵀ
-        s = sum(ph[j] for j in idx) + self.noise * self.noise
-        innovation = math.log(measured / predicted) - sum(self.x[j] for j in idx)
-        for i in range(n):
-            self.x[i] += ph[i] * innovation / s
-        for i in range(n):
-            for j in range(n):
-                P[i][j] -= ph[i] * ph[j] / s
-
-    def sample_factors(self, rng: random.Random, spread: float = 1.0) -> list[float]:
-        """A draw of every factor (draft, verification at 1 … max_gamma) from the filter's belief, its
-        spread scaled by `spread`."""
-        n = len(self.x) - 1
-        L = _cholesky([row[1:] for row in self.P[1:]])
-        z = [spread * rng.gauss(0.0, 1.0) for _ in range(n)]
-        return [math.exp(self.x[i + 1] + sum(L[i][k] * z[k] for k in range(i + 1))) for i in range(n)]
-
-
-def _cholesky(a: list[list[float]]) -> list[list[float]]:
-    """Lower-triangular L with L Lᵀ = a, for a symmetric positive semi-definite a (pivots below 0 → 0)."""
-    n = len(a)
-    L = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1):
-            s = a[i][j] - sum(L[i][k] * L[j][k] for k in range(j))
-            if i == j:
-                L[i][j] = math.sqrt(max(s, 0.0))
-            else:
-                L[i][j] = s / L[j][j] if L[j][j] > 1e-12 else 0.0
-    return L
+    def get(self, key: object, default: float | None = None) -> float | None:
+        return self.ratios.get(key, default)
 
 
 class AutoGamma:
     """A `GammaPolicy` driven by a `CostModel`, calibrated by the run's own step times."""
 
     def __init__(self, cost: CostModel, max_gamma: int, alpha: AlphaEstimate | None = None,
-                 plain_every: int = PLAIN_EVERY, max_new_tokens: int | None = None, seed: int = 0) -> None:
+                 probe_every: int = PROBE_EVERY, plain_every: int = PLAIN_EVERY,
+                 max_new_tokens: int | None = None) -> None:
         self.cost, self.max_gamma, self.max_new_tokens = cost, max_gamma, max_new_tokens
         self.alpha = alpha or AlphaEstimate()
-        self.costs = StepCosts(max_gamma)
-        self.overhead: float | None = None  # seconds per round beyond drafting and verifying, / level
-        self.rng = random.Random(seed)
-        self.plain_every, self._spec_rounds, self._plain_timed = plain_every, 0, False
-        self.predicted: list[float] = []  # the speedup expected of each choice (at the mean belief), for diagnostics
+        self.calibration = Calibration()
+        self.overhead: float | None = None  # measured seconds per round beyond drafting and verifying
+        self.probe_every, self._plain_steps = probe_every, 0
+        self.plain_every, self._spec_rounds = plain_every, 0
+        self.predicted: list[float] = []  # the speedup expected of each choice, for diagnostics
         self._step: tuple[int, list[int]] | None = None
 
-    def speedups(self, state: BatchState, factors: list[float], alpha: float) -> list[float]:
-        """Predicted speedup over plain decoding of γ = 1 … the limit, given the factors (draft, verification
-        at 1 … max_gamma) and α."""
-        contexts = state.contexts()
-        batch = len(contexts)
-        t_target = self.cost.t_target(batch, contexts)
-        t_draft = self.cost.t_draft(batch, contexts) * factors[0]
-        overhead = self.cost.hardware.round_overhead_s if self.overhead is None else self.overhead
-        return [omega(g, alpha) * t_target
-                / (g * t_draft + self.cost.t_verify(batch, contexts, g) * factors[g] + overhead)
-                for g in range(1, self._gamma_limit(state) + 1)]
+    def _verify_ratio(self, gamma: int) -> float:
+        """Measured/predicted verification time at γ; an untried γ takes the nearest tried one's (the
+        smaller on a tie), and before any the plain step's (the machine's level), or 1."""
+        seen = {k: v for k, v in self.calibration.ratios.items() if isinstance(k, int)}
+        if not seen:
+            return self.calibration.get("target", 1.0)
+        return seen[gamma] if gamma in seen else seen[min(seen, key=lambda k: (abs(k - gamma), k))]
 
     def choose(self, state: BatchState) -> int:
-        """Thompson sampling: the γ that is fastest under one draw of the step costs from what has been
-        measured (at the estimated α) — a γ is tried about as often as it may be the best, so near a tie
-        the policy keeps comparing and where one γ clearly wins it takes it."""
-        mean = [self.costs.factor(None), *(self.costs.factor(g) for g in range(1, self.max_gamma + 1))]
-        expected = self.speedups(state, mean, self.alpha.value)
-        drawn = self.speedups(state, self.costs.sample_factors(self.rng, EXPLORE), self.alpha.value)
-        gamma = max(range(len(drawn)), key=drawn.__getitem__) + 1 if drawn and max(drawn) > 1.0 else 0
-        if gamma and not self._plain_timed:
+        contexts = state.contexts()
+        batch = len(contexts)
+        cal = self.calibration
+        t_target = self.cost.t_target(batch, contexts) * cal.get("target", self._verify_ratio(1))
+        t_draft = self.cost.t_draft(batch, contexts) * cal.get("draft", self._verify_ratio(1))
+        overhead = self.overhead if self.overhead is not None else self.cost.hardware.round_overhead_s
+        alpha = self.alpha.value
+        spec_gamma, spec_best = 0, 0.0  # the best speculative γ, and its predicted speedup
+        for g in range(1, self._gamma_limit(state) + 1):
+            t_verify = self.cost.t_verify(batch, contexts, g) * self._verify_ratio(g)
+            speedup = omega(g, alpha) * t_target / (g * t_draft + t_verify + overhead)
+            if speedup > spec_best:
+                spec_gamma, spec_best = g, speedup
+        gamma = spec_gamma if spec_best > 1.0 else 0
+        if gamma == 0:
+            self._plain_steps += 1
+            if spec_gamma and self._plain_steps >= self._probe_gap(spec_best, omega(spec_gamma, alpha)):
+                gamma, self._plain_steps = spec_gamma, 0
+        elif "target" not in cal.ratios:
             gamma = 0  # measure the baseline first
-        elif gamma:
+        else:
+            self._plain_steps = 0
             self._spec_rounds += 1
             if self._spec_rounds % self.plain_every == 0:
                 gamma = 0  # and again now and then
-        self.predicted.append(max([1.0, *expected]))
-        contexts = state.contexts()
-        self._step = (len(contexts), contexts)
+        self.predicted.append(max(spec_best, 1.0))
+        self._step = (batch, contexts)
         return gamma
+
+    def _probe_gap(self, predicted: float, tokens: float) -> int:
+        """Plain steps between probes: a probe round expected to commit `tokens` per sequence at `predicted`
+        × plain's speed costs tokens · (1/predicted − 1) plain steps more than plain decoding would, and
+        probes may cost PROBE_SHARE of the time — often when speculation is close to paying, rarely when
+        it is far from it."""
+        return max(1, min(self.probe_every, math.ceil(tokens * (1.0 / predicted - 1.0) / PROBE_SHARE)))
 
     def _gamma_limit(self, state: BatchState) -> int:
         """γ climbs at most CLIMB above the largest γ verified so far (whose time it has measured), and
         never drafts past the tokens the longest-running live sequence still needs."""
-        limit = min(self.max_gamma, max(self.costs.timed, default=0) + CLIMB)
+        tried = max((k for k in self.calibration.ratios if isinstance(k, int)), default=0)
+        limit = min(self.max_gamma, tried + CLIMB)
         if self.max_new_tokens is not None:
             left = max((self.max_new_tokens - len(o.token_ids) for o in state.outputs if o.finish_reason is None),
                        default=1)
@@ -206,15 +150,11 @@ class AutoGamma:
             return
         batch, contexts = self._step
         draft_s, verify_s, rest_s = seconds
-        costs = self.costs
-        costs.round()
         if gamma == 0:
-            self._plain_timed = True
-            costs.observe(verify_s, self.cost.t_target(batch, contexts), plain=True)
+            self.calibration.update("target", verify_s, self.cost.t_target(batch, contexts))
             return
         self.alpha.update(gamma, accepted)
-        costs.observe(draft_s / gamma, self.cost.t_draft(batch, contexts))
-        costs.observe(verify_s, self.cost.t_verify(batch, contexts, gamma), gamma)
-        rest = rest_s / costs.level  # bookkeeping, at the machine's level of speed
-        f = OVERHEAD_FORGET
-        self.overhead = rest if self.overhead is None else f * self.overhead + (1 - f) * rest
+        self.calibration.update("draft", draft_s / gamma, self.cost.t_draft(batch, contexts))
+        self.calibration.update(gamma, verify_s, self.cost.t_verify(batch, contexts, gamma))
+        f = RATIO_FORGET
+        self.overhead = rest_s if self.overhead is None else f * self.overhead + (1 - f) * rest_s
