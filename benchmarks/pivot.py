@@ -70,10 +70,11 @@ def held_out(fixed: list[dict], auto: dict) -> float:
     """auto's throughput over that of the fixed γ that was fastest on the other half of the repetitions
     (even / odd), averaged over both halves: "the best fixed γ" as a previous benchmark would have picked
     it, free of the upward bias of taking the fastest of several noisy medians."""
+    def med(r: dict, half: int) -> float:
+        return statistics.median(r["decode_s_all"][half::2])
+
     ratios = []
     for pick, judge in ((0, 1), (1, 0)):
-        def med(r: dict, half: int) -> float:
-            return statistics.median(r["decode_s_all"][half::2])
         chosen = min(fixed, key=lambda r: med(r, pick))
         ratios.append(med(chosen, judge) / med(auto, judge))
     return statistics.mean(ratios)

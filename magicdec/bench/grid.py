@@ -201,12 +201,12 @@ def summarize(cfg: BenchConfig, runs: list[GenerationResult], plain: list[Genera
               if p.stats.steady_tokens_per_s and r.stats.steady_tokens_per_s]
     ours = [[o.token_ids for o in r.outputs] for r in runs]
     drafted = s.draft_tokens > 0  # gamma="auto" may choose γ = 0 (plain steps) throughout
+    histories = [r.stats.gamma_history for r in runs]
     rec.update(acceptance_rate=s.acceptance_rate if drafted else None,
                mean_accepted_tokens=s.mean_accepted_tokens if drafted else None,
                draft_s=_median([r.stats.draft_s for r in runs]), verify_s=_median([r.stats.verify_s for r in runs]),
                draft_prefill_s=_median([r.stats.draft_prefill_s for r in runs]),
-               gamma_history=s.gamma_history, gamma_histories=[r.stats.gamma_history for r in runs],
-               gamma_counts=_mean_counts([r.stats.gamma_history for r in runs]),
+               gamma_history=s.gamma_history, gamma_histories=histories, gamma_counts=_mean_counts(histories),
                alpha_estimate=s.extra.get("alpha_estimate"), speedup=_median(ratios), speedup_min=min(ratios),
                speedup_max=max(ratios), speedups=ratios, steady_speedup=_median(steady),
                matches_plain=None if synthetic is not None else all(
