@@ -247,6 +247,26 @@ def test_fit_with_one_layer_count_fits_the_total_overhead() -> None:
     assert fit.effective_flops(4) == cpu.effective_flops(4)  # never compute-bound: kept from the base
 
 
+def test_measure_point_times_every_step_kind_through_the_engine_and_the_records_fit(tiny_llm) -> None:  # noqa: ANN001
+    """What `magicdec profile` runs: one record per kind of step (verification and drafting through the
+    engine's own runners), each a positive time, and a profile fitted from them explains them."""
+    import torch
+
+    from magicdec.costmodel.device import builtin_profile_name
+    from magicdec.costmodel.measure import measure_point
+    from magicdec.spec.config import SpecConfig
+
+    spec = SpecConfig(method="self", budget=64, sinks=4, gamma=2, max_gamma=2)
+    recs = list(measure_point(tiny_llm, 2, 256, [1, 2], spec, repeats=2, steps=2))
+    assert [(r["kind"], r["gamma"]) for r in recs] == [("target", 0), ("verify", 1), ("verify", 2), ("draft", 0),
+                                                       ("round", 1), ("round", 2)]
+    assert all(r["batch"] == 2 and r["context"] == 256 and 0 < r["seconds"] < 5 for r in recs)
+    assert builtin_profile_name(torch.device("cpu")) == "cpu"
+    fit = fit_profile(recs, load_profile("cpu"), target=tiny_llm.config, draft=DraftSpec("self", 64), dtype_bytes=4)
+    errors = relative_errors(recs, fit, target=tiny_llm.config, draft=DraftSpec("self", 64), dtype_bytes=4)
+    assert len(errors) == len(recs) and all(math.isfinite(e) for e in errors)
+
+
 # ---- plan -------------------------------------------------------------------------------------------
 def _run_plan(*argv: str) -> tuple[int, str, str]:
     parser = argparse.ArgumentParser()

@@ -118,6 +118,28 @@ def test_gamma_zero_rounds_fall_back_to_plain_steps(tiny_llm: LLM) -> None:
         assert 0 in out.stats.gamma_history
 
 
+def test_a_self_draft_holding_everything_accepts_everything_after_plain_steps(tiny_llm: LLM) -> None:
+    """Self-speculation whose StreamingLLM budget covers every position drafts exactly what the target
+    decodes, provided the plain steps between rounds reached the draft cache (`Drafter.catch_up`)."""
+    class Mixed:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def choose(self, state) -> int:
+            self.n += 1
+            return (0, 0, 3, 0, 2, 0, 0, 0)[self.n % 8]
+
+        def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
+            pass
+
+    prompts = random_prompts(3, [40, 9, 23], tiny_llm.config.vocab_size, seed=21)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    spec = SpecConfig(method="self", budget=128, sinks=2, gamma=3)
+    out = tiny_llm.generate(prompts, params, spec, gamma_policy=Mixed())
+    assert out.stats.acceptance_rate == 1.0 and 0 in out.stats.gamma_history
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in tiny_llm.generate(prompts, params).outputs]
+
+
 def test_compare_reports_speedup_and_identical_outputs(tiny_llm: LLM) -> None:
     prompts = random_prompts(2, [40, 25], tiny_llm.config.vocab_size, seed=2)
     r = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True),
@@ -212,3 +234,51 @@ def test_in_cache_positions_move_kept_keys_next_to_the_window() -> None:
     start = n - 1 - window + 1  # oldest window position seen by the query at n - 1
     moved_cos, moved_sin = rope(torch.arange(start - sinks, start)[None], torch.float32)
     assert torch.allclose(kept, apply_rope(raw[:, :, :sinks], moved_cos, moved_sin), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [3, 40])  # fewer, and more, plain steps than the draft's window
+def test_catch_up_after_plain_steps_equals_a_fresh_draft_prefill(steps: int) -> None:
+    """gamma=auto's plain steps copy nothing into a self-draft's cache; `catch_up` before the next draft
+    must leave exactly what a StreamingLLM prefill at the new lengths holds: the sinks and the last
+    window of every live row (a finished row keeps what it had)."""
+    from magicdec.loading.random_init import random_model
+    from magicdec.spec.drafter import Drafter
+
+    cfg = tiny_config()
+    model = random_model(cfg, "cpu", torch.float32)
+    B, window = 3, 16
+    target = DenseKVCache.for_model(model, B, 120)
+    torch.manual_seed(5)
+    target.k.normal_()
+    target.v.normal_()
+    tokens = torch.zeros((B, 122), dtype=torch.long)
+
+    def drafter(lens: list[int]) -> Drafter:
+        cache = SparseKVCache(cfg.n_layers, B, model.kv_heads, cfg.head_dim, 4, window, 4, cfg.group_size,
+                              torch.float32, "cpu")
+        d = Drafter(model, cache, "target")
+        d.prefill(model, target, tokens, lens, 64)
+        return d
+
+    start = [50, 20, 33]
+    active = torch.tensor([True, True, False])
+    lengths = torch.tensor(start)
+    d = drafter(start)
+    for _ in range(steps):
+        d.commit(lengths, torch.zeros_like(lengths), 0, target, active)  # a plain step: nothing copied yet
+        lengths = lengths + active.long()
+    d.catch_up(target, lengths, active)
+    fresh = drafter(lengths.tolist())
+    for row in range(B):
+        if not active[row]:
+            assert int(d.seen[row]) == start[row]
+            continue
+        n = int(lengths[row])
+        for c in (d.cache, fresh.cache):
+            tags = c.tags[row, : c.n_slots]
+            assert sorted(t for t in tags.tolist() if t >= n - window or 0 <= t < 4) == \
+                [*range(4), *range(n - window, n)]
+        slots = d.cache.slot_of(torch.tensor([*range(4), *range(n - window, n)]))
+        assert torch.equal(d.cache.k[:, row, :, slots], fresh.cache.k[:, row, :, slots])
+        assert torch.equal(d.cache.v[:, row, :, slots], fresh.cache.v[:, row, :, slots])
+    assert torch.equal(d.seen[:2], lengths[:2])

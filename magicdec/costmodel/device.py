@@ -43,10 +43,12 @@ def device_profile(device: torch.device, config: ModelConfig, dtype: torch.dtype
     saved = saved_profile_path(device, config, dtype)
     if saved.is_file():
         return load_profile(saved)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for key, profile in _GPU_NAMES:
-            if key in name:
-                return BUILTIN_PROFILES[profile]
-        return BUILTIN_PROFILES["h100"]
-    return BUILTIN_PROFILES["cpu"]
+    return BUILTIN_PROFILES[builtin_profile_name(device)]
+
+
+def builtin_profile_name(device: torch.device) -> str:
+    """The built-in (datasheet) profile for this device: a GPU by its name (h100 if unknown), or "cpu"."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return next((profile for key, profile in _GPU_NAMES if key in name), "h100")

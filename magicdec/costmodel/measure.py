@@ -72,7 +72,7 @@ def random_batch(llm: LLM, batch: int, context: int, steps: int, max_gamma: int,
 def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: SpecConfig, repeats: int = 3,
                   steps: int = 6) -> Iterator[dict[str, Any]]:
     """Yield the "target", "verify", "draft" and "round" records of one (batch, context) point."""
-    dev, model = llm.device, llm.model
+    dev = llm.device
     max_gamma = max(gammas)
     pre = random_batch(llm, batch, context, steps * (max_gamma + 1), max_gamma)
     point = {"batch": batch, "context": context}
@@ -80,16 +80,18 @@ def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: S
     plain = [llm.decode(_limit(pre, steps)).stats.decode_s / steps for _ in range(repeats + 1)]
     yield {**point, "kind": "target", "gamma": 0, "seconds": statistics.median(plain[1:])}
 
+    # the forwards the engine runs (CUDA-graph replays on CUDA), on the same inputs
     ids = pre.state.tokens[:, : max_gamma + 1]
     pos = torch.arange(context, context + max_gamma + 1, device=dev).expand(batch, -1)
     with torch.inference_mode():
         for g in gammas:
-            secs = timed(lambda g=g: model(ids[:, : g + 1], pos[:, : g + 1], pre.cache).argmax(-1), dev, repeats)
+            secs = timed(lambda g=g: llm.runner(ids[:, : g + 1], pos[:, : g + 1], pre.cache).argmax(-1), dev, repeats)
             yield {**point, "kind": "verify", "gamma": g, "seconds": secs}
         drafter = plan_drafter(llm, spec, batch, pre.cache.capacity).build()
         fill_random(drafter.cache, context)
-        dmodel = drafter.model
-        secs = timed(lambda: dmodel(ids[:, :1], pos[:, :1], drafter.cache).argmax(-1), dev, repeats)
+        index = torch.zeros((batch, 1), dtype=torch.long, device=dev)
+        secs = timed(lambda: drafter.forward(ids[:, :1], pos[:, :1], drafter.cache, logits_index=index).argmax(-1),
+                     dev, repeats)
         yield {**point, "kind": "draft", "gamma": 0, "seconds": secs}
 
     for g in gammas:

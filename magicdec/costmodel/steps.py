@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 from magicdec.config import ModelConfig
 from magicdec.costmodel import analysis
@@ -59,13 +60,11 @@ class StepCost:
 
 
 def _contexts(batch: int, context: Context) -> list[int]:
-    if isinstance(context, int):
-        ctx = [context] * batch
-    else:
-        ctx = list(context)
-        if len(ctx) != batch:
-            raise ValueError(f"got {len(ctx)} per-sequence contexts for batch {batch}")
-    if batch <= 0 or any(n < 0 for n in ctx):
+    """Per-sequence contexts as a list (not copied when given one: `gamma=auto` calls this every round)."""
+    ctx = [context] * batch if isinstance(context, int) else context if isinstance(context, list) else list(context)
+    if batch > 0 and len(ctx) != batch:
+        raise ValueError(f"got {len(ctx)} per-sequence contexts for batch {batch}")
+    if batch <= 0 or min(ctx) < 0:
         raise ValueError(f"batch must be positive and contexts non-negative (batch {batch})")
     return ctx
 
@@ -164,8 +163,9 @@ class CostModel:
     def _attended(model: ModelConfig, ctx: list[int], cap: int | None, q_tokens: int) -> float:
         """KV tokens read in total: each context (capped at the draft budget `cap`) plus the new
         tokens, at most the model's sliding window."""
-        if cap is None and model.sliding_window is None:
-            return float(sum(ctx) + len(ctx) * q_tokens)
+        if model.sliding_window is None:  # the usual case, summed at C speed
+            capped = sum(ctx) if cap is None else sum(map(min, ctx, repeat(cap)))
+            return float(capped + len(ctx) * q_tokens)
         budget = math.inf if cap is None else cap
         window = model.sliding_window or math.inf
         return float(sum(min(min(n, budget) + q_tokens, window) for n in ctx))

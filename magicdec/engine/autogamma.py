@@ -85,7 +85,7 @@ class AutoGamma:
         self.probe_every, self._plain_steps = probe_every, 0
         self.plain_every, self._spec_rounds = plain_every, 0
         self.predicted: list[float] = []  # the speedup expected of each choice, for diagnostics
-        self._step: tuple[int, list[int]] | None = None
+        self._step: dict[object, float] | None = None  # the last choice's uncalibrated predictions, by kind
 
     def _verify_ratio(self, gamma: int) -> float:
         """Measured/predicted verification time at γ; an untried γ takes the nearest tried one's (the
@@ -98,14 +98,17 @@ class AutoGamma:
     def choose(self, state: BatchState) -> int:
         contexts = state.contexts()
         batch = len(contexts)
-        cal = self.calibration
-        t_target = self.cost.t_target(batch, contexts) * cal.get("target", self._verify_ratio(1))
-        t_draft = self.cost.t_draft(batch, contexts) * cal.get("draft", self._verify_ratio(1))
-        overhead = self.overhead if self.overhead is not None else self.cost.hardware.round_overhead_s
+        cal, cost = self.calibration, self.cost
+        # uncalibrated predictions for this batch, kept for `observe` (one evaluation per kind and round)
+        raw: dict[object, float] = {"target": cost.t_target(batch, contexts), "draft": cost.t_draft(batch, contexts)}
+        t_target = raw["target"] * cal.get("target", self._verify_ratio(1))
+        t_draft = raw["draft"] * cal.get("draft", self._verify_ratio(1))
+        overhead = self.overhead if self.overhead is not None else cost.hardware.round_overhead_s
         alpha = self.alpha.value
         spec_gamma, spec_best = 0, 0.0  # the best speculative γ, and its predicted speedup
         for g in range(1, self._gamma_limit(state) + 1):
-            t_verify = self.cost.t_verify(batch, contexts, g) * self._verify_ratio(g)
+            raw[g] = cost.t_verify(batch, contexts, g)
+            t_verify = raw[g] * self._verify_ratio(g)
             speedup = omega(g, alpha) * t_target / (g * t_draft + t_verify + overhead)
             if speedup > spec_best:
                 spec_gamma, spec_best = g, speedup
@@ -122,7 +125,7 @@ class AutoGamma:
             if self._spec_rounds % self.plain_every == 0:
                 gamma = 0  # and again now and then
         self.predicted.append(max(spec_best, 1.0))
-        self._step = (batch, contexts)
+        self._step = raw
         return gamma
 
     def _probe_gap(self, predicted: float, tokens: float) -> int:
@@ -146,15 +149,15 @@ class AutoGamma:
     def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
         """After a round: accepted counts, and (draft, verify, rest) seconds; a plain step reports
         (0, step, 0)."""
-        if self._step is None:
-            return
-        batch, contexts = self._step
+        raw = self._step
+        if raw is None or (gamma and gamma not in raw):
+            return  # not a round this policy chose
         draft_s, verify_s, rest_s = seconds
         if gamma == 0:
-            self.calibration.update("target", verify_s, self.cost.t_target(batch, contexts))
+            self.calibration.update("target", verify_s, raw["target"])
             return
         self.alpha.update(gamma, accepted)
-        self.calibration.update("draft", draft_s / gamma, self.cost.t_draft(batch, contexts))
-        self.calibration.update(gamma, verify_s, self.cost.t_verify(batch, contexts, gamma))
+        self.calibration.update("draft", draft_s / gamma, raw["draft"])
+        self.calibration.update(gamma, verify_s, raw[gamma])
         f = RATIO_FORGET
         self.overhead = rest_s if self.overhead is None else f * self.overhead + (1 - f) * rest_s

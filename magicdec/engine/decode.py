@@ -197,6 +197,7 @@ class Decoding:
         lengths, device = state.lengths, state.tokens.device
         clock = PhaseClock(device)
         clock.mark()
+        drafter.catch_up(self.cache, lengths, state.active)  # the KV of plain steps since the last round
         drafts, draft_probs = drafter.propose(state.tokens, lengths, gamma, self.params, self.generator,
                                               state.active)
         clock.mark()

@@ -255,6 +255,8 @@ class LLM:
                 t1 = time.perf_counter()
                 drafter = draft.build()
                 drafter.prefill(self.model, cache, state.tokens, batch.prompt_lens, self.prefill_chunk)
+                if self.device.type == "cuda":  # its time, not the first decoding step's
+                    torch.cuda.synchronize(self.device)
                 stats.draft_prefill_s = time.perf_counter() - t1
                 policy = gamma_policy or self.gamma_policy(spec, drafter, params.max_new_tokens)
                 verifier = make_verifier(params, generator, spec.synthetic_acceptance)

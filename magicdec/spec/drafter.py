@@ -8,7 +8,9 @@ One class serves every draft method; what differs is configuration:
 Where the draft cache's KV comes from (`kv_source`):
 - "target": at prefill, copied from the target's cache (sinks or selected positions, plus each
   prompt's last window); after each round, the accepted positions' target KV is copied in, so the
-  draft cache is always an exact sparse subset of the target's;
+  draft cache is always an exact sparse subset of the target's. Plain decoding steps between rounds
+  (`gamma="auto"` choosing γ = 0) copy nothing: `catch_up` copies their positions (at most the last
+  window of them) in one go before the next draft, so a plain step costs what plain decoding does;
 - "own": the draft computes it, with its own prefill (windowed for a sparse cache) and the KV of
   its own decoding steps. The draft then lags the target by one or two tokens after a round, which
   it feeds at the start of the next.
@@ -45,6 +47,7 @@ class Drafter:
         self.forward = forward or ModelRunner(model)
         self.selection, self.observe, self.pool_kernel = selection, observe, pool_kernel
         self.seen = torch.zeros(0, dtype=torch.long)  # per row: positions < seen hold draft KV
+        self._plain_steps = 0  # plain steps since the last round ("target" mode): `catch_up` copies their KV
 
     @torch.inference_mode()
     def prefill(
@@ -68,7 +71,7 @@ class Drafter:
             recent = lens[:, None] - cache.window + torch.arange(cache.window, device=device)
             floor = cache.n_kept if self.selection == "sinks" else 0
             cache.copy_from(target_cache, torch.where(recent >= floor, recent, -1))
-        self.seen = lens.clone()
+        self.seen, self._plain_steps = lens.clone(), 0
 
     @torch.inference_mode()
     def propose(
@@ -115,11 +118,33 @@ class Drafter:
         return torch.stack(drafts, 1), (torch.stack(dists, 1) if dists else None)
 
     @torch.inference_mode()
+    def catch_up(self, target_cache: DenseKVCache, lengths: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Before drafting ("target" mode): copy in the target's KV of positions committed by plain steps
+        since the last round (seen .. lengths - 1); only the last `window` of them can still be seen."""
+        n = min(self._plain_steps, self.cache.window)  # no row is further behind: no device read needed
+        if self.kv_source != "target" or n == 0:
+            return
+        self._plain_steps = 0
+        B = lengths.shape[0]
+        seen = self.seen[:B]
+        pos = lengths[:, None] - n + torch.arange(n, device=lengths.device)
+        ok = pos >= seen[:, None]
+        if active is not None:
+            ok &= active[:, None]
+        assert isinstance(self.cache, SparseKVCache)
+        self.cache.copy_from(target_cache, torch.where(ok, pos, -1))
+        self.seen[:B] = torch.maximum(seen, lengths) if active is None else torch.where(active, lengths, seen)
+
+    @torch.inference_mode()
     def commit(self, lengths: torch.Tensor, accepted: torch.Tensor, gamma: int, target_cache: DenseKVCache,
                active: torch.Tensor | None = None) -> None:
-        """After verification: positions lengths .. lengths + accepted are now committed (live rows)."""
+        """After verification: positions lengths .. lengths + accepted are now committed (live rows).
+        After a plain step (γ = 0) nothing is copied yet: see `catch_up`."""
         B = lengths.shape[0]
         committed = lengths + accepted + 1
+        if self.kv_source == "target" and gamma == 0:
+            self._plain_steps += 1
+            return
         if self.kv_source == "target":
             assert isinstance(self.cache, SparseKVCache)
             offs = torch.arange(gamma + 1, device=lengths.device)
