@@ -198,6 +198,7 @@ class Decoding:
         clock = PhaseClock(device)
         clock.mark()
         drafter.catch_up(self.cache, lengths, state.active)  # the KV of plain steps since the last round
+        clock.mark()
         drafts, draft_probs = drafter.propose(state.tokens, lengths, gamma, self.params, self.generator,
                                               state.active)
         clock.mark()
@@ -210,13 +211,14 @@ class Decoding:
         state.commit(new, accepted + 1)
         host = torch.cat([accepted[:, None], new], dim=1).tolist()  # the round's one device read
         clock.mark()
-        draft_s, verify_s, rest_s = clock.seconds()
+        catch_up_s, draft_s, verify_s, rest_s = clock.seconds()
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         live = state.live()
         accepted_list = [host[i][0] for i in live]
         stats.record_round(gamma, accepted_list)
-        policy.observe(gamma, accepted_list, (draft_s, verify_s, rest_s))
+        # catching up on plain steps is the price of switching back to drafting, not of a draft step
+        policy.observe(gamma, accepted_list, (draft_s, verify_s, rest_s + catch_up_s))
         for i, k in zip(live, accepted_list):
             out = state.outputs[i]
             out.spec.rounds += 1

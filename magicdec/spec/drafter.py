@@ -121,9 +121,10 @@ class Drafter:
     def catch_up(self, target_cache: DenseKVCache, lengths: torch.Tensor, active: torch.Tensor | None = None) -> None:
         """Before drafting ("target" mode): copy in the target's KV of positions committed by plain steps
         since the last round (seen .. lengths - 1); only the last `window` of them can still be seen."""
-        n = min(self._plain_steps, self.cache.window)  # no row is further behind: no device read needed
-        if self.kv_source != "target" or n == 0:
+        if self.kv_source != "target" or self._plain_steps == 0:
             return
+        assert isinstance(self.cache, SparseKVCache)
+        n = min(self._plain_steps, self.cache.window)  # no row is further behind: no device read needed
         self._plain_steps = 0
         B = lengths.shape[0]
         seen = self.seen[:B]
@@ -131,7 +132,6 @@ class Drafter:
         ok = pos >= seen[:, None]
         if active is not None:
             ok &= active[:, None]
-        assert isinstance(self.cache, SparseKVCache)
         self.cache.copy_from(target_cache, torch.where(ok, pos, -1))
         self.seen[:B] = torch.maximum(seen, lengths) if active is None else torch.where(active, lengths, seen)
 
