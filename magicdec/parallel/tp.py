@@ -172,8 +172,9 @@ def broadcast_seed(tp: TensorParallel | None, seed: int | None, device: torch.de
 
 class RankZeroGamma:
     """Every rank must run the same γ each round (their forwards meet in collectives), but each times its
-    own steps: rank 0's policy chooses from rank 0's step times and broadcasts its choice; the other
-    ranks' policies are not consulted and learn nothing (their α estimate stays the prior)."""
+    own steps: rank 0's policy chooses from rank 0's step times and broadcasts its choice. Every rank
+    reports its rounds to its own policy, but only rank 0's is consulted (an `AutoGamma` on another rank,
+    never asked to choose, keeps nothing of them: its α estimate stays the prior)."""
 
     def __init__(self, policy: Any, tp: TensorParallel, device: torch.device) -> None:
         self.policy, self.tp = policy, tp
@@ -189,5 +190,4 @@ class RankZeroGamma:
         return int(t.item())
 
     def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
-        if self.tp.rank == 0:
-            self.policy.observe(gamma, accepted, seconds)
+        self.policy.observe(gamma, accepted, seconds)
