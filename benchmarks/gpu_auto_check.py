@@ -72,9 +72,7 @@ def fail(section: str, e: BaseException) -> None:
 
 
 def free(llm: LLM) -> None:
-    llm.runner.release()
-    for r in llm.draft_runners.values():
-        r.release()
+    llm.release_graphs()
     gc.collect()
     if llm.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -101,9 +101,7 @@ def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: S
             r = llm.decode(_limit(pre, steps * (g + 1)), cfg)
             runs.append(r.stats.decode_s / max(r.stats.rounds / batch, 1))
         yield {**point, "kind": "round", "gamma": g, "seconds": statistics.median(runs[1:])}
-    llm.runner.release()  # the graphs captured here point at this point's buffers
-    for runner in llm.draft_runners.values():
-        runner.release()
+    llm.release_graphs()  # the graphs captured here point at this point's buffers
 
 
 def _limit(pre: PrefilledBatch, steps: int) -> PrefilledBatch:

@@ -197,9 +197,7 @@ class LLM:
             plan.to_allocate["working copy of the KV cache"] = target
         plan.check(self.device, self.memory_budget)
 
-        self.runner.release()  # graphs of earlier batches point at their buffers
-        for runner in self.draft_runners.values():
-            runner.release()
+        self.release_graphs()  # graphs of earlier batches point at their buffers
         cache = DenseKVCache.for_model(self.model, len(ids), capacity)
         tokens = torch.zeros((len(ids), capacity + 2), dtype=torch.long, device=self.device)
         for r, p in enumerate(sorted_ids):
@@ -286,6 +284,11 @@ class LLM:
 
     def _lazy(self) -> bool:
         return self.runner.cuda_graphs if self.lazy_compaction is None else self.lazy_compaction
+
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs of the target and draft runners (they point at buffers of earlier batches)."""
+        for runner in (self.runner, *self.draft_runners.values()):
+            runner.release()
 
     def _capture_s(self) -> float:
         return self.runner.capture_s + sum(r.capture_s for r in self.draft_runners.values())

@@ -133,7 +133,7 @@ class Drafter:
         if active is not None:
             ok &= active[:, None]
         self.cache.copy_from(target_cache, torch.where(ok, pos, -1))
-        self.seen[:B] = torch.maximum(seen, lengths) if active is None else torch.where(active, lengths, seen)
+        self.seen[:B] = lengths if active is None else torch.where(active, lengths, seen)
 
     @torch.inference_mode()
     def commit(self, lengths: torch.Tensor, accepted: torch.Tensor, gamma: int, target_cache: DenseKVCache,
