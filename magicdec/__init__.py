@@ -6,14 +6,17 @@
 """
 
 from magicdec.config import ModelConfig
-from magicdec.engine.llm import LLM, PromptError
-from magicdec.engine.outputs import GenerationResult, RequestOutput, RunStats
-from magicdec.engine.sampling import SamplingParams
+from magicdec.engine.outputs import Acceptance, GenerationResult, RequestOutput, RunStats
+from magicdec.llm import LLM, PromptError
 from magicdec.loading import LoadError, load_model
-from magicdec.spec.config import SpecConfig
+from magicdec.runtime.sampling import SamplingParams
+from magicdec.spec.config import Auto, DraftTuning, SpecConfig
 
 __all__ = [
     "LLM",
+    "Acceptance",
+    "Auto",
+    "DraftTuning",
     "GenerationResult",
     "LoadError",
     "ModelConfig",

@@ -7,6 +7,7 @@ checkpoint fails here, with the field named, rather than deep inside a matmul.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,7 +16,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,9 @@ class RopeScaling:
     - ``default``: no scaling.
     - ``linear``: positions divided by ``factor`` (e.g. Llama-2-7B-32K, factor 8).
     - ``llama3``: the frequency-dependent interpolation of Llama-3.1/3.2.
+    - ``yarn``: YaRN (arXiv 2309.00071): dimensions rotating fewer than ``beta_slow`` times over the
+      original context are interpolated by ``factor``, those rotating more than ``beta_fast`` times are
+      kept, a linear ramp in between; cos and sin are multiplied by ``attention_scaling``.
     """
 
     rope_type: str = "default"
@@ -37,6 +41,10 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     freq_factors: tuple[float, ...] = ()  # explicit per-pair divisors (GGUF `rope_freqs`), if given
+    beta_fast: float = 32.0  # yarn: rotations above which a dimension is extrapolated (kept)
+    beta_slow: float = 1.0  # yarn: rotations below which a dimension is interpolated
+    attention_factor: float | None = None  # yarn: cos/sin multiplier; None: 0.1·ln(factor) + 1
+    truncate: bool = True  # yarn: round the ramp's bounds outwards to whole dimensions
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -45,6 +53,20 @@ class RopeScaling:
             )
         if self.factor <= 0:
             raise ConfigError(f"rope_scaling factor must be positive, got {self.factor}")
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor transformers multiplies cos and sin by (so q·k by its square): YaRN's, else 1."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        return yarn_mscale(self.factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1·mscale·ln(factor) + 1 (1 for factor ≤ 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +85,8 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    attention_bias: bool = False  # q/k/v biases (Qwen2; Llama's attention_bias=True)
+    o_proj_bias: bool = False  # output projection bias too (Llama's attention_bias=True, not Qwen2)
     sliding_window: int | None = None  # Mistral v0.1; refused for contexts beyond it
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -86,6 +109,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.o_proj_bias and not self.attention_bias:
+            raise ConfigError("an o_proj bias without q/k/v biases is no supported architecture's layout")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -106,6 +131,8 @@ class ModelConfig:
         attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
+        if self.o_proj_bias:
+            attn += d
         per_layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else v * d
         return self.n_layers * per_layer + v * d + head + d
@@ -113,9 +140,9 @@ class ModelConfig:
     def weight_bytes(self, dtype_bytes: int) -> int:
         return self.num_parameters() * dtype_bytes
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Bytes of K and V for one token over all layers."""
-        return 2 * self.n_layers * self.kv_size * dtype_bytes
+    def kv_bytes_per_token(self, dtype_bytes: int, kv_heads: int | None = None) -> int:
+        """Bytes of K and V for one token over all layers (`kv_heads`: those one device holds; default all)."""
+        return 2 * self.n_layers * (kv_heads or self.n_kv_heads) * self.head_dim * dtype_bytes
 
     def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
@@ -150,8 +177,13 @@ class ModelConfig:
         n_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        # transformers: Qwen2 always has q/k/v biases and no o_proj bias; Llama's attention_bias puts a
+        # bias on all four projections; Mistral has none
+        family = model_type if model_type in known_types else next(SUPPORTED_ARCHITECTURES[a] for a in archs
+                                                                   if a in SUPPORTED_ARCHITECTURES)
+        qkv_bias = family == "qwen2" or (family == "llama" and bool(cfg.get("attention_bias", False)))
         window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        if family == "qwen2" and not cfg.get("use_sliding_window", False):
             window = None
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -166,7 +198,8 @@ class ModelConfig:
             rope_scaling=_rope_scaling(cfg),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            attention_bias=qkv_bias,
+            o_proj_bias=qkv_bias and family == "llama",
             sliding_window=int(window) if window else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -175,9 +208,10 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The equivalent Hugging Face ``config.json`` dict (used to build test oracles)."""
+        qwen2 = self.attention_bias and not self.o_proj_bias  # q/k/v biases only: Qwen2's layout
         out: dict[str, Any] = {
-            "architectures": ["Qwen2ForCausalLM" if self.attention_bias else "LlamaForCausalLM"],
-            "model_type": "qwen2" if self.attention_bias else "llama",
+            "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+            "model_type": "qwen2" if qwen2 else "llama",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -194,17 +228,18 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_ids),
             "_name_or_path": self.name,
         }
-        if not self.attention_bias:
-            out["attention_bias"] = False
+        if not qwen2:
+            out["attention_bias"] = self.attention_bias
         rs = self.rope_scaling
         if rs.rope_type != "default":
             scaling: dict[str, Any] = {"rope_type": rs.rope_type, "factor": rs.factor}
+            if rs.rope_type in ("llama3", "yarn"):
+                scaling["original_max_position_embeddings"] = rs.original_max_position_embeddings
             if rs.rope_type == "llama3":
-                scaling.update(
-                    low_freq_factor=rs.low_freq_factor,
-                    high_freq_factor=rs.high_freq_factor,
-                    original_max_position_embeddings=rs.original_max_position_embeddings,
-                )
+                scaling.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
+            if rs.rope_type == "yarn":
+                scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow, truncate=rs.truncate,
+                               attention_factor=rs.attention_scaling)
             out["rope_scaling"] = scaling
         if rs.freq_factors:  # no Hugging Face field for explicit factors: our own key
             out["magicdec_rope_freq_factors"] = list(rs.freq_factors)
@@ -222,17 +257,40 @@ def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling:
     if rope_type not in ROPE_TYPES:
         raise ConfigError(
             f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}. "
-            "Checkpoints using YaRN, dynamic NTK or LongRoPE are not supported yet."
+            "Checkpoints using dynamic NTK or LongRoPE are not supported yet."
         )
     if cfg.get("magicdec_rope_freq_factors"):
         return RopeScaling(rope_type, freq_factors=tuple(cfg["magicdec_rope_freq_factors"]))
     if rope_type == "default":
         return RopeScaling()
+    # as transformers: a top-level original_max_position_embeddings wins, else the context length
+    original = int(cfg.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings")
+                   or cfg.get("max_position_embeddings", 8192))
+    factor = rs.get("factor")
+    if factor is None and rope_type == "yarn":  # transformers: the ratio of the two context lengths
+        factor = cfg.get("max_position_embeddings", original) / original
+    common = dict(rope_type=rope_type, factor=float(1.0 if factor is None else factor),
+                  original_max_position_embeddings=original)
+    if rope_type == "yarn":
+        return RopeScaling(**common, **_yarn_parameters(rs, common["factor"]))
     return RopeScaling(
-        rope_type=rope_type,
-        factor=float(rs.get("factor", 1.0)),
+        **common,
         low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
         high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _yarn_parameters(rs: dict[str, Any], factor: float) -> dict[str, Any]:
+    """YaRN's ramp bounds and attention factor from a rope_scaling dict, with transformers' defaults:
+    an explicit attention_factor, else mscale / mscale_all_dim when both are given, else 0.1·ln(factor) + 1."""
+    attention = rs.get("attention_factor")
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all_dim:
+        attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return dict(
+        beta_fast=float(rs.get("beta_fast") or 32.0),
+        beta_slow=float(rs.get("beta_slow") or 1.0),
+        attention_factor=None if attention is None else float(attention),
+        truncate=bool(rs.get("truncate", True)),
     )
 

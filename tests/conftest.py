@@ -13,6 +13,7 @@ import torch
 
 from magicdec import LLM
 from magicdec.config import ModelConfig
+from magicdec.loading.random_init import word_vocabulary
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -22,17 +23,6 @@ TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=160, n_layers=3, n
 
 def tiny_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**{**TINY, **overrides})
-
-
-def word_tokenizer(vocab_size: int) -> Any:
-    """A word-level tokenizer over tokens w0 … w{V-1}, so random models decode to text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return tok
 
 
 def write_checkpoint(path: Path, cfg: ModelConfig, seed: int = 0) -> Path:
@@ -49,7 +39,7 @@ def write_checkpoint(path: Path, cfg: ModelConfig, seed: int = 0) -> Path:
             if p.dim() > 1:
                 p.normal_(0, 0.08)
     model.save_pretrained(path, safe_serialization=True)
-    word_tokenizer(cfg.vocab_size).save(str(path / "tokenizer.json"))
+    word_vocabulary(cfg.vocab_size).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))
     return path
 

@@ -4,26 +4,29 @@ measures."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from magicdec.bench.policy_sim import StepTimes, compare, model_scale
 from magicdec.costmodel import BUILTIN_PROFILES, CostModel, DraftSpec, resolve_model
-from magicdec.engine.autogamma import CLIMB, AlphaEstimate, AutoGamma
-from magicdec.engine.outputs import RequestOutput
-from magicdec.engine.state import BatchState
+from magicdec.costmodel.policy import CLIMB, AlphaEstimate, AutoGamma
+from magicdec.engine.state import BatchView
+from magicdec.engine.step import RoundReport
 
 
-def batch_at(context: int, batch: int) -> BatchState:
-    outs = [RequestOutput(i, [1] * context, [5]) for i in range(batch)]
-    return BatchState(outs, torch.zeros((batch, context + 16), dtype=torch.long), torch.full((batch,), context))
+def batch_at(context: int, batch: int, remaining: int = 1 << 20) -> BatchView:
+    return BatchView([context] * batch, [remaining] * batch)
 
 
-def policy(context: int, batch: int, alpha: float = 0.8, plain_ratio: float = 1.0) -> tuple[AutoGamma, BatchState]:
+def report(gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> RoundReport:
+    """A round's report with (draft, verify, other) seconds; a plain step's time is its verify time."""
+    return RoundReport(gamma, len(accepted), accepted, draft_s=seconds[0], verify_s=seconds[1], other_s=seconds[2])
+
+
+def policy(context: int, batch: int, alpha: float = 0.8, plain_ratio: float = 1.0) -> tuple[AutoGamma, BatchView]:
     """A policy past its first round, a plain step measured `plain_ratio` times the model's T_T."""
     cost = CostModel(resolve_model("llama-3.1-8b"), BUILTIN_PROFILES["h100"], DraftSpec("self", 512))
     auto, state = AutoGamma(cost, 8, AlphaEstimate(prior=alpha)), batch_at(context, batch)
     assert auto.choose(state) == 0  # the baseline is measured first
-    auto.observe(0, [], (0.0, plain_ratio * cost.t_target(batch, state.contexts()), 0.0))
+    auto.observe(report(0, [], (0.0, plain_ratio * cost.t_target(batch, state.contexts), 0.0)))
     return auto, state
 
 
@@ -38,7 +41,7 @@ def test_low_acceptance_lowers_gamma() -> None:
     auto, state = policy(32768, 32)
     first = auto.choose(state)
     for _ in range(30):
-        auto.observe(first, [0] * 32, (0.0, 0.0, 0.0))  # every first draft rejected
+        auto.observe(report(first, [0] * 32, (0.0, 0.0, 0.0)))  # every first draft rejected
         g = auto.choose(state)
         first = g or 1
     assert auto.alpha.value < 0.2 and auto.choose(state) <= 1
@@ -48,11 +51,11 @@ def test_measured_costs_override_the_model() -> None:
     auto, state = policy(32768, 32)
     g = auto.choose(state)
     assert g >= 2
-    b, ctx = 32, state.contexts()
+    b, ctx = 32, state.contexts
     # this machine drafts 5x slower than the model predicts (acceptance stays at 0.8)
     for _ in range(10):
         accepted = [min(i % 5, g) for i in range(32)]  # 0, 1, 2, 3, 4 accepted: α ≈ 0.7
-        auto.observe(g, accepted, (5 * g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
+        auto.observe(report(g, accepted, (5 * g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0)))
         g = auto.choose(state) or 1
     assert auto.calibration.get("draft") > 4 and auto.choose(state) <= 1
 
@@ -63,23 +66,23 @@ def test_a_plain_step_slower_than_predicted_keeps_speculating_and_a_faster_one_s
     slow, state = policy(32768, 32, plain_ratio=1.5)
     assert slow.choose(state) >= 2
     fast, state = policy(32768, 32, plain_ratio=0.2)
-    b, ctx = 32, state.contexts()
+    b, ctx = 32, state.contexts
     g = 2  # a round as the model predicts it
-    fast.observe(g, [2] * 32, (g * fast.cost.t_draft(b, ctx), fast.cost.t_verify(b, ctx, g), 0.0))
+    fast.observe(report(g, [2] * 32, (g * fast.cost.t_draft(b, ctx), fast.cost.t_verify(b, ctx, g), 0.0)))
     assert fast.choose(state) == 0
 
 
 def test_plain_steps_are_remeasured_while_speculating() -> None:
     auto, state = policy(32768, 32)
-    b, ctx = 32, state.contexts()
+    b, ctx = 32, state.contexts
     history = []
     for _ in range(2 * auto.plain_every + 2):
         g = auto.choose(state)
         history.append(g)
         if g:
-            auto.observe(g, [g] * 32, (g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
+            auto.observe(report(g, [g] * 32, (g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0)))
         else:
-            auto.observe(0, [], (0.0, auto.cost.t_target(b, ctx), 0.0))
+            auto.observe(report(0, [], (0.0, auto.cost.t_target(b, ctx), 0.0)))
     assert history.count(0) == 2 and all(g >= 2 for g in history if g)
 
 
@@ -103,7 +106,7 @@ def test_auto_is_within_5_percent_of_the_best_fixed_gamma_in_simulation(
     truth = StepTimes(target=0.8 * cost.t_target(batch, ctx), draft=1.3 * cost.t_draft(batch, ctx),
                       verify={g: (1 + 0.08 * g) * cost.t_verify(batch, ctx, g) for g in range(1, 9)},
                       round=0.02 * cost.t_target(batch, ctx))
-    tps = compare(lambda: AutoGamma(cost, 8, max_new_tokens=64), truth, batch, context, 64, alpha, range(0, 7),
+    tps = compare(lambda: AutoGamma(cost, 8), truth, batch, context, 64, alpha, range(0, 7),
                   runs=30, scale=model_scale(cost, batch, context))
     best = max(v for k, v in tps.items() if k != "auto")
     assert tps["auto"] >= 0.95 * best, {k: round(v / tps["0"], 3) for k, v in tps.items()}
@@ -111,19 +114,17 @@ def test_auto_is_within_5_percent_of_the_best_fixed_gamma_in_simulation(
 
 def test_gamma_never_drafts_past_the_tokens_still_needed() -> None:
     auto, state = policy(32768, 32)
-    auto.max_new_tokens = 3  # every row holds 1 token (from prefill): 2 to go, so at most 1 draft
-    assert auto.choose(state) == 1
-    auto.max_new_tokens = 2
-    assert auto.choose(state) == 0
+    assert auto.choose(batch_at(32768, 32, remaining=2)) == 1  # 2 tokens to go: at most 1 draft
+    assert auto.choose(batch_at(32768, 32, remaining=1)) == 0
 
 
 def test_gamma_climbs_step_by_step_to_what_it_has_timed() -> None:
     auto, state = policy(131072, 32, alpha=0.95)  # the model alone would draft 8 at once
-    b, ctx = 32, state.contexts()
+    b, ctx = 32, state.contexts
     chosen = []
     for _ in range(6):
         g = auto.choose(state)
         chosen.append(g)
-        auto.observe(g, [g] * 32, (g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0))
+        auto.observe(report(g, [g] * 32, (g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0)))
     assert chosen[0] <= CLIMB and all(b - a <= CLIMB for a, b in zip(chosen, chosen[1:]))
     assert chosen[-1] > chosen[0]

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from magicdec import LLM, SamplingParams
-from magicdec.bench import BenchConfig, Grid, PrefixPrefill, parse_count, parse_gamma, read_jsonl
+from magicdec import LLM, Auto, SamplingParams
+from magicdec.bench import Grid, prefix_batch, read_jsonl
 from magicdec.cli import bench
+from magicdec.cli.args import parse_count, parse_gamma
 
 POINT_FIELDS = {"type", "engine", "batch", "context", "config", "drafter", "budget", "gamma", "prefill_s",
                 "decode_s", "decode_tokens", "tokens_per_s", "latency_s", "synthetic", "synthetic_acceptance",
@@ -47,21 +48,24 @@ def common(tiny_dir: Path, corpus: Path, out: Path) -> list[str]:
 
 def test_parsing() -> None:
     assert [parse_count(t) for t in ("512", "4k", "8K", "1.5k")] == [512, 4096, 8192, 1536]
-    assert parse_gamma("auto") == "auto" and parse_gamma("3") == 3
-    for bad in ("0", "1.3", "-2", "k"):
-        with pytest.raises(ValueError):
+    assert parse_gamma("auto") == Auto() and parse_gamma("3") == 3
+    for bad in ("0", "1.3", "-2", "k", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
             parse_count(bad)
     args = argparse.ArgumentParser()
     bench.register(args.add_subparsers())
     ns = args.parse_args(["bench", "--context", "1k,2k", "4k", "--gamma", "2", "auto"])
     grid = bench.grid_from_args(ns)
-    assert grid.contexts == [1024, 2048, 4096] and grid.gammas == [2, "auto"]
-    assert [c.label for c in grid.configs()] == ["streaming-256-g2", "streaming-256-gauto", "streaming-512-g2",
-                                                 "streaming-512-gauto"]
+    assert grid.contexts == [1024, 2048, 4096] and grid.gammas == [2, Auto()]
+    assert [c.label for c in grid.configs()] == ["self-streaming-256-g2", "self-streaming-256-gauto",
+                                                 "self-streaming-512-g2", "self-streaming-512-gauto"]
     assert bench.grid_from_args(args.parse_args(["bench", "--quick", "--batch", "64"])).batches == [1, 4]
     with pytest.raises(ValueError, match="draft-model"):
-        Grid(drafters=["draft"])
-    assert BenchConfig("draft-full", None, 3).spec("m").drafter == "full"
+        Grid(methods=["draft"])
+    full = Grid(methods=["self", "draft"], drafters=["streaming", "snapkv", "full"], budgets=[96], gammas=[3],
+                draft_model="m")
+    assert [c.label for c in full.configs()] == ["self-streaming-96-g3", "self-snapkv-96-g3",
+                                                 "draft-streaming-96-g3", "draft-full-g3"]
 
 
 def test_prefix_prefill_matches_fresh_prefill(tiny_llm: LLM) -> None:
@@ -70,13 +74,13 @@ def test_prefix_prefill_matches_fresh_prefill(tiny_llm: LLM) -> None:
     g = random.Random(1)
     prompts = [[g.randrange(3, 384) for _ in range(96)] for _ in range(2)]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    pre = PrefixPrefill(tiny_llm, prompts, params, max_gamma=4)
+    pre = prefix_batch(tiny_llm, prompts, params, max_gamma=4)
     for context in (40, 96):
-        ours = tiny_llm.decode(pre.advance(context))
+        ours = tiny_llm.decode(pre.prefill(tiny_llm.model, tiny_llm.prefill_chunk, until=context).fork())
         fresh = tiny_llm.generate([p[:context] for p in prompts], params)
         assert [o.token_ids for o in ours.outputs] == [o.token_ids for o in fresh.outputs]
     with pytest.raises(ValueError):
-        pre.advance(50)
+        pre.prefill(tiny_llm.model, tiny_llm.prefill_chunk, until=50)
 
 
 def test_bench_end_to_end_with_hf_peer(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
@@ -89,7 +93,7 @@ def test_bench_end_to_end_with_hf_peer(tiny_dir: Path, corpus: Path, tmp_path: P
     assert {"command", "date", "machine", "grid", "model", "definitions"} <= set(head)
     assert {"cpu", "cores", "torch", "device"} <= set(head["machine"])
     ours = [r for r in records if r["engine"] == "magicdec"]
-    assert [r["config"] for r in ours] == ["plain", "streaming-32-g2", "streaming-32-gauto"]
+    assert [r["config"] for r in ours] == ["plain", "self-streaming-32-g2", "self-streaming-32-gauto"]
     for r in ours:
         assert POINT_FIELDS <= set(r) and not r["synthetic"] and r["decode_tokens"] == 7
         assert len(r["decode_s_all"]) == 2 and r["tokens_per_s"] > 0
@@ -108,7 +112,7 @@ def test_bench_end_to_end_with_hf_peer(tiny_dir: Path, corpus: Path, tmp_path: P
     assert peers["hf-plain"]["decode_tokens"] == 7
     assert "skipped" in peers["hf-assisted"]["note"]
     table = (out / "results.md").read_text()
-    assert "streaming-32-g2" in table and "hf-prompt-lookup" in table and "SYNTHETIC" not in table
+    assert "self-streaming-32-g2" in table and "hf-prompt-lookup" in table and "SYNTHETIC" not in table
     (out / "results.md").unlink()
     assert run_cli("--report", str(out)) == 0 and (out / "results.md").read_text() == table
 

@@ -12,6 +12,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 
 from magicdec.cli import plan
+from magicdec.cli.args import parse_count
 from magicdec.costmodel import (
     BUILTIN_PROFILES,
     CostModel,
@@ -52,7 +53,7 @@ def test_speedup_is_inverse_of_eq1_and_one_without_speculation() -> None:
 
 def test_best_gamma_is_zero_when_drafting_costs_as_much_as_the_target() -> None:
     assert best_gamma(10.0, lambda g: 10.0 + g, 9.0, 0.5) == (0, 1.0)
-    same = CostModel(L31_8B, H100, DraftSpec("model", None, L31_8B))  # a "draft" as costly as the target
+    same = CostModel(L31_8B, H100, DraftSpec("draft", None, L31_8B))  # a "draft" as costly as the target
     assert same.best_gamma(32, 8192, 0.7) == (0, 1.0)
 
 
@@ -129,7 +130,7 @@ H100_TABLE = [  # BACKGROUND.md: B, context, T_T, bound, T_V(4), T_D self 512, T
 
 def test_h100_ratios_within_20_percent_where_measured_near_the_bandwidth_bound() -> None:
     self_m = CostModel(L31_8B, H100, DraftSpec("self", 512))
-    one_b = CostModel(L31_8B, H100, DraftSpec("model", 512, L32_1B))
+    one_b = CostModel(L31_8B, H100, DraftSpec("draft", 512, L32_1B))
     checked = 0
     for b, n, tt, bound, tv, tds, td1 in H100_TABLE:
         if bound / tt < 0.85:
@@ -153,7 +154,7 @@ PAPER_A100 = [  # target, draft, context, α, [(B, published speedup, γ)]; Llam
 
 
 def _paper_model(target, draft, hw=A100) -> CostModel:  # noqa: ANN001
-    spec = DraftSpec("self", 512) if draft is None else DraftSpec("model", 512, draft, tp=4)
+    spec = DraftSpec("self", 512) if draft is None else DraftSpec("draft", 512, draft, tp=4)
     return CostModel(target, hw, spec, tp=8)
 
 
@@ -217,7 +218,7 @@ def test_fit_profile_recovers_parameters_from_noisy_synthetic_measurements() -> 
     truth = H100.with_(name="truth", mem_bandwidth=2.5e12, flops_bf16=600e12, bandwidth_efficiency=1.0,
                        flops_efficiency=1.0, step_overhead_s=0.3e-3, layer_overhead_s=30e-6,
                        round_overhead_s=2e-3)
-    draft = DraftSpec("model", 512, L32_1B)
+    draft = DraftSpec("draft", 512, L32_1B)
     m, rng, exact = CostModel(L31_8B, truth, draft), random.Random(0), []
     for b in (1, 8, 32, 128, 256):
         for n in (1024, 4096, 16384):
@@ -252,11 +253,11 @@ def test_measure_point_times_every_step_kind_through_the_engine_and_the_records_
     engine's own runners), each a positive time, and a profile fitted from them explains them."""
     import torch
 
+    from magicdec.bench.profile import measure_point
     from magicdec.costmodel.device import builtin_profile_name
-    from magicdec.costmodel.measure import measure_point
-    from magicdec.spec.config import SpecConfig
+    from magicdec.spec.config import Auto, SpecConfig
 
-    spec = SpecConfig(method="self", budget=64, sinks=4, gamma=2, max_gamma=2)
+    spec = SpecConfig(method="self", budget=64, sinks=4, gamma=Auto(max_gamma=2))
     recs = list(measure_point(tiny_llm, 2, 256, [1, 2], spec, repeats=2, steps=2))
     assert [(r["kind"], r["gamma"]) for r in recs] == [("target", 0), ("verify", 1), ("verify", 2), ("draft", 0),
                                                        ("round", 1), ("round", 2)]
@@ -305,6 +306,6 @@ def test_plan_table_and_errors(tmp_path) -> None:  # noqa: ANN001
     assert rc == 2 and "h100" in err
     rc, _, err = _run_plan("--model", "llama-3.1-8b", "--drafter", "draft")
     assert rc == 2 and "--draft-model" in err
-    assert plan.parse_context("4k") == 4096 and plan.parse_context("32000") == 32000
+    assert parse_count("4k") == 4096 and parse_count("32000") == 32000
     with pytest.raises(argparse.ArgumentTypeError):
-        plan.parse_context("4m")
+        parse_count("4m")

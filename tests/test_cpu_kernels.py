@@ -1,17 +1,26 @@
-"""magicdec.kernels.cpu: accuracy against float64 references, bitwise batch/query invariance, strided
-cache views, and the PyTorch fallback. The kernels are built once per session (not counted in the test
-time); the kernel tests are skipped where they cannot be built, the fallback tests always run."""
+"""magicdec.kernels.cpu: accuracy against float64 references, bitwise batch/query invariance (of the kernels,
+and of a model's logits in float32, bfloat16 and float16), strided cache views, the PyTorch fallback, and the
+build: stale and live build locks, the compile message, ensure_built. The kernels are built once per session
+(not counted in the test time); the kernel tests are skipped where they cannot be built, the fallback tests
+always run."""
 
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from magicdec.data.paths import ENV_HOME
 from magicdec.kernels import cpu
 
 EPS32 = 2.0**-24  # unit roundoff of float32
@@ -97,13 +106,13 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow
 
 
 def random_problem(seed: int, B: int, Hq: int, Hkv: int, T: int, S: int, D: int, keep: float = 0.7,
-                   capacity: int | None = None) -> tuple[torch.Tensor, ...]:
+                   capacity: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """q, k, v, allowed with k and v strided views of [2, B, Hkv, capacity + 1, D] cache buffers (layer 1)
     and a causal mask with random holes (each row still sees its own slot)."""
     g = gen(seed)
     cap = capacity or S + 5
-    kbuf, vbuf = torch.randn(2, B, Hkv, cap + 1, D, generator=g), torch.randn(2, B, Hkv, cap + 1, D, generator=g)
-    q = torch.randn(B, Hq, T, D, generator=g) * 2  # peakier attention than unit-variance queries
+    kbuf, vbuf = (torch.randn(2, B, Hkv, cap + 1, D, generator=g).to(dtype) for _ in range(2))
+    q = (torch.randn(B, Hq, T, D, generator=g) * 2).to(dtype)  # peakier attention than unit-variance queries
     pos = torch.arange(S - T, S)
     allowed = (torch.arange(S) <= pos[:, None]) & (torch.rand(B, T, S, generator=g) < keep)
     allowed[:, torch.arange(T), pos] = True
@@ -199,6 +208,22 @@ def test_attention_rejects_bad_shapes(kernels: None) -> None:
         cpu.attention(q, k, v, allowed.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 80])  # a head dim compiled as a constant, one taken at run time
+def test_16bit_inputs_give_the_float32_result_rounded(kernels: None, dtype: torch.dtype, D: int) -> None:
+    """16-bit weights, keys and values are widened exactly and all arithmetic is float32, so the result is
+    the float32 kernel's on the same values, rounded once to the inputs' dtype (hence batch-invariant)."""
+    g = gen(12)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((5, 3, 37), (29, 37), (29,)))
+    y = cpu.linear(x, w, b)  # K = 37: a tail of 5
+    assert y.dtype == dtype and torch.equal(y, cpu.linear(x.float(), w.float(), b.float()).to(dtype))
+    q, k, v, allowed = random_problem(13, 2, 9, 3, 4, 600, D, dtype=dtype)
+    assert not k.is_contiguous()
+    out = cpu.attention(q, k, v, allowed)
+    assert out.dtype == dtype and torch.equal(out, cpu.attention(q.float(), k.float(), v.float(), allowed).to(dtype))
+    assert (out.double() - reference_attention(q, k, v, allowed)).abs().max() < 2e-2
+
+
 # -------------------------------------------------------------------------------------------- fallback
 
 
@@ -240,3 +265,133 @@ def test_unsupported_tensors_fall_back(kernels: None) -> None:
     assert not cpu.applies(x, tokens=1)
     assert not cpu.applies(torch.ones(2), tokens=cpu.MAX_DECODE_TOKENS + 1)
     assert cpu.applies(torch.ones(2), tokens=cpu.MAX_DECODE_TOKENS)
+
+
+# --------------------------------------------------------------------------------------- model forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_model_logits_do_not_depend_on_tokens_per_forward(kernels: None, dtype: torch.dtype) -> None:
+    """A token's logits are bitwise the same computed alone (T = 1, plain decoding) or inside a block of
+    T = 4 (verification), in every dtype the CPU path takes."""
+    from magicdec.cache.dense import DenseKVCache
+    from magicdec.config import ModelConfig
+    from magicdec.loading.random_init import random_model
+
+    cfg = ModelConfig(vocab_size=200, hidden_size=256, intermediate_size=344, n_layers=2, n_heads=4,
+                      n_kv_heads=2, name="t")  # head_dim 64, GQA
+    model = random_model(cfg, "cpu", dtype, seed=0)
+    B, P, T = 2, 300, 4
+    ids = torch.randint(0, cfg.vocab_size, (B, P + T), generator=gen(11))
+    pos = torch.arange(P + T).expand(B, -1)
+
+    def prefilled() -> DenseKVCache:
+        cache = DenseKVCache.for_model(model, B, P + T + 8)
+        model(ids[:, :P], pos[:, :P], cache)  # a prefill chunk (T > 16: the stock ops)
+        return cache
+
+    with torch.inference_mode():
+        cache = prefilled()
+        block = model(ids[:, P:], pos[:, P:], cache)
+        cache = prefilled()
+        alone = torch.cat([model(ids[:, P + t : P + t + 1], pos[:, P + t : P + t + 1], cache) for t in range(T)], 1)
+    assert block.dtype == dtype
+    assert torch.equal(block, alone), (block.float() - alone.float()).abs().max()
+
+
+# ------------------------------------------------------------------------------------ build and locks
+
+# A build in progress: it holds the build lock and (when compiling) torch's lock file until a line arrives on
+# its stdin (60 s at most). Killed, it is a build interrupted midway (its terminal closed): it leaves torch's
+# lock file behind.
+BUILDER = """
+import fcntl, os, select, sys
+fd = os.open(os.path.join(sys.argv[1], sys.argv[2]), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+if sys.argv[3] == "1":
+    os.close(os.open(os.path.join(sys.argv[1], "lock"), os.O_CREAT | os.O_EXCL))
+print("building", flush=True)
+select.select([sys.stdin], [], [], 60)
+"""
+BUILD = [sys.executable, "-m", "magicdec.kernels.cpu", "build"]  # what a later run does first
+
+
+def cached_build_in(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of this session's finished build under a new MAGICDEC_HOME (nothing left to compile)."""
+    built = cpu.build_dir()
+    monkeypatch.setenv(ENV_HOME, str(home))
+    directory = cpu.build_dir()
+    shutil.copytree(built, directory)
+    return directory
+
+
+def start_builder(directory: Path, torch_lock: bool) -> subprocess.Popen[str]:
+    args = [str(directory), cpu.BUILD_LOCK, str(int(torch_lock))]
+    builder = subprocess.Popen([sys.executable, "-c", BUILDER, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    assert builder.stdout is not None and builder.stdout.readline().strip() == "building"
+    return builder
+
+
+def test_stale_lock_of_a_killed_build_is_taken_over(kernels: None, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = cached_build_in(tmp_path, monkeypatch)
+    builder = start_builder(directory, torch_lock=True)
+    builder.kill()
+    builder.wait()
+    assert (directory / "lock").exists()
+    start = time.perf_counter()
+    proc = subprocess.run(BUILD, capture_output=True, text=True, timeout=90)  # before the fix: waited forever
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "removed a stale build lock" in proc.stderr and "compiling" not in proc.stderr
+    assert not (directory / "lock").exists()
+    assert seconds < 30
+
+
+def test_live_build_is_waited_for_with_a_message(kernels: None, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build in progress (its lock held by a live process) is waited for, not taken over."""
+    directory = cached_build_in(tmp_path, monkeypatch)
+    builder = start_builder(directory, torch_lock=False)
+    build = subprocess.Popen(BUILD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert build.stderr is not None
+    waiting = ""
+    while "waiting" not in waiting and (line := build.stderr.readline()):
+        waiting = line
+    assert build.poll() is None  # still waiting
+    builder.communicate("done\n", timeout=10)  # the other build finishes
+    out, err = build.communicate(timeout=60)
+    assert build.returncode == 0, err
+    assert "waiting for another process that is building" in waiting and "stale" not in err
+    assert "ready" in out
+
+
+def test_compiling_is_announced_and_ensure_built_is_cheap_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The first build says on stderr that it compiles and how long it took; a cached build says nothing;
+    ensure_built() builds once and then returns at once."""
+    import torch.utils.cpp_extension
+
+    loads = []
+
+    def fake_load(**kwargs: object) -> SimpleNamespace:  # stands in for the compiler: writes the .so
+        loads.append(kwargs)
+        Path(str(kwargs["build_directory"]), f"{kwargs['name']}.so").touch()
+        return SimpleNamespace(cpu_supported=lambda: True)
+
+    monkeypatch.setenv(ENV_HOME, str(tmp_path))
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpu, "_state", {"module": None, "tried": False, "reason": None, "build_s": None})
+    monkeypatch.setattr(cpu, "_cpu_reason", lambda: None)
+    assert not cpu.ensure_built("meta") and not loads  # not for other devices
+    assert cpu.ensure_built()
+    err = capsys.readouterr().err
+    assert "compiling the CPU kernels (once)" in err and "compiled the CPU kernels in" in err
+    start = time.perf_counter()
+    assert all(cpu.ensure_built(torch.device("cpu")) for _ in range(1000))
+    assert time.perf_counter() - start < 0.1 and len(loads) == 1  # no second build or load, no lock
+    monkeypatch.setattr(cpu, "_state", {"module": None, "tried": False, "reason": None, "build_s": None})
+    assert cpu.ensure_built() and len(loads) == 2  # a later process: loads the cached build silently
+    assert capsys.readouterr().err == ""

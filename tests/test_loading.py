@@ -4,19 +4,27 @@ a user meets with a bad checkpoint."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_checkpoints import write_hf_checkpoint
 
-from conftest import tiny_config, write_checkpoint
+from conftest import hf_model, random_prompts, tiny_config, word_vocabulary, write_checkpoint
 from magicdec import LLM, LoadError, load_model
-from magicdec.loading.gguf_file import _unpermute
+from magicdec.cache.dense import DenseKVCache
+from magicdec.config import ModelConfig, RopeScaling
+from magicdec.loading.gguf_file import _unpermute, load_gguf
 
 
 def test_sharded_safetensors_load_like_a_single_file(tiny_dir: Path, tmp_path: Path) -> None:
@@ -44,12 +52,22 @@ def test_gguf_permutation_is_undone() -> None:
     assert np.array_equal(_unpermute(gg, 2), hf)
 
 
-def test_gguf_file_loads_like_its_hf_original(tiny_dir: Path, tmp_path: Path) -> None:
+GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+              "mlp.down_proj.weight": "ffn_down.weight", "self_attn.v_proj.bias": "attn_v.bias",
+              "self_attn.o_proj.bias": "attn_output.bias"}
+
+
+def write_gguf(path: Path, hf_dir: Path, rope: dict[str, Any] | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> Path:
+    """The float32 GGUF llama.cpp's converter would write for a Hugging Face Llama checkpoint (q/k rows,
+    biases too, permuted for its interleaved RoPE), with `rope` metadata ({"scaling.type": ..., ...}) and
+    `extra` tensors."""
     import gguf
 
-    cfg = tiny_config()
-    t = load_file(tiny_dir / "model.safetensors")
-    path = tmp_path / "tiny.gguf"
+    cfg = ModelConfig.from_hf(json.loads((hf_dir / "config.json").read_text()))
+    t = load_file(hf_dir / "model.safetensors")
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.n_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -60,6 +78,13 @@ def test_gguf_file_loads_like_its_hf_original(tiny_dir: Path, tmp_path: Path) ->
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_eos_token_id(2)
+    for key, value in (rope or {}).items():
+        if isinstance(value, str):
+            w.add_string(f"llama.rope.{key}", value)
+        elif isinstance(value, int):
+            w.add_uint32(f"llama.rope.{key}", value)
+        else:
+            w.add_float32(f"llama.rope.{key}", value)
 
     def perm(x: torch.Tensor, heads: int) -> np.ndarray:
         a = x.numpy()
@@ -67,22 +92,29 @@ def test_gguf_file_loads_like_its_hf_original(tiny_dir: Path, tmp_path: Path) ->
 
     w.add_tensor("token_embd.weight", t["model.embed_tokens.weight"].numpy())
     w.add_tensor("output_norm.weight", t["model.norm.weight"].numpy())
-    w.add_tensor("output.weight", t["lm_head.weight"].numpy())
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+    if "lm_head.weight" in t:
+        w.add_tensor("output.weight", t["lm_head.weight"].numpy())
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
-        for hf, gg in names.items():
-            w.add_tensor(f"blk.{i}.{gg}.weight", t[p + hf + ".weight"].numpy())
-        w.add_tensor(f"blk.{i}.attn_q.weight", perm(t[p + "self_attn.q_proj.weight"], cfg.n_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", perm(t[p + "self_attn.k_proj.weight"], cfg.n_kv_heads))
+        for hf, gg in GGUF_NAMES.items():
+            if p + hf in t:
+                w.add_tensor(f"blk.{i}.{gg}", t[p + hf].numpy())
+        for x, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
+            for kind in ("weight", "bias"):
+                if f"{p}self_attn.{x}_proj.{kind}" in t:
+                    w.add_tensor(f"blk.{i}.attn_{x}.{kind}", perm(t[f"{p}self_attn.{x}_proj.{kind}"], heads))
+    for name, value in (extra or {}).items():
+        w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from magicdec.loading.gguf_file import load_gguf
+    return path
 
+
+def test_gguf_file_loads_like_its_hf_original(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config()
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_dir)
     ours, gcfg = load_gguf(path, torch.float32, "cpu", tmp_path / "conv", cache_limit_bytes=1 << 30)
     ref = load_model(tiny_dir, device="cpu").model
     assert gcfg.n_kv_heads == cfg.n_kv_heads and not gcfg.tie_word_embeddings
@@ -118,10 +150,10 @@ def test_unsupported_rope_scaling_is_named(tiny_dir: Path, tmp_path: Path) -> No
     d = tmp_path / "yarn"
     shutil.copytree(tiny_dir, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    cfg["rope_scaling"] = {"rope_type": "dynamic", "factor": 4.0}
     cfg.pop("rope_parameters", None)
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match="unsupported rope_scaling type 'yarn'"):
+    with pytest.raises(LoadError, match="unsupported rope_scaling type 'dynamic'"):
         load_model(d)
 
 
@@ -170,3 +202,203 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("magicdec generate: error:") and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- tensors the model does not use ------------------------------------------------------------------
+def test_unused_tensor_is_named_and_inv_freq_ignored(tiny_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "extra"
+    shutil.copytree(tiny_dir, d)
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old checkpoints: transformers ignores it
+    save_file(t, d / "model.safetensors")
+    load_model(d, device="cpu")
+    t["model.layers.1.self_attn.o_proj.bias"] = torch.ones(64)  # a Llama attention_bias tensor, config says none
+    save_file(t, d / "model.safetensors")
+    with pytest.raises(LoadError, match=r"does not use tensor 'model\.layers\.1\.self_attn\.o_proj\.bias'"):
+        load_model(d, device="cpu")
+
+
+def test_gguf_attention_output_bias_is_loaded(tmp_path: Path) -> None:
+    hf_dir = write_hf_checkpoint(tmp_path / "hf", "llama", {"attention_bias": True})
+    path = write_gguf(tmp_path / "bias.gguf", hf_dir)
+    ours, cfg = load_gguf(path, torch.float32, "cpu", tmp_path / "conv", cache_limit_bytes=0)  # no cache
+    assert cfg.attention_bias and cfg.o_proj_bias
+    ids = torch.tensor(random_prompts(1, [30], cfg.vocab_size, seed=3))
+    with torch.inference_mode():
+        logits = ours(ids, torch.arange(30)[None], DenseKVCache.for_model(ours, 1, 30))
+        ref = hf_model(hf_dir)(ids).logits
+    assert (logits - ref).abs().max() <= 1e-4
+
+
+def test_gguf_unknown_tensor_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "x.gguf", tiny_dir, extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)})
+    with pytest.raises(LoadError, match="'blk.0.attn_q_norm.weight'"):
+        load_gguf(path, torch.float32, "cpu", tmp_path / "conv", cache_limit_bytes=1 << 30)
+
+
+# ---- RoPE scaling in GGUF files ----------------------------------------------------------------------
+def test_gguf_yarn_scaling_equals_transformers(tmp_path: Path) -> None:
+    rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16.0,
+            "beta_slow": 2.0, "attention_factor": 1.25, "rope_theta": 10000.0}
+    hf_dir = write_hf_checkpoint(tmp_path / "hf", "llama", {"rope_parameters": rope, "max_position_embeddings": 512})
+    gguf_rope = {"scaling.type": "yarn", "scaling.factor": 8.0, "scaling.original_context_length": 64,
+                 "scaling.yarn_beta_fast": 16.0, "scaling.yarn_beta_slow": 2.0, "scaling.yarn_attn_factor": 1.25}
+    path = write_gguf(tmp_path / "yarn.gguf", hf_dir, rope=gguf_rope)
+    ours, cfg = load_gguf(path, torch.float32, "cpu", tmp_path / "conv", cache_limit_bytes=1 << 30)
+    assert cfg.rope_scaling == RopeScaling("yarn", factor=8.0, original_max_position_embeddings=64, beta_fast=16.0,
+                                           beta_slow=2.0, attention_factor=1.25)
+    ids = torch.tensor(random_prompts(1, [120], cfg.vocab_size, seed=3))
+    with torch.inference_mode():
+        logits = ours(ids, torch.arange(120)[None], DenseKVCache.for_model(ours, 1, 120))
+        ref = hf_model(hf_dir)(ids).logits
+    assert (logits - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("rope", [{"scaling.type": "longrope", "scaling.factor": 4.0},
+                                  {"scaling.type": "yarn", "scaling.factor": 4.0, "scaling.yarn_ext_factor": 0.5}])
+def test_gguf_unsupported_rope_scaling_is_refused(rope: dict[str, Any], tiny_dir: Path, tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "x.gguf", tiny_dir, rope=rope)
+    with pytest.raises(LoadError, match="x.gguf: .*(RoPE scaling type 'longrope'|yarn_ext_factor)"):
+        load_gguf(path, torch.float32, "cpu", tmp_path / "conv", cache_limit_bytes=1 << 30)
+
+
+# ---- chat prompts ------------------------------------------------------------------------------------
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                   "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [LLAMA2_TEMPLATE, LLAMA3_TEMPLATE], ids=["llama2_mistral", "llama3"])
+def test_chat_encoding_has_one_bos(template: str, tmp_path: Path) -> None:
+    """A tokenizer that adds a BOS on encoding (Llama's, Mistral's) and a template that writes one."""
+    from tokenizers import AddedToken, processors
+
+    from magicdec.loading.tokenizer import Tokenizer
+
+    tok = word_vocabulary(64)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "</s>", "<|start_header_id|>",
+                                                                  "<|end_header_id|>", "<|eot_id|>")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 64)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                               "chat_template": template}))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "w5 w6"}])
+    assert ids[0] == 64 and ids.count(64) == 1
+    assert ids == tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "w5 w6"}]),
+                                   add_special_tokens=False)
+
+
+# ---- the GGUF conversion cache -----------------------------------------------------------------------
+def convert(path: Path, cache: Path) -> Any:
+    return load_gguf(path, torch.float32, "cpu", cache, cache_limit_bytes=1 << 30)[0]
+
+
+def test_conversion_is_announced_and_timed(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_dir)
+    convert(path, tmp_path / "conv")
+    err = capsys.readouterr().err
+    assert "converting tiny.gguf to safetensors (once)" in err
+    assert re.search(r"converted tiny\.gguf to safetensors in \d+\.\d s", err)
+    convert(path, tmp_path / "conv")  # from the cache: silent
+    assert capsys.readouterr().err == ""
+
+
+def test_concurrent_loads_convert_once(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Ranks of one torchrun job load the same GGUF at once: one converts, the others wait for it."""
+    from magicdec.loading.conversion import conversion_lock
+
+    path, cache = write_gguf(tmp_path / "tiny.gguf", tiny_dir), tmp_path / "conv"
+    models: list[Any] = []
+    err = ""
+    with conversion_lock(cache):  # another process holds the lock: every loader waits
+        threads = [threading.Thread(target=lambda: models.append(convert(path, cache))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while err.count(f"waiting for process {os.getpid()}") < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+        assert not models and not (cache / "model.safetensors").exists()
+    for t in threads:
+        t.join(timeout=120)
+    err += capsys.readouterr().err
+    assert len(models) == 3 and err.count("converting tiny.gguf") == 1, err
+    assert err.count(f"waiting for process {os.getpid()}") == 3
+    assert all(torch.equal(m.layers[0].attn.wqkv.weight, models[0].layers[0].attn.wqkv.weight) for m in models)
+
+
+def test_lock_of_a_dead_process_is_taken_over(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, cache = write_gguf(tmp_path / "tiny.gguf", tiny_dir), tmp_path / "conv"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "conv.lock").write_text(str(dead.pid))  # it died holding the lock, mid-conversion
+    (cache / f"weights.{dead.pid}.tmp").mkdir(parents=True)
+    (cache / f"weights.{dead.pid}.tmp" / "model.safetensors").write_bytes(b"half")
+    convert(path, cache)
+    assert f"process {dead.pid} was converting into {cache} and is gone; taking over" in capsys.readouterr().err
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_interrupted_conversion_leaves_no_tmp(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    path, cache = write_gguf(tmp_path / "tiny.gguf", tiny_dir), tmp_path / "conv"
+    real_save = safetensors.torch.save_file
+
+    def interrupted(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(path, cache)
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("model.safetensors"))
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    convert(path, cache)
+
+
+def test_damaged_conversion_cache(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A truncated cached file is converted again; a same-size corrupt one is a one-line error naming what to delete."""
+    path, cache = write_gguf(tmp_path / "tiny.gguf", tiny_dir), tmp_path / "conv"
+    first = convert(path, cache).lm_head.weight.clone()
+    weights = cache / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()  # a new file: the loaded model maps the old one
+    weights.write_bytes(data[:1000])
+    again = convert(path, cache)
+    assert "model.safetensors has 1000 bytes" in capsys.readouterr().err
+    assert torch.equal(first, again.lm_head.weight)
+    weights.unlink()
+    weights.write_bytes(b"\xff" * len(data))
+    with pytest.raises(LoadError) as e:
+        convert(path, cache)
+    assert "\n" not in str(e.value) and str(weights) in str(e.value) and f"delete {cache}" in str(e.value)
+
+
+def test_damaged_cached_tokenizer_is_converted_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    from magicdec.loading import tokenizer as tokenizer_module
+
+    def fake_conversion(path: Path, dest: Path) -> None:  # transformers' GGUF conversion stands aside
+        word_vocabulary(32).save(str(dest / "tokenizer.json"))
+
+    monkeypatch.setattr(tokenizer_module, "_convert_gguf_tokenizer", fake_conversion)
+    gguf_path, cache = tmp_path / "m.gguf", tmp_path / "conv"
+    assert tokenizer_module.Tokenizer.from_gguf(gguf_path, cache).vocab_size == 32
+    tok_file = cache / "tokenizer.json"
+    tok_file.write_text(tok_file.read_text()[:100])
+    assert tokenizer_module.Tokenizer.from_gguf(gguf_path, cache).vocab_size == 32
+    assert "tokenizer.json has 100 bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 50, None], ids=["garbage", "truncated"])
+def test_unreadable_safetensors_is_named(content: bytes | None, tiny_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_dir, d)
+    f = d / "model.safetensors"
+    f.write_bytes(content if content is not None else f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(LoadError, match=f"{re.escape(str(f))} is not a readable safetensors file"):
+        load_model(d, device="cpu")

@@ -12,7 +12,7 @@ from conftest import hf_model, random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM
 from magicdec.cache.dense import DenseKVCache
 from magicdec.config import RopeScaling
-from magicdec.engine.prefill import prefill
+from magicdec.runtime.prefill import prefill
 
 VARIANTS = {
     "llama_default_rope": {},
@@ -20,6 +20,11 @@ VARIANTS = {
     "llama3_rope": {"rope_scaling": RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                                 original_max_position_embeddings=256), "rope_theta": 500000.0},
     "qwen2_bias": {"attention_bias": True},
+    "llama_attention_bias": {"attention_bias": True, "o_proj_bias": True},
+    "yarn_rope": {"rope_scaling": RopeScaling("yarn", factor=4.0, original_max_position_embeddings=128)},
+    "yarn_rope_params": {"rope_scaling": RopeScaling("yarn", factor=8.0, original_max_position_embeddings=64,
+                                                     beta_fast=16.0, beta_slow=2.0, attention_factor=1.2,
+                                                     truncate=False)},
     "tied_embeddings": {"tie_word_embeddings": True},
     "mqa": {"n_kv_heads": 1},
     "mha_head_dim_override": {"n_kv_heads": 4, "head_dim": 32},

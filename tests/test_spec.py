@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from conftest import random_prompts, tiny_config, write_checkpoint
-from magicdec import LLM, SamplingParams, SpecConfig
+from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
+from magicdec.bench.compare import compare
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.sparse import SparseKVCache
 from magicdec.model.attention import AttentionMask, attend
 
 DRAFTERS = {
     "self-streaming": dict(method="self", drafter="streaming", budget=24, sinks=4),
-    "self-streaming-own-kv": dict(method="self", drafter="streaming", budget=24, sinks=4, kv_source="own"),
-    "self-streaming-cache-positions": dict(method="self", drafter="streaming", budget=24, sinks=4, positions="cache"),
-    "self-snapkv": dict(method="self", drafter="snapkv", budget=24, window=8, observe=8),
-    "self-snapkv-cache-positions": dict(method="self", drafter="snapkv", budget=24, window=8, positions="cache"),
+    "self-streaming-own-kv": dict(method="self", drafter="streaming", budget=24, sinks=4,
+                                  tuning=DraftTuning(kv_source="own")),
+    "self-snapkv": dict(method="self", drafter="snapkv", budget=24, tuning=DraftTuning(snapkv_window=8, observe=8)),
     "draft-full": dict(method="draft", drafter="full"),
     "draft-streaming": dict(method="draft", drafter="streaming", budget=20, sinks=2),
 }
@@ -47,8 +47,9 @@ def test_greedy_speculation_equals_plain_decoding(tiny_llm: LLM, draft_dir: Path
         result = tiny_llm.generate(prompts, params, spec_config(name, draft_dir, gamma))
         assert [o.token_ids for o in result.outputs] == plain, f"{name}, gamma={gamma}"
         s = result.stats
-        assert s.draft_tokens == gamma * s.rounds and 0 <= s.accepted_tokens <= s.draft_tokens
-        assert s.committed_tokens == s.accepted_tokens + s.rounds
+        a = s.acceptance
+        assert a.draft_tokens == gamma * a.rounds and 0 <= a.accepted_tokens <= a.draft_tokens
+        assert a.rounds == sum(o.spec.rounds for o in result.outputs)
 
 
 def test_draft_identical_to_target_accepts_everything(tiny_llm: LLM, tiny_dir: Path) -> None:
@@ -101,18 +102,21 @@ def test_gamma_zero_rounds_fall_back_to_plain_steps(tiny_llm: LLM) -> None:
         def __init__(self) -> None:
             self.n = 0
 
-        def choose(self, state) -> int:
+        def choose(self, batch) -> int:
             self.n += 1
             return (0, 2, 0, 0, 3)[self.n % 5]
 
-        def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
+        def observe(self, report) -> None:
             pass
+
+        def stats(self) -> dict:
+            return {}
 
     prompts = random_prompts(3, [50, 20, 33], tiny_llm.config.vocab_size, seed=12)
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     plain = [o.token_ids for o in tiny_llm.generate(prompts, params).outputs]
     for kv in ("target", "own"):
-        spec = SpecConfig(method="self", budget=16, sinks=2, kv_source=kv, gamma=3)
+        spec = SpecConfig(method="self", budget=16, sinks=2, tuning=DraftTuning(kv_source=kv), gamma=3)
         out = tiny_llm.generate(prompts, params, spec, gamma_policy=Alternate())
         assert [o.token_ids for o in out.outputs] == plain, kv
         assert 0 in out.stats.gamma_history
@@ -125,12 +129,15 @@ def test_a_self_draft_holding_everything_accepts_everything_after_plain_steps(ti
         def __init__(self) -> None:
             self.n = 0
 
-        def choose(self, state) -> int:
+        def choose(self, batch) -> int:
             self.n += 1
             return (0, 0, 3, 0, 2, 0, 0, 0)[self.n % 8]
 
-        def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
+        def observe(self, report) -> None:
             pass
+
+        def stats(self) -> dict:
+            return {}
 
     prompts = random_prompts(3, [40, 9, 23], tiny_llm.config.vocab_size, seed=21)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -142,8 +149,8 @@ def test_a_self_draft_holding_everything_accepts_everything_after_plain_steps(ti
 
 def test_compare_reports_speedup_and_identical_outputs(tiny_llm: LLM) -> None:
     prompts = random_prompts(2, [40, 25], tiny_llm.config.vocab_size, seed=2)
-    r = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True),
-                          SpecConfig(method="self", budget=16, sinks=2), compare=True)
+    r = compare(tiny_llm, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True),
+                SpecConfig(method="self", budget=16, sinks=2))
     d = r.to_dict()["stats"]
     assert d["matches_plain"] is True and d["speedup"] > 0
     assert len(d["per_sequence"]) == 2 and len(d["per_position_acceptance"]) == 3
@@ -212,30 +219,6 @@ def test_dense_cache_rollback_is_overwrite() -> None:
     assert torch.allclose(a.begin(p).attend(0, x, x, x), b.begin(p).attend(0, x, x, x), atol=1e-6)
 
 
-def test_in_cache_positions_move_kept_keys_next_to_the_window() -> None:
-    """With positions='cache', a kept key stored rotated at position p is seen rotated at the slot
-    just before the window: only relative positions matter, so scores equal those of a query at
-    distance (window + kept - j) from kept slot j."""
-    from magicdec.config import ModelConfig
-    from magicdec.model.rope import RotaryEmbedding, apply_rope
-
-    torch.manual_seed(3)
-    cfg = ModelConfig(vocab_size=8, hidden_size=32, intermediate_size=8, n_layers=1, n_heads=2, n_kv_heads=2)
-    rope = RotaryEmbedding(cfg)
-    D, sinks, window, n = 16, 2, 4, 30
-    raw = torch.randn(1, 2, n, D)
-    cos, sin = rope(torch.arange(n)[None], torch.float32)
-    k = apply_rope(raw, cos, sin)
-    cache = SparseKVCache(1, 1, 2, D, sinks, window, 3, 1, torch.float32, "cpu", positions="cache", rope=rope)
-    for p in range(n - 1):
-        cache.begin(torch.tensor([[p]])).attend(0, k[:, :, p : p + 1], k[:, :, p : p + 1], k[:, :, p : p + 1])
-    step = cache.begin(torch.tensor([[n - 1]]))
-    kept = step._kept_rotated(0, cache.k[0, :1, :, :sinks + 1])[:, :, :sinks]
-    start = n - 1 - window + 1  # oldest window position seen by the query at n - 1
-    moved_cos, moved_sin = rope(torch.arange(start - sinks, start)[None], torch.float32)
-    assert torch.allclose(kept, apply_rope(raw[:, :, :sinks], moved_cos, moved_sin), atol=1e-5)
-
-
 @pytest.mark.parametrize("steps", [3, 40])  # fewer, and more, plain steps than the draft's window
 def test_catch_up_after_plain_steps_equals_a_fresh_draft_prefill(steps: int) -> None:
     """gamma=auto's plain steps copy nothing into a self-draft's cache; `catch_up` before the next draft
@@ -282,3 +265,86 @@ def test_catch_up_after_plain_steps_equals_a_fresh_draft_prefill(steps: int) -> 
         assert torch.equal(d.cache.k[:, row, :, slots], fresh.cache.k[:, row, :, slots])
         assert torch.equal(d.cache.v[:, row, :, slots], fresh.cache.v[:, row, :, slots])
     assert torch.equal(d.seen[:2], lengths[:2])
+
+
+def test_a_draft_whose_vocabulary_is_a_prefix_of_the_targets_is_exact(tiny_llm: LLM, tmp_path: Path) -> None:
+    """A target padded beyond its tokenizer (Qwen2.5-7B's 152064 ids against Qwen2.5-0.5B's 151936): the
+    draft proposes only ids it knows and its distribution has no mass on the others."""
+    cfg = tiny_config(vocab_size=tiny_llm.config.vocab_size - 64, n_layers=1)
+    draft = write_checkpoint(tmp_path / "short", cfg, seed=4)
+    prompts = random_prompts(3, [30, 9, 21], cfg.vocab_size, seed=8)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    spec = SpecConfig(method="draft", drafter="full", draft_model=str(draft), gamma=3)
+    plain = [o.token_ids for o in tiny_llm.generate(prompts, params).outputs]
+    assert [o.token_ids for o in tiny_llm.generate(prompts, params, spec).outputs] == plain
+    sampled = tiny_llm.generate(prompts, SamplingParams(max_new_tokens=24, temperature=1.0, seed=1, ignore_eos=True),
+                                spec)
+    assert all(len(o.token_ids) == 24 for o in sampled.outputs)
+
+
+def test_a_draft_with_another_tokenizer_or_a_larger_vocabulary_is_refused(tiny_llm: LLM, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from magicdec import LoadError
+
+    V = tiny_llm.config.vocab_size
+    other = write_checkpoint(tmp_path / "other", tiny_config(n_layers=1), seed=4)
+    tok = Tokenizer(models.WordLevel({f"w{V - 1 - i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(other / "tokenizer.json"))  # same size, every id means another word
+    big = write_checkpoint(tmp_path / "big", tiny_config(vocab_size=V + 8, n_layers=1), seed=4)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    for path, words in ((other, "does not share the target's tokenizer"), (big, "more than the target's")):
+        with pytest.raises(LoadError, match=words):
+            tiny_llm.generate([[5, 6, 7]], params, SpecConfig(method="draft", drafter="full", draft_model=str(path)))
+
+
+
+def test_a_block_wider_than_the_slack_does_not_see_stale_rejected_drafts() -> None:
+    """An "own"-KV draft catching up on many plain steps feeds them as one block wider than the ring's
+    slack; the KV its rejected drafts left at those positions must not be seen beside the block's own."""
+    torch.manual_seed(0)
+    H, D, sinks, window, slack = 2, 8, 2, 8, 3
+    seq, junk = torch.randn(1, H, 30, D), torch.randn(1, H, 30, D)
+
+    def cache_at_20(rejected: bool) -> SparseKVCache:
+        c = SparseKVCache(1, 1, H, D, sinks, window, slack, 1, torch.float32, "cpu")
+        for p in range(20):
+            c.begin(torch.tensor([[p]])).attend(0, *(seq[:, :, p : p + 1],) * 3)
+        if rejected:  # three drafts at 20..22, all rejected by verification
+            c.begin(torch.arange(20, 23)[None]).attend(0, *(junk[:, :, 20:23],) * 3)
+        return c
+
+    block = seq[:, :, 20:25]  # five committed tokens fed at once: wider than the slack
+    ours = cache_at_20(True).begin(torch.arange(20, 25)[None]).attend(0, block, block, block)
+    clean = cache_at_20(False).begin(torch.arange(20, 25)[None]).attend(0, block, block, block)
+    assert torch.allclose(ours, clean, atol=1e-6)
+
+def test_after_rounds_the_draft_cache_equals_a_fresh_build_of_the_same_positions(tiny_llm: LLM) -> None:
+    """Exactness of the output cannot see a draft cache that drifted: after speculative and plain rounds,
+    every live row's visible draft KV is what a fresh StreamingLLM build at its current length holds."""
+    from magicdec.engine.step import Decoding
+    from magicdec.spec.factory import plan_drafter
+
+    prompts = random_prompts(3, [50, 20, 33], tiny_llm.config.vocab_size, seed=4)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    spec = SpecConfig(method="self", budget=20, sinks=4, gamma=3)
+    batch = tiny_llm.prefill(prompts, params, max_gamma=3)
+    setup = plan_drafter(spec, tiny_llm.model, tiny_llm.runner, 3, batch.cache.capacity)
+    drafter = setup.build()
+    drafter.prefill(tiny_llm.model, batch.cache, batch.state.tokens, batch.prompt_lens, 64)
+    decoding = Decoding(tiny_llm.runner, batch, drafter)
+    for gamma in (3, 0, 0, 2, 3, 0, 1):
+        decoding.step(gamma)
+    drafter.catch_up(batch.cache, batch.state.lengths, batch.state.active)
+    fresh = setup.build()
+    lengths = batch.state.lengths.tolist()
+    fresh.prefill(tiny_llm.model, batch.cache, batch.state.tokens, lengths, 64)
+    window = drafter.cache.window
+    for row, n in enumerate(lengths):
+        def visible(cache) -> dict[int, torch.Tensor]:
+            tags = cache.tags[row, : cache.n_slots].tolist()
+            return {t: cache.k[:, row, :, s] for s, t in enumerate(tags) if t >= 0 and (t < 4 or t > n - window)}
+        ours, theirs = visible(drafter.cache), visible(fresh.cache)
+        assert sorted(ours) == sorted(theirs) == [*range(4), *range(n - window + 1, n)]
+        assert all(torch.equal(ours[t], theirs[t]) for t in ours)

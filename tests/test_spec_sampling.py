@@ -12,7 +12,7 @@ from scipy.stats import chisquare
 from conftest import random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM, SamplingParams, SpecConfig
 from magicdec.cache.dense import DenseKVCache
-from magicdec.engine.sampling import probabilities
+from magicdec.runtime.sampling import probabilities
 
 VOCAB, N, PROMPT_LEN = 32, 6000, 40
 
@@ -22,6 +22,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, Path]:
     target = write_checkpoint(tmp_path_factory.mktemp("t"), tiny_config(vocab_size=VOCAB), seed=5)
     draft = write_checkpoint(tmp_path_factory.mktemp("d"), tiny_config(vocab_size=VOCAB, n_layers=1), seed=6)
     return LLM(target, device="cpu"), draft
+
+
+@pytest.fixture(scope="module")
+def drafts(models: tuple[LLM, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Draft models by name: a smaller model; the same vocabulary cut short (the target's is padded
+    beyond it); the target itself (every draft accepted, so every round ends with a bonus token)."""
+    llm, draft = models
+    short = write_checkpoint(tmp_path_factory.mktemp("s"), tiny_config(vocab_size=VOCAB - 5, n_layers=1), seed=7)
+    return {"small": draft, "short-vocab": short, "target": llm.loaded.path}
 
 
 def next_token_probs(llm: LLM, seqs: list[list[int]], params: SamplingParams) -> torch.Tensor:
@@ -70,24 +79,34 @@ def check(counts: torch.Tensor, joint: torch.Tensor) -> dict[str, float]:
     }
 
 
+# name: (speculation, sampling, acceptance range); the draft model's name, if any, is in "draft_model"
 SETTINGS = {
-    "draft-model": (dict(method="draft", drafter="full"), dict(temperature=1.0)),
-    "self-streaming": (dict(method="self", drafter="streaming", budget=8, sinks=2), dict(temperature=1.0)),
-    "draft-topk-topp": (dict(method="draft", drafter="full"), dict(temperature=0.7, top_k=10, top_p=0.9)),
+    "draft-model": (dict(method="draft", drafter="full", draft_model="small"), dict(temperature=1.0), (0.05, 0.99)),
+    "self-streaming": (dict(method="self", drafter="streaming", budget=8, sinks=2), dict(temperature=1.0),
+                       (0.05, 0.99)),
+    "draft-topk-topp": (dict(method="draft", drafter="full", draft_model="small"),
+                        dict(temperature=0.7, top_k=10, top_p=0.9), (0.05, 0.99)),
+    "draft-short-vocab": (dict(method="draft", drafter="full", draft_model="short-vocab"), dict(temperature=1.0),
+                          (0.05, 0.99)),
+    # γ = 1 over 3 tokens: the second token is an accepted draft, the third the round's bonus token
+    "bonus-token": (dict(method="draft", drafter="full", draft_model="target", gamma=1), dict(temperature=1.0),
+                    (1.0, 1.0)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
-def test_speculative_sampling_matches_the_target_distribution(models: tuple[LLM, Path], name: str) -> None:
-    llm, draft = models
-    spec_kw, sample_kw = SETTINGS[name]
-    if spec_kw["method"] == "draft":
-        spec_kw = {**spec_kw, "draft_model": str(draft)}
+def test_speculative_sampling_matches_the_target_distribution(models: tuple[LLM, Path], drafts: dict[str, Path],
+                                                              name: str) -> None:
+    llm, _ = models
+    spec_kw, sample_kw, (low, high) = SETTINGS[name]
+    if "draft_model" in spec_kw:
+        spec_kw = {**spec_kw, "draft_model": str(drafts[spec_kw["draft_model"]])}
+    spec = SpecConfig(**{"gamma": 2, **spec_kw})
     params = SamplingParams(max_new_tokens=3, seed=1234, ignore_eos=True, **sample_kw)
-    prompt = random_prompts(1, [PROMPT_LEN], VOCAB, seed=3)[0]
-    result = llm.generate([prompt] * 64, params, SpecConfig(gamma=2, **spec_kw))
-    assert 0.05 < result.stats.acceptance_rate < 0.99  # drafts differ from the target: rejections happen
-    counts = sample_counts(llm, prompt, params, SpecConfig(gamma=2, **spec_kw))
+    prompt = random_prompts(1, [PROMPT_LEN], VOCAB - 5, seed=3)[0]
+    result = llm.generate([prompt] * 64, params, spec)
+    assert low <= result.stats.acceptance_rate <= high  # with a different draft, rejections happen
+    counts = sample_counts(llm, prompt, params, spec)
     pvalues = check(counts, exact_joint(llm, prompt, params))
     assert min(pvalues.values()) > 1e-3, pvalues
 

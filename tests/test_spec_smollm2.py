@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from magicdec import LLM, SamplingParams, SpecConfig
+from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
+from magicdec.bench.compare import compare
 from magicdec.data import load_corpus, make_prompts
 
 pytestmark = pytest.mark.slow
@@ -21,22 +22,21 @@ def austen_prompts(smol: LLM) -> list[list[int]]:
     "spec",
     [
         SpecConfig(method="self", drafter="streaming", budget=256, sinks=16, gamma=3),
-        SpecConfig(method="self", drafter="snapkv", budget=256, window=64, gamma=3),
+        SpecConfig(method="self", drafter="snapkv", budget=256, gamma=3),
     ],
     ids=["streaming", "snapkv"],
 )
 def test_self_speculation_is_exact_on_long_real_prompts(smol: LLM, austen_prompts, spec: SpecConfig) -> None:
-    result = smol.generate(austen_prompts, SamplingParams(max_new_tokens=24), spec, compare=True)
-    assert result.stats.extra["matches_plain"] is True
-    assert result.stats.acceptance_rate > 0.5  # a working drafter on real text
+    c = compare(smol, austen_prompts, SamplingParams(max_new_tokens=24), spec)
+    assert c.matches_plain
+    assert c.result.stats.acceptance_rate > 0.5  # a working drafter on real text
 
 
-def test_own_kv_drafts_with_in_cache_positions_are_exact(smol: LLM, austen_prompts) -> None:
-    """The draft's own windowed prefill and KV, with StreamingLLM's in-cache positions (shorter prompts:
-    this mode prefills twice)."""
+def test_own_kv_drafts_are_exact(smol: LLM, austen_prompts) -> None:
+    """The draft's own windowed prefill and KV (shorter prompts: this mode prefills twice)."""
     prompts = [p[:400] for p in austen_prompts[:4]]
-    spec = SpecConfig(method="self", drafter="streaming", budget=128, sinks=4, gamma=4, kv_source="own",
-                      positions="cache")
-    result = smol.generate(prompts, SamplingParams(max_new_tokens=24), spec, compare=True)
-    assert result.stats.extra["matches_plain"] is True
-    assert result.stats.acceptance_rate > 0.5
+    spec = SpecConfig(method="self", drafter="streaming", budget=128, sinks=4, gamma=4,
+                      tuning=DraftTuning(kv_source="own"))
+    c = compare(smol, prompts, SamplingParams(max_new_tokens=24), spec)
+    assert c.matches_plain
+    assert c.result.stats.acceptance_rate > 0.5

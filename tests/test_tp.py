@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,16 +19,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import random_prompts, tiny_config, write_checkpoint
-from magicdec import LLM, SamplingParams, SpecConfig
+from magicdec import LLM, Auto, DraftTuning, SamplingParams, SpecConfig
 from magicdec.cache.dense import DenseKVCache
+from magicdec.config import ModelConfig
+from magicdec.engine.step import RoundReport
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel, check_shardable
 
 SPECS = {
     "plain": None,
     "self-streaming": SpecConfig(method="self", budget=24, sinks=4, gamma=3),
-    "self-snapkv": SpecConfig(method="self", drafter="snapkv", budget=24, window=8, gamma=2),
+    "self-snapkv": SpecConfig(method="self", drafter="snapkv", budget=24, tuning=DraftTuning(snapkv_window=8), gamma=2),
     # each rank times its own steps; rank 0's choice of γ is the one every rank runs
-    "self-auto": SpecConfig(method="self", budget=24, sinks=4, gamma="auto", profile="cpu"),
+    "self-auto": SpecConfig(method="self", budget=24, sinks=4, gamma=Auto(profile="cpu")),
 }
 
 
@@ -98,8 +101,8 @@ class RankGamma:
     def choose(self, state: object) -> int:
         return self.rank + 2
 
-    def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
-        self.seen.append(gamma)
+    def observe(self, report: RoundReport) -> None:
+        self.seen.append(report.gamma)
 
 
 def choose_worker(rank: int, world: int, port: int, result: str) -> None:
@@ -108,8 +111,8 @@ def choose_worker(rank: int, world: int, port: int, result: str) -> None:
     try:
         shared = RankZeroGamma(RankGamma(rank), TensorParallel(rank, world), torch.device("cpu"))
         chosen = [shared.choose(None) for _ in range(3)]
-        shared.observe(chosen[0], [1], (0.0, 0.0, 0.0))
-        torch.save({"chosen": chosen, "seen": shared.seen}, f"{result}.{rank}")
+        shared.observe(RoundReport(chosen[0], 1, [1]))
+        torch.save({"chosen": chosen, "seen": shared.policy.seen}, f"{result}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -141,3 +144,131 @@ def test_smollm2_under_torchrun_with_three_ranks_gives_one_process_tokens() -> N
     two = subprocess.run([*torchrun[:4], "2", "--master-port", str(free_port()), *args], capture_output=True,
                          text=True, env=env, timeout=600)
     assert two.returncode != 0 and "3 KV heads are not divisible by 2" in two.stderr
+
+
+def write_gguf(hf_dir: Path, cfg: ModelConfig, path: Path) -> Path:
+    """`hf_dir`'s weights as a llama GGUF file, q/k rows permuted as llama.cpp's converter does; a tied
+    model has no output.weight."""
+    import gguf
+    from safetensors.torch import load_file
+
+    t = load_file(hf_dir / "model.safetensors")
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_block_count, cfg.n_layers), (w.add_context_length, cfg.max_position_embeddings),
+                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, cfg.n_heads), (w.add_head_count_kv, cfg.n_kv_heads),
+                       (w.add_rope_freq_base, cfg.rope_theta), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
+                       (w.add_eos_token_id, 2)):
+        add(value)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for i in range(cfg.n_layers)
+                  for hf, gg in layer.items()})
+    for hf, gg in names.items():
+        if hf not in t:
+            continue  # lm_head.weight of a tied model
+        a = t[hf].numpy()
+        heads = cfg.n_heads if ".q_proj." in hf else cfg.n_kv_heads if ".k_proj." in hf else 0
+        if heads:
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
+        w.add_tensor(gg, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tied_run(llm: LLM) -> dict:
+    """Logits of a random batch, and greedy plain and self-speculative tokens."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, llm.config.vocab_size, (2, 29))
+    cache = DenseKVCache.for_model(llm.model, 2, 32)
+    with torch.inference_mode():
+        out: dict = {"logits": llm.model(ids, torch.arange(29).expand(2, -1), cache)}
+    prompts = random_prompts(2, [40, 21], llm.config.vocab_size, seed=9)
+    for name in ("plain", "self-streaming"):
+        r = llm.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True), SPECS[name])
+        out[name] = [o.token_ids for o in r.outputs]
+    return out
+
+
+def tied_worker(rank: int, world: int, port: int, gguf_path: str, hf_dir: str, conv: str, result: str) -> None:
+    from magicdec.loading import LoadedModel, Tokenizer
+    from magicdec.loading.gguf_file import load_gguf
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        tp = TensorParallel(rank, world)
+        runs = {}
+        # too large to convert (the whole model is read, then cut); converting (the same); from the conversion
+        # (only this rank's slices are read)
+        for name, limit in (("too-large", 0), ("converting", 1 << 30), ("converted", 1 << 30)):
+            model, cfg = load_gguf(Path(gguf_path), torch.float32, "cpu", Path(f"{conv}-{rank}"), limit, tp)
+            loaded = LoadedModel(model, Tokenizer.from_dir(Path(hf_dir)), cfg, Path(gguf_path))
+            runs[name] = tied_run(LLM(loaded=loaded, tp=tp))
+        if rank == 0:
+            torch.save(runs, result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tied_model_loaded_whole_then_sharded_gives_one_process_tokens(tmp_path: Path) -> None:
+    cfg = tiny_config(n_layers=2, tie_word_embeddings=True)
+    hf_dir = write_checkpoint(tmp_path / "tied", cfg, seed=11)
+    path = write_gguf(hf_dir, cfg, tmp_path / "tied.gguf")
+    single = tied_run(LLM(hf_dir, device="cpu"))
+    result = tmp_path / "rank0.pt"
+    mp.spawn(tied_worker, args=(2, free_port(), str(path), str(hf_dir), str(tmp_path / "conv"), str(result)),
+             nprocs=2, join=True)
+    for name, sharded in torch.load(result).items():
+        assert (sharded["logits"] - single["logits"]).abs().max() <= 1e-4, name
+        assert sharded["plain"] == single["plain"] and sharded["self-streaming"] == single["self-streaming"], name
+
+
+FAILING_RANK = """
+import atexit, sys, time, torch, torch.distributed as dist
+import magicdec.cli.generate as generate
+from magicdec.cli.main import main
+from magicdec.parallel.tp import init_from_env
+
+def run(args):
+    tp = init_from_env("cpu")
+    if tp.rank == {failing}:
+        atexit.register(time.sleep, 300)  # this rank's teardown hangs, as a process group's can (NCCL)
+        raise {kind}("rank {failing} has no memory left for its KV cache")
+    dist.all_reduce(torch.zeros(1))  # the other rank waits here
+    return 0
+
+generate.run = run
+sys.exit(main(["generate", "--prompt", "x"]))
+"""
+
+
+# a failure the CLI says (on rank 1, a rank that reaches the store hosted by rank 0), and an uncaught one
+# (on rank 0, the rank that hosts the store outside torchrun)
+@pytest.mark.parametrize(("kind", "failing"), [("MemoryError", 1), ("RuntimeError", 0)])
+def test_a_failing_rank_stops_the_others_with_its_error(kind: str, failing: int) -> None:
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    script = FAILING_RANK.format(kind=kind, failing=failing)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    ended: dict[int, float] = {}
+    deadline = time.monotonic() + 90
+    while len(ended) < 2 and time.monotonic() < deadline:
+        ended.update({r: time.monotonic() for r, p in enumerate(procs) if r not in ended and p.poll() is not None})
+        time.sleep(0.1)
+    for p in procs:
+        p.kill()
+    errors = [p.communicate()[1] for p in procs]
+    other = 1 - failing
+    assert len(ended) == 2, f"ranks {sorted(set(range(2)) - set(ended))} never ended:\n{errors[other][-2000:]}"
+    assert abs(ended[0] - ended[1]) < 10
+    assert procs[0].returncode != 0 and procs[1].returncode != 0
+    said = f"rank {failing} failed: {kind}: rank {failing} has no memory left for its KV cache"
+    assert said in errors[other], errors[other][-2000:]

@@ -1,6 +1,7 @@
 """The CUDA decode-attention kernel's logic, checked on the CPU with Triton's interpreter against
 plain masked attention: dense causal caches, sparse tagged caches with sinks and a window,
-padding queries, several splits, strided cache views."""
+padding queries, several splits, strided cache views; head dims that are powers of two and ones that
+are not (80, 96: the kernels pad them to a power-of-two block)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
+    import sys
     import torch
     import triton.runtime.interpreter as interp
 
@@ -44,7 +46,8 @@ SCRIPT = textwrap.dedent('''
         return (s.softmax(-1) @ vv).float()
 
     torch.manual_seed(0)
-    B, Hkv, g, D, cap = 3, 2, 3, 16, MIN_SPLIT * 4 + 300
+    D = int(sys.argv[1])  # the head dim under test
+    B, Hkv, g, cap = 3, 2, 3, MIN_SPLIT * 4 + 300
     buf_k, buf_v = torch.randn(2, B, Hkv, cap + 1, D), torch.randn(2, B, Hkv, cap + 1, D)
     k, v = buf_k[1, :, :, :cap], buf_v[1, :, :, :cap]          # strided views of a layered buffer
     for T in (1, 4):
@@ -78,7 +81,7 @@ SCRIPT = textwrap.dedent('''
     assert (fused.rms_norm(x, w, 1e-5) - ref).abs().max() < 1e-5
     gu = torch.randn(3, 4, 2 * 80)
     assert (fused.silu_mul(gu) - torch.nn.functional.silu(gu[..., :80]) * gu[..., 80:]).abs().max() < 1e-5
-    B, T, hq, hkv, D = 2, 3, 4, 2, 16
+    B, T, hq, hkv = 2, 3, 4, 2
     qkv = torch.randn(B, T, (hq + 2 * hkv) * D)
     ang = torch.randn(B, 1, T, D // 2)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
@@ -96,7 +99,7 @@ MODEL_SCRIPT = SCRIPT.split("torch.manual_seed(0)")[0] + textwrap.dedent('''
     from magicdec.loading.random_init import random_model
 
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
-                      name="t")
+                      head_dim=int(sys.argv[1]), name="t")
     model = random_model(cfg, "cpu", torch.float32, seed=0)
     ids = torch.randint(0, 96, (2, 40))
     pos = torch.arange(40).expand(2, -1)
@@ -117,15 +120,18 @@ MODEL_SCRIPT = SCRIPT.split("torch.manual_seed(0)")[0] + textwrap.dedent('''
 ''')
 
 
-def interpret(script: str) -> None:
+def interpret(script: str, head_dim: int) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script, str(head_dim)], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_decode_attention_and_fused_kernels_in_the_triton_interpreter() -> None:
-    interpret(SCRIPT)
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 96])
+def test_decode_attention_and_fused_kernels_in_the_triton_interpreter(head_dim: int) -> None:
+    interpret(SCRIPT, head_dim)
 
 
-def test_model_forward_through_the_triton_kernels_equals_eager() -> None:
-    interpret(MODEL_SCRIPT)
+@pytest.mark.parametrize("head_dim", [16, 80])
+def test_model_forward_through_the_triton_kernels_equals_eager(head_dim: int) -> None:
+    interpret(MODEL_SCRIPT, head_dim)

@@ -1,12 +1,13 @@
-"""Benchmarks: `magicdec bench` measures speculative against plain decoding and transformers' `generate`.
+"""Measurement above the engine: `magicdec bench` (speculative against plain decoding and transformers'
+`generate`), `--compare`, step-time profiling for `magicdec profile`, and the γ-policy simulator.
 
-`grid.py` owns the grid and the runner (prefix prefill, interleaved repetitions, speedups); `peers.py`
-the Hugging Face transformers peers; `report.py` the JSON lines, markdown table and plots. The command
-line is `magicdec.cli.bench`; docs/benchmarks.md says what is measured and how to regenerate it.
+`grid.py` owns the grid and the runner (prefix prefill, interleaved repetitions, speedups); `compare.py`
+one batch decoded both ways and the steady-state clock; `profile.py` step times on random KV; `peers.py`
+the Hugging Face transformers peers; `report.py` the JSON lines, markdown table and plots; `policy_sim.py`
+replays a γ policy against given step times. The command lines are in `magicdec.cli`.
 """
 
-from magicdec.bench.grid import QUICK, BenchConfig, Grid, PrefixPrefill, Runner, parse_count, parse_gamma
+from magicdec.bench.grid import QUICK, Grid, Runner, prefix_batch
 from magicdec.bench.report import markdown, read_jsonl, write_report
 
-__all__ = ["QUICK", "BenchConfig", "Grid", "PrefixPrefill", "Runner", "markdown", "parse_count", "parse_gamma",
-           "read_jsonl", "write_report"]
+__all__ = ["QUICK", "Grid", "Runner", "markdown", "prefix_batch", "read_jsonl", "write_report"]

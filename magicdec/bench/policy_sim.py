@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from magicdec.costmodel import CostModel
-from magicdec.engine.decode import FixedGamma, GammaPolicy
+from magicdec.costmodel.policy import FixedGamma, GammaPolicy
+from magicdec.engine.state import BatchView
+from magicdec.engine.step import RoundReport
 
 Scale = Callable[[list[int]], float]  # live contexts → factor on the full batch's step times
 
@@ -47,21 +49,6 @@ class StepTimes:
         return self.verify[hi] + slope * (gamma - hi)
 
 
-class _Sequence:
-    def __init__(self, context: int) -> None:
-        self.context, self.token_ids, self.finish_reason = context, [0], None  # the first token is prefill's
-
-
-class _Batch:
-    """The part of `BatchState` a policy reads: live rows' contexts, and the outputs so far."""
-
-    def __init__(self, outputs: list[_Sequence]) -> None:
-        self.outputs = outputs
-
-    def contexts(self) -> list[int]:
-        return [o.context + len(o.token_ids) - 1 for o in self.outputs if o.finish_reason is None]
-
-
 @dataclass(frozen=True, slots=True)
 class Noise:
     step: float = 0.05  # log-normal σ of each step's time
@@ -74,32 +61,29 @@ def simulate(policy: GammaPolicy, times: StepTimes, batch: int, context: int, ne
              rng: random.Random, noise: Noise = Noise(), scale: Scale | None = None) -> float:
     """Seconds the policy takes to bring every sequence to `new_tokens` tokens (the first from prefill).
     `scale(contexts)`: the factor on step times once the batch has shrunk to these live contexts."""
-    seqs = [_Sequence(context) for _ in range(batch)]
-    state = _Batch(seqs)
+    generated = [1] * batch  # the first token is prefill's
     alphas = [min(0.999, max(0.0, rng.gauss(alpha, noise.alpha_spread))) for _ in range(batch)]
     decay = math.exp(-1.0 / noise.drift_rounds)
     level, clock = rng.gauss(0.0, noise.drift), 0.0
-    while live := [i for i, o in enumerate(seqs) if o.finish_reason is None]:
-        gamma = policy.choose(state)  # type: ignore[arg-type]
+    while live := [i for i, n in enumerate(generated) if n < new_tokens]:
+        view = BatchView([context + generated[i] - 1 for i in live], [new_tokens - generated[i] for i in live])
+        gamma = policy.choose(view)
         level = decay * level + rng.gauss(0.0, noise.drift * math.sqrt(1 - decay * decay))
-        factor = scale(state.contexts()) if scale else 1.0
+        factor = scale(view.contexts) if scale else 1.0
         if gamma == 0:
             step = _noisy(factor * times.target, level, noise, rng)
             clock += step
-            policy.observe(0, [], (0.0, step, 0.0))
+            policy.observe(RoundReport(0, len(live), verify_s=step))
             gained = [1] * len(live)
         else:
             draft, verify, rest = (_noisy(factor * t, level, noise, rng) for t in
                                    (gamma * times.draft, times.verify_at(gamma), times.round))
             clock += draft + verify + rest
             accepted = [_accepted(alphas[i], gamma, rng) for i in live]
-            policy.observe(gamma, accepted, (draft, verify, rest))
+            policy.observe(RoundReport(gamma, len(live), accepted, draft_s=draft, verify_s=verify, other_s=rest))
             gained = [k + 1 for k in accepted]
         for i, n in zip(live, gained):
-            out = seqs[i]
-            out.token_ids += [0] * min(n, new_tokens - len(out.token_ids))
-            if len(out.token_ids) >= new_tokens:
-                out.finish_reason = "length"
+            generated[i] = min(generated[i] + n, new_tokens)
     return clock
 
 

@@ -14,13 +14,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from magicdec.model.attention import DECODE_MAX_T, AttentionMask, attend
+from magicdec.model.attention import MAX_DECODE_TOKENS, AttentionMask, attend
 
 if TYPE_CHECKING:
     from magicdec.model.llama import Transformer
 
 # observer(layer, q [B, Hq, T, D], k [B, Hkv, S, D], mask) is called on each attention (SnapKV).
 Observer = Callable[[int, torch.Tensor, torch.Tensor, AttentionMask], None]
+
+
+def store(buf: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> None:
+    """buf.scatter_(dim, index, src). 16-bit values move as int16 bit patterns: the same bits, and on the
+    CPU several thousand times faster than PyTorch's bf16/fp16 scatter into a long cache."""
+    if buf.dtype in (torch.bfloat16, torch.float16) and not buf.is_cuda:
+        buf, src = buf.view(torch.int16), src.view(torch.int16)
+    buf.scatter_(dim, index, src)
 
 
 class DenseKVCache:
@@ -99,7 +107,7 @@ class DenseStep:
         self.cache = cache
         self.rows = positions.shape[0]
         self.slots = torch.where(positions >= 0, positions, cache.capacity)
-        if positions.is_cuda and positions.shape[1] <= DECODE_MAX_T:
+        if positions.is_cuda and positions.shape[1] <= MAX_DECODE_TOKENS:
             self.kv_len = cache.capacity
         else:
             max_pos = int(positions.max())
@@ -112,8 +120,8 @@ class DenseStep:
         K, V = self.cache.k[layer, : self.rows], self.cache.v[layer, : self.rows]
         if not self.cache.read_only:
             idx = self.slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            K.scatter_(2, idx, k)
-            V.scatter_(2, idx, v)
+            store(K, 2, idx, k)
+            store(V, 2, idx, v)
         K, V = K[:, :, : self.kv_len], V[:, :, : self.kv_len]
         if self.cache.observer is not None:
             self.cache.observer(layer, q, K, self.mask)

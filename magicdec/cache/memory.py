@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from magicdec.config import ModelConfig
+
 
 class OutOfMemoryPlan(MemoryError):
     """The planned weights and caches would not fit; the message gives the bytes and the fix."""
@@ -26,6 +28,7 @@ class MemoryPlan:
 
     resident: dict[str, int] = field(default_factory=dict)
     to_allocate: dict[str, int] = field(default_factory=dict)
+    fix: str = "use a smaller batch, shorter prompts or fewer new tokens"  # what to change, for the message
 
     @property
     def total(self) -> int:
@@ -42,15 +45,13 @@ class MemoryPlan:
         if budget is not None and self.total > budget:
             raise OutOfMemoryPlan(
                 f"the plan needs {fmt_bytes(self.total)} ({self.describe()}), over the memory budget of "
-                f"{fmt_bytes(budget)}. Use a smaller batch, shorter prompts or fewer new tokens, "
-                "a smaller draft budget, or raise the budget."
+                f"{fmt_bytes(budget)} ({budget} bytes): {self.fix}, or raise the budget (--memory-budget)."
             )
         free = available_bytes(device)
         if need > free:
             raise OutOfMemoryPlan(
-                f"the KV caches need {fmt_bytes(need)} ({self.describe()}) but only {fmt_bytes(free)} of "
-                f"{device.type} memory is free. Use a smaller batch, shorter prompts or fewer new tokens, "
-                "or a 2-byte dtype (--dtype bfloat16)."
+                f"the plan needs {fmt_bytes(need)} more ({self.describe()}) but only {fmt_bytes(free)} of "
+                f"{device.type} memory is free: {self.fix}, or use a 2-byte dtype (--dtype bfloat16)."
             )
 
 
@@ -66,6 +67,6 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def kv_cache_bytes(n_layers: int, batch: int, kv_heads: int, head_dim: int, slots: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes(config: ModelConfig, kv_heads: int, batch: int, slots: int, dtype: torch.dtype) -> int:
     """Bytes of K and V buffers with `slots` slots per sequence (the trash slot included)."""
-    return 2 * n_layers * batch * kv_heads * slots * head_dim * dtype.itemsize
+    return config.kv_bytes_per_token(dtype.itemsize, kv_heads) * batch * slots

@@ -6,22 +6,15 @@ which a query at position p sees those at positions p - window + 1 .. p. The sla
 speculation round write ahead and roll back without losing window entries. Each slot is tagged with
 the position it holds (-1: empty); masks are computed from the tags, so rollback only needs the
 caller to stop counting rejected positions.
-
-Positions: keys are stored rotated at their original positions. With `positions="cache"`, kept
-keys are re-rotated at attention time to sit immediately before the window (StreamingLLM's
-in-cache positions; only relative distances matter to RoPE, and the window's own distances are
-unchanged). With `positions="original"` they keep their true distance.
+Keys are stored rotated at their original positions and keep their true distance to the queries.
 """
 
 from __future__ import annotations
 
 import torch
 
-from magicdec.cache.dense import DenseKVCache
+from magicdec.cache.dense import DenseKVCache, store
 from magicdec.model.attention import AttentionMask, attend
-from magicdec.model.rope import RotaryEmbedding, apply_rope
-
-POSITION_MODES = ("original", "cache")
 
 
 class SparseKVCache:
@@ -38,26 +31,16 @@ class SparseKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         sink_writes: bool = True,
-        positions: str = "original",
-        rope: RotaryEmbedding | None = None,
     ) -> None:
         if window < 1 or slack < 1 or n_kept < 0:
             raise ValueError(f"sparse cache needs window ≥ 1 and slack ≥ 1, got window={window} slack={slack}")
-        if positions not in POSITION_MODES:
-            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
-        if positions == "cache" and rope is None:
-            raise ValueError("in-cache positions need the model's rotary embedding")
         self.n_kept, self.window, self.ring = n_kept, window, window + slack
         self.n_slots = n_kept + self.ring
         shape = (n_layers, batch, n_kv_heads, self.n_slots + 1, head_dim)  # + trash slot
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.tags = torch.full((batch, self.n_slots + 1), -1, dtype=torch.long, device=device)
-        # original position of each kept key, per layer and head (SnapKV keeps different positions);
-        # attention sinks sit at positions 0 … n_kept - 1
-        self.kept_pos = torch.arange(n_kept, device=device).expand(n_layers, batch, n_kv_heads, n_kept).clone()
         self.group, self.sink_writes = group, sink_writes
-        self.position_mode, self.rope = positions, rope
 
     @property
     def slack(self) -> int:
@@ -80,6 +63,12 @@ class SparseKVCache:
         t = tags[:, None, :]
         return (t >= 0) & (t <= q) & (kept[..., None, :] | (t > q - self.window))
 
+    def tag(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record which position each of rows' `slots` [B, N] now holds (-1: empty); the trash slot
+        stays empty whatever padding wrote there."""
+        self.tags[: slots.shape[0]].scatter_(1, slots, positions)
+        self.tags[:, self.n_slots] = -1
+
     def kept_slots(self) -> torch.Tensor:
         kept = torch.zeros(self.n_slots, dtype=torch.bool, device=self.tags.device)
         kept[: self.n_kept] = True
@@ -95,23 +84,21 @@ class SparseKVCache:
         rows = positions.shape[0]
         slots = self.slot_of(positions)
         idx = slots[None, :, None, :, None].expand(k.shape[0], rows, k.shape[2], -1, k.shape[4])
-        self.k[:, :rows].scatter_(3, idx, k)
-        self.v[:, :rows].scatter_(3, idx, v)
-        self.tags[:rows].scatter_(1, slots, positions)
-        self.tags[:, self.n_slots] = -1
+        store(self.k[:, :rows], 3, idx, k)
+        store(self.v[:, :rows], 3, idx, v)
+        self.tag(slots, positions)
 
     def copy_from(self, target: DenseKVCache, positions: torch.Tensor) -> None:
         """Copy the target's K/V at `positions` [B, N] into this cache (-1 entries: clear tag only)."""
         k, v = target.gather(positions)
         self.write(k, v, positions)
 
-    def set_kept(self, k: torch.Tensor, v: torch.Tensor, kept_pos: torch.Tensor, valid: torch.Tensor) -> None:
-        """Fill the kept region: k, v [L, B, Hkv, n_kept, D] with original positions kept_pos
-        [L, B, Hkv, n_kept] (ascending per head); `valid` [B, n_kept] marks filled slots."""
+    def set_kept(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        """Fill the kept region with k, v [L, B, Hkv, n_kept, D] (keys rotated at their original
+        positions, which may differ per layer and head); `valid` [B, n_kept] marks filled slots."""
         rows = valid.shape[0]
         self.k[:, :rows, :, : self.n_kept] = k
         self.v[:, :rows, :, : self.n_kept] = v
-        self.kept_pos[:, :rows] = kept_pos
         # kept slots are visible to every later query: tag 0 (or -1 if empty)
         self.tags[:rows, : self.n_kept] = torch.where(valid, 0, -1)
 
@@ -124,7 +111,6 @@ class SparseKVCache:
                 self.k[:, dst].copy_(self.k[:, src])
                 self.v[:, dst].copy_(self.v[:, src])
                 self.tags[dst].copy_(self.tags[src])
-                self.kept_pos[:, dst].copy_(self.kept_pos[:, src])
 
 
 class SparseStep:
@@ -141,8 +127,7 @@ class SparseStep:
         tags = cache.tags[: self.rows]
         if self.in_place:
             self.slots = cache.slot_of(positions)
-            tags.scatter_(1, self.slots, positions)
-            tags[:, cache.n_slots] = -1
+            cache.tag(self.slots, positions)
             self.mask = AttentionMask(cache.group, cache.k.dtype, positions, cache.n_slots,
                                       key_pos=tags[:, : cache.n_slots], window=cache.window, n_kept=cache.n_kept,
                                       rows_hint=cache.k.shape[1])
@@ -152,50 +137,34 @@ class SparseStep:
                 keep |= positions < cache.n_kept
             self.slots = cache.slot_of(torch.where(keep, positions, -1))
             new_kept = (positions < cache.n_kept) & cache.sink_writes
+            # entries at or past the block's first position are stale (drafts rejected since): the block rewrites them
+            first = torch.where(positions >= 0, positions, torch.iinfo(torch.long).max).min(dim=1, keepdim=True).values
+            old = tags[:, : cache.n_slots]
             allowed = torch.cat(
                 [
-                    cache.visible(query_pos, tags[:, : cache.n_slots], cache.kept_slots()),
+                    cache.visible(query_pos, torch.where(old < first, old, -1), cache.kept_slots()),
                     cache.visible(query_pos, positions, new_kept),
                 ],
                 dim=2,
             )
             allowed[..., 0] |= positions < 0  # padding queries see slot 0
-            tags.scatter_(1, self.slots, torch.where(keep, positions, -1))
-            tags[:, cache.n_slots] = -1
+            cache.tag(self.slots, torch.where(keep, positions, -1))
             self.mask = AttentionMask(cache.group, cache.k.dtype, positions, allowed.shape[2], allowed=allowed)
-        self.kept_rotation = self._kept_rotation(query_pos) if cache.position_mode == "cache" else None
-
-    def _kept_rotation(self, query_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin that move kept keys from their original positions to just before the window
-        seen by each row's first query."""
-        c = self.cache
-        window_start = (query_pos[:, 0] - c.window + 1).clamp(min=c.n_kept)  # [B]
-        target = window_start[:, None] - c.n_kept + torch.arange(c.n_kept, device=query_pos.device)
-        delta = target[None, :, None, :] - c.kept_pos[:, : self.rows]  # [L, B, Hkv, n_kept]
-        L, B, H, N = delta.shape
-        cos, sin = c.rope(delta.reshape(L * B, H * N), c.k.dtype)  # [L*B, 1, H*N, D]
-        return cos.view(L, B, H, N, -1), sin.view(L, B, H, N, -1)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.cache
         K, V = c.k[layer, : self.rows], c.v[layer, : self.rows]
         idx = self.slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         if self.in_place:
-            K.scatter_(2, idx, k)
-            V.scatter_(2, idx, v)
-            keys, values = self._kept_rotated(layer, K[:, :, : c.n_slots]), V[:, :, : c.n_slots]
+            store(K, 2, idx, k)
+            store(V, 2, idx, v)
+            keys, values = K[:, :, : c.n_slots], V[:, :, : c.n_slots]
         else:
-            keys = torch.cat([self._kept_rotated(layer, K[:, :, : c.n_slots]), k], dim=2)
+            keys = torch.cat([K[:, :, : c.n_slots], k], dim=2)
             values = torch.cat([V[:, :, : c.n_slots], v], dim=2)
         out = attend(q, keys, values, self.mask)
         if not self.in_place:
-            K.scatter_(2, idx, k)
-            V.scatter_(2, idx, v)
+            store(K, 2, idx, k)
+            store(V, 2, idx, v)
         return out
 
-    def _kept_rotated(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        if self.kept_rotation is None or self.cache.n_kept == 0:
-            return keys
-        n = self.cache.n_kept
-        cos, sin = self.kept_rotation[0][layer], self.kept_rotation[1][layer]
-        return torch.cat([apply_rope(keys[:, :, :n], cos, sin), keys[:, :, n:]], dim=2)

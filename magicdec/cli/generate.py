@@ -14,25 +14,13 @@ from typing import Any
 
 import torch
 
-from magicdec.engine.llm import DRAFT_PLACEMENTS, LLM
+from magicdec.bench.compare import Comparison, compare
+from magicdec.cli.args import add_spec_flags, parse_count, parse_size, spec_from_args
+from magicdec.costmodel.placement import DRAFT_PLACEMENTS
 from magicdec.engine.outputs import GenerationResult
-from magicdec.engine.sampling import SamplingParams
+from magicdec.llm import LLM
 from magicdec.parallel.tp import init_from_env
-from magicdec.spec.config import DRAFTERS, KV_SOURCES, METHODS, POSITIONS, SpecConfig
-
-SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'8G', '8GiB', '512m' or a plain number of bytes."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in SIZE_UNITS:
-        return int(float(t[:-1]) * SIZE_UNITS[t[-1]])
-    return int(t)
-
-
-def parse_gamma(text: str) -> int | str:
-    return "auto" if text == "auto" else int(text)
+from magicdec.runtime.sampling import SamplingParams
 
 
 def register(subparsers: Any) -> None:
@@ -42,84 +30,95 @@ def register(subparsers: Any) -> None:
     m.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file (default: built-in SmolLM2-135M)")
     m.add_argument("--dtype", help="float32 (CPU default), bfloat16 (CUDA default) or float16")
     m.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    m.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward (default 512)")
+    m.add_argument("--prefill-chunk", type=parse_count, default=512, help="prompt tokens per prefill forward")
     m.add_argument("--memory-budget", type=parse_size, help="bytes weights + caches may use, e.g. 8GiB")
+    m.add_argument("--draft-tp", choices=DRAFT_PLACEMENTS, default="auto",
+                   help="under torchrun: shard the draft model like the target, or replicate it on every rank")
     i = p.add_argument_group("prompts (one sequence each)")
     i.add_argument("--prompt", action="append", default=[], help="a prompt text (repeatable)")
     i.add_argument("--prompt-file", action="append", default=[], type=Path, help="a file whose text is one prompt")
     i.add_argument("--chat", action="store_true", help="wrap each --prompt/--prompt-file in the chat template")
     i.add_argument("--corpus", help="cut prompts from a corpus: 'austen', 'pg19', or a .txt/.jsonl file or directory")
-    i.add_argument("--context", type=int, help="with --corpus: tokens per prompt")
-    i.add_argument("--batch", type=int, default=1, help="with --corpus: number of prompts (default 1)")
+    i.add_argument("--context", type=parse_count, help="with --corpus: tokens per prompt")
+    i.add_argument("--batch", type=parse_count, default=1, help="with --corpus: number of prompts (default 1)")
     i.add_argument("--corpus-seed", type=int, default=0, help="with --corpus: which passages (default 0)")
     i.add_argument("--region", default="any", help="with --corpus: any, head or tail half of each document")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--max-new-tokens", type=parse_count, default=128)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
-    d = p.add_argument_group("speculative decoding")
-    d.add_argument("--spec", choices=METHODS, default="none", help="none, self (sparse-KV self-draft) or draft")
-    d.add_argument("--drafter", choices=DRAFTERS, default="streaming", help="draft cache kind (default streaming)")
-    d.add_argument("--gamma", type=parse_gamma, default=3, help="draft tokens per round, or 'auto'")
-    d.add_argument("--budget", type=int, default=512, help="draft KV budget in tokens (default 512)")
-    d.add_argument("--sinks", type=int, default=16, help="streaming: attention-sink tokens (default 16)")
-    d.add_argument("--window", type=int, default=64, help="snapkv: sliding window inside the budget (default 64)")
-    d.add_argument("--draft-model", help="with --spec draft: a smaller model sharing the tokenizer")
-    d.add_argument("--draft-kv", choices=KV_SOURCES, default="target",
-                   help="self: build the draft cache from the target's KV, or let the draft compute its own")
-    d.add_argument("--positions", choices=POSITIONS, default="original", help="RoPE positions of kept tokens")
-    d.add_argument("--draft-tp", choices=DRAFT_PLACEMENTS, default="auto",
-                   help="under torchrun: shard the draft model like the target, or replicate it on every rank")
-    d.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
+    add_spec_flags(p)
     o = p.add_argument_group("output")
+    o.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup")
     o.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def prompts_from_args(args: argparse.Namespace, llm: LLM) -> list[str | list[int]]:
-    texts = list(args.prompt) + [f.read_text() for f in args.prompt_file]
-    if args.chat:
-        texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+def read_prompt_files(paths: list[Path]) -> list[str]:
+    texts = []
+    for f in paths:
+        if not f.is_file():
+            raise ValueError(f"--prompt-file {f}: {'is a directory' if f.is_dir() else 'no such file'}; "
+                             "give a text file whose contents are one prompt")
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {f} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    return texts
+
+
+def prompts_from_args(args: argparse.Namespace, llm: LLM, texts: list[str]) -> list[str | list[int]]:
+    texts = list(args.prompt) + texts
     prompts: list[str | list[int]] = list(texts)
+    if args.chat:  # the template renders the special tokens itself: encoded without adding a BOS
+        prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
     if args.corpus:
-        if not args.context:
-            raise ValueError("--corpus needs --context L (tokens per prompt)")
         from magicdec.data import load_corpus, make_prompts
 
-        region = args.region
         prompts += make_prompts(llm.tokenizer, load_corpus(args.corpus), args.batch, args.context,
-                                seed=args.corpus_seed, region=region)
-    if not prompts:
-        raise ValueError("no prompts: give --prompt, --prompt-file or --corpus with --context")
+                                seed=args.corpus_seed, region=args.region)
     return prompts
 
 
 def run(args: argparse.Namespace) -> int:
+    # every argument is checked before the model loads, so that a typo costs no wait
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    spec = spec_from_args(args)
+    spec.check_with(params.max_new_tokens)
+    if args.compare and not spec.enabled:
+        raise ValueError("--compare compares speculative with plain decoding: add --spec self or --spec draft")
+    if args.corpus and not args.context:
+        raise ValueError("--corpus needs --context L (tokens per prompt)")
+    if not (args.prompt or args.prompt_file or args.corpus):
+        raise ValueError("no prompts: give --prompt, --prompt-file or --corpus with --context")
+    texts = read_prompt_files(args.prompt_file)
     device_type = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
     tp = init_from_env(device_type)  # under torchrun: this process's rank
     llm = LLM(args.model, dtype=args.dtype, device=args.device if tp is None else device_type,
               prefill_chunk=args.prefill_chunk, memory_budget=args.memory_budget, tp=tp, draft_tp=args.draft_tp)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-    spec = SpecConfig(method=args.spec, drafter=args.drafter, gamma=args.gamma, budget=args.budget, sinks=args.sinks,
-                      window=args.window, draft_model=args.draft_model, kv_source=args.draft_kv,
-                      positions=args.positions)
-    if args.compare and not spec.enabled:
-        raise ValueError("--compare compares speculative with plain decoding: add --spec self or --spec draft")
     leader = tp is None or tp.rank == 0  # only rank 0 prints
-    result = llm.generate(prompts_from_args(args, llm), params, spec, compare=args.compare,
-                          progress=leader and not (args.quiet or args.json))
+    progress = leader and not (args.quiet or args.json)
+    prompts = prompts_from_args(args, llm, texts)
+    if args.compare:
+        comparison = compare(llm, prompts, params, spec, progress=progress)
+        result: GenerationResult | Comparison = comparison
+        outcome = comparison.result
+    else:
+        result = outcome = llm.generate(prompts, params, spec, progress=progress)
     if not leader:
         return 0
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print_summary(result, llm)
+        print_summary(outcome, llm)
+        if isinstance(result, Comparison):
+            print_comparison(result)
     return 0
 
 
@@ -134,11 +133,13 @@ def print_summary(result: GenerationResult, llm: LLM, out: Any = sys.stdout) -> 
     print(f"\nbatch {s.batch}, {s.prompt_tokens} prompt tokens: prefill {s.prefill_s:.2f} s; "
           f"decode {s.generated_tokens} tokens in {s.decode_s:.2f} s = {s.tokens_per_s:.1f} tokens/s", file=out)
     if s.method != "none":
-        print(f"speculation ({s.method}): acceptance {s.acceptance_rate:.1%} of {s.draft_tokens} drafted tokens, "
+        print(f"speculation ({s.method}): acceptance {s.acceptance_rate:.1%} of {s.acceptance.draft_tokens} drafted "
+              "tokens, "
               f"{s.mean_accepted_tokens:.2f} tokens per verification; draft {s.draft_s:.2f} s, "
               f"verify {s.verify_s:.2f} s", file=out)
-    if result.baseline is not None:
-        b = result.baseline
-        same = s.extra.get("matches_plain")
-        print(f"plain decoding of the same batch: {b.tokens_per_s:.1f} tokens/s -> speedup {result.speedup:.2f}x"
-              + ("" if same is None else f"; outputs identical: {'yes' if same else 'NO'}"), file=out)
+
+
+def print_comparison(c: Comparison, out: Any = sys.stdout) -> None:
+    b = c.baseline.stats
+    print(f"plain decoding of the same batch: {b.tokens_per_s:.1f} tokens/s -> speedup {c.speedup:.2f}x"
+          + (f"; outputs identical: {'yes' if c.matches_plain else 'NO'}" if c.greedy else ""), file=out)

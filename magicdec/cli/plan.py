@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from magicdec.cli.args import parse_count
 from magicdec.costmodel import CostModel, DraftSpec, critical_context, load_profile, resolve_model
 from magicdec.costmodel.hardware import BUILTIN_PROFILES, DTYPE_BYTES
 
@@ -20,23 +21,11 @@ K = 1024  # the `k` suffix of --context
 DEFAULT_PNG = "plan.png"
 
 
-def parse_context(text: str) -> int:
-    """``4096``, ``4k`` or ``4K`` (k = 1024) -> tokens."""
-    t = text.strip().lower()
-    try:
-        n = int(t[:-1]) * K if t.endswith("k") else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"context {text!r} is not an integer or <int>k (k = 1024)") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"context must be positive, got {text!r}")
-    return n
-
-
 def parse_budget(text: str) -> int | None:
     """A positive token count, or ``full`` for a draft that attends its whole cache."""
     if text.strip().lower() in ("full", "none"):
         return None
-    return parse_context(text)
+    return parse_count(text)
 
 
 def register(subparsers: Any) -> None:
@@ -50,7 +39,7 @@ def register(subparsers: Any) -> None:
                    help=f"built-in profile ({', '.join(BUILTIN_PROFILES)}) or a profile .json (default h100)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
-    p.add_argument("--context", type=parse_context, nargs="+", default=[parse_context(c) for c in
+    p.add_argument("--context", type=parse_count, nargs="+", default=[parse_count(c) for c in
                                                                          ("4k", "8k", "32k", "128k")],
                    help="contexts in tokens; 'k' suffix = 1024 (default 4k 8k 32k 128k)")
     p.add_argument("--alpha", type=float, default=0.8, help="acceptance rate per drafted token (default 0.8)")
@@ -79,7 +68,7 @@ def build_model(args: argparse.Namespace) -> CostModel:
     if args.drafter == "draft":
         if not args.draft_model:
             raise ValueError("--drafter draft needs --draft-model NAME_OR_PATH")
-        draft = DraftSpec("model", args.budget, resolve_model(args.draft_model), args.draft_tp)
+        draft = DraftSpec("draft", args.budget, resolve_model(args.draft_model), args.draft_tp)
     else:
         if args.draft_model:
             raise ValueError("--draft-model is only used with --drafter draft")

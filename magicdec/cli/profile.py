@@ -12,13 +12,13 @@ import json
 import sys
 from typing import Any
 
-from magicdec.cli.generate import parse_size
-from magicdec.cli.plan import parse_context
-from magicdec.costmodel import DraftSpec, fit_profile, relative_errors, save_profile
+from magicdec.bench.profile import measure
+from magicdec.cli.args import parse_count, parse_size
+from magicdec.costmodel import fit_profile, relative_errors, save_profile
 from magicdec.costmodel.device import device_name, device_profile, saved_profile_path
-from magicdec.costmodel.measure import measure
-from magicdec.engine.llm import LLM
-from magicdec.spec.config import DRAFTERS, SpecConfig
+from magicdec.costmodel.steps import draft_spec
+from magicdec.llm import LLM
+from magicdec.spec.config import DRAFTERS, Auto, SpecConfig
 
 CPU_GRID = {"batch": [1, 4, 16], "context": [1024, 4096, 8192], "gamma": [1, 2, 4]}
 GPU_GRID = {"batch": [1, 8, 32, 128], "context": [4096, 16384, 32768], "gamma": [1, 2, 4]}
@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device")
     p.add_argument("--memory-budget", type=parse_size)
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default depends on the device)")
-    p.add_argument("--context", type=parse_context, nargs="+", help="contexts, e.g. 1k 4k 8k")
+    p.add_argument("--context", type=parse_count, nargs="+", help="contexts, e.g. 1k 4k 8k")
     p.add_argument("--gamma", type=int, nargs="+", help="γ values for verification and rounds")
     p.add_argument("--drafter", choices=DRAFTERS, default="streaming")
     p.add_argument("--budget", type=int, default=512)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     gammas = args.gamma or grid["gamma"]
     method = "draft" if args.draft_model else "self"
     spec = SpecConfig(method=method, drafter=args.drafter, budget=args.budget, sinks=args.sinks,
-                      draft_model=args.draft_model, gamma=max(gammas), max_gamma=max(gammas))
+                      draft_model=args.draft_model, gamma=Auto(max(gammas)))
     log = sys.stderr
     records = []
     def skip(message: str) -> None:
@@ -62,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         records.append(rec)
         print(f"  {rec['kind']:>6} B={rec['batch']:<4} ctx={rec['context']:<6} γ={rec['gamma']} "
               f"{rec['seconds'] * 1e3:9.2f} ms", file=log, flush=True)
-    budget = None if args.drafter == "full" else args.budget
-    draft = DraftSpec("self", budget) if method == "self" else DraftSpec("model", budget, _draft_config(llm, spec))
+    draft = draft_spec(spec, llm.draft_model(spec.draft_model)[0].config if spec.draft_model else None)
     base = device_profile(llm.device, llm.config, llm.dtype) if not args.base else _builtin(args.base)
     name = device_name(llm.device)
     profile = fit_profile(records, base, target=llm.config, draft=draft, dtype_bytes=llm.dtype.itemsize, name=name,
@@ -84,13 +83,6 @@ def run(args: argparse.Namespace) -> int:
           f"round {profile.round_overhead_s * 1e3:.2f} ms")
     print(f"saved to {out}")
     return 0
-
-
-def _draft_config(llm: LLM, spec: SpecConfig) -> Any:
-    from magicdec.spec.factory import load_draft_model
-
-    assert spec.draft_model is not None
-    return load_draft_model(llm, spec.draft_model).config
 
 
 def _builtin(name: str) -> Any:

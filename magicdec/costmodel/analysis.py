@@ -79,7 +79,7 @@ def critical_context(model: ModelConfig, hardware: HardwareProfile, dtype_bytes:
     embedding = 0 if model.tie_word_embeddings else model.vocab_size * model.hidden_size  # gathered, not read
     p = (model.num_parameters() - embedding) / tp
     balance = hardware.effective_flops(dt) / hardware.effective_bandwidth
-    per_token_kv = 2 * model.n_layers * kv_heads * model.head_dim * dt  # bytes per context token
+    per_token_kv = model.kv_bytes_per_token(dt, kv_heads)  # bytes per context token
     attn_intensity = 4 * q * model.n_layers * heads * model.head_dim / per_token_kv
     if attn_intensity >= balance:
         return math.inf

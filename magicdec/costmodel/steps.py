@@ -26,6 +26,7 @@ from itertools import repeat
 from magicdec.config import ModelConfig
 from magicdec.costmodel import analysis
 from magicdec.costmodel.hardware import HardwareProfile
+from magicdec.spec.config import SpecConfig
 
 Context = int | Sequence[int]
 
@@ -118,7 +119,8 @@ def comm_time(cost: StepCost, hw: HardwareProfile) -> float:
 
 @dataclass(frozen=True, slots=True)
 class DraftSpec:
-    """The drafter: ``"self"`` (target weights, sparse cache) or ``"model"`` (a separate model).
+    """Who drafts, as `SpecConfig.method` says: ``"self"`` (the target's weights, sparse cache) or
+    ``"draft"`` (a separate model).
 
     `budget` is the draft's KV budget in tokens (StreamingLLM sinks + window); None = full cache.
     `tp` is the draft model's tensor-parallel degree (None = the target's).
@@ -130,16 +132,22 @@ class DraftSpec:
     tp: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("self", "model"):
-            raise ValueError(f"draft kind must be 'self' or 'model', got {self.kind!r}")
-        if self.kind == "model" and self.model is None:
-            raise ValueError("a 'model' drafter needs its ModelConfig")
+        if self.kind not in ("self", "draft"):
+            raise ValueError(f"draft kind must be 'self' or 'draft', got {self.kind!r}")
+        if self.kind == "draft" and self.model is None:
+            raise ValueError("a 'draft' drafter needs its ModelConfig")
         if self.kind == "self" and self.model is not None:
             raise ValueError("a 'self' drafter uses the target's weights; do not pass a model")
         if self.budget is not None and self.budget <= 0:
             raise ValueError(f"draft budget must be positive or None (full cache), got {self.budget}")
         if self.tp is not None and self.tp < 1:
             raise ValueError(f"draft tp must be >= 1, got {self.tp}")
+
+
+def draft_spec(spec: SpecConfig, draft: ModelConfig | None = None) -> DraftSpec:
+    """The cost model's view of a speculation setting (`draft`: the draft model's config, if any)."""
+    budget = None if spec.drafter == "full" else spec.budget
+    return DraftSpec("self", budget) if spec.method == "self" else DraftSpec("draft", budget, draft)
 
 
 class CostModel:
@@ -216,12 +224,12 @@ class CostModel:
         ctx, dt = _contexts(batch, context), self.dtype_bytes
         t, m = self.target, self._draft_model
         assert m is not None
-        kv_t = 2 * t.n_layers * math.ceil(t.n_kv_heads / self.tp) * t.head_dim * dt
+        kv_t = t.kv_bytes_per_token(dt, math.ceil(t.n_kv_heads / self.tp))
         total = t.weight_bytes(dt) / self.tp + kv_t * sum(n + gamma + 1 for n in ctx)
-        if self.draft.kind == "model":
+        if self.draft.kind == "draft":
             total += m.weight_bytes(dt) / self._draft_tp
-        if self.draft.budget is not None or self.draft.kind == "model":
-            kv_d = 2 * m.n_layers * math.ceil(m.n_kv_heads / self._draft_tp) * m.head_dim * dt
+        if self.draft.budget is not None or self.draft.kind == "draft":
+            kv_d = m.kv_bytes_per_token(dt, math.ceil(m.n_kv_heads / self._draft_tp))
             b = self.draft.budget
             total += kv_d * sum((n if b is None else min(b, n)) + gamma + 1 for n in ctx)
         return total

@@ -85,40 +85,7 @@ class Corpus:
 # --- loading -------------------------------------------------------------------------------------------
 
 
-def load_corpus(spec: str | Path, jsonl_field: str = "text") -> Corpus:
-    """A corpus from `spec`:
-
-    - ``"austen"``: the six Jane Austen novels (`magicdec.data.austen.load_austen`);
-    - ``"pg19"`` or ``"pg19:SPLIT"``: PG-19 (default split ``test``) through the ``datasets`` package;
-    - a ``.txt`` file (one document), a ``.jsonl`` file (one document per non-blank line, the text in
-      field `jsonl_field`), or a directory (every ``.txt``/``.jsonl`` file directly in it, sorted).
-    """
-    text = str(spec)
-    if text == "austen":
-        from magicdec.data.austen import load_austen  # here: austen.py imports this module
-
-        return load_austen()
-    if text == "pg19" or text.startswith("pg19:"):
-        return load_pg19(text.partition(":")[2] or "test")
-    path = Path(text).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise CorpusError(f"directory {path} has no {'/'.join(TEXT_SUFFIXES)} files")
-        documents = [doc for file in files for doc in _load_file(file, jsonl_field)]
-    elif path.is_file():
-        documents = _load_file(path, jsonl_field)
-    else:
-        raise CorpusError(
-            f"no such corpus {text!r}: not a known name ({', '.join(NAMED_CORPORA)}) "
-            "nor an existing file or directory"
-        )
-    if not documents:
-        raise CorpusError(f"corpus {path} has no documents")
-    return Corpus(path.resolve().name or str(path), tuple(documents))
-
-
-def _load_file(path: Path, field: str) -> list[Document]:
+def load_file(path: Path, field: str) -> list[Document]:
     if path.suffix not in TEXT_SUFFIXES:
         raise CorpusError(
             f"{path}: unsupported file type {path.suffix!r}; expected {' or '.join(TEXT_SUFFIXES)}"

@@ -1,4 +1,4 @@
-"""What a generation returns: per-sequence outputs and the run's statistics."""
+"""What a generation returns: per-sequence outputs with their acceptance counts, and the run's statistics."""
 
 from __future__ import annotations
 
@@ -7,12 +7,41 @@ from typing import Any
 
 
 @dataclass(slots=True)
-class SequenceStats:
-    """Speculation counters of one sequence."""
+class Acceptance:
+    """Speculation counters: of one sequence, or summed over a run's sequences (`merge`).
+
+    `rounds` counts verifications of one sequence (a round of a batch of B live sequences is B rounds);
+    `accepted_at[i]` how many of them accepted the draft at position i, of `drafted_at[i]` drafted there."""
 
     rounds: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    def record(self, gamma: int, accepted: int) -> None:
+        """One verification of `gamma` drafts of which the first `accepted` were accepted."""
+        self.rounds += 1
+        self.draft_tokens += gamma
+        self.accepted_tokens += accepted
+        self._grow(gamma)
+        for i in range(gamma):
+            self.drafted_at[i] += 1
+            self.accepted_at[i] += i < accepted
+
+    def merge(self, other: Acceptance) -> None:
+        self.rounds += other.rounds
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
+        self._grow(len(other.drafted_at))
+        for i, (d, a) in enumerate(zip(other.drafted_at, other.accepted_at)):
+            self.drafted_at[i] += d
+            self.accepted_at[i] += a
+
+    def _grow(self, n: int) -> None:
+        while len(self.drafted_at) < n:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
 
     @property
     def acceptance_rate(self) -> float:
@@ -23,9 +52,14 @@ class SequenceStats:
         """Tokens committed per verification, the bonus token included (vLLM's mean acceptance length)."""
         return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
 
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "acceptance_rate": self.acceptance_rate,
-                "mean_accepted_tokens": self.mean_accepted_tokens}
+        out = asdict(self)
+        del out["drafted_at"], out["accepted_at"]
+        return {**out, "acceptance_rate": self.acceptance_rate, "mean_accepted_tokens": self.mean_accepted_tokens}
 
 
 @dataclass(slots=True)
@@ -35,7 +69,16 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
-    spec: SequenceStats = field(default_factory=SequenceStats)
+    spec: Acceptance = field(default_factory=Acceptance)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def context(self) -> int:
+        """Tokens in the target's cache: the prompt and every generated token but the pending last one."""
+        return len(self.prompt_token_ids) + len(self.token_ids) - 1
 
     def to_dict(self, with_spec: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -63,15 +106,7 @@ class RunStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     draft_prefill_s: float = 0.0
-    rounds: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    committed_tokens: int = 0  # tokens committed by verifications (bonus included), before truncation
-    # while every sequence of the batch is still generating (no tail of a shrinking batch)
-    steady_s: float = 0.0
-    steady_tokens: int = 0
-    per_position_accepted: list[int] = field(default_factory=list)
-    per_position_drafted: list[int] = field(default_factory=list)
+    acceptance: Acceptance = field(default_factory=Acceptance)  # the sequences' counters, summed
     gamma_history: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -85,29 +120,11 @@ class RunStats:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+        return self.acceptance.acceptance_rate
 
     @property
     def mean_accepted_tokens(self) -> float:
-        return self.committed_tokens / self.rounds if self.rounds else 0.0
-
-    @property
-    def steady_tokens_per_s(self) -> float:
-        """Throughput while the whole batch was generating: the rate a server keeping its batch full sees."""
-        return self.steady_tokens / self.steady_s if self.steady_s else 0.0
-
-    def record_round(self, gamma: int, accepted: list[int]) -> None:
-        n = len(accepted)
-        self.rounds += n
-        self.draft_tokens += gamma * n
-        self.accepted_tokens += sum(accepted)
-        self.committed_tokens += sum(accepted) + n
-        while len(self.per_position_drafted) < gamma:
-            self.per_position_drafted.append(0)
-            self.per_position_accepted.append(0)
-        for i in range(gamma):
-            self.per_position_drafted[i] += n
-            self.per_position_accepted[i] += sum(a > i for a in accepted)
+        return self.acceptance.mean_accepted_tokens
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -117,23 +134,21 @@ class RunStats:
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
             "tokens_per_s": self.tokens_per_s,
-            "steady_tokens_per_s": self.steady_tokens_per_s,
             "method": self.method,
         }
         if self.method != "none":
+            a = self.acceptance
             out.update(
                 draft_s=self.draft_s,
                 verify_s=self.verify_s,
                 other_s=max(self.decode_s - self.draft_s - self.verify_s, 0.0),
                 draft_prefill_s=self.draft_prefill_s,
-                rounds=self.rounds,
-                draft_tokens=self.draft_tokens,
-                accepted_tokens=self.accepted_tokens,
-                acceptance_rate=self.acceptance_rate,
-                mean_accepted_tokens=self.mean_accepted_tokens,
-                per_position_acceptance=[
-                    a / d if d else 0.0 for a, d in zip(self.per_position_accepted, self.per_position_drafted)
-                ],
+                rounds=a.rounds,
+                draft_tokens=a.draft_tokens,
+                accepted_tokens=a.accepted_tokens,
+                acceptance_rate=a.acceptance_rate,
+                mean_accepted_tokens=a.mean_accepted_tokens,
+                per_position_acceptance=a.per_position_acceptance,
                 gamma_history=self.gamma_history,
             )
         out.update(self.extra)
@@ -144,30 +159,9 @@ class RunStats:
 class GenerationResult:
     outputs: list[RequestOutput]
     stats: RunStats
-    baseline: RunStats | None = None  # plain decoding of the same batch, with --compare
 
     def to_dict(self) -> dict[str, Any]:
-        spec = self.stats.method != "none"
         stats = self.stats.to_dict()
-        stats["per_sequence"] = [o.spec.to_dict() for o in self.outputs] if spec else None
-        if self.baseline is not None:
-            stats["baseline"] = self.baseline.to_dict()
-            stats["speedup"] = self.speedup
-            stats["steady_speedup"] = self.steady_speedup
-        if stats["per_sequence"] is None:
-            del stats["per_sequence"]
+        if self.stats.method != "none":
+            stats["per_sequence"] = [o.spec.to_dict() for o in self.outputs]
         return {"outputs": [o.to_dict() for o in self.outputs], "stats": stats}
-
-    @property
-    def steady_speedup(self) -> float | None:
-        """The same ratio over the rounds in which every sequence was still generating."""
-        if self.baseline is None or not self.baseline.steady_tokens_per_s:
-            return None
-        return self.stats.steady_tokens_per_s / self.baseline.steady_tokens_per_s
-
-    @property
-    def speedup(self) -> float | None:
-        """Plain seconds per token over this run's seconds per token (prefill excluded)."""
-        if self.baseline is None:
-            return None
-        return self.baseline.seconds_per_token / self.stats.seconds_per_token

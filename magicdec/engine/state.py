@@ -12,11 +12,13 @@ as few rows as possible: rows already in place stay, and the holes take rows fro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from magicdec.engine.outputs import RequestOutput
-from magicdec.engine.sampling import SamplingParams
 from magicdec.loading.tokenizer import Tokenizer
+from magicdec.runtime.sampling import SamplingParams
 
 STOP_TAIL_TOKENS = 16  # tokens decoded beyond a stop string's length when looking for it
 
@@ -56,6 +58,14 @@ class Stopper:
         out.text = text
 
 
+@dataclass(frozen=True, slots=True)
+class BatchView:
+    """What a γ policy sees of a batch: each live sequence's context and the tokens it may still generate."""
+
+    contexts: list[int]
+    remaining: list[int]
+
+
 class BatchState:
     def __init__(self, outputs: list[RequestOutput], tokens: torch.Tensor, lengths: torch.Tensor) -> None:
         self.outputs = outputs
@@ -74,11 +84,13 @@ class BatchState:
         return self.tokens.shape[1] - 1
 
     def live(self) -> list[int]:
-        return [i for i, o in enumerate(self.outputs) if o.finish_reason is None]
+        """Rows still generating: the one place the finished-row rule is read."""
+        return [i for i, o in enumerate(self.outputs) if not o.finished]
 
-    def contexts(self) -> list[int]:
-        """Each live row's tokens in the target cache (host-side, no device read)."""
-        return [len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in self.outputs if o.finish_reason is None]
+    def view(self, max_new_tokens: int) -> BatchView:
+        """The live rows' contexts and tokens still to generate (host-side, no device read)."""
+        live = [self.outputs[i] for i in self.live()]
+        return BatchView([o.context for o in live], [max_new_tokens - len(o.token_ids) for o in live])
 
     def pending(self) -> torch.Tensor:
         return self.tokens.gather(1, self.lengths[:, None])
@@ -89,7 +101,7 @@ class BatchState:
 
     def refresh_active(self) -> None:
         """Take finished sequences out of the forwards (after the stop rules ran)."""
-        live = [o.finish_reason is None for o in self.outputs]
+        live = [not o.finished for o in self.outputs]
         if not all(live) or not self._all_active:
             self._all_active = all(live)
             self.active = torch.tensor(live, dtype=torch.bool, device=self.tokens.device)
@@ -123,10 +135,8 @@ class BatchState:
         self.refresh_active()
 
     def clone(self) -> BatchState:
-        outs = [
-            RequestOutput(o.index, o.prompt_token_ids, list(o.token_ids), o.text, o.finish_reason)
-            for o in self.outputs
-        ]
+        outs = [RequestOutput(o.index, o.prompt_token_ids, list(o.token_ids), o.text, o.finish_reason)
+                for o in self.outputs]
         return BatchState(outs, self.tokens.clone(), self.lengths.clone())
 
 

@@ -2,6 +2,7 @@
 
 Each backend is its own module, imported explicitly where it is used; this package imports nothing, so
 that ``python -m magicdec.kernels.cpu build`` runs cleanly. `magicdec.kernels.cpu`: batch-invariant
-float32 CPU kernels (few-row linear layers, GQA attention of a few query tokens over a long KV cache),
-built lazily from ``csrc/``.
+CPU kernels (few-row linear layers, GQA attention of a few query tokens over a long KV cache; float32,
+bfloat16 or float16 tensors, float32 arithmetic), built lazily from ``csrc/``. `decode_attention` and
+`fused`: Triton kernels for CUDA (any head dim).
 """

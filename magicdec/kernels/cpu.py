@@ -1,4 +1,4 @@
-"""Batch-invariant float32 CPU kernels for decode-shaped forwards (AVX2/FMA + OpenMP, C++ in ``csrc/``).
+"""Batch-invariant CPU kernels for decode-shaped forwards (AVX2/FMA + OpenMP, C++ in ``csrc/``).
 
 This module owns the Python side: building the extension lazily on first use (cached under
 ``$MAGICDEC_HOME/build``), deciding whether it can be used, and the public functions `linear` and
@@ -10,20 +10,29 @@ Both kernels are *batch-invariant*: an output row is bitwise identical whatever 
 call, the batch size, the number of query tokens and the thread count. `linear` computes each output with
 a fixed reduction order over K; `attention` processes keys in fixed blocks of slots and folds per-chunk
 partial results in slot order (see the headers of ``csrc/linear.cpp`` and ``csrc/attention.cpp``). The
-fallbacks are not batch-invariant.
+fallbacks are not batch-invariant. Tensors may be float32, bfloat16 or float16 (one dtype per call):
+16-bit weights, keys and values are widened to float32 as they are read, all arithmetic is float32, and
+the result is rounded to the inputs' dtype element by element, so the 16-bit paths are batch-invariant too.
 
-Prebuild with ``python -m magicdec.kernels.cpu build``; ``python -m magicdec.kernels.cpu info`` says
-whether the kernels are in use and why not.
+Prebuild with ``python -m magicdec.kernels.cpu build`` (or `ensure_built()` from Python, e.g. before a
+timed phase); ``python -m magicdec.kernels.cpu info`` says whether the kernels are in use and why not.
+Compiling (~20 s, once per source version) is announced on stderr. Builds are serialised between
+processes by an advisory lock (``flock``) that the OS drops when its holder dies; the lock file of
+``torch.utils.cpp_extension`` found while holding it was left by a build that was killed (e.g. its
+terminal closed), so it is removed with a message instead of being waited on forever.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import os
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +41,11 @@ import torch.nn.functional as F
 
 from magicdec.data.paths import magicdec_home
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (and no GCC flags: the kernels fall back to PyTorch there anyway)
+    fcntl = None  # type: ignore[assignment]
+
 ENV_SWITCH = "MAGICDEC_CPU_KERNELS"  # "0" (or "false", "off", "no") disables the kernels
 # Forwards with at most this many tokens per sequence are "decode-shaped" (decode, verification,
 # drafting); longer ones (prefill chunks) are better served by MKL / SDPA, which are efficient at many rows.
@@ -39,22 +53,33 @@ MAX_DECODE_TOKENS = 16
 
 EXTENSION_NAME = "magicdec_cpu_kernels"
 SOURCES = ("bindings.cpp", "linear.cpp", "attention.cpp")
+HEADERS = ("elements.h",)
 CSRC = Path(__file__).resolve().parent / "csrc"
 # -mavx2 -mfma rather than -march=native: the build cache may be shared by machines with different
 # CPUs, and the kernels are written with AVX2/FMA intrinsics anyway. -ffp-contract=off keeps the
 # compiler from fusing multiplies and adds on its own, so every code path rounds exactly as written
-# (the basis of batch invariance).
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fno-math-errno")
+# (the basis of batch invariance). -mf16c: float16 → float32 conversion (every AVX2 CPU has F16C).
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
+# The dtypes the kernels take (inputs of one call share one; arithmetic is float32 whatever it is).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BUILD_LOCK = "magicdec-build.lock"  # flock'ed by the process building or loading the extension
+TORCH_LOCK = "lock"  # torch.utils.cpp_extension's lock file: exists while a build runs (or after it was killed)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"module": None, "tried": False, "reason": None, "build_s": None}
 
 
 def build_dir() -> Path:
-    """Where the extension is compiled and cached: one directory per torch and Python version."""
+    """Where the extension is compiled and cached: one directory per torch version, Python version and
+    version of the sources and flags (a hash), so checkouts or installs of different versions never
+    rebuild over each other's extension."""
+    digest = hashlib.sha256(repr((CFLAGS, LDFLAGS)).encode())
+    for name in SOURCES + HEADERS:
+        digest.update((CSRC / name).read_bytes())
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return magicdec_home() / "build" / f"cpu_kernels-torch{torch.__version__}-{py}".replace("+", "_")
+    name = f"cpu_kernels-torch{torch.__version__}-{py}-{digest.hexdigest()[:12]}".replace("+", "_")
+    return magicdec_home() / "build" / name
 
 
 def enabled() -> bool:
@@ -70,19 +95,58 @@ def _cpu_reason() -> str | None:
     return None
 
 
+def _say(message: str) -> None:
+    """One line on stderr, at once (build progress; stdout stays the program's output)."""
+    print(f"magicdec: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Holds the exclusive build lock of `directory` (waiting, with a message, while another process
+    holds it). It is an flock, which the OS releases when its holder exits or is killed, so it is never
+    stale; then a torch lock file found in the directory was left by a killed build and is removed."""
+    if fcntl is None:
+        yield
+        return
+    path = directory / BUILD_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process that is building the CPU kernels (lock {path}) …")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        stale = directory / TORCH_LOCK
+        if stale.exists():  # every build holds our lock, so its owner is gone
+            stale.unlink()
+            _say(f"removed a stale build lock left by an interrupted build ({stale})")
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def _compile(verbose: bool) -> ModuleType:
+    """Builds the extension in build_dir() (or loads the cached build), announcing a compile on stderr."""
     from torch.utils.cpp_extension import load
 
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    return load(
-        name=EXTENSION_NAME,
-        sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=list(CFLAGS),
-        extra_ldflags=list(LDFLAGS),
-        build_directory=str(directory),
-        verbose=verbose,
-    )
+    with _build_lock(directory):
+        compiling = not (directory / f"{EXTENSION_NAME}.so").exists()
+        if compiling:
+            _say("compiling the CPU kernels (once) …")
+        start = time.perf_counter()
+        module = load(
+            name=EXTENSION_NAME,
+            sources=[str(CSRC / s) for s in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+        if compiling:
+            _say(f"compiled the CPU kernels in {time.perf_counter() - start:.1f} s ({directory})")
+    return module
 
 
 def _load(verbose: bool = False) -> ModuleType | None:
@@ -98,7 +162,7 @@ def _load(verbose: bool = False) -> ModuleType | None:
                 try:
                     module = _compile(verbose)
                     if not module.cpu_supported():
-                        reason, module = "this CPU lacks AVX2/FMA", None
+                        reason, module = "this CPU lacks AVX2/FMA/F16C", None
                 except Exception as e:  # a missing compiler or ninja, a compile error, a locked cache ...
                     reason = f"building the extension failed ({type(e).__name__}: {str(e).strip()[:500]})"
                 _state["build_s"] = time.perf_counter() - start
@@ -112,6 +176,15 @@ def _load(verbose: bool = False) -> ModuleType | None:
 def available() -> bool:
     """Whether `linear` and `attention` run the kernels (builds them on the first call)."""
     return enabled() and _load() is not None
+
+
+def ensure_built(device: torch.device | str | None = None) -> bool:
+    """Builds (first run: ~20 s, announced on stderr) or loads the kernels now rather than inside the first
+    decode-shaped forward, e.g. before a timed phase; returns whether they are in use. Does nothing and
+    returns False for a non-CPU `device` or when switched off. Cheap once done (no lock, no file access)."""
+    if device is not None and torch.device(device).type != "cpu":
+        return False
+    return available()
 
 
 def unavailable_reason() -> str | None:
@@ -134,33 +207,37 @@ def build(verbose: bool = False) -> float:
 
 def applies(x: torch.Tensor, tokens: int, max_tokens: int = MAX_DECODE_TOKENS) -> bool:
     """Whether a forward of `tokens` tokens per sequence on tensors like `x` should use these kernels:
-    float32 on the CPU, decode-shaped (tokens <= max_tokens), no autograd, kernels available.
+    float32, bfloat16 or float16 on the CPU, decode-shaped (tokens <= max_tokens), no autograd, kernels
+    available.
 
     Use one rule for every layer of a forward, and the same `max_tokens` for decoding, verification and
     drafting: outputs are bitwise consistent between forwards only if they all take the kernels."""
     return (
         tokens <= max_tokens
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in KERNEL_DTYPES
         and not (x.requires_grad and torch.is_grad_enabled())
         and available()
     )
 
 
 def _kernel_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: on the CPU, one dtype of KERNEL_DTYPES, no autograd."""
     if not available():
         return False
     grad = torch.is_grad_enabled()
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not (grad and t.requires_grad)
-               for t in tensors)
+    dtype = tensors[0].dtype
+    return dtype in KERNEL_DTYPES and all(
+        t.device.type == "cpu" and t.dtype == dtype and not (grad and t.requires_grad) for t in tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x · weightᵀ + bias`` for x [..., K], weight [N, K], bias [N] or None → [..., N].
 
     With the kernels: bitwise batch-invariant (each output row depends only on its own input row), and
-    streaming the weight once per call. Otherwise (kernels unavailable, non-float32 or non-CPU tensors,
-    or autograd needed) ``F.linear``."""
+    streaming the weight once per call; float32 arithmetic, the result in x's dtype. Otherwise (kernels
+    unavailable, tensors not on the CPU or not of one dtype in KERNEL_DTYPES, or autograd needed)
+    ``F.linear``."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if not _kernel_ok(*tensors):
         return F.linear(x, weight, bias)
@@ -180,7 +257,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     the kernel, NaN from the fallback).
 
     With the kernels: bitwise invariant to T, B and the other queries (and to S beyond the slots a row
-    may see); D must be a multiple of 8. Otherwise SDPA with a boolean mask."""
+    may see); float32 arithmetic, the result in q's dtype; D must be a multiple of 8. Otherwise SDPA with a
+    boolean mask."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or allowed.dim() != 3:
         raise ValueError(f"attention: want q [B, Hq, T, D], k, v [B, Hkv, S, D], allowed [B, T, S]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(allowed.shape)}")

@@ -16,7 +16,9 @@ Which keys a query sees is computed in the kernel from positions, not read from 
 Programs stop at the last key their sequence can see, so a short sequence in a long buffer costs
 only its own length. Queries are read through their strides and the output is written as
 [B, T, Hq, D], the layout the output projection takes, so no copies surround the kernel. No host
-synchronisation: the launch can be captured in a CUDA graph.
+synchronisation: the launch can be captured in a CUDA graph. Any head dim works: the kernels work on a
+power-of-two block of dims (``tl.arange`` needs one, ``tl.dot`` at least 16) and mask the dims beyond D,
+which load as 0 (adding nothing to a score) and are never stored (80, 96, 112 ... cost the next power of two).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ except ImportError:  # the CPU wheel of torch does not bring Triton
 
 BLOCK_N = 64  # keys per inner iteration
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
+MIN_DIMS = 16  # ... and a reduction of at least 16
 MIN_SPLIT = 512  # keys per program at least
 PROGRAMS_PER_SM = 8  # enough independent streams of loads to keep HBM busy (1-2 per SM stalled at 60-70%)
 
@@ -70,7 +73,7 @@ if triton is not None:
         s_outb, s_outt, s_outh,
         spb, skpb,
         S, T, R, G, window, n_kept, scale, SPLIT,
-        D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_KPOS: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)  # 64-bit: batch × stride overflows 32 bits for big caches
@@ -78,7 +81,8 @@ if triton is not None:
         sp = tl.program_id(2)
         rows = tl.arange(0, BLOCK_R)
         rmask = rows < R
-        dims = tl.arange(0, D)
+        dims = tl.arange(0, BLOCK_D)  # dims ≥ D (padding to a power of two) load as 0 and are not stored
+        dmask = dims < D
         t = rows % T
         head = h * G + rows // T  # query head of each folded row
         qp = tl.load(QPOS + b * spb + t, mask=rmask, other=-1)
@@ -88,15 +92,16 @@ if triton is not None:
         hi = tl.minimum(lo + SPLIT, S)
         if not HAS_KPOS:  # slot = position: nothing beyond the furthest query
             hi = tl.minimum(hi, tl.max(qpc, axis=0) + 1)
-        q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + dims[None, :], mask=rmask[:, None],
-                    other=0.0)
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + dims[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, D], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < hi
-            k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + dims[None, :], mask=cmask[:, None], other=0.0)
+            kvmask = cmask[:, None] & dmask[None, :]
+            k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + dims[None, :], mask=kvmask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             if HAS_KPOS:
                 kp = tl.load(KPOS + b * skpb + cols, mask=cmask, other=-1)
@@ -112,17 +117,18 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + dims[None, :], mask=cmask[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + dims[None, :], mask=kvmask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         if DIRECT:  # a single split: write the final output
             dst = OUT + b * s_outb + t[:, None] * s_outt + head[:, None] * s_outh + dims[None, :]
-            tl.store(dst, out.to(OUT.dtype.element_ty), mask=rmask[:, None])
+            tl.store(dst, out.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
         else:
             lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
-            tl.store(O + b * sob + h * soh + sp * sos + rows[:, None] * sor + dims[None, :], out, mask=rmask[:, None])
+            tl.store(O + b * sob + h * soh + sp * sos + rows[:, None] * sor + dims[None, :], out,
+                     mask=rmask[:, None] & dmask[None, :])
             tl.store(LSE + b * slb + h * slh + sp * sls + rows, lse, mask=rmask)
 
     @triton.jit
@@ -132,23 +138,24 @@ if triton is not None:
         slb, slh, sls,
         s_outb, s_outt, s_outh,
         NS, T, G,
-        D: tl.constexpr, BLOCK_S: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         r = tl.program_id(2)
         splits = tl.arange(0, BLOCK_S)
         smask = splits < NS
-        dims = tl.arange(0, D)
+        dims = tl.arange(0, BLOCK_D)
+        dmask = dims < D
         lse = tl.load(LSE + b * slb + h * slh + splits * sls + r, mask=smask, other=float("-inf"))
         m = tl.max(lse, axis=0)
         w = tl.where(smask, tl.exp(lse - m), 0.0)
-        o = tl.load(O + b * sob + h * soh + splits[:, None] * sos + r * sor + dims[None, :], mask=smask[:, None],
-                    other=0.0)
+        o = tl.load(O + b * sob + h * soh + splits[:, None] * sos + r * sor + dims[None, :],
+                    mask=smask[:, None] & dmask[None, :], other=0.0)
         out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
         t = r % T
         head = h * G + r // T
-        tl.store(OUT + b * s_outb + t * s_outt + head * s_outh + dims, out.to(OUT.dtype.element_ty))
+        tl.store(OUT + b * s_outb + t * s_outt + head * s_outh + dims, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
 def decode_attention(
@@ -171,8 +178,7 @@ def decode_attention(
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     R = G * T
-    if D & (D - 1) or D < 16:
-        raise ValueError(f"head_dim must be a power of two ≥ 16 for the Triton kernel, got {D}")
+    block_d = max(MIN_DIMS, triton.next_power_of_2(D))
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("queries, keys and values need a contiguous last dimension")
     split = split_size(S, rows_hint or B, Hkv, q.device)
@@ -193,7 +199,7 @@ def decode_attention(
         final.stride(0), final.stride(1), final.stride(2),
         query_pos.stride(0), kpos.stride(0),
         S, T, R, G, window, n_kept, 1.0 / math.sqrt(D), split,
-        D=D, BLOCK_R=block_r, BLOCK_N=BLOCK_N, HAS_KPOS=key_pos is not None,
+        D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=BLOCK_N, HAS_KPOS=key_pos is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
         DIRECT=direct,
     )
@@ -204,6 +210,6 @@ def decode_attention(
             lse.stride(0), lse.stride(1), lse.stride(2),
             final.stride(0), final.stride(1), final.stride(2),
             splits, T, G,
-            D=D, BLOCK_S=triton.next_power_of_2(splits),
+            D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
         )
     return final.transpose(1, 2)

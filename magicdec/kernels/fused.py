@@ -8,6 +8,8 @@ the weights. These kernels do the same math in one launch each:
 - `rope_`: rotates the query and key heads of the fused q/k/v projection output in place (rotate-half
   layout), so q, k and v are then strided views of one buffer;
 - `silu_mul`: silu(gate) · up from the fused gate/up projection output.
+Every size may be any number (head dims of 80 or 96, hidden sizes of 576): each kernel works on a
+power-of-two block (``tl.arange`` needs one) and masks the elements beyond the size.
 """
 
 from __future__ import annotations
@@ -65,18 +67,20 @@ if triton is not None:
         tl.store(Y + row * sy + cols, (w.to(tl.float32) * xn.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(QKV, COS, SIN, s_row, s_cos, n_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rope_kernel(QKV, COS, SIN, s_row, s_cos, n_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        hmask = heads < n_heads
-        d = tl.arange(0, HALF)
-        c = tl.load(COS + row * s_cos + d).to(tl.float32)  # cos/sin repeat over the two halves
-        s = tl.load(SIN + row * s_cos + d).to(tl.float32)
+        d = tl.arange(0, BLOCK_HALF)  # HALF padded to a power of two
+        dmask = d < HALF
+        mask = (heads < n_heads)[:, None] & dmask[None, :]
+        c = tl.load(COS + row * s_cos + d, mask=dmask, other=0.0).to(tl.float32)  # cos/sin repeat over the halves
+        s = tl.load(SIN + row * s_cos + d, mask=dmask, other=0.0).to(tl.float32)
         base = QKV + row * s_row + heads[:, None] * (2 * HALF) + d[None, :]
-        x1 = tl.load(base, mask=hmask[:, None], other=0.0).to(tl.float32)
-        x2 = tl.load(base + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
-        tl.store(base, (x1 * c - x2 * s).to(QKV.dtype.element_ty), mask=hmask[:, None])
-        tl.store(base + HALF, (x2 * c + x1 * s).to(QKV.dtype.element_ty), mask=hmask[:, None])
+        x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base, (x1 * c - x2 * s).to(QKV.dtype.element_ty), mask=mask)
+        tl.store(base + HALF, (x2 * c + x1 * s).to(QKV.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(GU, Y, s_gu, s_y, F, BLOCK: tl.constexpr):
@@ -119,7 +123,9 @@ def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
     s = sin.reshape(B * T, head_dim)
     block_h = min(16, triton.next_power_of_2(n_heads))
     _rope_kernel[(B * T, triton.cdiv(n_heads, block_h))](rows, c, s, rows.stride(0), c.stride(0), n_heads,
-                                                         HALF=head_dim // 2, BLOCK_H=block_h)
+                                                         HALF=head_dim // 2,
+                                                         BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+                                                         BLOCK_H=block_h)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

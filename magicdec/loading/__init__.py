@@ -65,10 +65,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
+# Bumped when the conversion's output changes, so older caches are neither used nor touched.
+GGUF_CONVERSION_VERSION = 2
+
+
 def gguf_cache_dir(path: Path) -> Path:
-    """Where the conversion of one GGUF file lives (keyed by path, size and modification time)."""
+    """Where the conversion of one GGUF file lives (keyed by path, size, modification time and the
+    conversion's version)."""
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v{GGUF_CONVERSION_VERSION}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return magicdec_home() / "gguf" / f"{path.stem}-{key}"
 
 

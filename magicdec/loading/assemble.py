@@ -7,7 +7,8 @@ model without ever initialising random weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -38,7 +39,26 @@ def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.bias": (cfg.kv_size,),
             p + "self_attn.v_proj.bias": (cfg.kv_size,),
         })
+    if cfg.o_proj_bias:
+        shapes[p + "self_attn.o_proj.bias"] = (d,)
     return shapes
+
+
+# Checkpoint tensors that transformers itself ignores when loading (old per-layer RoPE buffers).
+IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def check_all_used(cfg: ModelConfig, names: Iterable[str], used: set[str], source: str) -> None:
+    """Refuse a checkpoint holding tensors the model would not use (never drop weights silently);
+    tensors transformers ignores too are allowed, and so is the head of a tied model (tied to the embedding)."""
+    unused = sorted(n for n in names if n not in used and not IGNORED.search(n)
+                    and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if unused:
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise LoadError(
+            f"{source}: the model its config describes does not use tensor {', '.join(map(repr, unused[:3]))}"
+            f"{more}; magicdec drops no weights silently (does the config match the weights?)"
+        )
 
 
 def build_model(
@@ -49,13 +69,19 @@ def build_model(
     source: str,
     tp: TensorParallel | None = None,
     sliced: bool = False,
+    names: Iterable[str] = (),
 ) -> Transformer:
     """The model of `cfg` with the weights `get` returns. With `tp`, this rank's shard: when the getter
     reads slices (`sliced`, `get(name, (dim, start, end))`), only the shard is ever read; otherwise the
-    whole model is built and then cut."""
+    whole model is built and then cut. `names`: every tensor the checkpoint holds; one the model does
+    not use is an error."""
+    used: set[str] = set()
 
     def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        used.add(name)
         part = hf_slice(cfg, tp, name) if tp is not None and sliced else None
+        if part is not None and part[0] >= len(shape):  # o_proj's bias: whole on every rank
+            part = None
         t = get(name, part) if part is not None else get(name)
         if part is not None:
             dim, a, b = part
@@ -85,17 +111,20 @@ def build_model(
         if cfg.attention_bias:
             state[o + "attn.wqkv.bias"] = torch.cat([t[f"self_attn.{x}_proj.bias"] for x in "qkv"])
         state[o + "attn.wo.weight"] = t["self_attn.o_proj.weight"]
+        if cfg.o_proj_bias:
+            state[o + "attn.wo_bias"] = t["self_attn.o_proj.bias"]
         state[o + "mlp.w_gate_up.weight"] = torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]])
         state[o + "mlp.w_down.weight"] = t["mlp.down_proj.weight"]
 
+    check_all_used(cfg, names, used, source)
     model = Transformer(cfg, device="meta")
     if tp is not None and sliced:
         shard_model(model, tp)  # a meta model: only the shapes change, to this rank's shard
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["embed.weight"][slice(*ranges(cfg, tp).vocab)]
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings and tp is None:
-        model.lm_head.weight = model.embed.weight
+    if cfg.tie_word_embeddings and not (tp is not None and sliced):
+        model.lm_head.weight = model.embed.weight  # a whole model under TP: shard_model cuts the head from it
     model.rope = model.rope.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:

@@ -7,7 +7,8 @@ RoPE scaling travels as an explicit `rope_freqs` tensor of per-pair divisors.
 Reading and dequantizing a GGUF file takes seconds (the `gguf` reader parses every vocabulary entry),
 so small models are converted once into a Hugging Face-style directory under
 `$MAGICDEC_HOME/gguf/` (config.json, float32 model.safetensors, tokenizer files) and loaded from
-there by the ordinary safetensors loader.
+there by the ordinary safetensors loader (`magicdec.loading.conversion`: one process converts,
+concurrent ones wait).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from magicdec.config import ConfigError, ModelConfig, RopeScaling
 from magicdec.loading.assemble import build_model
+from magicdec.loading.conversion import convert_once, damage
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
 from magicdec.parallel.tp import TensorParallel
@@ -35,6 +37,7 @@ _LAYER_NAMES = {
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -78,15 +81,17 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
         return value
 
     n_heads = int(need("attention.head_count"))
-    scaling = RopeScaling()
-    if field(reader, f"{arch}.rope.scaling.type") == "linear":
-        scaling = RopeScaling("linear", factor=float(field(reader, f"{arch}.rope.scaling.factor")))
+    context = int(field(reader, f"{arch}.context_length", 4096))
+    try:
+        scaling = _rope_scaling(reader, arch, context)
+    except ConfigError as e:
+        raise LoadError(f"{path}: {e}") from None
     if "rope_freqs.weight" in tensors:
         factors = tuple(float(x) for x in np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32))
         scaling = RopeScaling("llama3", freq_factors=factors)
     eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     try:
-        return ModelConfig(
+        cfg = ModelConfig(
             vocab_size=_vocab_size(reader, tensors, path),
             hidden_size=int(need("embedding_length")),
             intermediate_size=int(need("feed_forward_length")),
@@ -97,15 +102,53 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
             rms_norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
-            max_position_embeddings=int(field(reader, f"{arch}.context_length", 4096)),
+            max_position_embeddings=context,
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias="blk.0.attn_q.bias" in tensors,
+            o_proj_bias="blk.0.attn_output.bias" in tensors,
             bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
             name=str(field(reader, "general.name", path.stem)),
         )
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
+    rotary = field(reader, f"{arch}.rope.dimension_count")
+    if rotary is not None and int(rotary) != cfg.head_dim:
+        raise LoadError(f"{path}: RoPE over {rotary} of {cfg.head_dim} head dimensions (partial rotary) "
+                        "is not supported")
+    return cfg
+
+
+def _rope_scaling(reader: Any, arch: str, context: int) -> RopeScaling:
+    """RoPE scaling from GGUF metadata: none, linear, or YaRN (its keys as llama.cpp's converter writes
+    them from a Hugging Face rope_scaling; `yarn_attn_factor` is that config's attention_factor).
+    Anything else is refused, never ignored."""
+
+    def key(name: str) -> Any:
+        return field(reader, f"{arch}.rope.{name}")
+
+    factor = key("scaling.factor") if key("scaling.factor") is not None else key("scale_linear")
+    kind = key("scaling.type") or ("linear" if factor not in (None, 1.0) else "none")
+    if key("scaling.attn_factor") not in (None, 1.0):
+        raise ConfigError(f"GGUF {arch}.rope.scaling.attn_factor is not supported")
+    if kind == "none":
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling("linear", factor=float(factor if factor is not None else 1.0))
+    if kind != "yarn":
+        raise ConfigError(f"unsupported GGUF RoPE scaling type {kind!r} ({arch}.rope.scaling.type); "
+                          "supported: none, linear, yarn")
+    if key("scaling.yarn_ext_factor") not in (None, 1.0) or key("scaling.yarn_log_multiplier"):
+        raise ConfigError("YaRN with an extrapolation factor or a log multiplier (yarn_ext_factor, "
+                          "yarn_log_multiplier) is not supported")
+    return RopeScaling(
+        "yarn",
+        factor=float(factor if factor is not None else 1.0),
+        original_max_position_embeddings=int(key("scaling.original_context_length") or context),
+        beta_fast=float(key("scaling.yarn_beta_fast") or 32.0),
+        beta_slow=float(key("scaling.yarn_beta_slow") or 1.0),
+        attention_factor=None if key("scaling.yarn_attn_factor") is None else float(key("scaling.yarn_attn_factor")),
+    )
 
 
 def _vocab_size(reader: Any, tensors: dict[str, Any], path: Path) -> int:
@@ -123,8 +166,9 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(reader: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """All weights, dequantized to float32, under their Hugging Face names."""
+def gguf_tensors(reader: Any, cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    """All weights, dequantized to float32, under their Hugging Face names; a tensor with no role in
+    the model is an error naming it."""
     import gguf
 
     permuted = field(reader, "general.architecture") == "llama"
@@ -132,7 +176,10 @@ def gguf_tensors(reader: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     for t in reader.tensors:
         hf_name = hf_tensor_name(t.name)
         if hf_name is None:
-            continue
+            if t.name == "rope_freqs.weight" or ".attn_rot_embd" in t.name:  # read by read_config; unused
+                continue  # by llama.cpp too
+            raise LoadError(f"{path}: GGUF tensor {t.name!r} has no role in the model magicdec runs; "
+                            "magicdec drops no weights silently")
         w = gguf.quants.dequantize(t.data, t.tensor_type)
         if permuted and ".q_proj." in hf_name:
             w = _unpermute(w, cfg.n_heads)
@@ -143,7 +190,7 @@ def gguf_tensors(reader: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def hf_tensor_name(name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor (None for tensors with no weight role, e.g. rope_freqs)."""
+    """The Hugging Face name of a GGUF tensor (None for a tensor with no such name, e.g. rope_freqs)."""
     for hf, gg in _GLOBAL_NAMES.items():
         if name == gg:
             return hf
@@ -154,21 +201,15 @@ def hf_tensor_name(name: str) -> str | None:
     return f"model.layers.{parts[1]}.{inverse[parts[2]]}" if parts[2] in inverse else None
 
 
-def convert_gguf(path: Path, dest: Path, save_weights: bool) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a GGUF file; write its config (and, if asked, its float32 weights as model.safetensors)
-    into `dest` as a Hugging Face-style directory. Returns the config and the weights."""
+def convert_gguf(path: Path, dest: Path) -> None:
+    """Write a GGUF file's config.json and float32 weights (model.safetensors) into the folder `dest`."""
     from safetensors.torch import save_file
 
     reader = open_gguf(path)
     cfg = read_config(reader, path)
-    tensors = gguf_tensors(reader, cfg)
-    dest.mkdir(parents=True, exist_ok=True)
-    if save_weights:
-        tmp = dest / "model.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "source": str(path)})
-        tmp.rename(dest / "model.safetensors")
+    save_file(gguf_tensors(reader, cfg, path), str(dest / "model.safetensors"),
+              metadata={"format": "pt", "source": str(path)})
     (dest / "config.json").write_text(json.dumps(cfg.to_hf(), indent=1))
-    return cfg, tensors
 
 
 def load_gguf(
@@ -176,11 +217,21 @@ def load_gguf(
     tp: TensorParallel | None = None,
 ) -> tuple[Transformer, ModelConfig]:
     """Load a GGUF model. Files whose dequantized weights fit in `cache_limit_bytes` are converted
-    once into `cache_dir` (a Hugging Face-style directory) and read from there afterwards."""
+    once (by one process, however many ask) into `cache_dir`, a Hugging Face-style directory, and
+    read from there; larger ones are dequantized at every load."""
     from magicdec.loading.hf import load_hf
 
-    if (cache_dir / "model.safetensors").is_file() and (cache_dir / "config.json").is_file():
-        return load_hf(cache_dir, dtype, device, tp)
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LoadError(f"{path} is not a readable GGUF file: it does not begin with the GGUF magic")
     small = path.stat().st_size * 8 <= cache_limit_bytes  # quantized ≥ 4 bits: float32 ≤ 8× the file
-    cfg, tensors = convert_gguf(path, cache_dir, save_weights=small)
-    return build_model(cfg, tensors.get, dtype, device, source=str(path), tp=tp), cfg
+    if not small and damage(cache_dir, "weights") is not None:
+        reader = open_gguf(path)
+        cfg = read_config(reader, path)
+        tensors = gguf_tensors(reader, cfg, path)
+        return build_model(cfg, tensors.get, dtype, device, source=str(path), tp=tp, names=tensors), cfg
+    convert_once(cache_dir, "weights", lambda dest: convert_gguf(path, dest), f"{path.name} to safetensors")
+    try:
+        return load_hf(cache_dir, dtype, device, tp)
+    except LoadError as e:
+        raise LoadError(f"{e} [the conversion of {path.name}: delete {cache_dir} to convert it again]") from None

@@ -21,13 +21,10 @@ def read_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise LoadError(f"{path} has no config.json; expected a Hugging Face checkpoint directory")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    raw = _read_json(cfg_file)
     gen_file = path / "generation_config.json"
     if gen_file.is_file():  # generation_config's eos list (e.g. Llama-3's <|eot_id|>) takes precedence
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        eos = _read_json(gen_file).get("eos_token_id")
         if eos is not None:
             raw = {**raw, "eos_token_id": eos}
     try:
@@ -36,11 +33,18 @@ def read_config(path: Path) -> ModelConfig:
         raise LoadError(f"{cfg_file}: {e}") from None
 
 
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{file} is not valid JSON: {e}") from None
+
+
 def weight_files(path: Path) -> dict[str, Path]:
     """Tensor name → the safetensors file that holds it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index)["weight_map"]
         files = {name: path / fname for name, fname in weight_map.items()}
         absent = sorted({str(f) for f in files.values() if not f.is_file()})
         if absent:
@@ -48,14 +52,22 @@ def weight_files(path: Path) -> dict[str, Path]:
         return files
     single = path / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
+        return dict.fromkeys(open_safetensors(single).keys(), single)
     if list(path.glob("*.bin")) or list(path.glob("*.pth")):
         raise LoadError(
             f"{path} holds PyTorch pickle weights (*.bin); magicdec reads safetensors only. Convert them "
             "with transformers (`model.save_pretrained(dir, safe_serialization=True)`)."
         )
     raise LoadError(f"{path} has no model.safetensors nor model.safetensors.index.json")
+
+
+def open_safetensors(file: Path) -> Any:
+    """`safe_open(file)`, or a LoadError naming the file when it is truncated or not safetensors at all."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as e:  # SafetensorError, OSError: a header that does not parse or does not fit the file
+        raise LoadError(f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt: "
+                        "download or convert it again") from None
 
 
 def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str,
@@ -70,11 +82,14 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str,
         if f is None:
             return None
         if f not in handles:
-            handles[f] = safe_open(f, framework="pt")
-        if part is None:
-            return handles[f].get_tensor(name)
-        dim, a, b = part
-        sl = handles[f].get_slice(name)
-        return sl[a:b] if dim == 0 else sl[:, a:b]
+            handles[f] = open_safetensors(f)
+        try:
+            if part is None:
+                return handles[f].get_tensor(name)
+            dim, a, b = part
+            sl = handles[f].get_slice(name)
+            return sl[a:b] if dim == 0 else sl[:, a:b]
+        except Exception as e:
+            raise LoadError(f"{f}: cannot read tensor {name!r} ({e}); the file is corrupt") from None
 
-    return build_model(cfg, get, dtype, device, source=str(path), tp=tp, sliced=True), cfg
+    return build_model(cfg, get, dtype, device, source=str(path), tp=tp, sliced=True, names=files), cfg

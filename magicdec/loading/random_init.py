@@ -1,10 +1,11 @@
 """Models with random weights, for systems benchmarks and device checks of large shapes without
 their checkpoints (e.g. `benchmarks/gpu_check.py` times a Llama-3.1-8B-shaped model). Their
-tokenizer is a word-level vocabulary "t0 … t{V-1}": enough to decode, nothing to read."""
+tokenizer is a word-level vocabulary "w0 … w{V-1}": enough to decode, nothing to read."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,14 +35,19 @@ def random_model(cfg: ModelConfig, device: str | torch.device, dtype: torch.dtyp
     return model.eval().requires_grad_(False)
 
 
-def word_tokenizer(vocab_size: int) -> Tokenizer:
+def word_vocabulary(vocab_size: int) -> Any:
+    """A `tokenizers` word-level tokenizer over the words w0 … w{V-1}, so random models decode to text."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers
 
-    backend = Backend(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    backend = Backend(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return Tokenizer(backend, {"bos_token": None, "eos_token": None}, None)
+    return backend
+
+
+def word_tokenizer(vocab_size: int) -> Tokenizer:
+    return Tokenizer(word_vocabulary(vocab_size), {"bos_token": None, "eos_token": None}, None)
 
 
 def random_loaded_model(cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype,

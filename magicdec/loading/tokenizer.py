@@ -8,8 +8,6 @@ the file's conversion directory (see `magicdec.loading.gguf_file`) so later load
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,13 @@ class Tokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens`: the tokenizer's own additions (e.g. a BOS)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of chat messages rendered by the chat template. The template writes every special
+        token itself (Llama's and Mistral's their BOS), so none is added on encoding, as transformers does."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -66,21 +70,34 @@ class Tokenizer:
             )
         config: dict[str, Any] = {}
         if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text())
+            try:
+                config = json.loads((path / "tokenizer_config.json").read_text())
+            except ValueError as e:
+                raise LoadError(f"{path / 'tokenizer_config.json'} is not valid JSON ({e})") from None
         special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text()
-        return cls(Backend.from_file(str(tok_file)), special, template)
+        try:
+            backend = Backend.from_file(str(tok_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+            raise LoadError(f"{tok_file} is not a readable tokenizer ({e}); it is truncated or corrupt") from None
+        return cls(backend, special, template)
 
     @classmethod
     def from_gguf(cls, path: Path, cache_dir: Path) -> Tokenizer:
-        """The GGUF file's tokenizer, converted by transformers once and kept in `cache_dir`."""
-        if not (cache_dir / "tokenizer.json").is_file():
-            _convert_gguf_tokenizer(path, cache_dir)
-        return cls.from_dir(cache_dir)
+        """The GGUF file's tokenizer, converted by transformers once (by one process, however many ask)
+        and kept in `cache_dir`."""
+        from magicdec.loading.conversion import convert_once
+
+        convert_once(cache_dir, "tokenizer", lambda dest: _convert_gguf_tokenizer(path, dest),
+                     f"the tokenizer of {path.name}")
+        try:
+            return cls.from_dir(cache_dir)
+        except LoadError as e:
+            raise LoadError(f"{e} [the conversion of {path.name}: delete {cache_dir} to convert it again]") from None
 
 
 def _token_text(token: Any) -> str | None:
@@ -88,6 +105,7 @@ def _token_text(token: Any) -> str | None:
 
 
 def _convert_gguf_tokenizer(path: Path, dest: Path) -> None:
+    """Write the GGUF file's tokenizer, converted by transformers, into the folder `dest`."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -99,11 +117,4 @@ def _convert_gguf_tokenizer(path: Path, dest: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise LoadError(f"{path}: cannot convert the GGUF tokenizer: {e}") from None
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest))
-    tok.save_pretrained(str(tmp))
-    for f in tmp.iterdir():  # tokenizer.json last: its presence marks a complete conversion
-        if f.name != "tokenizer.json":
-            f.replace(dest / f.name)
-    (tmp / "tokenizer.json").replace(dest / "tokenizer.json")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(dest))

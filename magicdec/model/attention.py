@@ -7,11 +7,11 @@ index, or a tag — an optional sliding window and a number of always-visible "k
 explicit [B, T, S] matrix when the rule is irregular.
 
 Backends, chosen per call:
-- decode-shaped blocks (T ≤ DECODE_MAX_T) on CUDA: the Triton split-KV kernel, which reads
+- decode-shaped blocks (T ≤ MAX_DECODE_TOKENS) on CUDA: the Triton split-KV kernel, which reads
   positions directly (no mask tensor, no host synchronisation, CUDA-graph safe), takes strided
   queries and writes the [B, T, Hq, D] layout the output projection reads;
-- decode-shaped blocks on the CPU (float32): the batch-invariant AVX2 kernel of `magicdec.kernels.cpu`,
-  reading each KV head once for all its query rows;
+- decode-shaped blocks on the CPU (float32, bfloat16, float16): the batch-invariant AVX2 kernel of
+  `magicdec.kernels.cpu`, reading each KV head once for all its query rows;
 - everything else: PyTorch SDPA, with the g query heads of a KV head folded into the query rows for
   short blocks (each KV head read once) and SDPA's own GQA for long ones (a smaller mask).
 """
@@ -23,13 +23,12 @@ import torch.nn.functional as F
 
 from magicdec.kernels import cpu as cpu_kernels
 from magicdec.kernels import decode_attention as triton_decode
+from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.kernels.fused import use_triton
 
 # Query rows (T × g) up to which GQA heads are folded into rows for SDPA. Decode/verify/draft blocks are
 # far below it; prefill chunks far above. Measured on the CPU: folding is 1.3-1.6x faster at T ≤ 4.
 FOLD_MAX_ROWS = 64
-# Blocks of at most this many tokens per sequence are "decode-shaped": decoding, verification, drafting.
-DECODE_MAX_T = 16
 
 
 class AttentionMask:
@@ -100,10 +99,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     """q [B, Hq, T, D]; k, v [B, Hkv, S, D] → [B, Hq, T, D]. Every query row must see ≥ 1 slot."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    if T <= DECODE_MAX_T and mask.positional and use_triton(q):
+    if T <= MAX_DECODE_TOKENS and mask.positional and use_triton(q):
         qpos, kpos = mask.int32_positions()
         return triton_decode.decode_attention(q, k, v, qpos, kpos, mask.window, mask.n_kept, mask.rows_hint)
-    if T <= DECODE_MAX_T and D % 8 == 0 and cpu_kernels.applies(q, T, max_tokens=DECODE_MAX_T):
+    if T <= MAX_DECODE_TOKENS and D % 8 == 0 and cpu_kernels.applies(q, T, max_tokens=MAX_DECODE_TOKENS):
         return cpu_kernels.attention(q, k, v, mask.allowed)
     if T * (Hq // Hkv) <= FOLD_MAX_ROWS:
         qf = q.reshape(B, Hkv, (Hq // Hkv) * T, D)

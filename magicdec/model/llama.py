@@ -1,5 +1,5 @@
 """The LLaMA-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, grouped-query
-attention with optional q/k/v bias, SwiGLU, tied or untied embeddings.
+attention with optional q/k/v (and output) biases, SwiGLU, tied or untied embeddings.
 
 `forward(input_ids, positions, cache)` knows nothing about speculation or parallelism: it asks the
 cache to prepare one step for the given positions and hands each layer's new keys and values to that
@@ -18,8 +18,8 @@ from torch import nn
 from magicdec.config import ModelConfig
 from magicdec.kernels import cpu as cpu_kernels
 from magicdec.kernels import fused
+from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.kernels.fused import use_triton
-from magicdec.model.attention import DECODE_MAX_T
 from magicdec.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -36,12 +36,12 @@ class Cache(Protocol):
 
 
 class Linear(nn.Linear):
-    """nn.Linear; decode-shaped forwards on the CPU (≤ DECODE_MAX_T tokens per sequence, float32) use the
+    """nn.Linear; decode-shaped forwards on the CPU (≤ MAX_DECODE_TOKENS tokens per sequence, float32/bf16/fp16) use the
     batch-invariant kernel of `magicdec.kernels.cpu`, so a token's logits do not depend on how many tokens
     share its forward (verification and plain decoding agree bit for bit)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and cpu_kernels.applies(x, x.shape[1], max_tokens=DECODE_MAX_T):
+        if x.dim() == 3 and cpu_kernels.applies(x, x.shape[1], max_tokens=MAX_DECODE_TOKENS):
             return cpu_kernels.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -80,6 +80,8 @@ class Attention(nn.Module):
         qkv = cfg.q_size + 2 * cfg.kv_size
         self.wqkv = Linear(cfg.hidden_size, qkv, bias=cfg.attention_bias, device=device)
         self.wo = Linear(cfg.q_size, cfg.hidden_size, bias=False, device=device)
+        # Llama's attention_bias: added after `wo` (and after its tensor-parallel all-reduce), so once
+        self.wo_bias = nn.Parameter(torch.zeros(cfg.hidden_size, device=device)) if cfg.o_proj_bias else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: CacheStep) -> torch.Tensor:
         B, T, _ = x.shape
@@ -91,8 +93,8 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (q, k, v))
         if not use_triton(qkv):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = step.attend(self.layer, q, k, v)
-        return self.wo(out.transpose(1, 2).reshape(B, T, hq * d))
+        out = self.wo(step.attend(self.layer, q, k, v).transpose(1, 2).reshape(B, T, hq * d))
+        return out if self.wo_bias is None else out + self.wo_bias
 
 
 class MLP(nn.Module):

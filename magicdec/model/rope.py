@@ -1,5 +1,6 @@
-"""Rotary position embedding: inverse frequencies (with the scalings real checkpoints use) and
-their application to query/key heads in the Hugging Face (rotate-half) layout."""
+"""Rotary position embedding: inverse frequencies (with the scalings real checkpoints use: linear,
+Llama-3, YaRN, explicit GGUF factors) and their application to query/key heads in the Hugging Face
+(rotate-half) layout."""
 
 from __future__ import annotations
 
@@ -20,7 +21,28 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> to
         return inv_freq / scaling.factor
     if scaling.rope_type == "llama3":
         return _llama3_scaled(inv_freq, scaling)
+    if scaling.rope_type == "yarn":
+        return _yarn_scaled(inv_freq, head_dim, theta, scaling)
     return inv_freq
+
+
+def _yarn_scaled(inv_freq: torch.Tensor, head_dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    """YaRN "NTK-by-parts": pairs that turn fewer than `beta_slow` times over the original context
+    are interpolated (divided by `factor`), pairs that turn more than `beta_fast` times are kept, and a
+    linear ramp over the pair index blends the two in between."""
+
+    def pair_index(rotations: float) -> float:  # the (fractional) pair that turns `rotations` times
+        turns = s.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return head_dim * math.log(turns) / (2 * math.log(theta))
+
+    low, high = pair_index(s.beta_fast), pair_index(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -45,11 +67,16 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv, persistent=False)
+        self.attention_scaling = cfg.rope_scaling.attention_scaling
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin times the attention factor (YaRN's; 1 otherwise), as transformers computes them."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # [B, T, D/2], float32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

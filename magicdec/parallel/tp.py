@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from magicdec.config import ModelConfig
+from magicdec.parallel.watchdog import start_watchdog
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +40,14 @@ class TensorParallel:
 
 
 def init_from_env(device_type: str) -> TensorParallel | None:
-    """Join the process group torchrun describes in the environment (None when run alone)."""
+    """Join the process group torchrun describes in the environment (None when run alone), and start the
+    watchdog that ends this rank when another one fails (`magicdec.parallel.watchdog`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    start_watchdog()
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return TensorParallel(dist.get_rank(), dist.get_world_size())
@@ -180,14 +183,14 @@ class RankZeroGamma:
         self.policy, self.tp = policy, tp
         self.device = comm_device(tp, device)
 
-    def __getattr__(self, name: str) -> Any:  # the wrapped policy's state (alpha, predicted, …)
-        return getattr(self.policy, name)
-
-    def choose(self, state: Any) -> int:
-        gamma = self.policy.choose(state) if self.tp.rank == 0 else 0
+    def choose(self, batch: Any) -> int:
+        gamma = self.policy.choose(batch) if self.tp.rank == 0 else 0
         t = torch.tensor([gamma], dtype=torch.long, device=self.device)
         dist.broadcast(t, src=0, group=self.tp.group)
         return int(t.item())
 
-    def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
-        self.policy.observe(gamma, accepted, seconds)
+    def observe(self, report: Any) -> None:
+        self.policy.observe(report)
+
+    def stats(self) -> dict[str, Any]:
+        return self.policy.stats()

@@ -1,98 +1,149 @@
-"""What kind of speculation to run: drafter, γ, draft-cache budget and how that cache is built."""
+"""What kind of speculation to run: who drafts, over which KV, how many tokens per round.
+
+One vocabulary everywhere (the API, the command line, the benchmarks and the cost model):
+- method: "none" (plain decoding), "self" (the target's own weights draft) or "draft" (a separate,
+  smaller model sharing the tokenizer, `draft_model`);
+- drafter: the KV the draft attends to. "streaming": the first `sinks` tokens + the most recent
+  `budget - sinks` (StreamingLLM); "snapkv": `budget - snapkv_window` prompt positions chosen per layer
+  and KV head by the prompt's last queries + a sliding window (self-speculation only); "full": the
+  draft model's whole cache (draft models only).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 METHODS = ("none", "self", "draft")
 DRAFTERS = ("streaming", "snapkv", "full")
 KV_SOURCES = ("target", "own")
-POSITIONS = ("original", "cache")
+
+
+def _bad(msg: str) -> None:
+    raise ValueError(f"speculation: {msg}")
+
+
+@dataclass(frozen=True, slots=True)
+class Auto:
+    """γ chosen every round by the cost model (0 = a plain step), at most `max_gamma`, planning with the
+    hardware `profile` (a built-in name or a JSON file from `magicdec profile`; default: this device's)."""
+
+    max_gamma: int = 8
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_gamma, int) or self.max_gamma < 1:
+            _bad(f"the largest automatic γ (max_gamma) must be a positive integer, got {self.max_gamma!r}")
+
+    def __str__(self) -> str:
+        return "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class DraftTuning:
+    """Research knobs, rarely changed.
+
+    - kv_source: "target" builds a self-draft's cache from the target's KV (copied at prefill, synced
+      with the accepted tokens' KV after each round); "own" lets the draft compute its own KV (a
+      windowed prefill and its own decode KV). Draft models always use "own".
+    - snapkv_window: the sliding window inside a SnapKV budget.
+    - observe, pool_kernel: SnapKV's observation queries and the (odd) width of its vote smoothing.
+    """
+
+    kv_source: str = "target"
+    snapkv_window: int = 64
+    observe: int = 32
+    pool_kernel: int = 7
+
+    def __post_init__(self) -> None:
+        if self.kv_source not in KV_SOURCES:
+            _bad(f"kv_source must be one of {KV_SOURCES}, got {self.kv_source!r}")
+        if self.observe < 1:
+            _bad(f"SnapKV's observation window (observe) must be ≥ 1, got {self.observe}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            _bad(f"SnapKV's pool_kernel must be odd and ≥ 1 (an even width shifts the votes), got {self.pool_kernel}")
+        if self.snapkv_window < 1:
+            _bad(f"snapkv_window must be ≥ 1, got {self.snapkv_window}")
 
 
 @dataclass(frozen=True, slots=True)
 class SpecConfig:
-    """Speculation settings.
+    """Speculation settings (see the module docstring for `method` and `drafter`).
 
-    - method: "none" (plain decoding), "self" (the target's weights over a sparse cache) or "draft"
-      (a separate smaller model sharing the tokenizer, `draft_model`).
-    - drafter: the draft cache. "streaming": `sinks` first tokens + the most recent
-      `budget - sinks`; "snapkv": `budget - window` prompt positions chosen by the prompt's last
-      `observe` queries, per layer and KV head, + a sliding window of `window`; "full": the draft
-      model's whole cache (draft models only).
-    - gamma: draft tokens per round, or "auto" (chosen every round from the cost model).
-    - kv_source: "target" builds the self-draft's cache from the target's KV (copied at prefill,
-      synced with the accepted tokens' target KV after each round); "own" lets the draft compute its
-      own KV (a windowed prefill pass and its own decode KV). Draft models always use "own".
-    - positions: RoPE positions of kept tokens, "original" or "cache" (StreamingLLM's in-cache).
-    - synthetic_acceptance: for systems benchmarks with random weights only; each draft token is
-      accepted with this probability regardless of its value (the output is not the model's).
-    - profile: the hardware profile `gamma="auto"` plans with (a built-in name or a JSON file from
-      `magicdec profile`); by default the one saved for this device and model, else a built-in.
-    """
+    gamma: draft tokens per round, or `Auto()` (the string "auto" is taken as `Auto()`); budget: the
+    draft's KV budget in tokens; sinks: StreamingLLM's attention sinks inside it."""
 
     method: str = "none"
     drafter: str = "streaming"
-    gamma: int | str = 3
+    gamma: int | Auto = 3
     budget: int = 512
     sinks: int = 16
-    window: int = 64
-    observe: int = 32
-    pool_kernel: int = 7
     draft_model: str | None = None
-    kv_source: str = "target"
-    positions: str = "original"
-    max_gamma: int = 8  # the largest γ gamma="auto" may choose
-    synthetic_acceptance: float | None = None  # benchmarks only: accept drafts with this probability
-    profile: str | None = None  # hardware profile for gamma="auto" (name or JSON); default: this device's
-
-    @property
-    def gamma_bound(self) -> int:
-        """The largest γ a round can use: the fixed γ, or `max_gamma` when γ is chosen automatically."""
-        return self.gamma if isinstance(self.gamma, int) else self.max_gamma
+    tuning: DraftTuning = field(default_factory=DraftTuning)
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(f"speculation: {msg}")
-
+        if self.gamma == "auto":
+            object.__setattr__(self, "gamma", Auto())
         if self.method not in METHODS:
-            bad(f"method must be one of {METHODS}, got {self.method!r}")
+            _bad(f"method must be one of {METHODS}, got {self.method!r}")
         if self.drafter not in DRAFTERS:
-            bad(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
-        if self.kv_source not in KV_SOURCES:
-            bad(f"kv_source must be one of {KV_SOURCES}, got {self.kv_source!r}")
-        if self.positions not in POSITIONS:
-            bad(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if self.gamma != "auto" and (not isinstance(self.gamma, int) or self.gamma < 1):
-            bad(f"gamma must be a positive integer or 'auto', got {self.gamma!r}")
-        if self.synthetic_acceptance is not None and not 0 <= self.synthetic_acceptance <= 1:
-            bad(f"synthetic acceptance must be in [0, 1], got {self.synthetic_acceptance}")
+            _bad(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+        if not isinstance(self.gamma, Auto) and (not isinstance(self.gamma, int) or self.gamma < 1):
+            _bad(f"gamma must be a positive integer or 'auto', got {self.gamma!r}")
+        if self.draft_model and self.method != "draft":
+            _bad("a draft model is only used with method 'draft': drop --draft-model or add --spec draft")
         if self.method == "none":
             return
-        if self.drafter == "streaming" and not 0 <= self.sinks < self.budget:
-            bad(f"sinks ({self.sinks}) must be smaller than the budget ({self.budget})")
+        if self.budget < 1:
+            _bad(f"the draft KV budget (--budget) must be ≥ 1 token, got {self.budget}")
+        if self.drafter == "streaming" and self.sinks < 0:
+            _bad(f"the number of attention sinks (--sinks) must be ≥ 0, got {self.sinks}")
+        if self.drafter == "streaming" and self.sinks >= self.budget:
+            _bad(f"the attention sinks (--sinks {self.sinks}) must leave room for a recent window inside the "
+                 f"budget (--budget {self.budget}): use fewer sinks or a larger budget")
         if self.drafter == "snapkv":
             if self.method != "self":
-                bad("the snapkv drafter selects from the target's own cache: use it with --spec self")
-            if self.kv_source != "target":
-                bad("the snapkv drafter needs kv_source='target'")
-            if not 0 < self.window < self.budget:
-                bad(f"the snapkv window ({self.window}) must be positive and smaller than the budget ({self.budget})")
+                _bad("the snapkv drafter selects from the target's own cache: use it with method 'self'")
+            if self.tuning.kv_source != "target":
+                _bad("the snapkv drafter needs kv_source='target'")
+            if self.tuning.snapkv_window >= self.budget:
+                _bad(f"the snapkv window ({self.tuning.snapkv_window}) must be smaller than the budget ({self.budget})")
         if self.method == "self" and self.drafter == "full":
-            bad("self-speculation over the full cache drafts with the target itself; choose streaming or snapkv")
+            _bad("self-speculation over the full cache drafts with the target itself; choose streaming or snapkv")
         if self.method == "draft":
             if not self.draft_model:
-                bad("--spec draft needs --draft-model PATH")
-            object.__setattr__(self, "kv_source", "own")
+                _bad("method 'draft' needs a draft model (--draft-model PATH)")
+            if self.tuning.kv_source != "own":
+                object.__setattr__(self, "tuning", replace(self.tuning, kv_source="own"))
+
+    def check_with(self, max_new_tokens: int) -> None:
+        """Refuse a fixed γ that drafts past every token a sequence may still generate."""
+        if self.enabled and isinstance(self.gamma, int) and self.gamma >= max_new_tokens:
+            _bad(f"γ = {self.gamma} drafts at least as many tokens as a sequence generates (max_new_tokens = "
+                 f"{max_new_tokens}): use a γ below {max_new_tokens}, or 'auto'")
 
     @property
     def enabled(self) -> bool:
         return self.method != "none"
 
     @property
+    def gamma_bound(self) -> int:
+        """The largest γ a round can use: the fixed γ, or the automatic policy's `max_gamma`."""
+        return self.gamma.max_gamma if isinstance(self.gamma, Auto) else self.gamma
+
+    @property
     def n_kept(self) -> int:
-        return self.sinks if self.drafter == "streaming" else self.budget - self.window
+        """Slots that stay visible: StreamingLLM's sinks, or SnapKV's selected positions."""
+        return self.sinks if self.drafter == "streaming" else self.budget - self.tuning.snapkv_window
 
     @property
     def recent_window(self) -> int:
-        return self.budget - self.sinks if self.drafter == "streaming" else self.window
+        return self.budget - self.sinks if self.drafter == "streaming" else self.tuning.snapkv_window
+
+    @property
+    def label(self) -> str:
+        """A short name: plain, self-streaming-512-g3, draft-full-gauto, …"""
+        if not self.enabled:
+            return "plain"
+        budget = "" if self.drafter == "full" else f"-{self.budget}"
+        return f"{self.method}-{self.drafter}{budget}-g{self.gamma}"
+

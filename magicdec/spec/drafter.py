@@ -19,13 +19,14 @@ Where the draft cache's KV comes from (`kv_source`):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.sparse import SparseKVCache
-from magicdec.engine.prefill import prefill
-from magicdec.engine.runner import ModelRunner
-from magicdec.engine.sampling import SamplingParams, probabilities, sample
 from magicdec.model.llama import Transformer
+from magicdec.runtime.prefill import prefill
+from magicdec.runtime.runner import ModelRunner
+from magicdec.runtime.sampling import SamplingParams, probabilities, sample
 from magicdec.spec.snapkv import select_kept, snapkv_votes
 
 
@@ -35,17 +36,20 @@ class Drafter:
         model: Transformer,
         cache: SparseKVCache | DenseKVCache,
         kv_source: str,
-        selection: str = "sinks",
+        selection: str = "streaming",
         observe: int = 32,
         pool_kernel: int = 7,
         forward: ModelRunner | None = None,
+        vocab_size: int | None = None,
     ) -> None:
-        """`forward` runs the draft's decode steps (a shared `ModelRunner`, for CUDA graphs)."""
+        """`forward` runs the draft's decode steps (a shared `ModelRunner`, for CUDA graphs); `vocab_size`:
+        the target's, when the draft's vocabulary is a shorter prefix of it."""
         if kv_source == "target" and not isinstance(cache, SparseKVCache):
             raise ValueError("a draft cache built from the target's KV must be sparse")
         self.model, self.cache, self.kv_source = model, cache, kv_source
         self.forward = forward or ModelRunner(model)
         self.selection, self.observe, self.pool_kernel = selection, observe, pool_kernel
+        self.vocab_size = vocab_size if vocab_size and vocab_size > model.config.vocab_size else None
         self.seen = torch.zeros(0, dtype=torch.long)  # per row: positions < seen hold draft KV
         self._plain_steps = 0  # plain steps since the last round ("target" mode): `catch_up` copies their KV
 
@@ -57,7 +61,7 @@ class Drafter:
         device = tokens.device
         lens = torch.tensor(prompt_lens, device=device)
         if self.kv_source == "own":
-            prefill(self.model, self.cache, tokens, prompt_lens, chunk)
+            prefill(self.model, self.cache, self._known(tokens), prompt_lens, chunk)
         else:
             cache = self.cache
             assert isinstance(cache, SparseKVCache)
@@ -69,7 +73,7 @@ class Drafter:
                 sinks = torch.arange(cache.n_kept, device=device).expand(len(prompt_lens), -1)
                 cache.copy_from(target_cache, torch.where(sinks < lens[:, None], sinks, -1))
             recent = lens[:, None] - cache.window + torch.arange(cache.window, device=device)
-            floor = cache.n_kept if self.selection == "sinks" else 0
+            floor = cache.n_kept if self.selection == "streaming" else 0
             cache.copy_from(target_cache, torch.where(recent >= floor, recent, -1))
         self.seen, self._plain_steps = lens.clone(), 0
 
@@ -97,7 +101,7 @@ class Drafter:
         pos = torch.where(pos <= lengths[:, None], pos, -1)
         if active is not None:
             pos = torch.where(active[:, None], pos, -1)
-        ids = tokens[:B].gather(1, pos.clamp(min=0))
+        ids = self._known(tokens[:B].gather(1, pos.clamp(min=0)))
         index = behind[:, None]
         drafts, dists = [], []
         for i in range(gamma):
@@ -107,7 +111,8 @@ class Drafter:
             else:
                 q = probabilities(logits, params)
                 nxt = sample(q, generator)
-                dists.append(q)
+                # a draft vocabulary that is a prefix of the target's puts no mass on the target's extra ids
+                dists.append(F.pad(q, (0, self.vocab_size - q.shape[-1])) if self.vocab_size else q)
             drafts.append(nxt)
             if i + 1 < gamma:
                 ids, pos = nxt[:, None], (lengths + i + 1)[:, None]
@@ -116,6 +121,11 @@ class Drafter:
                 index = torch.zeros((B, 1), dtype=torch.long, device=device)
         self.seen[:B] = lengths + gamma
         return torch.stack(drafts, 1), (torch.stack(dists, 1) if dists else None)
+
+    def _known(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids the draft can embed: ids beyond a shorter draft vocabulary (which its tokenizer never
+        produces, but the target may sample) are read as its last id; verification keeps output exact."""
+        return ids.clamp(max=self.model.config.vocab_size - 1) if self.vocab_size else ids
 
     @torch.inference_mode()
     def catch_up(self, target_cache: DenseKVCache, lengths: torch.Tensor, active: torch.Tensor | None = None) -> None:

@@ -76,4 +76,4 @@ def select_kept(
     idx = kept_pos[..., None].expand(L, B, H, n, D)
     k = target.k[:, :B].gather(3, idx)
     v = target.v[:, :B].gather(3, idx)
-    draft.set_kept(k, v, kept_pos, valid[0, :, 0])
+    draft.set_kept(k, v, valid[0, :, 0])

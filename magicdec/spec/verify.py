@@ -7,7 +7,41 @@ the next token (the correction at the first rejection, or the bonus token after 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from magicdec.runtime.sampling import SamplingParams, probabilities
+
+Verdict = tuple[torch.Tensor, torch.Tensor]  # accepted counts [B], next tokens [B]
+# (draft tokens [B, γ], draft distributions [B, γ, V] | None, target logits [B, γ+1, V]) → verdict
+Verifier = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], Verdict]
+
+
+def verifier_for(params: SamplingParams, generator: torch.Generator | None) -> Verifier:
+    """The exact acceptance rule for these sampling parameters: greedy, or speculative sampling."""
+    if params.greedy:
+        return lambda d, q, logits: verify_greedy(d, logits)
+
+    def sampling(d: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
+        assert q is not None
+        return verify_sampling(d, q, probabilities(logits, params), generator)
+
+    return sampling
+
+
+def synthetic_verifier(alpha: float, seed: int = 0) -> Verifier:
+    """For systems benchmarks with random weights: accept each draft with probability `alpha` (see
+    `verify_synthetic`), drawing from one generator per device seeded with `seed`."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"synthetic acceptance must be in [0, 1], got {alpha}")
+    gens: dict[torch.device, torch.Generator] = {}
+
+    def synthetic(d: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
+        g = gens.setdefault(d.device, torch.Generator(device=d.device).manual_seed(seed))
+        return verify_synthetic(d, logits, alpha, g)
+
+    return synthetic
 
 
 def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:

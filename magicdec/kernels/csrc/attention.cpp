@@ -1,8 +1,10 @@
-// Batch- and query-invariant float32 attention of a few query tokens over a long KV cache with
-// grouped-query heads (flash-decoding style, online softmax, fp32 accumulation).
+// Batch- and query-invariant attention of a few query tokens over a long KV cache with grouped-query
+// heads (flash-decoding style, online softmax, fp32 accumulation). q and out are float32; k and v are
+// float32, bfloat16 or float16, widened to float32 as they are read (elements.h), so 16-bit caches give
+// bitwise what the same values stored as float32 give.
 //
 // This file owns the arithmetic of `magicdec.kernels.cpu.attention` (AVX2/FMA + OpenMP, no torch headers;
-// bindings.cpp checks the tensors and calls `attention_f32`).
+// bindings.cpp checks the tensors, converts q to float32 and the output back, and calls `attention_f32`).
 //
 // Layout: q [B, Hq, T, D], k and v [B, Hkv, S, D] (any strides, last dimension contiguous), allowed
 // [B, T, S] bytes (last dimension contiguous), out [B, Hq, T, D] contiguous. Query head h reads KV head
@@ -31,6 +33,8 @@
 #include <limits>
 #include <vector>
 
+#include "elements.h"
+
 namespace magicdec_cpu {
 namespace {
 
@@ -40,8 +44,8 @@ constexpr int64_t kBlock = 64;
 // Slots per partial result (fixed: part of the numerics). The unit of work when S is split over threads.
 constexpr int64_t kChunk = 256;
 static_assert(kChunk % kBlock == 0, "a chunk is a whole number of blocks");
-// Floats per 64-byte cache line (the prefetch granularity).
-constexpr int64_t kLineFloats = 16;
+// Bytes per cache line (the prefetch granularity).
+constexpr int64_t kLine = 64;
 // Split S over threads when there are fewer than this many (batch, KV head) pairs per thread.
 constexpr int64_t kMinHeadsPerThread = 4;
 
@@ -95,15 +99,16 @@ inline __m256 mask8(const uint8_t* m) {
 struct Problem {
   const float* q;
   int64_t qs_b, qs_h, qs_t;
-  const float* k;
+  const void* k;  // elements of type kv
   int64_t ks_b, ks_h, ks_s;
-  const float* v;
+  const void* v;
   int64_t vs_b, vs_h, vs_s;
   const uint8_t* mask;
   int64_t ms_b, ms_t;
   float* out;
   int64_t B, Hq, Hkv, T, S, D;
   int64_t g, R, chunks;
+  Elem kv;
 };
 
 // One thread's scratch for one (batch, KV head): R rows of prescaled queries, scores of a block, and the
@@ -126,15 +131,15 @@ constexpr int kQkRows = 3;
 
 // Scores of MR rows against 4 keys: s[i][j] = q_i · k_j (q already scaled), for D = 8·DC8 (DC8 > 0:
 // known at compile time, fully unrolled; 0: D at run time).
-template <int DC8, int MR>
-MAGICDEC_INLINE void qk_tile(const float* q, int64_t D, const float* const* kp, float* s) {
+template <typename KV, int DC8, int MR>
+MAGICDEC_INLINE void qk_tile(const float* q, int64_t D, const KV* const* kp, float* s) {
   const int64_t nd = DC8 > 0 ? 8 * DC8 : D;
   __m256 acc[MR][kQkKeys];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kQkKeys; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t d = 0; d < nd; d += 8) {
     __m256 kv[kQkKeys];
-    for (int j = 0; j < kQkKeys; ++j) kv[j] = _mm256_loadu_ps(kp[j] + d);
+    for (int j = 0; j < kQkKeys; ++j) kv[j] = load8(kp[j] + d);
     for (int i = 0; i < MR; ++i) {
       const __m256 qv = _mm256_loadu_ps(q + i * nd + d);
       for (int j = 0; j < kQkKeys; ++j) acc[i][j] = _mm256_fmadd_ps(qv, kv[j], acc[i][j]);
@@ -143,11 +148,12 @@ MAGICDEC_INLINE void qk_tile(const float* q, int64_t D, const float* const* kp, 
   for (int i = 0; i < MR; ++i) _mm_storeu_ps(s + i * kBlock, reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
 }
 
-// Prefetches one row of D = 8·DC8 floats (DC8 = 0: D at run time) into L2.
-template <int DC8>
-MAGICDEC_INLINE void prefetch_row(const float* row, int64_t D) {
-  const int64_t nd = DC8 > 0 ? 8 * DC8 : D;
-  for (int64_t d = 0; d < nd; d += kLineFloats) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T1);
+// Prefetches one row of D = 8·DC8 elements (DC8 = 0: D at run time) into L2.
+template <typename KV, int DC8>
+MAGICDEC_INLINE void prefetch_row(const KV* row, int64_t D) {
+  const int64_t bytes = (DC8 > 0 ? 8 * DC8 : D) * static_cast<int64_t>(sizeof(KV));
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t o = 0; o < bytes; o += kLine) _mm_prefetch(p + o, _MM_HINT_T1);
 }
 
 // s[r][0..kBlock) = scores of all rows against the nk (<= kBlock) keys at kb; slots >= nk read the
@@ -155,21 +161,21 @@ MAGICDEC_INLINE void prefetch_row(const float* row, int64_t D) {
 // (vb) and the keys of the next one (nk_next of them), a few rows per key tile: P·V reads each value
 // row in several passes, a pattern that the hardware prefetchers do not follow well, and spreading the
 // requests over the computation keeps memory busy without stalling it.
-template <int DC8>
-MAGICDEC_INLINE void qk_block(Work& w, const float* kb, int64_t ks, int64_t nk, const float* vb, int64_t vs,
+template <typename KV, int DC8>
+MAGICDEC_INLINE void qk_block(Work& w, const KV* kb, int64_t ks, int64_t nk, const KV* vb, int64_t vs,
                               int64_t nk_next) {
   const int64_t R = w.R, D = w.D;
   const float* q = w.q.data();
   float* s = w.s.data();
   for (int64_t j0 = 0; j0 < nk; j0 += kQkKeys) {
-    for (int64_t j = j0; j < std::min(j0 + kQkKeys, nk); ++j) prefetch_row<DC8>(vb + j * vs, D);
-    for (int64_t j = j0; j < std::min(j0 + kQkKeys, nk_next); ++j) prefetch_row<DC8>(kb + (kBlock + j) * ks, D);
-    const float* kp[kQkKeys];
+    for (int64_t j = j0; j < std::min(j0 + kQkKeys, nk); ++j) prefetch_row<KV, DC8>(vb + j * vs, D);
+    for (int64_t j = j0; j < std::min(j0 + kQkKeys, nk_next); ++j) prefetch_row<KV, DC8>(kb + (kBlock + j) * ks, D);
+    const KV* kp[kQkKeys];
     for (int j = 0; j < kQkKeys; ++j) kp[j] = kb + std::min<int64_t>(j0 + j, nk - 1) * ks;
     int64_t r = 0;
-    for (; r + kQkRows <= R; r += kQkRows) qk_tile<DC8, kQkRows>(q + r * D, D, kp, s + r * kBlock + j0);
-    if (R - r == 2) qk_tile<DC8, 2>(q + r * D, D, kp, s + r * kBlock + j0);
-    if (R - r == 1) qk_tile<DC8, 1>(q + r * D, D, kp, s + r * kBlock + j0);
+    for (; r + kQkRows <= R; r += kQkRows) qk_tile<KV, DC8, kQkRows>(q + r * D, D, kp, s + r * kBlock + j0);
+    if (R - r == 2) qk_tile<KV, DC8, 2>(q + r * D, D, kp, s + r * kBlock + j0);
+    if (R - r == 1) qk_tile<KV, DC8, 1>(q + r * D, D, kp, s + r * kBlock + j0);
   }
 }
 
@@ -212,8 +218,8 @@ inline void softmax_block(Work& w) {
 
 // acc[i][8c..] = acc · alpha_i + sum over keys j < nk (in order) of p[i][j] · v_j, for MR rows and DC
 // 8-float columns.
-template <int MR, int DC>
-MAGICDEC_INLINE void pv_tile(const float* p, const float* alpha, float* acc, int64_t D, const float* vb,
+template <typename KV, int MR, int DC>
+MAGICDEC_INLINE void pv_tile(const float* p, const float* alpha, float* acc, int64_t D, const KV* vb,
                              int64_t vs, int64_t nk) {
   __m256 a[MR][DC];
   for (int i = 0; i < MR; ++i) {
@@ -222,7 +228,7 @@ MAGICDEC_INLINE void pv_tile(const float* p, const float* alpha, float* acc, int
   }
   for (int64_t j = 0; j < nk; ++j) {
     __m256 vv[DC];
-    for (int c = 0; c < DC; ++c) vv[c] = _mm256_loadu_ps(vb + j * vs + 8 * c);
+    for (int c = 0; c < DC; ++c) vv[c] = load8(vb + j * vs + 8 * c);
     for (int i = 0; i < MR; ++i) {
       const __m256 pb = _mm256_broadcast_ss(p + i * kBlock + j);
       for (int c = 0; c < DC; ++c) a[i][c] = _mm256_fmadd_ps(pb, vv[c], a[i][c]);
@@ -233,32 +239,32 @@ MAGICDEC_INLINE void pv_tile(const float* p, const float* alpha, float* acc, int
 }
 
 // P·V for MR rows starting at row r, in tiles of DC columns (and single columns for a remainder).
-template <int DC8, int MR, int DC>
-MAGICDEC_INLINE void pv_rows(Work& w, int64_t r, const float* vb, int64_t vs, int64_t nk) {
+template <typename KV, int DC8, int MR, int DC>
+MAGICDEC_INLINE void pv_rows(Work& w, int64_t r, const KV* vb, int64_t vs, int64_t nk) {
   const int64_t D = DC8 > 0 ? 8 * DC8 : w.D;
   const float* p = w.s.data() + r * kBlock;
   const float* alpha = w.alpha.data() + r;
   float* acc = w.acc.data() + r * D;
   int64_t c = 0;
-  for (; c + DC * 8 <= D; c += DC * 8) pv_tile<MR, DC>(p, alpha, acc + c, D, vb + c, vs, nk);
-  for (; c < D; c += 8) pv_tile<MR, 1>(p, alpha, acc + c, D, vb + c, vs, nk);
+  for (; c + DC * 8 <= D; c += DC * 8) pv_tile<KV, MR, DC>(p, alpha, acc + c, D, vb + c, vs, nk);
+  for (; c < D; c += 8) pv_tile<KV, MR, 1>(p, alpha, acc + c, D, vb + c, vs, nk);
 }
 
 // Rows per P·V tile: 6 rows x 2 columns (12 accumulators + 2 value vectors + 1 broadcast probability);
 // fewer rows take 4 columns so that enough accumulators hide the FMA latency.
 constexpr int kPvRows = 6;
 
-template <int DC8>
-MAGICDEC_INLINE void pv_block(Work& w, const float* vb, int64_t vs, int64_t nk) {
+template <typename KV, int DC8>
+MAGICDEC_INLINE void pv_block(Work& w, const KV* vb, int64_t vs, int64_t nk) {
   const int64_t R = w.R;
   int64_t r = 0;
-  for (; r + kPvRows <= R; r += kPvRows) pv_rows<DC8, kPvRows, 2>(w, r, vb, vs, nk);
+  for (; r + kPvRows <= R; r += kPvRows) pv_rows<KV, DC8, kPvRows, 2>(w, r, vb, vs, nk);
   switch (R - r) {
-    case 5: pv_rows<DC8, 5, 2>(w, r, vb, vs, nk); break;
-    case 4: pv_rows<DC8, 4, 2>(w, r, vb, vs, nk); break;
-    case 3: pv_rows<DC8, 3, 4>(w, r, vb, vs, nk); break;
-    case 2: pv_rows<DC8, 2, 4>(w, r, vb, vs, nk); break;
-    case 1: pv_rows<DC8, 1, 4>(w, r, vb, vs, nk); break;
+    case 5: pv_rows<KV, DC8, 5, 2>(w, r, vb, vs, nk); break;
+    case 4: pv_rows<KV, DC8, 4, 2>(w, r, vb, vs, nk); break;
+    case 3: pv_rows<KV, DC8, 3, 4>(w, r, vb, vs, nk); break;
+    case 2: pv_rows<KV, DC8, 2, 4>(w, r, vb, vs, nk); break;
+    case 1: pv_rows<KV, DC8, 1, 4>(w, r, vb, vs, nk); break;
     default: break;
   }
 }
@@ -275,15 +281,15 @@ void load_queries(const Problem& P, Work& w, int64_t b, int64_t kvh) {
   }
 }
 
-// The partial softmax state (w.m, w.l, w.acc) of chunk `chunk` of (b, kv head); DC8 = D / 8 when it is
-// a compile-time constant (D = 64, 128), else 0.
-template <int DC8>
+// The partial softmax state (w.m, w.l, w.acc) of chunk `chunk` of (b, kv head), keys and values of type
+// KV; DC8 = D / 8 when it is a compile-time constant (D = 64, 128), else 0.
+template <typename KV, int DC8>
 void compute_chunk(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t chunk) {
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-  const float* kh = P.k + b * P.ks_b + kvh * P.ks_h;
-  const float* vh = P.v + b * P.vs_b + kvh * P.vs_h;
+  const KV* kh = static_cast<const KV*>(P.k) + b * P.ks_b + kvh * P.ks_h;
+  const KV* vh = static_cast<const KV*>(P.v) + b * P.vs_b + kvh * P.vs_h;
   const uint8_t* mb = P.mask + b * P.ms_b;
   const int64_t end = std::min(P.S, (chunk + 1) * kChunk);
   for (int64_t j0 = chunk * kChunk; j0 < end; j0 += kBlock) {
@@ -298,9 +304,9 @@ void compute_chunk(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t ch
     if (!any) continue;  // no row sees this block: skipping it is exactly what the rows would compute
     // the next block, also across the chunk boundary (usually the same thread goes on there)
     const int64_t nk_next = std::max<int64_t>(0, std::min(kBlock, P.S - j0 - kBlock));
-    qk_block<DC8>(w, kh + j0 * P.ks_s, P.ks_s, nk, vh + j0 * P.vs_s, P.vs_s, nk_next);
+    qk_block<KV, DC8>(w, kh + j0 * P.ks_s, P.ks_s, nk, vh + j0 * P.vs_s, P.vs_s, nk_next);
     softmax_block(w);
-    pv_block<DC8>(w, vh + j0 * P.vs_s, P.vs_s, nk);
+    pv_block<KV, DC8>(w, vh + j0 * P.vs_s, P.vs_s, nk);
   }
 }
 
@@ -324,11 +330,21 @@ void fold(const Problem& P, const float* m, const float* l, const float* acc, fl
 }
 
 // compute_chunk for this problem's head dim (the same arithmetic for every D; constants unroll better).
-void compute_chunk_any(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t chunk) {
+template <typename KV>
+void compute_chunk_d(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t chunk) {
   switch (P.D) {
-    case 64: compute_chunk<8>(P, w, b, kvh, chunk); break;
-    case 128: compute_chunk<16>(P, w, b, kvh, chunk); break;
-    default: compute_chunk<0>(P, w, b, kvh, chunk); break;
+    case 64: compute_chunk<KV, 8>(P, w, b, kvh, chunk); break;
+    case 128: compute_chunk<KV, 16>(P, w, b, kvh, chunk); break;
+    default: compute_chunk<KV, 0>(P, w, b, kvh, chunk); break;
+  }
+}
+
+// compute_chunk for this problem's key/value type and head dim.
+void compute_chunk_any(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t chunk) {
+  switch (P.kv) {
+    case Elem::bf16: compute_chunk_d<bf16_t>(P, w, b, kvh, chunk); break;
+    case Elem::f16: compute_chunk_d<f16_t>(P, w, b, kvh, chunk); break;
+    default: compute_chunk_d<float>(P, w, b, kvh, chunk); break;
   }
 }
 
@@ -356,13 +372,14 @@ void write_out(const Problem& P, const Work& w, int64_t b, int64_t kvh) {
 
 }  // namespace
 
-// See the header comment. Strides are in elements; D must be a multiple of 8 (checked by the caller).
-void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const float* k, int64_t ks_b,
-                   int64_t ks_h, int64_t ks_s, const float* v, int64_t vs_b, int64_t vs_h, int64_t vs_s,
+// See the header comment. Strides are in elements; k and v hold elements of type `kv`; D must be a
+// multiple of 8 (checked by the caller).
+void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const void* k, int64_t ks_b,
+                   int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
                    const uint8_t* mask, int64_t ms_b, int64_t ms_t, float* out, int64_t B, int64_t Hq, int64_t Hkv,
                    int64_t T, int64_t S, int64_t D) {
   Problem P{q, qs_b, qs_h, qs_t, k, ks_b, ks_h, ks_s, v, vs_b, vs_h, vs_s, mask, ms_b, ms_t, out,
-            B, Hq, Hkv, T, S, D, Hq / Hkv, (Hq / Hkv) * T, (S + kChunk - 1) / kChunk};
+            B, Hq, Hkv, T, S, D, Hq / Hkv, (Hq / Hkv) * T, (S + kChunk - 1) / kChunk, kv};
   const int64_t heads = B * Hkv;
   if (heads == 0 || T == 0) return;
   const int64_t threads = omp_get_max_threads();

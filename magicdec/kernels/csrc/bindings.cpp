@@ -1,30 +1,46 @@
-// Python bindings of the CPU kernels: tensor checks, layout handling and the calls into linear.cpp and
-// attention.cpp (which hold the arithmetic and include no torch headers, so they compile in a second).
+// Python bindings of the CPU kernels: tensor checks, layout handling, dtypes and the calls into linear.cpp
+// and attention.cpp (which hold the arithmetic and include no torch headers, so they compile in a second).
 // ATen + torch's pybind casters rather than <torch/extension.h>: a third less compile time.
+// Tensors are float32, bfloat16 or float16 (one dtype per call). The kernels read weights, keys and values
+// in their own type and compute in float32; the small operands (x, bias, q) are converted to float32 here,
+// and the float32 result is rounded to the inputs' dtype, element by element (so invariance is kept).
 
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
 
+#include "elements.h"
+
 namespace magicdec_cpu {
 
 // Defined in linear.cpp (see there for the numerics contract).
-void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
-                const float* bias, float* y, int64_t ldy);
+void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, Elem wtype, int64_t N,
+                int64_t ldw, const float* bias, float* y, int64_t ldy);
 
 // Defined in attention.cpp (see there for the numerics contract).
-void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const float* k, int64_t ks_b,
-                   int64_t ks_h, int64_t ks_s, const float* v, int64_t vs_b, int64_t vs_h, int64_t vs_s,
+void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const void* k, int64_t ks_b,
+                   int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
                    const uint8_t* mask, int64_t ms_b, int64_t ms_t, float* out, int64_t B, int64_t Hq, int64_t Hkv,
                    int64_t T, int64_t S, int64_t D);
 
 namespace {
 
-void check_f32_cpu(const at::Tensor& t, const char* name) {
+// The kernels' code for a float32, bfloat16 or float16 CPU tensor; fails for anything else.
+Elem check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "magicdec cpu kernels: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "magicdec cpu kernels: ", name, " must be float32, got ",
-              t.scalar_type());
+  switch (t.scalar_type()) {
+    case at::kFloat: return Elem::f32;
+    case at::kBFloat16: return Elem::bf16;
+    case at::kHalf: return Elem::f16;
+    default: break;
+  }
+  TORCH_CHECK(false, "magicdec cpu kernels: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* names) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "magicdec cpu kernels: ", names, " must have one dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
 }
 
 // The tensor itself when its last dimension is contiguous (other strides are passed to the kernel),
@@ -35,44 +51,48 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) {
 
 bool cpu_supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in) {
-  check_f32_cpu(x_in, "x");
-  check_f32_cpu(w_in, "weight");
+  check_cpu(x_in, "x");
+  const Elem wtype = check_cpu(w_in, "weight");
+  check_same_dtype(x_in, w_in, "x and weight");
   TORCH_CHECK(x_in.dim() == 2, "magicdec cpu linear: x must be [M, K], got ", x_in.sizes());
   TORCH_CHECK(w_in.dim() == 2, "magicdec cpu linear: weight must be [N, K], got ", w_in.sizes());
   TORCH_CHECK(x_in.size(1) == w_in.size(1), "magicdec cpu linear: x is ", x_in.sizes(), " but weight is ",
               w_in.sizes());
-  const at::Tensor x = last_dim_contiguous(x_in);
+  const at::Tensor x = last_dim_contiguous(x_in.to(at::kFloat));
   const at::Tensor w = last_dim_contiguous(w_in);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
-    check_f32_cpu(*bias_in, "bias");
+    check_cpu(*bias_in, "bias");
+    check_same_dtype(x_in, *bias_in, "x and bias");
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "magicdec cpu linear: bias must be [", N, "], got ",
                 bias_in->sizes());
-    bias = bias_in->contiguous();
+    bias = bias_in->to(at::kFloat).contiguous();
   }
   at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  if (K == 0) return y.zero_().add_(bias.defined() ? bias : at::zeros({N}, x.options()));
+  if (M == 0 || N == 0) return y.to(x_in.scalar_type());
+  if (K == 0) return y.zero_().add_(bias.defined() ? bias : at::zeros({N}, x.options())).to(x_in.scalar_type());
   // Tensors of 0 or 1 rows may report any row stride.
   const int64_t ldx = M > 1 ? x.stride(0) : K, ldw = N > 1 ? w.stride(0) : K;
   {
     pybind11::gil_scoped_release no_gil;
-    linear_f32(x.data_ptr<float>(), M, K, ldx, w.data_ptr<float>(), N, ldw,
+    linear_f32(x.data_ptr<float>(), M, K, ldx, w.data_ptr(), wtype, N, ldw,
                bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
   }
-  return y;
+  return y.to(x_in.scalar_type());  // no copy for float32
 }
 
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                      const at::Tensor& allowed_in) {
-  check_f32_cpu(q_in, "q");
-  check_f32_cpu(k_in, "k");
-  check_f32_cpu(v_in, "v");
+  check_cpu(q_in, "q");
+  const Elem kv = check_cpu(k_in, "k");
+  check_cpu(v_in, "v");
+  check_same_dtype(q_in, k_in, "q and k");
+  check_same_dtype(q_in, v_in, "q and v");
   TORCH_CHECK(allowed_in.device().is_cpu() && allowed_in.scalar_type() == at::kBool,
               "magicdec cpu attention: allowed must be a bool CPU tensor, got ", allowed_in.scalar_type(), " on ",
               allowed_in.device());
@@ -91,32 +111,34 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   TORCH_CHECK(allowed_in.dim() == 3 && allowed_in.size(0) == B && allowed_in.size(1) == T &&
                   allowed_in.size(2) == S,
               "magicdec cpu attention: allowed must be [", B, ", ", T, ", ", S, "], got ", allowed_in.sizes());
-  at::Tensor out = at::empty({B, Hq, T, D}, q_in.options());
-  if (out.numel() == 0) return out;
+  at::Tensor out = at::empty({B, Hq, T, D}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out.to(q_in.scalar_type());
   TORCH_CHECK(S > 0, "magicdec cpu attention: no keys to attend to");
-  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor q = last_dim_contiguous(q_in.to(at::kFloat));
   const at::Tensor k = last_dim_contiguous(k_in);
   const at::Tensor v = last_dim_contiguous(v_in);
   const at::Tensor allowed = last_dim_contiguous(allowed_in);
   {
     pybind11::gil_scoped_release no_gil;
-    attention_f32(q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<float>(), k.stride(0),
-                  k.stride(1), k.stride(2), v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2),
+    attention_f32(q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0),
+                  k.stride(1), k.stride(2), v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), kv,
                   reinterpret_cast<const uint8_t*>(allowed.data_ptr<bool>()), allowed.stride(0), allowed.stride(1),
                   out.data_ptr<float>(), B, Hq, Hkv, T, S, D);
   }
-  return out;
+  return out.to(q_in.scalar_type());  // no copy for float32
 }
 
 }  // namespace
 }  // namespace magicdec_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "magicdec batch-invariant CPU kernels (AVX2/FMA + OpenMP)";
-  m.def("cpu_supported", &magicdec_cpu::cpu_supported, "whether this CPU has AVX2 and FMA");
-  m.def("linear", &magicdec_cpu::linear, "y = x · weightᵀ + bias for x [M, K], weight [N, K] (float32)",
+  m.doc() = "magicdec batch-invariant CPU kernels (AVX2/FMA/F16C + OpenMP)";
+  m.def("cpu_supported", &magicdec_cpu::cpu_supported, "whether this CPU has AVX2, FMA and F16C");
+  m.def("linear", &magicdec_cpu::linear,
+        "y = x · weightᵀ + bias for x [M, K], weight [N, K] (float32, bfloat16 or float16; float32 arithmetic)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
   m.def("attention", &magicdec_cpu::attention,
-        "GQA attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] where allowed [B, T, S] (float32)",
+        "GQA attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] where allowed [B, T, S] (float32, bfloat16 "
+        "or float16; float32 arithmetic)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("allowed"));
 }

@@ -1,15 +1,16 @@
-// Batch-invariant float32 linear layer for decode-shaped inputs: y[m, n] = x[m, :] · w[n, :] + b[n].
+// Batch-invariant linear layer for decode-shaped inputs: y[m, n] = x[m, :] · w[n, :] + b[n], with x, b and
+// y in float32 and w in float32, bfloat16 or float16 (widened to float32 as it is read; see elements.h).
 //
 // This file owns the arithmetic of `magicdec.kernels.cpu.linear` (AVX2/FMA + OpenMP, no torch headers;
-// bindings.cpp checks the tensors and calls `linear_f32`).
+// bindings.cpp checks the tensors, converts x and b to float32 and y back, and calls `linear_f32`).
 //
 // Numerics (the contract): every output element is computed by exactly the same sequence of operations,
 // whatever M, the other rows of x, the tile it falls in, the thread count or the partition of the work:
 //   acc[0..8) = 0;  for k0 = 0, 8, 16, ...: acc[i] = fma(x[k0 + i], w[k0 + i], acc[i])   (a K tail
-//   is read with masked loads, so missing lanes add fma(0, 0, acc) = acc);
+//   is read padded with zeros, so missing lanes add fma(0, 0, acc) = acc);
 //   dot = ((acc0 + acc1) + (acc2 + acc3)) + ((acc4 + acc5) + (acc6 + acc7));  y = dot + b.
 // All tile shapes below implement exactly this (`reduce4` computes that tree for each lane), so the
-// kernel is bitwise batch-invariant.
+// kernel is bitwise batch-invariant. The weight's type changes only how w[k] is read (exactly), not this.
 //
 // Performance: the weight is streamed from memory once per call; each 3-row weight tile serves every
 // 4-row tile of x while it is in L1, and x stays in L1/L2 (for many rows, x is taken in L2-sized parts
@@ -22,6 +23,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "elements.h"
+
 namespace magicdec_cpu {
 namespace {
 
@@ -32,12 +35,6 @@ inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 t1 = _mm256_hadd_ps(c, d);
   const __m256 t2 = _mm256_hadd_ps(t0, t1);  // (a0+a1)+(a2+a3), ... | (a4+a5)+(a6+a7), ...
   return _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
-}
-
-// A mask selecting the first n lanes (0 <= n <= 8) of a 256-bit vector.
-inline __m256i lanes_mask8(int64_t n) {
-  alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - n));
 }
 
 // A mask selecting the first n lanes (0 <= n <= 4) of a 128-bit vector.
@@ -57,16 +54,16 @@ constexpr int64_t kBlockBytes = 96 * 1024;
 constexpr int64_t kXBytes = 256 * 1024;
 // How many weight tiles ahead to prefetch: the hardware prefetchers alone leave the loads waiting on memory.
 constexpr int64_t kPrefetchTiles = 2;
-// Floats per 64-byte cache line (the prefetch granularity).
-constexpr int64_t kLineFloats = 16;
+// Bytes per cache line (the prefetch granularity).
+constexpr int64_t kLine = 64;
 // Below this many multiply-adds a call runs on one thread (an OpenMP fork costs a few microseconds).
 constexpr int64_t kParallelMinFlops = 1 << 16;
 
-// One register tile: y[0..MR) x [0..NR) of x rows and w rows. Meanwhile it prefetches `pf_lines` cache
-// lines from `pf` on (a part of a weight tile further on), spread evenly over its steps over K.
-template <int MR, int NR>
-void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, const float* bias, float* y,
-          int64_t ldy, const float* pf, int64_t pf_lines) {
+// One register tile: y[0..MR) x [0..NR) of x rows and w rows (weights of type W). Meanwhile it prefetches
+// `pf_lines` cache lines from `pf` on (a part of a weight tile further on), spread evenly over its steps over K.
+template <typename W, int MR, int NR>
+void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* bias, float* y,
+          int64_t ldy, const char* pf, int64_t pf_lines) {
   static_assert(MR >= 1 && MR <= kMR && NR >= 1 && NR <= 4, "tile shape");
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -78,10 +75,10 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, c
     int64_t issued = 0;
     for (; k + 16 <= K; k += 16) {
       for (int64_t p = 0; p < per_step && issued < pf_lines; ++p, ++issued)
-        _mm_prefetch(reinterpret_cast<const char*>(pf + issued * kLineFloats), _MM_HINT_T0);
+        _mm_prefetch(pf + issued * kLine, _MM_HINT_T0);
       for (int64_t kk = k; kk < k + 16; kk += 8) {
         __m256 wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + kk);
+        for (int j = 0; j < NR; ++j) wv[j] = load8(w + j * ldw + kk);
         for (int i = 0; i < MR; ++i) {
           const __m256 xv = _mm256_loadu_ps(x + i * ldx + kk);
           for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -91,18 +88,17 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, c
   }
   for (; k + 8 <= K; k += 8) {
     __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+    for (int j = 0; j < NR; ++j) wv[j] = load8(w + j * ldw + k);
     for (int i = 0; i < MR; ++i) {
       const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
   if (k < K) {  // masked tail: absent lanes read as 0 and leave their accumulator unchanged
-    const __m256i m = lanes_mask8(K - k);
     __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_maskload_ps(w + j * ldw + k, m);
+    for (int j = 0; j < NR; ++j) wv[j] = load8_first(w + j * ldw + k, K - k);
     for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_maskload_ps(x + i * ldx + k, m);
+      const __m256 xv = load8_first(x + i * ldx + k, K - k);
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
@@ -121,31 +117,30 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, c
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
-                       const float*, int64_t);
+template <typename W>
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, const float*, float*, int64_t,
+                        const char*, int64_t);
 
-template <int MR>
-constexpr TileFn pick_nr(int nr) {
-  return nr == 1 ? tile<MR, 1> : nr == 2 ? tile<MR, 2> : tile<MR, 3>;
+template <typename W, int MR>
+constexpr TileFn<W> pick_nr(int nr) {
+  return nr == 1 ? tile<W, MR, 1> : nr == 2 ? tile<W, MR, 2> : tile<W, MR, 3>;
 }
 
-TileFn pick(int mr, int nr) {
+template <typename W>
+TileFn<W> pick(int mr, int nr) {
   switch (mr) {
-    case 1: return pick_nr<1>(nr);
-    case 2: return pick_nr<2>(nr);
-    case 3: return pick_nr<3>(nr);
-    default: return pick_nr<4>(nr);
+    case 1: return pick_nr<W, 1>(nr);
+    case 2: return pick_nr<W, 2>(nr);
+    case 3: return pick_nr<W, 3>(nr);
+    default: return pick_nr<W, 4>(nr);
   }
 }
 
-}  // namespace
-
-// y [M, N] (row stride ldy) = x [M, K] (row stride ldx) · w [N, K]ᵀ (row stride ldw) + bias [N] (or null).
-// All last dimensions contiguous. Runs on the OpenMP threads of the calling process.
-void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
-                const float* bias, float* y, int64_t ldy) {
+template <typename W>
+void linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const W* w, int64_t N, int64_t ldw,
+                 const float* bias, float* y, int64_t ldy) {
   if (M <= 0 || N <= 0) return;
-  const int64_t row_bytes = std::max<int64_t>(1, K * 4);
+  const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(W)));
   const int64_t rows_per_block = std::max<int64_t>(kNR, kBlockBytes / row_bytes / kNR * kNR);
   const int64_t x_rows = std::max<int64_t>(kMR, kXBytes / row_bytes / kMR * kMR);
   const int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
@@ -165,16 +160,29 @@ void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* 
         // of the tile kPrefetchTiles further on (contiguous rows only), so that memory stays busy.
         const int64_t n_pf = n0 + kPrefetchTiles * kNR;
         const bool prefetch = mb == 0 && ldw == K && n_pf + kNR <= N;
-        const int64_t lines = prefetch ? kNR * K / kLineFloats : 0;
+        const int64_t lines = prefetch ? kNR * row_bytes / kLine : 0;
         for (int64_t m0 = mb, t = 0; m0 < m_end; m0 += kMR, ++t) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, m_end - m0));
           const int64_t first = lines * t / m_tiles, last = lines * (t + 1) / m_tiles;
-          const float* pf = prefetch ? w + n_pf * ldw + first * kLineFloats : nullptr;
-          pick(mr, nr)(x + m0 * ldx, ldx, w + n0 * ldw, ldw, K, bias != nullptr ? bias + n0 : nullptr,
+          const char* pf = prefetch ? reinterpret_cast<const char*>(w + n_pf * ldw) + first * kLine : nullptr;
+          pick<W>(mr, nr)(x + m0 * ldx, ldx, w + n0 * ldw, ldw, K, bias != nullptr ? bias + n0 : nullptr,
                        y + m0 * ldy + n0, ldy, pf, last - first);
         }
       }
     }
+  }
+}
+
+}  // namespace
+
+// y [M, N] (row stride ldy) = x [M, K] (row stride ldx) · w [N, K]ᵀ (row stride ldw, elements of type
+// `wtype`) + bias [N] (or null). All last dimensions contiguous. Runs on the OpenMP threads of the caller.
+void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, Elem wtype, int64_t N,
+                int64_t ldw, const float* bias, float* y, int64_t ldy) {
+  switch (wtype) {
+    case Elem::bf16: linear_impl(x, M, K, ldx, static_cast<const bf16_t*>(w), N, ldw, bias, y, ldy); break;
+    case Elem::f16: linear_impl(x, M, K, ldx, static_cast<const f16_t*>(w), N, ldw, bias, y, ldy); break;
+    default: linear_impl(x, M, K, ldx, static_cast<const float*>(w), N, ldw, bias, y, ldy); break;
   }
 }
 

@@ -1,5 +1,8 @@
-"""`--gamma auto`: choose γ every round from the cost model, a running estimate of α, and the step
-times this run actually measures.
+"""γ policies: how many tokens to draft each round. A policy sees the batch (`BatchView`) before a
+round and the round's report (`RoundReport`) after it; it never reaches into the engine.
+
+`FixedGamma` always answers the same γ. `AutoGamma` (`--gamma auto`) chooses γ every round from the
+cost model, a running estimate of α, and the step times this run actually measures.
 
 Each round the policy asks the cost model for T_T, T_D and T_V(γ) of the batch as it is now — its size
 and every sequence's current context — and picks the γ (0 = a plain decoding step) that maximises
@@ -29,9 +32,13 @@ benchmarks/autogamma_sim.py) as well as on the machine (docs/cost-model.md).
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
-from magicdec.costmodel import CostModel, omega
-from magicdec.engine.state import BatchState
+from magicdec.costmodel import analysis
+from magicdec.costmodel.analysis import omega
+from magicdec.costmodel.steps import CostModel
+from magicdec.engine.state import BatchView
+from magicdec.engine.step import RoundReport
 
 ALPHA_PRIOR = 0.8  # StreamingLLM-512 self-speculation accepts 0.79-0.84 on PG-19 (MagicDec, Llama-3.1-8B)
 PRIOR_TRIALS = 4.0  # the prior weighs as much as 4 observed draft positions: the text decides within rounds
@@ -41,6 +48,34 @@ PROBE_SHARE = 0.015  # while plain, speculative probe rounds may cost this share
 PROBE_EVERY = 64  # … and one runs at least this often
 PLAIN_EVERY = 32  # while speculating, one round in this many is a plain step
 CLIMB = 2  # γ rises at most this far above the largest γ whose verification has been timed
+
+
+class GammaPolicy(Protocol):
+    def choose(self, batch: BatchView) -> int:
+        """γ for the next round (0: a plain decoding step)."""
+        ...
+
+    def observe(self, report: RoundReport) -> None:
+        """What the round chosen last did: accepted counts and phase timings."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """What the policy learned, for the run's statistics."""
+        ...
+
+
+class FixedGamma:
+    def __init__(self, gamma: int) -> None:
+        self.gamma = gamma
+
+    def choose(self, batch: BatchView) -> int:
+        return self.gamma
+
+    def observe(self, report: RoundReport) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
 
 class AlphaEstimate:
@@ -76,15 +111,13 @@ class AutoGamma:
     """A `GammaPolicy` driven by a `CostModel`, calibrated by the run's own step times."""
 
     def __init__(self, cost: CostModel, max_gamma: int, alpha: AlphaEstimate | None = None,
-                 probe_every: int = PROBE_EVERY, plain_every: int = PLAIN_EVERY,
-                 max_new_tokens: int | None = None) -> None:
-        self.cost, self.max_gamma, self.max_new_tokens = cost, max_gamma, max_new_tokens
+                 probe_every: int = PROBE_EVERY, plain_every: int = PLAIN_EVERY) -> None:
+        self.cost, self.max_gamma = cost, max_gamma
         self.alpha = alpha or AlphaEstimate()
         self.calibration = Calibration()
         self.overhead: float | None = None  # measured seconds per round beyond drafting and verifying
         self.probe_every, self._plain_steps = probe_every, 0
         self.plain_every, self._spec_rounds = plain_every, 0
-        self.predicted: list[float] = []  # the speedup expected of each choice, for diagnostics
         self._step: dict[object, float] | None = None  # the last choice's uncalibrated predictions, by kind
 
     def _verify_ratio(self, gamma: int) -> float:
@@ -95,21 +128,20 @@ class AutoGamma:
             return self.calibration.get("target", 1.0)
         return seen[gamma] if gamma in seen else seen[min(seen, key=lambda k: (abs(k - gamma), k))]
 
-    def choose(self, state: BatchState) -> int:
-        contexts = state.contexts()
-        batch = len(contexts)
+    def choose(self, batch: BatchView) -> int:
+        contexts = batch.contexts
+        rows = len(contexts)
         cal, cost = self.calibration, self.cost
         # uncalibrated predictions for this batch, kept for `observe` (one evaluation per kind and round)
-        raw: dict[object, float] = {"target": cost.t_target(batch, contexts), "draft": cost.t_draft(batch, contexts)}
+        raw: dict[object, float] = {"target": cost.t_target(rows, contexts), "draft": cost.t_draft(rows, contexts)}
         t_target = raw["target"] * cal.get("target", self._verify_ratio(1))
         t_draft = raw["draft"] * cal.get("draft", self._verify_ratio(1))
         overhead = self.overhead if self.overhead is not None else cost.hardware.round_overhead_s
         alpha = self.alpha.value
         spec_gamma, spec_best = 0, 0.0  # the best speculative γ, and its predicted speedup
-        for g in range(1, self._gamma_limit(state) + 1):
-            raw[g] = cost.t_verify(batch, contexts, g)
-            t_verify = raw[g] * self._verify_ratio(g)
-            speedup = omega(g, alpha) * t_target / (g * t_draft + t_verify + overhead)
+        for g in range(1, self._gamma_limit(batch) + 1):
+            raw[g] = cost.t_verify(rows, contexts, g)
+            speedup = analysis.speedup(t_target, raw[g] * self._verify_ratio(g), t_draft, g, alpha, overhead)
             if speedup > spec_best:
                 spec_gamma, spec_best = g, speedup
         gamma = spec_gamma if spec_best > 1.0 else 0
@@ -124,7 +156,6 @@ class AutoGamma:
             self._spec_rounds += 1
             if self._spec_rounds % self.plain_every == 0:
                 gamma = 0  # and again now and then
-        self.predicted.append(max(spec_best, 1.0))
         self._step = raw
         return gamma
 
@@ -135,29 +166,28 @@ class AutoGamma:
         it is far from it."""
         return max(1, min(self.probe_every, math.ceil(tokens * (1.0 / predicted - 1.0) / PROBE_SHARE)))
 
-    def _gamma_limit(self, state: BatchState) -> int:
+    def _gamma_limit(self, batch: BatchView) -> int:
         """γ climbs at most CLIMB above the largest γ verified so far (whose time it has measured), and
         never drafts past the tokens the longest-running live sequence still needs."""
         tried = max((k for k in self.calibration.ratios if isinstance(k, int)), default=0)
         limit = min(self.max_gamma, tried + CLIMB)
-        if self.max_new_tokens is not None:
-            left = max((self.max_new_tokens - len(o.token_ids) for o in state.outputs if o.finish_reason is None),
-                       default=1)
-            limit = min(limit, left - 1)
-        return limit
+        return min(limit, max(batch.remaining, default=1) - 1)
 
-    def observe(self, gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> None:
-        """After a round: accepted counts, and (draft, verify, rest) seconds; a plain step reports
-        (0, step, 0)."""
-        raw = self._step
+    def observe(self, report: RoundReport) -> None:
+        """After a round: its accepted counts and the seconds it spent drafting, verifying (a plain
+        step: the step) and otherwise."""
+        raw, gamma = self._step, report.gamma
         if raw is None or (gamma and gamma not in raw):
             return  # not a round this policy chose
-        draft_s, verify_s, rest_s = seconds
+        draft_s, verify_s, rest_s = report.draft_s, report.verify_s, report.other_s
         if gamma == 0:
             self.calibration.update("target", verify_s, raw["target"])
             return
-        self.alpha.update(gamma, accepted)
+        self.alpha.update(gamma, report.accepted)
         self.calibration.update("draft", draft_s / gamma, raw["draft"])
         self.calibration.update(gamma, verify_s, raw[gamma])
         f = RATIO_FORGET
         self.overhead = rest_s if self.overhead is None else f * self.overhead + (1 - f) * rest_s
+
+    def stats(self) -> dict[str, Any]:
+        return {"alpha_estimate": self.alpha.value}

@@ -20,7 +20,7 @@ import torch
 
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.sparse import SparseKVCache
-from magicdec.model.attention import DECODE_MAX_T
+from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.model.llama import Transformer
 
 Cache = DenseKVCache | SparseKVCache
@@ -59,7 +59,7 @@ class ModelRunner:
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: Cache,
                  logits_index: torch.Tensor | None = None) -> torch.Tensor:
         B, T = ids.shape
-        if not self.cuda_graphs or T > DECODE_MAX_T:
+        if not self.cuda_graphs or T > MAX_DECODE_TOKENS:
             return self.model(ids, pos, cache, logits_index)
         g = self._graph(cache, B, T, logits_index is not None)
         rows = g.ids.shape[0]
@@ -75,7 +75,7 @@ class ModelRunner:
 
     def prepare(self, cache: Cache, batch: int, tokens: int, with_index: bool = False) -> None:
         """Capture the graph a forward of this shape will replay, ahead of the timed loop."""
-        if self.cuda_graphs and tokens <= DECODE_MAX_T:
+        if self.cuda_graphs and tokens <= MAX_DECODE_TOKENS:
             self._graph(cache, batch, tokens, with_index)
 
     def _graph(self, cache: Cache, B: int, T: int, with_index: bool) -> _Graph:

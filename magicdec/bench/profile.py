@@ -1,4 +1,4 @@
-"""Measuring step times on this device, for `magicdec profile`.
+"""Measuring step times on this device, for `magicdec profile` (fitted by `magicdec.costmodel.fit`).
 
 Step costs do not depend on the values in the KV cache, so no prompt is prefilled: caches are
 filled with random keys and values up to the context being measured. Each point records
@@ -15,21 +15,20 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import torch
 
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.memory import OutOfMemoryPlan
 from magicdec.cache.sparse import SparseKVCache
-from magicdec.engine.outputs import RequestOutput
-from magicdec.engine.sampling import SamplingParams
-from magicdec.engine.state import BatchState, Stopper
+from magicdec.engine.batch import Batch
+from magicdec.llm import LLM
+from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import SpecConfig
 from magicdec.spec.factory import plan_drafter
-
-if TYPE_CHECKING:
-    from magicdec.engine.llm import LLM, PrefilledBatch
+from magicdec.spec.verify import synthetic_verifier
 
 SYNTHETIC_ALPHA = 0.8
 
@@ -53,20 +52,12 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return statistics.median(times)
 
 
-def random_batch(llm: LLM, batch: int, context: int, steps: int, max_gamma: int, keep: bool = True) -> PrefilledBatch:
+def random_batch(llm: LLM, batch: int, context: int, steps: int, max_gamma: int) -> Batch:
     """A batch as if `context` prompt tokens had been prefilled (random KV), ready to decode `steps` tokens."""
-    from magicdec.engine.llm import PrefilledBatch
-
-    capacity = context + steps + max_gamma + 1
-    cache = DenseKVCache.for_model(llm.model, batch, capacity)
-    fill_random(cache, context)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, llm.config.vocab_size, (batch, capacity + 2), generator=g).to(llm.device)
     params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
-    outputs = [RequestOutput(i, tokens[i, :context].tolist(), [int(tokens[i, context])]) for i in range(batch)]
-    state = BatchState(outputs, tokens, torch.full((batch,), context, device=llm.device))
-    return PrefilledBatch(cache, state, [context] * batch, params, Stopper(llm.tokenizer, params, set()), 0.0,
-                          keep, max_gamma)
+    prompts = [[0] * context] * batch
+    return Batch.allocate(llm.model, prompts, params, llm.stopper(params), max_gamma, llm.memory_budget).fill_random(
+        context, llm.config.vocab_size)
 
 
 def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: SpecConfig, repeats: int = 3,
@@ -76,47 +67,42 @@ def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: S
     max_gamma = max(gammas)
     pre = random_batch(llm, batch, context, steps * (max_gamma + 1), max_gamma)
     point = {"batch": batch, "context": context}
+    work = pre.fork()
 
-    plain = [llm.decode(_limit(pre, steps)).stats.decode_s / steps for _ in range(repeats + 1)]
+    def limited(tokens: int) -> Batch:
+        params = SamplingParams(max_new_tokens=tokens + 1, ignore_eos=True)
+        return pre.fork(params, llm.stopper(params), into=work.cache)
+
+    plain = [llm.decode(limited(steps)).stats.decode_s / steps for _ in range(repeats + 1)]
     yield {**point, "kind": "target", "gamma": 0, "seconds": statistics.median(plain[1:])}
 
     # the forwards the engine runs (CUDA-graph replays on CUDA), on the same inputs
-    ids = pre.state.tokens[:, : max_gamma + 1]
+    ids = pre.tokens[:, : max_gamma + 1]
     pos = torch.arange(context, context + max_gamma + 1, device=dev).expand(batch, -1)
     with torch.inference_mode():
         for g in gammas:
             secs = timed(lambda g=g: llm.runner(ids[:, : g + 1], pos[:, : g + 1], pre.cache).argmax(-1), dev, repeats)
             yield {**point, "kind": "verify", "gamma": g, "seconds": secs}
-        drafter = plan_drafter(llm, spec, batch, pre.cache.capacity).build()
+        drafter = plan_drafter(spec, llm.model, llm.runner, batch, pre.cache.capacity).build()
         fill_random(drafter.cache, context)
         index = torch.zeros((batch, 1), dtype=torch.long, device=dev)
         secs = timed(lambda: drafter.forward(ids[:, :1], pos[:, :1], drafter.cache, logits_index=index).argmax(-1),
                      dev, repeats)
         yield {**point, "kind": "draft", "gamma": 0, "seconds": secs}
 
+    synthetic = synthetic_verifier(SYNTHETIC_ALPHA)
     for g in gammas:
-        cfg = SpecConfig(**{**_spec_kwargs(spec), "gamma": g, "synthetic_acceptance": SYNTHETIC_ALPHA})
+        cfg = replace(spec, gamma=g)
         runs = []
         for _ in range(repeats + 1):
-            r = llm.decode(_limit(pre, steps * (g + 1)), cfg)
-            runs.append(r.stats.decode_s / max(r.stats.rounds / batch, 1))
+            r = llm.decode(limited(steps * (g + 1)), cfg, verifier=synthetic)
+            runs.append(r.stats.decode_s / max(r.stats.acceptance.rounds / batch, 1))
         yield {**point, "kind": "round", "gamma": g, "seconds": statistics.median(runs[1:])}
     llm.release_graphs()  # the graphs captured here point at this point's buffers
 
 
-def _limit(pre: PrefilledBatch, steps: int) -> PrefilledBatch:
-    from dataclasses import replace
-
-    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
-    return replace(pre, params=params, stopper=Stopper(pre.stopper.tokenizer, params, set()))
-
-
-def _spec_kwargs(spec: SpecConfig) -> dict[str, Any]:
-    return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
-
-
-def fill_random(cache: DenseKVCache | SparseKVCache, context: int) -> None:
-    """Random KV and the slot tags a cache would have after `context` tokens (costs, not values)."""
+def fill_random(cache: SparseKVCache | DenseKVCache, context: int) -> None:
+    """Random KV (and the slot tags) a draft cache would have after `context` tokens (costs, not values)."""
     if isinstance(cache, DenseKVCache):
         cache.k[:, :, :, :context].normal_(std=0.5)
         cache.v[:, :, :, :context].normal_(std=0.5)
@@ -128,8 +114,7 @@ def fill_random(cache: DenseKVCache | SparseKVCache, context: int) -> None:
     recent = torch.arange(max(context - cache.window, kept.numel()), context, device=dev)
     positions = torch.cat([kept, recent]).expand(cache.k.shape[1], -1)
     cache.reset()
-    cache.tags.scatter_(1, cache.slot_of(positions), positions)
-    cache.tags[:, cache.n_slots] = -1
+    cache.tag(cache.slot_of(positions), positions)
 
 
 def measure(llm: LLM, batches: list[int], contexts: list[int], gammas: list[int], spec: SpecConfig,

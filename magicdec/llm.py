@@ -1,0 +1,317 @@
+"""The Python API: load a model once, then generate for batches of prompts.
+
+    from magicdec import LLM, SamplingParams, SpecConfig
+    llm = LLM()                                    # built-in SmolLM2-135M-Instruct
+    result = llm.generate(["It is a truth"], SamplingParams(max_new_tokens=32),
+                          spec=SpecConfig(method="self", budget=512, gamma=3))
+    result.outputs[0].text, result.stats.tokens_per_s, result.stats.acceptance_rate
+
+`generate` is "build, step until done": tokenize and check the prompts → build the batch (memory plan,
+chunked prefill, first tokens; `prefill`) → build the drafter → ask the γ policy, step the engine
+core, tell the policy what the round did, until every sequence has finished (`decode`) → outputs in
+the caller's order. The γ policy is a fixed γ, or for `gamma="auto"` the cost model's, which is why
+this module sits above both the engine and the planning layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from magicdec.cache.memory import MemoryPlan
+from magicdec.config import ModelConfig
+from magicdec.costmodel import CostModel, load_profile
+from magicdec.costmodel.device import device_profile
+from magicdec.costmodel.placement import DRAFT_PLACEMENTS, shard_draft
+from magicdec.costmodel.policy import AutoGamma, FixedGamma, GammaPolicy
+from magicdec.costmodel.steps import draft_spec
+from magicdec.engine.batch import Batch
+from magicdec.engine.outputs import GenerationResult, RunStats
+from magicdec.engine.state import Stopper
+from magicdec.engine.step import Decoding, RoundReport
+from magicdec.kernels import cpu as cpu_kernels
+from magicdec.loading import LoadedModel, load_model
+from magicdec.loading.errors import LoadError
+from magicdec.parallel.tp import RankZeroGamma, TensorParallel, broadcast_seed
+from magicdec.runtime.runner import ModelRunner
+from magicdec.runtime.sampling import SamplingParams
+from magicdec.spec.config import Auto, SpecConfig
+from magicdec.spec.drafter import Drafter
+from magicdec.spec.factory import plan_drafter
+from magicdec.spec.verify import Verifier
+
+Prompt = str | Sequence[int]
+OnRound = Callable[[RoundReport], None]
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take (empty, or too long for its context)."""
+
+
+def check_draft_vocabulary(draft: LoadedModel, target: LoadedModel) -> None:
+    """A draft model must speak the target's tokens: its tokenizer maps every token to the target's id,
+    and its vocabulary is the target's or a prefix of it (a target padded to a rounder size, e.g.
+    Qwen2.5-7B's 152064 against Qwen2.5-0.5B's 151936). The draft proposes no id beyond its own."""
+    name, dv, tv = draft.path, draft.config.vocab_size, target.config.vocab_size
+    if dv > tv:
+        raise LoadError(f"draft model {name} has a vocabulary of {dv} tokens, more than the target's {tv}; "
+                        "a draft model must share the target's tokenizer")
+    mine, theirs = draft.tokenizer.backend.get_vocab(), target.tokenizer.backend.get_vocab()
+    differ = sorted((i, t) for t, i in mine.items() if i < dv and theirs.get(t) != i)
+    if differ:
+        i, t = differ[0]
+        raise LoadError(f"draft model {name} does not share the target's tokenizer: its token {t!r} has id {i}, "
+                        f"the target's {theirs.get(t)} ({len(differ)} tokens differ); choose a draft model "
+                        "trained with the target's tokenizer")
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        prefill_chunk: int = 512,
+        memory_budget: int | None = None,
+        loaded: LoadedModel | None = None,
+        tp: TensorParallel | None = None,
+        draft_tp: str = "auto",
+    ) -> None:
+        """`model`: a Hugging Face checkpoint directory, a .gguf file, or None for the built-in model.
+        `memory_budget`: bytes that weights plus caches may use (default: what the device has free).
+        `tp`: this process's rank in a tensor-parallel group (see `magicdec.parallel`); `draft_tp`: a
+        draft model "sharded" like the target, "replicated" on every rank, or "auto" (the cost model's choice)."""
+        if draft_tp not in DRAFT_PLACEMENTS:
+            raise ValueError(f"draft_tp must be one of {DRAFT_PLACEMENTS}, got {draft_tp!r}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be ≥ 1 token, got {prefill_chunk}")
+        self.tp, self.draft_tp = tp, draft_tp
+        self.loaded = loaded or load_model(model, dtype, device, tp=tp)
+        self.model, self.tokenizer, self.config = self.loaded.model, self.loaded.tokenizer, self.loaded.config
+        self.device, self.dtype = self.model.device, self.model.dtype
+        self.prefill_chunk, self.memory_budget = prefill_chunk, memory_budget
+        eos = set(self.config.eos_token_ids)
+        if not eos and self.tokenizer.token_id(self.tokenizer.eos_token) is not None:
+            eos = {self.tokenizer.token_id(self.tokenizer.eos_token)}
+        self.eos_token_ids: set[int] = eos
+        cpu_kernels.ensure_built(self.device)  # a first run compiles them now, not inside the prefill's time
+        self.runner = ModelRunner(self.model)  # decode-shaped forwards (CUDA graphs on CUDA)
+        self._drafts: dict[str, tuple[LoadedModel, ModelRunner]] = {}
+        # finished rows: dropped from the caches at once (eager), or kept as padding until the batch can
+        # shrink to a smaller CUDA graph (lazy); None: lazy exactly when CUDA graphs are used
+        self.lazy_compaction: bool | None = None
+
+    # ---- prompts ---------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        if not ids:
+            raise PromptError("no prompts given")
+        for i, p in enumerate(ids):
+            if not p:
+                raise PromptError(f"prompt {i} is empty after tokenization")
+            bad = [t for t in p if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise PromptError(
+                    f"prompt {i} has token ids outside the vocabulary of {self.config.vocab_size}: {bad[:5]}"
+                )
+        return ids
+
+    def _check_context(self, ids: list[list[int]], params: SamplingParams) -> None:
+        limit = self.config.max_position_embeddings
+        window = self.config.sliding_window
+        for i, p in enumerate(ids):
+            total = len(p) + params.max_new_tokens
+            if total > limit:
+                raise PromptError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} that is {total} "
+                    f"positions, beyond the model's context of {limit}. Shorten the prompt or lower max_new_tokens."
+                )
+            if window is not None and total > window:
+                raise PromptError(
+                    f"prompt {i} needs {total} positions but this model attends over a sliding window of {window}, "
+                    "which magicdec does not implement; shorten the prompt or lower max_new_tokens"
+                )
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | None = None,
+        spec: SpecConfig | None = None,
+        *,
+        progress: bool = False,
+        gamma_policy: GammaPolicy | None = None,
+    ) -> GenerationResult:
+        """Generate for a batch; with `spec`, decode speculatively (`gamma_policy` overrides its γ)."""
+        spec, params = spec or SpecConfig(), params or SamplingParams()
+        spec.check_with(params.max_new_tokens)
+        batch = self.prefill(prompts, params, max_gamma=spec.gamma_bound if spec.enabled else 0, progress=progress)
+        return self.decode(batch, spec, gamma_policy=gamma_policy, progress=progress)
+
+    def stopper(self, params: SamplingParams) -> Stopper:
+        return Stopper(self.tokenizer, params, self.eos_token_ids)
+
+    def prefill(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, max_gamma: int = 0,
+                progress: bool = False) -> Batch:
+        """Tokenize and check prompts, build their batch (room for rounds of up to `max_gamma` drafts),
+        prefill it and pick each sequence's first token."""
+        params = params or SamplingParams()
+        ids = self.encode(prompts)
+        self._check_context(ids, params)
+        self.release_graphs()  # graphs of earlier batches point at their buffers
+        batch = Batch.allocate(self.model, ids, params, self.stopper(params), max_gamma, self.memory_budget,
+                               self.memory_plan(), self.prefill_chunk)
+        with tqdm(total=sum(len(p) for p in ids), desc="prefill", unit="tok", delay=2, disable=not progress,
+                  leave=False) as bar:
+            return batch.prefill(self.model, self.prefill_chunk, self.generator(params), progress=bar.update)
+
+    def decode(
+        self,
+        batch: Batch,
+        spec: SpecConfig | None = None,
+        *,
+        gamma_policy: GammaPolicy | None = None,
+        verifier: Verifier | None = None,
+        on_round: OnRound | None = None,
+        progress: bool = False,
+    ) -> GenerationResult:
+        """Decode a prefilled batch (in place), plainly or speculatively: ask the γ policy, step, report.
+        `verifier` replaces the exact acceptance rule (synthetic acceptance in systems benchmarks);
+        `on_round` sees every round's report."""
+        spec = spec or SpecConfig()
+        state = batch.state
+        if state is None:
+            raise ValueError("decode a batch after its prefill")
+        if spec.enabled and spec.gamma_bound > batch.max_gamma:
+            raise ValueError(f"this batch was prefilled for γ ≤ {batch.max_gamma}, not {spec.gamma_bound}: "
+                             f"pass max_gamma={spec.gamma_bound} to prefill")
+        stats = RunStats(batch=state.rows, prompt_tokens=sum(batch.prompt_lens), method=spec.method,
+                         prefill_s=batch.prefill_s)
+        outputs = list(state.outputs)  # in row order before any compaction
+        drafter: Drafter | None = None
+        policy: GammaPolicy = FixedGamma(0)
+        if spec.enabled:
+            t0 = time.perf_counter()
+            drafter = self._drafter(spec, batch)
+            stats.draft_prefill_s = time.perf_counter() - t0
+            policy = gamma_policy or self.gamma_policy(spec, drafter.model.config)
+        decoding = Decoding(self.runner, batch, drafter, eager=not self._lazy(), verifier=verifier,
+                            capture_s=self._capture_s)
+        params = batch.params
+        with tqdm(total=state.rows * params.max_new_tokens, desc=spec.label, unit="tok", delay=2,
+                  disable=not progress, leave=False) as bar:
+            bar.update(sum(len(o.token_ids) for o in outputs))
+            start, captured = time.perf_counter(), 0.0
+            while not decoding.done:
+                report = decoding.step(policy.choose(decoding.view()))
+                policy.observe(report)
+                captured += report.capture_s
+                if spec.enabled:
+                    stats.gamma_history.append(report.gamma)
+                    if report.gamma:
+                        stats.draft_s += report.draft_s
+                        stats.verify_s += report.verify_s
+                bar.update(report.new_tokens)
+                if on_round is not None:
+                    on_round(report)
+            # CUDA-graph captures of shapes first met mid-run are a one-time cost, reported apart
+            stats.decode_s = time.perf_counter() - start - captured
+            if captured:
+                stats.extra["graph_capture_s"] = captured
+        stats.extra.update(policy.stats())
+        stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
+        for out in outputs:
+            stats.acceptance.merge(out.spec)
+            batch.stopper.finalize(out)
+        return GenerationResult(sorted(outputs, key=lambda o: o.index), stats)
+
+    # ---- drafting ---------------------------------------------------------------------------------
+    def _drafter(self, spec: SpecConfig, batch: Batch) -> Drafter:
+        """Plan, check, build and prefill the drafter for `batch`."""
+        assert batch.state is not None
+        if spec.method == "self":
+            model, forward = self.model, self.runner
+        else:
+            assert spec.draft_model is not None
+            loaded, forward = self.draft_model(spec.draft_model)
+            model = loaded.model
+        rows = batch.state.rows
+        setup = plan_drafter(spec, model, forward, rows, batch.cache.capacity, self.config.vocab_size)
+        plan = self.memory_plan({"target KV cache": batch.cache.nbytes})
+        plan.to_allocate["draft KV cache"] = setup.cache_bytes
+        if spec.drafter == "snapkv":  # votes per layer and KV head, and one layer's scores of the observed queries
+            slots, heads = batch.cache.capacity + 1, self.model.kv_heads
+            plan.to_allocate["SnapKV votes (transient)"] = 4 * slots * rows * (
+                self.config.n_layers * heads + heads * self.config.group_size * spec.tuning.observe)
+        plan.fix = (f"lower the draft's KV budget (--budget {spec.budget})" if spec.drafter != "full"
+                    else "use a smaller batch, shorter prompts or fewer new tokens")
+        plan.check(self.device, self.memory_budget)
+        drafter = setup.build()
+        drafter.prefill(self.model, batch.cache, batch.state.tokens, batch.prompt_lens, self.prefill_chunk)
+        if self.device.type == "cuda":  # its time, not the first decoding step's
+            torch.cuda.synchronize(self.device)
+        return drafter
+
+    def draft_model(self, path: str) -> tuple[LoadedModel, ModelRunner]:
+        """A draft model (loaded once), placed under tensor parallelism as `draft_tp` says, and its runner."""
+        if path not in self._drafts:
+            shard = self.tp is not None and shard_draft(self.draft_tp, path, self.config, self.tp.world,
+                                                        self.device, self.dtype)
+            draft = load_model(path, self.dtype, self.device, tp=self.tp if shard else None)
+            check_draft_vocabulary(draft, self.loaded)
+            self._drafts[path] = (draft, ModelRunner(draft.model))
+        return self._drafts[path]
+
+    def gamma_policy(self, spec: SpecConfig, draft: ModelConfig) -> GammaPolicy:
+        """A fixed γ, or for `Auto` the cost-model policy with this device's profile (under tensor
+        parallelism, rank 0's choice for every rank)."""
+        if not isinstance(spec.gamma, Auto):
+            return FixedGamma(spec.gamma)
+        auto = spec.gamma
+        profile = load_profile(auto.profile) if auto.profile else device_profile(self.device, self.config, self.dtype)
+        if self.tp_world > 1 and profile.interconnect_bandwidth <= 0:
+            # ranks on one host without a profiled link (gloo on a CPU): communication goes through memory;
+            # the step times each round measures correct the estimate
+            profile = replace(profile, interconnect_bandwidth=profile.mem_bandwidth)
+        cost = CostModel(self.config, profile, draft_spec(spec, draft), dtype_bytes=self.dtype.itemsize,
+                         tp=self.tp_world)
+        policy = AutoGamma(cost, auto.max_gamma)
+        return policy if self.tp is None or self.tp.world == 1 else RankZeroGamma(policy, self.tp, self.device)
+
+    # ---- runtime ----------------------------------------------------------------------------------
+    def memory_plan(self, resident: dict[str, int] | None = None) -> MemoryPlan:
+        """A memory plan holding what is resident already: the weights (target and drafts), and `resident`."""
+        weights = sum(t.numel() * t.element_size() for m in (self.model, *(d.model for d, _ in self._drafts.values()))
+                      for t in (*m.parameters(), *m.buffers()))
+        return MemoryPlan(resident={"weights": weights, **(resident or {})})
+
+    @property
+    def tp_world(self) -> int:
+        return self.tp.world if self.tp is not None else 1
+
+    def generator(self, params: SamplingParams) -> torch.Generator | None:
+        """The sampling generator; under tensor parallelism every rank draws the same numbers."""
+        if params.greedy:
+            return None
+        seed = broadcast_seed(self.tp, params.seed, self.device)
+        return replace(params, seed=seed).generator(self.device)
+
+    def _lazy(self) -> bool:
+        return self.runner.cuda_graphs if self.lazy_compaction is None else self.lazy_compaction
+
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs of the target and draft runners (they point at buffers of earlier batches)."""
+        for runner in (self.runner, *(r for _, r in self._drafts.values())):
+            runner.release()
+
+    def _capture_s(self) -> float:
+        return self.runner.capture_s + sum(r.capture_s for _, r in self._drafts.values())
+

@@ -1,0 +1,1 @@
+"""How a model is run: chunked prefill, decode-shaped forwards (CUDA graphs), and sampling."""
