@@ -6,21 +6,23 @@ engine would build (the cost model with this machine's saved profile) then decod
 tokens in simulation (magicdec.bench.policy_sim), next to every fixed γ, over many seeds; machine noise is
 simulated (per-step and drifting), so the comparison shows what the policy itself costs.
 
-    python benchmarks/autogamma_sim.py benchmarks/results/cpu_auto_v2.jsonl [--runs 200]
+    python benchmarks/autogamma_sim.py benchmarks/results/cpu_auto_v3.jsonl \
+        [--profile benchmarks/results/cpu_profile_v3.json] [--runs 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from magicdec.bench.policy_sim import StepTimes, compare, model_scale
 from magicdec.bench.report import read_jsonl
-from magicdec.costmodel import CostModel, DraftSpec, load_profile, resolve_model
+from magicdec.costmodel import CostModel, DraftSpec, HardwareProfile, load_profile, resolve_model
 from magicdec.costmodel.device import device_name, saved_profile_path
-from magicdec.engine.autogamma import AutoGamma
+from magicdec.costmodel.policy import AutoGamma
 
 
 def step_times(records: list[dict[str, Any]]) -> dict[tuple[int, int], tuple[StepTimes, float]]:
@@ -59,11 +61,20 @@ def saved_cpu_profile() -> Path:
     return saved[0]
 
 
+def read_profile(path: str) -> HardwareProfile:
+    """A profile JSON, or the record `magicdec profile --json` prints (the profile under "profile")."""
+    if Path(path).is_file():
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and isinstance(data.get("profile"), dict):
+            return HardwareProfile.from_dict(data["profile"])
+    return load_profile(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results")
-    ap.add_argument("--profile", help="hardware profile JSON (default: the one `magicdec profile` saved for this "
-                    "CPU and float32, as the engine would use)")
+    ap.add_argument("--profile", help="hardware profile JSON, or a `magicdec profile --json` record (default: the "
+                    "one `magicdec profile` saved for this CPU and float32, as the engine would use)")
     ap.add_argument("--model", default="smollm2-135m", help="model shape name or config.json")
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--runs", type=int, default=200)
@@ -71,13 +82,13 @@ def main() -> None:
     header, records = read_jsonl(args.results)
     new_tokens = header["options"]["max_new_tokens"]
     cfg = resolve_model(args.model)
-    profile = load_profile(args.profile or saved_cpu_profile())
+    profile = read_profile(args.profile) if args.profile else load_profile(saved_cpu_profile())
     cost = CostModel(cfg, profile, DraftSpec("self", args.budget), dtype_bytes=4)
     print(f"profile: {profile.name}; {args.runs} simulated runs of {new_tokens} tokens per point\n")
     print("| batch | context | α (γ=1) | " + " | ".join(f"γ={g}" for g in range(5)) + " | auto | auto / best |")
     print("|---|---|---|" + "---|" * 7)
     for (batch, context), (times, alpha) in sorted(step_times(records).items()):
-        tps = compare(lambda: AutoGamma(cost, 8, max_new_tokens=new_tokens), times, batch, context, new_tokens,
+        tps = compare(lambda: AutoGamma(cost, 8), times, batch, context, new_tokens,
                       alpha, range(0, max(times.verify) + 1), runs=args.runs,
                       scale=model_scale(cost, batch, context))
         best = max(v for k, v in tps.items() if k != "auto")

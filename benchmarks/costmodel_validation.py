@@ -2,10 +2,11 @@
 
     PYTHONPATH=. python benchmarks/costmodel_validation.py [--section h100|paper|gptfast|critical]
 
-Sources: BACKGROUND.md (one-H100 step times; the paper's 8×A100 speedups and acceptance rates),
-the MagicDec project page (8×H100 speedups), and the gpt-fast README (tensor-parallel scaling of
-Llama-2-7B at batch 1 on 8×A100-80GB power-limited to 330 W, "peak bandwidth about 1700 GB/s").
-The numbers quoted in docs/cost-model.md are this script's output.
+Sources, copied into the tables below: step times of the Llama-3.1-8B shape on one H100 measured with
+a plain-PyTorch engine (bf16, CUDA-graph replay, random weights; `H100_TABLE`), the MagicDec paper's
+8×A100 speedups and acceptance rates, the MagicDec project page (8×H100 speedups), and the gpt-fast
+README (tensor-parallel scaling of Llama-2-7B at batch 1 on 8×A100-80GB power-limited to 330 W, "peak
+bandwidth about 1700 GB/s"). The numbers quoted in docs/cost-model.md are this script's output.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def paper_model(target: str, drafter: str, hardware: str, round_overhead_s: floa
     if drafter == "self":
         draft = DraftSpec("self")
     else:
-        draft = DraftSpec("model", 512, resolve_model(drafter), DRAFT_TP)
+        draft = DraftSpec("draft", 512, resolve_model(drafter), DRAFT_TP)
     return CostModel(resolve_model(target), hw, draft, tp=8)
 
 
@@ -90,7 +91,7 @@ def fit_round_overhead(table: list, hardware: str) -> float:
 def h100_rows() -> list[dict]:
     self_m = CostModel(resolve_model("llama-3.1-8b"), load_profile("h100"), DraftSpec("self", 512))
     one_b = CostModel(resolve_model("llama-3.1-8b"), load_profile("h100"),
-                      DraftSpec("model", 512, resolve_model("llama-3.2-1b")))
+                      DraftSpec("draft", 512, resolve_model("llama-3.2-1b")))
     rows = []
     for b, n, tt, bound, tv, tds, td1 in H100_TABLE:
         p_tt, p_tv = self_m.t_target(b, n) * 1e3, self_m.t_verify(b, n, 4) * 1e3

@@ -8,7 +8,7 @@ Linear layers: y = x Wᵀ for M = batch × tokens rows, on `--copies` distinct w
 so that the weights come from memory, not from cache, as in a real forward), against F.linear (MKL) and
 oneDNN (`torch.ops.mkldnn._linear_pointwise`). Attention: GQA (9 query heads, 3 KV heads, D 64) of T
 query tokens per sequence over S cached slots, against SDPA with the folded-GQA float mask that
-magicdec.model.attention uses today (q as [B, Hkv, g·T, D], mask [B, 1, g·T, S]); K and V are strided
+magicdec.model.attention falls back to (q as [B, Hkv, g·T, D], mask [B, 1, g·T, S]); K and V are strided
 views of a cache buffer with several layers (cycled, to defeat the L3 cache).
 
 Timings are interleaved: each round times every implementation once, in turn; the table shows the

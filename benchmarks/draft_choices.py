@@ -3,12 +3,11 @@
     python benchmarks/draft_choices.py [--batch 4] [--context 4096] [--budget 512] [--gamma 3] [--out FILE]
 
 Prefills one batch of Austen passages (from the second half of each novel — text the defaults were not
-tuned on, `region="tail"`) and decodes it greedily with StreamingLLM self-speculation four ways:
-the draft cache's KV copied from the target's ("target", the default) or computed by the draft itself
-with a windowed prefill ("own"), each with kept tokens at their original RoPE positions or moved next to
-the window (StreamingLLM's in-cache positions); plus SnapKV selection for reference. Prints and writes
-acceptance, tokens per verification and per-position acceptance, and checks that every run's tokens
-equal plain decoding's. Acceptance does not depend on the batch size, so a small batch suffices.
+tuned on, `region="tail"`) and decodes copies of it greedily with StreamingLLM self-speculation two ways:
+the draft cache's KV copied from the target's (`DraftTuning.kv_source="target"`, the default) or computed
+by the draft itself with a windowed prefill ("own"); plus SnapKV selection for reference. Prints and
+writes acceptance, tokens per verification and per-position acceptance, and checks that every run's
+tokens equal plain decoding's. Acceptance does not depend on the batch size, so a small batch suffices.
 """
 
 from __future__ import annotations
@@ -21,15 +20,13 @@ from pathlib import Path
 
 import torch
 
-from magicdec import LLM, SamplingParams, SpecConfig
+from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 from magicdec.data import load_corpus, make_prompts
 
-CHOICES = {
-    "streaming target-KV original-pos": dict(drafter="streaming", kv_source="target", positions="original"),
-    "streaming target-KV in-cache-pos": dict(drafter="streaming", kv_source="target", positions="cache"),
-    "streaming own-KV original-pos": dict(drafter="streaming", kv_source="own", positions="original"),
-    "streaming own-KV in-cache-pos": dict(drafter="streaming", kv_source="own", positions="cache"),
-    "snapkv target-KV original-pos": dict(drafter="snapkv", kv_source="target", positions="original"),
+CHOICES = {  # name → (drafter, where the draft cache's KV comes from)
+    "streaming target-KV": ("streaming", "target"),
+    "streaming own-KV": ("streaming", "own"),
+    "snapkv target-KV": ("snapkv", "target"),
 }
 
 
@@ -48,20 +45,21 @@ def main() -> None:
     prompts = make_prompts(llm.tokenizer, load_corpus("austen"), args.batch, args.context, seed=args.seed,
                            region="tail")
     t0 = time.perf_counter()
-    batch = llm.prefill(prompts, SamplingParams(max_new_tokens=args.max_new_tokens), max_gamma=args.gamma,
-                        keep=True)
+    batch = llm.prefill(prompts, SamplingParams(max_new_tokens=args.max_new_tokens), max_gamma=args.gamma)
     print(f"prefill of {args.batch} × {args.context} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
-    plain = [o.token_ids for o in llm.decode(batch).outputs]
+    plain = [o.token_ids for o in llm.decode(batch.fork()).outputs]  # decoding a fork keeps `batch` reusable
     rows = []
-    for name, kw in CHOICES.items():
-        spec = SpecConfig(method="self", budget=args.budget, gamma=args.gamma, **kw)
-        r = llm.decode(batch, spec)
+    for name, (drafter, kv_source) in CHOICES.items():
+        spec = SpecConfig(method="self", drafter=drafter, budget=args.budget, gamma=args.gamma,
+                          tuning=DraftTuning(kv_source=kv_source))
+        r = llm.decode(batch.fork(), spec)
         s = r.stats
-        row = {"choice": name, "acceptance": s.acceptance_rate, "mean_accepted_tokens": s.mean_accepted_tokens,
-               "per_position": s.to_dict()["per_position_acceptance"], "draft_prefill_s": s.draft_prefill_s,
+        row = {"choice": name, "config": spec.label, "kv_source": kv_source, "acceptance": s.acceptance_rate,
+               "mean_accepted_tokens": s.mean_accepted_tokens,
+               "per_position": s.acceptance.per_position_acceptance, "draft_prefill_s": s.draft_prefill_s,
                "matches_plain": [o.token_ids for o in r.outputs] == plain}
         rows.append(row)
-        print(f"{name:36s} acceptance {row['acceptance']:.3f}  tokens/verification {row['mean_accepted_tokens']:.2f}"
+        print(f"{name:22s} acceptance {row['acceptance']:.3f}  tokens/verification {row['mean_accepted_tokens']:.2f}"
               f"  per position {[round(p, 2) for p in row['per_position']]}  = plain: {row['matches_plain']}",
               flush=True)
     if args.out:

@@ -8,7 +8,7 @@
 2. At each check point (batch, context, synthetic acceptance α): plain decoding, γ = 1…4, auto with the
    fitted profile, auto with the built-in datasheet profile, and (a diagnostic) plain steps taken through
    the speculative loop as auto's γ = 0 takes them, each decoding 64 new tokens per sequence
-   from the same random KV cache (step costs do not depend on its values), in `REPEATS` interleaved
+   on a copy of the same random KV cache (step costs do not depend on its values), in 5 interleaved
    repetitions after one warm-up (each repetition starts one configuration later, as `magicdec bench`).
    Records go to results.jsonl in the form `benchmarks/pivot.py --auto-check` reads (the datasheet auto
    under engine "magicdec-datasheet"); the auto checks print at the end.
@@ -35,16 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pivot import auto_check  # noqa: E402
 
-from magicdec import LLM, SpecConfig  # noqa: E402
-from magicdec.bench.grid import PLAIN, BenchConfig, summarize  # noqa: E402
-from magicdec.bench.report import JsonlWriter, machine  # noqa: E402
+from magicdec import LLM, Auto, SpecConfig  # noqa: E402
+from magicdec.bench.compare import SteadyClock, decode_timed  # noqa: E402
+from magicdec.bench.grid import PLAIN, summarize  # noqa: E402
+from magicdec.bench.profile import measure_point, random_batch  # noqa: E402
+from magicdec.bench.report import JsonlWriter, git_commit, machine  # noqa: E402
 from magicdec.cache.memory import OutOfMemoryPlan  # noqa: E402
 from magicdec.costmodel import DraftSpec, fit_profile, relative_errors, resolve_model, save_profile  # noqa: E402
 from magicdec.costmodel.device import builtin_profile_name, device_name  # noqa: E402
 from magicdec.costmodel.hardware import BUILTIN_PROFILES  # noqa: E402
-from magicdec.costmodel.measure import measure_point, random_batch  # noqa: E402
-from magicdec.engine.decode import FixedGamma  # noqa: E402
+from magicdec.costmodel.policy import FixedGamma  # noqa: E402
+from magicdec.engine.outputs import GenerationResult  # noqa: E402
 from magicdec.loading.random_init import random_loaded_model  # noqa: E402
+from magicdec.spec.verify import synthetic_verifier  # noqa: E402
 
 BUDGET, SINKS, GAMMAS, MAX_GAMMA = 512, 16, [1, 2, 3, 4], 8
 # (batch, context) for the profile, and (batch, context, α) to check: every point holds 128K tokens of
@@ -55,9 +58,10 @@ GPU = {"profile": [(1, 16384), (8, 16384), (32, 4096), (64, 2048)], "profile_gam
 DRY = {"profile": [(1, 1024), (4, 1024)], "profile_gammas": [1, 2], "check": [(2, 1024, 0.8), (4, 768, 0.5)],
        "new_tokens": 16, "repeats": 2}
 DEADLINE_S = 330  # no new check point after this many seconds
-AUTO_DATASHEET = BenchConfig("streaming", BUDGET, "auto-datasheet")
-# diagnostic: plain steps only, taken through the speculative loop (a drafter alongside, as auto's γ = 0)
-SPEC_PATH_PLAIN = BenchConfig("streaming", BUDGET, "plain-steps")
+# the engine of each configuration's records: auto with the datasheet profile, and a diagnostic (plain steps
+# only, taken through the speculative loop with a drafter alongside, as auto's γ = 0) that pivot.py skips
+AUTO_DATASHEET, SPEC_PATH_PLAIN = "auto-datasheet", "plain-steps"
+ENGINES = {AUTO_DATASHEET: "magicdec-datasheet", SPEC_PATH_PLAIN: "magicdec-diagnostic"}
 START = time.time()
 RESULT: dict[str, Any] = {"errors": []}
 
@@ -81,7 +85,7 @@ def free(llm: LLM) -> None:
 def profile(llm: LLM, grid: dict[str, Any], out: Path) -> str:
     """Measure, fit and save the profile; returns what SpecConfig.profile should name."""
     gammas = grid["profile_gammas"]
-    spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=max(gammas), max_gamma=max(gammas))
+    spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=max(gammas))
     records: list[dict[str, Any]] = []
     for b, c in grid["profile"]:
         try:
@@ -105,36 +109,44 @@ def profile(llm: LLM, grid: dict[str, Any], out: Path) -> str:
 
 def check_point(llm: LLM, batch: int, context: int, alpha: float, fitted: str, grid: dict[str, Any],
                 writer: JsonlWriter) -> None:
-    def spec(gamma: int | str, profile: str | None = None) -> SpecConfig:
-        return SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=gamma, max_gamma=MAX_GAMMA,
-                          synthetic_acceptance=alpha, profile=profile)
+    def spec(gamma: int | Auto) -> SpecConfig:
+        return SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=gamma)
 
-    configs = [(PLAIN, SpecConfig()), *((BenchConfig("streaming", BUDGET, g), spec(g)) for g in GAMMAS),
-               (BenchConfig("streaming", BUDGET, "auto"), spec("auto", fitted)),
-               (AUTO_DATASHEET, spec("auto", builtin_profile_name(llm.device))),
+    # (name, configuration): names are the records' labels; both autos share a SpecConfig label
+    configs = [("plain", PLAIN), *((spec(g).label, spec(g)) for g in GAMMAS),
+               (spec(Auto(MAX_GAMMA)).label, spec(Auto(MAX_GAMMA, fitted))),
+               (AUTO_DATASHEET, spec(Auto(MAX_GAMMA, builtin_profile_name(llm.device)))),
                (SPEC_PATH_PLAIN, spec(1))]
+    synthetic = synthetic_verifier(alpha)  # every spec config accepts each draft with probability α
     pre = random_batch(llm, batch, context, grid["new_tokens"], MAX_GAMMA)
-    runs: dict[str, list[Any]] = {c.label: [] for c, _ in configs}
+    work = None  # one working copy of the cache (CUDA graphs keep its buffers)
+    runs: dict[str, list[GenerationResult]] = {name: [] for name, _ in configs}
     for rnd in range(1 + grid["repeats"]):  # round 0 warms up (captures every shape a config meets)
         shift = rnd % len(configs)
-        for cfg, s in configs[shift:] + configs[:shift]:
-            policy = FixedGamma(0) if cfg is SPEC_PATH_PLAIN else None
-            result = llm.decode(pre, s, gamma_policy=policy)
+        for name, s in configs[shift:] + configs[:shift]:
+            copy = pre.fork(into=work)
+            work = copy.cache
+            if name == SPEC_PATH_PLAIN:
+                steady = SteadyClock(batch)
+                result = llm.decode(copy, s, gamma_policy=FixedGamma(0), on_round=steady)
+                result.stats.extra["steady_tokens_per_s"] = steady.tokens_per_s
+            else:
+                result = decode_timed(llm, copy, s, synthetic if s.enabled else None)
             if rnd:
-                runs[cfg.label].append(result)
+                runs[name].append(result)
     point = {"type": "point", "batch": batch, "context": context, "prefill_s": None,
              "max_new_tokens": grid["new_tokens"], "repeats": grid["repeats"], "synthetic": True,
              "synthetic_acceptance": alpha}
-    for cfg, _ in configs:
-        rec = point | summarize(cfg, runs[cfg.label], runs["plain"], alpha)
-        rec["engine"] = {AUTO_DATASHEET: "magicdec-datasheet", SPEC_PATH_PLAIN: "magicdec-diagnostic"}.get(
-            cfg, "magicdec")
-        rec["graph_capture_s"] = sum(r.stats.extra.get("graph_capture_s", 0.0) for r in runs[cfg.label])
+    for name, s in configs:
+        rec = point | summarize(s, runs[name], runs["plain"], alpha)
+        rec["config"] = name if name in ENGINES else rec["config"]
+        rec["engine"] = ENGINES.get(name, "magicdec")
+        rec["graph_capture_s"] = sum(r.stats.extra.get("graph_capture_s", 0.0) for r in runs[name])
         writer.write(rec)
         RESULT.setdefault("records", []).append(rec)
-        log(f"  {cfg.label:<30} {rec['tokens_per_s']:9.1f} tok/s  speedup {rec.get('speedup', 1.0):.3f}  "
+        log(f"  {name:<30} {rec['tokens_per_s']:9.1f} tok/s  speedup {rec.get('speedup', 1.0):.3f}  "
             f"γ rounds {rec.get('gamma_counts', '')}")
-    del pre
+    del pre, work, copy
     free(llm)
 
 
@@ -166,7 +178,7 @@ def main() -> None:
     save()
     writer = JsonlWriter(out / "results.jsonl")
     writer.write({"type": "header", "command": "python benchmarks/gpu_auto_check.py", "machine": RESULT["machine"],
-                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                  "magicdec_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     for batch, context, alpha in grid["check"]:
         if time.time() - START > DEADLINE_S:
             RESULT["errors"].append({"section": "check", "error": f"deadline: skipped ({batch}, {context}) and later"})

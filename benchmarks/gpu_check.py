@@ -30,14 +30,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from magicdec import LLM, SamplingParams, SpecConfig  # noqa: E402
+from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig  # noqa: E402
+from magicdec.bench.compare import compare, decode_timed  # noqa: E402
+from magicdec.bench.profile import fill_random, random_batch  # noqa: E402
 from magicdec.cache.dense import DenseKVCache  # noqa: E402
 from magicdec.cache.sparse import SparseKVCache  # noqa: E402
 from magicdec.config import ModelConfig  # noqa: E402
 from magicdec.costmodel import omega, resolve_model  # noqa: E402
-from magicdec.costmodel.measure import fill_random, random_batch  # noqa: E402
-from magicdec.engine.runner import ModelRunner  # noqa: E402
+from magicdec.engine.outputs import RunStats  # noqa: E402
 from magicdec.loading.random_init import random_loaded_model, random_model  # noqa: E402
+from magicdec.runtime.runner import ModelRunner  # noqa: E402
+from magicdec.spec.verify import synthetic_verifier  # noqa: E402
 
 POINTS = [(1, 32768), (8, 32768), (16, 16384), (32, 8192), (64, 6144), (128, 3072), (256, 1536)]
 E2E_POINTS = [(8, 32768), (32, 8192)]
@@ -170,19 +173,20 @@ def greedy_identity() -> None:
         g = torch.Generator().manual_seed(3)
         prompts = [torch.randint(3, SMALL.vocab_size, (n,), generator=g).tolist() for n in (700, 90, 333, 41)]
         params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+        # a random draft model under a name LLM.draft_model finds already loaded (no checkpoint on disk)
+        draft = random_loaded_model(SMALL_DRAFT, DEV, dtype, seed=4)
+        llm.add_draft_model("random-draft", draft)
         specs = {
             "self-streaming": SpecConfig(method="self", budget=64, sinks=4, gamma=3),
-            "self-snapkv": SpecConfig(method="self", drafter="snapkv", budget=64, window=16, gamma=3),
+            "self-snapkv": SpecConfig(method="self", drafter="snapkv", budget=64, gamma=3,
+                                      tuning=DraftTuning(snapkv_window=16)),
+            "draft-model": SpecConfig(method="draft", draft_model="random-draft", drafter="streaming", budget=64,
+                                      sinks=4, gamma=3),
         }
         for name, spec in specs.items():
-            r = llm.generate(prompts, params, spec, compare=True)
-            out[f"{name}/{str(dtype)[6:]}"] = {"matches_plain": r.stats.extra.get("matches_plain"),
-                                              "acceptance": r.stats.acceptance_rate}
-        llm._draft_models["random-draft"] = random_loaded_model(SMALL_DRAFT, DEV, dtype, seed=4)
-        r = llm.generate(prompts, params, SpecConfig(method="draft", draft_model="random-draft", drafter="streaming",
-                                                     budget=64, sinks=4, gamma=3), compare=True)
-        out[f"draft-model/{str(dtype)[6:]}"] = {"matches_plain": r.stats.extra.get("matches_plain"),
-                                               "acceptance": r.stats.acceptance_rate}
+            c = compare(llm, prompts, params, spec)
+            out[f"{name}/{str(dtype)[6:]}"] = {"matches_plain": c.matches_plain,
+                                              "acceptance": c.result.stats.acceptance_rate}
     RESULT["greedy_identity"] = out
     print("greedy identity:", out, flush=True)
 
@@ -263,9 +267,13 @@ def time_draft(name: str, model: tuple[ModelConfig, Any], ids: torch.Tensor, pos
 
 
 def decoder(llm: LLM, B: int, ctx: int) -> Any:
-    def run(spec: SpecConfig | None) -> Any:
-        # a fresh random batch per run: a kept copy of a 32 GB cache would not fit beside it
-        stats = llm.decode(random_batch(llm, B, ctx, 64, 8, keep=False), spec).stats
+    synthetic = synthetic_verifier(ALPHA)
+
+    def run(spec: SpecConfig | None) -> RunStats:
+        # a fresh random batch per run, decoded in place: a forked copy of a 32 GB cache would not fit beside it
+        batch = random_batch(llm, B, ctx, 64, 8)
+        stats = decode_timed(llm, batch, spec, synthetic if spec is not None else None).stats
+        del batch
         empty_cache()
         return stats
 
@@ -286,15 +294,16 @@ def end_to_end(quick: bool) -> None:
         run = decoder(llm, B, ctx)
         run(None)  # warm-up: compiles and captures the plain step
         for gamma in (2, 3, 4):
-            spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=gamma, synthetic_acceptance=ALPHA)
+            spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=gamma)
             run(spec)  # warm-up
             spec_s, plain_s = run(spec), run(None)
-            measured = spec_s.steady_tokens_per_s / plain_s.steady_tokens_per_s
-            rounds = spec_s.rounds / B
+            spec_steady, plain_steady = (s.extra["steady_tokens_per_s"] for s in (spec_s, plain_s))
+            measured = spec_steady / plain_steady
+            rounds = spec_s.acceptance.rounds / B
             entry: dict[str, Any] = {
                 "speedup": measured, "speedup_all_tokens": plain_s.seconds_per_token / spec_s.seconds_per_token,
                 "acceptance": spec_s.acceptance_rate, "mean_accepted_tokens": spec_s.mean_accepted_tokens,
-                "spec_steady_tok_s": spec_s.steady_tokens_per_s, "plain_steady_tok_s": plain_s.steady_tokens_per_s,
+                "spec_steady_tok_s": spec_steady, "plain_steady_tok_s": plain_steady,
                 "round_ms": spec_s.decode_s / rounds * 1e3, "draft_ms_per_round": spec_s.draft_s / rounds * 1e3,
                 "verify_ms_per_round": spec_s.verify_s / rounds * 1e3, "plain_step_ms": plain_s.decode_s / 64 * 1e3,
                 "graph_capture_s": spec_s.extra.get("graph_capture_s", 0.0)}

@@ -2,14 +2,14 @@
 
     python benchmarks/pivot.py results/cpu-grid/results.jsonl [--auto-check]
 
-Prints, per drafter and budget, one row per (batch, context) with the speedup over plain decoding and
-the acceptance at every fixed γ, and `auto`'s speedup with the γ it chose. With `--auto-check`, also a
-table of `gamma=auto` against the best fixed γ at each point (plain decoding, γ = 0, included): the ratio
-of their measured throughputs (tokens/s from the median decode time) and whether it is within 5%, and
-the same comparison by the median of per-round speedups over plain, and by the median over repetitions of
-auto's speed relative to the best fixed γ in the same repetition, with a 90% bootstrap interval (how much a
-verdict of this one run is worth: on a noisy machine the interval is wide), and against the fixed γ that was
-fastest on the other half of the repetitions.
+Prints, per speculation method, drafter and budget, one row per (batch, context) with the speedup over
+plain decoding and the acceptance at every fixed γ, and `auto`'s speedup with the γ it chose. With
+`--auto-check`, also a table of `gamma=auto` against the best fixed γ at each point (plain decoding, γ = 0,
+included): the ratio of their measured throughputs (tokens/s from the median decode time) and whether it is
+within 5%, and the same comparison by the median of per-round speedups over plain, and by the median over
+repetitions of auto's speed relative to the best fixed γ in the same repetition, with a 90% bootstrap
+interval (how much a verdict of this one run is worth: on a noisy machine the interval is wide), and against
+the fixed γ that was fastest on the other half of the repetitions.
 """
 
 from __future__ import annotations
@@ -23,6 +23,17 @@ from pathlib import Path
 from magicdec.bench.report import gamma_label, read_jsonl
 
 
+def drafter(rec: dict) -> str:
+    """'self-streaming', 'self-snapkv', 'draft-streaming', 'draft-full' ('plain' for plain decoding). Records
+    written before `method` existed name a draft model's drafter 'draft' or 'draft-full'."""
+    d = rec["drafter"]
+    if d == "plain" or rec.get("config") == "plain":
+        return "plain"
+    if "method" in rec:
+        return f"{rec['method']}-{d}"
+    return {"draft": "draft-streaming"}.get(d, d if d.startswith("draft") else f"self-{d}")
+
+
 def rounds(rec: dict) -> str:
     """'0×29 1×1': how many rounds auto ran at each γ."""
     return gamma_label(rec).removeprefix("auto: ")
@@ -32,16 +43,17 @@ def speedup_tables(points: list[dict]) -> str:
     groups: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
     gammas: dict[tuple, set] = defaultdict(set)
     for r in points:
-        if r["drafter"] == "plain":
+        if drafter(r) == "plain":
             continue
-        key = (r["drafter"], r["budget"])
+        key = (drafter(r), r["budget"])
         groups[key][(r["batch"], r["context"], str(r["gamma"]))] = r
         gammas[key].add(str(r["gamma"]))
     out = []
-    for (drafter, budget), recs in sorted(groups.items()):
-        fixed = sorted((g for g in gammas[(drafter, budget)] if g != "auto"), key=int)
-        has_auto = "auto" in gammas[(drafter, budget)]
-        out.append(f"\n**{drafter}, budget {budget}** — speedup over plain (acceptance)\n")
+    for (name, budget), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        fixed = sorted((g for g in gammas[(name, budget)] if g != "auto"), key=int)
+        has_auto = "auto" in gammas[(name, budget)]
+        out.append(f"\n**{name}, {'full cache' if budget is None else f'budget {budget}'}** — speedup over plain "
+                   "(acceptance)\n")
         head = ["batch", "context", *[f"γ={g}" for g in fixed]] + (["auto (γ chosen: rounds)"] if has_auto else [])
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
@@ -88,15 +100,15 @@ def auto_check(points: list[dict]) -> str:
     by_point: dict[tuple, list[dict]] = defaultdict(list)
     plain: dict[tuple, dict] = {}
     for r in points:
-        if r["drafter"] == "plain":
+        if drafter(r) == "plain":
             plain[(r["batch"], r["context"])] = r
         else:
-            by_point[(r["drafter"], r["budget"], r["batch"], r["context"])].append(r)
+            by_point[(drafter(r), r["budget"], r["batch"], r["context"])].append(r)
     out = ["| drafter | budget | batch | context | best fixed γ: tok/s | auto: tok/s (γ: rounds) | auto / best "
            "| within 5% | by median speedup: best / auto | paired: median [90% interval] | held-out best |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     hits = total = held_hits = 0
-    for key, recs in sorted(by_point.items()):
+    for key, recs in sorted(by_point.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, *kv[0][2:])):
         auto = next((r for r in recs if r["gamma"] == "auto"), None)
         if auto is None:
             continue
@@ -108,7 +120,7 @@ def auto_check(points: list[dict]) -> str:
         hits, total = hits + ok, total + 1
         held = held_out(fixed, auto)
         held_hits += held >= 0.95
-        g = 0 if best["drafter"] == "plain" else best["gamma"]
+        g = 0 if drafter(best) == "plain" else best["gamma"]
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | γ={g}: {best['tokens_per_s']:.1f} "
                    f"| {auto['tokens_per_s']:.1f} ({rounds(auto)}) | {ratio:.3f} | {'yes' if ok else 'no'} "
                    f"| {best_speedup:.2f} / {auto['speedup']:.2f} = {auto['speedup'] / best_speedup:.3f} "

@@ -270,6 +270,12 @@ class LLM:
             self._drafts[path] = (draft, ModelRunner(draft.model))
         return self._drafts[path]
 
+    def add_draft_model(self, name: str, draft: LoadedModel) -> None:
+        """Make an already-loaded model (e.g. random weights for a systems benchmark) the draft model that
+        `SpecConfig(method="draft", draft_model=name)` names."""
+        check_draft_vocabulary(draft, self.loaded)
+        self._drafts[name] = (draft, ModelRunner(draft.model))
+
     def gamma_policy(self, spec: SpecConfig, draft: ModelConfig) -> GammaPolicy:
         """A fixed γ, or for `Auto` the cost-model policy with this device's profile (under tensor
         parallelism, rank 0's choice for every rank)."""

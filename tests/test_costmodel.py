@@ -290,7 +290,7 @@ def test_plan_json_prints_only_rows_with_best_or_fixed_gamma(tmp_path) -> None: 
     assert at[(128, 32768)]["speedup"] > at[(32, 32768)]["speedup"] > 1.2 and at[(32, 4000)]["gamma"] == 0
     png = tmp_path / "p.png"
     rc, out, err = _run_plan("--model", "smollm2-135m", "--hardware", "cpu", "--dtype", "fp32", "--batch",
-                             "1", "4", "--context", "2k", "--drafter", "draft", "--draft-model",
+                             "1", "4", "--context", "2k", "--spec", "draft", "--draft-model",
                              "smollm2-135m", "--gamma", "2", "--json", "--png", str(png))
     assert rc == 0 and all(r["gamma"] == 2 for r in json.loads(out)) and png.stat().st_size > 0
     assert str(png) in err
@@ -304,8 +304,10 @@ def test_plan_table_and_errors(tmp_path) -> None:  # noqa: ANN001
     assert rc == 2 and "Llama-3.1-8B" in err
     rc, _, err = _run_plan("--model", "llama-3.1-8b", "--hardware", "v100")
     assert rc == 2 and "h100" in err
-    rc, _, err = _run_plan("--model", "llama-3.1-8b", "--drafter", "draft")
+    rc, _, err = _run_plan("--model", "llama-3.1-8b", "--spec", "draft")
     assert rc == 2 and "--draft-model" in err
+    rc, _, err = _run_plan("--model", "llama-3.1-8b", "--tp", "3")  # 8 KV heads do not split 3 ways
+    assert rc == 2 and "cannot be split 3 ways" in err and "8 KV heads" in err
     assert parse_count("4k") == 4096 and parse_count("32000") == 32000
     with pytest.raises(argparse.ArgumentTypeError):
         parse_count("4m")

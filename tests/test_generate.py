@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy, hf_model, random_prompts, until_eos
-from magicdec import SpecConfig, LLM, PromptError, SamplingParams
+from magicdec import LLM, PromptError, SamplingParams, SpecConfig
 from magicdec.cache.memory import OutOfMemoryPlan
 from magicdec.runtime.sampling import probabilities
 
@@ -146,3 +146,27 @@ def test_bad_sampling_parameters_are_refused() -> None:
                    {"top_k": -2}, {"max_new_tokens": 0}, {"seed": 1 << 64}, {"seed": -1}):
         with pytest.raises(ValueError):
             SamplingParams(**kwargs)
+
+
+def test_nan_logits_stop_generation_with_a_clear_error(tiny_dir) -> None:
+    """Greedy decoding of NaN logits would emit token 0 forever: prefill, plain steps and verification
+    all refuse them instead."""
+    from magicdec.engine.state import NumericalError
+
+    llm = LLM(tiny_dir, device="cpu")
+    prompts = random_prompts(2, [12, 7], llm.config.vocab_size, seed=3)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    spec = SpecConfig(method="self", budget=8, sinks=2, gamma=2)
+    head = llm.model.lm_head.weight
+    good = head[5, 0].item()
+    for nan_after_prefill in (False, True):
+        for s in (None, spec):
+            batch = None
+            if nan_after_prefill:
+                batch = llm.prefill(prompts, params, max_gamma=2)
+            with torch.no_grad():
+                head[5, 0] = float("nan")  # token 5's logit is NaN from now on
+            with pytest.raises(NumericalError, match="NaN logits"):
+                llm.decode(batch, s) if batch is not None else llm.generate(prompts, params, s)
+            with torch.no_grad():
+                head[5, 0] = good

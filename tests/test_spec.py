@@ -3,6 +3,7 @@ sampling distribution equal to plain sampling, and the sparse cache's masking an
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -341,10 +342,51 @@ def test_after_rounds_the_draft_cache_equals_a_fresh_build_of_the_same_positions
     lengths = batch.state.lengths.tolist()
     fresh.prefill(tiny_llm.model, batch.cache, batch.state.tokens, lengths, 64)
     window = drafter.cache.window
+    def visible(cache, row: int, n: int) -> dict[int, torch.Tensor]:
+        tags = cache.tags[row, : cache.n_slots].tolist()
+        return {t: cache.k[:, row, :, s] for s, t in enumerate(tags) if t >= 0 and (t < 4 or t > n - window)}
+
     for row, n in enumerate(lengths):
-        def visible(cache) -> dict[int, torch.Tensor]:
-            tags = cache.tags[row, : cache.n_slots].tolist()
-            return {t: cache.k[:, row, :, s] for s, t in enumerate(tags) if t >= 0 and (t < 4 or t > n - window)}
-        ours, theirs = visible(drafter.cache), visible(fresh.cache)
+        ours, theirs = visible(drafter.cache, row, n), visible(fresh.cache, row, n)
         assert sorted(ours) == sorted(theirs) == [*range(4), *range(n - window + 1, n)]
         assert all(torch.equal(ours[t], theirs[t]) for t in ours)
+
+
+def test_a_gamma_beyond_what_the_caches_were_allocated_for_is_refused(tiny_llm: LLM) -> None:
+    """A custom policy's γ is checked against the draft ring's slack (an out-of-bounds write on CUDA)."""
+    class TooFar:
+        def choose(self, batch) -> int:
+            return 5
+
+        def observe(self, report) -> None:
+            pass
+
+        def stats(self) -> dict:
+            return {}
+
+    prompts = random_prompts(2, [20, 9], tiny_llm.config.vocab_size, seed=2)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    spec = SpecConfig(method="self", budget=16, sinks=2, gamma=3)
+    with pytest.raises(ValueError, match=r"γ = 5 is outside 0 … 3"):
+        tiny_llm.generate(prompts, params, spec, gamma_policy=TooFar())
+    batch = tiny_llm.prefill(prompts, params, max_gamma=8)  # a batch with room: the draft ring is the limit
+    with pytest.raises(ValueError, match=r"γ = 5 is outside 0 … 3"):
+        tiny_llm.decode(batch, spec, gamma_policy=TooFar())
+
+
+def test_speculation_settings_are_validated_with_the_flag_named() -> None:
+    from magicdec import Auto
+
+    for make, words in (
+        (lambda: SpecConfig(method="self", sinks=-1), "attention sinks (--sinks) must be ≥ 0"),
+        (lambda: SpecConfig(method="self", budget=0), "draft KV budget (--budget) must be ≥ 1"),
+        (lambda: SpecConfig(method="self", budget=8, sinks=8), "must leave room for a recent window"),
+        (lambda: SpecConfig(draft_model="d"), "drop --draft-model"),
+        (lambda: DraftTuning(pool_kernel=4), "pool_kernel must be odd"),
+        (lambda: DraftTuning(observe=0), "observe"),
+        (lambda: Auto(max_gamma=0), "max_gamma"),
+        (lambda: SpecConfig(method="self", gamma=0), "gamma must be a positive integer or 'auto'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            make()
+    assert SpecConfig(method="self", gamma="auto").gamma == Auto() and SpecConfig(gamma=4).gamma_bound == 4

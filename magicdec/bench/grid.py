@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from magicdec.bench.compare import decode_timed
-from magicdec.engine.batch import Batch
+from magicdec.engine.batch import Batch, cache_capacity, target_cache_bytes
 from magicdec.engine.outputs import GenerationResult
 from magicdec.llm import LLM, PromptError
 from magicdec.runtime.sampling import SamplingParams
@@ -28,7 +28,7 @@ from magicdec.spec.config import DRAFTERS, SpecConfig
 from magicdec.spec.verify import synthetic_verifier
 
 WARMUP_TOKENS = 8  # new tokens per sequence in a warm-up run
-# The default grid: ≤ 10 minutes on the 2-core development CPU (see docs/benchmarks.md).
+# The default grid: small enough to run in minutes on a CPU (timings in docs/benchmarks.md).
 QUICK: dict[str, Any] = dict(batches=[1, 4], contexts=[1024, 2048], methods=["self"], drafters=["streaming"],
                              budgets=[256, 512], gammas=[2, "auto"], max_new_tokens=32, repeats=2, warmup=1)
 PLAIN = SpecConfig()
@@ -104,11 +104,11 @@ def prefix_batch(llm: LLM, prompts: list[list[int]], params: SamplingParams, max
         raise PromptError(f"context {longest} + {params.max_new_tokens} new tokens + γ ≤ {max_gamma} exceeds the "
                           f"model's {llm.config.max_position_embeddings} positions; use a shorter context")
     llm.release_graphs()
-    from magicdec.engine.batch import cache_capacity, target_cache_bytes
-
-    copy = target_cache_bytes(llm.model, len(prompts), cache_capacity(longest, params.max_new_tokens, max_gamma))
-    return Batch.allocate(llm.model, prompts, params, llm.stopper(params), max_gamma, llm.memory_budget,
-                          extra={"working copy of the KV cache": copy})
+    plan = llm.memory_plan()
+    plan.to_allocate["working copy of the KV cache"] = target_cache_bytes(
+        llm.model, len(prompts), cache_capacity(longest, params.max_new_tokens, max_gamma))
+    return Batch.allocate(llm.model, prompts, params, llm.stopper(params), max_gamma, llm.memory_budget, plan,
+                          llm.prefill_chunk)
 
 
 def _median(xs: Sequence[float]) -> float:

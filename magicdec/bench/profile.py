@@ -56,8 +56,9 @@ def random_batch(llm: LLM, batch: int, context: int, steps: int, max_gamma: int)
     """A batch as if `context` prompt tokens had been prefilled (random KV), ready to decode `steps` tokens."""
     params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
     prompts = [[0] * context] * batch
-    return Batch.allocate(llm.model, prompts, params, llm.stopper(params), max_gamma, llm.memory_budget).fill_random(
-        context, llm.config.vocab_size)
+    pre = Batch.allocate(llm.model, prompts, params, llm.stopper(params), max_gamma, llm.memory_budget,
+                         llm.memory_plan(), llm.prefill_chunk)
+    return pre.fill_random(context, llm.config.vocab_size)
 
 
 def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: SpecConfig, repeats: int = 3,

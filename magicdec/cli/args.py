@@ -62,13 +62,11 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("speculation research knobs")
     r.add_argument("--draft-kv", choices=KV_SOURCES, default="target",
                    help="self: build the draft cache from the target's KV, or let the draft compute its own")
-    r.add_argument("--snapkv-window", type=parse_count, default=64, help="snapkv: sliding window inside the budget")
-    r.add_argument("--max-gamma", type=parse_count, default=8, help="--gamma auto: the largest γ it may choose")
     r.add_argument("--profile", help="--gamma auto: hardware profile (built-in name or JSON from magicdec profile)")
 
 
 def spec_from_args(args: Any) -> SpecConfig:
-    gamma = Auto(args.max_gamma, args.profile) if isinstance(args.gamma, Auto) else args.gamma
+    """The CLI's SpecConfig (the Python API reaches every knob: `Auto(max_gamma=…)`, `DraftTuning(…)`)."""
+    gamma = Auto(profile=args.profile) if isinstance(args.gamma, Auto) else args.gamma
     return SpecConfig(method=args.spec, drafter=args.drafter, gamma=gamma, budget=args.budget, sinks=args.sinks,
-                      draft_model=args.draft_model,
-                      tuning=DraftTuning(kv_source=args.draft_kv, snapkv_window=args.snapkv_window))
+                      draft_model=args.draft_model, tuning=DraftTuning(kv_source=args.draft_kv))

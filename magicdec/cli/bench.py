@@ -1,6 +1,6 @@
 """`magicdec bench`: speculative against plain decoding (and transformers) over a grid, with tables and plots.
 
-    magicdec bench                                       # the quick grid (≤ 10 minutes on a 2-core CPU)
+    magicdec bench                                       # the quick grid (minutes on a CPU)
     magicdec bench --batch 1 2 4 8 16 --context 1k 2k 4k 8k --gamma 2 3 4 auto --peers hf
     magicdec bench --synthetic-acceptance 0.8 --model random-llama-dir --device cuda
     magicdec bench --report results/bench-20250101-120000  # re-render the table and plots of a run

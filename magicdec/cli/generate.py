@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from magicdec.bench.compare import Comparison, compare
 from magicdec.cli.args import add_spec_flags, parse_count, parse_size, spec_from_args
 from magicdec.costmodel.placement import DRAFT_PLACEMENTS
 from magicdec.engine.outputs import GenerationResult
 from magicdec.llm import LLM
+from magicdec.loading import resolve_device
 from magicdec.parallel.tp import init_from_env
 from magicdec.runtime.sampling import SamplingParams
 
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.prompt or args.prompt_file or args.corpus):
         raise ValueError("no prompts: give --prompt, --prompt-file or --corpus with --context")
     texts = read_prompt_files(args.prompt_file)
-    device_type = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    device_type = resolve_device(args.device).type
     tp = init_from_env(device_type)  # under torchrun: this process's rank
     llm = LLM(args.model, dtype=args.dtype, device=args.device if tp is None else device_type,
               prefill_chunk=args.prefill_chunk, memory_budget=args.memory_budget, tp=tp, draft_tp=args.draft_tp)

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"magicdec {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, MemoryError, FileNotFoundError) as e:
         if os.environ.get("MAGICDEC_DEBUG"):
             raise

@@ -2,7 +2,7 @@
 
 Prints a table (or, with ``--json``, only a JSON list of rows) and draws speedup against batch, one
 line per context, into a PNG. Contexts are plain integers or carry a ``k`` suffix meaning ×1024
-(``32k`` = 32768, as in BACKGROUND's H100 table; the paper's "32000" is written ``32000``).
+(``32k`` = 32768; the paper's decimal "32000" is written ``32000``).
 Weights are never loaded: models are known shapes or HF config.json files.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 from magicdec.cli.args import parse_count
 from magicdec.costmodel import CostModel, DraftSpec, critical_context, load_profile, resolve_model
 from magicdec.costmodel.hardware import BUILTIN_PROFILES, DTYPE_BYTES
+from magicdec.parallel.tp import check_shardable
 
 K = 1024  # the `k` suffix of --context
 DEFAULT_PNG = "plan.png"
@@ -43,9 +44,9 @@ def register(subparsers: Any) -> None:
                                                                          ("4k", "8k", "32k", "128k")],
                    help="contexts in tokens; 'k' suffix = 1024 (default 4k 8k 32k 128k)")
     p.add_argument("--alpha", type=float, default=0.8, help="acceptance rate per drafted token (default 0.8)")
-    p.add_argument("--drafter", choices=("self", "draft"), default="self",
+    p.add_argument("--spec", choices=("self", "draft"), default="self",
                    help="self-speculation on a sparse cache, or a separate draft model")
-    p.add_argument("--draft-model", help="draft model (name or config.json) for --drafter draft")
+    p.add_argument("--draft-model", help="draft model (name or config.json) for --spec draft")
     p.add_argument("--draft-tp", type=int, help="draft model's tensor-parallel degree (default: --tp)")
     p.add_argument("--budget", type=parse_budget, default=512,
                    help="draft KV budget in tokens, or 'full' (default 512)")
@@ -65,13 +66,15 @@ def build_model(args: argparse.Namespace) -> CostModel:
     hardware = load_profile(args.hardware)
     if args.round_overhead_ms is not None:
         hardware = hardware.with_(round_overhead_s=args.round_overhead_ms * 1e-3)
-    if args.drafter == "draft":
+    if args.tp > 1:
+        check_shardable(target, args.tp)
+    if args.spec == "draft":
         if not args.draft_model:
-            raise ValueError("--drafter draft needs --draft-model NAME_OR_PATH")
+            raise ValueError("--spec draft needs --draft-model NAME_OR_PATH")
         draft = DraftSpec("draft", args.budget, resolve_model(args.draft_model), args.draft_tp)
     else:
         if args.draft_model:
-            raise ValueError("--draft-model is only used with --drafter draft")
+            raise ValueError("--draft-model is only used with --spec draft")
         draft = DraftSpec("self", args.budget)
     return CostModel(target, hardware, draft, DTYPE_BYTES[args.dtype], args.tp)
 

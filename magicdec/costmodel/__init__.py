@@ -1,4 +1,4 @@
-"""Analytical cost model of speculative decoding with sparse-KV drafts (issue 4).
+"""Planning: the analytical cost model of speculative decoding with sparse-KV drafts, and the γ policies.
 
 - `hardware`: `HardwareProfile`, the built-in datasheet profiles, `load_profile` / `save_profile`;
 - `shapes`: known model shapes by name, `resolve_model`;

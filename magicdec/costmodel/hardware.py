@@ -18,9 +18,9 @@ from typing import Any
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # Achievable fractions of datasheet peaks applied to every built-in GPU profile.
-# Bandwidth: the H100 copy kernel in BACKGROUND.md reached 3.02 of 3.35 TB/s (0.90).
+# Bandwidth: a device-to-device copy reaches about 90% of the datasheet rate (docs/cost-model.md).
 BANDWIDTH_EFFICIENCY = 0.90
-# FLOP/s: the H100 bf16 matmul in BACKGROUND.md reached 792 of 989 TFLOP/s (0.80).
+# FLOP/s: a large bf16 matmul reaches about 80% of the datasheet rate (docs/cost-model.md).
 FLOPS_EFFICIENCY = 0.80
 # Interconnect: NCCL ring all-reduce bus bandwidth is typically ~80% of the per-direction link
 # rate (assumed; not measured here).
@@ -30,8 +30,7 @@ INTERCONNECT_EFFICIENCY = 0.80
 NVLINK_ALLREDUCE_LATENCY_S = 10e-6
 PCIE_ALLREDUCE_LATENCY_S = 30e-6
 # Kernel launch/tail cost per decoder layer not captured by the roofline (~14 kernels per layer at
-# a few microseconds each). Chosen from the gap between the H100 step times and the bandwidth bound
-# in BACKGROUND.md (1.5 ms over 32 layers for Llama-3.1-8B, 0.75 ms over 16 layers for the 1B).
+# a few microseconds each), chosen to fit measured GPU step times (docs/cost-model.md).
 GPU_LAYER_OVERHEAD_S = 40e-6
 # Per-step host cost of a CUDA-graph replay (launch, sampling hand-off); assumed.
 GPU_STEP_OVERHEAD_S = 100e-6

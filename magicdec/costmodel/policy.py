@@ -40,7 +40,7 @@ from magicdec.costmodel.steps import CostModel
 from magicdec.engine.state import BatchView
 from magicdec.engine.step import RoundReport
 
-ALPHA_PRIOR = 0.8  # StreamingLLM-512 self-speculation accepts 0.79-0.84 on PG-19 (MagicDec, Llama-3.1-8B)
+ALPHA_PRIOR = 0.8  # the acceptance the MagicDec paper reports for StreamingLLM-512 self-speculation
 PRIOR_TRIALS = 4.0  # the prior weighs as much as 4 observed draft positions: the text decides within rounds
 FORGET = 0.9  # per round: an estimate follows the text within ~10 rounds
 RATIO_FORGET = 0.7  # measured/predicted time ratios: follow the machine within a few rounds

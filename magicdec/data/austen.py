@@ -188,7 +188,7 @@ def _load(root: Path, stamp: tuple[int, int]) -> Corpus:
 
 def load_austen(path: str | Path | None = None) -> Corpus:
     """The six novels as a `Corpus` named ``"austen"``; documents are named by their R object names
-    (`BOOKS`, publication order). Cached per process while the files are unchanged (~2 s to parse)."""
+    (`BOOKS`, publication order). Cached per process while the files are unchanged."""
     root = (Path(path).expanduser() if path is not None else austen_dir()).resolve()
     missing = [root / name for name in FILES if not (root / name).is_file()]
     if missing:

@@ -18,7 +18,7 @@ import torch
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.memory import MemoryPlan, kv_cache_bytes
 from magicdec.engine.outputs import RequestOutput
-from magicdec.engine.state import BatchState, Stopper
+from magicdec.engine.state import BatchState, Stopper, check_finite
 from magicdec.model.llama import Transformer
 from magicdec.runtime.prefill import prefill
 from magicdec.runtime.sampling import SamplingParams, next_tokens
@@ -102,6 +102,8 @@ class Batch:
         t0 = time.perf_counter()
         stage = lens if until is None else [end] * len(lens)
         last = prefill(model, self.cache, self.tokens, stage, chunk, start=self.prefilled, progress=progress)
+        if bool(last.isnan().any()):
+            check_finite(last.isnan().any(-1).tolist(), "after the prompt")
         first = next_tokens(last, self.params, generator)
         self.prefill_s += time.perf_counter() - t0
         self.prefilled = end

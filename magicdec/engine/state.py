@@ -23,6 +23,17 @@ from magicdec.runtime.sampling import SamplingParams
 STOP_TAIL_TOKENS = 16  # tokens decoded beyond a stop string's length when looking for it
 
 
+class NumericalError(ValueError):
+    """The model's logits hold NaN: greedy decoding would emit token 0 forever."""
+
+
+def check_finite(bad: list[int], where: str) -> None:
+    """Raise NumericalError if any row's flag in `bad` (read back with the round's tokens) is set."""
+    if any(bad):
+        raise NumericalError(f"the model produced NaN logits {where} (rows {[i for i, b in enumerate(bad) if b]}): "
+                             "the weights hold NaN or the dtype overflows; try --dtype float32 or check the checkpoint")
+
+
 class Stopper:
     """Applies EOS, stop strings and max_new_tokens to tokens as they are committed."""
 

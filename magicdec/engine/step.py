@@ -18,7 +18,7 @@ import torch
 
 from magicdec.cache.dense import DenseKVCache
 from magicdec.engine.batch import Batch
-from magicdec.engine.state import BatchView
+from magicdec.engine.state import BatchView, check_finite
 from magicdec.model.llama import Cache
 from magicdec.runtime.sampling import next_tokens
 from magicdec.spec.drafter import Drafter
@@ -103,11 +103,10 @@ class Decoding:
     @torch.inference_mode()
     def step(self, gamma: int) -> RoundReport:
         """One round at `gamma` (0: a plain step)."""
-        if gamma and self.drafter is None:
-            raise ValueError("a speculative round needs a drafter")
-        if gamma > self.batch.max_gamma:
-            raise ValueError(f"γ = {gamma} exceeds the {self.batch.max_gamma} draft slots this batch was "
-                             "allocated for (its max_gamma)")
+        bound = 0 if self.drafter is None else min(self.batch.max_gamma, self.drafter.max_gamma)
+        if not 0 <= gamma <= bound:
+            raise ValueError(f"γ = {gamma} is outside 0 … {bound}: this batch and its draft cache were allocated "
+                             f"for rounds of at most {bound} drafts (SpecConfig's gamma bound; 0 without a drafter)")
         live = len(self.state.live())
         captured = self.capture_s()
         t0 = time.perf_counter()
@@ -149,7 +148,10 @@ class Decoding:
         if self.drafter is not None:
             self.drafter.commit(lengths, torch.zeros_like(lengths), 0, self.cache, state.active)
         state.commit(nxt[:, None], torch.ones_like(nxt))
-        return self._extend([[t] for t in nxt.tolist()])
+        bad = logits.isnan().any(-1) & state.active
+        host = torch.stack([nxt, bad.long()], 1).tolist()  # the step's one device read
+        check_finite([row[1] for row in host], "in a decoding step")
+        return self._extend([[row[0]] for row in host])
 
     def _round(self, gamma: int, live_rows: int) -> RoundReport:
         """Draft γ tokens, verify them in one target forward, commit each row's accepted prefix."""
@@ -170,14 +172,16 @@ class Decoding:
         drafter.commit(lengths, accepted, gamma, self.cache, state.active)
         new = torch.cat([drafts, nxt[:, None]], dim=1).scatter_(1, accepted[:, None], nxt[:, None])
         state.commit(new, accepted + 1)
-        host = torch.cat([accepted[:, None], new], dim=1).tolist()  # the round's one device read
+        bad = logits.isnan().flatten(1).any(1) & state.active
+        host = torch.cat([accepted[:, None], new, bad[:, None].long()], dim=1).tolist()  # the round's one device read
         clock.mark()
+        check_finite([row[-1] for row in host], "in verification")
         catch_up_s, draft_s, verify_s, rest_s = clock.seconds()
         live = state.live()
         accepted_list = [host[i][0] for i in live]
         for i, k in zip(live, accepted_list):
             state.outputs[i].spec.record(gamma, k)
-        added = self._extend([row[1 : row[0] + 2] for row in host])
+        added = self._extend([row[1 : row[0] + 2] for row in host])  # the flag column is never reached
         # catching up on plain steps is the price of switching back to drafting, not of a draft step
         return RoundReport(gamma, live_rows, accepted_list, added, draft_s=draft_s, verify_s=verify_s,
                            other_s=rest_s + catch_up_s)

@@ -16,7 +16,7 @@ the result is rounded to the inputs' dtype element by element, so the 16-bit pat
 
 Prebuild with ``python -m magicdec.kernels.cpu build`` (or `ensure_built()` from Python, e.g. before a
 timed phase); ``python -m magicdec.kernels.cpu info`` says whether the kernels are in use and why not.
-Compiling (~20 s, once per source version) is announced on stderr. Builds are serialised between
+Compiling (once per source version) is announced on stderr. Builds are serialised between
 processes by an advisory lock (``flock``) that the OS drops when its holder dies; the lock file of
 ``torch.utils.cpp_extension`` found while holding it was left by a build that was killed (e.g. its
 terminal closed), so it is removed with a message instead of being waited on forever.
@@ -179,7 +179,7 @@ def available() -> bool:
 
 
 def ensure_built(device: torch.device | str | None = None) -> bool:
-    """Builds (first run: ~20 s, announced on stderr) or loads the kernels now rather than inside the first
+    """Builds (on a first run, announced on stderr) or loads the kernels now rather than inside the first
     decode-shaped forward, e.g. before a timed phase; returns whether they are in use. Does nothing and
     returns False for a non-CPU `device` or when switched off. Cheap once done (no lock, no file access)."""
     if device is not None and torch.device(device).type != "cpu":

@@ -39,7 +39,7 @@ BLOCK_N = 64  # keys per inner iteration
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
 MIN_DIMS = 16  # ... and a reduction of at least 16
 MIN_SPLIT = 512  # keys per program at least
-PROGRAMS_PER_SM = 8  # enough independent streams of loads to keep HBM busy (1-2 per SM stalled at 60-70%)
+PROGRAMS_PER_SM = 8  # enough independent streams of loads per SM to keep HBM busy
 
 
 @functools.lru_cache(maxsize=8)

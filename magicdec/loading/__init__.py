@@ -85,6 +85,30 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: CUDA if there is one), refused with the reason if this machine
+    does not have it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LoadError(f"--device {device!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LoadError(f"--device {device}: this machine has no CUDA device (or this PyTorch build has no "
+                            "CUDA support); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise LoadError(f"--device {device}: there is no CUDA device {dev.index} ({count} found: "
+                            f"cuda:0 … cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LoadError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise LoadError(f"--device {device}: magicdec runs on cpu and cuda devices")
+    return dev
+
+
 def load_model(
     path: str | Path | None = None,
     dtype: str | torch.dtype | None = None,
@@ -93,7 +117,7 @@ def load_model(
 ) -> LoadedModel:
     """Load weights and tokenizer. `path`: a Hugging Face checkpoint directory, a .gguf file, or None
     for the built-in SmolLM2-135M-Instruct. With `tp`, this rank's tensor-parallel shard."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     p = builtin_model_path() if path is None else Path(path).expanduser()
     if p.suffix == ".gguf" or _is_gguf(p):

@@ -122,6 +122,11 @@ class Drafter:
         self.seen[:B] = lengths + gamma
         return torch.stack(drafts, 1), (torch.stack(dists, 1) if dists else None)
 
+    @property
+    def max_gamma(self) -> int:
+        """The most drafts a round may write: a sparse cache's ring keeps γ + 2 slots of slack."""
+        return self.cache.slack - 2 if isinstance(self.cache, SparseKVCache) else 1 << 30
+
     def _known(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids the draft can embed: ids beyond a shorter draft vocabulary (which its tokenizer never
         produces, but the target may sample) are read as its last id; verification keeps output exact."""
