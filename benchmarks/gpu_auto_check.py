@@ -40,6 +40,7 @@ from magicdec.bench.compare import SteadyClock, decode_timed  # noqa: E402
 from magicdec.bench.grid import PLAIN, summarize  # noqa: E402
 from magicdec.bench.profile import measure_point, random_batch  # noqa: E402
 from magicdec.bench.report import JsonlWriter, git_commit, machine  # noqa: E402
+from magicdec.bench.synthetic import synthetic_verifier  # noqa: E402
 from magicdec.cache.memory import OutOfMemoryPlan  # noqa: E402
 from magicdec.costmodel import DraftSpec, fit_profile, relative_errors, resolve_model, save_profile  # noqa: E402
 from magicdec.costmodel.device import builtin_profile_name, device_name  # noqa: E402
@@ -47,7 +48,6 @@ from magicdec.costmodel.hardware import BUILTIN_PROFILES  # noqa: E402
 from magicdec.costmodel.policy import FixedGamma  # noqa: E402
 from magicdec.engine.outputs import GenerationResult  # noqa: E402
 from magicdec.loading.random_init import random_loaded_model  # noqa: E402
-from magicdec.spec.verify import synthetic_verifier  # noqa: E402
 
 BUDGET, SINKS, GAMMAS, MAX_GAMMA = 512, 16, [1, 2, 3, 4], 8
 # (batch, context) for the profile, and (batch, context, α) to check: every point holds 128K tokens of

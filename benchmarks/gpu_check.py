@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig  # noqa: E402
 from magicdec.bench.compare import compare, decode_timed  # noqa: E402
 from magicdec.bench.profile import fill_random, random_batch  # noqa: E402
+from magicdec.bench.synthetic import synthetic_verifier  # noqa: E402
 from magicdec.cache.dense import DenseKVCache  # noqa: E402
 from magicdec.cache.sparse import SparseKVCache  # noqa: E402
 from magicdec.config import ModelConfig  # noqa: E402
@@ -40,7 +41,6 @@ from magicdec.costmodel import omega, resolve_model  # noqa: E402
 from magicdec.engine.outputs import RunStats  # noqa: E402
 from magicdec.loading.random_init import random_loaded_model, random_model  # noqa: E402
 from magicdec.runtime.runner import ModelRunner  # noqa: E402
-from magicdec.spec.verify import synthetic_verifier  # noqa: E402
 
 POINTS = [(1, 32768), (8, 32768), (16, 16384), (32, 8192), (64, 6144), (128, 3072), (256, 1536)]
 E2E_POINTS = [(8, 32768), (32, 8192)]

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from magicdec.bench.compare import decode_timed
+from magicdec.bench.synthetic import synthetic_verifier
 from magicdec.engine.batch import Batch, cache_capacity, target_cache_bytes
 from magicdec.engine.outputs import GenerationResult
 from magicdec.llm import LLM, PromptError
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import DRAFTERS, SpecConfig
-from magicdec.spec.verify import synthetic_verifier
 
 WARMUP_TOKENS = 8  # new tokens per sequence in a warm-up run
 # The default grid: small enough to run in minutes on a CPU (timings in docs/benchmarks.md).

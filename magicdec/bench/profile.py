@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from magicdec.bench.synthetic import synthetic_verifier
 from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.memory import OutOfMemoryPlan
 from magicdec.cache.sparse import SparseKVCache
@@ -28,7 +29,6 @@ from magicdec.llm import LLM
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import SpecConfig
 from magicdec.spec.factory import plan_drafter
-from magicdec.spec.verify import synthetic_verifier
 
 SYNTHETIC_ALPHA = 0.8
 

@@ -30,20 +30,6 @@ def verifier_for(params: SamplingParams, generator: torch.Generator | None) -> V
     return sampling
 
 
-def synthetic_verifier(alpha: float, seed: int = 0) -> Verifier:
-    """For systems benchmarks with random weights: accept each draft with probability `alpha` (see
-    `verify_synthetic`), drawing from one generator per device seeded with `seed`."""
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"synthetic acceptance must be in [0, 1], got {alpha}")
-    gens: dict[torch.device, torch.Generator] = {}
-
-    def synthetic(d: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
-        g = gens.setdefault(d.device, torch.Generator(device=d.device).manual_seed(seed))
-        return verify_synthetic(d, logits, alpha, g)
-
-    return synthetic
-
-
 def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
     """ok [B, γ] bool → length of the leading run of True per row."""
     return ok.long().cumprod(dim=1).sum(dim=1)
@@ -81,14 +67,3 @@ def verify_sampling(
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_next)
     token = torch.multinomial(residual, 1, generator=generator).squeeze(1)
     return k, token
-
-
-def verify_synthetic(
-    draft_tokens: torch.Tensor, target_logits: torch.Tensor, alpha: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For systems benchmarks with random weights: accept each draft token with probability α,
-    whatever the values, so throughput at a chosen acceptance rate can be measured without real
-    weights. The output is not the model's; runs using this are labelled synthetic."""
-    ok = torch.rand(draft_tokens.shape, generator=generator, device=draft_tokens.device) < alpha
-    k = accepted_prefix(ok)
-    return k, target_logits.argmax(-1).gather(1, k[:, None]).squeeze(1)
