@@ -57,8 +57,10 @@ class MemoryPlan:
 
 def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
+        # the device's free memory, plus what PyTorch's caching allocator holds unused (an earlier batch's
+        # freed caches), which it hands out again before asking the device
         free, _ = torch.cuda.mem_get_info(device)
-        return free
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
