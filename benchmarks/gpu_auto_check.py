@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pivot import auto_check  # noqa: E402
 
 from magicdec import LLM, Auto, SpecConfig  # noqa: E402
-from magicdec.bench.compare import SteadyClock, decode_timed  # noqa: E402
+from magicdec.bench.compare import decode_timed  # noqa: E402
 from magicdec.bench.grid import PLAIN, summarize  # noqa: E402
 from magicdec.bench.profile import measure_point, random_batch  # noqa: E402
 from magicdec.bench.report import JsonlWriter, git_commit, machine  # noqa: E402
@@ -126,12 +126,8 @@ def check_point(llm: LLM, batch: int, context: int, alpha: float, fitted: str, g
         for name, s in configs[shift:] + configs[:shift]:
             copy = pre.fork(into=work)
             work = copy.cache
-            if name == SPEC_PATH_PLAIN:
-                steady = SteadyClock(batch)
-                result = llm.decode(copy, s, gamma_policy=FixedGamma(0), on_round=steady)
-                result.stats.extra["steady_tokens_per_s"] = steady.tokens_per_s
-            else:
-                result = decode_timed(llm, copy, s, synthetic if s.enabled else None)
+            policy = FixedGamma(0) if name == SPEC_PATH_PLAIN else None  # plain steps through the speculative loop
+            result = decode_timed(llm, copy, s, synthetic if s.enabled else None, gamma_policy=policy)
             if rnd:
                 runs[name].append(result)
     point = {"type": "point", "batch": batch, "context": context, "prefill_s": None,

@@ -30,13 +30,14 @@ from magicdec.costmodel.device import device_profile
 from magicdec.costmodel.placement import DRAFT_PLACEMENTS, shard_draft
 from magicdec.costmodel.policy import AutoGamma, FixedGamma, GammaPolicy
 from magicdec.costmodel.steps import draft_spec
-from magicdec.engine.batch import Batch
+from magicdec.engine.batch import Batch, prefill_transient_bytes
 from magicdec.engine.outputs import GenerationResult, RunStats
 from magicdec.engine.state import Stopper
 from magicdec.engine.step import Decoding, RoundReport
 from magicdec.kernels import cpu as cpu_kernels
 from magicdec.loading import LoadedModel, load_model
 from magicdec.loading.errors import LoadError
+from magicdec.model.llama import Transformer
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel, broadcast_seed
 from magicdec.runtime.runner import ModelRunner
 from magicdec.runtime.sampling import SamplingParams
@@ -84,7 +85,8 @@ class LLM:
         draft_tp: str = "auto",
     ) -> None:
         """`model`: a Hugging Face checkpoint directory, a .gguf file, or None for the built-in model.
-        `memory_budget`: bytes that weights plus caches may use (default: what the device has free).
+        `memory_budget`: bytes that weights, caches and the transients of prefill may use (default: what the
+        device has free).
         `tp`: this process's rank in a tensor-parallel group (see `magicdec.parallel`); `draft_tp`: a
         draft model "sharded" like the target, "replicated" on every rank, or "auto" (the cost model's choice)."""
         if draft_tp not in DRAFT_PLACEMENTS:
@@ -124,7 +126,7 @@ class LLM:
                 )
         return ids
 
-    def _check_context(self, ids: list[list[int]], params: SamplingParams) -> None:
+    def check_context(self, ids: list[list[int]], params: SamplingParams) -> None:
         limit = self.config.max_position_embeddings
         window = self.config.sliding_window
         for i, p in enumerate(ids):
@@ -152,7 +154,6 @@ class LLM:
     ) -> GenerationResult:
         """Generate for a batch; with `spec`, decode speculatively (`gamma_policy` overrides its γ)."""
         spec, params = spec or SpecConfig(), params or SamplingParams()
-        spec.check_with(params.max_new_tokens)
         batch = self.prefill(prompts, params, max_gamma=spec.gamma_bound if spec.enabled else 0, progress=progress)
         return self.decode(batch, spec, gamma_policy=gamma_policy, progress=progress)
 
@@ -165,7 +166,7 @@ class LLM:
         prefill it and pick each sequence's first token."""
         params = params or SamplingParams()
         ids = self.encode(prompts)
-        self._check_context(ids, params)
+        self.check_context(ids, params)
         self.release_graphs()  # graphs of earlier batches point at their buffers
         batch = Batch.allocate(self.model, ids, params, self.stopper(params), max_gamma, self.memory_budget,
                                self.memory_plan(), self.prefill_chunk)
@@ -182,10 +183,12 @@ class LLM:
         verifier: Verifier | None = None,
         on_round: OnRound | None = None,
         progress: bool = False,
+        resident: dict[str, int] | None = None,
     ) -> GenerationResult:
         """Decode a prefilled batch (in place), plainly or speculatively: ask the γ policy, step, report.
         `verifier` replaces the exact acceptance rule (synthetic acceptance in systems benchmarks);
-        `on_round` sees every round's report."""
+        `on_round` sees every round's report; `resident`: named bytes held elsewhere (e.g. the batch this
+        one was forked from), which the draft cache's memory plan counts."""
         spec = spec or SpecConfig()
         state = batch.state
         if state is None:
@@ -198,9 +201,9 @@ class LLM:
         outputs = list(state.outputs)  # in row order before any compaction
         drafter: Drafter | None = None
         policy: GammaPolicy = FixedGamma(0)
-        if spec.enabled:
+        if spec.enabled and state.live():  # (no drafter for sequences that all ended at their first token)
             t0 = time.perf_counter()
-            drafter = self._drafter(spec, batch)
+            drafter = self._drafter(spec, batch, resident)
             stats.draft_prefill_s = time.perf_counter() - t0
             policy = gamma_policy or self.gamma_policy(spec, drafter.model.config)
         decoding = Decoding(self.runner, batch, drafter, eager=not self._lazy(), verifier=verifier,
@@ -234,19 +237,25 @@ class LLM:
         return GenerationResult(sorted(outputs, key=lambda o: o.index), stats)
 
     # ---- drafting ---------------------------------------------------------------------------------
-    def _drafter(self, spec: SpecConfig, batch: Batch) -> Drafter:
-        """Plan, check, build and prefill the drafter for `batch`."""
-        assert batch.state is not None
+    def drafting(self, spec: SpecConfig) -> tuple[Transformer, ModelRunner]:
+        """The model that drafts for `spec` (the target itself for self-speculation) and its runner."""
         if spec.method == "self":
-            model, forward = self.model, self.runner
-        else:
-            assert spec.draft_model is not None
-            loaded, forward = self.draft_model(spec.draft_model)
-            model = loaded.model
-        rows = batch.state.rows
-        setup = plan_drafter(spec, model, forward, rows, batch.cache.capacity, self.config.vocab_size)
-        plan = self.memory_plan({"target KV cache": batch.cache.nbytes})
+            return self.model, self.runner
+        assert spec.draft_model is not None
+        loaded, runner = self.draft_model(spec.draft_model)
+        return loaded.model, runner
+
+    def _drafter(self, spec: SpecConfig, batch: Batch, resident: dict[str, int] | None = None) -> Drafter:
+        """Plan, check, build and prefill the drafter for `batch` (`resident`: other buffers still held)."""
+        assert batch.state is not None
+        model, forward = self.drafting(spec)
+        rows, capacity = batch.state.rows, batch.cache.capacity
+        setup = plan_drafter(spec, model, forward, rows, capacity, self.config.vocab_size)
+        plan = self.memory_plan({"target KV cache": batch.cache.nbytes, **(resident or {})})
         plan.to_allocate["draft KV cache"] = setup.cache_bytes
+        if spec.tuning.kv_source == "own":  # the draft runs its own chunked prefill
+            plan.to_allocate["draft prefill masks and expanded KV (transient)"] = prefill_transient_bytes(
+                model, rows, min(self.prefill_chunk, batch.prompt_lens[0]), capacity)
         if spec.drafter == "snapkv":  # votes per layer and KV head, and one layer's scores of the observed queries
             slots, heads = batch.cache.capacity + 1, self.model.kv_heads
             plan.to_allocate["SnapKV votes (transient)"] = 4 * slots * rows * (

@@ -32,7 +32,10 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
         (["--corpus", "austen", "--context", "64", "--batch", "0"], "argument --batch: expected a positive"),
         (["--corpus", "austen", "--context", "-5"], "argument --context: expected a positive"),
         (["--prompt", "x", "--draft-model", "d"], "drop --draft-model or add --spec draft"),
-        (["--prompt", "x", "--spec", "self", "--gamma", "9", "--max-new-tokens", "4"], "use a γ below 4"),
+        (["--prompt", "x", "--spec", "draft", "--draft-model", "/no/draft"], "--draft-model /no/draft: no such file"),
+        (["--prompt", "x", "--spec", "self", "--gamma", "auto", "--profile", "v100"], "unknown hardware 'v100'"),
+        (["--corpus", "/no/corpus.txt", "--context", "64"], "no such corpus"),
+        (["--corpus", "austen", "--context", "64", "--region", "middle"], "unknown region 'middle'"),
         (["--prompt", "x", "--device", "cuda"], "no CUDA device"),
         (["--prompt", "x", "--device", "cuda:1"], "no CUDA device"),
         (["--prompt", "x", "--device", "mps"], "MPS is not available"),
@@ -64,3 +67,17 @@ def test_ctrl_c_exits_with_one_line_and_status_130(capsys: pytest.CaptureFixture
     monkeypatch.setattr(generate, "LLM", interrupted)
     rc, err = run(capsys, "--prompt", "x")
     assert rc == 130 and err == "magicdec generate: interrupted"
+
+
+def test_a_prompt_from_a_pipe_is_read(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """`--prompt-file <(cmd)` and /dev/stdin are pipes, not regular files: read them like files."""
+    import os
+    import threading
+
+    fifo = tmp_path / "prompt.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("It is a truth universally acknowledged"))
+    writer.start()
+    rc, err = run(capsys, "--prompt-file", str(fifo))
+    writer.join()
+    assert rc == 2 and "the path does not exist" in err  # read fine: only the (missing) model stops it

@@ -48,8 +48,9 @@ def test_greedy_speculation_equals_plain_decoding(tiny_llm: LLM, draft_dir: Path
         result = tiny_llm.generate(prompts, params, spec_config(name, draft_dir, gamma))
         assert [o.token_ids for o in result.outputs] == plain, f"{name}, gamma={gamma}"
         s = result.stats
-        a = s.acceptance
-        assert a.draft_tokens == gamma * a.rounds and 0 <= a.accepted_tokens <= a.draft_tokens
+        a = s.acceptance  # (the last rounds draft no further than the tokens still needed)
+        assert a.drafted_at[0] == a.rounds and a.draft_tokens <= gamma * a.rounds
+        assert 0 <= a.accepted_tokens <= a.draft_tokens
         assert a.rounds == sum(o.spec.rounds for o in result.outputs)
 
 
@@ -390,3 +391,24 @@ def test_speculation_settings_are_validated_with_the_flag_named() -> None:
         with pytest.raises(ValueError, match=re.escape(words)):
             make()
     assert SpecConfig(method="self", gamma="auto").gamma == Auto() and SpecConfig(gamma=4).gamma_bound == 4
+
+
+def test_a_fixed_gamma_never_drafts_past_the_tokens_still_needed(tiny_llm: LLM) -> None:
+    prompts = random_prompts(2, [20, 9], tiny_llm.config.vocab_size, seed=6)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    spec = SpecConfig(method="self", budget=16, sinks=2, gamma=9)  # more drafts than tokens to generate
+    out = tiny_llm.generate(prompts, params, spec)
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in tiny_llm.generate(prompts, params).outputs]
+    assert out.stats.gamma_history and max(out.stats.gamma_history) <= 2  # 3 tokens after prefill's first
+
+
+def test_a_decoded_batch_cannot_be_decoded_again_but_its_forks_can(tiny_llm: LLM) -> None:
+    prompts = random_prompts(2, [20, 9], tiny_llm.config.vocab_size, seed=6)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    batch = tiny_llm.prefill(prompts, params, max_gamma=2)
+    spec = SpecConfig(method="self", budget=16, sinks=2, gamma=2)
+    first, second = tiny_llm.decode(batch.fork(), spec), tiny_llm.decode(batch.fork())
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]
+    tiny_llm.decode(batch)
+    with pytest.raises(ValueError, match="decoded already"):
+        tiny_llm.decode(batch, spec)

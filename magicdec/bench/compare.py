@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from magicdec.costmodel.policy import GammaPolicy
 from magicdec.engine.batch import Batch
 from magicdec.engine.outputs import GenerationResult
 from magicdec.engine.step import RoundReport
@@ -34,11 +35,13 @@ class SteadyClock:
 
 
 def decode_timed(llm: LLM, batch: Batch, spec: SpecConfig | None = None, verifier: Verifier | None = None,
-                 progress: bool = False) -> GenerationResult:
+                 progress: bool = False, gamma_policy: GammaPolicy | None = None,
+                 resident: dict[str, int] | None = None) -> GenerationResult:
     """`llm.decode`, with the steady-state throughput in the stats (`steady_tokens_per_s`)."""
     assert batch.state is not None
-    steady = SteadyClock(batch.state.rows)
-    result = llm.decode(batch, spec, verifier=verifier, on_round=steady, progress=progress)
+    steady = SteadyClock(len(batch.state.live()))  # rows that finished at their first token never take part
+    result = llm.decode(batch, spec, gamma_policy=gamma_policy, verifier=verifier, on_round=steady,
+                        progress=progress, resident=resident)
     result.stats.extra["steady_tokens_per_s"] = steady.tokens_per_s
     return result
 
@@ -79,8 +82,9 @@ def compare(llm: LLM, prompts: Sequence[Prompt], params: SamplingParams, spec: S
     """Prefill once; decode speculatively on a copy of the batch, then plainly on the batch itself."""
     if not spec.enabled:
         raise ValueError("a comparison needs speculation: method 'self' or 'draft' (--spec self|draft)")
-    spec.check_with(params.max_new_tokens)
     batch = llm.prefill(prompts, params, max_gamma=spec.gamma_bound, progress=progress)
-    result = decode_timed(llm, batch.fork(), spec, progress=progress)
+    held = {"target KV cache": batch.cache.nbytes}
+    copy = batch.fork(plan=llm.memory_plan(held), budget=llm.memory_budget)
+    result = decode_timed(llm, copy, spec, progress=progress, resident={"original of the KV cache": batch.cache.nbytes})
     baseline = decode_timed(llm, batch, progress=progress)
     return Comparison(result, baseline, params.greedy)

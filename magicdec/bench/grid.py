@@ -23,7 +23,7 @@ from magicdec.bench.compare import decode_timed
 from magicdec.bench.synthetic import synthetic_verifier
 from magicdec.engine.batch import Batch, cache_capacity, target_cache_bytes
 from magicdec.engine.outputs import GenerationResult
-from magicdec.llm import LLM, PromptError
+from magicdec.llm import LLM
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import DRAFTERS, SpecConfig
 
@@ -53,6 +53,8 @@ class Grid:
         bad = [d for d in self.drafters if d not in DRAFTERS]
         if bad:
             raise ValueError(f"unknown drafter {bad[0]!r}; choose from {', '.join(DRAFTERS)}")
+        if any(m not in ("self", "draft") for m in self.methods):
+            raise ValueError(f"--spec takes self and/or draft (plain decoding is always measured), got {self.methods}")
         if "draft" in self.methods and not self.draft_model:
             raise ValueError("--spec draft needs --draft-model PATH")
         if self.repeats < 1 or self.warmup < 0 or self.max_new_tokens < 2:
@@ -100,9 +102,7 @@ def prefix_batch(llm: LLM, prompts: list[list[int]], params: SamplingParams, max
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("a prefix batch takes prompts of equal length")
     longest = len(prompts[0])
-    if longest + params.max_new_tokens + max_gamma > llm.config.max_position_embeddings:
-        raise PromptError(f"context {longest} + {params.max_new_tokens} new tokens + γ ≤ {max_gamma} exceeds the "
-                          f"model's {llm.config.max_position_embeddings} positions; use a shorter context")
+    llm.check_context(prompts[:1], params)
     llm.release_graphs()
     plan = llm.memory_plan()
     plan.to_allocate["working copy of the KV cache"] = target_cache_bytes(

@@ -84,7 +84,8 @@ def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: S
         for g in gammas:
             secs = timed(lambda g=g: llm.runner(ids[:, : g + 1], pos[:, : g + 1], pre.cache).argmax(-1), dev, repeats)
             yield {**point, "kind": "verify", "gamma": g, "seconds": secs}
-        drafter = plan_drafter(spec, llm.model, llm.runner, batch, pre.cache.capacity).build()
+        model, forward = llm.drafting(spec)
+        drafter = plan_drafter(spec, model, forward, batch, pre.cache.capacity, llm.config.vocab_size).build()
         fill_random(drafter.cache, context)
         index = torch.zeros((batch, 1), dtype=torch.long, device=dev)
         secs = timed(lambda: drafter.forward(ids[:, :1], pos[:, :1], drafter.cache, logits_index=index).argmax(-1),

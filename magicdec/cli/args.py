@@ -7,8 +7,10 @@ prints "argument --flag: …" naming the flag.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from magicdec.costmodel.hardware import load_profile
 from magicdec.spec.config import DRAFTERS, KV_SOURCES, METHODS, Auto, DraftTuning, SpecConfig
 
 SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -66,7 +68,13 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: Any) -> SpecConfig:
-    """The CLI's SpecConfig (the Python API reaches every knob: `Auto(max_gamma=…)`, `DraftTuning(…)`)."""
+    """The CLI's SpecConfig (the Python API reaches every knob: `Auto(max_gamma=…)`, `DraftTuning(…)`),
+    with the files it names checked before any model loads."""
     gamma = Auto(profile=args.profile) if isinstance(args.gamma, Auto) else args.gamma
-    return SpecConfig(method=args.spec, drafter=args.drafter, gamma=gamma, budget=args.budget, sinks=args.sinks,
+    spec = SpecConfig(method=args.spec, drafter=args.drafter, gamma=gamma, budget=args.budget, sinks=args.sinks,
                       draft_model=args.draft_model, tuning=DraftTuning(kv_source=args.draft_kv))
+    if args.profile:
+        load_profile(args.profile)  # raises, naming the profile, if it is neither built in nor a readable file
+    if spec.draft_model and not Path(spec.draft_model).expanduser().exists():
+        raise ValueError(f"--draft-model {spec.draft_model}: no such file or directory")
+    return spec

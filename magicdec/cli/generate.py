@@ -15,6 +15,7 @@ from typing import Any
 from magicdec.bench.compare import Comparison, compare
 from magicdec.cli.args import add_spec_flags, parse_count, parse_size, spec_from_args
 from magicdec.costmodel.placement import DRAFT_PLACEMENTS
+from magicdec.data.corpus import Corpus
 from magicdec.engine.outputs import GenerationResult
 from magicdec.llm import LLM
 from magicdec.loading import resolve_device
@@ -61,26 +62,27 @@ def register(subparsers: Any) -> None:
 def read_prompt_files(paths: list[Path]) -> list[str]:
     texts = []
     for f in paths:
-        if not f.is_file():
-            raise ValueError(f"--prompt-file {f}: {'is a directory' if f.is_dir() else 'no such file'}; "
-                             "give a text file whose contents are one prompt")
         try:
-            texts.append(f.read_text(encoding="utf-8"))
+            texts.append(f.read_text(encoding="utf-8"))  # files, and pipes such as /dev/stdin or <(cmd)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ValueError(f"--prompt-file {f}: {'is a directory' if f.is_dir() else 'no such file'}; "
+                             "give a text file whose contents are one prompt") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"--prompt-file {f} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     return texts
 
 
-def prompts_from_args(args: argparse.Namespace, llm: LLM, texts: list[str]) -> list[str | list[int]]:
+def prompts_from_args(args: argparse.Namespace, llm: LLM, texts: list[str],
+                      corpus: Corpus | None) -> list[str | list[int]]:
     texts = list(args.prompt) + texts
     prompts: list[str | list[int]] = list(texts)
     if args.chat:  # the template renders the special tokens itself: encoded without adding a BOS
         prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
-    if args.corpus:
-        from magicdec.data import load_corpus, make_prompts
+    if corpus is not None:
+        from magicdec.data import make_prompts
 
-        prompts += make_prompts(llm.tokenizer, load_corpus(args.corpus), args.batch, args.context,
-                                seed=args.corpus_seed, region=args.region)
+        prompts += make_prompts(llm.tokenizer, corpus, args.batch, args.context, seed=args.corpus_seed,
+                                region=args.region)
     return prompts
 
 
@@ -89,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     spec = spec_from_args(args)
-    spec.check_with(params.max_new_tokens)
     if args.compare and not spec.enabled:
         raise ValueError("--compare compares speculative with plain decoding: add --spec self or --spec draft")
     if args.corpus and not args.context:
@@ -97,13 +98,20 @@ def run(args: argparse.Namespace) -> int:
     if not (args.prompt or args.prompt_file or args.corpus):
         raise ValueError("no prompts: give --prompt, --prompt-file or --corpus with --context")
     texts = read_prompt_files(args.prompt_file)
+    corpus = None
+    if args.corpus:
+        from magicdec.data import load_corpus
+        from magicdec.data.corpus import region_bounds
+
+        region_bounds(args.region)
+        corpus = load_corpus(args.corpus)
     device_type = resolve_device(args.device).type
     tp = init_from_env(device_type)  # under torchrun: this process's rank
     llm = LLM(args.model, dtype=args.dtype, device=args.device if tp is None else device_type,
               prefill_chunk=args.prefill_chunk, memory_budget=args.memory_budget, tp=tp, draft_tp=args.draft_tp)
     leader = tp is None or tp.rank == 0  # only rank 0 prints
     progress = leader and not (args.quiet or args.json)
-    prompts = prompts_from_args(args, llm, texts)
+    prompts = prompts_from_args(args, llm, texts, corpus)
     if args.compare:
         comparison = compare(llm, prompts, params, spec, progress=progress)
         result: GenerationResult | Comparison = comparison

@@ -18,6 +18,7 @@ from magicdec.costmodel import fit_profile, relative_errors, save_profile
 from magicdec.costmodel.device import device_name, device_profile, saved_profile_path
 from magicdec.costmodel.steps import draft_spec
 from magicdec.llm import LLM
+from magicdec.loading import resolve_device
 from magicdec.spec.config import DRAFTERS, Auto, SpecConfig
 
 CPU_GRID = {"batch": [1, 4, 16], "context": [1024, 4096, 8192], "gamma": [1, 2, 4]}
@@ -46,13 +47,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, memory_budget=args.memory_budget)
-    grid = GPU_GRID if llm.device.type == "cuda" else CPU_GRID
+    grid = GPU_GRID if resolve_device(args.device).type == "cuda" else CPU_GRID
     batches, contexts = args.batch or grid["batch"], args.context or grid["context"]
     gammas = args.gamma or grid["gamma"]
     method = "draft" if args.draft_model else "self"
     spec = SpecConfig(method=method, drafter=args.drafter, budget=args.budget, sinks=args.sinks,
-                      draft_model=args.draft_model, gamma=Auto(max(gammas)))
+                      draft_model=args.draft_model, gamma=Auto(max(gammas)))  # checked before the model loads
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, memory_budget=args.memory_budget)
     log = sys.stderr
     records = []
     def skip(message: str) -> None:

@@ -4,7 +4,10 @@
 - `shapes`: known model shapes by name, `resolve_model`;
 - `steps`: bytes/FLOPs and roofline time of target, verification and draft steps, `CostModel`;
 - `analysis`: Ω(γ, α), the speedup of paper Eq. 1, best γ, critical context length;
-- `fit`: `fit_profile`, fitting a profile to measured step times.
+- `fit`: `fit_profile`, fitting a profile to measured step times;
+- `device`: which profile describes this device (a saved `magicdec profile`, else a built-in);
+- `placement`: whether a draft model is sharded or replicated under tensor parallelism;
+- `policy`: the γ policies (`FixedGamma`, `AutoGamma`), which read the engine's round reports.
 """
 
 from magicdec.costmodel.analysis import best_gamma, critical_context, omega, speedup, time_ratio

@@ -65,11 +65,13 @@ class GammaPolicy(Protocol):
 
 
 class FixedGamma:
+    """γ as asked, but never drafting past the tokens the longest-running live sequence still needs."""
+
     def __init__(self, gamma: int) -> None:
         self.gamma = gamma
 
     def choose(self, batch: BatchView) -> int:
-        return self.gamma
+        return min(self.gamma, max(max(batch.remaining, default=1) - 1, 0))
 
     def observe(self, report: RoundReport) -> None:
         pass

@@ -143,7 +143,7 @@ def load_pg19(split: str = "test", dataset: str = PG19_DATASET) -> Corpus:
 # --- prompts -------------------------------------------------------------------------------------------
 
 
-def _region_bounds(region: Region) -> tuple[float, float]:
+def region_bounds(region: Region) -> tuple[float, float]:
     if isinstance(region, str):
         if region not in REGIONS:
             raise CorpusError(
@@ -200,7 +200,7 @@ def make_prompts(
         raise CorpusError(f"prompt lengths must be integers, got {list(lengths)}") from exc
     if not lengths or min(lengths) <= 0:
         raise CorpusError(f"need at least one prompt and positive lengths, got {lengths}")
-    start, end = _region_bounds(region)
+    start, end = region_bounds(region)
     if not corpus.documents:
         raise CorpusError(f"corpus {corpus.name!r} has no documents")
 

@@ -59,6 +59,7 @@ class Batch:
     prefilled: int = 0  # positions of every prompt in the cache so far
     prefill_s: float = 0.0
     rng_state: torch.Tensor | None = None  # the sampler's state after the first tokens
+    decoded: bool = False  # decoding consumes a batch (its rows move as sequences finish): fork to reuse one
 
     @classmethod
     def allocate(cls, model: Transformer, prompts: list[list[int]], params: SamplingParams, stopper: Stopper,
@@ -99,6 +100,8 @@ class Batch:
         if until is not None and (len(set(lens)) != 1 or not self.prefilled < until <= lens[0]):
             raise ValueError(f"staged prefill takes equal-length prompts and increasing stages: "
                              f"{self.prefilled} → {until} of {lens[0]}")
+        if generator is None and not self.params.greedy:  # sampling needs a stream, to continue while decoding
+            generator = self.params.generator(self.device)
         t0 = time.perf_counter()
         stage = lens if until is None else [end] * len(lens)
         last = prefill(model, self.cache, self.tokens, stage, chunk, start=self.prefilled, progress=progress)
@@ -144,17 +147,19 @@ class Batch:
         return g
 
     def fork(self, params: SamplingParams | None = None, stopper: Stopper | None = None,
-             into: DenseKVCache | None = None) -> Batch:
+             into: DenseKVCache | None = None, plan: MemoryPlan | None = None, budget: int | None = None) -> Batch:
         """A copy to decode, leaving this batch reusable (decoding moves rows of the cache as sequences
         finish). `into`: a cache of the same shape to copy into (keeps CUDA graphs' buffers); `params`
-        and `stopper` replace this batch's (e.g. fewer new tokens for a warm-up run)."""
+        and `stopper` replace this batch's (e.g. fewer new tokens for a warm-up run). A new copy is checked
+        against the memory `plan` (what is resident already) and `budget` first."""
         if self.state is None:
             raise ValueError("fork a batch after its prefill")
         if into is None or into.k.shape != self.cache.k.shape:
-            MemoryPlan(to_allocate={"working copy of the KV cache": self.cache.nbytes},
-                       fix="use a smaller batch or shorter prompts").check(self.device, None)
+            plan = plan or MemoryPlan()
+            plan.to_allocate["working copy of the KV cache"] = self.cache.nbytes
+            plan.check(self.device, budget)
             into = self.cache.clone()
         else:
             into.copy_(self.cache)
         return replace(self, cache=into, state=self.state.clone(), params=params or self.params,
-                       stopper=stopper or self.stopper)
+                       stopper=stopper or self.stopper, decoded=False)

@@ -84,6 +84,10 @@ class Decoding:
                  verifier: Verifier | None = None, capture_s: Callable[[], float] = lambda: 0.0) -> None:
         if batch.state is None:
             raise ValueError("decode a batch after its prefill")
+        if batch.decoded:
+            raise ValueError("this batch was decoded already; to decode a prefilled batch several ways, decode "
+                             "copies of it (batch.fork())")
+        batch.decoded = True
         self.forward, self.batch, self.drafter, self.eager = forward, batch, drafter, eager
         self.cache: DenseKVCache = batch.cache
         self.state = batch.state

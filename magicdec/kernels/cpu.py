@@ -39,12 +39,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from magicdec.data.locks import exclusive, say
 from magicdec.data.paths import magicdec_home
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock (and no GCC flags: the kernels fall back to PyTorch there anyway)
-    fcntl = None  # type: ignore[assignment]
 
 ENV_SWITCH = "MAGICDEC_CPU_KERNELS"  # "0" (or "false", "off", "no") disables the kernels
 # Forwards with at most this many tokens per sequence are "decode-shaped" (decode, verification,
@@ -95,34 +91,18 @@ def _cpu_reason() -> str | None:
     return None
 
 
-def _say(message: str) -> None:
-    """One line on stderr, at once (build progress; stdout stays the program's output)."""
-    print(f"magicdec: {message}", file=sys.stderr, flush=True)
-
-
 @contextlib.contextmanager
 def _build_lock(directory: Path) -> Iterator[None]:
     """Holds the exclusive build lock of `directory` (waiting, with a message, while another process
     holds it). It is an flock, which the OS releases when its holder exits or is killed, so it is never
     stale; then a torch lock file found in the directory was left by a killed build and is removed."""
-    if fcntl is None:
-        yield
-        return
     path = directory / BUILD_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say(f"waiting for another process that is building the CPU kernels (lock {path}) …")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive(path, lambda f: f"waiting for another process that is building the CPU kernels (lock {path}) …"):
         stale = directory / TORCH_LOCK
         if stale.exists():  # every build holds our lock, so its owner is gone
             stale.unlink()
-            _say(f"removed a stale build lock left by an interrupted build ({stale})")
+            say(f"removed a stale build lock left by an interrupted build ({stale})")
         yield
-    finally:
-        os.close(fd)  # releases the flock
 
 
 def _compile(verbose: bool) -> ModuleType:
@@ -134,7 +114,7 @@ def _compile(verbose: bool) -> ModuleType:
     with _build_lock(directory):
         compiling = not (directory / f"{EXTENSION_NAME}.so").exists()
         if compiling:
-            _say("compiling the CPU kernels (once) …")
+            say("compiling the CPU kernels (once) …")
         start = time.perf_counter()
         module = load(
             name=EXTENSION_NAME,
@@ -145,7 +125,7 @@ def _compile(verbose: bool) -> ModuleType:
             verbose=verbose,
         )
         if compiling:
-            _say(f"compiled the CPU kernels in {time.perf_counter() - start:.1f} s ({directory})")
+            say(f"compiled the CPU kernels in {time.perf_counter() - start:.1f} s ({directory})")
     return module
 
 

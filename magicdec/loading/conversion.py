@@ -14,22 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: conversions run unlocked (files still appear atomically)
-    fcntl = None  # type: ignore[assignment]
-
-
-def say(message: str) -> None:
-    """A progress line on stderr."""
-    print(f"magicdec: {message}", file=sys.stderr, flush=True)
+from magicdec.data.locks import exclusive, say
 
 
 def manifest_path(dest: Path, step: str) -> Path:
@@ -58,11 +48,10 @@ def damage(dest: Path, step: str) -> str | None:
 def conversion_lock(dest: Path) -> Iterator[None]:
     """Hold `<dest>.lock` exclusively: wait (saying for whom) while another process holds it; take it
     over, saying so, when the process that held it last died before releasing it cleanly."""
-    lock_file = dest.parent / f"{dest.name}.lock"
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a+") as f:
-        if not _acquire(f, dest):
-            yield  # no working lock on this file system: convert unlocked
+    waiting = lambda f: f"waiting for process {f.read().strip() or '?'} to finish converting into {dest}"  # noqa: E731
+    with exclusive(dest.parent / f"{dest.name}.lock", waiting) as f:
+        if f is None:  # no working lock on this file system: convert unlocked
+            yield
             return
         f.seek(0)
         owner = f.read().strip()
@@ -78,23 +67,6 @@ def conversion_lock(dest: Path) -> Iterator[None]:
             f.seek(0)
             f.truncate()
             f.flush()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _acquire(f: IO[str], dest: Path) -> bool:
-    """Lock `f`, waiting if another process holds it; False when the file system cannot lock."""
-    if fcntl is None:
-        return False
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        f.seek(0)
-        say(f"waiting for process {f.read().strip() or '?'} to finish converting into {dest}")
-    except OSError:
-        return False
-    fcntl.flock(f, fcntl.LOCK_EX)
-    return True
 
 
 def convert_once(dest: Path, step: str, convert: Callable[[Path], None], what: str) -> None:

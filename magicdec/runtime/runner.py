@@ -73,11 +73,6 @@ class ModelRunner:
         g.graph.replay()
         return g.out[:B]
 
-    def prepare(self, cache: Cache, batch: int, tokens: int, with_index: bool = False) -> None:
-        """Capture the graph a forward of this shape will replay, ahead of the timed loop."""
-        if self.cuda_graphs and tokens <= MAX_DECODE_TOKENS:
-            self._graph(cache, batch, tokens, with_index)
-
     def _graph(self, cache: Cache, B: int, T: int, with_index: bool) -> _Graph:
         capacity = cache.k.shape[1]
         rows = min(1 << (B - 1).bit_length(), capacity)

@@ -4,7 +4,7 @@ One vocabulary everywhere (the API, the command line, the benchmarks and the cos
 - method: "none" (plain decoding), "self" (the target's own weights draft) or "draft" (a separate,
   smaller model sharing the tokenizer, `draft_model`);
 - drafter: the KV the draft attends to. "streaming": the first `sinks` tokens + the most recent
-  `budget - sinks` (StreamingLLM); "snapkv": `budget - snapkv_window` prompt positions chosen per layer
+  `budget - sinks` (StreamingLLM); "snapkv": `budget - window` prompt positions chosen per layer
   and KV head by the prompt's last queries + a sliding window (self-speculation only); "full": the
   draft model's whole cache (draft models only).
 """
@@ -45,7 +45,7 @@ class DraftTuning:
     - kv_source: "target" builds a self-draft's cache from the target's KV (copied at prefill, synced
       with the accepted tokens' KV after each round); "own" lets the draft compute its own KV (a
       windowed prefill and its own decode KV). Draft models always use "own".
-    - snapkv_window: the sliding window inside a SnapKV budget.
+    - snapkv_window: the sliding window inside a SnapKV budget (at most half the budget).
     - observe, pool_kernel: SnapKV's observation queries and the (odd) width of its vote smoothing.
     """
 
@@ -105,8 +105,8 @@ class SpecConfig:
                 _bad("the snapkv drafter selects from the target's own cache: use it with method 'self'")
             if self.tuning.kv_source != "target":
                 _bad("the snapkv drafter needs kv_source='target'")
-            if self.tuning.snapkv_window >= self.budget:
-                _bad(f"the snapkv window ({self.tuning.snapkv_window}) must be smaller than the budget ({self.budget})")
+            if self.budget < 2:
+                _bad(f"a snapkv budget holds selected positions and a window: --budget ≥ 2, got {self.budget}")
         if self.method == "self" and self.drafter == "full":
             _bad("self-speculation over the full cache drafts with the target itself; choose streaming or snapkv")
         if self.method == "draft":
@@ -114,12 +114,6 @@ class SpecConfig:
                 _bad("method 'draft' needs a draft model (--draft-model PATH)")
             if self.tuning.kv_source != "own":
                 object.__setattr__(self, "tuning", replace(self.tuning, kv_source="own"))
-
-    def check_with(self, max_new_tokens: int) -> None:
-        """Refuse a fixed γ that drafts past every token a sequence may still generate."""
-        if self.enabled and isinstance(self.gamma, int) and self.gamma >= max_new_tokens:
-            _bad(f"γ = {self.gamma} drafts at least as many tokens as a sequence generates (max_new_tokens = "
-                 f"{max_new_tokens}): use a γ below {max_new_tokens}, or 'auto'")
 
     @property
     def enabled(self) -> bool:
@@ -133,11 +127,12 @@ class SpecConfig:
     @property
     def n_kept(self) -> int:
         """Slots that stay visible: StreamingLLM's sinks, or SnapKV's selected positions."""
-        return self.sinks if self.drafter == "streaming" else self.budget - self.tuning.snapkv_window
+        return self.sinks if self.drafter == "streaming" else self.budget - self.recent_window
 
     @property
     def recent_window(self) -> int:
-        return self.budget - self.sinks if self.drafter == "streaming" else self.tuning.snapkv_window
+        return self.budget - self.sinks if self.drafter == "streaming" else min(self.tuning.snapkv_window,
+                                                                                  self.budget // 2)
 
     @property
     def label(self) -> str:
