@@ -8,8 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from magicdec import LLM
 from magicdec.config import ModelConfig
@@ -92,3 +94,63 @@ def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
     """The tokens up to and including the first EOS (what a generation that stops at EOS returns)."""
     cut = next((i for i, t in enumerate(tokens) if t in eos), None)
     return tokens if cut is None else tokens[: cut + 1]
+
+
+GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+              "mlp.down_proj.weight": "ffn_down.weight", "self_attn.v_proj.bias": "attn_v.bias",
+              "self_attn.o_proj.bias": "attn_output.bias"}
+
+
+def write_gguf(path: Path, hf_dir: Path, rope: dict[str, Any] | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> Path:
+    """The float32 GGUF llama.cpp's converter would write for a Hugging Face Llama checkpoint (q/k rows,
+    biases too, permuted for its interleaved RoPE), with `rope` metadata ({"scaling.type": ..., ...}) and
+    `extra` tensors."""
+    import gguf
+
+    cfg = ModelConfig.from_hf(json.loads((hf_dir / "config.json").read_text()))
+    t = load_file(hf_dir / "model.safetensors")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_eos_token_id(2)
+    for key, value in (rope or {}).items():
+        if isinstance(value, str):
+            w.add_string(f"llama.rope.{key}", value)
+        elif isinstance(value, int):
+            w.add_uint32(f"llama.rope.{key}", value)
+        else:
+            w.add_float32(f"llama.rope.{key}", value)
+
+    def perm(x: torch.Tensor, heads: int) -> np.ndarray:
+        a = x.numpy()
+        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    w.add_tensor("token_embd.weight", t["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output_norm.weight", t["model.norm.weight"].numpy())
+    if "lm_head.weight" in t:
+        w.add_tensor("output.weight", t["lm_head.weight"].numpy())
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        for hf, gg in GGUF_NAMES.items():
+            if p + hf in t:
+                w.add_tensor(f"blk.{i}.{gg}", t[p + hf].numpy())
+        for x, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
+            for kind in ("weight", "bias"):
+                if f"{p}self_attn.{x}_proj.{kind}" in t:
+                    w.add_tensor(f"blk.{i}.attn_{x}.{kind}", perm(t[f"{p}self_attn.{x}_proj.{kind}"], heads))
+    for name, value in (extra or {}).items():
+        w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

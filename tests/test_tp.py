@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import random_prompts, tiny_config, write_checkpoint
+from conftest import random_prompts, tiny_config, write_checkpoint, write_gguf
 from magicdec import LLM, Auto, DraftTuning, SamplingParams, SpecConfig
 from magicdec.cache.dense import DenseKVCache
-from magicdec.config import ModelConfig
 from magicdec.engine.step import RoundReport
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel, check_shardable
 
@@ -146,42 +145,6 @@ def test_smollm2_under_torchrun_with_three_ranks_gives_one_process_tokens() -> N
     assert two.returncode != 0 and "3 KV heads are not divisible by 2" in two.stderr
 
 
-def write_gguf(hf_dir: Path, cfg: ModelConfig, path: Path) -> Path:
-    """`hf_dir`'s weights as a llama GGUF file, q/k rows permuted as llama.cpp's converter does; a tied
-    model has no output.weight."""
-    import gguf
-    from safetensors.torch import load_file
-
-    t = load_file(hf_dir / "model.safetensors")
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((w.add_block_count, cfg.n_layers), (w.add_context_length, cfg.max_position_embeddings),
-                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
-                       (w.add_head_count, cfg.n_heads), (w.add_head_count_kv, cfg.n_kv_heads),
-                       (w.add_rope_freq_base, cfg.rope_theta), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
-                       (w.add_eos_token_id, 2)):
-        add(value)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for i in range(cfg.n_layers)
-                  for hf, gg in layer.items()})
-    for hf, gg in names.items():
-        if hf not in t:
-            continue  # lm_head.weight of a tied model
-        a = t[hf].numpy()
-        heads = cfg.n_heads if ".q_proj." in hf else cfg.n_kv_heads if ".k_proj." in hf else 0
-        if heads:
-            a = a.reshape(heads, 2, a.shape[0] // heads // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
-        w.add_tensor(gg, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def tied_run(llm: LLM) -> dict:
     """Logits of a random batch, and greedy plain and self-speculative tokens."""
     torch.manual_seed(0)
@@ -220,7 +183,7 @@ def tied_worker(rank: int, world: int, port: int, gguf_path: str, hf_dir: str, c
 def test_tied_model_loaded_whole_then_sharded_gives_one_process_tokens(tmp_path: Path) -> None:
     cfg = tiny_config(n_layers=2, tie_word_embeddings=True)
     hf_dir = write_checkpoint(tmp_path / "tied", cfg, seed=11)
-    path = write_gguf(hf_dir, cfg, tmp_path / "tied.gguf")
+    path = write_gguf(tmp_path / "tied.gguf", hf_dir)
     single = tied_run(LLM(hf_dir, device="cpu"))
     result = tmp_path / "rank0.pt"
     mp.spawn(tied_worker, args=(2, free_port(), str(path), str(hf_dir), str(tmp_path / "conv"), str(result)),
