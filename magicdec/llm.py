@@ -27,7 +27,7 @@ from magicdec.cache.memory import MemoryPlan
 from magicdec.config import ModelConfig
 from magicdec.costmodel import CostModel, load_profile
 from magicdec.costmodel.device import device_profile
-from magicdec.costmodel.placement import DRAFT_PLACEMENTS, shard_draft
+from magicdec.costmodel.placement import check_placement, shard_draft
 from magicdec.costmodel.policy import AutoGamma, FixedGamma, GammaPolicy
 from magicdec.costmodel.steps import draft_spec
 from magicdec.engine.batch import Batch, prefill_transient_bytes
@@ -89,8 +89,7 @@ class LLM:
         device has free).
         `tp`: this process's rank in a tensor-parallel group (see `magicdec.parallel`); `draft_tp`: a
         draft model "sharded" like the target, "replicated" on every rank, or "auto" (the cost model's choice)."""
-        if draft_tp not in DRAFT_PLACEMENTS:
-            raise ValueError(f"draft_tp must be one of {DRAFT_PLACEMENTS}, got {draft_tp!r}")
+        check_placement(draft_tp)  # before loading anything
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be ≥ 1 token, got {prefill_chunk}")
         self.tp, self.draft_tp = tp, draft_tp

@@ -15,13 +15,17 @@ from magicdec.parallel.tp import check_shardable
 DRAFT_PLACEMENTS = ("auto", "sharded", "replicated")
 
 
+def check_placement(mode: str) -> None:
+    if mode not in DRAFT_PLACEMENTS:
+        raise ValueError(f"draft placement (draft_tp) must be one of {DRAFT_PLACEMENTS}, got {mode!r}")
+
+
 def shard_draft(mode: str, path: str | Path, target: ModelConfig, world: int, device: torch.device,
                 dtype: torch.dtype) -> bool:
     """Whether to shard the draft at `path` over `world` ranks: as `mode` asks ("sharded", "replicated"),
     or ("auto") when the cost model predicts it drafts faster sharded. A draft that cannot be split that
     many ways, or has no config to plan with (a GGUF file), is replicated."""
-    if mode not in DRAFT_PLACEMENTS:
-        raise ValueError(f"draft placement must be one of {DRAFT_PLACEMENTS}, got {mode!r}")
+    check_placement(mode)
     if world == 1 or mode == "replicated":
         return False
     if mode == "sharded":

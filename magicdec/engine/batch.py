@@ -105,8 +105,7 @@ class Batch:
         t0 = time.perf_counter()
         stage = lens if until is None else [end] * len(lens)
         last = prefill(model, self.cache, self.tokens, stage, chunk, start=self.prefilled, progress=progress)
-        if bool(last.isnan().any()):
-            check_finite(last.isnan().any(-1).tolist(), "after the prompt")
+        check_finite(last.isnan().any(-1).tolist(), "after the prompt")
         first = next_tokens(last, self.params, generator)
         self.prefill_s += time.perf_counter() - t0
         self.prefilled = end
