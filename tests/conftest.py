@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from magicdec import LLM
@@ -154,3 +161,31 @@ def write_gguf(path: Path, hf_dir: Path, rope: dict[str, Any] | None = None,
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, fn: Callable[..., None], world: int, port: int, timeout_s: float, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))  # a rank left waiting fails the test, not hangs it
+    try:
+        fn(rank, world, *args)
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
+    finally:
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    # A rank that succeeded ends here, without the interpreter's teardown: gloo's and the store's threads
+    # can abort the process there ("terminate called without an active exception", a torch race at exit
+    # seen once in CI), which would fail a test whose work was done. An exception still propagates to
+    # mp.spawn, which reports it with its traceback.
+    os._exit(0)
+
+
+def spawn_ranks(fn: Callable[..., None], world: int, *args: Any, timeout_s: float = 120) -> None:
+    """Run `fn(rank, world, *args)` on `world` CPU ranks joined in a gloo process group; raise if one fails."""
+    mp.spawn(_rank_main, args=(fn, world, free_port(), timeout_s, args), nprocs=world, join=True)

@@ -4,17 +4,13 @@ magicdec's greedy output must be transformers' greedy output, token for token.""
 from __future__ import annotations
 
 import json
-import socket
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import hf_greedy, random_prompts, word_vocabulary
+from conftest import hf_greedy, random_prompts, spawn_ranks, word_vocabulary
 from magicdec import LLM, SamplingParams
 from magicdec.cache.dense import DenseKVCache
 from magicdec.parallel.tp import TensorParallel
@@ -78,18 +74,13 @@ def test_greedy_equals_transformers(variant: str, tmp_path: Path) -> None:
         assert out.token_ids == hf_greedy(hf, prompt, 16), variant
 
 
-def tp_worker(rank: int, world: int, port: int, path: str, result: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        llm = LLM(path, device="cpu", tp=TensorParallel(rank, world))
-        ids = torch.tensor(random_prompts(2, [40], llm.config.vocab_size, seed=5))
-        with torch.inference_mode():
-            logits = llm.model(ids, torch.arange(40).expand(2, -1), DenseKVCache.for_model(llm.model, 2, 40))
-        if rank == 0:
-            torch.save(logits, result)
-    finally:
-        dist.destroy_process_group()
+def tp_worker(rank: int, world: int, path: str, result: str) -> None:
+    llm = LLM(path, device="cpu", tp=TensorParallel(rank, world))
+    ids = torch.tensor(random_prompts(2, [40], llm.config.vocab_size, seed=5))
+    with torch.inference_mode():
+        logits = llm.model(ids, torch.arange(40).expand(2, -1), DenseKVCache.for_model(llm.model, 2, 40))
+    if rank == 0:
+        torch.save(logits, result)
 
 
 def test_output_bias_under_tensor_parallelism(tmp_path: Path) -> None:
@@ -97,10 +88,7 @@ def test_output_bias_under_tensor_parallelism(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     path = write_hf_checkpoint(tmp_path / "bias", "llama", {"attention_bias": True})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(tp_worker, args=(2, port, str(path), str(tmp_path / "logits.pt")), nprocs=2, join=True)
+    spawn_ranks(tp_worker, 2, str(path), str(tmp_path / "logits.pt"))
     ids = torch.tensor(random_prompts(2, [40], BASE["vocab_size"], seed=5))
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids).logits

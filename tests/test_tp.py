@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import random_prompts, tiny_config, write_checkpoint, write_gguf
+from conftest import free_port, random_prompts, spawn_ranks, tiny_config, write_checkpoint, write_gguf
 from magicdec import LLM, Auto, DraftTuning, SamplingParams, SpecConfig
 from magicdec.cache.dense import DenseKVCache
 from magicdec.engine.step import RoundReport
@@ -31,12 +27,6 @@ SPECS = {
     # each rank times its own steps; rank 0's choice of γ is the one every rank runs
     "self-auto": SpecConfig(method="self", budget=24, sinks=4, gamma=Auto(profile="cpu")),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_all(llm: LLM, draft: str) -> dict:
@@ -57,16 +47,11 @@ def run_all(llm: LLM, draft: str) -> dict:
     return out
 
 
-def worker(rank: int, world: int, port: int, target: str, draft: str, draft_tp: str, result: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))  # a rank left waiting fails the test, not hangs it
-    try:
-        llm = LLM(target, device="cpu", tp=TensorParallel(rank, world), draft_tp=draft_tp)
-        out = run_all(llm, draft)
-        if rank == 0:
-            torch.save(out, result)
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, world: int, target: str, draft: str, draft_tp: str, result: str) -> None:
+    llm = LLM(target, device="cpu", tp=TensorParallel(rank, world), draft_tp=draft_tp)
+    out = run_all(llm, draft)
+    if rank == 0:
+        torch.save(out, result)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +68,7 @@ def test_two_ranks_match_one_process(models: tuple[Path, Path], tmp_path: Path, 
     target, draft = models
     single = run_all(LLM(target, device="cpu"), str(draft))
     result = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, free_port(), str(target), str(draft), draft_tp, str(result)), nprocs=2, join=True)
+    spawn_ranks(worker, 2, str(target), str(draft), draft_tp, str(result))
     sharded = torch.load(result)
     assert (sharded["logits"] - single["logits"]).abs().max() <= 1e-4
     for name in (*SPECS, "draft", "sampled"):
@@ -104,20 +89,15 @@ class RankGamma:
         self.seen.append(report.gamma)
 
 
-def choose_worker(rank: int, world: int, port: int, result: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        shared = RankZeroGamma(RankGamma(rank), TensorParallel(rank, world), torch.device("cpu"))
-        chosen = [shared.choose(None) for _ in range(3)]
-        shared.observe(RoundReport(chosen[0], 1, [1]))
-        torch.save({"chosen": chosen, "seen": shared.policy.seen}, f"{result}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def choose_worker(rank: int, world: int, result: str) -> None:
+    shared = RankZeroGamma(RankGamma(rank), TensorParallel(rank, world), torch.device("cpu"))
+    chosen = [shared.choose(None) for _ in range(3)]
+    shared.observe(RoundReport(chosen[0], 1, [1]))
+    torch.save({"chosen": chosen, "seen": shared.policy.seen}, f"{result}.{rank}")
 
 
 def test_every_rank_runs_rank_zeros_gamma(tmp_path: Path) -> None:
-    mp.spawn(choose_worker, args=(3, free_port(), str(tmp_path / "r")), nprocs=3, join=True)
+    spawn_ranks(choose_worker, 3, str(tmp_path / "r"), timeout_s=60)
     for rank in range(3):
         assert torch.load(tmp_path / f"r.{rank}") == {"chosen": [2, 2, 2], "seen": [2]}
 
@@ -159,25 +139,20 @@ def tied_run(llm: LLM) -> dict:
     return out
 
 
-def tied_worker(rank: int, world: int, port: int, gguf_path: str, hf_dir: str, conv: str, result: str) -> None:
+def tied_worker(rank: int, world: int, gguf_path: str, hf_dir: str, conv: str, result: str) -> None:
     from magicdec.loading import LoadedModel, Tokenizer
     from magicdec.loading.gguf_file import load_gguf
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        tp = TensorParallel(rank, world)
-        runs = {}
-        # too large to convert (the whole model is read, then cut); converting (the same); from the conversion
-        # (only this rank's slices are read)
-        for name, limit in (("too-large", 0), ("converting", 1 << 30), ("converted", 1 << 30)):
-            model, cfg = load_gguf(Path(gguf_path), torch.float32, "cpu", Path(f"{conv}-{rank}"), limit, tp)
-            loaded = LoadedModel(model, Tokenizer.from_dir(Path(hf_dir)), cfg, Path(gguf_path))
-            runs[name] = tied_run(LLM(loaded=loaded, tp=tp))
-        if rank == 0:
-            torch.save(runs, result)
-    finally:
-        dist.destroy_process_group()
+    tp = TensorParallel(rank, world)
+    runs = {}
+    # too large to convert (the whole model is read, then cut); converting (the same); from the conversion
+    # (only this rank's slices are read)
+    for name, limit in (("too-large", 0), ("converting", 1 << 30), ("converted", 1 << 30)):
+        model, cfg = load_gguf(Path(gguf_path), torch.float32, "cpu", Path(f"{conv}-{rank}"), limit, tp)
+        loaded = LoadedModel(model, Tokenizer.from_dir(Path(hf_dir)), cfg, Path(gguf_path))
+        runs[name] = tied_run(LLM(loaded=loaded, tp=tp))
+    if rank == 0:
+        torch.save(runs, result)
 
 
 def test_tied_model_loaded_whole_then_sharded_gives_one_process_tokens(tmp_path: Path) -> None:
@@ -186,8 +161,7 @@ def test_tied_model_loaded_whole_then_sharded_gives_one_process_tokens(tmp_path:
     path = write_gguf(tmp_path / "tied.gguf", hf_dir)
     single = tied_run(LLM(hf_dir, device="cpu"))
     result = tmp_path / "rank0.pt"
-    mp.spawn(tied_worker, args=(2, free_port(), str(path), str(hf_dir), str(tmp_path / "conv"), str(result)),
-             nprocs=2, join=True)
+    spawn_ranks(tied_worker, 2, str(path), str(hf_dir), str(tmp_path / "conv"), str(result))
     for name, sharded in torch.load(result).items():
         assert (sharded["logits"] - single["logits"]).abs().max() <= 1e-4, name
         assert sharded["plain"] == single["plain"] and sharded["self-streaming"] == single["self-streaming"], name
