@@ -1,8 +1,9 @@
 """magicdec: long-context LLM inference with speculative decoding whose drafts use a sparse KV cache.
 
-    from magicdec import LLM, SamplingParams, SpecConfig
+    from magicdec import LLM, Engine, SamplingParams, SpecConfig
     llm = LLM()  # the built-in SmolLM2-135M-Instruct, or LLM("path/to/hf_dir_or.gguf")
     result = llm.generate(prompts, SamplingParams(max_new_tokens=64), spec=SpecConfig(method="self"))
+    engine = Engine(spec=SpecConfig(method="self"))  # requests over time: add_request / step / stream
 """
 
 from magicdec.config import ModelConfig
@@ -10,6 +11,7 @@ from magicdec.engine.outputs import Acceptance, GenerationResult, RequestOutput,
 from magicdec.llm import LLM, PromptError
 from magicdec.loading import LoadError, load_model
 from magicdec.runtime.sampling import SamplingParams
+from magicdec.serving import Engine
 from magicdec.spec.config import Auto, DraftTuning, SpecConfig
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "Acceptance",
     "Auto",
     "DraftTuning",
+    "Engine",
     "GenerationResult",
     "LoadError",
     "ModelConfig",

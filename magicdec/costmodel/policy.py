@@ -193,3 +193,47 @@ class AutoGamma:
 
     def stats(self) -> dict[str, Any]:
         return {"alpha_estimate": self.alpha.value}
+
+
+class RequestGamma:
+    """γ per request for the serving engine (`EngineCore`'s `choose` and `observe`).
+
+    The batch policy (`FixedGamma`, or `AutoGamma` with the cost model of the live batch: its size and
+    every request's context) chooses γ* for the requests that follow the engine's setting. A request whose
+    own measured acceptance α_i is below the batch's ᾱ drafts fewer: draft position j pays when its chance
+    α_i^j of being accepted is at least what the batch's last position earns (ᾱ^γ*), so
+    γ_i = ⌊γ* · ln ᾱ / ln α_i⌋ (0 allowed). A request's own setting (`RequestSpec.gamma`) overrides both, and
+    nobody drafts past the tokens it still needs."""
+
+    def __init__(self, batch: GammaPolicy) -> None:
+        self.batch = batch
+        self.alpha: dict[str, AlphaEstimate] = {}
+
+    def choose(self, requests: Any) -> list[int]:
+        follow = [r for r in requests if r.spec.gamma is None]
+        star = self.batch.choose(BatchView([r.context for r in follow], [r.remaining for r in follow])) if follow else 0
+        batch_alpha = getattr(self.batch, "alpha", None)
+        abar = batch_alpha.value if isinstance(batch_alpha, AlphaEstimate) else None
+        live = {r.request_id for r in requests}
+        self.alpha = {k: v for k, v in self.alpha.items() if k in live}
+        out = []
+        for r in requests:
+            g = star if r.spec.gamma is None else r.spec.gamma
+            own = self.alpha.get(r.request_id)
+            if r.spec.gamma is None and g and abar is not None and own is not None and own.value < abar:
+                g = min(g, int(g * math.log(abar) / math.log(max(own.value, 1e-3))))
+            out.append(max(0, min(g, r.remaining - 1)))
+        return out
+
+    def observe(self, report: Any) -> None:
+        """After a step (`StepReport`): each request's α, and the batch policy's view of the round."""
+        for rid, g, k in zip(report.request_ids, report.gammas, report.accepted):
+            if g:
+                self.alpha.setdefault(rid, AlphaEstimate()).update(g, [k])
+        top = max(report.gammas, default=0)
+        at_top = [k for g, k in zip(report.gammas, report.accepted) if g == top] if top else []
+        self.batch.observe(RoundReport(top, len(report.gammas), at_top, report.new_tokens, report.seconds,
+                                       report.draft_s, report.verify_s, report.other_s))
+
+    def stats(self) -> dict[str, Any]:
+        return self.batch.stats()

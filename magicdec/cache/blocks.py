@@ -1,0 +1,125 @@
+"""The block pool of a paged KV cache: which fixed-size blocks are free, who holds the others, and which
+hold a known prefix (prefix caching). Pure bookkeeping: the tensors live in `PagedKVCache`.
+
+A block is free (reference count 0) or held by one or more requests. A full block whose tokens and
+whole prefix are known carries a hash: `sha256(parent's hash ‖ its token ids)`, a chain, so equal
+hashes mean equal prefixes (a collision would serve another prefix's keys: hence a cryptographic
+hash, not Python's). When its last holder lets it go, a hashed block keeps its contents and stays
+findable until the pool reuses it: free blocks are reused oldest-freed first, and a cached block
+picked for reuse loses its hash then (LRU eviction of the prefix cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+ROOT = b"magicdec-prefix-v1"
+
+
+def chain_hashes(tokens: Sequence[int], block_size: int, parent: bytes = ROOT) -> list[bytes]:
+    """The hash of every full block of `tokens`, each over its parent's hash and its own tokens."""
+    out = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        h = hashlib.sha256(parent)
+        h.update(array("q", tokens[start : start + block_size]).tobytes())
+        parent = h.digest()
+        out.append(parent)
+    return out
+
+
+@dataclass(slots=True)
+class PrefixStats:
+    """Prefix-cache lookups, in tokens (vLLM's `prefix_cache_queries` / `prefix_cache_hits`)."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"a block pool needs ≥ 1 block of ≥ 1 token, got {num_blocks} × {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.refs = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash → block
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # reuse order
+        self.stats = PrefixStats()
+
+    # ---- counts ------------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (cached ones included: they are evicted on reuse)."""
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        """Share of blocks held by requests (vLLM's kv_cache_usage_perc)."""
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    # ---- allocation --------------------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int]:
+        """`n` blocks for one holder; raises MemoryError if fewer are free (check `num_free` first)."""
+        if n > len(self.free):
+            raise MemoryError(f"{n} KV blocks asked, {len(self.free)} free")
+        out = []
+        for _ in range(n):
+            block, _ = self.free.popitem(last=False)
+            h = self.hash_of[block]
+            if h is not None:  # evict it from the prefix cache
+                del self.cached[h]
+                self.hash_of[block] = None
+            self.refs[block] = 1
+            out.append(block)
+        return out
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """A holder lets its blocks go (last blocks first: a prefix's tail is evicted before its head)."""
+        for block in reversed(blocks):
+            if self.refs[block] <= 0:
+                raise AssertionError(f"block {block} released more often than held")
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None
+
+    # ---- prefix cache ------------------------------------------------------------------------------
+    def match(self, hashes: Sequence[bytes], limit: int) -> list[int]:
+        """Take (hold) the cached blocks of the longest known prefix among `hashes`, at most `limit` blocks."""
+        out: list[int] = []
+        for h in hashes[:limit]:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            out.append(block)
+        for block in out:
+            if self.refs[block] == 0:
+                del self.free[block]
+            self.refs[block] += 1
+        return out
+
+    def record_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        self.stats.queries += query_tokens
+        self.stats.hits += hit_tokens
+
+    def register(self, block: int, h: bytes) -> None:
+        """Mark a held block as holding the prefix with hash `h` (if that prefix is not cached yet)."""
+        if self.hash_of[block] is None and h not in self.cached:
+            self.hash_of[block] = h
+            self.cached[h] = block
+
+    def check_empty(self) -> None:
+        """Raise if any block is still held (a leak: every request must release what it holds)."""
+        held = [b for b, r in enumerate(self.refs) if r]
+        if held:
+            raise AssertionError(f"{len(held)} KV blocks still held after every request ended: {held[:8]} …")

@@ -1,0 +1,311 @@
+"""The serving engine's core: requests that arrive at any time, continuous batching over the paged cache.
+
+`EngineCore.step()` asks the scheduler for a plan, then runs it:
+1. decode — one forward over every decoding request: a plain step for those at γ = 0, a speculative
+   round for the others (the StreamingLLM self-draft drafts γ_i tokens per request over its sparse view of
+   the target's own blocks; one verification forward over [pending, d_1 … d_γi] with ragged lengths,
+   shorter rows padded; each request keeps its accepted prefix and the target's next token);
+2. prefill — each scheduled chunk as a forward of its own (a prompt's chunks are the same computation
+   whatever else runs); the chunk that completes a prompt gives the request its first token;
+3. stop rules, streaming deltas, and the end of finished requests (their blocks go back to the pool).
+On the CPU the kernels are batch-invariant, so a request's tokens do not depend on the others in its
+forwards: greedy output equals decoding the request alone, bit for bit, across preemptions and prefix hits.
+
+Who chooses γ is the caller's (`ChooseGamma`, with `observe` fed each step's `StepReport`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from magicdec.cache.blocks import BlockPool
+from magicdec.cache.paged import PagedKVCache, PagedView
+from magicdec.engine.outputs import Acceptance
+from magicdec.engine.request import Request, RequestSpec, Status, StepOutput
+from magicdec.engine.scheduler import ChooseGamma, Plan, Scheduler, SchedulerConfig
+from magicdec.engine.state import NumericalError, Stopper
+from magicdec.engine.step import PhaseClock
+from magicdec.loading.tokenizer import Tokenizer
+from magicdec.model.llama import Transformer
+from magicdec.runtime.sampling import SamplingParams, next_tokens, probabilities, sample
+from magicdec.spec.verify import accepted_prefix, verify_sampling
+
+
+@dataclass(frozen=True, slots=True)
+class SelfDraft:
+    """The StreamingLLM self-draft over pages: `sinks` first positions and the last `window` ones."""
+
+    sinks: int
+    window: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """One step: per decoding request its γ and accepted drafts; tokens; where the time went."""
+
+    request_ids: list[str]
+    gammas: list[int]
+    accepted: list[int]
+    prefill_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since the engine started (what the server's metrics export)."""
+
+    prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded, recomputation included)
+    generation_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+    steps: int = 0
+    spec: Acceptance = field(default_factory=Acceptance)
+
+
+class EngineCore:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_token_ids: set[int], cache: PagedKVCache,
+                 config: SchedulerConfig, draft: SelfDraft | None = None,
+                 choose: ChooseGamma | None = None, observe: Callable[[StepReport], None] | None = None,
+                 generator: Callable[[SamplingParams], torch.Generator | None] | None = None,
+                 max_model_len: int | None = None) -> None:
+        self.model, self.tokenizer, self.eos = model, tokenizer, eos_token_ids
+        self.cache, self.draft = cache, draft
+        self.pool = BlockPool(cache.num_blocks, cache.block_size)
+        self.scheduler = Scheduler(config, self.pool)
+        self.config = config
+        self.choose = choose or (lambda rs: [0] * len(rs))
+        self.observe = observe
+        self.generator = generator or (lambda p: p.generator(model.device))
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._aborted: list[Request] = []
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None,
+                    request_id: str | None = None, arrival: float | None = None) -> str:
+        """Queue a request (checked here, so a bad one is refused before it waits); returns its id."""
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is in use")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in 0 … {vocab - 1}")
+        total = len(prompt) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                             f"tokens, over the model's context of {self.max_model_len}: shorten the prompt or "
+                             "lower max_new_tokens")
+        need = self.scheduler.blocks_needed(total)
+        if need > self.pool.num_blocks:
+            P = self.pool.block_size
+            raise ValueError(f"this request needs {need} KV blocks ({need * P} tokens) but the cache holds "
+                             f"{self.pool.num_blocks} ({self.pool.num_blocks * P} tokens): shorten it or give the "
+                             "KV cache more memory")
+        if spec is not None and spec.gamma is not None and not 0 <= spec.gamma <= self.config.max_gamma:
+            raise ValueError(f"a request's γ must be in 0 … {self.config.max_gamma} (the engine's bound), "
+                             f"got {spec.gamma}")
+        stopper = Stopper(self.tokenizer, params, self.eos)
+        r = Request(rid, list(prompt), params, stopper, self.tokenizer, self.generator(params), spec, arrival)
+        self.requests[rid] = r
+        self.scheduler.add(r)
+        return rid
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now: its blocks are free before the next step; it reports finish_reason "abort"."""
+        r = self.requests.get(request_id)
+        if r is None or r.finished:
+            return
+        self.scheduler.remove(r)
+        r.finish("abort", time.monotonic())
+        self.stats.aborted += 1
+        self._aborted.append(r)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule(self.choose)
+        advanced: dict[str, Request] = {r.request_id: r for r in self._aborted}
+        self._aborted = []
+        times = (0.0, 0.0, 0.0)
+        accepted: list[int] = []
+        if plan.decode:
+            accepted, times = self._decode(plan)
+            advanced.update((r.request_id, r) for r in plan.decode)
+        t1 = time.perf_counter()
+        for chunk in plan.chunks:
+            r = chunk.request
+            self._prefill(r, chunk.start, chunk.end)
+            advanced[r.request_id] = r
+        prefill_s = time.perf_counter() - t1
+        out = []
+        for r in advanced.values():
+            if r.finished and r.finish_reason != "abort":
+                self.scheduler.remove(r)
+                self.stats.finished += 1
+            out.append(r.delta())
+            if r.finished:
+                self.requests.pop(r.request_id, None)
+        self.stats.steps += 1
+        new = sum(len(o.new_token_ids) for o in out)
+        self.stats.generation_tokens += new
+        report = StepReport([r.request_id for r in plan.decode], plan.gammas, accepted,
+                            sum(c.end - c.start for c in plan.chunks), new, time.perf_counter() - t0, *times,
+                            prefill_s=prefill_s)
+        if self.observe is not None and plan.decode:
+            self.observe(report)
+        self.last_report = report
+        return out
+
+    def _table(self, requests: Sequence[Request]) -> torch.Tensor:
+        return self.cache.table([r.blocks for r in requests])
+
+    def _prefill(self, r: Request, start: int, end: int) -> None:
+        """Put tokens [start, end) of r into the cache; the chunk that completes its prompt samples its first token."""
+        if r.metrics.first_scheduled is None:
+            r.metrics.first_scheduled = time.monotonic()
+        device = self.model.device
+        ids = torch.tensor([r.tokens[start:end]], device=device)
+        pos = torch.arange(start, end, device=device)[None]
+        logits = self.model(ids, pos, PagedView(self.cache, self._table([r])),
+                            logits_index=torch.tensor([[end - start - 1]], device=device))[0, 0]
+        r.computed = end
+        if end <= len(r.prompt):
+            self.stats.prompt_tokens += end - start
+        self.scheduler.register(r)
+        if r.to_compute:
+            return
+        r.status = Status.DECODING
+        if not r.output:  # the prompt is in: its first token
+            if bool(logits.isnan().any()):
+                raise NumericalError("the model produced NaN logits in the prefill: the weights hold NaN or the "
+                                     "dtype overflows; try --dtype float32 or check the checkpoint")
+            token = int(next_tokens(logits, r.params, r.generator))
+            r.append([token], time.monotonic())
+
+    def _decode(self, plan: Plan) -> tuple[list[int], tuple[float, float, float]]:
+        """One forward over the decoding requests: plain steps and speculative rounds of ragged γ."""
+        rows, gammas = plan.decode, plan.gammas
+        device = self.model.device
+        clock = PhaseClock(device)
+        clock.mark()
+        B, G = len(rows), max(gammas)
+        table = self._table(rows)
+        ctx = torch.tensor([r.computed for r in rows], device=device)
+        pending = torch.tensor([r.output[-1] for r in rows], device=device)
+        g = torch.tensor(gammas, device=device)
+        drafts = torch.zeros((B, G), dtype=torch.long, device=device)
+        q: list[torch.Tensor | None] = [None] * B
+        if G:
+            drafts, q = self._propose(rows, gammas, table, ctx, pending)
+        clock.mark()
+        offs = torch.arange(G + 1, device=device)
+        pos = torch.where(offs <= g[:, None], ctx[:, None] + offs, -1)
+        ids = torch.cat([pending[:, None], drafts], 1).masked_fill(pos < 0, 0)
+        logits = self.model(ids, pos, PagedView(self.cache, table))  # [B, G + 1, V]
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        k = torch.zeros(B, dtype=torch.long, device=device)
+        nxt = torch.zeros(B, dtype=torch.long, device=device)
+        if greedy:
+            idx = torch.tensor(greedy, device=device)
+            target = logits[idx].argmax(-1)
+            ok = (drafts[idx] == target[:, :-1]) & (offs[:-1] < g[idx, None])
+            kg = accepted_prefix(ok)
+            k[idx], nxt[idx] = kg, target.gather(1, kg[:, None])[:, 0]
+        for i, r in enumerate(rows):
+            if r.params.greedy:
+                continue
+            if gammas[i] == 0:
+                nxt[i] = sample(probabilities(logits[i, 0], r.params), r.generator)
+            else:
+                qi = q[i]
+                assert qi is not None
+                p = probabilities(logits[i : i + 1, : gammas[i] + 1], r.params)
+                ki, ti = verify_sampling(drafts[i : i + 1, : gammas[i]], qi[None], p, r.generator)
+                k[i], nxt[i] = ki[0], ti[0]
+        bad = logits.isnan().flatten(1).any(1)
+        host = torch.cat([k[:, None], nxt[:, None], bad[:, None].long(), drafts], 1).tolist()  # one device read
+        clock.mark()
+        if any(row[2] for row in host):
+            raise NumericalError("the model produced NaN logits in verification: the weights hold NaN or the dtype "
+                                 "overflows; try --dtype float32 or check the checkpoint")
+        now = time.monotonic()
+        accepted = []
+        for r, gi, row in zip(rows, gammas, host):
+            ki, ti = row[0], row[1]
+            r.computed += ki + 1
+            if gi:
+                r.acceptance.record(gi, ki)
+                self.stats.spec.record(gi, ki)
+            accepted.append(ki)
+            r.append(row[3 : 3 + ki] + [ti], now)
+        clock.mark()
+        draft_s, verify_s, other_s = clock.seconds()
+        return accepted, (draft_s, verify_s, other_s)
+
+    def _propose(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor, ctx: torch.Tensor,
+                 pending: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """γ_i draft tokens per request from the self-draft over its sparse view of the request's blocks."""
+        assert self.draft is not None, "γ > 0 without a drafter"
+        device = ctx.device
+        B, G = len(rows), max(gammas)
+        view = self._draft_view(rows, gammas, table)
+        ids, out = pending[:, None], []
+        dists: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        g = torch.tensor(gammas, device=device)
+        for j in range(G):
+            pos = torch.where(g > j, ctx + j, -1)[:, None]
+            logits = self.model(ids.masked_fill(pos < 0, 0), pos, view)[:, 0]
+            nxt = logits.argmax(-1)
+            for i, r in enumerate(rows):
+                if not r.params.greedy and j < gammas[i]:
+                    qi = probabilities(logits[i], r.params)
+                    nxt[i] = sample(qi, r.generator)
+                    dists[i].append(qi)
+            out.append(nxt)
+            ids = nxt[:, None]
+        q = [torch.stack(d) if d else None for d in dists]
+        return torch.stack(out, 1), q
+
+    def _draft_view(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor) -> PagedView:
+        """Each request's draft reads its first block (the sinks) and the blocks of its recent window."""
+        assert self.draft is not None
+        P, sinks, window = self.cache.block_size, self.draft.sinks, self.draft.window
+        reads, tags = [], []
+        for r, gi in zip(rows, gammas):
+            first = max(r.computed - window + 1, 0) // P
+            last = (r.computed + max(gi, 1) - 1) // P
+            cols = ([0] if sinks and first > 0 else []) + list(range(first, last + 1))
+            reads.append([r.blocks[c] for c in cols])
+            tags.append(cols)
+        width = max(len(c) for c in tags)
+        read = self.cache.table(reads, width)
+        base = torch.tensor([c + [-1] * (width - len(c)) for c in tags], device=table.device)
+        offs = torch.arange(P, device=table.device)
+        read_pos = torch.where(base[:, :, None] >= 0, base[:, :, None] * P + offs, -1).reshape(len(rows), -1)
+        return PagedView(self.cache, table, read=read, read_pos=read_pos, window=window, sinks=sinks)

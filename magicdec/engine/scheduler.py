@@ -1,0 +1,206 @@
+"""The scheduler: which requests advance in the next step, by how much, and in which blocks.
+
+Each step shares one token budget (`max_num_batched_tokens`) between
+1. the decoding requests — each one's pending token plus its γ drafts (γ chosen per request by the
+   engine's policy), taken first so that running requests produce a token every step; then
+2. prompt chunks of the requests being prefilled (oldest first), then of newly admitted ones.
+A prompt is cut into chunks at fixed positions (multiples of `prefill_chunk` from position 0), whatever
+else runs, and a chunk is never split: a prompt's prefill is then the same computation whether it runs
+alone or beside others (bit-exact outputs on the CPU), and a long prompt never stalls the running
+requests for its whole prefill, only for a chunk. One chunk runs each step even if it is larger than the
+budget left, so prefill always progresses.
+
+Admission is first come, first served (a waiting request is never overtaken), up to `max_num_seqs`
+running requests, and only when the pool can hold the request's prompt (the part not found in the
+prefix cache) plus a round's lookahead. When a decoding request needs a block for its next round and
+none is free, the newest running request is preempted: its blocks go back to the pool (its prompt's
+full blocks stay in the prefix cache) and it waits at the head of the queue to be recomputed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from magicdec.cache.blocks import BlockPool, chain_hashes
+from magicdec.engine.request import Request, Status
+from magicdec.kernels.cpu import MAX_DECODE_TOKENS
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 1024
+    prefill_chunk: int = 512
+    max_gamma: int = 0  # the most drafts a round may make (0: no speculation)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be ≥ 1, got {self.max_num_seqs}")
+        if self.prefill_chunk < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("prefill_chunk and max_num_batched_tokens must be ≥ 1 token")
+        if self.max_num_batched_tokens < self.max_num_seqs * (self.max_gamma + 1):
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) cannot hold a round of "
+                             f"{self.max_num_seqs} requests × (γ {self.max_gamma} + 1) tokens; raise it or lower "
+                             "max_num_seqs")
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Tokens [start, end) of a request to put into the cache this step."""
+
+    request: Request
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class Plan:
+    decode: list[Request] = field(default_factory=list)
+    gammas: list[int] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(g + 1 for g in self.gammas) + sum(c.end - c.start for c in self.chunks)
+
+
+# chooses γ for each decoding request (0: a plain step for it), given them in running order
+ChooseGamma = Callable[[Sequence[Request]], list[int]]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+        self.config, self.pool = config, pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the newest is preempted first
+        self.preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a finished or aborted request out and give its blocks back."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.pool.release(request.blocks)
+        request.blocks = []
+
+    @property
+    def lookahead(self) -> int:
+        return self.config.max_gamma + 1
+
+    def blocks_needed(self, tokens: int) -> int:
+        return self.pool.blocks_for(tokens + self.lookahead)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def schedule(self, choose: ChooseGamma) -> Plan:
+        plan = Plan()
+        budget = self.config.max_num_batched_tokens
+        decoding = [r for r in self.running if r.status is Status.DECODING]
+        gammas = choose(decoding) if decoding else []
+        for r, g in zip(decoding, gammas):
+            if r.status is not Status.DECODING:  # preempted below for an older request
+                continue
+            need = self.pool.blocks_for(r.computed + g + 1) - len(r.blocks)
+            while need > self.pool.num_free and r.status is Status.DECODING:
+                self._preempt(self.running[-1], plan)
+            if r.status is not Status.DECODING:
+                continue
+            if need > 0:
+                r.blocks += self.pool.allocate(need)
+            plan.decode.append(r)
+            plan.gammas.append(g)
+            budget -= g + 1
+        for r in [r for r in self.running if r.status is Status.PREFILLING]:
+            budget = self._chunks(r, budget, plan)
+            if budget <= 0:
+                return plan
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if not self._admit(self.waiting[0]):
+                break  # first come, first served: nobody overtakes the head of the queue
+            budget = self._chunks(self.running[-1], budget, plan)
+        return plan
+
+    def _chunks(self, r: Request, budget: int, plan: Plan) -> int:
+        """Schedule r's next chunks within `budget` (one at least, if nothing else prefills); returns what is left."""
+        pos = r.computed + sum(c.end - c.start for c in plan.chunks if c.request is r)
+        end = r.computed + r.to_compute
+        while pos < end:
+            n = self._chunk_end(r, pos) - pos
+            if n > budget and plan.chunks:
+                break
+            plan.chunks.append(Chunk(r, pos, pos + n))
+            pos, budget = pos + n, budget - n
+            if budget <= 0:
+                break
+        return budget
+
+    def _chunk_end(self, r: Request, pos: int) -> int:
+        """The end of the chunk starting at `pos`: the prompt in chunks at fixed multiples of prefill_chunk;
+        output tokens being recomputed after a preemption in decode-shaped pieces (the kernels' numbers)."""
+        prompt = len(r.prompt)
+        if pos < prompt:
+            c = self.config.prefill_chunk
+            return min((pos // c + 1) * c, prompt)
+        return min(pos + MAX_DECODE_TOKENS, r.computed + r.to_compute)
+
+    def _admit(self, r: Request) -> bool:
+        """Give r its blocks (from the prefix cache where it can) if the pool can hold what it needs."""
+        cached: list[int] = []
+        if self.config.enable_prefix_caching:
+            c, P = self.config.prefill_chunk, self.pool.block_size
+            # only whole prefill chunks are shared (their keys do not depend on what follows them), and never
+            # the prompt's last token (its logits give the first output token)
+            usable = (len(r.prompt) - 1) // c * c // P
+            hashes = self._hashes(r)
+            cached = self.pool.match(hashes, usable)
+            whole = len(cached) * P // c * c // P  # a hit ends on a chunk boundary
+            self.pool.release(cached[whole:])
+            cached = cached[:whole]
+            self.pool.record_lookup(len(r.prompt), len(cached) * P)
+        need = self.blocks_needed(len(r.tokens)) - len(cached)
+        if need > self.pool.num_free:
+            self.pool.release(cached)
+            return False
+        self.waiting.popleft()
+        r.blocks = cached + self.pool.allocate(need)
+        r.computed = r.registered = len(cached) * self.pool.block_size
+        r.metrics.cached_tokens = r.computed
+        r.status = Status.PREFILLING
+        self.running.append(r)
+        return True
+
+    def _hashes(self, r: Request) -> list[bytes]:
+        if getattr(r, "hashes", None) is None:
+            r.hashes = chain_hashes(r.prompt, self.pool.block_size)  # type: ignore[attr-defined]
+        return r.hashes  # type: ignore[attr-defined]
+
+    def register(self, r: Request) -> None:
+        """Offer r's prompt blocks of whole, computed prefill chunks to the prefix cache."""
+        if not self.config.enable_prefix_caching:
+            return
+        c, P = self.config.prefill_chunk, self.pool.block_size
+        done = min(r.computed, len(r.prompt)) // c * c // P
+        hashes = self._hashes(r)
+        for i in range(r.registered // P, min(done, len(hashes))):
+            self.pool.register(r.blocks[i], hashes[i])
+        r.registered = max(r.registered, done * P)
+
+    def _preempt(self, victim: Request, plan: Plan) -> None:
+        self.running.remove(victim)
+        self.pool.release(victim.blocks)
+        victim.blocks, victim.computed, victim.registered = [], 0, 0
+        victim.status = Status.WAITING
+        victim.metrics.preemptions += 1
+        self.waiting.appendleft(victim)
+        self.preemptions += 1
+        plan.preempted.append(victim)
+        if victim in plan.decode:
+            i = plan.decode.index(victim)
+            del plan.decode[i], plan.gammas[i]

@@ -1,0 +1,204 @@
+"""The online engine: requests that arrive at any time, served by continuous batching with speculation.
+
+    from magicdec import Engine, SamplingParams, SpecConfig
+    engine = Engine(spec=SpecConfig(method="self", budget=256, gamma="auto"))
+    rid = engine.add_request("It is a truth", SamplingParams(max_new_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            print(out.request_id, out.new_text, out.finished)
+
+The names are vLLM's (`add_request`, `abort_request`, `step`, `has_unfinished_requests`); `stream` iterates
+over one request's deltas, `generate` is its asyncio counterpart (several coroutines may stream at once:
+whichever needs output next runs a step for everyone). The engine owns every request's state: the paged KV
+cache and its prefix cache, the scheduler, the per-request γ policy (`magicdec.costmodel.policy.RequestGamma`
+over the cost model of `gamma="auto"`, or a fixed γ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from magicdec.cache.blocks import PrefixStats
+from magicdec.cache.memory import OutOfMemoryPlan, available_bytes, fmt_bytes
+from magicdec.cache.paged import PagedKVCache
+from magicdec.costmodel.policy import RequestGamma
+from magicdec.data.locks import say
+from magicdec.engine.core import EngineCore, EngineStats, SelfDraft
+from magicdec.engine.request import RequestSpec, StepOutput
+from magicdec.engine.scheduler import SchedulerConfig
+from magicdec.llm import LLM, Prompt
+from magicdec.runtime.sampling import SamplingParams
+from magicdec.spec.config import SpecConfig
+
+DEFAULT_BLOCK_SIZE = 64  # tokens per KV block: a multiple of the CPU kernel's 64-slot key blocks
+CPU_KV_SHARE = 0.4  # of the free memory, what the KV pool takes by default on the CPU (the rest: prefill, the OS)
+CUDA_KV_SHARE = 0.85  # … and on a GPU (after the weights)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        spec: SpecConfig | None = None,
+        *,
+        llm: LLM | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        max_num_seqs: int = 8,
+        max_num_batched_tokens: int = 1024,
+        prefill_chunk: int = 512,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_model_len: int | None = None,
+        quiet: bool = False,
+    ) -> None:
+        """`model`: as for `LLM` (or an `llm` already loaded). `spec`: the engine's speculation (None: plain
+        decoding; the StreamingLLM self-draft over the paged cache). The KV pool takes `num_blocks` blocks of
+        `block_size` tokens, or as many as `kv_cache_memory` bytes hold, or a share of the free memory
+        (never more than `max_num_seqs` requests at the model's context need)."""
+        self.llm = llm or LLM(model, dtype=dtype, device=device, prefill_chunk=prefill_chunk)
+        self.spec = spec = spec if spec is not None and spec.method != "none" else None
+        if spec is not None and (spec.method != "self" or spec.drafter != "streaming"):
+            raise ValueError(f"the serving engine drafts with the StreamingLLM self-draft over its paged cache "
+                             f"(method='self', drafter='streaming'); {spec.label} runs on the static batch path "
+                             "(LLM.generate) for now")
+        if block_size < 1 or block_size % 64:
+            raise ValueError(f"block_size must be a positive multiple of 64 tokens (the CPU kernel reads keys in "
+                             f"64-slot blocks), got {block_size}")
+        model_ = self.llm.model
+        self.max_model_len = min(max_model_len or model_.config.max_position_embeddings,
+                                 model_.config.max_position_embeddings)
+        max_gamma = spec.gamma_bound if spec is not None else 0
+        config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, prefill_chunk, max_gamma,
+                                 enable_prefix_caching)
+        per_block = PagedKVCache.bytes_per_block(model_, block_size)
+        blocks = num_blocks if num_blocks is not None else self._pool_blocks(per_block, block_size, config,
+                                                                             kv_cache_memory)
+        if blocks < 1:
+            raise OutOfMemoryPlan(f"the KV cache would get {blocks} blocks of {block_size} tokens "
+                                  f"({fmt_bytes(per_block)} each): give it more memory (kv_cache_memory)")
+        cache = PagedKVCache.for_model(model_, blocks, block_size)
+        draft = None
+        policy = None
+        if spec is not None:
+            draft = SelfDraft(spec.sinks, spec.budget - spec.sinks)
+            policy = RequestGamma(self.llm.gamma_policy(spec, model_.config))
+        self.policy = policy
+        self.core = EngineCore(model_, self.llm.tokenizer, self.llm.eos_token_ids, cache, config, draft,
+                               choose=policy.choose if policy else None, observe=policy.observe if policy else None,
+                               generator=self.llm.generator, max_model_len=self.max_model_len)
+        tokens = blocks * block_size
+        if not quiet:
+            ctx = min(self.max_model_len, 8192)
+            say(f"KV cache: {blocks} blocks × {block_size} tokens = {tokens} tokens ({fmt_bytes(cache.nbytes)}); "
+                f"maximum concurrency for {ctx}-token requests: {tokens / ctx:.2f}×")
+
+    def _pool_blocks(self, per_block: int, block_size: int, config: SchedulerConfig, budget: int | None) -> int:
+        device = self.llm.device
+        if budget is None:
+            share = CUDA_KV_SHARE if device.type == "cuda" else CPU_KV_SHARE
+            budget = int(available_bytes(device) * share)
+        want = config.max_num_seqs * -(-(self.max_model_len + config.max_gamma + 1) // block_size)
+        return min(budget // per_block, want)
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, spec: RequestSpec | int | None = None,
+                    request_id: str | None = None, arrival: float | None = None) -> str:
+        """Queue a request: a prompt (text or token ids), its sampling parameters, and optionally its own
+        speculation (0: off; k: always γ = k). Checked now (a bad request is refused before it waits)."""
+        ids = self.llm.encode([prompt])[0]
+        if isinstance(spec, int):
+            spec = RequestSpec(spec)
+        return self.core.add_request(ids, params or SamplingParams(), spec, request_id, arrival)
+
+    def abort_request(self, request_id: str) -> None:
+        self.core.abort_request(request_id)
+
+    def step(self) -> list[StepOutput]:
+        """Run one step; the requests that advanced (new tokens, finished, or aborted), with their deltas."""
+        return self.core.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    # ---- streams -----------------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               spec: RequestSpec | int | None = None) -> Iterator[StepOutput]:
+        """Add a request and step the engine until it finishes, yielding its deltas (other requests advance too)."""
+        rid = self.add_request(prompt, params, spec)
+        while True:
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, spec: RequestSpec | int | None = None,
+                       request_id: str | None = None) -> AsyncIterator[StepOutput]:
+        """One request's deltas as an async stream; closing the stream early aborts the request."""
+        if not hasattr(self, "_queues"):
+            self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
+            self._lock = asyncio.Lock()
+        rid = self.add_request(prompt, params, spec, request_id)
+        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._queues[rid] = queue
+        try:
+            while True:
+                if queue.empty():
+                    async with self._lock:
+                        if queue.empty():
+                            for out in await asyncio.to_thread(self.step):
+                                q = self._queues.get(out.request_id)
+                                if q is not None:
+                                    q.put_nowait(out)
+                out = await queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            self.abort_request(rid)
+
+    def run(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+            ) -> list[StepOutput]:
+        """Add every prompt now and step until all finish; their final outputs in the prompts' order."""
+        each = params if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, q) for p, q in zip(prompts, each)]
+        final: dict[str, StepOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    # ---- state -------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> EngineStats:
+        return self.core.stats
+
+    @property
+    def prefix_cache(self) -> PrefixStats:
+        return self.core.pool.stats
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.core.pool.usage
+
+    @property
+    def num_running(self) -> int:
+        return self.core.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.core.num_waiting
+
+    def check_no_leaks(self) -> None:
+        """Raise if any KV block is still held while no request is left."""
+        if not self.has_unfinished_requests():
+            self.core.pool.check_empty()
