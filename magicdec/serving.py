@@ -139,7 +139,8 @@ class Engine:
                     if out.finished:
                         return
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, spec: RequestSpec | int | None = None,
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       spec: RequestSpec | int | None = None,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:
         """One request's deltas as an async stream; closing the stream early aborts the request."""
         if not hasattr(self, "_queues"):

@@ -1,5 +1,6 @@
 """magicdec.kernels.cpu: accuracy against float64 references, bitwise batch/query invariance (of the kernels,
-and of a model's logits in float32, bfloat16 and float16), strided cache views, the PyTorch fallback, and the
+and of a model's logits in float32, bfloat16 and float16), strided cache views, paged attention (bitwise the
+dense attention on the gathered cache), the PyTorch fallback, and the
 build: stale and live build locks, the compile message, ensure_built. The kernels are built once per session
 (not counted in the test time); the kernel tests are skipped where they cannot be built, the fallback tests
 always run."""
@@ -222,6 +223,125 @@ def test_16bit_inputs_give_the_float32_result_rounded(kernels: None, dtype: torc
     out = cpu.attention(q, k, v, allowed)
     assert out.dtype == dtype and torch.equal(out, cpu.attention(q.float(), k.float(), v.float(), allowed).to(dtype))
     assert (out.double() - reference_attention(q, k, v, allowed)).abs().max() < 2e-2
+
+
+# ------------------------------------------------------------------------------------- paged attention
+
+
+def paged_problem(seed: int, B: int, Hq: int, Hkv: int, T: int, lengths: list[int], P: int, D: int,
+                  shared: int = 1, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """q, k_pool, v_pool, table (int32), allowed of a paged cache: row b holds lengths[b] slots, its T
+    queries at the last T positions with a causal mask; the pools are strided views (layer 1, the first D
+    of D + 8 columns) of [2, N, Hkv, P, D + 8] buffers, pages are used in shuffled order, the first
+    `shared` pages of row 0 are also the first pages of every other row (a shared prefix), and unused table
+    entries hold page 0."""
+    g = gen(seed)
+    need = [-(-n // P) for n in lengths]
+    nb = max(need)
+    assert all(shared <= n for n in need)
+    N = need[0] + sum(n - shared for n in need[1:]) + 3  # a few pages nobody uses
+    fresh = iter(torch.randperm(N, generator=g).tolist())
+    table = torch.zeros(B, nb, dtype=torch.int32)
+    for b in range(B):
+        for i in range(need[b]):
+            table[b, i] = table[0, i] if b > 0 and i < shared else next(fresh)
+    kbuf, vbuf = (torch.randn(2, N, Hkv, P, D + 8, generator=g).to(dtype) for _ in range(2))
+    q = (torch.randn(B, Hq, T, D, generator=g) * 2).to(dtype)
+    pos = torch.tensor(lengths)[:, None] - T + torch.arange(T)  # [B, T]
+    allowed = torch.arange(nb * P) <= pos[..., None]
+    return q, kbuf[1, ..., :D], vbuf[1, ..., :D], table, allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5, 9])
+@pytest.mark.parametrize("Hq,Hkv,D", [(6, 2, 64), (9, 3, 64), (6, 2, 72)])  # B·Hkv = 6: S split over threads
+@pytest.mark.parametrize("P", [64, 128, 192])  # 192: pages that straddle the 256-slot chunks
+def test_paged_attention_is_bitwise_the_dense_attention(kernels: None, threads: None, dtype: torch.dtype, T: int,
+                                                        Hq: int, Hkv: int, D: int, P: int) -> None:
+    """Pages in shuffled order, a prefix shared between rows, rows of different lengths (up to 600 slots:
+    three chunks): the result is bitwise `attention` on the gathered dense cache, and each row alone with
+    only its own pages gives the same bits (T, B and S invariance carry over)."""
+    lengths = [600, 317, 130]
+    q, kp, vp, table, allowed = paged_problem(T * 10 + P, 3, Hq, Hkv, T, lengths, P, D, dtype=dtype)
+    assert not kp.is_contiguous() and kp.stride(-1) == 1
+    out = cpu.paged_attention(q, kp, vp, table, allowed)
+    K, V = cpu.gather_pages(kp, table), cpu.gather_pages(vp, table)
+    assert out.shape == (3, Hq, T, D) and out.dtype == dtype
+    assert torch.equal(out, cpu.attention(q, K, V, allowed))
+    assert torch.equal(cpu.paged_attention(q, kp, vp, table.long(), allowed), out)
+    assert (out.double() - reference_attention(q, K, V, allowed)).abs().max() < (1e-5 if dtype == torch.float32
+                                                                                   else 2e-2)
+    for b, n in enumerate(lengths):
+        pages = -(-n // P)
+        alone = cpu.paged_attention(q[b : b + 1], kp, vp, table[b : b + 1, :pages], allowed[b : b + 1, :, : pages * P])
+        assert torch.equal(alone, out[b : b + 1]), b
+    torch.set_num_threads(1)  # the other thread split (none)
+    assert torch.equal(cpu.paged_attention(q, kp, vp, table, allowed), out)
+
+
+def test_paged_attention_long_rows_match_dense_cache(kernels: None) -> None:
+    """B 2, Hq 9 / Hkv 3, T 4, D 128, 2000 slots in 256-slot pages, float16: the same bits as a dense
+    cache holding the same values in slot order (not a gather of the pool)."""
+    B, Hq, Hkv, T, S, D, P = 2, 9, 3, 4, 2000, 128, 256
+    q, k, v, allowed = random_problem(21, B, Hq, Hkv, T, S, D, dtype=torch.float16)
+    nb = -(-S // P)
+    order = torch.randperm(B * nb + 1, generator=gen(22))  # pool page order[b·nb + i] holds block i of row b
+    table = order[: B * nb].view(B, nb)
+    pools = []
+    for x in (k, v):
+        pool = torch.zeros(B * nb + 1, Hkv, P, D, dtype=x.dtype)
+        padded = F.pad(x, (0, 0, 0, nb * P - S))  # [B, Hkv, nb·P, D]
+        pool[table.flatten()] = padded.view(B, Hkv, nb, P, D).transpose(1, 2).reshape(B * nb, Hkv, P, D)
+        pools.append(pool)
+    allowed_p = F.pad(allowed, (0, nb * P - S))
+    out = cpu.paged_attention(q, pools[0], pools[1], table, allowed_p)
+    assert torch.equal(out, cpu.attention(q, k, v, allowed))
+
+
+@pytest.mark.parametrize("P", [16, 96, 0])
+def test_paged_attention_refuses_page_sizes_off_the_block(P: int) -> None:
+    q = torch.randn(1, 2, 1, 64)
+    pool = torch.randn(4, 1, P, 64)
+    with pytest.raises(ValueError, match=rf"page size \(P = {P} slots.*multiple of 64"):
+        cpu.paged_attention(q, pool, pool, torch.zeros(1, 2, dtype=torch.int32),
+                            torch.ones(1, 1, 2 * P, dtype=torch.bool))
+
+
+def test_paged_attention_rejects_bad_arguments(kernels: None) -> None:
+    q, kp, vp, table, allowed = paged_problem(23, 2, 4, 2, 2, [200, 100], 64, 64)
+    with pytest.raises(ValueError, match="want q"):
+        cpu.paged_attention(q, kp, vp, table[0], allowed)
+    with pytest.raises(ValueError, match="bool"):
+        cpu.paged_attention(q, kp, vp, table, allowed.float())
+    with pytest.raises(ValueError, match="int32 or int64"):
+        cpu.paged_attention(q, kp, vp, table.float(), allowed)
+    with pytest.raises(ValueError, match="allowed"):
+        cpu.paged_attention(q, kp, vp, table, allowed[..., :-1])
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu.paged_attention(q[:, :3], kp, vp, table, allowed)
+    with pytest.raises(RuntimeError, match="page id 99"):  # checked before the kernel reads anything
+        cpu.paged_attention(q, kp, vp, torch.full_like(table, 99), allowed)
+    module = cpu._state["module"]
+    with pytest.raises(RuntimeError, match=r"page size \(P = 16"):  # the bindings check too
+        module.paged_attention(q, kp[:, :, :16], vp[:, :, :16], table, allowed[..., : 16 * table.shape[1]])
+
+
+def test_paged_attention_fallback_agrees_with_the_kernel(kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the kernels (switched off; or float64 tensors) the pages are gathered and SDPA runs: the
+    same result to float32 rounding."""
+    q, kp, vp, table, allowed = paged_problem(24, 3, 6, 2, 5, [600, 317, 130], 128, 64, shared=2)
+    kernel = cpu.paged_attention(q, kp, vp, table, allowed)
+    K, V = cpu.gather_pages(kp, table), cpu.gather_pages(vp, table)
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    assert not cpu.available()
+    fallback = cpu.paged_attention(q, kp, vp, table, allowed)
+    assert torch.equal(fallback, F.scaled_dot_product_attention(q, K, V, attn_mask=allowed[:, None], enable_gqa=True))
+    assert (fallback - kernel).abs().max() / kernel.abs().max() < 1e-5
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    out64 = cpu.paged_attention(q.double(), kp.double(), vp.double(), table, allowed)
+    assert out64.dtype == torch.float64 and (out64 - kernel.double()).abs().max() / kernel.abs().max() < 1e-5
+    with pytest.raises(ValueError, match="outside"):
+        cpu.paged_attention(q.double(), kp.double(), vp.double(), table + 1000, allowed)
 
 
 # -------------------------------------------------------------------------------------------- fallback

@@ -1,18 +1,20 @@
 """Batch-invariant CPU kernels for decode-shaped forwards (AVX2/FMA + OpenMP, C++ in ``csrc/``).
 
 This module owns the Python side: building the extension lazily on first use (cached under
-``$MAGICDEC_HOME/build``), deciding whether it can be used, and the public functions `linear` and
-`attention`, which fall back to PyTorch's ops when it cannot be used (no compiler, no AVX2/FMA, or
+``$MAGICDEC_HOME/build``), deciding whether it can be used, and the public functions `linear`,
+`attention` and `paged_attention`, which fall back to PyTorch's ops when it cannot be used (no compiler, no AVX2/FMA, or
 ``MAGICDEC_CPU_KERNELS=0``). A fallback caused by a failed build or a CPU without AVX2 is announced by
 one warning; the switch is silent.
 
 Both kernels are *batch-invariant*: an output row is bitwise identical whatever the other rows of the
 call, the batch size, the number of query tokens and the thread count. `linear` computes each output with
 a fixed reduction order over K; `attention` processes keys in fixed blocks of slots and folds per-chunk
-partial results in slot order (see the headers of ``csrc/linear.cpp`` and ``csrc/attention.cpp``). The
-fallbacks are not batch-invariant. Tensors may be float32, bfloat16 or float16 (one dtype per call):
-16-bit weights, keys and values are widened to float32 as they are read, all arithmetic is float32, and
-the result is rounded to the inputs' dtype element by element, so the 16-bit paths are batch-invariant too.
+partial results in slot order (see the headers of ``csrc/linear.cpp`` and ``csrc/attention.cpp``);
+`paged_attention` runs the same kernel over a paged cache and gives bitwise what `attention` gives on the
+gathered dense cache. The fallbacks are not batch-invariant. Tensors may be float32, bfloat16 or float16
+(one dtype per call): 16-bit weights, keys and values are widened to float32 as they are read, all
+arithmetic is float32, and the result is rounded to the inputs' dtype element by element, so the 16-bit
+paths are batch-invariant too.
 
 Prebuild with ``python -m magicdec.kernels.cpu build`` (or `ensure_built()` from Python, e.g. before a
 timed phase); ``python -m magicdec.kernels.cpu info`` says whether the kernels are in use and why not.
@@ -57,6 +59,9 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 # (the basis of batch invariance). -mf16c: float16 → float32 conversion (every AVX2 CPU has F16C).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
+# Page sizes of `paged_attention` must be multiples of this: the attention kernel's block of slots (kBlock
+# in csrc/attention.cpp), so that every block of keys lies inside one page.
+PAGE_MULTIPLE = 64
 # The dtypes the kernels take (inputs of one call share one; arithmetic is float32 whatever it is).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BUILD_LOCK = "magicdec-build.lock"  # flock'ed by the process building or loading the extension
@@ -248,6 +253,56 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
         return _state["module"].attention(q, k, v, allowed)  # type: ignore[attr-defined]
     Hq, Hkv = q.shape[1], k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=Hq != Hkv)
+
+
+def gather_pages(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The dense cache [B, Hkv, nb·P, D] of the pages `table` [B, nb] of `pool` [N, Hkv, P, D]:
+    slot s of row b is pool[table[b, s // P], :, s % P] (a copy)."""
+    B, nb = table.shape
+    N, H, P, D = pool.shape
+    return pool[table.long()].permute(0, 2, 1, 3, 4).reshape(B, H, nb * P, D)
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                    allowed: torch.Tensor) -> torch.Tensor:
+    """`attention` over a paged KV cache.
+
+    q [B, Hq, T, D]; k_pool, v_pool [N, Hkv, P, D]: one layer's pool of N pages of P slots (strided views
+    such as ``pool[layer]`` are fine as long as D is contiguous; they are not copied); table [B, nb] int32
+    or int64 page ids: logical slot s of row b is slot s % P of page table[b, s // P] (entries a row does
+    not use hold any valid page id and are masked out); allowed [B, T, nb·P] bool over logical slots
+    → [B, Hq, T, D]. P must be a positive multiple of PAGE_MULTIPLE (64), so that each block of keys
+    of the kernel lies inside one page.
+
+    With the kernels: bitwise equal to ``attention(q, K, V, allowed)`` on the gathered cache
+    ``K = gather_pages(k_pool, table)`` (same for V), hence batch-invariant like it. Otherwise (kernels
+    unavailable, tensors not eligible, or D not a multiple of 8) exactly that: the pages are gathered and
+    `attention`'s fallback (SDPA with a boolean mask) runs."""
+    if q.dim() != 4 or k_pool.dim() != 4 or v_pool.dim() != 4 or table.dim() != 2 or allowed.dim() != 3:
+        raise ValueError(f"paged_attention: want q [B, Hq, T, D], k_pool, v_pool [N, Hkv, P, D], table [B, nb], "
+                         f"allowed [B, T, nb * P]; got {tuple(q.shape)}, {tuple(k_pool.shape)}, "
+                         f"{tuple(v_pool.shape)}, {tuple(table.shape)}, {tuple(allowed.shape)}")
+    if allowed.dtype != torch.bool:
+        raise ValueError(f"paged_attention: allowed must be a bool tensor, got {allowed.dtype}")
+    if table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paged_attention: table must hold int32 or int64 page ids, got {table.dtype}")
+    B, Hq, T, D = q.shape
+    N, Hkv, P, _ = k_pool.shape
+    nb = table.shape[1]
+    if P <= 0 or P % PAGE_MULTIPLE:
+        raise ValueError(f"paged_attention: the page size (P = {P} slots, k_pool.shape[2]) must be a positive "
+                         f"multiple of {PAGE_MULTIPLE}, the kernel's block of slots")
+    if v_pool.shape != k_pool.shape or k_pool.shape[3] != D or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit k_pool {tuple(k_pool.shape)} and "
+                         f"v_pool {tuple(v_pool.shape)} (same shape, same D, Hq a multiple of Hkv)")
+    if table.shape[0] != B or tuple(allowed.shape) != (B, T, nb * P):
+        raise ValueError(f"paged_attention: want table [{B}, nb] and allowed [{B}, {T}, nb * {P}]; got "
+                         f"{tuple(table.shape)} and {tuple(allowed.shape)}")
+    if _kernel_ok(q, k_pool, v_pool) and D % 8 == 0:
+        return _state["module"].paged_attention(q, k_pool, v_pool, table, allowed)  # type: ignore[attr-defined]
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= N):
+        raise ValueError(f"paged_attention: table holds page ids outside [0, {N})")
+    return attention(q, gather_pages(k_pool, table), gather_pages(v_pool, table), allowed)
 
 
 def main(argv: list[str] | None = None) -> int:

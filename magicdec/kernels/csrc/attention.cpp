@@ -11,6 +11,13 @@
 // h / g (g = Hq / Hkv). The g heads x T tokens that share a KV head form R = g·T "rows" that are processed
 // together, so K and V of each KV head are read from memory once per call.
 //
+// Paged variant (`magicdec.kernels.cpu.paged_attention`): k and v are pools [N, Hkv, P, D] of N pages of
+// P slots (any strides, last dimension contiguous) and a table [B, nb] of page ids says where the slots
+// of each sequence lie: logical slot s of sequence b is slot s % P of page table[b, s / P] (S = nb·P).
+// P is a multiple of kBlock, so every block lies inside one page; the only difference from the dense
+// layout is where a block's keys and values are read (and prefetched), so the paged result is bitwise
+// the dense result on the gathered cache K[b, h, s] = k[table[b, s / P], h, s % P].
+//
 // Numerics (the contract): the output of a query row depends only on that row's query, on the keys and
 // values it may see and on their slot indices, never on T, B, S, the other rows or the threads:
 //   * keys are processed in blocks of kBlock slots at fixed boundaries (slot 0, 64, 128, ...), blocks are
@@ -105,6 +112,10 @@ struct Problem {
   int64_t vs_b, vs_h, vs_s;
   const uint8_t* mask;
   int64_t ms_b, ms_t;
+  // Paged layout: table [B, nb] of page ids (row stride ts_b), `page` slots per page; ks_b / vs_b are then
+  // the page strides of the pools. nullptr: the dense layout (ks_b / vs_b are the batch strides).
+  const int32_t* table;
+  int64_t ts_b, page;
   float* out;
   int64_t B, Hq, Hkv, T, S, D;
   int64_t g, R, chunks;
@@ -158,18 +169,18 @@ MAGICDEC_INLINE void prefetch_row(const KV* row, int64_t D) {
 
 // s[r][0..kBlock) = scores of all rows against the nk (<= kBlock) keys at kb; slots >= nk read the
 // last key again (they are masked later). Meanwhile it prefetches (into L2) the values of this block
-// (vb) and the keys of the next one (nk_next of them), a few rows per key tile: P·V reads each value
+// (vb) and the keys of the next one (nk_next of them, at kn), a few rows per key tile: P·V reads each value
 // row in several passes, a pattern that the hardware prefetchers do not follow well, and spreading the
 // requests over the computation keeps memory busy without stalling it.
 template <typename KV, int DC8>
 MAGICDEC_INLINE void qk_block(Work& w, const KV* kb, int64_t ks, int64_t nk, const KV* vb, int64_t vs,
-                              int64_t nk_next) {
+                              const KV* kn, int64_t nk_next) {
   const int64_t R = w.R, D = w.D;
   const float* q = w.q.data();
   float* s = w.s.data();
   for (int64_t j0 = 0; j0 < nk; j0 += kQkKeys) {
     for (int64_t j = j0; j < std::min(j0 + kQkKeys, nk); ++j) prefetch_row<KV, DC8>(vb + j * vs, D);
-    for (int64_t j = j0; j < std::min(j0 + kQkKeys, nk_next); ++j) prefetch_row<KV, DC8>(kb + (kBlock + j) * ks, D);
+    for (int64_t j = j0; j < std::min(j0 + kQkKeys, nk_next); ++j) prefetch_row<KV, DC8>(kn + j * ks, D);
     const KV* kp[kQkKeys];
     for (int j = 0; j < kQkKeys; ++j) kp[j] = kb + std::min<int64_t>(j0 + j, nk - 1) * ks;
     int64_t r = 0;
@@ -281,6 +292,34 @@ void load_queries(const Problem& P, Work& w, int64_t b, int64_t kvh) {
   }
 }
 
+// Where the slots of one (batch, KV head) lie in memory: slot j of the dense layout at k + j·ks_s, of the
+// paged layout at k + pages[j / page]·ks_p + (j % page)·ks_s (k then points at the KV head in page 0).
+// Blocks start at multiples of kBlock and `page` is one too, so a block's slots are consecutive rows.
+template <typename KV>
+struct Slots {
+  const KV* k;
+  const KV* v;
+  const int32_t* pages;  // the sequence's row of the page table; nullptr: dense
+  int64_t ks_s, vs_s, ks_p, vs_p, page;
+
+  Slots(const Problem& P, int64_t b, int64_t kvh)
+      : k(static_cast<const KV*>(P.k) + kvh * P.ks_h),
+        v(static_cast<const KV*>(P.v) + kvh * P.vs_h),
+        pages(P.table != nullptr ? P.table + b * P.ts_b : nullptr),
+        ks_s(P.ks_s), vs_s(P.vs_s), ks_p(P.ks_b), vs_p(P.vs_b), page(P.page) {
+    if (pages == nullptr) {
+      k += b * P.ks_b;
+      v += b * P.vs_b;
+    }
+  }
+  const KV* key(int64_t j) const {
+    return pages != nullptr ? k + pages[j / page] * ks_p + (j % page) * ks_s : k + j * ks_s;
+  }
+  const KV* value(int64_t j) const {
+    return pages != nullptr ? v + pages[j / page] * vs_p + (j % page) * vs_s : v + j * vs_s;
+  }
+};
+
 // The partial softmax state (w.m, w.l, w.acc) of chunk `chunk` of (b, kv head), keys and values of type
 // KV; DC8 = D / 8 when it is a compile-time constant (D = 64, 128), else 0.
 template <typename KV, int DC8>
@@ -288,8 +327,7 @@ void compute_chunk(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t ch
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-  const KV* kh = static_cast<const KV*>(P.k) + b * P.ks_b + kvh * P.ks_h;
-  const KV* vh = static_cast<const KV*>(P.v) + b * P.vs_b + kvh * P.vs_h;
+  const Slots<KV> slots(P, b, kvh);
   const uint8_t* mb = P.mask + b * P.ms_b;
   const int64_t end = std::min(P.S, (chunk + 1) * kChunk);
   for (int64_t j0 = chunk * kChunk; j0 < end; j0 += kBlock) {
@@ -304,9 +342,12 @@ void compute_chunk(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t ch
     if (!any) continue;  // no row sees this block: skipping it is exactly what the rows would compute
     // the next block, also across the chunk boundary (usually the same thread goes on there)
     const int64_t nk_next = std::max<int64_t>(0, std::min(kBlock, P.S - j0 - kBlock));
-    qk_block<KV, DC8>(w, kh + j0 * P.ks_s, P.ks_s, nk, vh + j0 * P.vs_s, P.vs_s, nk_next);
+    const KV* kb = slots.key(j0);
+    const KV* vb = slots.value(j0);
+    const KV* kn = nk_next > 0 ? slots.key(j0 + kBlock) : kb;  // (paged: maybe another page)
+    qk_block<KV, DC8>(w, kb, P.ks_s, nk, vb, P.vs_s, kn, nk_next);
     softmax_block(w);
-    pv_block<KV, DC8>(w, vh + j0 * P.vs_s, P.vs_s, nk);
+    pv_block<KV, DC8>(w, vb, P.vs_s, nk);
   }
 }
 
@@ -373,13 +414,16 @@ void write_out(const Problem& P, const Work& w, int64_t b, int64_t kvh) {
 }  // namespace
 
 // See the header comment. Strides are in elements; k and v hold elements of type `kv`; D must be a
-// multiple of 8 (checked by the caller).
+// multiple of 8 (checked by the caller). table == nullptr: the dense layout (ks_b, vs_b: batch strides;
+// ts_b and page unused). Otherwise the paged layout: k and v are pools of pages (ks_b, vs_b: page
+// strides), table [B, S / page] holds valid page ids (row stride ts_b) and page is a positive multiple
+// of 64 that divides S (all checked by the caller).
 void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const void* k, int64_t ks_b,
                    int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
-                   const uint8_t* mask, int64_t ms_b, int64_t ms_t, float* out, int64_t B, int64_t Hq, int64_t Hkv,
-                   int64_t T, int64_t S, int64_t D) {
-  Problem P{q, qs_b, qs_h, qs_t, k, ks_b, ks_h, ks_s, v, vs_b, vs_h, vs_s, mask, ms_b, ms_t, out,
-            B, Hq, Hkv, T, S, D, Hq / Hkv, (Hq / Hkv) * T, (S + kChunk - 1) / kChunk, kv};
+                   const uint8_t* mask, int64_t ms_b, int64_t ms_t, const int32_t* table, int64_t ts_b,
+                   int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D) {
+  Problem P{q, qs_b, qs_h, qs_t, k, ks_b, ks_h, ks_s, v, vs_b, vs_h, vs_s, mask, ms_b, ms_t, table, ts_b, page,
+            out, B, Hq, Hkv, T, S, D, Hq / Hkv, (Hq / Hkv) * T, (S + kChunk - 1) / kChunk, kv};
   const int64_t heads = B * Hkv;
   if (heads == 0 || T == 0) return;
   const int64_t threads = omp_get_max_threads();

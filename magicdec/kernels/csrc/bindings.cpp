@@ -21,10 +21,14 @@ void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w
 // Defined in attention.cpp (see there for the numerics contract).
 void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const void* k, int64_t ks_b,
                    int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
-                   const uint8_t* mask, int64_t ms_b, int64_t ms_t, float* out, int64_t B, int64_t Hq, int64_t Hkv,
-                   int64_t T, int64_t S, int64_t D);
+                   const uint8_t* mask, int64_t ms_b, int64_t ms_t, const int32_t* table, int64_t ts_b,
+                   int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D);
 
 namespace {
+
+// Page sizes of paged_attention must be multiples of this: attention.cpp's kBlock (slots per block), so
+// that every block of keys lies inside one page.
+constexpr int64_t kPageMultiple = 64;
 
 // The kernels' code for a float32, bfloat16 or float16 CPU tensor; fails for anything else.
 Elem check_cpu(const at::Tensor& t, const char* name) {
@@ -86,34 +90,58 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   return y.to(x_in.scalar_type());  // no copy for float32
 }
 
-at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                     const at::Tensor& allowed_in) {
+// attention (table undefined: k, v [B, Hkv, S, D]) or paged_attention (k, v pools [N, Hkv, P, D] and
+// table [B, nb] of page ids: S = nb·P). `fn` names the function in messages.
+at::Tensor attention_any(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                         const at::Tensor& allowed_in, const at::Tensor& table_in, const char* fn) {
+  const bool paged = table_in.defined();
   check_cpu(q_in, "q");
-  const Elem kv = check_cpu(k_in, "k");
-  check_cpu(v_in, "v");
-  check_same_dtype(q_in, k_in, "q and k");
-  check_same_dtype(q_in, v_in, "q and v");
-  TORCH_CHECK(allowed_in.device().is_cpu() && allowed_in.scalar_type() == at::kBool,
-              "magicdec cpu attention: allowed must be a bool CPU tensor, got ", allowed_in.scalar_type(), " on ",
-              allowed_in.device());
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
-              "magicdec cpu attention: q, k, v must be [B, H, T or S, D], got ", q_in.sizes(), ", ", k_in.sizes(),
-              ", ", v_in.sizes());
+  const Elem kv = check_cpu(k_in, paged ? "k_pool" : "k");
+  check_cpu(v_in, paged ? "v_pool" : "v");
+  check_same_dtype(q_in, k_in, paged ? "q and k_pool" : "q and k");
+  check_same_dtype(q_in, v_in, paged ? "q and v_pool" : "q and v");
+  TORCH_CHECK(allowed_in.device().is_cpu() && allowed_in.scalar_type() == at::kBool, "magicdec cpu ", fn,
+              ": allowed must be a bool CPU tensor, got ", allowed_in.scalar_type(), " on ", allowed_in.device());
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "magicdec cpu ", fn,
+              paged ? ": q must be [B, Hq, T, D] and k_pool, v_pool [N, Hkv, P, D], got "
+                    : ": q, k, v must be [B, H, T or S, D], got ",
+              q_in.sizes(), ", ", k_in.sizes(), ", ", v_in.sizes());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
-  const int64_t Hkv = k_in.size(1), S = k_in.size(2);
-  TORCH_CHECK(k_in.sizes() == v_in.sizes(), "magicdec cpu attention: k is ", k_in.sizes(), " but v is ",
-              v_in.sizes());
-  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "magicdec cpu attention: q is ", q_in.sizes(),
-              " but k is ", k_in.sizes());
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "magicdec cpu attention: ", Hq, " query heads are not a multiple of ",
-              Hkv, " KV heads");
-  TORCH_CHECK(D % 8 == 0 && D > 0, "magicdec cpu attention: head dim must be a positive multiple of 8, got ", D);
+  const int64_t Hkv = k_in.size(1);
+  TORCH_CHECK(k_in.sizes() == v_in.sizes(), "magicdec cpu ", fn, paged ? ": k_pool is " : ": k is ", k_in.sizes(),
+              paged ? " but v_pool is " : " but v is ", v_in.sizes());
+  TORCH_CHECK((paged || k_in.size(0) == B) && k_in.size(3) == D, "magicdec cpu ", fn, ": q is ", q_in.sizes(),
+              paged ? " but k_pool is " : " but k is ", k_in.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "magicdec cpu ", fn, ": ", Hq, " query heads are not a multiple of ", Hkv,
+              " KV heads");
+  TORCH_CHECK(D % 8 == 0 && D > 0, "magicdec cpu ", fn, ": head dim must be a positive multiple of 8, got ", D);
+  at::Tensor table;
+  int64_t S = k_in.size(2), page = 0;
+  if (paged) {
+    const int64_t N = k_in.size(0);
+    page = k_in.size(2);
+    TORCH_CHECK(page > 0 && page % kPageMultiple == 0, "magicdec cpu ", fn, ": the page size (P = ", page,
+                " slots) must be a positive multiple of ", kPageMultiple);
+    TORCH_CHECK(table_in.device().is_cpu() && (table_in.scalar_type() == at::kInt ||
+                                               table_in.scalar_type() == at::kLong),
+                "magicdec cpu ", fn, ": table must be an int32 or int64 CPU tensor, got ", table_in.scalar_type(),
+                " on ", table_in.device());
+    TORCH_CHECK(table_in.dim() == 2 && table_in.size(0) == B, "magicdec cpu ", fn, ": table must be [", B,
+                ", pages per sequence], got ", table_in.sizes());
+    const at::Tensor ids = table_in.to(at::kLong).contiguous();  // checked before narrowing to int32
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < ids.numel(); ++i)
+      TORCH_CHECK(id[i] >= 0 && id[i] < N, "magicdec cpu ", fn, ": table holds page id ", id[i],
+                  " but the pools have ", N, " pages");
+    table = ids.to(at::kInt);
+    S = table.size(1) * page;
+  }
   TORCH_CHECK(allowed_in.dim() == 3 && allowed_in.size(0) == B && allowed_in.size(1) == T &&
                   allowed_in.size(2) == S,
-              "magicdec cpu attention: allowed must be [", B, ", ", T, ", ", S, "], got ", allowed_in.sizes());
+              "magicdec cpu ", fn, ": allowed must be [", B, ", ", T, ", ", S, "], got ", allowed_in.sizes());
   at::Tensor out = at::empty({B, Hq, T, D}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.to(q_in.scalar_type());
-  TORCH_CHECK(S > 0, "magicdec cpu attention: no keys to attend to");
+  TORCH_CHECK(S > 0, "magicdec cpu ", fn, ": no keys to attend to");
   const at::Tensor q = last_dim_contiguous(q_in.to(at::kFloat));
   const at::Tensor k = last_dim_contiguous(k_in);
   const at::Tensor v = last_dim_contiguous(v_in);
@@ -123,9 +151,20 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
     attention_f32(q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0),
                   k.stride(1), k.stride(2), v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), kv,
                   reinterpret_cast<const uint8_t*>(allowed.data_ptr<bool>()), allowed.stride(0), allowed.stride(1),
+                  paged ? table.data_ptr<int32_t>() : nullptr, paged ? table.stride(0) : 0, page,
                   out.data_ptr<float>(), B, Hq, Hkv, T, S, D);
   }
   return out.to(q_in.scalar_type());  // no copy for float32
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed) {
+  return attention_any(q, k, v, allowed, at::Tensor(), "attention");
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                           const at::Tensor& table, const at::Tensor& allowed) {
+  TORCH_CHECK(table.defined(), "magicdec cpu paged_attention: table is undefined");
+  return attention_any(q, k_pool, v_pool, allowed, table, "paged_attention");
 }
 
 }  // namespace
@@ -141,4 +180,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GQA attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] where allowed [B, T, S] (float32, bfloat16 "
         "or float16; float32 arithmetic)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("allowed"));
+  m.def("paged_attention", &magicdec_cpu::paged_attention,
+        "attention of q [B, Hq, T, D] over the pages table [B, nb] of the pools k_pool, v_pool [N, Hkv, P, D] "
+        "where allowed [B, T, nb·P]: bitwise `attention` on the gathered cache (P a multiple of 64)",
+        pybind11::arg("q"), pybind11::arg("k_pool"), pybind11::arg("v_pool"), pybind11::arg("table"),
+        pybind11::arg("allowed"));
 }

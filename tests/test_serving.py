@@ -1,0 +1,241 @@
+"""The serving engine: requests over time, continuous batching over the paged cache, speculation per request.
+
+Exactness: every request's greedy tokens equal those of the same prompt decoded alone with plain decoding
+(bit-exact on the CPU), whatever arrived before, beside or after it — across preemptions, prefix-cache
+hits and aborts of its neighbours — and equal transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from conftest import hf_greedy, hf_model, random_prompts
+from magicdec import LLM, Engine, SamplingParams, SpecConfig
+from magicdec.cache.blocks import BlockPool, chain_hashes
+from magicdec.engine.request import RequestSpec
+
+CHUNK = 128  # prefill chunk of the tests' engines (small prompts still take several chunks)
+SELF = SpecConfig(method="self", budget=96, sinks=4, gamma=3)
+
+
+def engine(llm: LLM, spec: SpecConfig | None = None, **kw: object) -> Engine:
+    opts = dict(prefill_chunk=CHUNK, max_num_batched_tokens=256, quiet=True)
+    return Engine(llm=llm, spec=spec, **{**opts, **kw})  # type: ignore[arg-type]
+
+
+def alone(llm: LLM, prompts: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    """Each prompt decoded by itself with plain decoding: the reference."""
+    e = engine(llm)
+    return [e.run([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
+            for p, n in zip(prompts, lengths)]
+
+
+def run_trace(e: Engine, prompts: list[list[int]], lengths: list[int], arrive: list[int], abort: dict[int, int],
+              spec: dict[int, int] | None = None) -> dict[int, list[int]]:
+    """Request i arrives before step arrive[i]; request j is aborted before step abort[j]. Returns the
+    finished requests' tokens by index, checking each stream's deltas add up to its tokens."""
+    ids: dict[str, int] = {}
+    streamed: dict[int, list[int]] = {}
+    done: dict[int, list[int]] = {}
+    step = 0
+    while len(ids) < len(prompts) or e.has_unfinished_requests():
+        for i, at in enumerate(arrive):
+            if at == step:
+                params = SamplingParams(max_new_tokens=lengths[i], ignore_eos=True)
+                ids[e.add_request(prompts[i], params, (spec or {}).get(i))] = i
+        for j, at in abort.items():
+            if at == step:
+                e.abort_request(next(r for r, i in ids.items() if i == j))
+        for out in e.step():
+            i = ids[out.request_id]
+            streamed.setdefault(i, []).extend(out.new_token_ids)
+            assert streamed[i] == out.token_ids
+            if out.finished and out.finish_reason != "abort":
+                done[i] = out.token_ids
+        step += 1
+        assert step < 2000
+    e.check_no_leaks()
+    return done
+
+
+@pytest.fixture(scope="module")
+def trace(tiny_llm: LLM) -> tuple[list[list[int]], list[int], list[int], dict[int, int]]:
+    """16 requests: staggered arrivals, prompts of 20–700 tokens (two share a 512-token prefix with an
+    earlier one: prefix-cache hits), 4–40 new tokens, one aborted mid-way."""
+    lens = [300, 40, 700, 129, 64, 513, 20, 260, 650, 90, 384, 200, 33, 600, 700, 128]
+    prompts = random_prompts(16, lens, tiny_llm.config.vocab_size, seed=3)
+    prompts[13] = prompts[2][:512] + prompts[13][512:]
+    prompts[14] = prompts[2][:600] + prompts[14][600:]
+    new = [40, 8, 24, 30, 12, 40, 5, 16, 33, 40, 10, 21, 40, 18, 25, 9]
+    arrive = [0, 0, 0, 1, 2, 2, 3, 5, 8, 8, 9, 12, 15, 40, 41, 60]
+    return prompts, new, arrive, {7: 12}
+
+
+@pytest.mark.parametrize("spec", [None, SELF, "mixed"], ids=["plain", "self", "per-request-gamma"])
+def test_trace_equals_each_request_alone(tiny_llm: LLM, trace: tuple, spec: object) -> None:
+    prompts, new, arrive, abort = trace
+    ref = alone(tiny_llm, prompts, new)
+    # a pool too small for the trace (preemption), and requests that turn speculation off or fix their own γ
+    e = engine(tiny_llm, None if spec is None else SELF, num_blocks=40, max_num_seqs=6)
+    overrides = {1: 0, 4: 2, 9: 0, 11: 1} if spec == "mixed" else None
+    got = run_trace(e, prompts, new, arrive, abort, overrides)
+    assert set(got) == set(range(16)) - set(abort)
+    for i, tokens in got.items():
+        assert tokens == ref[i], f"request {i}"
+    assert e.core.scheduler.preemptions > 0
+    assert e.prefix_cache.hits >= 2 * 512 - CHUNK  # requests 13 and 14 found request 2's whole chunks
+    if spec is not None:
+        assert e.stats.spec.draft_tokens > 0
+
+
+def test_engine_equals_transformers_and_static_batching(tiny_llm: LLM, tiny_dir: Path) -> None:
+    prompts = random_prompts(3, [150, 300, 77], tiny_llm.config.vocab_size, seed=8)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    outs = engine(tiny_llm, SELF).run(prompts, params)
+    hf = hf_model(tiny_dir)
+    static = tiny_llm.generate(prompts, params).outputs
+    for p, o, s in zip(prompts, outs, static):
+        assert o.token_ids == hf_greedy(hf, p, 20) == s.token_ids
+
+
+def test_seeded_sampling_does_not_depend_on_neighbours(tiny_llm: LLM) -> None:
+    prompts = random_prompts(4, [100, 220], tiny_llm.config.vocab_size, seed=4)
+    sampled = SamplingParams(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    greedy = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    for spec in (None, SELF):
+        one = engine(tiny_llm, spec).run([prompts[0]], sampled)[0].token_ids
+        mixed = engine(tiny_llm, spec).run(prompts, [sampled, greedy, greedy, sampled])
+        assert mixed[0].token_ids == one and len(one) == 24  # its own seeded generator, whoever runs beside it
+        assert mixed[3].token_ids != one
+
+
+def test_long_prompt_admission_keeps_running_requests_going(tiny_llm: LLM) -> None:
+    """While a 2K-token prompt is prefilled chunk by chunk, every step gives the running requests a token."""
+    short, long = random_prompts(2, [50, 2000], tiny_llm.config.vocab_size, seed=5)
+    e = engine(tiny_llm, SELF, max_num_batched_tokens=160)
+    a = e.add_request(short, SamplingParams(max_new_tokens=60, ignore_eos=True))
+    while not any(o.request_id == a and o.token_ids for o in e.step()):
+        pass
+    b = e.add_request(long, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    prefill_steps = 0
+    while not e.core.requests[b].output:
+        outs = {o.request_id: o for o in e.step()}
+        assert a in outs and outs[a].new_token_ids, "the running request produced nothing this step"
+        assert e.core.last_report.prefill_tokens <= CHUNK
+        prefill_steps += 1
+    assert prefill_steps >= 10  # the long prompt took many steps, none of them stalled the short one
+
+
+def test_prefix_cache_hit_skips_the_shared_prefill(tiny_llm: LLM) -> None:
+    doc = random_prompts(1, [1100], tiny_llm.config.vocab_size, seed=6)[0]
+    e = engine(tiny_llm)
+    first = e.run([doc + [5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    second = e.run([doc + [9, 10]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert first.metrics.cached_tokens == 0 and second.metrics.cached_tokens == 1024
+    assert e.stats.prompt_tokens == 1103 + (1102 - 1024)
+    assert second.token_ids == alone(tiny_llm, [doc + [9, 10]], [4])[0]
+    e.check_no_leaks()
+
+
+def test_abort_frees_blocks_at_once(tiny_llm: LLM) -> None:
+    e = engine(tiny_llm, SELF)
+    prompts = random_prompts(2, [400], tiny_llm.config.vocab_size, seed=7)
+    a = e.add_request(prompts[0], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    b = e.add_request(prompts[1], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    for _ in range(6):
+        e.step()
+    held = e.kv_cache_usage
+    e.abort_request(a)
+    assert e.kv_cache_usage < held
+    outs = {o.request_id: o for o in e.step()}
+    assert outs[a].finished and outs[a].finish_reason == "abort"
+    while e.has_unfinished_requests():
+        e.step()
+    assert b not in e.core.requests
+    e.check_no_leaks()
+    assert e.kv_cache_usage == 0.0
+
+
+def test_bad_requests_are_refused_before_queueing(tiny_llm: LLM) -> None:
+    e = engine(tiny_llm, SELF, num_blocks=8)
+    with pytest.raises(ValueError, match="over the model's context of 4096"):
+        e.add_request([5] * 4000, SamplingParams(max_new_tokens=200))
+    with pytest.raises(ValueError, match=r"needs \d+ KV blocks .* but the cache holds 8"):
+        e.add_request([5] * 600, SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="outside the vocabulary of 384"):
+        e.add_request([5, 999], SamplingParams())
+    with pytest.raises(ValueError, match=r"γ must be in 0 … 3"):
+        e.add_request([5, 6], SamplingParams(), spec=RequestSpec(9))
+    e.add_request([5, 6], SamplingParams(), request_id="x")
+    with pytest.raises(ValueError, match="request id 'x' is in use"):
+        e.add_request([5, 6], SamplingParams(), request_id="x")
+    assert e.num_waiting == 1
+    with pytest.raises(ValueError, match="StreamingLLM self-draft"):
+        engine(tiny_llm, SpecConfig(method="self", drafter="snapkv", budget=64))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        engine(tiny_llm, block_size=16)
+
+
+def test_async_streams_share_the_engine(tiny_llm: LLM) -> None:
+    prompts = random_prompts(3, [90, 200, 140], tiny_llm.config.vocab_size, seed=9)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    e = engine(tiny_llm, SELF)
+
+    async def collect(p: list[int]) -> list[int]:
+        tokens: list[int] = []
+        async for out in e.generate(p, params):
+            tokens += out.new_token_ids
+        return tokens
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(collect(p) for p in prompts))
+
+    assert asyncio.run(main()) == alone(tiny_llm, prompts, [12] * 3)
+    e.check_no_leaks()
+
+
+def test_stream_text_never_shows_a_stop_string(smol: LLM) -> None:
+    e = engine(smol, SELF)
+    params = SamplingParams(max_new_tokens=60, stop=("Paris",))
+    deltas = list(e.stream("Question: What is the capital of France? Answer:", params))
+    final = deltas[-1]
+    assert "".join(d.new_text for d in deltas) == final.text
+    assert "Paris" not in final.text and final.finish_reason == "stop"
+    assert all("Par" not in d.new_text for d in deltas)
+    assert final.token_ids == smol.generate(["Question: What is the capital of France? Answer:"],
+                                            params).outputs[0].token_ids
+
+
+def test_block_pool_prefix_chain_and_eviction() -> None:
+    pool = BlockPool(4, 2)
+    h = chain_hashes([1, 2, 3, 4, 5], 2)
+    assert len(h) == 2 and chain_hashes([9, 2, 3, 4], 2)[1] != h[1]  # a block's hash covers its whole prefix
+    a = pool.allocate(3)
+    pool.register(a[0], h[0])
+    pool.register(a[1], h[1])
+    pool.release(a)
+    assert pool.num_free == 4 and pool.usage == 0.0
+    assert pool.match(h, 2) == a[:2]  # still cached after release
+    pool.release(a[:2])
+    pool.allocate(4)  # reuse evicts them
+    assert pool.match(h, 2) == []
+    with pytest.raises(MemoryError):
+        pool.allocate(1)
+
+
+def test_smollm2_real_text_trace(smol: LLM) -> None:
+    """The built-in model on passages of two novels: speculative continuous batching (γ auto) gives each
+    request's plain tokens, alone."""
+    from magicdec import Auto
+    from magicdec.data import load_corpus, make_prompts
+
+    corpus = load_corpus("austen")
+    prompts = make_prompts(smol.tokenizer, corpus, lengths=[700, 1300, 400, 900], seed=21)
+    lengths = [24, 16, 32, 20]
+    ref = alone(smol, prompts, lengths)
+    e = engine(smol, SpecConfig(method="self", budget=192, sinks=4, gamma=Auto()), max_num_seqs=3)
+    got = run_trace(e, prompts, lengths, [0, 0, 3, 6], {})
+    assert [got[i] for i in range(4)] == ref
+    assert [len(t) for t in ref] == lengths
