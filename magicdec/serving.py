@@ -27,7 +27,7 @@ from magicdec.cache.memory import OutOfMemoryPlan, available_bytes, fmt_bytes
 from magicdec.cache.paged import PagedKVCache
 from magicdec.costmodel.policy import RequestGamma
 from magicdec.data.locks import say
-from magicdec.engine.core import EngineCore, EngineStats, SelfDraft
+from magicdec.engine.core import EngineCore, EngineStats, SelfDraft, StepReport
 from magicdec.engine.request import RequestSpec, StepOutput
 from magicdec.engine.scheduler import SchedulerConfig
 from magicdec.llm import LLM, Prompt
@@ -199,7 +199,20 @@ class Engine:
     def num_waiting(self) -> int:
         return self.core.num_waiting
 
+    @property
+    def last_step(self) -> StepReport | None:
+        """What the last step did: each decoding request's γ and accepted drafts, prefill tokens, timings."""
+        return self.core.last_report
+
     def check_no_leaks(self) -> None:
-        """Raise if any KV block is still held while no request is left."""
+        """Raise KVLeakError if any KV block is still held while no request is left."""
         if not self.has_unfinished_requests():
             self.core.pool.check_empty()
+
+    def close(self) -> None:
+        """Abort every request and free the KV pool now (the engine is unusable after)."""
+        for rid in list(self.core.requests):
+            self.core.abort_request(rid)
+        self.core.cache.k = self.core.cache.v = torch.empty(0)
+        if self.llm.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -143,3 +143,116 @@ def test_jsonl_is_one_object_per_line(tiny_dir: Path, corpus: Path, tmp_path: Pa
     assert run_cli(*common(tiny_dir, corpus, out), "--gamma", "3", "--repeats", "1", "--warmup", "0") == 0
     lines = (out / "results.jsonl").read_text().splitlines()
     assert [json.loads(x)["type"] for x in lines] == ["header", "point", "point"]
+
+
+# ---- `magicdec bench trace` ------------------------------------------------------------------------------
+
+TRACE_REQUEST_FIELDS = {"config", "kind", "gamma", "request", "prompt_tokens", "output_tokens", "arrival_s",
+                        "first_token_s", "finished_s", "ttft_s", "tpot_s", "itl_max_s", "e2e_s", "itl_s",
+                        "acceptance_rate", "cached_tokens", "preemptions", "tokens_sha1", "matches_reference"}
+TRACE_SUMMARY_FIELDS = {"config", "requests", "output_tokens", "makespan_s", "output_tokens_per_s", "requests_per_s",
+                        "throughput_vs_plain", "ttft_s", "tpot_s", "itl_s", "itl_max_s", "e2e_s", "acceptance_rate",
+                        "prefix_cache_hit_rate", "preemptions", "no_leaks", "matches_reference"}
+
+
+def test_trace_end_to_end(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """6 requests, closed loop at concurrency 3, through plain, self (γ 2) and static batching: the
+    records, the summaries, identical greedy outputs across the engine's configurations, the files."""
+    from magicdec.bench.trace import read_results
+
+    out = tmp_path / "trace"
+    assert run_cli("trace", "--model", str(tiny_dir), "--corpus", str(corpus), "--requests", "6",
+                   "--prompt-len", "100-300", "--output-len", "8", "16", "--concurrency", "3",
+                   "--configs", "plain,self", "static", "--gamma", "2", "--budget", "64", "--max-num-seqs", "3",
+                   "--num-blocks", "32", "--quiet", "--out", str(out)) == 0
+    for name in ("results.jsonl", "results.md", "trace.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "trace.png").read_bytes()[:4] == b"\x89PNG"
+    head, requests, summaries = read_results(out / "results.jsonl")
+    assert head["options"]["requests"] == 6 and "batch" not in head["options"]  # the trace's options only
+    assert {"machine", "options", "trace", "configs", "definitions"} <= set(head)
+    tr = head["trace"]
+    assert tr["requests"] == 6 and tr["concurrency"] == 3 and tr["rate"] is None
+    assert all(100 <= n <= 300 for n in tr["prompt_lens"]) and all(8 <= n <= 16 for n in tr["output_lens"])
+    assert [s["config"] for s in summaries] == ["plain", "self-g2", "static"]
+    by = {c: sorted((r for r in requests if r["config"] == c), key=lambda r: r["request"])
+          for c in ("plain", "self-g2", "static")}
+    for recs in by.values():
+        assert [r["request"] for r in recs] == list(range(6))
+        for r, n_out, n_prompt in zip(recs, tr["output_lens"], tr["prompt_lens"]):
+            assert TRACE_REQUEST_FIELDS <= set(r)
+            assert r["output_tokens"] == n_out and r["prompt_tokens"] == n_prompt  # ignore_eos: as drawn
+            assert 0 <= r["arrival_s"] <= r["first_token_s"] <= r["finished_s"]
+            assert r["ttft_s"] > 0 and r["e2e_s"] >= r["ttft_s"] and r["tpot_s"] > 0
+            assert r["itl_max_s"] == max(r["itl_s"]) and r["e2e_s"] - r["ttft_s"] >= r["itl_max_s"] - 1e-9
+        assert sum(r["arrival_s"] == 0 for r in recs) == 3  # closed loop: 3 at once, then one per finish
+    # exactness: the engine's greedy tokens with speculation equal plain continuous batching's
+    assert [r["tokens_sha1"] for r in by["self-g2"]] == [r["tokens_sha1"] for r in by["plain"]]
+    assert all(r["matches_reference"] for r in by["self-g2"]) and by["plain"][0]["matches_reference"] is None
+    assert any(r["draft_tokens"] for r in by["self-g2"]) and by["plain"][0]["acceptance_rate"] is None
+    s = {x["config"]: x for x in summaries}
+    for x in summaries:
+        assert TRACE_SUMMARY_FIELDS <= set(x) and x["requests"] == 6
+        assert x["output_tokens"] == sum(tr["output_lens"]) and x["output_tokens_per_s"] > 0
+        for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            d = x[key]
+            assert d["p50"] <= d["p90"] <= d["p99"] and d["mean"] > 0
+    assert s["plain"]["throughput_vs_plain"] == 1.0 and s["self-g2"]["throughput_vs_plain"] > 0
+    assert s["self-g2"]["matches_reference"] is True and s["self-g2"]["reference"] == "plain"
+    assert s["plain"]["no_leaks"] is True and s["self-g2"]["no_leaks"] is True and s["static"]["no_leaks"] is None
+    assert 0 < s["self-g2"]["acceptance_rate"] <= 1 and s["static"]["gamma"] == "auto"  # (auto may pick γ 0)
+    assert s["static"]["batches"] == 2 and s["static"]["gamma_counts"] and s["self-g2"]["gamma_counts"]
+    assert s["plain"]["prefix_cache_hit_rate"] is not None and list(s["plain"]["gamma_counts"]) == ["0"]
+    table = (out / "results.md").read_text()
+    assert "self-g2" in table and "static" in table and "**NO**" not in table
+    (out / "results.md").unlink()
+    assert run_cli("trace", "--report", str(out)) == 0 and (out / "results.md").read_text() == table
+
+
+def test_trace_draws_and_arrivals() -> None:
+    """The trace is a function of its seed; Poisson offsets start at 0 and grow; the ranges parse."""
+    from magicdec.bench.trace import Arrivals, make_trace, trace_configs
+
+    def prompts(lengths: list[int]) -> list[list[int]]:
+        return [[5] * n for n in lengths]
+
+    a = make_trace(prompts, 8, (10, 20), (3, 5), rate=4.0, seed=7)
+    b = make_trace(prompts, 8, (10, 20), (3, 5), rate=4.0, seed=7)
+    assert a.as_dict() == b.as_dict() and a.as_dict() != make_trace(prompts, 8, (10, 20), (3, 5), rate=4.0).as_dict()
+    offs = a.as_dict()["offsets_s"]
+    assert offs[0] == 0 and offs == sorted(offs) and len(set(offs)) == 8
+    arrivals = Arrivals(a, 100.0)
+    assert [r.index for r, _ in arrivals.due(100.0 + offs[3])] == [0, 1, 2, 3] and arrivals.next_time() == 100 + offs[4]
+    closed = Arrivals(make_trace(prompts, 5, (10, 10), (3, 3), concurrency=2), 0.0)
+    assert [t for _, t in closed.due(1.0)] == [0.0, 0.0] and closed.due(1.0) == []
+    closed.freed(0.7)
+    closed.freed(0.5)
+    assert [(r.index, t) for r, t in closed.due(1.0)] == [(2, 0.5), (3, 0.7)]
+    assert bench.parse_range(["4k-7k"]) == (4096, 7168) and bench.parse_range(["32", "128"]) == (32, 128)
+    assert bench.parse_range(["64"]) == (64, 64)
+    with pytest.raises(ValueError):
+        bench.parse_range(["7k-4k"])
+    assert [c.name for c in trace_configs(["static", "auto", "self", "plain"], [2, 3])] == \
+        ["plain", "self-g2", "self-g3", "auto", "static"]
+    with pytest.raises(ValueError, match="unknown configuration"):
+        trace_configs(["fast"])
+
+
+def test_trace_poisson_arrivals(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """With --rate, every configuration's requests arrive at the trace's offsets; static batches of
+    --max-num-seqs wait for their last arrival."""
+    from magicdec.bench.trace import read_results
+
+    out = tmp_path / "poisson"
+    assert run_cli("trace", "--model", str(tiny_dir), "--corpus", str(corpus), "--requests", "4", "--prompt-len",
+                   "64-128", "--output-len", "4-8", "--rate", "40", "--configs", "plain", "static",
+                   "--max-num-seqs", "2", "--no-warmup", "--quiet", "--out", str(out)) == 0
+    head, requests, summaries = read_results(out / "results.jsonl")
+    offsets = head["trace"]["offsets_s"]
+    assert head["trace"]["concurrency"] is None and len(offsets) == 4 and head["static_batch"] == 2
+    for config in ("plain", "static"):
+        recs = sorted((r for r in requests if r["config"] == config), key=lambda r: r["request"])
+        assert [r["arrival_s"] for r in recs] == pytest.approx(offsets)
+    static = sorted((r for r in requests if r["config"] == "static"), key=lambda r: r["request"])
+    assert min(r["first_token_s"] for r in static[2:]) >= offsets[3]  # the second batch waited for request 3
+    assert [s["config"] for s in summaries] == ["plain", "static"] and summaries[1]["batches"] == 2

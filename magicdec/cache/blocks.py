@@ -31,6 +31,10 @@ def chain_hashes(tokens: Sequence[int], block_size: int, parent: bytes = ROOT) -
     return out
 
 
+class KVLeakError(RuntimeError):
+    """KV blocks are still held after every request ended."""
+
+
 @dataclass(slots=True)
 class PrefixStats:
     """Prefix-cache lookups, in tokens (vLLM's `prefix_cache_queries` / `prefix_cache_hits`)."""
@@ -122,4 +126,4 @@ class BlockPool:
         """Raise if any block is still held (a leak: every request must release what it holds)."""
         held = [b for b, r in enumerate(self.refs) if r]
         if held:
-            raise AssertionError(f"{len(held)} KV blocks still held after every request ended: {held[:8]} …")
+            raise KVLeakError(f"{len(held)} KV blocks still held after every request ended: {held[:8]} …")

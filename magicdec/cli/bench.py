@@ -4,8 +4,11 @@
     magicdec bench --batch 1 2 4 8 16 --context 1k 2k 4k 8k --gamma 2 3 4 auto --peers hf
     magicdec bench --synthetic-acceptance 0.8 --model random-llama-dir --device cuda
     magicdec bench --report results/bench-20250101-120000  # re-render the table and plots of a run
+    magicdec bench trace --requests 16 --prompt-len 4k-7k --output-len 32-128 --concurrency 8
+    magicdec bench trace --rate 0.5 --configs plain self auto --gamma 2 3   # serving on a request trace
 
-Writes DIR/results.jsonl, DIR/results.md, DIR/speedup.png and DIR/tradeoff.png (DIR: --out).
+Writes DIR/results.jsonl, DIR/results.md, DIR/speedup.png and DIR/tradeoff.png (DIR: --out); `bench
+trace` writes DIR/results.jsonl, DIR/results.md and DIR/trace.png (see `magicdec.bench.trace`).
 """
 
 from __future__ import annotations
@@ -76,6 +79,134 @@ def register(subparsers: Any) -> None:
     o.add_argument("--report", type=Path, metavar="DIR", help="only re-render DIR/results.jsonl's table and plots")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    register_trace(p.add_subparsers(dest="bench_command", metavar="{trace}", required=False))
+
+
+def parse_range(values: list[str]) -> tuple[int, int]:
+    """'4k-7k', '4k 7k' or '512' (a fixed length) → (low, high)."""
+    parts = [x for v in values for x in v.replace(",", "-").split("-") if x.strip()]
+    try:
+        nums = [parse_count(x) for x in parts]
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
+    if len(nums) not in (1, 2) or nums[0] > nums[-1]:
+        raise ValueError(f"expected a length or a range low-high (e.g. 4k-7k), got {' '.join(values)!r}")
+    return nums[0], nums[-1]
+
+
+def register_trace(subparsers: Any) -> None:
+    from magicdec.bench.trace import CONFIG_KINDS
+
+    p = subparsers.add_parser("trace", help="serving benchmark: a request trace through the engine's "
+                                            "configurations and static batching",
+                              description="Replay one seeded request trace (Poisson arrivals or closed-loop "
+                                          "concurrency) through continuous batching without speculation (plain), "
+                                          "with a fixed γ (self), with γ auto (auto), and through static batching "
+                                          "with speculation (static); per-request TTFT/TPOT/ITL/e2e and "
+                                          "per-configuration throughput.")
+    t = p.add_argument_group("the trace")
+    t.add_argument("--requests", type=int, default=16, help="requests in the trace (default 16)")
+    t.add_argument("--prompt-len", nargs="+", default=["4k-7k"], metavar="LEN",
+                   help="prompt tokens, drawn uniformly: low-high or low high, k = ×1024 (default 4k-7k)")
+    t.add_argument("--output-len", nargs="+", default=["32-128"], metavar="LEN",
+                   help="output tokens, drawn uniformly (default 32-128; greedy, EOS ignored)")
+    a = t.add_mutually_exclusive_group()
+    a.add_argument("--rate", type=float, help="Poisson arrivals at this many requests/s")
+    a.add_argument("--concurrency", type=int,
+                   help="closed loop: at most this many in flight, a new one when one finishes (default 8)")
+    t.add_argument("--seed", type=int, default=0, help="draws of lengths and arrivals")
+    t.add_argument("--corpus", default="austen", help="austen (default), pg19 (needs datasets, online), or a path")
+    t.add_argument("--corpus-seed", type=int, default=0, help="which passages the prompts are cut from")
+    c = p.add_argument_group("configurations")
+    c.add_argument("--configs", nargs="+", type=_listed(str), metavar="CONFIG",
+                   help=f"a subset of {', '.join(CONFIG_KINDS)} (default: all)")
+    c.add_argument("--gamma", nargs="+", type=_listed(parse_count), help="self: fixed γ values (default 3)")
+    c.add_argument("--budget", type=parse_count, default=256, help="draft KV budget in tokens (default 256)")
+    c.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks (default 4)")
+    c.add_argument("--max-num-seqs", type=int, default=8, help="engine: requests running at once (default 8); "
+                                                               "static with --rate: the batch size")
+    c.add_argument("--max-num-batched-tokens", type=int, default=1024, help="engine: tokens per step (default 1024)")
+    c.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward (default 512)")
+    c.add_argument("--num-blocks", type=int, help="engine: KV blocks of 64 tokens (default: from free memory)")
+    c.add_argument("--no-warmup", action="store_true", help="skip the short untimed request per configuration")
+    m = p.add_argument_group("model and output")
+    m.add_argument("--model", help="Hugging Face directory or .gguf file (default: built-in SmolLM2-135M)")
+    m.add_argument("--dtype", help="float32 (CPU default), bfloat16 (CUDA default) or float16")
+    m.add_argument("--device", help="cpu, cuda, … (default: cuda if available)")
+    m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    m.add_argument("--out", type=Path, help="output directory (default results/trace-<timestamp>)")
+    m.add_argument("--report", type=Path, metavar="DIR", help="only re-render DIR/results.jsonl's table and plot")
+    m.add_argument("--quiet", action="store_true", help="no progress bar or engine messages")
+    p.set_defaults(func=run_trace, trace_options=[a.dest for a in p._actions if a.dest != "help"])
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from magicdec.bench import trace as tr
+
+    if args.report:
+        head, requests, summaries = tr.read_results(args.report / "results.jsonl")
+        for path in tr.write_report(args.out or args.report, head, requests, summaries):
+            print(path)
+        return 0
+    prompt_len, output_len = parse_range(args.prompt_len), parse_range(args.output_len)
+    concurrency = None if args.rate is not None else (args.concurrency or 8)
+    kinds = [k for ks in args.configs for k in ks] if args.configs else list(tr.CONFIG_KINDS)
+    gammas = [g for gs in args.gamma for g in gs] if args.gamma else [3]
+    configs = tr.trace_configs(kinds, gammas, args.budget, args.sinks)
+    if args.requests < 1:
+        raise ValueError(f"--requests must be ≥ 1, got {args.requests}")
+    corpus = load_bench_corpus(args.corpus)
+    if corpus is None:
+        return 0
+    from tqdm import tqdm
+
+    from magicdec.data import make_prompts
+    from magicdec.llm import LLM
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, prefill_chunk=args.prefill_chunk)
+    trace = tr.make_trace(lambda lengths: make_prompts(llm.tokenizer, corpus, lengths=lengths, seed=args.corpus_seed),
+                          args.requests, prompt_len, output_len, rate=args.rate, concurrency=concurrency,
+                          seed=args.seed)
+    engine_kwargs = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                         prefill_chunk=args.prefill_chunk, num_blocks=args.num_blocks, quiet=args.quiet)
+    static_batch = concurrency or args.max_num_seqs
+    out = args.out or Path("results") / time.strftime("trace-%Y%m%d-%H%M%S")
+    options = json.loads(json.dumps({k: getattr(args, k) for k in args.trace_options}, default=str))
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]  # (benchmarks/serving_trace.py: no bench)
+    argv = argv if argv[:1] == ["trace"] else ["trace", *argv]
+    head = header(argv, llm.device, options=options,
+                  model=str(llm.loaded.path), model_name=llm.config.name, dtype=str(llm.dtype).removeprefix("torch."),
+                  corpus=corpus.name, trace=trace.as_dict(), configs=[c.name for c in configs],
+                  static_batch=static_batch, engine=engine_kwargs, definitions=tr.DEFINITIONS)
+    writer = JsonlWriter(out / "results.jsonl")
+    writer.write(head)
+    bars: dict[str, Any] = {}
+
+    def progress(name: str, n: int, total: int) -> None:
+        if name not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[name] = tqdm(total=total, unit="tok", desc=name, disable=args.quiet, dynamic_ncols=True)
+        bars[name].update(n)
+
+    try:
+        result = tr.run_trace(llm, trace, configs, engine_kwargs=engine_kwargs, static_batch=static_batch,
+                              warmup=not args.no_warmup, write=writer.write, progress=progress,
+                              say=lambda line: print(f"magicdec bench trace: {line}", file=sys.stderr))
+    finally:
+        for bar in bars.values():
+            bar.close()
+        writer.close()
+    files = [writer.path, *tr.write_report(out, head, result.requests, result.summaries)]
+    print((out / "results.md").read_text())
+    print("wrote " + ", ".join(shlex.quote(str(f)) for f in files))
+    for line in result.problems + result.notes:
+        print(f"magicdec bench trace: {line}", file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 def grid_from_args(args: argparse.Namespace) -> Grid:

@@ -91,6 +91,7 @@ class EngineCore:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._aborted: list[Request] = []
+        self.last_report: StepReport | None = None
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None,
