@@ -146,9 +146,11 @@ class Engine:
         if not hasattr(self, "_queues"):
             self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
             self._lock = asyncio.Lock()
-        rid = self.add_request(prompt, params, spec, request_id)
+        async with self._lock:  # never beside a step running in its thread
+            rid = self.add_request(prompt, params, spec, request_id)
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._queues[rid] = queue
+        finished = False
         try:
             while True:
                 if queue.empty():
@@ -159,12 +161,15 @@ class Engine:
                                 if q is not None:
                                     q.put_nowait(out)
                 out = await queue.get()
+                finished = out.finished
                 yield out
-                if out.finished:
+                if finished:
                     return
         finally:
             self._queues.pop(rid, None)
-            self.abort_request(rid)
+            if not finished:  # the consumer stopped early: free the request's blocks
+                async with self._lock:
+                    self.abort_request(rid)
 
     def run(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
             ) -> list[StepOutput]:

@@ -189,10 +189,18 @@ def test_async_streams_share_the_engine(tiny_llm: LLM) -> None:
             tokens += out.new_token_ids
         return tokens
 
-    async def main() -> list[list[int]]:
-        return await asyncio.gather(*(collect(p) for p in prompts))
+    async def leave_early(p: list[int]) -> int:
+        stream = e.generate(p, SamplingParams(max_new_tokens=200, ignore_eos=True))
+        first = await stream.__anext__()
+        await stream.aclose()  # a client that goes away: its request is aborted, its blocks freed
+        return len(first.token_ids)
 
-    assert asyncio.run(main()) == alone(tiny_llm, prompts, [12] * 3)
+    async def main() -> list:
+        return await asyncio.gather(*(collect(p) for p in prompts), leave_early(prompts[1]))
+
+    *streams, left = asyncio.run(main())
+    assert streams == alone(tiny_llm, prompts, [12] * 3) and left >= 1
+    assert not e.has_unfinished_requests()
     e.check_no_leaks()
 
 

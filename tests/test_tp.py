@@ -209,3 +209,42 @@ def test_a_failing_rank_stops_the_others_with_its_error(kind: str, failing: int)
     assert procs[0].returncode != 0 and procs[1].returncode != 0
     said = f"rank {failing} failed: {kind}: rank {failing} has no memory left for its KV cache"
     assert said in errors[other], errors[other][-2000:]
+
+
+def engine_trace(llm: LLM) -> dict[str, list[list[int]]]:
+    """A small trace through the serving engine: staggered arrivals, a preemption, a prefix hit."""
+    from magicdec import Engine
+
+    prompts = random_prompts(5, [200, 60, 330, 129, 90], llm.config.vocab_size, seed=12)
+    prompts[3] = prompts[2][:256] + prompts[3]
+    out = {}
+    for name in ("plain", "self-streaming"):
+        engine = Engine(llm=llm, spec=SPECS[name], prefill_chunk=128, max_num_batched_tokens=256, num_blocks=14,
+                        quiet=True)
+        ids, step = [], 0
+        while len(ids) < len(prompts) or engine.has_unfinished_requests():
+            if step < len(prompts):
+                ids.append(engine.add_request(prompts[step], SamplingParams(max_new_tokens=20, ignore_eos=True)))
+            done = {o.request_id: o.token_ids for o in engine.step() if o.finished}
+            out.setdefault(name, {}).update(done)
+            step += 1
+        engine.check_no_leaks()
+        out[name] = [out[name][i] for i in ids]
+        out[name + "-preempted"] = engine.core.scheduler.preemptions
+    return out
+
+
+def engine_worker(rank: int, world: int, target: str, result: str) -> None:
+    out = engine_trace(LLM(target, device="cpu", tp=TensorParallel(rank, world)))
+    torch.save(out, f"{result}.{rank}")
+
+
+def test_serving_engine_under_two_ranks_gives_one_process_tokens(models: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every rank runs the same steps (the scheduler is deterministic; γ comes from rank 0): the tokens of
+    a trace with a preemption and a prefix hit are one process's."""
+    target, _ = models
+    single = engine_trace(LLM(target, device="cpu"))
+    spawn_ranks(engine_worker, 2, str(target), str(tmp_path / "r"))
+    for rank in range(2):
+        assert torch.load(tmp_path / f"r.{rank}") == single
+    assert single["plain-preempted"] > 0

@@ -221,7 +221,7 @@ class RequestGamma:
             g = star if r.spec.gamma is None else r.spec.gamma
             own = self.alpha.get(r.request_id)
             if r.spec.gamma is None and g and abar is not None and own is not None and own.value < abar:
-                g = min(g, int(g * math.log(abar) / math.log(max(own.value, 1e-3))))
+                g = min(g, int(g * math.log(max(abar, 1e-3)) / math.log(max(own.value, 1e-3))))
             out.append(max(0, min(g, r.remaining - 1)))
         return out
 
