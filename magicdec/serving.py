@@ -27,7 +27,7 @@ from magicdec.cache.memory import OutOfMemoryPlan, available_bytes, fmt_bytes
 from magicdec.cache.paged import PagedKVCache
 from magicdec.costmodel.policy import RequestGamma
 from magicdec.data.locks import say
-from magicdec.engine.core import EngineCore, EngineStats, SelfDraft, StepReport
+from magicdec.engine.core import EngineCore, EngineStats, PagedDraft, StepReport
 from magicdec.engine.request import RequestSpec, StepOutput
 from magicdec.engine.scheduler import SchedulerConfig
 from magicdec.llm import LLM, Prompt
@@ -64,10 +64,11 @@ class Engine:
         (never more than `max_num_seqs` requests at the model's context need)."""
         self.llm = llm or LLM(model, dtype=dtype, device=device, prefill_chunk=prefill_chunk)
         self.spec = spec = spec if spec is not None and spec.method != "none" else None
-        if spec is not None and (spec.method != "self" or spec.drafter != "streaming"):
-            raise ValueError(f"the serving engine drafts with the StreamingLLM self-draft over its paged cache "
-                             f"(method='self', drafter='streaming'); {spec.label} runs on the static batch path "
-                             "(LLM.generate) for now")
+        own_self = spec is not None and spec.method == "self" and spec.tuning.kv_source != "target"
+        if spec is not None and (spec.drafter == "snapkv" or own_self):
+            raise ValueError(f"the serving engine drafts with the StreamingLLM self-draft over the target's pages, "
+                             f"or with a draft model (streaming or full); {spec.label} (SnapKV, or a self-draft "
+                             "with KV of its own) runs on the static batch path (LLM.generate) for now")
         if block_size < 1 or block_size % 64:
             raise ValueError(f"block_size must be a positive multiple of 64 tokens (the CPU kernel reads keys in "
                              f"64-slot blocks), got {block_size}")
@@ -77,7 +78,10 @@ class Engine:
         max_gamma = spec.gamma_bound if spec is not None else 0
         config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, prefill_chunk, max_gamma,
                                  enable_prefix_caching)
+        draft_model = self.llm.drafting(spec)[0] if spec is not None and spec.method == "draft" else None
         per_block = PagedKVCache.bytes_per_block(model_, block_size)
+        if draft_model is not None:
+            per_block += PagedKVCache.bytes_per_block(draft_model, block_size)
         blocks = num_blocks if num_blocks is not None else self._pool_blocks(per_block, block_size, config,
                                                                              kv_cache_memory)
         if blocks < 1:
@@ -87,8 +91,15 @@ class Engine:
         draft = None
         policy = None
         if spec is not None:
-            draft = SelfDraft(spec.sinks, spec.budget - spec.sinks)
-            policy = RequestGamma(self.llm.gamma_policy(spec, model_.config))
+            window = spec.recent_window if spec.drafter == "streaming" else 0
+            sinks = spec.sinks if spec.drafter == "streaming" else 0
+            if draft_model is None:
+                draft = PagedDraft(model_, None, sinks, window)
+            else:
+                vocab = model_.config.vocab_size if draft_model.config.vocab_size < model_.config.vocab_size else None
+                draft = PagedDraft(draft_model, PagedKVCache.for_model(draft_model, blocks, block_size), sinks, window,
+                                   vocab)
+            policy = RequestGamma(self.llm.gamma_policy(spec, (draft_model or model_).config))
         self.policy = policy
         self.core = EngineCore(model_, self.llm.tokenizer, self.llm.eos_token_ids, cache, config, draft,
                                choose=policy.choose if policy else None, observe=policy.observe if policy else None,
@@ -96,7 +107,7 @@ class Engine:
         tokens = blocks * block_size
         if not quiet:
             ctx = min(self.max_model_len, 8192)
-            say(f"KV cache: {blocks} blocks × {block_size} tokens = {tokens} tokens ({fmt_bytes(cache.nbytes)}); "
+            say(f"KV cache: {blocks} blocks × {block_size} tokens = {tokens} tokens ({fmt_bytes(blocks * per_block)}); "
                 f"maximum concurrency for {ctx}-token requests: {tokens / ctx:.2f}×")
 
     def _pool_blocks(self, per_block: int, block_size: int, config: SchedulerConfig, budget: int | None) -> int:

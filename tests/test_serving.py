@@ -90,6 +90,22 @@ def test_trace_equals_each_request_alone(tiny_llm: LLM, trace: tuple, spec: obje
         assert e.stats.spec.draft_tokens > 0
 
 
+@pytest.mark.parametrize("drafter", ["full", "streaming"])
+def test_draft_model_over_its_own_pool(tiny_llm: LLM, tiny_dir: Path, trace: tuple, drafter: str) -> None:
+    """A draft model keeps its own KV in a pool indexed by the target's block tables. Drafting with the
+    target's own checkpoint over the full context must accept every draft (its KV is kept exactly in step:
+    prefill chunks, the pending and bonus tokens, plain steps caught up); the tokens are each request's alone."""
+    prompts, new, arrive, abort = trace
+    spec = SpecConfig(method="draft", draft_model=str(tiny_dir), drafter=drafter, budget=96, sinks=4, gamma=3)
+    e = engine(tiny_llm, spec, num_blocks=20, max_num_seqs=8)
+    got = run_trace(e, prompts, new, arrive, abort, {1: 0, 4: 2, 9: 0})
+    ref = alone(tiny_llm, prompts, new)
+    assert all(tokens == ref[i] for i, tokens in got.items())
+    assert e.core.scheduler.preemptions > 0 and e.stats.spec.draft_tokens > 0
+    if drafter == "full":
+        assert e.stats.spec.acceptance_rate == 1.0
+
+
 def test_engine_equals_transformers_and_static_batching(tiny_llm: LLM, tiny_dir: Path) -> None:
     prompts = random_prompts(3, [150, 300, 77], tiny_llm.config.vocab_size, seed=8)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
@@ -100,11 +116,12 @@ def test_engine_equals_transformers_and_static_batching(tiny_llm: LLM, tiny_dir:
         assert o.token_ids == hf_greedy(hf, p, 20) == s.token_ids
 
 
-def test_seeded_sampling_does_not_depend_on_neighbours(tiny_llm: LLM) -> None:
+def test_seeded_sampling_does_not_depend_on_neighbours(tiny_llm: LLM, tiny_dir: Path) -> None:
     prompts = random_prompts(4, [100, 220], tiny_llm.config.vocab_size, seed=4)
     sampled = SamplingParams(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
     greedy = SamplingParams(max_new_tokens=30, ignore_eos=True)
-    for spec in (None, SELF):
+    for spec in (None, SELF, SpecConfig(method="draft", draft_model=str(tiny_dir), drafter="streaming", budget=64,
+                                        sinks=4, gamma=2)):
         one = engine(tiny_llm, spec).run([prompts[0]], sampled)[0].token_ids
         mixed = engine(tiny_llm, spec).run(prompts, [sampled, greedy, greedy, sampled])
         assert mixed[0].token_ids == one and len(one) == 24  # its own seeded generator, whoever runs beside it
@@ -172,7 +189,7 @@ def test_bad_requests_are_refused_before_queueing(tiny_llm: LLM) -> None:
     with pytest.raises(ValueError, match="request id 'x' is in use"):
         e.add_request([5, 6], SamplingParams(), request_id="x")
     assert e.num_waiting == 1
-    with pytest.raises(ValueError, match="StreamingLLM self-draft"):
+    with pytest.raises(ValueError, match="static batch path"):
         engine(tiny_llm, SpecConfig(method="self", drafter="snapkv", budget=64))
     with pytest.raises(ValueError, match="multiple of 64"):
         engine(tiny_llm, block_size=16)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from magicdec.cache.blocks import BlockPool
 from magicdec.cache.paged import PagedKVCache, PagedView
@@ -30,6 +31,7 @@ from magicdec.engine.request import Request, RequestSpec, Status, StepOutput
 from magicdec.engine.scheduler import ChooseGamma, Plan, Scheduler, SchedulerConfig
 from magicdec.engine.state import NumericalError, Stopper
 from magicdec.engine.step import PhaseClock
+from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.loading.tokenizer import Tokenizer
 from magicdec.model.llama import Transformer
 from magicdec.runtime.sampling import SamplingParams, next_tokens, probabilities, sample
@@ -37,11 +39,22 @@ from magicdec.spec.verify import accepted_prefix, verify_sampling
 
 
 @dataclass(frozen=True, slots=True)
-class SelfDraft:
-    """The StreamingLLM self-draft over pages: `sinks` first positions and the last `window` ones."""
+class PagedDraft:
+    """Who drafts, over which KV: `model` (the target itself, or a draft model); `pool` None to read the
+    target's own blocks (self-speculation: no KV of its own), or a pool of the draft model's shape indexed by
+    the same block tables (the draft's own KV: computed with every prefill chunk, and for the drafted tokens);
+    a StreamingLLM view (`sinks` first positions and the last `window` ones) or, with window 0, the whole
+    context; `vocab_size` the target's when the draft's vocabulary is a shorter prefix of it."""
 
-    sinks: int
-    window: int
+    model: Transformer
+    pool: PagedKVCache | None = None
+    sinks: int = 0
+    window: int = 0
+    vocab_size: int | None = None
+
+    def known(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids the draft can embed (beyond a shorter draft vocabulary: its last id; verification stays exact)."""
+        return ids.clamp(max=self.model.config.vocab_size - 1) if self.vocab_size else ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +87,7 @@ class EngineStats:
 
 class EngineCore:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_token_ids: set[int], cache: PagedKVCache,
-                 config: SchedulerConfig, draft: SelfDraft | None = None,
+                 config: SchedulerConfig, draft: PagedDraft | None = None,
                  choose: ChooseGamma | None = None, observe: Callable[[StepReport], None] | None = None,
                  generator: Callable[[SamplingParams], torch.Generator | None] | None = None,
                  max_model_len: int | None = None) -> None:
@@ -193,8 +206,12 @@ class EngineCore:
         device = self.model.device
         ids = torch.tensor([r.tokens[start:end]], device=device)
         pos = torch.arange(start, end, device=device)[None]
-        logits = self.model(ids, pos, PagedView(self.cache, self._table([r])),
-                            logits_index=torch.tensor([[end - start - 1]], device=device))[0, 0]
+        table = self._table([r])
+        index = torch.tensor([[end - start - 1]], device=device)
+        logits = self.model(ids, pos, PagedView(self.cache, table), logits_index=index)[0, 0]
+        if self.draft is not None and self.draft.pool is not None:  # the draft's own KV of the same tokens
+            self.draft.model(self.draft.known(ids), pos, PagedView(self.draft.pool, table), logits_index=index)
+            r.draft_seen = end
         r.computed = end
         if end <= len(r.prompt):
             self.stats.prompt_tokens += end - start
@@ -259,6 +276,8 @@ class EngineCore:
         accepted = []
         for r, gi, row in zip(rows, gammas, host):
             ki, ti = row[0], row[1]
+            if gi:  # the draft's KV of the pending token and of the accepted drafts it fed is valid
+                r.draft_seen = r.computed + min(gi, ki + 1)
             r.computed += ki + 1
             if gi:
                 r.acceptance.record(gi, ki)
@@ -271,31 +290,60 @@ class EngineCore:
 
     def _propose(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor, ctx: torch.Tensor,
                  pending: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """γ_i draft tokens per request from the self-draft over its sparse view of the request's blocks."""
-        assert self.draft is not None, "γ > 0 without a drafter"
+        """γ_i draft tokens per request. A draft with KV of its own first feeds what it has not seen (the
+        tokens committed since it last drafted: plain steps, a bonus token), in decode-shaped pieces."""
+        draft = self.draft
+        assert draft is not None, "γ > 0 without a drafter"
         device = ctx.device
         B, G = len(rows), max(gammas)
         view = self._draft_view(rows, gammas, table)
-        ids, out = pending[:, None], []
-        dists: list[list[torch.Tensor]] = [[] for _ in range(B)]
         g = torch.tensor(gammas, device=device)
+        index = None
+        if draft.pool is None:  # reads the target's KV: in step with it
+            ids, pos = pending[:, None], ctx[:, None]
+        else:
+            seen = [min(r.draft_seen, r.computed) if gi else r.computed for r, gi in zip(rows, gammas)]
+            while True:
+                lag = [r.computed - s for r, s in zip(rows, seen)]
+                width = min(max(lag) + 1, MAX_DECODE_TOKENS)
+                offs = torch.arange(width, device=device)
+                start = torch.tensor(seen, device=device)
+                pos = torch.where(start[:, None] + offs <= ctx[:, None], start[:, None] + offs, -1)
+                pos = torch.where(g[:, None] > 0, pos, -1)
+                ids = torch.tensor([(r.tokens + [0] * width)[s : s + width] for r, s in zip(rows, seen)],
+                                   device=device).masked_fill(pos < 0, 0)
+                if max(lag) + 1 <= MAX_DECODE_TOKENS:
+                    index = torch.tensor([[min(n, width - 1)] for n in lag], device=device)
+                    break
+                self.draft.model(draft.known(ids), pos, view)  # catching up: KV only
+                seen = [min(s + width, r.computed) for r, s in zip(rows, seen)]
+        out = []
+        dists: list[list[torch.Tensor]] = [[] for _ in range(B)]
         for j in range(G):
-            pos = torch.where(g > j, ctx + j, -1)[:, None]
-            logits = self.model(ids.masked_fill(pos < 0, 0), pos, view)[:, 0]
+            if j:
+                pos = torch.where(g > j, ctx + j, -1)[:, None]
+                index = None
+            else:
+                pos = torch.where(g[:, None] > 0, pos, -1)
+            logits = draft.model(draft.known(ids.masked_fill(pos < 0, 0)), pos, view, logits_index=index)[:, -1]
             nxt = logits.argmax(-1)
             for i, r in enumerate(rows):
                 if not r.params.greedy and j < gammas[i]:
                     qi = probabilities(logits[i], r.params)
                     nxt[i] = sample(qi, r.generator)
-                    dists[i].append(qi)
+                    dists[i].append(F.pad(qi, (0, draft.vocab_size - qi.shape[-1])) if draft.vocab_size else qi)
             out.append(nxt)
             ids = nxt[:, None]
         q = [torch.stack(d) if d else None for d in dists]
         return torch.stack(out, 1), q
 
     def _draft_view(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor) -> PagedView:
-        """Each request's draft reads its first block (the sinks) and the blocks of its recent window."""
+        """The draft's view: its pool (the target's, or its own) through the requests' tables; with a window,
+        each request's first block (the sinks) and the blocks of its recent window only."""
         assert self.draft is not None
+        pool = self.draft.pool or self.cache
+        if not self.draft.window:
+            return PagedView(pool, table)
         P, sinks, window = self.cache.block_size, self.draft.sinks, self.draft.window
         reads, tags = [], []
         for r, gi in zip(rows, gammas):
@@ -309,4 +357,4 @@ class EngineCore:
         base = torch.tensor([c + [-1] * (width - len(c)) for c in tags], device=table.device)
         offs = torch.arange(P, device=table.device)
         read_pos = torch.where(base[:, :, None] >= 0, base[:, :, None] * P + offs, -1).reshape(len(rows), -1)
-        return PagedView(self.cache, table, read=read, read_pos=read_pos, window=window, sinks=sinks)
+        return PagedView(pool, table, read=read, read_pos=read_pos, window=window, sinks=sinks)

@@ -101,7 +101,8 @@ class Request:
         self.status = Status.WAITING
         self.blocks: list[int] = []
         self.computed = 0  # tokens with KV in the cache
-        self.registered = 0  # leading blocks offered to the prefix cache
+        self.registered = 0  # leading tokens whose blocks were offered to the prefix cache
+        self.draft_seen = 0  # a draft with KV of its own has it for positions < draft_seen
         self.acceptance = Acceptance()
         self.metrics = RequestMetrics(time.monotonic() if arrival is None else arrival)
         self.detok = Detokenizer(tokenizer)

@@ -195,7 +195,7 @@ class Scheduler:
     def _preempt(self, victim: Request, plan: Plan) -> None:
         self.running.remove(victim)
         self.pool.release(victim.blocks)
-        victim.blocks, victim.computed, victim.registered = [], 0, 0
+        victim.blocks, victim.computed, victim.registered, victim.draft_seen = [], 0, 0, 0
         victim.status = Status.WAITING
         victim.metrics.preemptions += 1
         self.waiting.appendleft(victim)
