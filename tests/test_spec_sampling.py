@@ -121,3 +121,33 @@ def test_the_chi_square_check_detects_a_wrong_distribution(models: tuple[LLM, Pa
     assert max(pvalues.values()) < 1e-6, pvalues
     plain = check(sample_counts(llm, prompt, params, None), exact_joint(llm, prompt, params))
     assert min(plain.values()) > 1e-3, plain
+
+
+@pytest.mark.parametrize("name", ["self-streaming", "draft-model", "draft-short-vocab"])
+def test_serving_engine_sampling_matches_the_target_distribution(models: tuple[LLM, Path],
+                                                                 drafts: dict[str, Path], name: str) -> None:
+    """The serving engine's speculative sampling (per-request generators, ragged rounds, sampled rows
+    verified one by one beside greedy ones) keeps the target's distribution."""
+    from magicdec import Engine
+
+    llm, _ = models
+    spec_kw, sample_kw, _ = SETTINGS[name]
+    if "draft_model" in spec_kw:
+        spec_kw = {**spec_kw, "draft_model": str(drafts[spec_kw["draft_model"]])}
+    spec = SpecConfig(**{"gamma": 2, **spec_kw})
+    prompt = random_prompts(1, [PROMPT_LEN], VOCAB - 5, seed=3)[0]
+    engine = Engine(llm=llm, spec=spec, max_num_seqs=64, max_num_batched_tokens=4096, quiet=True)
+    greedy = engine.add_request(prompt, SamplingParams(max_new_tokens=3, ignore_eos=True))  # a greedy neighbour
+    ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=3, seed=s, ignore_eos=True, **sample_kw))
+           for s in range(N)]
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    counts = torch.zeros(VOCAB, VOCAB, VOCAB)
+    for i in ids:
+        a, b, c = outs[i]
+        counts[a, b, c] += 1
+    assert engine.stats.spec.draft_tokens > 0 and len(outs[greedy]) == 3
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, **sample_kw)
+    pvalues = check(counts, exact_joint(llm, prompt, params))
+    assert min(pvalues.values()) > 1e-3, pvalues
