@@ -104,6 +104,7 @@ class LLM:
         cpu_kernels.ensure_built(self.device)  # a first run compiles them now, not inside the prefill's time
         self.runner = ModelRunner(self.model)  # decode-shaped forwards (CUDA graphs on CUDA)
         self._drafts: dict[str, tuple[LoadedModel, ModelRunner]] = {}
+        self._quantized: dict[str, tuple[Transformer, ModelRunner]] = {}  # self-drafts with quantized weights
         # finished rows: dropped from the caches at once (eager), or kept as padding until the batch can
         # shrink to a smaller CUDA graph (lazy); None: lazy exactly when CUDA graphs are used
         self.lazy_compaction: bool | None = None
@@ -239,7 +240,9 @@ class LLM:
     def drafting(self, spec: SpecConfig) -> tuple[Transformer, ModelRunner]:
         """The model that drafts for `spec` (the target itself for self-speculation) and its runner."""
         if spec.method == "self":
-            return self.model, self.runner
+            if spec.draft_weights == "full":
+                return self.model, self.runner
+            return self.quantized(spec.draft_weights)
         assert spec.draft_model is not None
         loaded, runner = self.draft_model(spec.draft_model)
         return loaded.model, runner
@@ -278,6 +281,20 @@ class LLM:
             self._drafts[path] = (draft, ModelRunner(draft.model))
         return self._drafts[path]
 
+    def quantized(self, weights: str) -> tuple[Transformer, ModelRunner]:
+        """The target with its linear layers' weights quantized ("int8" or "int4"; made once, kept beside the
+        full weights, sharing the embedding and norms) and its runner: the self-draft of `draft_weights`."""
+        from magicdec.model.quant import quantize_weights, quantized_bytes  # TEMP until quant.py lands
+
+        if weights not in self._quantized:
+            bits = {"int8": 8, "int4": 4}[weights]
+            plan = self.memory_plan()
+            plan.to_allocate[f"{weights} draft weights"] = quantized_bytes(self.model, bits)
+            plan.check(self.device, self.memory_budget)
+            model = quantize_weights(self.model, bits)
+            self._quantized[weights] = (model, ModelRunner(model))
+        return self._quantized[weights]
+
     def add_draft_model(self, name: str, draft: LoadedModel) -> None:
         """Make an already-loaded model (e.g. random weights for a systems benchmark) the draft model that
         `SpecConfig(method="draft", draft_model=name)` names."""
@@ -305,6 +322,10 @@ class LLM:
         """A memory plan holding what is resident already: the weights (target and drafts), and `resident`."""
         weights = sum(t.numel() * t.element_size() for m in (self.model, *(d.model for d, _ in self._drafts.values()))
                       for t in (*m.parameters(), *m.buffers()))
+        if self._quantized:
+            from magicdec.model.quant import quantized_bytes  # TEMP until quant.py lands
+
+            weights += sum(quantized_bytes(self.model, {"int8": 8, "int4": 4}[w]) for w in self._quantized)
         return MemoryPlan(resident={"weights": weights, **(resident or {})})
 
     @property

@@ -78,7 +78,8 @@ class Engine:
         max_gamma = spec.gamma_bound if spec is not None else 0
         config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, prefill_chunk, max_gamma,
                                  enable_prefix_caching)
-        draft_model = self.llm.drafting(spec)[0] if spec is not None and spec.method == "draft" else None
+        drafter_model = self.llm.drafting(spec)[0] if spec is not None else None  # the target, quantized, or a draft
+        draft_model = drafter_model if spec is not None and spec.method == "draft" else None
         per_block = PagedKVCache.bytes_per_block(model_, block_size)
         if draft_model is not None:
             per_block += PagedKVCache.bytes_per_block(draft_model, block_size)
@@ -93,8 +94,9 @@ class Engine:
         if spec is not None:
             window = spec.recent_window if spec.drafter == "streaming" else 0
             sinks = spec.sinks if spec.drafter == "streaming" else 0
-            if draft_model is None:
-                draft = PagedDraft(model_, None, sinks, window)
+            if draft_model is None:  # self-speculation over the target's pages (with its weights, or quantized)
+                assert drafter_model is not None
+                draft = PagedDraft(drafter_model, None, sinks, window)
             else:
                 vocab = model_.config.vocab_size if draft_model.config.vocab_size < model_.config.vocab_size else None
                 draft = PagedDraft(draft_model, PagedKVCache.for_model(draft_model, blocks, block_size), sinks, window,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from magicdec.costmodel.hardware import load_profile
-from magicdec.spec.config import DRAFTERS, KV_SOURCES, METHODS, Auto, DraftTuning, SpecConfig
+from magicdec.spec.config import DRAFT_WEIGHTS, DRAFTERS, KV_SOURCES, METHODS, Auto, DraftTuning, SpecConfig
 
 SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -61,6 +61,8 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--budget", type=parse_count, default=512, help="draft KV budget in tokens (default 512)")
     d.add_argument("--sinks", type=int, default=16, help="streaming: attention-sink tokens (default 16)")
     d.add_argument("--draft-model", help="with --spec draft: a smaller model sharing the tokenizer")
+    d.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="full",
+                   help="with --spec self: draft with the target's weights as they are, or quantized (int8, int4)")
     r = p.add_argument_group("speculation research knobs")
     r.add_argument("--draft-kv", choices=KV_SOURCES, default="target",
                    help="self: build the draft cache from the target's KV, or let the draft compute its own")
@@ -72,7 +74,8 @@ def spec_from_args(args: Any) -> SpecConfig:
     with the files it names checked before any model loads."""
     gamma = Auto(profile=args.profile) if isinstance(args.gamma, Auto) else args.gamma
     spec = SpecConfig(method=args.spec, drafter=args.drafter, gamma=gamma, budget=args.budget, sinks=args.sinks,
-                      draft_model=args.draft_model, tuning=DraftTuning(kv_source=args.draft_kv))
+                      draft_model=args.draft_model, tuning=DraftTuning(kv_source=args.draft_kv),
+                      draft_weights=args.draft_weights)
     if args.profile:
         load_profile(args.profile)  # raises, naming the profile, if it is neither built in nor a readable file
     if spec.draft_model and not Path(spec.draft_model).expanduser().exists():

@@ -71,12 +71,14 @@ def _contexts(batch: int, context: Context) -> list[int]:
 
 
 def count_step(model: ModelConfig, batch: int, q_tokens: int, attended: float, dtype_bytes: int = 2,
-               tp: int = 1) -> StepCost:
+               tp: int = 1, weight_bytes: float | None = None) -> StepCost:
     """Bytes and FLOPs of a forward of `q_tokens` new tokens per sequence for `batch` sequences
-    whose attention reads `attended` KV tokens in total (summed over sequences, new ones included)."""
+    whose attention reads `attended` KV tokens in total (summed over sequences, new ones included).
+    `weight_bytes`: bytes per weight of the linear layers when they are quantized (default: dtype_bytes)."""
     if tp < 1 or q_tokens < 1:
         raise ValueError(f"tp and q_tokens must be >= 1 (got tp={tp}, q_tokens={q_tokens})")
     dt, d, hd, L = dtype_bytes, model.hidden_size, model.head_dim, model.n_layers
+    w = dt if weight_bytes is None else weight_bytes
     t = batch * q_tokens  # tokens in the step
     qh = math.ceil(model.n_heads / tp)
     kvh = math.ceil(model.n_kv_heads / tp)  # >= 1: KV heads replicated when tp > n_kv_heads
@@ -84,14 +86,14 @@ def count_step(model: ModelConfig, batch: int, q_tokens: int, attended: float, d
     v = math.ceil(model.vocab_size / tp)
     qkv = (qh + 2 * kvh) * hd
     ops = (
-        Op("qkv", L * dt * (d * qkv + t * (d + qkv)), L * 2 * t * d * qkv),
+        Op("qkv", L * (w * d * qkv + dt * t * (d + qkv)), L * 2 * t * d * qkv),
         Op("attention", L * dt * (2 * kvh * hd * attended + 2 * t * qh * hd),
            L * 4 * q_tokens * attended * qh * hd),
         Op("kv_write", L * dt * t * 2 * kvh * hd, 0.0),
-        Op("o_proj", L * dt * (qh * hd * d + t * (qh * hd + d)), L * 2 * t * qh * hd * d),
-        Op("mlp_gate_up", L * dt * (2 * d * f + t * (d + 2 * f)), L * 4 * t * d * f),
-        Op("mlp_down", L * dt * (f * d + t * (f + d)), L * 2 * t * f * d),
-        Op("lm_head", dt * (v * d + t * (d + v)), 2 * t * d * v),
+        Op("o_proj", L * (w * qh * hd * d + dt * t * (qh * hd + d)), L * 2 * t * qh * hd * d),
+        Op("mlp_gate_up", L * (w * 2 * d * f + dt * t * (d + 2 * f)), L * 4 * t * d * f),
+        Op("mlp_down", L * (w * f * d + dt * t * (f + d)), L * 2 * t * f * d),
+        Op("lm_head", w * v * d + dt * t * (d + v), 2 * t * d * v),
         Op("embedding", dt * 2 * t * d, 0.0),
     )
     n_ar = 2 * L if tp > 1 else 0
@@ -123,13 +125,15 @@ class DraftSpec:
     ``"draft"`` (a separate model).
 
     `budget` is the draft's KV budget in tokens (StreamingLLM sinks + window); None = full cache.
-    `tp` is the draft model's tensor-parallel degree (None = the target's).
+    `tp` is the draft model's tensor-parallel degree (None = the target's). `weight_bits`: a self-draft
+    with the target's weights quantized to 8 or 4 bits (None = the weights as they are).
     """
 
     kind: str
     budget: int | None = 512
     model: ModelConfig | None = None
     tp: int | None = None
+    weight_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("self", "draft"):
@@ -142,12 +146,22 @@ class DraftSpec:
             raise ValueError(f"draft budget must be positive or None (full cache), got {self.budget}")
         if self.tp is not None and self.tp < 1:
             raise ValueError(f"draft tp must be >= 1, got {self.tp}")
+        if self.weight_bits not in (None, 4, 8):
+            raise ValueError(f"draft weight_bits must be None, 8 or 4, got {self.weight_bits}")
 
 
 def draft_spec(spec: SpecConfig, draft: ModelConfig | None = None) -> DraftSpec:
     """The cost model's view of a speculation setting (`draft`: the draft model's config, if any)."""
     budget = None if spec.drafter == "full" else spec.budget
-    return DraftSpec("self", budget) if spec.method == "self" else DraftSpec("draft", budget, draft)
+    if spec.method != "self":
+        return DraftSpec("draft", budget, draft)
+    return DraftSpec("self", budget, weight_bits=WEIGHT_BITS[spec.draft_weights])
+
+
+WEIGHT_BITS = {"full": None, "int8": 8, "int4": 4}
+# bytes per quantized weight: int8 with a float32 scale per output row (negligible); int4 with a scale per
+# group of 32 weights (0.5 + 4/32 bytes)
+QUANT_WEIGHT_BYTES = {8: 1.0, 4: 0.5 + 4 / 32}
 
 
 class CostModel:
@@ -186,7 +200,9 @@ class CostModel:
         m = self._draft_model
         assert m is not None
         attended = self._attended(m, _contexts(batch, context), self.draft.budget, 1)
-        return count_step(m, batch, 1, attended, self.dtype_bytes, self._draft_tp)
+        bits = self.draft.weight_bits
+        return count_step(m, batch, 1, attended, self.dtype_bytes, self._draft_tp,
+                          None if bits is None else QUANT_WEIGHT_BYTES[bits])
 
     # ---- times (seconds) -----------------------------------------------------------------------
     def t_target(self, batch: int, context: Context) -> float:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 METHODS = ("none", "self", "draft")
 DRAFTERS = ("streaming", "snapkv", "full")
+DRAFT_WEIGHTS = ("full", "int8", "int4")
 KV_SOURCES = ("target", "own")
 
 
@@ -79,6 +80,7 @@ class SpecConfig:
     sinks: int = 16
     draft_model: str | None = None
     tuning: DraftTuning = field(default_factory=DraftTuning)
+    draft_weights: str = "full"  # self-speculation: the target's weights as they are, or quantized (int8, int4)
 
     def __post_init__(self) -> None:
         if self.gamma == "auto":
@@ -107,6 +109,10 @@ class SpecConfig:
                 _bad("the snapkv drafter needs kv_source='target'")
             if self.budget < 2:
                 _bad(f"a snapkv budget holds selected positions and a window: --budget ≥ 2, got {self.budget}")
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            _bad(f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}")
+        if self.draft_weights != "full" and self.method != "self":
+            _bad("quantized draft weights (--draft-weights) are the target's own: use them with method 'self'")
         if self.method == "self" and self.drafter == "full":
             _bad("self-speculation over the full cache drafts with the target itself; choose streaming or snapkv")
         if self.method == "draft":
@@ -140,5 +146,6 @@ class SpecConfig:
         if not self.enabled:
             return "plain"
         budget = "" if self.drafter == "full" else f"-{self.budget}"
-        return f"{self.method}-{self.drafter}{budget}-g{self.gamma}"
+        weights = "" if self.draft_weights == "full" else f"-{self.draft_weights}"
+        return f"{self.method}-{self.drafter}{budget}{weights}-g{self.gamma}"
 
