@@ -38,6 +38,7 @@ from magicdec.kernels import cpu as cpu_kernels
 from magicdec.loading import LoadedModel, load_model
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
+from magicdec.model.quant import quantize_weights, quantized_bytes
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel, broadcast_seed
 from magicdec.runtime.runner import ModelRunner
 from magicdec.runtime.sampling import SamplingParams
@@ -282,12 +283,10 @@ class LLM:
         return self._drafts[path]
 
     def quantized(self, weights: str) -> tuple[Transformer, ModelRunner]:
-        """The target with its linear layers' weights quantized ("int8" or "int4"; made once, kept beside the
+        """The target with its linear layers' weights quantized ("int8"; made once, kept beside the
         full weights, sharing the embedding and norms) and its runner: the self-draft of `draft_weights`."""
-        from magicdec.model.quant import quantize_weights, quantized_bytes  # TEMP until quant.py lands
-
         if weights not in self._quantized:
-            bits = {"int8": 8, "int4": 4}[weights]
+            bits = {"int8": 8}[weights]
             plan = self.memory_plan()
             plan.to_allocate[f"{weights} draft weights"] = quantized_bytes(self.model, bits)
             plan.check(self.device, self.memory_budget)
@@ -322,10 +321,7 @@ class LLM:
         """A memory plan holding what is resident already: the weights (target and drafts), and `resident`."""
         weights = sum(t.numel() * t.element_size() for m in (self.model, *(d.model for d, _ in self._drafts.values()))
                       for t in (*m.parameters(), *m.buffers()))
-        if self._quantized:
-            from magicdec.model.quant import quantized_bytes  # TEMP until quant.py lands
-
-            weights += sum(quantized_bytes(self.model, {"int8": 8, "int4": 4}[w]) for w in self._quantized)
+        weights += sum(quantized_bytes(self.model, 8) for _ in self._quantized)
         return MemoryPlan(resident={"weights": weights, **(resident or {})})
 
     @property

@@ -515,3 +515,111 @@ def test_compiling_is_announced_and_ensure_built_is_cheap_after(tmp_path: Path, 
     monkeypatch.setattr(cpu, "_state", {"module": None, "tried": False, "reason": None, "build_s": None})
     assert cpu.ensure_built() and len(loads) == 2  # a later process: loads the cached build silently
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------ int8 linear
+
+
+def int8_problem(seed: int, M: int, K: int, N: int, with_bias: bool) -> tuple[torch.Tensor, ...]:
+    """x [M, K], weight_q [N, K] int8 (the full range, -127..127), scales [N] (~1/127 of a row's max),
+    bias [N] or None."""
+    g = gen(seed)
+    x = torch.randn(M, K, generator=g)
+    wq = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scales = torch.rand(N, generator=g) * 0.01 + 1e-3
+    b = torch.randn(N, generator=g) if with_bias else None
+    return x, wq, scales, b
+
+
+def int8_reference(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """float64 (x · wqᵀ) * scales + b."""
+    y = (x.double() @ wq.double().T) * scales.double()
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("M", [1, 3, 9])
+@pytest.mark.parametrize("K,N", [(576, 100), (37, 29), (1536, 7), (5, 1)])  # K 37 and 5: masked tails
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_int8_matches_float64(kernels: None, M: int, K: int, N: int, with_bias: bool) -> None:
+    x, wq, scales, b = int8_problem(M * 1000 + K, M, K, N, with_bias)
+    y = cpu.linear_int8(x, wq, scales, b)
+    ref = int8_reference(x, wq, scales, b)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    # a K-term dot product of float32 x and exact integers, then a scale and a bias: ~K·u·Σ|x_k q_k|·s
+    bound = (K + 3) * EPS32 * ((x.double().abs() @ wq.double().abs().T) * scales.double()
+                               + (b.double().abs() if b is not None else 0))
+    assert ((y.double() - ref).abs() <= bound).all()
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-6
+    # the dequantized float32 weight (what the fallback multiplies by) gives the same to ~1e-6
+    deq = F.linear(x, cpu.dequantize_int8(wq, scales), b)
+    assert (y - deq).abs().max() / deq.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_int8_16bit_inputs_give_the_float32_result_rounded(kernels: None, dtype: torch.dtype) -> None:
+    x, wq, scales, b = int8_problem(5, 9, 101, 40, with_bias=True)
+    x, b = x.to(dtype), b.to(dtype)
+    y = cpu.linear_int8(x, wq, scales, b)
+    assert y.dtype == dtype and y.shape == (9, 40)
+    assert torch.equal(y, cpu.linear_int8(x.float(), wq, scales, b.float()).to(dtype))
+    ref = int8_reference(x, wq, scales, b)
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 2.0 ** -7  # one rounding to 16 bits
+
+
+def test_linear_int8_is_batch_invariant(kernels: None, threads: None) -> None:
+    x, wq, scales, b = int8_problem(6, 37, 576, 77, with_bias=True)
+    full = cpu.linear_int8(x, wq, scales, b)
+    for m in range(x.shape[0]):
+        assert torch.equal(cpu.linear_int8(x[m : m + 1], wq, scales, b), full[m : m + 1])
+    others = torch.randn(20, 576, generator=gen(7))
+    mixed = torch.cat([others[:7], x.flip(0), others[7:]])
+    assert torch.equal(cpu.linear_int8(mixed, wq, scales, b)[7 : 7 + 37].flip(0), full)
+    torch.set_num_threads(1)
+    assert torch.equal(cpu.linear_int8(x, wq, scales, b), full)
+
+
+def test_linear_int8_strided_and_batched_inputs(kernels: None) -> None:
+    g = gen(8)
+    x = torch.randn(4, 3, 600, generator=g)[..., 10:586]  # [4, 3, 576], rows strided by 600
+    wq = torch.randint(-127, 128, (90, 700), generator=g, dtype=torch.int8)[:, :576]  # rows strided by 700
+    scales = torch.rand(90, generator=g) + 0.5
+    y = cpu.linear_int8(x, wq, scales)
+    assert y.shape == (4, 3, 90)
+    assert torch.equal(y, cpu.linear_int8(x.contiguous(), wq.contiguous(), scales))
+    assert torch.equal(y[1:2, 2:3], cpu.linear_int8(x[1:2, 2:3], wq, scales))
+    assert cpu.linear_int8(x[:0], wq, scales).shape == (0, 3, 90)
+
+
+def test_linear_int8_rejects_bad_arguments(kernels: None) -> None:
+    x, wq, scales, b = int8_problem(9, 2, 16, 5, with_bias=True)
+    with pytest.raises(ValueError, match="features"):
+        cpu.linear_int8(torch.randn(2, 15), wq, scales)
+    with pytest.raises(ValueError, match="weight_q must be int8"):
+        cpu.linear_int8(x, wq.float(), scales)
+    with pytest.raises(ValueError, match=r"weight_q must be \[N, K\]"):
+        cpu.linear_int8(x, wq[None], scales)
+    with pytest.raises(ValueError, match=r"scales must be float32 \[5\]"):
+        cpu.linear_int8(x, wq, scales[:4])
+    with pytest.raises(ValueError, match=r"scales must be float32 \[5\]"):
+        cpu.linear_int8(x, wq, scales.double())
+    with pytest.raises(ValueError, match=r"bias must be a floating-point \[5\]"):
+        cpu.linear_int8(x, wq, scales, b[:3])
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        cpu.linear_int8(x.long(), wq, scales)
+
+
+def test_linear_int8_fallback_agrees_with_the_kernel(kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switched off (or for float64 x) linear_int8 runs F.linear on the weight dequantized for the call."""
+    x, wq, scales, b = int8_problem(10, 3, 45, 33, with_bias=True)
+    kernel = cpu.linear_int8(x, wq, scales, b)
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    assert not cpu.available()
+    fallback = cpu.linear_int8(x, wq, scales, b)
+    assert torch.equal(fallback, F.linear(x, (wq.float() * scales[:, None]), b))
+    assert (fallback - kernel).abs().max() / kernel.abs().max() < 1e-5
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    y64 = cpu.linear_int8(x.double(), wq, scales, b)
+    assert y64.dtype == torch.float64 and (y64 - kernel.double()).abs().max() / kernel.abs().max() < 1e-5
+    xg = x.clone().requires_grad_()  # autograd: the differentiable fallback
+    cpu.linear_int8(xg, wq, scales, b).sum().backward()
+    assert torch.allclose(xg.grad, cpu.dequantize_int8(wq, scales).sum(0).expand_as(x))

@@ -2,7 +2,8 @@
 
 This module owns the Python side: building the extension lazily on first use (cached under
 ``$MAGICDEC_HOME/build``), deciding whether it can be used, and the public functions `linear`,
-`attention` and `paged_attention`, which fall back to PyTorch's ops when it cannot be used (no compiler, no AVX2/FMA, or
+`linear_int8` (int8 weights with per-row scales, for quantized drafts), `attention` and `paged_attention`,
+which fall back to PyTorch's ops when it cannot be used (no compiler, no AVX2/FMA, or
 ``MAGICDEC_CPU_KERNELS=0``). A fallback caused by a failed build or a CPU without AVX2 is announced by
 one warning; the switch is silent.
 
@@ -231,6 +232,57 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     module = _state["module"]
     out = module.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # type: ignore[attr-defined]
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _check_int8_args(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """ValueErrors naming what is wrong with the arguments of `linear_int8`."""
+    if not x.is_floating_point():
+        raise ValueError(f"linear_int8: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("linear_int8: x must be [..., K], got a scalar")
+    if weight_q.dtype != torch.int8:
+        raise ValueError(f"linear_int8: weight_q must be int8, got {weight_q.dtype}")
+    if weight_q.dim() != 2:
+        raise ValueError(f"linear_int8: weight_q must be [N, K], got {tuple(weight_q.shape)}")
+    N, K = weight_q.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"linear_int8: x has {x.shape[-1]} features but weight_q is {tuple(weight_q.shape)}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (N,):
+        raise ValueError(f"linear_int8: scales must be float32 [{N}], got {scales.dtype} {tuple(scales.shape)}")
+    if bias is not None and (tuple(bias.shape) != (N,) or not bias.is_floating_point()):
+        raise ValueError(f"linear_int8: bias must be a floating-point [{N}] tensor, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    devices = {t.device for t in (x, weight_q, scales) + (() if bias is None else (bias,))}
+    if len(devices) > 1:
+        raise ValueError(f"linear_int8: tensors on several devices: {sorted(str(d) for d in devices)}")
+
+
+def dequantize_int8(weight_q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight `linear_int8` multiplies by: ``weight_q * scales[:, None]`` in float32, then in `dtype`."""
+    return (weight_q.float() * scales[:, None]).to(dtype)
+
+
+def linear_int8(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x · weight_qᵀ) * scales + bias`` for x [..., K] (float32, bfloat16 or float16), weight_q [N, K] int8
+    (symmetric quantization, one scale per output row), scales [N] float32, bias [N] or None → [..., N] in
+    x's dtype.
+
+    With the kernels: the int8 weight is streamed once per call (a quarter of the float32 bytes) and widened
+    to float32 in registers; the dot product is the float32 `linear` kernel's (same fixed order), then times
+    the row's scale, then + bias, all in float32; batch-invariant like `linear`. Otherwise (kernels
+    unavailable or switched off, x not on the CPU or not of a KERNEL_DTYPES dtype, or autograd needed)
+    ``F.linear`` on the weight dequantized for this call (`dequantize_int8`): correct but slower, since it
+    materialises the full-precision weight each call. Raises ValueError for arguments of the wrong shape,
+    dtype or device."""
+    _check_int8_args(x, weight_q, scales, bias)
+    if (available() and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not (bias is not None and bias.requires_grad and torch.is_grad_enabled())):
+        module = _state["module"]
+        out = module.linear_int8(x.reshape(-1, x.shape[-1]), weight_q, scales, bias)  # type: ignore[attr-defined]
+        return out.view(*x.shape[:-1], weight_q.shape[0])
+    return F.linear(x, dequantize_int8(weight_q, scales, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

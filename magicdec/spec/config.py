@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 METHODS = ("none", "self", "draft")
 DRAFTERS = ("streaming", "snapkv", "full")
-DRAFT_WEIGHTS = ("full", "int8", "int4")
+DRAFT_WEIGHTS = ("full", "int8")  # int4: not yet (no CPU kernel; CUDA would take torchao)
 KV_SOURCES = ("target", "own")
 
 
@@ -80,7 +80,7 @@ class SpecConfig:
     sinks: int = 16
     draft_model: str | None = None
     tuning: DraftTuning = field(default_factory=DraftTuning)
-    draft_weights: str = "full"  # self-speculation: the target's weights as they are, or quantized (int8, int4)
+    draft_weights: str = "full"  # self-speculation: the target's weights as they are, or quantized to int8
 
     def __post_init__(self) -> None:
         if self.gamma == "auto":

@@ -17,6 +17,8 @@ namespace magicdec_cpu {
 // Defined in linear.cpp (see there for the numerics contract).
 void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, Elem wtype, int64_t N,
                 int64_t ldw, const float* bias, float* y, int64_t ldy);
+void linear_int8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, int64_t N, int64_t ldw,
+                     const float* scale, const float* bias, float* y, int64_t ldy);
 
 // Defined in attention.cpp (see there for the numerics contract).
 void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const void* k, int64_t ks_b,
@@ -88,6 +90,44 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
                bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
   }
   return y.to(x_in.scalar_type());  // no copy for float32
+}
+
+// y = (x · weight_qᵀ) * scales + bias: int8 weights [N, K] with one float32 scale per output row; x and bias
+// float32, bfloat16 or float16 (converted to float32 here), the result in x's dtype.
+at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales_in,
+                       const std::optional<at::Tensor>& bias_in) {
+  check_cpu(x_in, "x");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kChar, "magicdec cpu linear_int8: weight_q must be an ",
+              "int8 CPU tensor, got ", w.scalar_type(), " on ", w.device());
+  TORCH_CHECK(scales_in.device().is_cpu() && scales_in.scalar_type() == at::kFloat, "magicdec cpu linear_int8: ",
+              "scales must be a float32 CPU tensor, got ", scales_in.scalar_type(), " on ", scales_in.device());
+  TORCH_CHECK(x_in.dim() == 2, "magicdec cpu linear_int8: x must be [M, K], got ", x_in.sizes());
+  TORCH_CHECK(w.dim() == 2, "magicdec cpu linear_int8: weight_q must be [N, K], got ", w.sizes());
+  TORCH_CHECK(x_in.size(1) == w.size(1), "magicdec cpu linear_int8: x is ", x_in.sizes(), " but weight_q is ",
+              w.sizes());
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0);
+  TORCH_CHECK(scales_in.dim() == 1 && scales_in.size(0) == N, "magicdec cpu linear_int8: scales must be [", N,
+              "], got ", scales_in.sizes());
+  const at::Tensor x = last_dim_contiguous(x_in.to(at::kFloat));
+  const at::Tensor wq = last_dim_contiguous(w);
+  const at::Tensor scales = scales_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_cpu(*bias_in, "bias");
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "magicdec cpu linear_int8: bias must be [", N,
+                "], got ", bias_in->sizes());
+    bias = bias_in->to(at::kFloat).contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y.to(x_in.scalar_type());
+  if (K == 0) return y.zero_().add_(bias.defined() ? bias : at::zeros({N}, x.options())).to(x_in.scalar_type());
+  const int64_t ldx = M > 1 ? x.stride(0) : K, ldw = N > 1 ? wq.stride(0) : K;
+  {
+    pybind11::gil_scoped_release no_gil;
+    linear_int8_f32(x.data_ptr<float>(), M, K, ldx, wq.data_ptr<int8_t>(), N, ldw, scales.data_ptr<float>(),
+                    bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  }
+  return y.to(x_in.scalar_type());
 }
 
 // attention (table undefined: k, v [B, Hkv, S, D]) or paged_attention (k, v pools [N, Hkv, P, D] and
@@ -176,6 +216,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &magicdec_cpu::linear,
         "y = x · weightᵀ + bias for x [M, K], weight [N, K] (float32, bfloat16 or float16; float32 arithmetic)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
+  m.def("linear_int8", &magicdec_cpu::linear_int8,
+        "y = (x · weight_qᵀ) * scales + bias for x [M, K] (float32, bfloat16 or float16), weight_q [N, K] int8, "
+        "scales [N] float32 (float32 arithmetic, the result in x's dtype)",
+        pybind11::arg("x"), pybind11::arg("weight_q"), pybind11::arg("scales"),
+        pybind11::arg("bias") = pybind11::none());
   m.def("attention", &magicdec_cpu::attention,
         "GQA attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] where allowed [B, T, S] (float32, bfloat16 "
         "or float16; float32 arithmetic)",

@@ -12,6 +12,14 @@
 // All tile shapes below implement exactly this (`reduce4` computes that tree for each lane), so the
 // kernel is bitwise batch-invariant. The weight's type changes only how w[k] is read (exactly), not this.
 //
+// int8 weights (`linear_int8_f32`, symmetric per-row quantization: w[n, k] ≈ q[n, k] * scale[n]): q is
+// read as int8 (a quarter of the float32 bytes), sign-extended and converted to float32 exactly, and the
+// dot product above runs on it unchanged; then y = dot * scale + b (a multiply, then an add: two roundings,
+// -ffp-contract=off). So the int8 path is batch-invariant too, and differs from the float32 kernel on the
+// dequantized weight q * scale only by where the scale's rounding happens (~1e-7 relative).
+// The widening (vpmovsxbd + vcvtdq2ps per 8 weights) is the price: at one row of x the int8 kernel runs
+// near the memory bound (3-4x the float32 kernel), at 8 rows it is bound by the FMAs (~2x).
+//
 // Performance: the weight is streamed from memory once per call; each 3-row weight tile serves every
 // 4-row tile of x while it is in L1, and x stays in L1/L2 (for many rows, x is taken in L2-sized parts
 // and the weight block, kept in L2, is read again from there). A 4 x 3 register tile (12 accumulators)
@@ -22,6 +30,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "elements.h"
 
@@ -59,11 +68,12 @@ constexpr int64_t kLine = 64;
 // Below this many multiply-adds a call runs on one thread (an OpenMP fork costs a few microseconds).
 constexpr int64_t kParallelMinFlops = 1 << 16;
 
-// One register tile: y[0..MR) x [0..NR) of x rows and w rows (weights of type W). Meanwhile it prefetches
+// One register tile: y[0..MR) x [0..NR) of x rows and w rows (weights of type W), times scale[0..NR) when
+// scale is not null (int8 weights), plus bias[0..NR) when bias is not null. Meanwhile it prefetches
 // `pf_lines` cache lines from `pf` on (a part of a weight tile further on), spread evenly over its steps over K.
 template <typename W, int MR, int NR>
-void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* bias, float* y,
-          int64_t ldy, const char* pf, int64_t pf_lines) {
+void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* scale, const float* bias,
+          float* y, int64_t ldy, const char* pf, int64_t pf_lines) {
   static_assert(MR >= 1 && MR <= kMR && NR >= 1 && NR <= 4, "tile shape");
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -105,9 +115,11 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const
   const __m256 zero = _mm256_setzero_ps();
   const __m128i out_mask = lanes_mask4(NR);
   const __m128 b = bias != nullptr ? _mm_maskload_ps(bias, out_mask) : _mm_setzero_ps();
+  const __m128 s = scale != nullptr ? _mm_maskload_ps(scale, out_mask) : _mm_setzero_ps();
   for (int i = 0; i < MR; ++i) {
     __m128 r = reduce4(acc[i][0], NR > 1 ? acc[i][1 % NR] : zero, NR > 2 ? acc[i][2 % NR] : zero,
                        NR > 3 ? acc[i][3 % NR] : zero);
+    if (scale != nullptr) r = _mm_mul_ps(r, s);
     if (bias != nullptr) r = _mm_add_ps(r, b);
     if (NR == 4) {
       _mm_storeu_ps(y + i * ldy, r);
@@ -118,8 +130,8 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const
 }
 
 template <typename W>
-using TileFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, const float*, float*, int64_t,
-                        const char*, int64_t);
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, const float*, const float*, float*,
+                        int64_t, const char*, int64_t);
 
 template <typename W, int MR>
 constexpr TileFn<W> pick_nr(int nr) {
@@ -138,11 +150,13 @@ TileFn<W> pick(int mr, int nr) {
 
 template <typename W>
 void linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const W* w, int64_t N, int64_t ldw,
-                 const float* bias, float* y, int64_t ldy) {
+                 const float* scale, const float* bias, float* y, int64_t ldy) {
   if (M <= 0 || N <= 0) return;
   const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(W)));
   const int64_t rows_per_block = std::max<int64_t>(kNR, kBlockBytes / row_bytes / kNR * kNR);
-  const int64_t x_rows = std::max<int64_t>(kMR, kXBytes / row_bytes / kMR * kMR);
+  // x rows are float32 (for int8 weights, count them so; 16-bit weights keep the count they were tuned with).
+  const int64_t x_row_bytes = std::is_same<W, int8_t>::value ? K * 4 : row_bytes;
+  const int64_t x_rows = std::max<int64_t>(kMR, kXBytes / x_row_bytes / kMR * kMR);
   const int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
   const bool parallel = blocks > 1 && M * N * K >= kParallelMinFlops;
   // Within a block, each 3-row weight tile is loaded once (from memory) and used by every row tile of
@@ -165,8 +179,8 @@ void linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const W* w, 
           const int mr = static_cast<int>(std::min<int64_t>(kMR, m_end - m0));
           const int64_t first = lines * t / m_tiles, last = lines * (t + 1) / m_tiles;
           const char* pf = prefetch ? reinterpret_cast<const char*>(w + n_pf * ldw) + first * kLine : nullptr;
-          pick<W>(mr, nr)(x + m0 * ldx, ldx, w + n0 * ldw, ldw, K, bias != nullptr ? bias + n0 : nullptr,
-                       y + m0 * ldy + n0, ldy, pf, last - first);
+          pick<W>(mr, nr)(x + m0 * ldx, ldx, w + n0 * ldw, ldw, K, scale != nullptr ? scale + n0 : nullptr,
+                          bias != nullptr ? bias + n0 : nullptr, y + m0 * ldy + n0, ldy, pf, last - first);
         }
       }
     }
@@ -180,10 +194,23 @@ void linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const W* w, 
 void linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, Elem wtype, int64_t N,
                 int64_t ldw, const float* bias, float* y, int64_t ldy) {
   switch (wtype) {
-    case Elem::bf16: linear_impl(x, M, K, ldx, static_cast<const bf16_t*>(w), N, ldw, bias, y, ldy); break;
-    case Elem::f16: linear_impl(x, M, K, ldx, static_cast<const f16_t*>(w), N, ldw, bias, y, ldy); break;
-    default: linear_impl(x, M, K, ldx, static_cast<const float*>(w), N, ldw, bias, y, ldy); break;
+    case Elem::bf16:
+      linear_impl(x, M, K, ldx, static_cast<const bf16_t*>(w), N, ldw, nullptr, bias, y, ldy);
+      break;
+    case Elem::f16:
+      linear_impl(x, M, K, ldx, static_cast<const f16_t*>(w), N, ldw, nullptr, bias, y, ldy);
+      break;
+    default:
+      linear_impl(x, M, K, ldx, static_cast<const float*>(w), N, ldw, nullptr, bias, y, ldy);
+      break;
   }
+}
+
+// y [M, N] = (x [M, K] · w [N, K]ᵀ) * scale [N] + bias [N] (or null) for int8 weights w (symmetric
+// quantization, one scale per output row). Same contract and strides as linear_f32.
+void linear_int8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, int64_t N, int64_t ldw,
+                     const float* scale, const float* bias, float* y, int64_t ldy) {
+  linear_impl(x, M, K, ldx, w, N, ldw, scale, bias, y, ldy);
 }
 
 }  // namespace magicdec_cpu
