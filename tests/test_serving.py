@@ -73,12 +73,16 @@ def trace(tiny_llm: LLM) -> tuple[list[list[int]], list[int], list[int], dict[in
     return prompts, new, arrive, {7: 12}
 
 
-@pytest.mark.parametrize("spec", [None, SELF, "mixed"], ids=["plain", "self", "per-request-gamma"])
+INT8 = SpecConfig(method="self", budget=96, sinks=4, gamma=3, draft_weights="int8")
+
+
+@pytest.mark.parametrize("spec", [None, SELF, "mixed", INT8], ids=["plain", "self", "per-request-gamma", "self-int8"])
 def test_trace_equals_each_request_alone(tiny_llm: LLM, trace: tuple, spec: object) -> None:
     prompts, new, arrive, abort = trace
     ref = alone(tiny_llm, prompts, new)
     # a pool too small for the trace (preemption), and requests that turn speculation off or fix their own γ
-    e = engine(tiny_llm, None if spec is None else SELF, num_blocks=40, max_num_seqs=6)
+    e = engine(tiny_llm, spec if isinstance(spec, SpecConfig) or spec is None else SELF, num_blocks=40,
+               max_num_seqs=6)
     overrides = {1: 0, 4: 2, 9: 0, 11: 1} if spec == "mixed" else None
     got = run_trace(e, prompts, new, arrive, abort, overrides)
     assert set(got) == set(range(16)) - set(abort)
@@ -112,8 +116,10 @@ def test_engine_equals_transformers_and_static_batching(tiny_llm: LLM, tiny_dir:
     outs = engine(tiny_llm, SELF).run(prompts, params)
     hf = hf_model(tiny_dir)
     static = tiny_llm.generate(prompts, params).outputs
-    for p, o, s in zip(prompts, outs, static):
-        assert o.token_ids == hf_greedy(hf, p, 20) == s.token_ids
+    static_int8 = tiny_llm.generate(prompts, params, INT8)  # the static path's quantized self-draft
+    assert static_int8.stats.acceptance.draft_tokens > 0
+    for p, o, s, q in zip(prompts, outs, static, static_int8.outputs):
+        assert o.token_ids == hf_greedy(hf, p, 20) == s.token_ids == q.token_ids
 
 
 def test_seeded_sampling_does_not_depend_on_neighbours(tiny_llm: LLM, tiny_dir: Path) -> None:

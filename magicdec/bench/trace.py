@@ -146,8 +146,9 @@ class TraceConfig:
 
 
 def trace_configs(kinds: Iterable[str], gammas: Sequence[int] = (3,), budget: int = 256,
-                  sinks: int = 4) -> list[TraceConfig]:
-    """The configurations asked for, in the order plain, self (one per γ), auto, static."""
+                  sinks: int = 4, draft_weights: str = "full") -> list[TraceConfig]:
+    """The configurations asked for, in the order plain, self (one per γ), auto, static (the self-draft's
+    weights: the target's as they are, or `draft_weights` "int8")."""
     kinds = list(kinds)
     bad = [k for k in kinds if k not in CONFIG_KINDS]
     if bad:
@@ -155,7 +156,8 @@ def trace_configs(kinds: Iterable[str], gammas: Sequence[int] = (3,), budget: in
     out = []
 
     def spec(gamma: int | Auto) -> SpecConfig:
-        return SpecConfig(method="self", drafter="streaming", budget=budget, sinks=sinks, gamma=gamma)
+        return SpecConfig(method="self", drafter="streaming", budget=budget, sinks=sinks, gamma=gamma,
+                          draft_weights=draft_weights)
 
     if "plain" in kinds:
         out.append(TraceConfig("plain", "plain", None))

@@ -24,7 +24,7 @@ from typing import Any
 from magicdec.bench.grid import QUICK, Grid, Runner
 from magicdec.bench.report import JsonlWriter, header, read_jsonl, write_report
 from magicdec.cli.args import parse_count, parse_gamma
-from magicdec.spec.config import DRAFTERS
+from magicdec.spec.config import DRAFT_WEIGHTS, DRAFTERS
 
 GRID_FLAGS = {"batch": "batches", "context": "contexts", "spec": "methods", "drafter": "drafters", "budget": "budgets",
               "gamma": "gammas", "max_new_tokens": "max_new_tokens", "repeats": "repeats", "warmup": "warmup"}
@@ -123,6 +123,8 @@ def register_trace(subparsers: Any) -> None:
     c.add_argument("--gamma", nargs="+", type=_listed(parse_count), help="self: fixed γ values (default 3)")
     c.add_argument("--budget", type=parse_count, default=256, help="draft KV budget in tokens (default 256)")
     c.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks (default 4)")
+    c.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="full",
+                   help="the self-draft's weights: the target's as they are, or quantized to int8")
     c.add_argument("--max-num-seqs", type=int, default=8, help="engine: requests running at once (default 8); "
                                                                "static with --rate: the batch size")
     c.add_argument("--max-num-batched-tokens", type=int, default=1024, help="engine: tokens per step (default 1024)")
@@ -152,7 +154,7 @@ def run_trace(args: argparse.Namespace) -> int:
     concurrency = None if args.rate is not None else (args.concurrency or 8)
     kinds = [k for ks in args.configs for k in ks] if args.configs else list(tr.CONFIG_KINDS)
     gammas = [g for gs in args.gamma for g in gs] if args.gamma else [3]
-    configs = tr.trace_configs(kinds, gammas, args.budget, args.sinks)
+    configs = tr.trace_configs(kinds, gammas, args.budget, args.sinks, args.draft_weights)
     if args.requests < 1:
         raise ValueError(f"--requests must be ≥ 1, got {args.requests}")
     corpus = load_bench_corpus(args.corpus)
