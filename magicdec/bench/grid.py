@@ -48,6 +48,7 @@ class Grid:
     corpus_seed: int = 0
     draft_model: str | None = None
     synthetic_acceptance: float | None = None
+    draft_weights: list[str] = field(default_factory=lambda: ["full"])  # self-drafts: full and/or int8 weights
 
     def __post_init__(self) -> None:
         bad = [d for d in self.drafters if d not in DRAFTERS]
@@ -75,8 +76,9 @@ class Grid:
                     continue
                 for b in self.budgets:
                     for g in self.gammas:
-                        out.append(SpecConfig(method=m, drafter=d, gamma=g, budget=b,
-                                              draft_model=self.draft_model if m == "draft" else None))
+                        for w in self.draft_weights if m == "self" else ["full"]:
+                            out.append(SpecConfig(method=m, drafter=d, gamma=g, budget=b, draft_weights=w,
+                                                  draft_model=self.draft_model if m == "draft" else None))
         return list({c.label: c for c in out}.values())
 
     @property
