@@ -15,7 +15,7 @@ import sys
 
 from magicdec.parallel.watchdog import end_failed_rank
 
-COMMANDS = ("generate", "plan", "profile", "bench", "corpus")
+COMMANDS = ("generate", "serve", "plan", "profile", "bench", "corpus")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,507 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes that translate requests for the engine and back.
+
+    app = create_app(ServerConfig(served_model_name="smollm2"), load=lambda: Engine(...))
+    uvicorn.run(app)
+
+The server holds no generation state: the engine does, behind `EngineRunner` (one thread). A handler
+checks everything first — the key, the body's size, the parameters, the model name, each prompt against
+the context and the KV cache — so a bad request is answered 400 and never queued; then it submits its
+choices and streams (SSE) or collects their outputs. A client that goes away has its requests aborted.
+The model loads in a thread after the server starts listening: /health answers 503 until it is ready.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
+POST /tokenize, POST /detokenize.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from magicdec.engine.request import RequestSpec, StepOutput
+from magicdec.llm import PromptError
+from magicdec.runtime.sampling import SamplingParams
+from magicdec.server.metrics import ServerMetrics
+from magicdec.server.protocol import (
+    APIError,
+    ChatRequest,
+    Common,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    bad,
+    chat_messages,
+    check_common,
+    completion_prompts,
+    error_body,
+    stop_strings,
+    usage,
+)
+from magicdec.server.runner import ClientGone, EngineDead, EngineRunner, Job, QueueFull, ShuttingDown, Stream
+from magicdec.serving import Engine
+
+log = logging.getLogger("magicdec.server")
+
+LOAD_DELAY_ENV = "MAGICDEC_SERVE_LOAD_DELAY"  # seconds to wait before loading (tests observe /health's 503)
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_queue: int = 64  # engine requests waiting beyond the running batch before new ones get 503
+    max_body_bytes: int = 1 << 20
+    log_interval: float = 10.0  # seconds between throughput lines while busy
+    on_fatal: Callable[[BaseException], None] | None = None  # the engine failed to load or to step
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    metrics: ServerMetrics
+    engine: Engine | None = None
+    runner: EngineRunner | None = None
+    load_error: BaseException | None = None
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+
+    def drain(self) -> None:
+        """Stop accepting requests (SIGTERM): new ones get 503, running ones finish."""
+        self.draining = True
+        if self.runner is not None:
+            self.runner.draining = True
+
+    def ready(self) -> tuple[Engine, EngineRunner]:
+        if self.load_error is not None or (self.runner is not None and self.runner.error is not None):
+            raise APIError(503, "the engine failed; see the server's log", type="server_error", code="engine_error")
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        if self.engine is None or self.runner is None:
+            raise APIError(503, "the model is loading; retry shortly", type="server_error", code="model_loading",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        return self.engine, self.runner
+
+    def check_model(self, model: str | None) -> None:
+        name = self.config.served_model_name
+        if model is not None and model != name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{name}` (GET /v1/models).",
+                           param="model", code="model_not_found")
+
+
+# ---- the gate: key and body size, before any route runs ---------------------------------------------------
+class Gate:
+    """Pure ASGI middleware: the API key (every route but /health), then the body's size (Content-Length
+    and the bytes actually sent); the body is read here and replayed to the app."""
+
+    def __init__(self, app: Any, config: ServerConfig) -> None:
+        self.app, self.config = app, config
+        self.bearer = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.bearer is not None and scope["path"] != "/health":
+            given = headers.get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.bearer):
+                return await send_json(send, 401, error_body(
+                    "Invalid or missing API key: send the header 'Authorization: Bearer <key>'.",
+                    "invalid_request_error", None, "invalid_api_key"))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.config.max_body_bytes
+        too_large = error_body(f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)",
+                               "invalid_request_error", None, "request_too_large")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await send_json(send, 413, too_large)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > limit:
+                return await send_json(send, 413, too_large)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def send_json(send: Callable[..., Any], status: int, body: dict[str, Any],
+                    headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                            *extra]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """pydantic's errors as one message naming the parameters (unknown ones first; a value that fits none
+    of a parameter's types once, with the types)."""
+    unknown: list[str] = []
+    other: dict[str, list[str]] = {}  # parameter → messages
+    unions: dict[str, list[str]] = {}  # parameter → the types it may have
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        name = ".".join(loc)
+        top = loc[0] if loc else ""
+        if e.get("type") == "extra_forbidden":
+            unknown.append(name)
+        elif e.get("type") == "json_invalid":
+            other.setdefault("", []).append(
+                f"the body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})")
+        elif e.get("type") == "missing":
+            other.setdefault(name, []).append(f"missing required parameter '{name}'")
+        elif len(loc) > 1 and not loc[1].isdigit() and ("[" in loc[1] or loc[1] in ("str", "int", "float", "bool")):
+            unions.setdefault(top, []).append(loc[1])  # one member of a union type
+        else:
+            other.setdefault(name, []).append(f"{name or 'body'}: {e.get('msg')}")
+    for top, kinds in unions.items():
+        other.setdefault(top, []).append(f"{top}: expected one of {' | '.join(dict.fromkeys(kinds))}")
+    parts = []
+    if unknown:
+        parts.append(f"unsupported parameter{'s' * (len(unknown) > 1)}: {', '.join(unknown)} (not part of the "
+                     f"OpenAI API magicdec implements); drop {'them' if len(unknown) > 1 else 'it'}")
+    parts += [m for ms in other.values() for m in ms]
+    param = unknown[0] if unknown else next((k or None for k in other), None)
+    return "; ".join(parts) or "invalid request", param
+
+
+# ---- the app --------------------------------------------------------------------------------------------
+def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
+    """The server's app; `load` builds the engine (in a thread, once the server listens)."""
+    state = ServerState(config, ServerMetrics(config.served_model_name))
+
+    def load_in_background(loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            delay = float(os.environ.get(LOAD_DELAY_ENV, "0") or 0)
+            if delay > 0:
+                time.sleep(delay)
+            engine = load()
+            runner = EngineRunner(engine, loop, state.metrics, config.max_queue, config.log_interval,
+                                  on_fatal=config.on_fatal)
+            runner.draining = state.draining
+            runner.start()
+            state.engine, state.runner = engine, runner
+            log.info("ready: serving %s (max model length %d)", config.served_model_name, engine.max_model_len)
+        except BaseException as e:
+            state.load_error = e
+            log.error("the model failed to load: %s", e)
+            if config.on_fatal is not None:
+                config.on_fatal(e)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=load_in_background, args=(asyncio.get_running_loop(),),
+                                  name="magicdec-load", daemon=True)
+        loader.start()
+        yield
+        state.drain()
+        if state.runner is not None:
+            await state.runner.stop()
+
+    app = FastAPI(title="magicdec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.magicdec = state
+    app.add_middleware(Gate, config=config)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(exc.errors()))
+        return JSONResponse(error_body(message, "invalid_request_error", param, None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, kind),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.load_error is not None or (state.runner is not None and state.runner.error is not None):
+            return JSONResponse({"status": "error"}, status_code=503)
+        if state.runner is None:
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        if state.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        engine, _ = state.ready()
+        name = config.served_model_name
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(state.started),
+                                            "owned_by": "magicdec", "root": name, "parent": None,
+                                            "max_model_len": engine.max_model_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        engine, _ = state.ready()
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad("give exactly one of prompt and messages", "prompt")
+        tok = engine.llm.tokenizer
+        if body.messages is not None:
+            text = render_chat(engine, body.messages, body.add_generation_prompt)
+            ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        else:
+            assert body.prompt is not None
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        engine, _ = state.ready()
+        state.check_model(body.model)
+        vocab = engine.llm.config.vocab_size
+        wrong = [t for t in body.tokens if not 0 <= t < vocab]
+        if wrong:
+            raise bad(f"token ids must be in 0 … {vocab - 1}, got {wrong[:5]}", "tokens")
+        return {"prompt": engine.llm.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        engine, runner = state.ready()
+        state.check_model(body.model)
+        check_common(body)
+        try:  # (off the event loop: a long prompt takes a while to tokenize)
+            prompts = await asyncio.to_thread(engine.llm.encode, completion_prompts(body.prompt))
+        except PromptError as e:
+            raise bad(str(e), "prompt") from None
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        return await serve(state, engine, runner, body, request, prompts, max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        engine, runner = state.ready()
+        state.check_model(body.model)
+        check_common(body)
+        ids = await asyncio.to_thread(encode_chat, engine, body.messages)
+        if not ids:
+            raise bad("the messages render to an empty prompt", "messages")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:  # up to the context (and what the KV cache holds)
+            max_tokens = max(token_limit(engine) - len(ids), 1)
+        return await serve(state, engine, runner, body, request, [ids], max_tokens, chat=True)
+
+    return app
+
+
+def render_chat(engine: Engine, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    try:
+        return engine.llm.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt)
+    except APIError:
+        raise
+    except Exception as e:  # the template's own raise_exception, or a template error
+        raise bad(f"the chat template cannot render these messages: {e}", "messages") from None
+
+
+def encode_chat(engine: Engine, messages: list[dict[str, Any]]) -> list[int]:
+    """The chat template's prompt as tokens (the template writes the special tokens itself)."""
+    return engine.llm.tokenizer.encode(render_chat(engine, messages, True), add_special_tokens=False)
+
+
+def token_limit(engine: Engine) -> int:
+    """The most tokens (prompt + output) one request may take: the context, and what the KV cache holds."""
+    core = engine.core
+    return min(engine.max_model_len, core.pool.num_blocks * core.pool.block_size - core.scheduler.lookahead)
+
+
+def check_prompt(engine: Engine, ids: list[int], max_tokens: int, param: str) -> None:
+    """The engine's own checks of a request, made before it is queued (the engine repeats them)."""
+    total = len(ids) + max_tokens
+    if total > engine.max_model_len:
+        raise bad(f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
+                  f"{total} tokens ({len(ids)} in the {param}, {max_tokens} in the completion). Please reduce the "
+                  f"length of the {param} or the completion (max_tokens).", param, "context_length_exceeded")
+    core = engine.core
+    need = core.scheduler.blocks_needed(total)
+    if need > core.pool.num_blocks:
+        P = core.pool.block_size
+        raise bad(f"this request needs {total} tokens of KV cache ({len(ids)} in the {param}, {max_tokens} in the "
+                  f"completion) but the server's KV cache holds {core.pool.num_blocks * P - core.scheduler.lookahead}"
+                  f": reduce the length of the {param} or the completion (max_tokens)", param,
+                  "context_length_exceeded")
+
+
+def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_tokens: int, rid: str,
+               arrival: float, param: str) -> list[Job]:
+    if max_tokens < 1:
+        raise bad(f"max_tokens must be ≥ 1, got {max_tokens}", "max_tokens")
+    for ids in prompts:
+        check_prompt(engine, ids, max_tokens, param)
+    spec = None
+    if body.speculation is not None and body.speculation.gamma is not None:
+        bound = engine.core.config.max_gamma
+        if body.speculation.gamma > bound:
+            how = (f"at most {bound} (the server's --gamma)" if bound else
+                   "0 (this server runs without speculation: start it with --spec self)")
+            raise bad(f"speculation.gamma must be {how}, got {body.speculation.gamma}", "speculation.gamma")
+        spec = RequestSpec(body.speculation.gamma)
+    jobs = []
+    n = body.n
+    for p, ids in enumerate(prompts):
+        for j in range(n):
+            seed = None if body.seed is None else body.seed + j  # choice j of each prompt: seed + j
+            try:
+                params = SamplingParams(max_new_tokens=max_tokens,
+                                        temperature=1.0 if body.temperature is None else body.temperature,
+                                        top_k=max(body.top_k or 0, 0),
+                                        top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
+                                        stop=stop_strings(body.stop), ignore_eos=body.ignore_eos)
+            except ValueError as e:
+                raise bad(str(e)) from None
+            jobs.append(Job(f"{rid}-{p * n + j}", ids, params, spec, arrival))
+    return jobs
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that, however it ends (finished, client gone, cancelled), aborts what is left."""
+
+    def __init__(self, content: AsyncIterator[str], stream: Stream) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.abort()
+
+
+async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: Common, request: Request,
+                prompts: list[list[int]], max_tokens: int, chat: bool) -> Response:
+    arrival = time.monotonic()
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    jobs = build_jobs(engine, body, prompts, max_tokens, rid, arrival, "messages" if chat else "prompt")
+    try:
+        stream = runner.submit(jobs)
+    except QueueFull:
+        raise APIError(503, f"the server is at capacity ({runner.capacity} requests running or queued, "
+                       "--max-queue); retry later", type="server_error", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except ShuttingDown:
+        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineDead:
+        raise APIError(503, "the engine failed; see the server's log", type="server_error",
+                       code="engine_error") from None
+    created = int(time.time())
+    head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": state.config.served_model_name}
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventStream(sse(stream, request, head, prompts, body, chat, include_usage), stream)
+    try:
+        finals: dict[int, StepOutput] = {}
+        async for index, out in stream.outputs(request):
+            if out.finished:
+                finals[index] = out
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        stream.abort()
+    outs = [finals[i] for i in range(len(jobs))]
+    choices = []
+    for i, out in enumerate(outs):
+        choice: dict[str, Any] = {"index": i}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": out.text}
+        else:
+            choice["text"] = out.text
+        choice.update(logprobs=None, finish_reason=out.finish_reason, stop_reason=None)
+        if body.return_token_ids:
+            choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=out.token_ids)
+        choices.append(choice)
+    return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                         "usage": usage_of(prompts, body.n, outs)})
+
+
+def usage_of(prompts: list[list[int]], n: int, outs: list[StepOutput]) -> dict[str, Any]:
+    cached = sum(outs[p * n].metrics.cached_tokens for p in range(len(prompts)))
+    return usage([len(p) for p in prompts], cached, outs)
+
+
+async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: list[list[int]], body: Common,
+              chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: chat opens each choice with a role delta; deltas carry finish_reason null until a
+    choice's last one; then (stream_options.include_usage) a usage chunk with no choices; then [DONE]."""
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        out = {**head, "choices": choices, **extra}
+        if include_usage and "usage" not in extra:
+            out["usage"] = None
+        return f"data: {dumps(out)}\n\n"
+
+    n_choices = len(stream.request_ids)
+    finals: dict[int, StepOutput] = {}
+    try:
+        if chat:
+            for i in range(n_choices):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+        async for index, out in stream.outputs(request):
+            if out.finished:
+                finals[index] = out
+            elif not out.new_text and not (body.return_token_ids and out.new_token_ids):
+                continue
+            choice: dict[str, Any] = {"index": index}
+            if chat:
+                choice["delta"] = {"content": out.new_text} if out.new_text or not out.finished else {}
+            else:
+                choice["text"] = out.new_text
+            choice.update(logprobs=None, finish_reason=out.finish_reason if out.finished else None)
+            if body.return_token_ids:
+                choice["token_ids"] = out.new_token_ids
+            yield chunk([choice])
+        if include_usage:
+            outs = [finals[i] for i in range(n_choices)]
+            yield chunk([], usage=usage_of(prompts, body.n, outs))
+        yield "data: [DONE]\n\n"
+    except ClientGone:
+        return
+    except APIError as e:
+        yield f"data: {dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,289 @@
+"""The bridge between the asyncio server and the engine: one thread owns the `Engine`.
+
+The engine is not thread-safe, so exactly one thread (`magicdec-engine`) calls it. Its loop:
+1. take everything in the inbox (requests to add, requests to abort), waiting when there is no work;
+2. `sync` it: the one place where, under tensor parallelism, rank 0 would broadcast the inbox so that
+   every rank adds and aborts the same requests before the same step (today: the identity);
+3. add and abort them, then `step()` while there is work (or an abort to report);
+4. update the metrics, log finished requests (and a throughput line every `log_interval` seconds while
+   busy), and hand the step's outputs to the event loop in one `call_soon_threadsafe`, where each goes to
+   its HTTP request's `Stream`.
+The event loop side (`submit`, `abort`, `Stream`) never touches the engine: it only posts to the inbox.
+Capacity: at most `max_num_seqs` running plus `max_queue` waiting engine requests; `submit` beyond that
+raises `QueueFull` (the server answers 503 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from magicdec.engine.request import RequestSpec, StepOutput
+from magicdec.runtime.sampling import SamplingParams
+from magicdec.server.metrics import ServerMetrics
+from magicdec.server.protocol import APIError
+from magicdec.serving import Engine
+
+log = logging.getLogger("magicdec.server")
+
+DISCONNECT_POLL_S = 1.0  # while a request waits for output, how often it checks that its client is still there
+
+
+class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+class EngineDead(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Disconnectable(Protocol):
+    async def is_disconnected(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One engine request, checked by the HTTP handler before it is submitted."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    spec: RequestSpec | None
+    arrival: float
+
+
+class Stream:
+    """The outputs of one HTTP request's engine requests (its choices), as (choice index, StepOutput)."""
+
+    def __init__(self, runner: EngineRunner, request_ids: list[str]) -> None:
+        self.runner, self.request_ids = runner, request_ids
+        self.queue: asyncio.Queue[tuple[int, StepOutput] | BaseException] = asyncio.Queue()
+        self.unfinished = set(range(len(request_ids)))
+
+    @property
+    def done(self) -> bool:
+        return not self.unfinished
+
+    def abort(self) -> None:
+        """Abort the choices not finished yet (their KV blocks are free after the engine's next step)."""
+        if self.unfinished:
+            self.runner.abort([self.request_ids[i] for i in sorted(self.unfinished)])
+            self.unfinished.clear()
+
+    async def outputs(self, client: Disconnectable | None = None) -> AsyncIterator[tuple[int, StepOutput]]:
+        """The deltas until every choice has finished; raises ClientGone when `client` disconnects while
+        waiting, or the error the engine met."""
+        getter: asyncio.Future[Any] | None = None
+        check = time.monotonic() + DISCONNECT_POLL_S
+        try:
+            while self.unfinished:
+                if client is not None and time.monotonic() >= check:  # (outputs may flow all the time)
+                    if await client.is_disconnected():
+                        raise ClientGone
+                    check = time.monotonic() + DISCONNECT_POLL_S
+                if getter is None:
+                    getter = asyncio.ensure_future(self.queue.get())
+                timeout = max(check - time.monotonic(), 0.0) if client is not None else None
+                done, _ = await asyncio.wait({getter}, timeout=timeout)
+                if not done:
+                    continue
+                item, getter = getter.result(), None
+                if isinstance(item, BaseException):
+                    raise item
+                index, out = item
+                if out.finished:
+                    self.unfinished.discard(index)
+                yield index, out
+        finally:
+            if getter is not None:
+                getter.cancel()
+
+
+class EngineRunner:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, metrics: ServerMetrics | None = None,
+                 max_queue: int = 64, log_interval: float = 10.0,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self.engine, self.loop, self.metrics = engine, loop, metrics
+        self.capacity = engine.core.config.max_num_seqs + max_queue
+        self.log_interval, self.on_fatal = log_interval, on_fatal
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="magicdec-engine", daemon=True)
+        self._count = threading.Lock()
+        self.outstanding = 0  # submitted engine requests not finished yet (guarded by _count)
+        # event-loop side only
+        self._streams: dict[str, tuple[Stream, int]] = {}
+        self.draining = False
+        self.error: BaseException | None = None
+        # engine thread only
+        self._last_log = time.monotonic()
+        self._logged = (0, 0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- the event loop's side ------------------------------------------------------------------------
+    def submit(self, jobs: list[Job]) -> Stream:
+        """Queue checked requests (all or none); raises QueueFull, ShuttingDown or EngineDead."""
+        if self.error is not None:
+            raise EngineDead(str(self.error))
+        if self.draining or self._stopping:
+            raise ShuttingDown
+        with self._count:
+            if self.outstanding + len(jobs) > self.capacity:
+                raise QueueFull
+            self.outstanding += len(jobs)
+        stream = Stream(self, [j.request_id for j in jobs])
+        for i, j in enumerate(jobs):
+            self._streams[j.request_id] = (stream, i)
+        self._post([("add", j) for j in jobs])
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._post([("abort", r) for r in request_ids])
+
+    def _post(self, ops: list[tuple[str, Any]]) -> None:
+        with self._cond:
+            self._inbox.extend(ops)
+            self._cond.notify()
+
+    def _deliver(self, outs: list[StepOutput], errors: list[tuple[str, BaseException]]) -> None:
+        """(event loop) Each output to its stream; a finished request leaves the books."""
+        for out in outs:
+            entry = self._streams.get(out.request_id)
+            if entry is None:
+                continue
+            stream, index = entry
+            stream.queue.put_nowait((index, out))
+            if out.finished:
+                del self._streams[out.request_id]
+        for rid, err in errors:
+            entry = self._streams.pop(rid, None)
+            if entry is not None:
+                entry[0].queue.put_nowait(err)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for stream, _ in list(self._streams.values()):
+            stream.queue.put_nowait(err)
+        self._streams.clear()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Abort what is left, let the engine thread report it and end, then free the engine."""
+        self.abort(list(self._streams))
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join, timeout)
+        if self._thread.is_alive():
+            log.warning("the engine thread did not stop within %.0f s", timeout)
+        else:
+            self.engine.close()
+
+    # ---- the engine thread ----------------------------------------------------------------------------
+    def sync(self, ops: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """This step's inbox, as every rank must apply it. Under tensor parallelism rank 0 broadcasts its
+        inbox here and the other ranks return what they receive (their own inboxes stay empty)."""
+        return ops
+
+    def _take(self) -> tuple[list[tuple[str, Any]], bool]:
+        busy = self.engine.has_unfinished_requests()
+        with self._cond:
+            if not busy and not self._inbox and not self._stopping:
+                self._cond.wait(timeout=self.log_interval)
+            ops = list(self._inbox)
+            self._inbox.clear()
+            return ops, self._stopping
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                ops, stopping = self._take()
+                ops = self.sync(ops)
+                errors: list[tuple[str, BaseException]] = []
+                aborted = False
+                for kind, x in ops:
+                    if kind == "add":
+                        try:
+                            engine.add_request(x.prompt, x.params, x.spec, x.request_id, x.arrival)
+                        except ValueError as e:  # checked by the handler already: a race (e.g. an id in use)
+                            errors.append((x.request_id, APIError(400, str(e))))
+                    else:
+                        engine.abort_request(x)
+                        aborted = True
+                outs: list[StepOutput] = []
+                if engine.has_unfinished_requests() or aborted:
+                    outs = engine.step()
+                finished = sum(o.finished for o in outs) + len(errors)
+                if finished:  # counted free before the metrics say so: a client that saw them may submit
+                    with self._count:
+                        self.outstanding -= finished
+                self._observe(outs)
+                if outs or errors:
+                    self._call(self._deliver, outs, errors)
+                if stopping and not engine.has_unfinished_requests():
+                    with self._cond:
+                        if not self._inbox:
+                            return
+        except BaseException as e:
+            self.error = e
+            log.exception("the engine failed; every running request fails with it and the server stops")
+            self._call(self._fail_all, APIError(500, f"the engine failed: {e}", type="server_error",
+                                                code="engine_error"))
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _observe(self, outs: list[StepOutput]) -> None:
+        engine, metrics = self.engine, self.metrics
+        if metrics is not None:
+            metrics.observe_engine(engine)
+        for out in outs:
+            if out.finished:
+                if metrics is not None:
+                    metrics.observe_finished(out)
+                log_finished(out)
+        now = time.monotonic()
+        if now - self._last_log >= self.log_interval:
+            s = engine.stats
+            prompt, gen = s.prompt_tokens - self._logged[0], s.generation_tokens - self._logged[1]
+            if prompt or gen or engine.has_unfinished_requests():
+                dt = now - self._last_log
+                acc = s.spec
+                spec = (f", speculation: {acc.acceptance_rate:.1%} of {acc.draft_tokens} drafts accepted, "
+                        f"{acc.mean_accepted_tokens:.2f} tokens per round" if acc.rounds else "")
+                log.info("throughput: prompt %.1f tokens/s, generation %.1f tokens/s; running %d, waiting %d, "
+                         "KV cache %.1f%%, prefix-cache hits %.1f%%%s", prompt / dt, gen / dt, engine.num_running,
+                         engine.num_waiting, 100 * engine.kv_cache_usage, 100 * engine.prefix_cache.hit_rate, spec)
+            self._last_log, self._logged = now, (s.prompt_tokens, s.generation_tokens)
+
+
+def log_finished(out: StepOutput) -> None:
+    m, acc = out.metrics, out.spec
+    ttft = f"{m.ttft:.3f} s" if m.ttft is not None else "-"
+    e2e = f"{m.finished - m.arrival:.3f} s" if m.finished is not None else "-"
+    spec = (f", acceptance {acc.acceptance_rate:.1%} ({acc.accepted_tokens}/{acc.draft_tokens} drafts, "
+            f"{acc.mean_accepted_tokens:.2f} tokens per round)" if acc.rounds else "")
+    log.info("finished %s (%s): %d prompt tokens (%d cached), %d output tokens, TTFT %s, e2e %s%s",
+             out.request_id, out.finish_reason, len(out.prompt_token_ids), m.cached_tokens, len(out.token_ids),
+             ttft, e2e, spec)
