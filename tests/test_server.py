@@ -40,15 +40,16 @@ PROMPTS = ["It is a truth universally acknowledged", "The capital of France is",
 class ServerProcess:
     """`magicdec serve` in a subprocess, its output in a log file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 launcher: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.health: list[int] = []  # /health's answers while starting
         environ = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+        command = [*(launcher or [sys.executable]), "-m", "magicdec", "serve", "--port", str(self.port), *args]
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "magicdec", "serve", "--port", str(self.port), *args],
-                                         stdout=out, stderr=subprocess.STDOUT, env=environ)
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environ)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -484,3 +485,55 @@ def test_sigterm_lets_running_requests_finish(tmp_path: Path) -> None:
         assert server.proc.wait(60) == 0
     finally:
         server.stop()
+
+
+def test_tensor_parallel_server_under_torchrun(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m magicdec serve`: rank 0 answers HTTP and schedules, both ranks run the
+    same steps; concurrent greedy requests give one process's tokens; SIGTERM drains and stops every rank."""
+    from conftest import random_prompts, tiny_config, write_checkpoint
+    from magicdec import Engine
+
+    path = write_checkpoint(tmp_path / "tiny", tiny_config(n_heads=4, n_kv_heads=2), seed=3)
+    prompts = random_prompts(4, [60, 140, 90, 200], 384, seed=4)
+    llm = LLM(path, device="cpu")
+    spec = ["--spec", "self", "--budget", "128", "--sinks", "4", "--gamma", "2"]
+    want = [o.token_ids for o in Engine(llm=llm, spec=None, prefill_chunk=256, quiet=True).run(
+        prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port())]
+    server = ServerProcess(["--model", str(path), *ENGINE, *spec], tmp_path / "tp.log", launcher=launcher)
+    try:
+        server.wait_ready()
+
+        async def one(c: openai.AsyncOpenAI, prompt: list[int]) -> list[int]:
+            r = await c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True})
+            return r.choices[0].model_extra["token_ids"]
+
+        async def all_of() -> list[list[int]]:
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                                          timeout=120) as c:
+                return await asyncio.gather(*(one(c, p) for p in prompts))
+
+        assert asyncio.run(all_of()) == want
+        wait_idle(server)
+        # SIGTERM to rank 0 (torchrun itself turns a SIGTERM into a failure): it drains, tells rank 1, both end
+        os.kill(rank_pid(server.proc.pid, 0), signal.SIGTERM)
+        rc = server.proc.wait(60)
+    finally:
+        server.stop()
+    assert rc == 0, server.tail()
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=`rank`."""
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((child / "stat").read_text().split(") ")[1].split()[1]) != launcher:
+                continue
+            env = dict(e.split("=", 1) for e in (child / "environ").read_text().split("\0") if "=" in e)
+        except (OSError, ValueError, IndexError):
+            continue
+        if env.get("RANK") == str(rank):
+            return int(child.name)
+    raise AssertionError(f"no worker of rank {rank} under process {launcher}")

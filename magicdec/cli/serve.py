@@ -23,7 +23,9 @@ from typing import Any
 
 from magicdec.cli.args import add_spec_flags, parse_count, parse_size, spec_from_args
 from magicdec.engine.scheduler import SchedulerConfig
-from magicdec.loading import builtin_model_path
+from magicdec.llm import LLM
+from magicdec.loading import builtin_model_path, resolve_device
+from magicdec.parallel.tp import init_from_env
 
 
 def register(subparsers: Any) -> None:
@@ -78,12 +80,10 @@ def run(args: argparse.Namespace) -> int:
     from magicdec.serving import Engine
 
     # checked before the server starts, so that a typo costs no wait
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("magicdec serve does not run under torchrun yet: start it as one process")
     spec = spec_from_args(args)
-    if spec.enabled and (spec.method != "self" or spec.drafter != "streaming"):
-        raise ValueError(f"magicdec serve drafts with the StreamingLLM self-draft over its paged cache (--spec self "
-                         f"--drafter streaming); {spec.label} runs only in magicdec generate for now")
+    if spec.enabled and (spec.drafter == "snapkv" or (spec.method == "self" and spec.tuning.kv_source != "target")):
+        raise ValueError(f"magicdec serve drafts with the StreamingLLM self-draft over its paged cache or with a "
+                         f"draft model; {spec.label} runs only in magicdec generate for now")
     SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.prefill_chunk,
                     spec.gamma_bound if spec.enabled else 0)
     if args.model and not Path(args.model).expanduser().exists():
@@ -97,12 +97,27 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or default_model_name(args.model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    # under torchrun: every rank loads its shard; rank 0 answers HTTP and schedules, broadcasting each step's
+    # new and aborted requests; the other ranks follow its steps (a rank that fails ends all: the watchdog)
+    device_type = resolve_device(args.device).type
+    tp = init_from_env(device_type)
+
     def load() -> Engine:
-        return Engine(args.model, spec if spec.enabled else None, dtype=args.dtype, device=args.device,
-                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                      prefill_chunk=args.prefill_chunk, num_blocks=args.num_blocks,
-                      kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-                      max_model_len=args.max_model_len)
+        llm = LLM(args.model, dtype=args.dtype, device=args.device if tp is None else device_type,
+                  prefill_chunk=args.prefill_chunk, tp=tp)
+        return Engine(llm=llm, spec=spec if spec.enabled else None, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
+                      num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
+                      enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
+                      quiet=tp is not None and tp.rank != 0)
+
+    if tp is not None and tp.rank != 0:
+        from magicdec.server.runner import follow
+
+        for s in (signal.SIGINT, signal.SIGTERM):  # rank 0 drains and tells this rank when to stop
+            signal.signal(s, signal.SIG_IGN)
+        follow(load())
+        return 0
 
     failure: list[BaseException] = []
     config = ServerConfig(name, api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,

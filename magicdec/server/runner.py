@@ -2,8 +2,8 @@
 
 The engine is not thread-safe, so exactly one thread (`magicdec-engine`) calls it. Its loop:
 1. take everything in the inbox (requests to add, requests to abort), waiting when there is no work;
-2. `sync` it: the one place where, under tensor parallelism, rank 0 would broadcast the inbox so that
-   every rank adds and aborts the same requests before the same step (today: the identity);
+2. `sync` it: under tensor parallelism (torchrun), rank 0 broadcasts the inbox so that every rank adds and
+   aborts the same requests before the same step; the other ranks run `follow` (no HTTP, no metrics);
 3. add and abort them, then `step()` while there is work (or an abort to report);
 4. update the metrics, log finished requests (and a throughput line every `log_interval` seconds while
    busy), and hand the step's outputs to the event loop in one `call_soon_threadsafe`, where each goes to
@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import torch.distributed as dist
 
 from magicdec.engine.request import RequestSpec, StepOutput
 from magicdec.runtime.sampling import SamplingParams
@@ -120,6 +122,7 @@ class EngineRunner:
         self.engine, self.loop, self.metrics = engine, loop, metrics
         self.capacity = engine.core.config.max_num_seqs + max_queue
         self.log_interval, self.on_fatal = log_interval, on_fatal
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1  # rank 0 of tensor-parallel ranks
         self._inbox: deque[tuple[str, Any]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -195,9 +198,11 @@ class EngineRunner:
             self.engine.close()
 
     # ---- the engine thread ----------------------------------------------------------------------------
-    def sync(self, ops: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        """This step's inbox, as every rank must apply it. Under tensor parallelism rank 0 broadcasts its
-        inbox here and the other ranks return what they receive (their own inboxes stay empty)."""
+    def sync(self, ops: list[tuple[str, Any]], last: bool = False) -> list[tuple[str, Any]]:
+        """This step's inbox, as every rank must apply it: under tensor parallelism rank 0 (this runner)
+        broadcasts it to the other ranks (`follow`), with `last` when the engine loop ends."""
+        if self.distributed:
+            broadcast_ops(ops, last)
         return ops
 
     def _take(self) -> tuple[list[tuple[str, Any]], bool]:
@@ -215,17 +220,7 @@ class EngineRunner:
             while True:
                 ops, stopping = self._take()
                 ops = self.sync(ops)
-                errors: list[tuple[str, BaseException]] = []
-                aborted = False
-                for kind, x in ops:
-                    if kind == "add":
-                        try:
-                            engine.add_request(x.prompt, x.params, x.spec, x.request_id, x.arrival)
-                        except ValueError as e:  # checked by the handler already: a race (e.g. an id in use)
-                            errors.append((x.request_id, APIError(400, str(e))))
-                    else:
-                        engine.abort_request(x)
-                        aborted = True
+                errors, aborted = apply_ops(engine, ops)
                 outs: list[StepOutput] = []
                 if engine.has_unfinished_requests() or aborted:
                     outs = engine.step()
@@ -239,6 +234,7 @@ class EngineRunner:
                 if stopping and not engine.has_unfinished_requests():
                     with self._cond:
                         if not self._inbox:
+                            self.sync([], last=True)
                             return
         except BaseException as e:
             self.error = e
@@ -276,6 +272,43 @@ class EngineRunner:
                          "KV cache %.1f%%, prefix-cache hits %.1f%%%s", prompt / dt, gen / dt, engine.num_running,
                          engine.num_waiting, 100 * engine.kv_cache_usage, 100 * engine.prefix_cache.hit_rate, spec)
             self._last_log, self._logged = now, (s.prompt_tokens, s.generation_tokens)
+
+
+def apply_ops(engine: Engine, ops: list[tuple[str, Any]]) -> tuple[list[tuple[str, BaseException]], bool]:
+    """Add and abort requests as the inbox says (the same on every rank); the adds that failed, and
+    whether anything was aborted."""
+    errors: list[tuple[str, BaseException]] = []
+    aborted = False
+    for kind, x in ops:
+        if kind == "add":
+            try:
+                engine.add_request(x.prompt, x.params, x.spec, x.request_id, x.arrival)
+            except ValueError as e:  # checked by the handler already: a race (e.g. an id in use)
+                errors.append((x.request_id, APIError(400, str(e))))
+        else:
+            engine.abort_request(x)
+            aborted = True
+    return errors, aborted
+
+
+def broadcast_ops(ops: list[tuple[str, Any]] | None, last: bool = False) -> tuple[list[tuple[str, Any]], bool]:
+    """Rank 0 sends (ops, last); every other rank receives them."""
+    box: list[Any] = [(ops, last)]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def follow(engine: Engine) -> None:
+    """A tensor-parallel rank other than 0: apply rank 0's inbox each time it broadcasts one and step as it
+    does, so every rank runs the same forwards (rank 0 also broadcasts an empty inbox every `log_interval`
+    while idle); return when rank 0's engine loop ends."""
+    while True:
+        ops, last = broadcast_ops(None)
+        if last:
+            return
+        _, aborted = apply_ops(engine, ops)
+        if engine.has_unfinished_requests() or aborted:
+            engine.step()
 
 
 def log_finished(out: StepOutput) -> None:
