@@ -6,9 +6,12 @@
     magicdec bench --report results/bench-20250101-120000  # re-render the table and plots of a run
     magicdec bench trace --requests 16 --prompt-len 4k-7k --output-len 32-128 --concurrency 8
     magicdec bench trace --rate 0.5 --configs plain self auto --gamma 2 3   # serving on a request trace
+    magicdec bench serve --base-url http://127.0.0.1:8000/v1 --concurrency 8 \
+        --configs 'plain={"speculation": {"gamma": 0}}' spec   # load on any OpenAI-compatible server
 
 Writes DIR/results.jsonl, DIR/results.md, DIR/speedup.png and DIR/tradeoff.png (DIR: --out); `bench
-trace` writes DIR/results.jsonl, DIR/results.md and DIR/trace.png (see `magicdec.bench.trace`).
+trace` writes DIR/results.jsonl, DIR/results.md and DIR/trace.png (see `magicdec.bench.trace`); `bench
+serve` DIR/results.jsonl, DIR/results.md and DIR/serve.png (see `magicdec.bench.serve`).
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ def register(subparsers: Any) -> None:
     o.add_argument("--report", type=Path, metavar="DIR", help="only re-render DIR/results.jsonl's table and plots")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-    register_trace(p.add_subparsers(dest="bench_command", metavar="{trace}", required=False))
+    sub = p.add_subparsers(dest="bench_command", metavar="{trace,serve}", required=False)
+    register_trace(sub)
+    register_serve(sub)
 
 
 def parse_range(values: list[str]) -> tuple[int, int]:
@@ -212,6 +217,125 @@ def run_trace(args: argparse.Namespace) -> int:
     for line in result.problems + result.notes:
         print(f"magicdec bench trace: {line}", file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def register_serve(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="load generator for an OpenAI-compatible endpoint (/v1/completions)",
+                              description="Replay one seeded request trace (Poisson arrivals or closed-loop "
+                                          "concurrency) against a running OpenAI-compatible server, streaming "
+                                          "/v1/completions with token-id prompts; per-request TTFT/TPOT/ITL/e2e, "
+                                          "throughput, goodput and errors. Several configurations (extra request "
+                                          "bodies) run one after another on the same trace.")
+    s = p.add_argument_group("the server")
+    s.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the API's base URL (default %(default)s)")
+    s.add_argument("--model", help="the served model's name (default: the first of GET /v1/models)")
+    s.add_argument("--api-key", help="sent as a bearer token")
+    t = p.add_argument_group("the trace")
+    t.add_argument("--requests", type=int, default=16, help="requests in the trace (default 16)")
+    t.add_argument("--prompt-len", nargs="+", default=["4k-7k"], metavar="LEN",
+                   help="prompt tokens, drawn uniformly: low-high or low high, k = ×1024 (default 4k-7k)")
+    t.add_argument("--output-len", nargs="+", default=["32-128"], metavar="LEN",
+                   help="output tokens, drawn uniformly (default 32-128; greedy, EOS ignored)")
+    a = t.add_mutually_exclusive_group()
+    a.add_argument("--rate", type=float, help="Poisson arrivals at this many requests/s")
+    a.add_argument("--concurrency", type=int,
+                   help="closed loop: at most this many in flight, a new one when one finishes (default 8)")
+    t.add_argument("--seed", type=int, default=0, help="draws of lengths and arrivals")
+    t.add_argument("--corpus", default="austen", help="austen (default), pg19 (needs datasets, online), or a path")
+    t.add_argument("--corpus-seed", type=int, default=0, help="which passages the prompts are cut from")
+    t.add_argument("--tokenizer-model", metavar="PATH",
+                   help="Hugging Face directory or .gguf file whose tokenizer cuts the prompts (default: the "
+                        "built-in model's); it must be the served model's")
+    c = p.add_argument_group("runs")
+    c.add_argument("--label", default="run", help="the run's name when --configs is not given (default run)")
+    c.add_argument("--extra-body", default="{}", metavar="JSON",
+                   help="merged into every request's body, e.g. '{\"speculation\": {\"gamma\": 0}}'")
+    c.add_argument("--configs", nargs="+", metavar="NAME=JSON",
+                   help="several runs one after another on the same trace, each NAME with its extra body (NAME "
+                        "alone: none), e.g. 'plain={\"speculation\": {\"gamma\": 0}}' spec; the first is the "
+                        "reference of the greedy-token comparison")
+    c.add_argument("--goodput", metavar="SLOS",
+                   help="SLOs in seconds, e.g. ttft:2,tpot:0.2 (keys ttft, tpot, itl, e2e)")
+    c.add_argument("--no-warmup", action="store_true",
+                   help="skip the one-token probe per run (it also drops extensions the server refuses)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, help="output directory (default results/serve-<timestamp>)")
+    o.add_argument("--report", type=Path, nargs="+", metavar="DIR",
+                   help="only re-render one table and plot from these runs' results.jsonl (into --out or the first)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_serve, serve_options=[a.dest for a in p._actions if a.dest != "help"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from magicdec.bench import serve as sv
+
+    if args.report:
+        head, requests, summaries = sv.merge_runs(args.report)
+        for path in sv.write_report(args.out or args.report[0], head, requests, summaries):
+            print(path)
+        return 0
+    from magicdec.bench.trace import make_trace
+
+    prompt_len, output_len = parse_range(args.prompt_len), parse_range(args.output_len)
+    concurrency = None if args.rate is not None else (args.concurrency or 8)
+    configs = (sv.parse_configs(args.configs) if args.configs
+               else [sv.ServeConfig(args.label, sv.parse_extra_body(args.extra_body))])
+    slos = sv.parse_goodput(args.goodput)
+    if args.requests < 1:
+        raise ValueError(f"--requests must be ≥ 1, got {args.requests}")
+    corpus = load_bench_corpus(args.corpus)
+    if corpus is None:
+        return 0
+    import torch
+    from tqdm import tqdm
+
+    from magicdec.data import make_prompts
+
+    tokenizer = sv.load_tokenizer(args.tokenizer_model)
+    trace = make_trace(lambda lengths: make_prompts(tokenizer, corpus, lengths=lengths, seed=args.corpus_seed),
+                       args.requests, prompt_len, output_len, rate=args.rate, concurrency=concurrency, seed=args.seed)
+    out = args.out or Path("results") / time.strftime("serve-%Y%m%d-%H%M%S")
+    options = json.loads(json.dumps({k: getattr(args, k) for k in args.serve_options}, default=str))
+    options.pop("api_key", None)
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+    argv = argv if argv[:1] == ["serve"] else ["serve", *argv]
+    argv = [shlex.quote(x if i == 0 or argv[i - 1] != "--api-key" else "***") for i, x in enumerate(argv)]
+    writer = JsonlWriter(out / "results.jsonl")
+    head: dict[str, Any] = {}
+
+    def on_model(model: str) -> None:  # the header, once the model's name is known
+        head.update(header(argv, torch.device("cpu"), options=options, base_url=args.base_url, model=model,
+                           tokenizer=args.tokenizer_model or "built-in", corpus=corpus.name, trace=trace.as_dict(),
+                           configs=[{"name": c.name, "extra_body": c.extra_body} for c in configs],
+                           slos=slos or None, definitions=sv.DEFINITIONS))
+        writer.write(head)
+
+    bars: dict[str, Any] = {}
+
+    def progress(name: str, n: int, total: int) -> None:
+        if name not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[name] = tqdm(total=total, unit="req", desc=name, disable=args.quiet, dynamic_ncols=True)
+        bars[name].update(n)
+
+    try:
+        result = sv.run_serve(args.base_url, trace, configs, model=args.model, api_key=args.api_key, slos=slos,
+                              warmup=not args.no_warmup, write=writer.write, progress=progress, on_model=on_model)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        writer.close()
+    files = [writer.path, *sv.write_report(out, head, result.requests, result.summaries)]
+    print((out / "results.md").read_text())
+    print("wrote " + ", ".join(shlex.quote(str(f)) for f in files))
+    for name, dropped in result.dropped.items():
+        if dropped:
+            print(f"magicdec bench serve: {name}: the server refused {', '.join(dropped)}; sent without",
+                  file=sys.stderr)
+    for line in result.problems:
+        print(f"magicdec bench serve: {line}", file=sys.stderr)
+    return 0 if not result.problems else 1
 
 
 def grid_from_args(args: argparse.Namespace) -> Grid:
