@@ -39,6 +39,17 @@ CPU_KV_SHARE = 0.4  # of the free memory, what the KV pool takes by default on t
 CUDA_KV_SHARE = 0.85  # … and on a GPU (after the weights)
 
 
+def check_engine_spec(spec: SpecConfig | None) -> None:
+    """Refuse, with the way out, a speculation setting the serving engine does not run."""
+    if spec is None or not spec.enabled:
+        return
+    if spec.drafter == "snapkv" or (spec.method == "self" and spec.tuning.kv_source != "target"):
+        raise ValueError(f"the serving engine drafts with the target over its own pages (StreamingLLM or "
+                         f"guided views, full or int8 weights) or with a draft model (streaming or full); "
+                         f"{spec.label} (SnapKV, or a self-draft with KV of its own) runs on the static batch "
+                         "path (LLM.generate, magicdec generate) for now")
+
+
 class Engine:
     def __init__(
         self,
@@ -64,14 +75,17 @@ class Engine:
         (never more than `max_num_seqs` requests at the model's context need)."""
         self.llm = llm or LLM(model, dtype=dtype, device=device, prefill_chunk=prefill_chunk)
         self.spec = spec = spec if spec is not None and spec.method != "none" else None
-        own_self = spec is not None and spec.method == "self" and spec.tuning.kv_source != "target"
-        if spec is not None and (spec.drafter == "snapkv" or own_self):
-            raise ValueError(f"the serving engine drafts with the StreamingLLM self-draft over the target's pages, "
-                             f"or with a draft model (streaming or full); {spec.label} (SnapKV, or a self-draft "
-                             "with KV of its own) runs on the static batch path (LLM.generate) for now")
+        check_engine_spec(spec)
         if block_size < 1 or block_size % 64:
             raise ValueError(f"block_size must be a positive multiple of 64 tokens (the CPU kernel reads keys in "
                              f"64-slot blocks), got {block_size}")
+        select = 0  # guided: blocks kept whole (the first + the best-scored), beside the recent window
+        if spec is not None and spec.drafter == "guided":
+            select = (spec.budget - spec.recent_window) // block_size
+            if select < 1:
+                raise ValueError(f"a guided draft keeps whole blocks of {block_size} tokens beside its window of "
+                                 f"{spec.recent_window}: --budget must be ≥ {spec.recent_window + block_size}, "
+                                 f"got {spec.budget}")
         model_ = self.llm.model
         self.max_model_len = min(max_model_len or model_.config.max_position_embeddings,
                                  model_.config.max_position_embeddings)
@@ -92,11 +106,11 @@ class Engine:
         draft = None
         policy = None
         if spec is not None:
-            window = spec.recent_window if spec.drafter == "streaming" else 0
+            window = spec.recent_window if spec.drafter in ("streaming", "guided") else 0
             sinks = spec.sinks if spec.drafter == "streaming" else 0
             if draft_model is None:  # self-speculation over the target's pages (with its weights, or quantized)
                 assert drafter_model is not None
-                draft = PagedDraft(drafter_model, None, sinks, window)
+                draft = PagedDraft(drafter_model, None, sinks, window, select=select)
             else:
                 vocab = model_.config.vocab_size if draft_model.config.vocab_size < model_.config.vocab_size else None
                 draft = PagedDraft(draft_model, PagedKVCache.for_model(draft_model, blocks, block_size), sinks, window,

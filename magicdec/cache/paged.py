@@ -12,6 +12,11 @@ whole table. The StreamingLLM self-draft's view (`PagedView(..., read=…, windo
 table of its own — the first block (the sinks) and the blocks of the recent window — of the same pool:
 no copy of the target's KV, no prefill of its own. It writes its draft tokens' keys through the target's
 table, at positions past the committed context, where the verification forward overwrites them.
+
+A view may carry a `scores` buffer [B, nb] (float32, zeroed by the caller): every layer's attention then
+max-accumulates into it, per row and column of the read table, the largest attention probability that any
+query head and token of the row gives to a slot of that block (`cpu_kernels.paged_attention`'s block scores;
+without the kernels computed in float64 from the gathered keys). The guided self-draft ranks blocks by it.
 """
 
 from __future__ import annotations
@@ -61,12 +66,15 @@ class PagedKVCache:
 class PagedView:
     """One forward's rows: `table` [B, nb] for writes (and reads); for a sparse draft, `read` [B, nr] (the
     blocks it reads, in order), the positions held by its slots `read_pos` [B, nr · block_size] (-1: none),
-    the `window` of recent positions a query sees and the `sinks` first positions it always sees."""
+    the `window` of recent positions a query sees and the `sinks` first slots it always sees (up to its own
+    position). `scores` [B, nr] float32 or None: block scores max-accumulated over the forward's layers
+    (see the module docstring)."""
 
     def __init__(self, cache: PagedKVCache, table: torch.Tensor, read: torch.Tensor | None = None,
-                 read_pos: torch.Tensor | None = None, window: int = 0, sinks: int = 0) -> None:
+                 read_pos: torch.Tensor | None = None, window: int = 0, sinks: int = 0,
+                 scores: torch.Tensor | None = None) -> None:
         self.cache, self.table, self.read, self.read_pos = cache, table, read, read_pos
-        self.window, self.sinks = window, sinks
+        self.window, self.sinks, self.scores = window, sinks, scores
 
     def begin(self, positions: torch.Tensor) -> PagedStep:
         return PagedStep(self, positions)
@@ -76,7 +84,7 @@ class PagedStep:
     def __init__(self, view: PagedView, positions: torch.Tensor) -> None:
         c = view.cache
         P = c.block_size
-        self.cache, self.T = c, positions.shape[1]
+        self.cache, self.T, self.scores = c, positions.shape[1], view.scores
         ok = positions >= 0
         cols = torch.where(ok, positions, 0) // P
         if int(cols.max()) >= view.table.shape[1]:
@@ -119,6 +127,13 @@ class PagedStep:
             width = self.read.shape[1] * c.block_size
             if allowed.shape[2] < width:
                 allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[2]))
-            return cpu_kernels.paged_attention(q, K, V, self.read, allowed)
+            return cpu_kernels.paged_attention(q, K, V, self.read, allowed, block_scores=self.scores)
         S = self.mask.kv_len
-        return attend(q, self._gather(K, S), self._gather(V, S), self.mask)
+        Kd = self._gather(K, S)
+        if self.scores is not None:  # no kernel: the same scores in float64 from the gathered keys
+            P = c.block_size
+            width = self.read.shape[1] * P
+            keys = torch.nn.functional.pad(Kd, (0, 0, 0, width - S))
+            allowed = torch.nn.functional.pad(self.mask.allowed, (0, width - S))
+            cpu_kernels.block_scores_reference(q, keys, allowed, P, self.scores)
+        return attend(q, Kd, self._gather(V, S), self.mask)

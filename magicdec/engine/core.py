@@ -12,6 +12,12 @@ On the CPU the kernels are batch-invariant, so a request's tokens do not depend 
 forwards: greedy output equals decoding the request alone, bit for bit, across preemptions and prefix hits.
 
 Who chooses γ is the caller's (`ChooseGamma`, with `observe` fed each step's `StepReport`).
+
+The guided self-draft (`PagedDraft.select` > 0, `drafter="guided"`): the verification forward (and the
+plain steps' forward) also returns, per request and logical block, the largest attention probability any
+of its queries, heads and layers gave to a slot of the block (`PagedView.scores`); the next draft of the
+request reads its first block (the sinks), the `select - 1` best-scored older blocks and its recent window
+(`guided_blocks`). Verification is unchanged, so outputs stay exact.
 """
 
 from __future__ import annotations
@@ -51,10 +57,22 @@ class PagedDraft:
     sinks: int = 0
     window: int = 0
     vocab_size: int | None = None
+    select: int = 0  # guided: blocks kept whole (the first block + the best-scored ones); 0: StreamingLLM
 
     def known(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids the draft can embed (beyond a shorter draft vocabulary: its last id; verification stays exact)."""
         return ids.clamp(max=self.model.config.vocab_size - 1) if self.vocab_size else ids
+
+
+def guided_blocks(scores: Sequence[float], first: int, select: int) -> list[int]:
+    """The kept blocks of a guided draft: block 0 (the sinks) and the `select - 1` best-scored blocks among
+    1 … first - 1 (older than the window, which starts at block `first`), ties to the more recent; in
+    ascending order. Blocks without a score count 0 (so, before any score, the most recent ones). Empty
+    when the window starts at block 0."""
+    if first <= 0 or select <= 0:
+        return []
+    cands = sorted(range(1, first), key=lambda c: (scores[c] if c < len(scores) else 0.0, c), reverse=True)
+    return [0] + sorted(cands[: select - 1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +123,7 @@ class EngineCore:
         self._ids = itertools.count()
         self._aborted: list[Request] = []
         self.last_report: StepReport | None = None
+        self.block_scores: dict[str, list[float]] = {}  # guided drafts: request id → score per logical block
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None,
@@ -185,6 +204,7 @@ class EngineCore:
             out.append(r.delta())
             if r.finished:
                 self.requests.pop(r.request_id, None)
+                self.block_scores.pop(r.request_id, None)
         self.stats.steps += 1
         new = sum(len(o.new_token_ids) for o in out)
         self.stats.generation_tokens += new
@@ -245,7 +265,9 @@ class EngineCore:
         offs = torch.arange(G + 1, device=device)
         pos = torch.where(offs <= g[:, None], ctx[:, None] + offs, -1)
         ids = torch.cat([pending[:, None], drafts], 1).masked_fill(pos < 0, 0)
-        logits = self.model(ids, pos, PagedView(self.cache, table))  # [B, G + 1, V]
+        guided = self.draft is not None and self.draft.select > 0
+        scores = torch.zeros(table.shape, dtype=torch.float32, device=device) if guided else None
+        logits = self.model(ids, pos, PagedView(self.cache, table, scores=scores))  # [B, G + 1, V]
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         k = torch.zeros(B, dtype=torch.long, device=device)
         nxt = torch.zeros(B, dtype=torch.long, device=device)
@@ -268,6 +290,9 @@ class EngineCore:
                 k[i], nxt[i] = ki[0], ti[0]
         bad = logits.isnan().flatten(1).any(1)
         host = torch.cat([k[:, None], nxt[:, None], bad[:, None].long(), drafts], 1).tolist()  # one device read
+        if scores is not None:  # the freshest scores replace the old ones
+            for r, row in zip(rows, scores.tolist()):
+                self.block_scores[r.request_id] = row[: len(r.blocks)]
         clock.mark()
         if any(row[2] for row in host):
             raise NumericalError("the model produced NaN logits in verification: the weights hold NaN or the dtype "
@@ -344,17 +369,23 @@ class EngineCore:
         pool = self.draft.pool or self.cache
         if not self.draft.window:
             return PagedView(pool, table)
-        P, sinks, window = self.cache.block_size, self.draft.sinks, self.draft.window
+        P, sinks, window, select = self.cache.block_size, self.draft.sinks, self.draft.window, self.draft.select
         reads, tags = [], []
         for r, gi in zip(rows, gammas):
             first = max(r.computed - window + 1, 0) // P
             last = (r.computed + max(gi, 1) - 1) // P
-            cols = ([0] if sinks and first > 0 else []) + list(range(first, last + 1))
-            reads.append([r.blocks[c] for c in cols])
+            if select:  # guided: `select` kept columns (padded with nothing), then the window's blocks
+                kept = guided_blocks(self.block_scores.get(r.request_id, ()), first, select)
+                cols = kept + [-1] * (select - len(kept)) + list(range(first, last + 1))
+            else:
+                cols = ([0] if sinks and first > 0 else []) + list(range(first, last + 1))
+            reads.append([r.blocks[c] if c >= 0 else self.cache.trash for c in cols])
             tags.append(cols)
         width = max(len(c) for c in tags)
         read = self.cache.table(reads, width)
         base = torch.tensor([c + [-1] * (width - len(c)) for c in tags], device=table.device)
         offs = torch.arange(P, device=table.device)
         read_pos = torch.where(base[:, :, None] >= 0, base[:, :, None] * P + offs, -1).reshape(len(rows), -1)
-        return PagedView(pool, table, read=read, read_pos=read_pos, window=window, sinks=sinks)
+        # guided: the kept blocks' slots are visible whole (up to the query), the rest by the window rule
+        n_kept = select * P if select else sinks
+        return PagedView(pool, table, read=read, read_pos=read_pos, window=window, sinks=n_kept)

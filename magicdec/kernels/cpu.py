@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import math
 import os
 import sys
 import threading
@@ -315,8 +316,28 @@ def gather_pages(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return pool[table.long()].permute(0, 2, 1, 3, 4).reshape(B, H, nb * P, D)
 
 
+def block_scores_reference(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, page: int,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block scores of `paged_attention` from dense keys (the gathered cache), in float64 math: per row b
+    and page p (slots [p·page, (p+1)·page)), the largest attention probability softmax(q kᵀ/√D, where
+    allowed) that any query head and token gives to a slot of the page (0 where none sees one; rows that
+    see nothing add nothing). q [B, Hq, T, D], k [B, Hkv, S, D], allowed [B, T, S] → [B, S / page] float32,
+    max-accumulated into `out` when given (the reference of the kernel, and the path without it)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    s = torch.einsum("bhgtd,bhsd->bhgts", q.double().view(B, Hkv, g, T, D), k.double()) / math.sqrt(D)
+    s = s.masked_fill(~allowed[:, None, None], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # a row that sees nothing: 0
+    fresh = p.amax((1, 2, 3)).view(B, S // page, page).amax(-1).float()
+    if out is None:
+        return fresh
+    torch.maximum(out, fresh.to(out.device), out=out)
+    return out
+
+
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
-                    allowed: torch.Tensor) -> torch.Tensor:
+                    allowed: torch.Tensor, block_scores: torch.Tensor | None = None) -> torch.Tensor:
     """`attention` over a paged KV cache.
 
     q [B, Hq, T, D]; k_pool, v_pool [N, Hkv, P, D]: one layer's pool of N pages of P slots (strided views
@@ -329,7 +350,15 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     With the kernels: bitwise equal to ``attention(q, K, V, allowed)`` on the gathered cache
     ``K = gather_pages(k_pool, table)`` (same for V), hence batch-invariant like it. Otherwise (kernels
     unavailable, tensors not eligible, or D not a multiple of 8) exactly that: the pages are gathered and
-    `attention`'s fallback (SDPA with a boolean mask) runs."""
+    `attention`'s fallback (SDPA with a boolean mask) runs.
+
+    block_scores (optional) [B, nb] float32, with a contiguous last dimension: for each row b and page
+    column p of its table, ``block_scores[b, p] = max(block_scores[b, p], s)`` where s is the largest
+    attention probability (after the softmax, i.e. 2^(m_block − m_row) / l_row in the kernel's base-2
+    terms) that any of the call's query heads and tokens (padding rows included) gives to a slot of that
+    page, 0 where none sees one. Pass a zeroed buffer and the same one to every layer of a forward to get
+    the max over layers too. The attention output is bitwise the same with or without it. Without the
+    kernels it is computed by `block_scores_reference` (float64 softmax over the gathered keys)."""
     if q.dim() != 4 or k_pool.dim() != 4 or v_pool.dim() != 4 or table.dim() != 2 or allowed.dim() != 3:
         raise ValueError(f"paged_attention: want q [B, Hq, T, D], k_pool, v_pool [N, Hkv, P, D], table [B, nb], "
                          f"allowed [B, T, nb * P]; got {tuple(q.shape)}, {tuple(k_pool.shape)}, "
@@ -350,11 +379,21 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if table.shape[0] != B or tuple(allowed.shape) != (B, T, nb * P):
         raise ValueError(f"paged_attention: want table [{B}, nb] and allowed [{B}, {T}, nb * {P}]; got "
                          f"{tuple(table.shape)} and {tuple(allowed.shape)}")
+    if block_scores is not None and (block_scores.dtype != torch.float32 or tuple(block_scores.shape) != (B, nb)
+                                     or (nb > 1 and block_scores.stride(1) != 1)
+                                     or block_scores.device != q.device):
+        raise ValueError(f"paged_attention: block_scores must be a float32 [{B}, {nb}] tensor on {q.device} with a "
+                         f"contiguous last dimension, got {block_scores.dtype} {tuple(block_scores.shape)} on "
+                         f"{block_scores.device}")
     if _kernel_ok(q, k_pool, v_pool) and D % 8 == 0:
-        return _state["module"].paged_attention(q, k_pool, v_pool, table, allowed)  # type: ignore[attr-defined]
+        return _state["module"].paged_attention(q, k_pool, v_pool, table, allowed,  # type: ignore[attr-defined]
+                                                block_scores)
     if table.numel() and (int(table.min()) < 0 or int(table.max()) >= N):
         raise ValueError(f"paged_attention: table holds page ids outside [0, {N})")
-    return attention(q, gather_pages(k_pool, table), gather_pages(v_pool, table), allowed)
+    k = gather_pages(k_pool, table)
+    if block_scores is not None:
+        block_scores_reference(q, k, allowed, P, block_scores)
+    return attention(q, k, gather_pages(v_pool, table), allowed)
 
 
 def main(argv: list[str] | None = None) -> int:

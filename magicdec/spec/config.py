@@ -6,7 +6,9 @@ One vocabulary everywhere (the API, the command line, the benchmarks and the cos
 - drafter: the KV the draft attends to. "streaming": the first `sinks` tokens + the most recent
   `budget - sinks` (StreamingLLM); "snapkv": `budget - window` prompt positions chosen per layer
   and KV head by the prompt's last queries + a sliding window (self-speculation only); "full": the
-  draft model's whole cache (draft models only).
+  draft model's whole cache (draft models only); "guided": verification-guided block selection (the
+  serving engine's self-draft only): the first block, the blocks the last verification attended to most
+  and a recent window of `min(tuning.snapkv_window, budget // 2)` tokens, within `budget`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 METHODS = ("none", "self", "draft")
-DRAFTERS = ("streaming", "snapkv", "full")
+DRAFTERS = ("streaming", "snapkv", "full", "guided")
 DRAFT_WEIGHTS = ("full", "int8")  # int4: not yet (no CPU kernel; CUDA would take torchao)
 KV_SOURCES = ("target", "own")
 
@@ -109,12 +111,20 @@ class SpecConfig:
                 _bad("the snapkv drafter needs kv_source='target'")
             if self.budget < 2:
                 _bad(f"a snapkv budget holds selected positions and a window: --budget ≥ 2, got {self.budget}")
+        if self.drafter == "guided":
+            if self.method != "self":
+                _bad("the guided drafter selects blocks of the target's own cache: use it with method 'self'")
+            if self.tuning.kv_source != "target":
+                _bad("the guided drafter needs kv_source='target'")
+            if self.budget < 2:
+                _bad(f"a guided budget holds selected blocks and a window: --budget ≥ 2, got {self.budget}")
         if self.draft_weights not in DRAFT_WEIGHTS:
             _bad(f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}")
         if self.draft_weights != "full" and self.method != "self":
             _bad("quantized draft weights (--draft-weights) are the target's own: use them with method 'self'")
         if self.method == "self" and self.drafter == "full":
-            _bad("self-speculation over the full cache drafts with the target itself; choose streaming or snapkv")
+            _bad("self-speculation over the full cache drafts with the target itself; choose streaming, snapkv or "
+                 "guided")
         if self.method == "draft":
             if not self.draft_model:
                 _bad("method 'draft' needs a draft model (--draft-model PATH)")

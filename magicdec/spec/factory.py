@@ -28,6 +28,10 @@ def plan_drafter(spec: SpecConfig, model: Transformer, forward: ModelRunner, bat
     self-speculation, else the draft model) run by `forward`; `vocab_size`: the target's. A budget larger
     than the sequences are long is cut to their length: a sparse cache never holds more slots than
     there are positions."""
+    if spec.drafter == "guided":
+        raise ValueError("the guided drafter reads blocks chosen by the verification's attention, which only the "
+                         "serving engine's paged cache reports: use magicdec.Engine / magicdec serve, or another "
+                         "drafter (streaming, snapkv) with LLM.generate")
     cfg, kv_heads = model.config, model.kv_heads
     slack = spec.gamma_bound + 2  # room for a round's drafts and the catch-up tokens of "own" mode
 

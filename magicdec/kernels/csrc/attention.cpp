@@ -29,6 +29,15 @@
 //     nothing (a block or chunk where the row sees nothing is skipped);
 //   * probabilities are 2^(s - m) with a fixed polynomial; sums and P·V accumulate in slot order.
 // Rows that see no slot at all get 0.
+//
+// Block scores (optional, paged only; what `drafter="guided"` selects the draft's blocks by): for every
+// sequence b and page p of its table, scores[b, p] = max(scores[b, p], max over the KV heads, the R rows
+// of each and the kernel blocks of the page of 2^(m_blk - m_row) / l_row), i.e. the largest attention
+// probability that any query row (all g·T of them, padding rows included) gives to a slot of the page;
+// m_blk is the block's max score recorded by softmax_block, m_row and l_row the row's final max and sum
+// (known after the fold). The block maxima go to a scratch array indexed by (head, row, block), written by
+// whichever thread computes the chunk (disjoint entries), and are reduced after the fold in a fixed order,
+// so the scores are deterministic and the attention output is bitwise unchanged.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -120,6 +129,12 @@ struct Problem {
   int64_t B, Hq, Hkv, T, S, D;
   int64_t g, R, chunks;
   Elem kv;
+  // Block scores (nullptr: none): scores [B, nb] (row stride ss_b); blk_m = scratch [B·Hkv, R, nblk] of the
+  // rows' block maxima (nblk = S / kBlock), -inf where a row saw nothing of a block.
+  float* scores = nullptr;
+  int64_t ss_b = 0;
+  float* blk_m = nullptr;
+  int64_t nblk = 0;
 };
 
 // One thread's scratch for one (batch, KV head): R rows of prescaled queries, scores of a block, and the
@@ -128,6 +143,9 @@ struct Work {
   int64_t R, D, T;
   std::vector<float> q, s, acc, m, l, alpha, tot_m, tot_l, tot_acc;
   std::vector<uint8_t> mask;
+  // Block scores: where softmax_block records each row's block max (row r at blk_m[r·blk_stride]), or nullptr.
+  float* blk_m = nullptr;
+  int64_t blk_stride = 0;
   Work(int64_t R_, int64_t D_, int64_t T_)
       : R(R_), D(D_), T(T_), q(R_ * D_), s(R_ * kBlock), acc(R_ * D_), m(R_), l(R_), alpha(R_), tot_m(R_),
         tot_l(R_), tot_acc(R_ * D_), mask(T_ * kBlock) {}
@@ -204,6 +222,7 @@ inline void softmax_block(Work& w) {
       mx = _mm256_max_ps(mx, sv[c]);
     }
     const float m_blk = hmax(mx);
+    if (w.blk_m != nullptr) w.blk_m[r * w.blk_stride] = m_blk;
     if (m_blk == kNegInf) {  // the row sees nothing here: probabilities 0, state unchanged
       std::memset(s, 0, kBlock * sizeof(float));
       w.alpha[r] = 1.0f;
@@ -340,6 +359,10 @@ void compute_chunk(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t ch
       for (int64_t j = 0; j < nk && !any; ++j) any = dst[j] != 0;
     }
     if (!any) continue;  // no row sees this block: skipping it is exactly what the rows would compute
+    if (P.blk_m != nullptr) {  // softmax_block records the rows' block maxima here
+      w.blk_m = P.blk_m + ((b * P.Hkv + kvh) * P.R) * P.nblk + j0 / kBlock;
+      w.blk_stride = P.nblk;
+    }
     // the next block, also across the chunk boundary (usually the same thread goes on there)
     const int64_t nk_next = std::max<int64_t>(0, std::min(kBlock, P.S - j0 - kBlock));
     const KV* kb = slots.key(j0);
@@ -347,6 +370,7 @@ void compute_chunk(const Problem& P, Work& w, int64_t b, int64_t kvh, int64_t ch
     const KV* kn = nk_next > 0 ? slots.key(j0 + kBlock) : kb;  // (paged: maybe another page)
     qk_block<KV, DC8>(w, kb, P.ks_s, nk, vb, P.vs_s, kn, nk_next);
     softmax_block(w);
+    w.blk_m = nullptr;
     pv_block<KV, DC8>(w, vb, P.vs_s, nk);
   }
 }
@@ -411,21 +435,64 @@ void write_out(const Problem& P, const Work& w, int64_t b, int64_t kvh) {
   }
 }
 
+// Block scores of (b, kvh) once its totals are known: hs[p] = max over rows and over the kernel blocks of page p
+// of 2^(m_blk - tot_m) / tot_l (0 where no row saw anything).
+void head_scores(const Problem& P, const Work& w, int64_t h, float* hs) {
+  const int64_t per_page = P.page / kBlock;
+  const int64_t pages = P.nblk / per_page;
+  std::fill(hs, hs + pages, 0.0f);
+  for (int64_t r = 0; r < P.R; ++r) {
+    const float l = w.tot_l[r];
+    if (!(l > 0.0f)) continue;
+    const float m = w.tot_m[r];
+    const float* bm = P.blk_m + (h * P.R + r) * P.nblk;
+    for (int64_t j = 0; j < P.nblk; ++j) {
+      if (bm[j] == kNegInf) continue;
+      const float p = exp2_scalar(bm[j] - m) / l;
+      float& dst = hs[j / per_page];
+      dst = std::max(dst, p);
+    }
+  }
+}
+
+// scores[b, p] = max(scores[b, p], max over the KV heads of hs[(b, kvh), p]).
+void reduce_scores(const Problem& P, const float* hs) {
+  const int64_t pages = P.nblk / (P.page / kBlock);
+  for (int64_t b = 0; b < P.B; ++b) {
+    float* dst = P.scores + b * P.ss_b;
+    for (int64_t kvh = 0; kvh < P.Hkv; ++kvh) {
+      const float* src = hs + (b * P.Hkv + kvh) * pages;
+      for (int64_t p = 0; p < pages; ++p) dst[p] = std::max(dst[p], src[p]);
+    }
+  }
+}
+
 }  // namespace
 
 // See the header comment. Strides are in elements; k and v hold elements of type `kv`; D must be a
 // multiple of 8 (checked by the caller). table == nullptr: the dense layout (ks_b, vs_b: batch strides;
 // ts_b and page unused). Otherwise the paged layout: k and v are pools of pages (ks_b, vs_b: page
 // strides), table [B, S / page] holds valid page ids (row stride ts_b) and page is a positive multiple
-// of 64 that divides S (all checked by the caller).
+// of 64 that divides S (all checked by the caller). scores (paged only; nullptr: none) [B, S / page] float32
+// (row stride ss_b, last dimension contiguous): max-accumulates the block scores (see the header comment).
 void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const void* k, int64_t ks_b,
                    int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
                    const uint8_t* mask, int64_t ms_b, int64_t ms_t, const int32_t* table, int64_t ts_b,
-                   int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D) {
+                   int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D,
+                   float* scores, int64_t ss_b) {
   Problem P{q, qs_b, qs_h, qs_t, k, ks_b, ks_h, ks_s, v, vs_b, vs_h, vs_s, mask, ms_b, ms_t, table, ts_b, page,
             out, B, Hq, Hkv, T, S, D, Hq / Hkv, (Hq / Hkv) * T, (S + kChunk - 1) / kChunk, kv};
   const int64_t heads = B * Hkv;
   if (heads == 0 || T == 0) return;
+  std::vector<float> blk_m, hs;  // block scores: the rows' block maxima, then each head's page scores
+  if (scores != nullptr && table != nullptr) {
+    P.scores = scores;
+    P.ss_b = ss_b;
+    P.nblk = S / kBlock;
+    blk_m.assign(heads * P.R * P.nblk, kNegInf);
+    hs.assign(heads * (S / page), 0.0f);
+    P.blk_m = blk_m.data();
+  }
   const int64_t threads = omp_get_max_threads();
   const bool split = P.chunks > 1 && heads < kMinHeadsPerThread * threads;
   if (!split) {
@@ -443,8 +510,10 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
           fold(P, w.m.data(), w.l.data(), w.acc.data(), w.tot_m.data(), w.tot_l.data(), w.tot_acc.data());
         }
         write_out(P, w, b, kvh);
+        if (P.blk_m != nullptr) head_scores(P, w, h, hs.data() + h * (S / page));
       }
     }
+    if (P.blk_m != nullptr) reduce_scores(P, hs.data());
     return;
   }
   // Flash-decoding: every (batch, KV head, chunk) is a work item whose partial state is stored, then
@@ -478,8 +547,10 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
         fold(P, src + P.R * D, src + P.R * D + P.R, src, w.tot_m.data(), w.tot_l.data(), w.tot_acc.data());
       }
       write_out(P, w, h / Hkv, h % Hkv);
+      if (P.blk_m != nullptr) head_scores(P, w, h, hs.data() + h * (S / page));
     }
   }
+  if (P.blk_m != nullptr) reduce_scores(P, hs.data());
 }
 
 }  // namespace magicdec_cpu

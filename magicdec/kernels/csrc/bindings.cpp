@@ -24,7 +24,8 @@ void linear_int8_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const in
 void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const void* k, int64_t ks_b,
                    int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
                    const uint8_t* mask, int64_t ms_b, int64_t ms_t, const int32_t* table, int64_t ts_b,
-                   int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D);
+                   int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D,
+                   float* scores, int64_t ss_b);
 
 namespace {
 
@@ -131,9 +132,11 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Te
 }
 
 // attention (table undefined: k, v [B, Hkv, S, D]) or paged_attention (k, v pools [N, Hkv, P, D] and
-// table [B, nb] of page ids: S = nb·P). `fn` names the function in messages.
+// table [B, nb] of page ids: S = nb·P). `fn` names the function in messages. scores (paged only; undefined:
+// none): float32 [B, nb] with a contiguous last dimension, max-accumulated in place (attention.cpp).
 at::Tensor attention_any(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                         const at::Tensor& allowed_in, const at::Tensor& table_in, const char* fn) {
+                         const at::Tensor& allowed_in, const at::Tensor& table_in, const char* fn,
+                         const at::Tensor& scores = at::Tensor()) {
   const bool paged = table_in.defined();
   check_cpu(q_in, "q");
   const Elem kv = check_cpu(k_in, paged ? "k_pool" : "k");
@@ -179,6 +182,15 @@ at::Tensor attention_any(const at::Tensor& q_in, const at::Tensor& k_in, const a
   TORCH_CHECK(allowed_in.dim() == 3 && allowed_in.size(0) == B && allowed_in.size(1) == T &&
                   allowed_in.size(2) == S,
               "magicdec cpu ", fn, ": allowed must be [", B, ", ", T, ", ", S, "], got ", allowed_in.sizes());
+  if (scores.defined()) {
+    TORCH_CHECK(paged, "magicdec cpu ", fn, ": block scores need the paged layout");
+    TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat && scores.dim() == 2 &&
+                    scores.size(0) == B && scores.size(1) == table.size(1) &&
+                    (scores.size(1) <= 1 || scores.stride(1) == 1),
+                "magicdec cpu ", fn, ": block_scores must be a float32 CPU tensor [", B, ", ", table.size(1),
+                "] with a contiguous last dimension, got ", scores.scalar_type(), " ", scores.sizes(), " on ",
+                scores.device());
+  }
   at::Tensor out = at::empty({B, Hq, T, D}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.to(q_in.scalar_type());
   TORCH_CHECK(S > 0, "magicdec cpu ", fn, ": no keys to attend to");
@@ -192,7 +204,8 @@ at::Tensor attention_any(const at::Tensor& q_in, const at::Tensor& k_in, const a
                   k.stride(1), k.stride(2), v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), kv,
                   reinterpret_cast<const uint8_t*>(allowed.data_ptr<bool>()), allowed.stride(0), allowed.stride(1),
                   paged ? table.data_ptr<int32_t>() : nullptr, paged ? table.stride(0) : 0, page,
-                  out.data_ptr<float>(), B, Hq, Hkv, T, S, D);
+                  out.data_ptr<float>(), B, Hq, Hkv, T, S, D,
+                  scores.defined() ? scores.data_ptr<float>() : nullptr, scores.defined() ? scores.stride(0) : 0);
   }
   return out.to(q_in.scalar_type());  // no copy for float32
 }
@@ -202,9 +215,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                           const at::Tensor& table, const at::Tensor& allowed) {
+                           const at::Tensor& table, const at::Tensor& allowed,
+                           const std::optional<at::Tensor>& block_scores) {
   TORCH_CHECK(table.defined(), "magicdec cpu paged_attention: table is undefined");
-  return attention_any(q, k_pool, v_pool, allowed, table, "paged_attention");
+  const at::Tensor scores = block_scores.has_value() ? *block_scores : at::Tensor();
+  return attention_any(q, k_pool, v_pool, allowed, table, "paged_attention", scores);
 }
 
 }  // namespace
@@ -227,7 +242,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("allowed"));
   m.def("paged_attention", &magicdec_cpu::paged_attention,
         "attention of q [B, Hq, T, D] over the pages table [B, nb] of the pools k_pool, v_pool [N, Hkv, P, D] "
-        "where allowed [B, T, nb·P]: bitwise `attention` on the gathered cache (P a multiple of 64)",
+        "where allowed [B, T, nb·P]: bitwise `attention` on the gathered cache (P a multiple of 64); block_scores "
+        "[B, nb] float32 (optional): max-accumulates each page's largest attention probability",
         pybind11::arg("q"), pybind11::arg("k_pool"), pybind11::arg("v_pool"), pybind11::arg("table"),
-        pybind11::arg("allowed"));
+        pybind11::arg("allowed"), pybind11::arg("block_scores") = pybind11::none());
 }
