@@ -128,3 +128,42 @@ def test_gamma_climbs_step_by_step_to_what_it_has_timed() -> None:
         auto.observe(report(g, [g] * 32, (g * auto.cost.t_draft(b, ctx), auto.cost.t_verify(b, ctx, g), 0.0)))
     assert chosen[0] <= CLIMB and all(b - a <= CLIMB for a, b in zip(chosen, chosen[1:]))
     assert chosen[-1] > chosen[0]
+
+
+def test_request_gamma_verifies_only_the_positions_that_pay() -> None:
+    """Per request: draft position j is verified when α_i^j ≥ the cost of a verified token (in plain tokens);
+    one request accepting everything does not starve the others (their α is their own)."""
+    from types import SimpleNamespace
+
+    from magicdec.costmodel.policy import RequestGamma
+    from magicdec.engine.request import RequestSpec
+
+    class Batch:
+        def __init__(self) -> None:
+            self.seen: list[RoundReport] = []
+
+        def choose(self, view: object) -> int:
+            return 3
+
+        def token_threshold(self, gamma: int) -> float:
+            return 0.3
+
+        def observe(self, report: RoundReport) -> None:
+            self.seen.append(report)
+
+        def stats(self) -> dict:
+            return {}
+
+    def req(rid: str, gamma: int | None = None, remaining: int = 100) -> SimpleNamespace:
+        return SimpleNamespace(request_id=rid, spec=RequestSpec(gamma), context=1000, remaining=remaining)
+
+    batch = Batch()
+    policy = RequestGamma(batch)
+    rs = [req("good"), req("poor"), req("fixed", 2), req("ending", remaining=2)]
+    assert policy.choose(rs) == [3, 3, 2, 1]  # no measurements yet: γ*; overrides; never past the end
+    for _ in range(30):  # "good" accepts everything, "poor" nothing after its first position half the time
+        policy.observe(SimpleNamespace(request_ids=["good", "poor"], gammas=[3, 3], accepted=[3, 0], new_tokens=5,
+                                       seconds=0.1, draft_s=0.05, verify_s=0.04, other_s=0.01))
+    good, poor = policy.choose(rs[:2])
+    assert good == 3 and poor == 0  # α_poor ≈ 0: its first position (≈ α) is below the threshold 0.3
+    assert batch.seen[-1].gammas == [3, 3] and batch.seen[-1].accepted == [3, 0]  # the batch sees every row

@@ -88,9 +88,11 @@ class AlphaEstimate:
     def value(self) -> float:
         return min(max(self.accepted / self.trials, 0.0), 0.999)
 
-    def update(self, gamma: int, accepted: list[int]) -> None:
+    def update(self, gamma: int, accepted: list[int], gammas: list[int] | None = None) -> None:
+        """A round's accepted counts (`gammas`: each row's own γ, when rows drafted differently)."""
         self.accepted = self.forget * self.accepted + sum(accepted)
-        self.trials = self.forget * self.trials + sum(min(k + 1, gamma) for k in accepted)
+        self.trials = self.forget * self.trials + sum(min(k + 1, g) for k, g in zip(accepted, gammas or
+                                                                                       [gamma] * len(accepted)))
 
 
 class Calibration:
@@ -161,6 +163,17 @@ class AutoGamma:
         self._step = raw
         return gamma
 
+    def token_threshold(self, gamma: int) -> float | None:
+        """For the round chosen last at γ ≥ 1: what one more verified token of one sequence costs, in plain
+        tokens of that sequence — (T_V(γ) − T_V(γ − 1)) / T_T, calibrated. A draft position whose chance of
+        being accepted is below it does not pay for its verification (`RequestGamma`)."""
+        raw = self._step
+        if raw is None or gamma < 1 or gamma not in raw:
+            return None
+        t_target = raw["target"] * self.calibration.get("target", self._verify_ratio(1))
+        before = raw[gamma - 1] * self._verify_ratio(gamma - 1) if gamma - 1 in raw else t_target
+        return max(raw[gamma] * self._verify_ratio(gamma) - before, 0.0) / t_target
+
     def _probe_gap(self, predicted: float, tokens: float) -> int:
         """Plain steps between probes: a probe round expected to commit `tokens` per sequence at `predicted`
         × plain's speed costs tokens · (1/predicted − 1) plain steps more than plain decoding would, and
@@ -185,7 +198,7 @@ class AutoGamma:
         if gamma == 0:
             self.calibration.update("target", verify_s, raw["target"])
             return
-        self.alpha.update(gamma, report.accepted)
+        self.alpha.update(gamma, report.accepted, report.gammas or None)
         self.calibration.update("draft", draft_s / gamma, raw["draft"])
         self.calibration.update(gamma, verify_s, raw[gamma])
         f = RATIO_FORGET
@@ -199,11 +212,13 @@ class RequestGamma:
     """γ per request for the serving engine (`EngineCore`'s `choose` and `observe`).
 
     The batch policy (`FixedGamma`, or `AutoGamma` with the cost model of the live batch: its size and
-    every request's context) chooses γ* for the requests that follow the engine's setting. A request whose
-    own measured acceptance α_i is below the batch's ᾱ drafts fewer: draft position j pays when its chance
-    α_i^j of being accepted is at least what the batch's last position earns (ᾱ^γ*), so
-    γ_i = ⌊γ* · ln ᾱ / ln α_i⌋ (0 allowed). A request's own setting (`RequestSpec.gamma`) overrides both, and
-    nobody drafts past the tokens it still needs."""
+    every request's context) chooses γ* for the requests that follow the engine's setting: the draft steps
+    (γ* of them) are paid by the whole batch. Each request then verifies only the draft positions that pay
+    for their own verification: position j of request i is verified when its chance of acceptance α_i^j
+    (α_i: the request's own measured acceptance) is at least what one more verified token costs, in plain
+    tokens (`AutoGamma.token_threshold`: (T_V(γ*) − T_V(γ* − 1)) / T_T). A fixed γ applies to every request.
+    A request's own setting (`RequestSpec.gamma`) overrides both, and nobody drafts past the tokens it
+    still needs."""
 
     def __init__(self, batch: GammaPolicy) -> None:
         self.batch = batch
@@ -212,16 +227,16 @@ class RequestGamma:
     def choose(self, requests: Any) -> list[int]:
         follow = [r for r in requests if r.spec.gamma is None]
         star = self.batch.choose(BatchView([r.context for r in follow], [r.remaining for r in follow])) if follow else 0
-        batch_alpha = getattr(self.batch, "alpha", None)
-        abar = batch_alpha.value if isinstance(batch_alpha, AlphaEstimate) else None
+        threshold = getattr(self.batch, "token_threshold", lambda g: None)(star)
         live = {r.request_id for r in requests}
         self.alpha = {k: v for k, v in self.alpha.items() if k in live}
         out = []
         for r in requests:
             g = star if r.spec.gamma is None else r.spec.gamma
             own = self.alpha.get(r.request_id)
-            if r.spec.gamma is None and g and abar is not None and own is not None and own.value < abar:
-                g = min(g, int(g * math.log(max(abar, 1e-3)) / math.log(max(own.value, 1e-3))))
+            if r.spec.gamma is None and threshold is not None and own is not None:
+                while g > 0 and own.value ** g < threshold:
+                    g -= 1
             out.append(max(0, min(g, r.remaining - 1)))
         return out
 
@@ -231,9 +246,10 @@ class RequestGamma:
             if g:
                 self.alpha.setdefault(rid, AlphaEstimate()).update(g, [k])
         top = max(report.gammas, default=0)
-        at_top = [k for g, k in zip(report.gammas, report.accepted) if g == top] if top else []
-        self.batch.observe(RoundReport(top, len(report.gammas), at_top, report.new_tokens, report.seconds,
-                                       report.draft_s, report.verify_s, report.other_s))
+        drafted = [(g, k) for g, k in zip(report.gammas, report.accepted) if g]
+        self.batch.observe(RoundReport(top, len(report.gammas), [k for _, k in drafted], report.new_tokens,
+                                       report.seconds, report.draft_s, report.verify_s, report.other_s,
+                                       gammas=[g for g, _ in drafted]))
 
     def stats(self) -> dict[str, Any]:
         return self.batch.stats()

@@ -47,6 +47,7 @@ class RoundReport:
     verify_s: float = 0.0  # for a plain step: the step
     other_s: float = 0.0  # catching up on plain steps, committing, bookkeeping
     capture_s: float = 0.0
+    gammas: list[int] = field(default_factory=list)  # each `accepted` row's own γ when rows differ (serving)
 
 
 class PhaseClock:
