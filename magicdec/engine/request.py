@@ -103,6 +103,7 @@ class Request:
         self.computed = 0  # tokens with KV in the cache
         self.registered = 0  # leading tokens whose blocks were offered to the prefix cache
         self.draft_seen = 0  # a draft with KV of its own has it for positions < draft_seen
+        self.hashes: list[bytes] | None = None  # the prompt's full blocks' hash chain (prefix caching), made once
         self.acceptance = Acceptance()
         self.metrics = RequestMetrics(time.monotonic() if arrival is None else arrival)
         self.detok = Detokenizer(tokenizer)

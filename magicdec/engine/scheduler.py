@@ -177,9 +177,9 @@ class Scheduler:
         return True
 
     def _hashes(self, r: Request) -> list[bytes]:
-        if getattr(r, "hashes", None) is None:
-            r.hashes = chain_hashes(r.prompt, self.pool.block_size)  # type: ignore[attr-defined]
-        return r.hashes  # type: ignore[attr-defined]
+        if r.hashes is None:
+            r.hashes = chain_hashes(r.prompt, self.pool.block_size)
+        return r.hashes
 
     def register(self, r: Request) -> None:
         """Offer r's prompt blocks of whole, computed prefill chunks to the prefix cache."""
