@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from magicdec import LLM
 from magicdec.config import ModelConfig
+from magicdec.kernels import cpu
 from magicdec.loading.random_init import word_vocabulary
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -57,6 +58,23 @@ def hf_model(path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def kernels() -> None:
+    """The CPU kernels, built (or the test is skipped, saying why)."""
+    try:
+        cpu.build()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    """Restores the thread count that a test changes."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,20 +26,6 @@ from magicdec.kernels import cpu
 EPS32 = 2.0**-24  # unit roundoff of float32
 
 
-@pytest.fixture(scope="session")
-def kernels() -> None:
-    try:
-        cpu.build()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture
-def threads() -> Iterator[None]:
-    """Restores the thread count that a test changes."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def gen(seed: int) -> torch.Generator:

@@ -4,8 +4,6 @@ decoded alone with plain decoding)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -13,21 +11,6 @@ from conftest import random_prompts
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
 from magicdec.engine.core import guided_blocks
 from magicdec.kernels import cpu
-
-
-@pytest.fixture(scope="module")
-def kernels() -> None:
-    try:
-        cpu.build()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture
-def threads() -> Iterator[None]:
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def paged_problem(B: int, Hq: int, Hkv: int, T: int, nb: int, P: int, D: int, seed: int,

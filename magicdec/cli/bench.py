@@ -48,6 +48,24 @@ def _listed(parse: Any) -> Any:
     return lambda text: [parse(t) for t in text.split(",") if t.strip()]
 
 
+def add_trace_flags(p: argparse.ArgumentParser) -> Any:
+    """The request-trace flags `bench trace` and `bench serve` share; returns their group."""
+    t = p.add_argument_group("the trace")
+    t.add_argument("--requests", type=int, default=16, help="requests in the trace (default 16)")
+    t.add_argument("--prompt-len", nargs="+", default=["4k-7k"], metavar="LEN",
+                   help="prompt tokens, drawn uniformly: low-high or low high, k = ×1024 (default 4k-7k)")
+    t.add_argument("--output-len", nargs="+", default=["32-128"], metavar="LEN",
+                   help="output tokens, drawn uniformly (default 32-128; greedy, EOS ignored)")
+    a = t.add_mutually_exclusive_group()
+    a.add_argument("--rate", type=float, help="Poisson arrivals at this many requests/s")
+    a.add_argument("--concurrency", type=int,
+                   help="closed loop: at most this many in flight, a new one when one finishes (default 8)")
+    t.add_argument("--seed", type=int, default=0, help="draws of lengths and arrivals")
+    t.add_argument("--corpus", default="austen", help="austen (default), pg19 (needs datasets, online), or a path")
+    t.add_argument("--corpus-seed", type=int, default=0, help="which passages the prompts are cut from")
+    return t
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="benchmark speculative vs plain decoding over a grid",
                               description="Benchmark speculative against plain decoding (and transformers' "
@@ -112,19 +130,7 @@ def register_trace(subparsers: Any) -> None:
                                           "with a fixed γ (self), with γ auto (auto), and through static batching "
                                           "with speculation (static); per-request TTFT/TPOT/ITL/e2e and "
                                           "per-configuration throughput.")
-    t = p.add_argument_group("the trace")
-    t.add_argument("--requests", type=int, default=16, help="requests in the trace (default 16)")
-    t.add_argument("--prompt-len", nargs="+", default=["4k-7k"], metavar="LEN",
-                   help="prompt tokens, drawn uniformly: low-high or low high, k = ×1024 (default 4k-7k)")
-    t.add_argument("--output-len", nargs="+", default=["32-128"], metavar="LEN",
-                   help="output tokens, drawn uniformly (default 32-128; greedy, EOS ignored)")
-    a = t.add_mutually_exclusive_group()
-    a.add_argument("--rate", type=float, help="Poisson arrivals at this many requests/s")
-    a.add_argument("--concurrency", type=int,
-                   help="closed loop: at most this many in flight, a new one when one finishes (default 8)")
-    t.add_argument("--seed", type=int, default=0, help="draws of lengths and arrivals")
-    t.add_argument("--corpus", default="austen", help="austen (default), pg19 (needs datasets, online), or a path")
-    t.add_argument("--corpus-seed", type=int, default=0, help="which passages the prompts are cut from")
+    add_trace_flags(p)
     c = p.add_argument_group("configurations")
     c.add_argument("--configs", nargs="+", type=_listed(str), metavar="CONFIG",
                    help=f"a subset of {', '.join(CONFIG_KINDS)} (default: all)")
@@ -230,19 +236,7 @@ def register_serve(subparsers: Any) -> None:
     s.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the API's base URL (default %(default)s)")
     s.add_argument("--model", help="the served model's name (default: the first of GET /v1/models)")
     s.add_argument("--api-key", help="sent as a bearer token")
-    t = p.add_argument_group("the trace")
-    t.add_argument("--requests", type=int, default=16, help="requests in the trace (default 16)")
-    t.add_argument("--prompt-len", nargs="+", default=["4k-7k"], metavar="LEN",
-                   help="prompt tokens, drawn uniformly: low-high or low high, k = ×1024 (default 4k-7k)")
-    t.add_argument("--output-len", nargs="+", default=["32-128"], metavar="LEN",
-                   help="output tokens, drawn uniformly (default 32-128; greedy, EOS ignored)")
-    a = t.add_mutually_exclusive_group()
-    a.add_argument("--rate", type=float, help="Poisson arrivals at this many requests/s")
-    a.add_argument("--concurrency", type=int,
-                   help="closed loop: at most this many in flight, a new one when one finishes (default 8)")
-    t.add_argument("--seed", type=int, default=0, help="draws of lengths and arrivals")
-    t.add_argument("--corpus", default="austen", help="austen (default), pg19 (needs datasets, online), or a path")
-    t.add_argument("--corpus-seed", type=int, default=0, help="which passages the prompts are cut from")
+    t = add_trace_flags(p)
     t.add_argument("--tokenizer-model", metavar="PATH",
                    help="Hugging Face directory or .gguf file whose tokenizer cuts the prompts (default: the "
                         "built-in model's); it must be the served model's")
