@@ -8,6 +8,9 @@
 2. Step times for the Llama-3.1-8B shape with random weights: T_T, T_V(γ = 1..4), T_D for self
    speculation over a StreamingLLM-512 cache and for a Llama-3.2-1B-shaped draft with a 512 budget,
    each against the bandwidth bound (weights + KV bytes over the measured copy bandwidth).
+2b. Attention kernels alone, one layer of the Llama-3.1-8B shape at (8, 32K), T = 1 and 4: the dense
+   split-KV kernel and the paged one (pages of 64 slots in shuffled order; with and without block scores),
+   each against the bandwidth bound of its KV bytes, and the paged output against the dense one.
 3. End to end: speculative throughput with synthetic acceptance 0.8 against plain decoding at
    (8, 32K) and (32, 8K), next to the cost model's prediction from the measured step times.
 Every section records its own errors and the script goes on, so one failure does not lose the rest.
@@ -39,6 +42,7 @@ from magicdec.cache.sparse import SparseKVCache  # noqa: E402
 from magicdec.config import ModelConfig  # noqa: E402
 from magicdec.costmodel import omega, resolve_model  # noqa: E402
 from magicdec.engine.outputs import RunStats  # noqa: E402
+from magicdec.kernels import cpu as cpu_kernels  # noqa: E402
 from magicdec.loading.random_init import random_loaded_model, random_model  # noqa: E402
 from magicdec.runtime.runner import ModelRunner  # noqa: E402
 
@@ -266,6 +270,83 @@ def time_draft(name: str, model: tuple[ModelConfig, Any], ids: torch.Tensor, pos
     return {f"t_draft_{name}_ms": t * 1e3, f"bound_draft_{name}_ms": bound * 1e3}
 
 
+ATTENTION_POINTS = [(8, 32768)]  # batch × context ≥ 128K: the KV read dominates the launch
+
+
+@section("attention_kernels")
+def attention_kernels(bw: float) -> None:
+    """One layer's decode attention, dense cache against paged pool (same keys, shuffled pages): time and
+    fraction of the bandwidth bound (K and V bytes over the copy bandwidth). The dry run times the CPU
+    kernels (or their fallbacks) on small shapes instead: it checks the script, not the Triton kernels."""
+    cfg, _, _, _, dt = shapes()
+    Hq, Hkv, D, P = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 64
+    if DEV == "cuda":
+        from magicdec.kernels.decode_attention import decode_attention
+        from magicdec.kernels.paged_attention import paged_attention
+
+        def dense(q, k, v, qpos, allowed):
+            return decode_attention(q, k, v, qpos)
+
+        def paged(q, kp, vp, table, qpos, allowed, scores):
+            return paged_attention(q, kp, vp, table, qpos, block_scores=scores)
+        points = ATTENTION_POINTS
+    else:
+        def dense(q, k, v, qpos, allowed):
+            return cpu_kernels.attention(q, k, v, allowed)
+
+        def paged(q, kp, vp, table, qpos, allowed, scores):
+            return cpu_kernels.paged_attention(q, kp, vp, table, allowed, block_scores=scores)
+        points = [(2, 1024)]
+    rows: list[dict[str, Any]] = []
+    RESULT["attention_kernels"] = rows
+    for B, ctx in points:
+        for row in attention_point(B, ctx, Hq, Hkv, D, P, dt, bw, dense, paged):
+            rows.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        empty_cache()
+
+
+def attention_point(B: int, ctx: int, Hq: int, Hkv: int, D: int, P: int, dt: torch.dtype, bw: float, dense: Any,
+                    paged: Any) -> list[dict[str, Any]]:
+    nb = ctx // P
+    k = torch.randn(B, Hkv, ctx, D, device=DEV, dtype=dt)
+    v = torch.randn_like(k)
+    # the same keys in a pool of B·nb pages (+ 1 trash page) in shuffled order
+    table = torch.randperm(B * nb, device=DEV).view(B, nb)
+    kp = torch.empty(B * nb + 1, Hkv, P, D, device=DEV, dtype=dt)
+    vp = torch.empty_like(kp)
+    kp[table.reshape(-1)] = k.view(B, Hkv, nb, P, D).transpose(1, 2).reshape(B * nb, Hkv, P, D)
+    vp[table.reshape(-1)] = v.view(B, Hkv, nb, P, D).transpose(1, 2).reshape(B * nb, Hkv, P, D)
+    bound = 2 * B * Hkv * ctx * D * dt.itemsize / bw
+    rows = []
+    for T in (1, 4):
+        q = torch.randn(B, T, Hq, D, device=DEV, dtype=dt).transpose(1, 2)  # the projection's layout
+        qpos = (ctx - T + torch.arange(T, device=DEV)).expand(B, -1).to(torch.int32).contiguous()
+        allowed = torch.ones(B, T, ctx, dtype=torch.bool, device=DEV).tril(ctx - T)
+        scores = torch.zeros(B, nb, dtype=torch.float32, device=DEV)
+        want = dense(q, k, v, qpos, allowed)
+        got = paged(q, kp, vp, table, qpos, allowed, scores)
+        want_scores = cpu_kernels.block_scores_reference(q, k, allowed, P)  # float64 on the gathered keys
+
+        def run_dense(q=q, qpos=qpos, allowed=allowed):
+            return dense(q, k, v, qpos, allowed)
+
+        def run_paged(q=q, qpos=qpos, allowed=allowed, scores=None):
+            return paged(q, kp, vp, table, qpos, allowed, scores)
+
+        t_dense = device_time(run_dense, 3, 20)
+        t_paged = device_time(run_paged, 3, 20)
+        t_scores = device_time(lambda run=run_paged, s=scores: run(scores=s), 3, 20)
+        rows.append({"batch": B, "context": ctx, "T": T, "bound_us": bound * 1e6,
+                     "dense_us": t_dense * 1e6, "dense_fraction_of_bound": bound / t_dense,
+                     "paged_us": t_paged * 1e6, "paged_fraction_of_bound": bound / t_paged,
+                     "paged_scores_us": t_scores * 1e6, "paged_scores_fraction_of_bound": bound / t_scores,
+                     "paged_vs_dense_relative_error": rel(got, want),
+                     "block_scores_max_abs_error": float((scores - want_scores).abs().max()),
+                     "block_scores_max": float(scores.max()), "block_scores_min": float(scores.min())})
+    return rows
+
+
 def decoder(llm: LLM, B: int, ctx: int) -> Any:
     synthetic = synthetic_verifier(ALPHA)
 
@@ -383,6 +464,8 @@ def main() -> None:
     save(path)
     logits_vs_cpu()
     greedy_identity()
+    save(path)
+    attention_kernels(bw)
     save(path)
     step_times(bw, args.quick)
     save(path)

@@ -6,11 +6,16 @@
                           spec=SpecConfig(method="self", budget=512, gamma=3))
     result.outputs[0].text, result.stats.tokens_per_s, result.stats.acceptance_rate
 
-`generate` is "build, step until done": tokenize and check the prompts → build the batch (memory plan,
-chunked prefill, first tokens; `prefill`) → build the drafter → ask the γ policy, step the engine
-core, tell the policy what the round did, until every sequence has finished (`decode`) → outputs in
-the caller's order. The γ policy is a fixed γ, or for `gamma="auto"` the cost model's, which is why
-this module sits above both the engine and the planning layer.
+`generate` runs the serving engine's core (`engine_core`: continuous batching over a paged KV cache,
+the path `magicdec serve` and `magicdec.Engine` run): every prompt is queued at once, the scheduler admits
+what the pool holds, chunks the prompts, and every step runs one forward for the decoding requests (a plain
+step, or a draft of γ_i tokens and one verification with ragged γ, per request) → outputs in the caller's
+order. The γ policy is a fixed γ, or for `gamma="auto"` the cost model's, which is why this module sits
+above both the engine and the planning layer.
+
+The static batch (`prefill` → `decode`: one dense cache per row, CUDA graphs, forkable for benchmarks) is
+the lower-level API that the benchmarks time and fork; `generate` uses it only for what the engine does not
+run (a batch-wide `gamma_policy`, a self-draft with KV of its own).
 """
 
 from __future__ import annotations
@@ -23,15 +28,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from magicdec.cache.memory import MemoryPlan
+from magicdec.cache.memory import MemoryPlan, OutOfMemoryPlan, available_bytes, fmt_bytes
+from magicdec.cache.paged import PagedKVCache
 from magicdec.config import ModelConfig
 from magicdec.costmodel import CostModel, load_profile
 from magicdec.costmodel.device import device_profile
 from magicdec.costmodel.placement import check_placement, shard_draft
-from magicdec.costmodel.policy import AutoGamma, FixedGamma, GammaPolicy
+from magicdec.costmodel.policy import AutoGamma, FixedGamma, GammaPolicy, RequestGamma
 from magicdec.costmodel.steps import draft_spec
 from magicdec.engine.batch import Batch, prefill_transient_bytes
-from magicdec.engine.outputs import GenerationResult, RunStats
+from magicdec.engine.core import EngineCore, PagedDraft
+from magicdec.engine.outputs import GenerationResult, RequestOutput, RunStats
+from magicdec.engine.request import StepOutput
+from magicdec.engine.scheduler import SchedulerConfig, scheduling_for
 from magicdec.engine.state import Stopper
 from magicdec.engine.step import Decoding, RoundReport
 from magicdec.kernels import cpu as cpu_kernels
@@ -42,12 +51,15 @@ from magicdec.model.quant import quantize_weights, quantized_bytes
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel, broadcast_seed
 from magicdec.runtime.runner import ModelRunner
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.spec.config import Auto, SpecConfig
+from magicdec.spec.config import Auto, SpecConfig, paged_problem
 from magicdec.spec.drafter import Drafter
 from magicdec.spec.factory import plan_drafter
 from magicdec.spec.verify import Verifier
 
 Prompt = str | Sequence[int]
+QUANT_BITS = {"int8": 8, "int4": 4}  # draft_weights → bits
+CPU_KV_SHARE = 0.4  # of the free memory, what a paged KV pool takes by default on the CPU (the rest: prefill, the OS)
+CUDA_KV_SHARE = 0.85  # … and on a GPU (after the weights)
 OnRound = Callable[[RoundReport], None]
 
 
@@ -153,10 +165,51 @@ class LLM:
         progress: bool = False,
         gamma_policy: GammaPolicy | None = None,
     ) -> GenerationResult:
-        """Generate for a batch; with `spec`, decode speculatively (`gamma_policy` overrides its γ)."""
+        """Generate for every prompt, with `spec`'s speculation: continuous batching over the paged KV cache
+        (the serving engine's core, the code path `magicdec serve` runs), all prompts queued at once. A seeded
+        `params` gives prompt i the seed `seed + i`. With `gamma_policy` (one γ for the whole batch, for
+        experiments) or a self-draft with KV of its own, the static batch runs instead (`prefill` + `decode`)."""
         spec, params = spec or SpecConfig(), params or SamplingParams()
-        batch = self.prefill(prompts, params, max_gamma=spec.gamma_bound if spec.enabled else 0, progress=progress)
-        return self.decode(batch, spec, gamma_policy=gamma_policy, progress=progress)
+        if gamma_policy is not None or paged_problem(spec) is not None:
+            batch = self.prefill(prompts, params, max_gamma=spec.gamma_bound if spec.enabled else 0,
+                                 progress=progress)
+            return self.decode(batch, spec, gamma_policy=gamma_policy, progress=progress)
+        ids = self.encode(prompts)
+        self.check_context(ids, params)
+        rows = len(ids)
+        bound = spec.gamma_bound if spec.enabled else 0
+        core, _ = self.engine_core(spec, max_num_seqs=rows, max_num_batched_tokens=rows * (bound + 1) +
+                                   self.prefill_chunk, max_model_len=max(map(len, ids)) + params.max_new_tokens,
+                                   exact_pool=[len(p) + params.max_new_tokens for p in ids])
+        order = [core.add_request(p, replace(params, seed=None if params.seed is None else params.seed + i))
+                 for i, p in enumerate(ids)]
+        stats = RunStats(batch=rows, prompt_tokens=sum(map(len, ids)), method=spec.method)
+        final: dict[str, StepOutput] = {}
+        with tqdm(total=rows * params.max_new_tokens, desc=spec.label, unit="tok", delay=2, disable=not progress,
+                  leave=False) as bar:
+            while core.has_unfinished_requests():
+                for out in core.step():
+                    bar.update(len(out.new_token_ids))
+                    if out.finished:
+                        final[out.request_id] = out
+                report = core.last_report
+                assert report is not None
+                stats.prefill_s += report.prefill_s
+                stats.decode_s += report.seconds - report.prefill_s
+                if report.request_ids and max(report.gammas):
+                    stats.draft_s += report.draft_s
+                    stats.verify_s += report.verify_s
+                if spec.enabled and report.request_ids:
+                    stats.gamma_history.append(max(report.gammas))
+        outputs = []
+        for i, rid in enumerate(order):
+            o = final[rid]
+            outputs.append(RequestOutput(i, o.prompt_token_ids, o.token_ids, o.text, o.finish_reason, o.spec))
+            stats.acceptance.merge(o.spec)
+        stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
+        stats.extra["engine"] = "continuous"
+        core.pool.check_empty()
+        return GenerationResult(outputs, stats)
 
     def stopper(self, params: SamplingParams) -> Stopper:
         return Stopper(self.tokenizer, params, self.eos_token_ids)
@@ -237,6 +290,95 @@ class LLM:
             batch.stopper.finalize(out)
         return GenerationResult(sorted(outputs, key=lambda o: o.index), stats)
 
+    # ---- continuous batching: the serving engine's core ------------------------------------------------
+    def engine_core(self, spec: SpecConfig | None, *, max_num_seqs: int = 8, max_num_batched_tokens: int = 1024,
+                    prefill_chunk: int | None = None, block_size: int = 64, num_blocks: int | None = None,
+                    kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
+                    max_model_len: int | None = None, exact_pool: list[int] | None = None
+                    ) -> tuple[EngineCore, RequestGamma | None]:
+        """The core of a continuous-batching engine over a paged KV cache, with `spec`'s speculation, and its
+        γ policy. The pool holds `num_blocks` blocks of `block_size` tokens, or what `kv_cache_memory` bytes
+        hold, or a share of the free memory (never more than `max_num_seqs` requests of `max_model_len`
+        tokens need, or than requests of the `exact_pool` lengths need)."""
+        spec = spec if spec is not None and spec.enabled else None
+        problem = paged_problem(spec) if spec is not None else None
+        if problem:
+            raise ValueError(problem)
+        if block_size < 1 or block_size % 64:
+            raise ValueError(f"block_size must be a positive multiple of 64 tokens (the CPU kernel reads keys in "
+                             f"64-slot blocks), got {block_size}")
+        model = self.model
+        max_len = min(max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        config = scheduling_for(SchedulerConfig(max_num_seqs, max_num_batched_tokens,
+                                                prefill_chunk or self.prefill_chunk, 0, enable_prefix_caching),
+                                spec, block_size)
+        draft_model = self.drafting(spec)[0] if spec is not None and spec.method == "draft" else None
+        per_block = PagedKVCache.bytes_per_block(model, block_size)
+        if draft_model is not None:
+            per_block += PagedKVCache.bytes_per_block(draft_model, block_size)
+        if num_blocks is None:
+            lookahead = config.max_gamma + 1
+            lengths = exact_pool if exact_pool is not None else [max_len] * max_num_seqs
+            want = sum(-(-(n + lookahead) // block_size) + config.kept_blocks for n in lengths)
+            if kv_cache_memory is None:
+                if self.memory_budget is not None:  # what the weights and one prefill chunk's transients leave
+                    chunk = min(config.prefill_chunk, max_len)
+                    transient = prefill_transient_bytes(model, 1, chunk, max_len)
+                    kv_cache_memory = max(self.memory_budget - self.memory_plan().total - transient, 0)
+                else:
+                    share = CUDA_KV_SHARE if self.device.type == "cuda" else CPU_KV_SHARE
+                    kv_cache_memory = int(available_bytes(self.device) * share)
+            num_blocks = min(kv_cache_memory // per_block, want)
+            one = -(-(max(lengths) + lookahead) // block_size) + config.kept_blocks  # the longest request alone
+            if num_blocks < one:
+                plan = self.memory_plan()
+                plan.to_allocate["target KV cache" + (" and draft KV cache" if draft_model else "")] = one * per_block
+                plan.fix = "use shorter prompts or fewer new tokens"
+                plan.check(self.device, self.memory_budget)
+                raise OutOfMemoryPlan(f"the KV cache gets {num_blocks} blocks of {block_size} tokens "
+                                      f"({fmt_bytes(per_block)} each), fewer than the {one} the longest request "
+                                      f"needs: {plan.fix}, or give the KV cache more memory (kv_cache_memory)")
+        if num_blocks < 1:
+            raise OutOfMemoryPlan(f"the KV cache would get {num_blocks} blocks of {block_size} tokens "
+                                  f"({fmt_bytes(per_block)} each): give it more memory (kv_cache_memory)")
+        cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        core = EngineCore(model, self.tokenizer, self.eos_token_ids, cache, config, generator=self.generator,
+                          max_model_len=max_len)
+        return core, self.speculate(core, spec)
+
+    def speculate(self, core: EngineCore, spec: SpecConfig | None) -> RequestGamma | None:
+        """Make `spec` the speculation of `core` (between requests): its draft over the target's pages (or a
+        draft model's pool indexed by the same block tables), its scheduler configuration; returns its γ policy
+        (also set as the core's `choose` and `observe`)."""
+        spec = spec if spec is not None and spec.enabled else None
+        problem = paged_problem(spec) if spec is not None else None
+        if problem:
+            raise ValueError(problem)
+        cache, P = core.cache, core.cache.block_size
+        config = scheduling_for(core.config, spec, P)
+        draft, policy = None, None
+        if spec is not None:
+            drafter = self.drafting(spec)[0]  # the target, quantized, or a draft model
+            window = spec.recent_window if spec.drafter in ("streaming", "guided", "snapkv") else 0
+            sinks = spec.sinks if spec.drafter == "streaming" else 0
+            if spec.method != "draft":  # self-speculation over the target's pages (its weights, or quantized)
+                select = (spec.budget - spec.recent_window) // P if spec.drafter == "guided" else 0
+                kept = spec.n_kept if spec.drafter == "snapkv" else 0
+                draft = PagedDraft(drafter, None, sinks, window, select=select, kept=kept,
+                                   observe=spec.tuning.observe, pool_kernel=spec.tuning.pool_kernel)
+            else:
+                target_vocab = self.config.vocab_size
+                vocab = target_vocab if drafter.config.vocab_size < target_vocab else None
+                pool = core.draft.pool if core.draft is not None and core.draft.model is drafter else None
+                draft = PagedDraft(drafter, pool or PagedKVCache.for_model(drafter, cache.num_blocks, P), sinks,
+                                   window, vocab)
+            policy = RequestGamma(self.gamma_policy(spec, drafter.config))
+        core.draft, core.config, core.scheduler.config = draft, config, config
+        core.choose = policy.choose if policy else (lambda rs: [0] * len(rs))
+        core.observe = policy.observe if policy else None
+        core.block_scores.clear()
+        return policy
+
     # ---- drafting ---------------------------------------------------------------------------------
     def drafting(self, spec: SpecConfig) -> tuple[Transformer, ModelRunner]:
         """The model that drafts for `spec` (the target itself for self-speculation) and its runner."""
@@ -283,10 +425,10 @@ class LLM:
         return self._drafts[path]
 
     def quantized(self, weights: str) -> tuple[Transformer, ModelRunner]:
-        """The target with its linear layers' weights quantized ("int8"; made once, kept beside the
-        full weights, sharing the embedding and norms) and its runner: the self-draft of `draft_weights`."""
+        """The target with its linear layers' weights quantized ("int8" or "int4"; made once, kept beside
+        the full weights, sharing the embedding and norms) and its runner: the self-draft of `draft_weights`."""
         if weights not in self._quantized:
-            bits = {"int8": 8}[weights]
+            bits = QUANT_BITS[weights]
             plan = self.memory_plan()
             plan.to_allocate[f"{weights} draft weights"] = quantized_bytes(self.model, bits)
             plan.check(self.device, self.memory_budget)
@@ -321,7 +463,7 @@ class LLM:
         """A memory plan holding what is resident already: the weights (target and drafts), and `resident`."""
         weights = sum(t.numel() * t.element_size() for m in (self.model, *(d.model for d, _ in self._drafts.values()))
                       for t in (*m.parameters(), *m.buffers()))
-        weights += sum(quantized_bytes(self.model, 8) for _ in self._quantized)
+        weights += sum(quantized_bytes(self.model, QUANT_BITS[w]) for w in self._quantized)
         return MemoryPlan(resident={"weights": weights, **(resident or {})})
 
     @property

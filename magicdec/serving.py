@@ -23,31 +23,22 @@ from pathlib import Path
 import torch
 
 from magicdec.cache.blocks import PrefixStats
-from magicdec.cache.memory import OutOfMemoryPlan, available_bytes, fmt_bytes
-from magicdec.cache.paged import PagedKVCache
-from magicdec.costmodel.policy import RequestGamma
+from magicdec.cache.memory import fmt_bytes
 from magicdec.data.locks import say
-from magicdec.engine.core import EngineCore, EngineStats, PagedDraft, StepReport
+from magicdec.engine.core import EngineStats, StepReport
 from magicdec.engine.request import RequestSpec, StepOutput
-from magicdec.engine.scheduler import SchedulerConfig
 from magicdec.llm import LLM, Prompt
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.spec.config import SpecConfig
+from magicdec.spec.config import SpecConfig, paged_problem
 
 DEFAULT_BLOCK_SIZE = 64  # tokens per KV block: a multiple of the CPU kernel's 64-slot key blocks
-CPU_KV_SHARE = 0.4  # of the free memory, what the KV pool takes by default on the CPU (the rest: prefill, the OS)
-CUDA_KV_SHARE = 0.85  # … and on a GPU (after the weights)
 
 
 def check_engine_spec(spec: SpecConfig | None) -> None:
     """Refuse, with the way out, a speculation setting the serving engine does not run."""
-    if spec is None or not spec.enabled:
-        return
-    if spec.drafter == "snapkv" or (spec.method == "self" and spec.tuning.kv_source != "target"):
-        raise ValueError(f"the serving engine drafts with the target over its own pages (StreamingLLM or "
-                         f"guided views, full or int8 weights) or with a draft model (streaming or full); "
-                         f"{spec.label} (SnapKV, or a self-draft with KV of its own) runs on the static batch "
-                         "path (LLM.generate, magicdec generate) for now")
+    problem = paged_problem(spec) if spec is not None else None
+    if problem:
+        raise ValueError(problem)
 
 
 class Engine:
@@ -69,70 +60,36 @@ class Engine:
         max_model_len: int | None = None,
         quiet: bool = False,
     ) -> None:
-        """`model`: as for `LLM` (or an `llm` already loaded). `spec`: the engine's speculation (None: plain
-        decoding; the StreamingLLM self-draft over the paged cache). The KV pool takes `num_blocks` blocks of
-        `block_size` tokens, or as many as `kv_cache_memory` bytes hold, or a share of the free memory
-        (never more than `max_num_seqs` requests at the model's context need)."""
-        self.llm = llm or LLM(model, dtype=dtype, device=device, prefill_chunk=prefill_chunk)
-        self.spec = spec = spec if spec is not None and spec.method != "none" else None
+        """`model`: as for `LLM` (or an `llm` already loaded). `spec`: the
+        engine's speculation (None: plain decoding). The KV pool takes `num_blocks` blocks of `block_size` tokens,
+        or as many as `kv_cache_memory` bytes hold, or a share of the free memory (never more than `max_num_seqs`
+        requests at the model's context need)."""
         check_engine_spec(spec)
-        if block_size < 1 or block_size % 64:
-            raise ValueError(f"block_size must be a positive multiple of 64 tokens (the CPU kernel reads keys in "
-                             f"64-slot blocks), got {block_size}")
-        select = 0  # guided: blocks kept whole (the first + the best-scored), beside the recent window
-        if spec is not None and spec.drafter == "guided":
-            select = (spec.budget - spec.recent_window) // block_size
-            if select < 1:
-                raise ValueError(f"a guided draft keeps whole blocks of {block_size} tokens beside its window of "
-                                 f"{spec.recent_window}: --budget must be ≥ {spec.recent_window + block_size}, "
-                                 f"got {spec.budget}")
-        model_ = self.llm.model
-        self.max_model_len = min(max_model_len or model_.config.max_position_embeddings,
-                                 model_.config.max_position_embeddings)
-        max_gamma = spec.gamma_bound if spec is not None else 0
-        config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, prefill_chunk, max_gamma,
-                                 enable_prefix_caching)
-        drafter_model = self.llm.drafting(spec)[0] if spec is not None else None  # the target, quantized, or a draft
-        draft_model = drafter_model if spec is not None and spec.method == "draft" else None
-        per_block = PagedKVCache.bytes_per_block(model_, block_size)
-        if draft_model is not None:
-            per_block += PagedKVCache.bytes_per_block(draft_model, block_size)
-        blocks = num_blocks if num_blocks is not None else self._pool_blocks(per_block, block_size, config,
-                                                                             kv_cache_memory)
-        if blocks < 1:
-            raise OutOfMemoryPlan(f"the KV cache would get {blocks} blocks of {block_size} tokens "
-                                  f"({fmt_bytes(per_block)} each): give it more memory (kv_cache_memory)")
-        cache = PagedKVCache.for_model(model_, blocks, block_size)
-        draft = None
-        policy = None
-        if spec is not None:
-            window = spec.recent_window if spec.drafter in ("streaming", "guided") else 0
-            sinks = spec.sinks if spec.drafter == "streaming" else 0
-            if draft_model is None:  # self-speculation over the target's pages (with its weights, or quantized)
-                assert drafter_model is not None
-                draft = PagedDraft(drafter_model, None, sinks, window, select=select)
-            else:
-                vocab = model_.config.vocab_size if draft_model.config.vocab_size < model_.config.vocab_size else None
-                draft = PagedDraft(draft_model, PagedKVCache.for_model(draft_model, blocks, block_size), sinks, window,
-                                   vocab)
-            policy = RequestGamma(self.llm.gamma_policy(spec, (draft_model or model_).config))
-        self.policy = policy
-        self.core = EngineCore(model_, self.llm.tokenizer, self.llm.eos_token_ids, cache, config, draft,
-                               choose=policy.choose if policy else None, observe=policy.observe if policy else None,
-                               generator=self.llm.generator, max_model_len=self.max_model_len)
-        tokens = blocks * block_size
+        self.llm = llm or LLM(model, dtype=dtype, device=device, prefill_chunk=prefill_chunk)
+        self.core, self.policy = self.llm.engine_core(
+            spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, prefill_chunk=prefill_chunk,
+            block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
+        self.spec = spec if spec is not None and spec.enabled else None
+        self.max_model_len = self.core.max_model_len
         if not quiet:
+            cache = self.core.cache
+            blocks, P = cache.num_blocks, cache.block_size
+            per_block = cache.nbytes // (blocks + 1) + (self.core.draft.pool.nbytes // (blocks + 1)
+                                                         if self.core.draft and self.core.draft.pool else 0)
             ctx = min(self.max_model_len, 8192)
-            say(f"KV cache: {blocks} blocks × {block_size} tokens = {tokens} tokens ({fmt_bytes(blocks * per_block)}); "
-                f"maximum concurrency for {ctx}-token requests: {tokens / ctx:.2f}×")
+            say(f"KV cache: {blocks} blocks × {P} tokens = {blocks * P} tokens ({fmt_bytes(blocks * per_block)}); "
+                f"maximum concurrency for {ctx}-token requests: {blocks * P / ctx:.2f}×")
 
-    def _pool_blocks(self, per_block: int, block_size: int, config: SchedulerConfig, budget: int | None) -> int:
-        device = self.llm.device
-        if budget is None:
-            share = CUDA_KV_SHARE if device.type == "cuda" else CPU_KV_SHARE
-            budget = int(available_bytes(device) * share)
-        want = config.max_num_seqs * -(-(self.max_model_len + config.max_gamma + 1) // block_size)
-        return min(budget // per_block, want)
+    def set_spec(self, spec: SpecConfig | None) -> None:
+        """Change the engine's speculation between requests (e.g. to compare drafters on prompts served from the
+        prefix cache); refused while requests are in flight."""
+        check_engine_spec(spec)
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"set_spec: {self.num_running + self.num_waiting} requests are in flight; change the "
+                               "speculation once they have finished (or abort them)")
+        self.policy = self.llm.speculate(self.core, spec)
+        self.spec = spec if spec is not None and spec.enabled else None
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, spec: RequestSpec | int | None = None,

@@ -256,3 +256,29 @@ def test_trace_poisson_arrivals(tiny_dir: Path, corpus: Path, tmp_path: Path) ->
     static = sorted((r for r in requests if r["config"] == "static"), key=lambda r: r["request"])
     assert min(r["first_token_s"] for r in static[2:]) >= offsets[3]  # the second batch waited for request 3
     assert [s["config"] for s in summaries] == ["plain", "static"] and summaries[1]["batches"] == 2
+
+
+def test_drafter_grid_smoke(tiny_dir: Path, corpus: Path, tmp_path: Path, threads: None) -> None:
+    """benchmarks/drafter_grid.py on the tiny model: every configuration's tokens equal plain's, fraction
+    budgets resolve to whole blocks, the prompts come from the prefix cache, JSON and markdown are written."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "drafter_grid.py"
+    spec = importlib.util.spec_from_file_location("drafter_grid", path)
+    assert spec is not None and spec.loader is not None
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    out = tmp_path / "grid.json"
+    assert grid.main(["--model", str(tiny_dir), "--corpus", str(corpus), "--contexts", "256", "--batches", "1", "2",
+                      "--prompts", "2", "--budgets", "128", "0.5", "0.25", "--drafters", "streaming", "snapkv",
+                      "guided", "--weights", "full", "int8", "--gammas", "2", "auto", "--new", "6", "--repeats", "2",
+                      "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["seed"] == grid.SEED and result["threads"] == 1 and out.with_suffix(".md").exists()
+    # 0.5 × 256 = 128 tokens: the same configurations as 128; 0.25 → 64 tokens: too few for guided's block + window
+    assert len(rows) == 2 * (1 + 3 * 2 * 2 + 2 * 2 * 2) and all(r["same_tokens"] for r in rows)
+    assert {(r["budget"], r["drafter"]) for r in rows if r["budget_asked"] == "0.25"} == {(64, "streaming"),
+                                                                                          (64, "snapkv")}
+    assert all(len(r["speedups"]) == 2 and r["cached_prompt_share"] > 0 for r in rows)
+    assert all(len(r["per_position"]) == 2 for r in rows if r["drafter"] != "plain" and r["gamma"] == "2")

@@ -296,6 +296,28 @@ def test_plan_json_prints_only_rows_with_best_or_fixed_gamma(tmp_path) -> None: 
     assert str(png) in err
 
 
+def test_plan_draft_weights_lower_the_draft_step(tmp_path) -> None:  # noqa: ANN001
+    t_draft, t_target = {}, {}
+    for weights in ("full", "int8", "int4"):
+        rc, out, _ = _run_plan("--model", "llama-3.1-8b", "--batch", "1", "8", "--context", "8k",
+                               "--draft-weights", weights, "--json")
+        rows = json.loads(out)
+        assert rc == 0
+        t_draft[weights] = [r["t_draft_ms"] for r in rows]
+        t_target[weights] = [r["t_target_ms"] for r in rows]
+    assert t_target["full"] == t_target["int8"] == t_target["int4"]  # only the draft reads quantized weights
+    assert all(f > i8 > i4 for f, i8, i4 in zip(t_draft["full"], t_draft["int8"], t_draft["int4"]))
+    rc, out, _ = _run_plan("--model", "llama-3.1-8b", "--batch", "1", "--context", "8k", "--draft-weights", "int4",
+                           "--png", str(tmp_path / "q.png"))
+    assert rc == 0 and "int4 weights" in out.splitlines()[0]
+    rc, out, _ = _run_plan("--model", "llama-3.1-8b", "--batch", "1", "--context", "8k", "--png",
+                           str(tmp_path / "f.png"))
+    assert rc == 0 and "full-precision weights" in out.splitlines()[0]
+    rc, _, err = _run_plan("--model", "llama-3.1-8b", "--spec", "draft", "--draft-model", "llama-3.2-1b",
+                           "--draft-weights", "int8")
+    assert rc == 2 and "--spec self" in err
+
+
 def test_plan_table_and_errors(tmp_path) -> None:  # noqa: ANN001
     rc, out, _ = _run_plan("--model", "llama-3.1-8b", "--batch", "256", "--context", "128k", "--png",
                            str(tmp_path / "t.png"))

@@ -108,15 +108,15 @@ def test_prompt_longer_than_context_is_refused(tiny_llm: LLM) -> None:
 def test_cache_that_does_not_fit_is_refused_before_allocating(tiny_llm: LLM) -> None:
     tiny_llm.memory_budget = 1 << 20
     try:
-        with pytest.raises(OutOfMemoryPlan, match=r"needs .*target KV cache [0-9.]+ MiB.*budget of 1\.0 MiB"):
+        with pytest.raises(OutOfMemoryPlan, match=r"needs .*target KV cache [0-9.]+ [KM]iB.*budget of 1\.0 MiB"):
             tiny_llm.generate(random_prompts(64, [1000], tiny_llm.config.vocab_size), SamplingParams(max_new_tokens=8))
     finally:
         tiny_llm.memory_budget = None
 
 
 def test_the_memory_plan_counts_weights_transients_and_the_draft_cache_against_the_budget(tiny_llm: LLM) -> None:
-    """The budget covers everything: weights, the target cache, the prefill's transient scores, and the
-    draft cache (which used to be checked against free memory only). A refusal names what to lower."""
+    """The static batch's budget covers everything: weights, the target cache, the prefill's transient scores,
+    and the draft cache (which used to be checked against free memory only). A refusal names what to lower."""
     from magicdec.engine.batch import cache_capacity, prefill_transient_bytes, target_cache_bytes
     from magicdec.spec.factory import plan_drafter
 
@@ -131,12 +131,13 @@ def test_the_memory_plan_counts_weights_transients_and_the_draft_cache_against_t
         tiny_llm.prefill_chunk = 32
         tiny_llm.memory_budget = cache + transient + 1024  # enough for the cache, not for the weights too
         with pytest.raises(OutOfMemoryPlan, match=r"weights .*target KV cache .*prefill masks and expanded KV"):
-            tiny_llm.generate(prompts, params, spec)
+            tiny_llm.decode(tiny_llm.prefill(prompts, params, max_gamma=3), spec)
         draft = plan_drafter(spec, tiny_llm.model, tiny_llm.runner, 4, capacity).cache_bytes
         tiny_llm.memory_budget = weights + cache + max(transient, draft - 1024)  # the target fits, the draft not
         with pytest.raises(OutOfMemoryPlan, match=r"draft KV cache .*lower the draft's KV budget \(--budget 300\)"):
-            tiny_llm.generate(prompts, params, spec)
-        tiny_llm.generate(prompts, params, SpecConfig(method="self", budget=8, sinks=4, gamma=3))  # a smaller one fits
+            tiny_llm.decode(tiny_llm.prefill(prompts, params, max_gamma=3), spec)
+        tiny_llm.decode(tiny_llm.prefill(prompts, params, max_gamma=3),
+                        SpecConfig(method="self", budget=8, sinks=4, gamma=3))  # a smaller one fits
     finally:
         tiny_llm.memory_budget, tiny_llm.prefill_chunk = None, 512
 

@@ -1,7 +1,9 @@
-"""magicdec.model.quant: int8 per-row quantization, the quantized copy of a model (shared embedding, norms,
-rotary buffers and biases; QuantLinear layers; the original untouched), its memory estimate, its logits
-against the original's (a small random model, every CPU path, and the real SmolLM2), and the fallbacks.
-The kernel itself (`cpu.linear_int8`) is tested in test_cpu_kernels.py (`-k int8`)."""
+"""magicdec.model.quant: int8 per-row and int4 group-wise quantization, the quantized copy of a model (shared
+embedding, norms, rotary buffers and biases; QuantLinear / QuantLinear4 layers; the original untouched), its
+memory estimate, its logits against the original's (a small random model, every CPU path, and the real
+SmolLM2), the fallbacks, and greedy self-speculation with the quantized drafts equal to plain decoding.
+The int8 kernel itself (`cpu.linear_int8`) is tested in test_cpu_kernels.py (`-k int8`); the int4 one is
+PyTorch's (`aten._weight_int4pack_mm_for_cpu`), checked here against the dequantized weight."""
 
 from __future__ import annotations
 
@@ -14,8 +16,23 @@ from conftest import random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM
 from magicdec.cache.dense import DenseKVCache
 from magicdec.kernels import cpu
+from magicdec.model import quant
 from magicdec.model.llama import Transformer
-from magicdec.model.quant import QuantLinear, quantize_int8, quantize_weights, quantized_bytes
+from magicdec.model.quant import (
+    GROUP_SIZE,
+    QuantLinear,
+    QuantLinear4,
+    dequantize_int4,
+    int4_kernel_available,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    quantize_weights,
+    quantized_bytes,
+    unpack_nibbles,
+)
+from magicdec.runtime.sampling import SamplingParams
+from magicdec.spec.config import SpecConfig
 
 LINEAR_NAMES = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head")
 
@@ -97,10 +114,10 @@ def test_quantized_copy_shares_all_but_its_linear_layers(tiny: Transformer) -> N
                  (2 * cfg.intermediate_size, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size)]
     expected = cfg.n_layers * sum(n * k + 4 * n for n, k in per_layer) + cfg.vocab_size * (cfg.hidden_size + 4)
     assert held == expected
-    with pytest.raises(ValueError, match="4 bits"):
-        quantized_bytes(tiny, bits=4)
-    with pytest.raises(ValueError, match="4 bits"):
-        quantize_weights(tiny, bits=4)
+    with pytest.raises(ValueError, match="3 bits"):
+        quantized_bytes(tiny, bits=3)
+    with pytest.raises(ValueError, match="3 bits"):
+        quantize_weights(tiny, bits=3)
 
 
 def test_quantized_logits_are_close(tiny: Transformer) -> None:
@@ -208,17 +225,23 @@ def greedy(model: Transformer, prompt: list[int], n: int) -> tuple[list[int], to
     return tokens, torch.stack(chosen)
 
 
-def test_smollm2_int8_draft_agrees_with_the_target(smol: LLM, capsys: pytest.CaptureFixture[str]) -> None:
-    """The real model: the int8 copy, fed the target's greedy tokens (as a draft is, up to the first
-    rejection), predicts most of them, with logits nearly parallel to the target's."""
-    qm = quantize_weights(smol.model)
-    assert quantized_bytes(smol.model) == quantized_bytes(qm)
+def forced_agreement(smol: LLM, qm: Transformer) -> tuple[list[int], list[int], list[bool], torch.Tensor]:
+    """The prompt, the target's 16 greedy tokens after it, and the quantized copy `qm` fed them (as a draft
+    is, up to the first rejection): whether its top-1 is each token, and its logits' cosine to the target's."""
     prompt = smol.tokenizer.encode("The capital of France is")
     target, target_logits = greedy(smol.model, prompt, 16)
     seq = prompt + target
     forced = logits(qm, torch.tensor([seq]))[0, len(prompt) - 1 : len(seq) - 1]
     agree = (forced.argmax(-1) == torch.tensor(target)).tolist()
-    cos = F.cosine_similarity(forced, target_logits, dim=-1)
+    return prompt, target, agree, F.cosine_similarity(forced, target_logits, dim=-1)
+
+
+def test_smollm2_int8_draft_agrees_with_the_target(smol: LLM, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real model: the int8 copy, fed the target's greedy tokens (as a draft is, up to the first
+    rejection), predicts most of them, with logits nearly parallel to the target's."""
+    qm = quantize_weights(smol.model)
+    assert quantized_bytes(smol.model) == quantized_bytes(qm)
+    prompt, target, agree, cos = forced_agreement(smol, qm)
     free, _ = greedy(qm, prompt, 16)
     with capsys.disabled():
         print(f"\nSmolLM2 int8 vs float32, 16 greedy tokens: top-1 agreement {sum(agree)}/16 "
@@ -227,6 +250,146 @@ def test_smollm2_int8_draft_agrees_with_the_target(smol: LLM, capsys: pytest.Cap
               f"{next((i for i, (a, b) in enumerate(zip(target, free)) if a != b), 16)}/16 tokens")
     assert sum(agree) >= 12
     assert cos.mean() > 0.99 and cos.min() > 0.97
+
+
+def test_smollm2_int4_draft_agrees_with_the_target(smol: LLM, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real model's int4 copy (through PyTorch's int4 op), fed the target's greedy tokens, predicts most
+    of them; its memory is what the estimate and the cost model say (0.5 + 4/32 bytes a weight)."""
+    from magicdec.costmodel.steps import QUANT_WEIGHT_BYTES
+
+    qm = quantize_weights(smol.model, 4)
+    layers = [m for m in qm.modules() if isinstance(m, QuantLinear4)]
+    assert len(layers) == 4 * len(qm.layers) + 1 and all(m.kernel for m in layers) == int4_kernel_available("cpu")
+    weights = sum(m.in_features * m.out_features for m in layers)
+    assert quantized_bytes(smol.model, 4) == quantized_bytes(qm, 4) == weights * QUANT_WEIGHT_BYTES[4]  # no padding
+    _, _, agree, cos = forced_agreement(smol, qm)
+    with capsys.disabled():
+        print(f"\nSmolLM2 int4 vs float32, 16 greedy tokens: top-1 agreement {sum(agree)}/16 "
+              f"({''.join('=' if a else 'x' for a in agree)}), logits cosine min {cos.min():.4f} mean {cos.mean():.4f}")
+    assert sum(agree) >= 11
+    assert cos.mean() > 0.98 and cos.min() > 0.95
+
+
+# ------------------------------------------------------------------------------------------------- int4
+
+
+def test_quantize_int4_error_bound_and_layout() -> None:
+    """Group-wise asymmetric int4: codes in [0, 15], bfloat16 (scale, zero) per group of 32 in the ops'
+    [K/32, N, 2] layout, every weight within about half a step of its dequantized value; padding."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 70, generator=g) * torch.logspace(-3, 1, 50)[:, None]  # K = 70: padded to 96
+    w[7] = 0  # an all-zero row
+    w[9, :32] = 0.25  # a constant group
+    codes, sz = quantize_int4(w)
+    assert codes.dtype == torch.uint8 and codes.shape == (64, 96) and codes.max() <= 15  # N padded to 16s
+    assert sz.dtype == torch.bfloat16 and sz.shape == (3, 64, 2)
+    deq = dequantize_int4(codes, sz)
+    assert deq.shape == (64, 96) and (deq[50:] == 0).all()  # (padded columns: x is padded with zeros)
+    step = sz[..., 0].float().t().repeat_interleave(GROUP_SIZE, 1)[:50, :70]  # each weight's group's scale
+    err = (deq[:50, :70] - w).abs()
+    assert (err <= 0.5 * step * 1.02 + 1e-6 * w.abs()).all(), (err / step).max()  # bfloat16 s, z: ≤ 2% over
+    assert (deq[7] == 0).all() and torch.allclose(deq[9, :32], torch.full((32,), 0.25), rtol=4e-3)
+    # each group's extremes are representable: the codes span 0..15 where a group varies
+    spans = codes[:50].reshape(50, 3, 32).int()
+    varied = torch.ones(50, 2, dtype=torch.bool)
+    varied[7], varied[9, 0] = False, False
+    assert ((spans.amax(-1) - spans.amin(-1))[:, :2][varied] >= 14).all()
+    assert quantize_int4(w[:, :64], pad=False)[0].shape == (50, 64)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        quantize_int4(w, pad=False)
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+    pair = torch.tensor([[1, 2]], dtype=torch.uint8)
+    assert torch.equal(pack_nibbles(pair), torch.tensor([[0x21]], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(96, 320), (40, 24)], ids=["aligned", "padded"])
+def test_int4_linear_layer(shape: tuple[int, int]) -> None:
+    """QuantLinear4 alone: PyTorch's int4 op (x in bfloat16) against F.linear on the dequantized weight, the
+    per-call dequantizing fallback, the codes recovered from the op's packing, bias and dtypes."""
+    if not int4_kernel_available("cpu"):
+        pytest.skip("this torch has no working CPU int4 matmul")
+    k, n = shape
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(k, n, bias=True)
+    qlin = QuantLinear4.from_linear(lin)  # aligned: rows packed in two chunks (256 + 64)
+    plain = QuantLinear4.from_linear(lin, kernel=False)
+    assert qlin.kernel and not plain.kernel and qlin.bias is lin.bias
+    assert (qlin.in_features, qlin.out_features) == (k, n) and qlin.weight_packed.dtype == torch.uint8
+    assert torch.equal(qlin.codes(), plain.codes()) and torch.equal(qlin.scales_zeros, plain.scales_zeros)
+    assert torch.equal(qlin.dequantized(), plain.dequantized()) and qlin.dequantized().shape == (n, k)
+    assert quantized_bytes(nn.Sequential(qlin), 4) == quantized_bytes(nn.Sequential(lin), 4) == \
+        quantized_bytes(nn.Sequential(plain), 4)
+    x = torch.randn(2, 5, k, generator=g)
+    with torch.no_grad():
+        y, fallback, full = qlin(x), plain(x), lin(x)
+        ref = F.linear(x.bfloat16().float(), qlin.dequantized(), lin.bias)  # the op rounds x (and y) to bf16
+        assert y.shape == (2, 5, n) and y.dtype == torch.float32
+        assert (y - ref).norm() / ref.norm() < 5e-3
+        assert torch.equal(fallback, F.linear(x, plain.dequantized(), lin.bias))
+        assert (y - fallback).norm() / fallback.norm() < 1e-2
+        assert (y - full).norm() / full.norm() < 0.15  # int4 of a uniform init: ~6% here
+        assert torch.equal(qlin.forward_dequantized(x), fallback)
+        assert qlin(x.bfloat16()).dtype == torch.bfloat16
+        one = torch.stack([qlin(x[:, i]) for i in range(5)], 1)  # rows do not depend on the other rows
+        assert torch.equal(one, y)
+    with pytest.raises(ValueError, match="bfloat16"):
+        QuantLinear4(plain.weight_packed, plain.scales_zeros.float(), k, n)
+    with pytest.raises(ValueError, match="pack_nibbles"):
+        QuantLinear4(plain.weight_packed[:, :-1], plain.scales_zeros, k, n)
+    with pytest.raises(ValueError, match="do not fit"):
+        QuantLinear4(plain.weight_packed, plain.scales_zeros, k + 64, n)
+
+
+def test_int4_copy_of_the_model(tiny: Transformer) -> None:
+    """quantize_weights(model, 4): QuantLinear4 layers (the tied head its own), the rest shared, memory as
+    estimated, logits close to the original's, decode-shaped forwards agreeing with a prefill-sized one,
+    and the op agreeing with the dequantizing fallback."""
+    qm = quantize_weights(tiny, 4)
+    assert qm.embed is tiny.embed and qm.norm is tiny.norm
+    q_lin, lin = linears(qm), linears(tiny)
+    assert q_lin.keys() == lin.keys() and all(isinstance(m, QuantLinear4) for m in q_lin.values())
+    for name, m in q_lin.items():
+        if lin[name].bias is not None:
+            assert m.bias is lin[name].bias
+        err = (m.dequantized() - lin[name].weight).abs().max()
+        assert err <= m.scales_zeros[..., 0].float().max() * 0.51
+    held = sum(m.weight_packed.numel() * m.weight_packed.element_size() + 2 * m.scales_zeros.numel()
+               for m in q_lin.values())
+    assert quantized_bytes(tiny, 4) == quantized_bytes(qm, 4) == held
+    ids = torch.tensor(random_prompts(4, [24], tiny.config.vocab_size, seed=1))
+    ref, out = logits(tiny, ids), logits(qm, ids)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"int4: relative error {rel:.4f}, top-1 agreement {agree:.3f}")
+    assert rel < 0.4, rel  # int4 of this small random model (weights N(0, 0.08)): ~25%; a wrong layout: ~140%
+    assert agree >= 0.5, agree
+    cache = DenseKVCache.for_model(qm, 4, 32)
+    with torch.inference_mode():
+        steps = torch.cat([qm(ids[:, t : t + 1], torch.full((4, 1), t), cache) for t in range(ids.shape[1])], 1)
+    assert (steps - out).abs().max() / out.abs().max() < 2e-2  # bfloat16 activations: not bitwise
+    if int4_kernel_available("cpu"):
+        for m in q_lin.values():  # the same codes, dequantized per call
+            m.kernel = False
+            m.weight_packed = pack_nibbles(quant._codes_from_op(m.weight_packed, m.padded_out, m.padded_in,
+                                                                m.group_size))
+        fallback = logits(qm, ids)
+        assert (fallback - out).norm() / out.norm() < 2e-2
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_self_draft_greedy_equals_plain_decoding(tmp_path_factory: pytest.TempPathFactory,
+                                                           weights: str) -> None:
+    """Greedy self-speculation with the quantized draft (static batch: ragged prompts; a tied head and
+    biases) gives plain decoding's tokens, with drafts accepted and rejected."""
+    cfg = tiny_config(tie_word_embeddings=True, attention_bias=True, o_proj_bias=True)
+    llm = LLM(write_checkpoint(tmp_path_factory.mktemp("quant-spec"), cfg, seed=0), device="cpu")
+    prompts = random_prompts(3, [90, 150, 41], cfg.vocab_size, seed=6)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    plain = llm.generate(prompts, params)
+    spec = llm.generate(prompts, params, SpecConfig(method="self", budget=32, sinks=4, gamma=3, draft_weights=weights))
+    assert [o.token_ids for o in spec.outputs] == [o.token_ids for o in plain.outputs]
+    assert 0 < spec.stats.acceptance_rate < 1, spec.stats.acceptance_rate
+    assert isinstance(llm.quantized(weights)[0].lm_head, QuantLinear4 if weights == "int4" else QuantLinear)
 
 
 def test_quantize_weights_rejects_other_modules() -> None:

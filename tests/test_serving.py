@@ -10,11 +10,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import hf_greedy, hf_model, random_prompts
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
 from magicdec.cache.blocks import BlockPool, chain_hashes
 from magicdec.engine.request import RequestSpec
+from magicdec.spec.config import DraftTuning
 
 CHUNK = 128  # prefill chunk of the tests' engines (small prompts still take several chunks)
 SELF = SpecConfig(method="self", budget=96, sinks=4, gamma=3)
@@ -74,14 +76,18 @@ def trace(tiny_llm: LLM) -> tuple[list[list[int]], list[int], list[int], dict[in
 
 
 INT8 = SpecConfig(method="self", budget=96, sinks=4, gamma=3, draft_weights="int8")
+INT4 = SpecConfig(method="self", budget=96, sinks=4, gamma=3, draft_weights="int4")
+SNAPKV = SpecConfig(method="self", drafter="snapkv", budget=128, gamma=3)  # 64 selected + a window of 64
 
 
-@pytest.mark.parametrize("spec", [None, SELF, "mixed", INT8], ids=["plain", "self", "per-request-gamma", "self-int8"])
+@pytest.mark.parametrize("spec", [None, SELF, "mixed", INT8, SNAPKV],
+                         ids=["plain", "self", "per-request-gamma", "self-int8", "self-snapkv"])
 def test_trace_equals_each_request_alone(tiny_llm: LLM, trace: tuple, spec: object) -> None:
     prompts, new, arrive, abort = trace
     ref = alone(tiny_llm, prompts, new)
     # a pool too small for the trace (preemption), and requests that turn speculation off or fix their own γ
-    e = engine(tiny_llm, spec if isinstance(spec, SpecConfig) or spec is None else SELF, num_blocks=40,
+    blocks = 40 - 6 * (spec == SNAPKV)  # SnapKV's private blocks leave room for fewer requests at a time
+    e = engine(tiny_llm, spec if isinstance(spec, SpecConfig) or spec is None else SELF, num_blocks=blocks,
                max_num_seqs=6)
     overrides = {1: 0, 4: 2, 9: 0, 11: 1} if spec == "mixed" else None
     got = run_trace(e, prompts, new, arrive, abort, overrides)
@@ -116,10 +122,11 @@ def test_engine_equals_transformers_and_static_batching(tiny_llm: LLM, tiny_dir:
     outs = engine(tiny_llm, SELF).run(prompts, params)
     hf = hf_model(tiny_dir)
     static = tiny_llm.generate(prompts, params).outputs
-    static_int8 = tiny_llm.generate(prompts, params, INT8)  # the static path's quantized self-draft
-    assert static_int8.stats.acceptance.draft_tokens > 0
-    for p, o, s, q in zip(prompts, outs, static, static_int8.outputs):
-        assert o.token_ids == hf_greedy(hf, p, 20) == s.token_ids == q.token_ids
+    static_int8 = tiny_llm.generate(prompts, params, INT8)  # the static path's quantized self-drafts
+    static_int4 = tiny_llm.generate(prompts, params, INT4)
+    assert static_int8.stats.acceptance.draft_tokens > 0 and static_int4.stats.acceptance.draft_tokens > 0
+    for p, o, s, q, q4 in zip(prompts, outs, static, static_int8.outputs, static_int4.outputs, strict=True):
+        assert o.token_ids == hf_greedy(hf, p, 20) == s.token_ids == q.token_ids == q4.token_ids
 
 
 def test_seeded_sampling_does_not_depend_on_neighbours(tiny_llm: LLM, tiny_dir: Path) -> None:
@@ -196,7 +203,7 @@ def test_bad_requests_are_refused_before_queueing(tiny_llm: LLM) -> None:
         e.add_request([5, 6], SamplingParams(), request_id="x")
     assert e.num_waiting == 1
     with pytest.raises(ValueError, match="static batch path"):
-        engine(tiny_llm, SpecConfig(method="self", drafter="snapkv", budget=64))
+        engine(tiny_llm, SpecConfig(method="self", budget=64, tuning=DraftTuning(kv_source="own")))
     with pytest.raises(ValueError, match="multiple of 64"):
         engine(tiny_llm, block_size=16)
 
@@ -270,3 +277,40 @@ def test_smollm2_real_text_trace(smol: LLM) -> None:
     got = run_trace(e, prompts, lengths, [0, 0, 3, 6], {})
     assert [got[i] for i in range(4)] == ref
     assert [len(t) for t in ref] == lengths
+
+
+def test_paged_snapkv_keeps_what_the_static_drafter_keeps(tiny_llm: LLM) -> None:
+    """The engine's SnapKV selection over the paged cache copies, per layer and KV head, the keys and values
+    of the positions the static drafter's selection (`snapkv_votes` over a dense cache) picks; the draft's view
+    reads them (always visible) and then its recent window."""
+    from magicdec.cache.dense import DenseKVCache
+    from magicdec.runtime.prefill import prefill
+    from magicdec.spec.snapkv import snapkv_votes, top_positions
+
+    model = tiny_llm.model
+    prompt = random_prompts(1, [500], tiny_llm.config.vocab_size, seed=8)[0]
+    e = engine(tiny_llm, SpecConfig(method="self", drafter="snapkv", budget=192, gamma=2), num_blocks=24)
+    rid = e.add_request(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    while e.core.requests[rid].output == []:
+        e.step()
+    r = e.core.requests[rid]
+    assert len(r.kept) == 2 and r.kept_slots == 128  # 192 - a window of 64, in 2 private blocks
+    dense = DenseKVCache.for_model(model, 1, 512)
+    tokens = torch.tensor([prompt])
+    prefill(model, dense, tokens, [500], CHUNK)
+    votes = snapkv_votes(model, dense, tokens, [500], 32, 7)
+    pos, valid = top_positions(votes, torch.tensor([500 - 64]), 128)
+    assert bool(valid.all())
+    pool, P = e.core.cache, e.core.cache.block_size
+    kept_k = torch.cat([pool.k[:, b] for b in r.kept], 2)[:, :, :128]  # [L, H, 128, D]
+    want = dense.k[:, 0].gather(2, pos[:, 0, :, :, None].expand(-1, -1, -1, dense.k.shape[-1]))
+    same = (kept_k - want).abs().amax(-1) < 1e-4  # per layer, head and slot: the same key
+    assert same.float().mean() > 0.97, same.float().mean()  # (near-ties may order differently)
+    view = e.core._draft_view([r], [2], e.core._table([r]))
+    assert view.read is not None and view.read_pos is not None
+    assert view.read[0, :2].tolist() == r.kept and view.sinks == 2 * P
+    assert (view.read_pos[0, :128] == 0).all() and (view.read_pos[0, 128 : 2 * P] == -1).all()
+    e.run([], None)
+    while e.has_unfinished_requests():
+        e.step()
+    e.check_no_leaks()

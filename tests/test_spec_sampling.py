@@ -13,6 +13,7 @@ from conftest import random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM, SamplingParams, SpecConfig
 from magicdec.cache.dense import DenseKVCache
 from magicdec.runtime.sampling import probabilities
+from magicdec.spec.config import DraftTuning
 
 VOCAB, N, PROMPT_LEN = 32, 6000, 40
 
@@ -86,6 +87,10 @@ SETTINGS = {
                        (0.05, 0.99)),
     "self-int8": (dict(method="self", drafter="streaming", budget=8, sinks=2, draft_weights="int8"),
                   dict(temperature=1.0), (0.05, 0.99)),
+    "self-int4": (dict(method="self", drafter="streaming", budget=8, sinks=2, draft_weights="int4"),
+                  dict(temperature=1.0), (0.05, 0.99)),
+    "self-snapkv": (dict(method="self", drafter="snapkv", budget=8, tuning=DraftTuning(snapkv_window=2, observe=4)),
+                    dict(temperature=1.0), (0.05, 0.99)),
     "draft-topk-topp": (dict(method="draft", drafter="full", draft_model="small"),
                         dict(temperature=0.7, top_k=10, top_p=0.9), (0.05, 0.99)),
     "draft-short-vocab": (dict(method="draft", drafter="full", draft_model="short-vocab"), dict(temperature=1.0),
@@ -125,7 +130,8 @@ def test_the_chi_square_check_detects_a_wrong_distribution(models: tuple[LLM, Pa
     assert min(plain.values()) > 1e-3, plain
 
 
-@pytest.mark.parametrize("name", ["self-streaming", "self-int8", "draft-model", "draft-short-vocab"])
+@pytest.mark.parametrize("name", ["self-streaming", "self-snapkv", "self-int8", "self-int4", "draft-model",
+                                  "draft-short-vocab"])
 def test_serving_engine_sampling_matches_the_target_distribution(models: tuple[LLM, Path],
                                                                  drafts: dict[str, Path], name: str) -> None:
     """The serving engine's speculative sampling (per-request generators, ragged rounds, sampled rows

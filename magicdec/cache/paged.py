@@ -5,7 +5,10 @@ block that padding tokens write to and no table lists. A request's token at posi
 table[p // block_size] at offset p % block_size, so its logical slots are its positions, as in the dense
 cache: masks are by position, rollback is free, and the attention kernels see the same slots in the same
 order whichever blocks hold them (the batch-invariant CPU kernel gives the dense cache's numbers bit for
-bit). Which blocks a request holds is `BlockPool`'s business; this module only moves tensors.
+bit). On CUDA, decode-shaped forwards run the Triton split-KV kernel of `magicdec.kernels.paged_attention`,
+which reads the pages through the tables itself (no gather, no mask tensor, block scores included); longer
+forwards gather the read blocks and run SDPA. Which blocks a request holds is `BlockPool`'s business; this
+module only moves tensors.
 
 A forward runs over a `PagedView` (the tables of the forward's rows). The target's view reads each row's
 whole table. The StreamingLLM self-draft's view (`PagedView(..., read=…, window=…, sinks=…)`) reads a
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from magicdec.kernels import cpu as cpu_kernels
+from magicdec.kernels import paged_attention as triton_paged
+from magicdec.kernels.fused import use_triton
 from magicdec.model.attention import MAX_DECODE_TOKENS, AttentionMask, attend
 
 if TYPE_CHECKING:
@@ -100,6 +105,8 @@ class PagedStep:
             assert view.read_pos is not None
             self.mask = AttentionMask(c.group, c.k.dtype, positions, view.read_pos.shape[1], key_pos=view.read_pos,
                                       window=view.window, n_kept=view.sinks, rows_hint=positions.shape[0])
+        self.triton = (self.T <= MAX_DECODE_TOKENS and use_triton(c.k)
+                       and c.block_size % triton_paged.BLOCK_N == 0)
         self.kernel = self.T <= MAX_DECODE_TOKENS and c.k.shape[-1] % 8 == 0 and cpu_kernels.applies(
             c.k, self.T, max_tokens=MAX_DECODE_TOKENS)
 
@@ -122,6 +129,10 @@ class PagedStep:
         K, V = c.k[layer], c.v[layer]
         self._store(K, k)
         self._store(V, v)
+        if self.triton:  # CUDA: the paged split-KV kernel reads the pages itself
+            qpos, kpos = self.mask.int32_positions()
+            return triton_paged.paged_attention(q, K, V, self.read, qpos, kpos, self.mask.window, self.mask.n_kept,
+                                                block_scores=self.scores, rows_hint=self.mask.rows_hint)
         if self.kernel:
             allowed = self.mask.allowed
             width = self.read.shape[1] * c.block_size

@@ -62,7 +62,7 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--sinks", type=int, default=16, help="streaming: attention-sink tokens (default 16)")
     d.add_argument("--draft-model", help="with --spec draft: a smaller model sharing the tokenizer")
     d.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="full",
-                   help="with --spec self: draft with the target's weights as they are, or quantized to int8")
+                   help="with --spec self: draft with the target's weights as they are, or quantized to int8 or int4")
     r = p.add_argument_group("speculation research knobs")
     r.add_argument("--draft-kv", choices=KV_SOURCES, default="target",
                    help="self: build the draft cache from the target's KV, or let the draft compute its own")

@@ -138,7 +138,7 @@ def register_trace(subparsers: Any) -> None:
     c.add_argument("--budget", type=parse_count, default=256, help="draft KV budget in tokens (default 256)")
     c.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks (default 4)")
     c.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="full",
-                   help="the self-draft's weights: the target's as they are, or quantized to int8")
+                   help="the self-draft's weights: the target's as they are, or quantized to int8 or int4")
     c.add_argument("--max-num-seqs", type=int, default=8, help="engine: requests running at once (default 8); "
                                                                "static with --rate: the batch size")
     c.add_argument("--max-num-batched-tokens", type=int, default=1024, help="engine: tokens per step (default 1024)")

@@ -16,6 +16,7 @@ from typing import Any
 from magicdec.cli.args import parse_count
 from magicdec.costmodel import CostModel, DraftSpec, critical_context, load_profile, resolve_model
 from magicdec.costmodel.hardware import BUILTIN_PROFILES, DTYPE_BYTES
+from magicdec.costmodel.steps import WEIGHT_BITS
 from magicdec.parallel.tp import check_shardable
 
 K = 1024  # the `k` suffix of --context
@@ -50,6 +51,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--draft-tp", type=int, help="draft model's tensor-parallel degree (default: --tp)")
     p.add_argument("--budget", type=parse_budget, default=512,
                    help="draft KV budget in tokens, or 'full' (default 512)")
+    p.add_argument("--draft-weights", choices=tuple(WEIGHT_BITS), default="full",
+                   help="--spec self: the draft reads the target's weights as they are (full) or quantized "
+                        "(int8: 1 byte a weight; int4: 0.625 bytes) (default full)")
     p.add_argument("--gamma", type=int, help="fix gamma instead of choosing the best one")
     p.add_argument("--max-gamma", type=int, default=8, help="largest gamma searched (default 8)")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
@@ -69,13 +73,15 @@ def build_model(args: argparse.Namespace) -> CostModel:
     if args.tp > 1:
         check_shardable(target, args.tp)
     if args.spec == "draft":
+        if args.draft_weights != "full":
+            raise ValueError("--draft-weights quantizes the target's own weights: use it with --spec self")
         if not args.draft_model:
             raise ValueError("--spec draft needs --draft-model NAME_OR_PATH")
         draft = DraftSpec("draft", args.budget, resolve_model(args.draft_model), args.draft_tp)
     else:
         if args.draft_model:
             raise ValueError("--draft-model is only used with --spec draft")
-        draft = DraftSpec("self", args.budget)
+        draft = DraftSpec("self", args.budget, weight_bits=WEIGHT_BITS[args.draft_weights])
     return CostModel(target, hardware, draft, DTYPE_BYTES[args.dtype], args.tp)
 
 
@@ -102,6 +108,8 @@ def format_table(model: CostModel, rows: list[dict[str, Any]], alpha: float) -> 
     hw, d = model.hardware, model.draft
     drafter = "self" if d.kind == "self" else (d.model.name if d.model else "model")
     budget = "full cache" if d.budget is None else f"budget {d.budget}"
+    if d.kind == "self":
+        budget += ", " + ("full-precision" if d.weight_bits is None else f"int{d.weight_bits}") + " weights"
     crit = critical_context(model.target, hw, model.dtype_bytes, model.tp)
     lines = [
         f"target {model.target.name}  drafter {drafter} ({budget})  hardware {hw.name} [{hw.source}]  "

@@ -159,8 +159,8 @@ def draft_spec(spec: SpecConfig, draft: ModelConfig | None = None) -> DraftSpec:
 
 
 WEIGHT_BITS = {"full": None, "int8": 8, "int4": 4}
-# bytes per quantized weight: int8 with a float32 scale per output row (negligible); int4 with a scale per
-# group of 32 weights (0.5 + 4/32 bytes)
+# bytes per quantized weight: int8 with a float32 scale per output row (negligible); int4 with a bfloat16
+# scale and a bfloat16 zero per group of 32 weights (0.5 + 4/32 bytes: what magicdec.model.quant stores)
 QUANT_WEIGHT_BYTES = {8: 1.0, 4: 0.5 + 4 / 32}
 
 

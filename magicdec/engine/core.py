@@ -41,6 +41,7 @@ from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.loading.tokenizer import Tokenizer
 from magicdec.model.llama import Transformer
 from magicdec.runtime.sampling import SamplingParams, next_tokens, probabilities, sample
+from magicdec.spec.snapkv import select_paged
 from magicdec.spec.verify import accepted_prefix, verify_sampling
 
 
@@ -58,6 +59,9 @@ class PagedDraft:
     window: int = 0
     vocab_size: int | None = None
     select: int = 0  # guided: blocks kept whole (the first block + the best-scored ones); 0: StreamingLLM
+    kept: int = 0  # SnapKV: positions selected per layer and KV head when the prompt is in (0: none)
+    observe: int = 32  # … voted for by the prompt's last `observe` queries
+    pool_kernel: int = 7  # … smoothed over this many neighbours
 
     def known(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids the draft can embed (beyond a shorter draft vocabulary: its last id; verification stays exact)."""
@@ -235,6 +239,10 @@ class EngineCore:
         r.computed = end
         if end <= len(r.prompt):
             self.stats.prompt_tokens += end - start
+        if end == len(r.prompt) and self.draft is not None and self.draft.kept:  # SnapKV: select over the prompt
+            d = self.draft
+            r.kept_slots = select_paged(self.model, self.cache, r.prompt, r.blocks, r.kept, d.kept, d.window,
+                                        d.observe, d.pool_kernel)
         self.scheduler.register(r)
         if r.to_compute:
             return
@@ -370,22 +378,31 @@ class EngineCore:
         if not self.draft.window:
             return PagedView(pool, table)
         P, sinks, window, select = self.cache.block_size, self.draft.sinks, self.draft.window, self.draft.select
+        snap = -(-self.draft.kept // P)  # SnapKV: its kept blocks
         reads, tags = [], []
         for r, gi in zip(rows, gammas):
             first = max(r.computed - window + 1, 0) // P
             last = (r.computed + max(gi, 1) - 1) // P
+            window_cols = list(range(first, last + 1))
             if select:  # guided: `select` kept columns (padded with nothing), then the window's blocks
                 kept = guided_blocks(self.block_scores.get(r.request_id, ()), first, select)
-                cols = kept + [-1] * (select - len(kept)) + list(range(first, last + 1))
+                cols = kept + [-1] * (select - len(kept)) + window_cols
+            elif snap:  # SnapKV: its private blocks of selected keys, then the window's blocks
+                cols = [-1] * snap + window_cols
             else:
-                cols = ([0] if sinks and first > 0 else []) + list(range(first, last + 1))
-            reads.append([r.blocks[c] if c >= 0 else self.cache.trash for c in cols])
+                cols = ([0] if sinks and first > 0 else []) + window_cols
+            if snap:
+                reads.append(r.kept + [r.blocks[c] for c in window_cols])
+            else:
+                reads.append([r.blocks[c] if c >= 0 else self.cache.trash for c in cols])
             tags.append(cols)
         width = max(len(c) for c in tags)
         read = self.cache.table(reads, width)
         base = torch.tensor([c + [-1] * (width - len(c)) for c in tags], device=table.device)
         offs = torch.arange(P, device=table.device)
         read_pos = torch.where(base[:, :, None] >= 0, base[:, :, None] * P + offs, -1).reshape(len(rows), -1)
-        # guided: the kept blocks' slots are visible whole (up to the query), the rest by the window rule
-        n_kept = select * P if select else sinks
+        for i, r in enumerate(rows):  # SnapKV's selected slots: visible to every query (they precede the window)
+            read_pos[i, : r.kept_slots if snap else 0] = 0
+        # guided and SnapKV: the kept blocks' slots are visible whole (up to the query), the rest by the window rule
+        n_kept = select * P if select else snap * P if snap else sinks
         return PagedView(pool, table, read=read, read_pos=read_pos, window=window, sinks=n_kept)

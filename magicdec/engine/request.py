@@ -100,6 +100,8 @@ class Request:
         self.finish_reason: str | None = None
         self.status = Status.WAITING
         self.blocks: list[int] = []
+        self.kept: list[int] = []  # private blocks of its draft's selection (SnapKV), beside `blocks`
+        self.kept_slots = 0  # … of which slots hold a selected position (per layer and KV head)
         self.computed = 0  # tokens with KV in the cache
         self.registered = 0  # leading tokens whose blocks were offered to the prefix cache
         self.draft_seen = 0  # a draft with KV of its own has it for positions < draft_seen

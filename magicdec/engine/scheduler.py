@@ -12,8 +12,9 @@ budget left, so prefill always progresses.
 
 Admission is first come, first served (a waiting request is never overtaken), up to `max_num_seqs`
 running requests, and only when the pool can hold the request's prompt (the part not found in the
-prefix cache) plus a round's lookahead. When a decoding request needs a block for its next round and
-none is free, the newest running request is preempted: its blocks go back to the pool (its prompt's
+prefix cache) plus a round's lookahead (and, for a SnapKV draft, the blocks its selection is copied
+to). When a decoding request needs a block for its next round and none is free, the newest running
+request is preempted: its blocks go back to the pool (its prompt's
 full blocks stay in the prefix cache) and it waits at the head of the queue to be recomputed.
 """
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from magicdec.cache.blocks import BlockPool, chain_hashes
 from magicdec.engine.request import Request, Status
 from magicdec.kernels.cpu import MAX_DECODE_TOKENS
+from magicdec.spec.config import SpecConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,7 @@ class SchedulerConfig:
     prefill_chunk: int = 512
     max_gamma: int = 0  # the most drafts a round may make (0: no speculation)
     enable_prefix_caching: bool = True
+    kept_blocks: int = 0  # blocks each request holds privately for its draft's selection (SnapKV)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -45,6 +48,16 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) cannot hold a round of "
                              f"{self.max_num_seqs} requests × (γ {self.max_gamma} + 1) tokens; raise it or lower "
                              "max_num_seqs")
+
+
+def scheduling_for(base: SchedulerConfig, spec: SpecConfig | None, block_size: int) -> SchedulerConfig:
+    """`base` for `spec`'s speculation: its γ bound, and SnapKV's private blocks per request."""
+    if spec is not None and spec.drafter == "guided" and spec.budget - spec.recent_window < block_size:
+        raise ValueError(f"a guided draft keeps whole blocks of {block_size} tokens beside its window of "
+                         f"{spec.recent_window}: --budget must be ≥ {spec.recent_window + block_size}, "
+                         f"got {spec.budget}")
+    snapkv = spec.n_kept if spec is not None and spec.drafter == "snapkv" else 0
+    return replace(base, max_gamma=spec.gamma_bound if spec is not None else 0, kept_blocks=-(-snapkv // block_size))
 
 
 @dataclass(slots=True)
@@ -88,15 +101,16 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.pool.release(request.blocks)
-        request.blocks = []
+        self.pool.release(request.blocks + request.kept)
+        request.blocks, request.kept = [], []
 
     @property
     def lookahead(self) -> int:
         return self.config.max_gamma + 1
 
     def blocks_needed(self, tokens: int) -> int:
-        return self.pool.blocks_for(tokens + self.lookahead)
+        """Blocks a request of `tokens` tokens holds at most: its tokens, a round's lookahead, its kept blocks."""
+        return self.pool.blocks_for(tokens + self.lookahead) + self.config.kept_blocks
 
     # ---- one step ----------------------------------------------------------------------------------
     def schedule(self, choose: ChooseGamma) -> Plan:
@@ -169,7 +183,8 @@ class Scheduler:
             self.pool.release(cached)
             return False
         self.waiting.popleft()
-        r.blocks = cached + self.pool.allocate(need)
+        new = self.pool.allocate(need)
+        r.kept, r.blocks = new[: self.config.kept_blocks], cached + new[self.config.kept_blocks :]
         r.computed = r.registered = len(cached) * self.pool.block_size
         r.metrics.cached_tokens = r.computed
         r.status = Status.PREFILLING
@@ -194,8 +209,8 @@ class Scheduler:
 
     def _preempt(self, victim: Request, plan: Plan) -> None:
         self.running.remove(victim)
-        self.pool.release(victim.blocks)
-        victim.blocks, victim.computed, victim.registered, victim.draft_seen = [], 0, 0, 0
+        self.pool.release(victim.blocks + victim.kept)
+        victim.blocks, victim.kept, victim.computed, victim.registered, victim.draft_seen = [], [], 0, 0, 0
         victim.status = Status.WAITING
         victim.metrics.preemptions += 1
         self.waiting.appendleft(victim)

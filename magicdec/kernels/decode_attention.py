@@ -19,6 +19,11 @@ only its own length. Queries are read through their strides and the output is wr
 synchronisation: the launch can be captured in a CUDA graph. Any head dim works: the kernels work on a
 power-of-two block of dims (``tl.arange`` needs one, ``tl.dot`` at least 16) and mask the dims beyond D,
 which load as 0 (adding nothing to a score) and are never stored (80, 96, 112 ... cost the next power of two).
+
+The partial kernel also serves `magicdec.kernels.paged_attention` (``PAGED``: each block of keys is read from
+the page a block table names instead of the row's dense buffer; ``SCORES``: it also writes each query row's
+largest logit per block of keys, for the guided draft's block scores); `split_kv_attention` launches it and
+the merge for both.
 """
 
 from __future__ import annotations
@@ -64,18 +69,24 @@ if triton is not None:
 
     @triton.jit
     def _partial_kernel(
-        Q, K, V, QPOS, KPOS, O, LSE, OUT,
+        Q, K, V, TABLE, QPOS, KPOS, O, LSE, OUT, BMAX,
         sqb, sqh, sqt,
         skb, skh, sks,
         svb, svh, svs,
+        stb, spb, skpb,
         sob, soh, sos, sor,
         slb, slh, sls,
         s_outb, s_outt, s_outh,
-        spb, skpb,
-        S, T, R, G, window, n_kept, scale, SPLIT,
+        smb, smh, smr,
+        S, T, R, G, P, window, n_kept, scale, SPLIT,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_KPOS: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
+        PAGED: tl.constexpr, SCORES: tl.constexpr,
     ):
+        """Dense (PAGED false): K, V [B, Hkv, S, D], skb / svb their batch strides; TABLE and P unused.
+        Paged: K, V pools [N, Hkv, P, D], skb / svb their page strides, logical slot s of row b is slot s % P
+        of page TABLE[b, s // P] (P % BLOCK_N == 0). SCORES: store each row's largest scaled logit per block
+        of BLOCK_N keys in BMAX[b, h, row, block] and each split's LSE even with a single split."""
         b = tl.program_id(0).to(tl.int64)  # 64-bit: batch × stride overflows 32 bits for big caches
         h = tl.program_id(1).to(tl.int64)
         sp = tl.program_id(2)
@@ -99,9 +110,15 @@ if triton is not None:
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
+            if PAGED:  # the block [n0, n0 + BLOCK_N) lies inside one page (P % BLOCK_N == 0, n0 % BLOCK_N == 0)
+                kv = tl.load(TABLE + b * stb + n0 // P).to(tl.int64)
+                slots = n0 % P + tl.arange(0, BLOCK_N)
+            else:
+                kv = b
+                slots = cols
             cmask = cols < hi
             kvmask = cmask[:, None] & dmask[None, :]
-            k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + dims[None, :], mask=kvmask, other=0.0)
+            k = tl.load(K + kv * skb + h * skh + slots[:, None] * sks + dims[None, :], mask=kvmask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             if HAS_KPOS:
                 kp = tl.load(KPOS + b * skpb + cols, mask=cmask, other=-1)
@@ -112,24 +129,28 @@ if triton is not None:
                 vis = vis & ((cols[None, :] < n_kept) | (kp[None, :] > qpc[:, None] - window))
             vis = tl.where(valid[:, None], vis, cols[None, :] == 0)
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_blk = tl.max(s, axis=1)
+            if SCORES:  # the block's largest logit per row, turned into a probability once the LSE is known
+                tl.store(BMAX + b * smb + h * smh + rows * smr + n0 // BLOCK_N, m_blk, mask=rmask)
+            m_new = tl.maximum(m_i, m_blk)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + dims[None, :], mask=kvmask, other=0.0)
+            v = tl.load(V + kv * svb + h * svh + slots[:, None] * svs + dims[None, :], mask=kvmask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
+        if SCORES or not DIRECT:  # the merge needs each split's LSE, the block scores the row's
+            lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+            tl.store(LSE + b * slb + h * slh + sp * sls + rows, lse, mask=rmask)
         if DIRECT:  # a single split: write the final output
             dst = OUT + b * s_outb + t[:, None] * s_outt + head[:, None] * s_outh + dims[None, :]
             tl.store(dst, out.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
         else:
-            lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
             tl.store(O + b * sob + h * soh + sp * sos + rows[:, None] * sor + dims[None, :], out,
                      mask=rmask[:, None] & dmask[None, :])
-            tl.store(LSE + b * slb + h * slh + sp * sls + rows, lse, mask=rmask)
 
     @triton.jit
     def _merge_kernel(
@@ -158,6 +179,67 @@ if triton is not None:
         tl.store(OUT + b * s_outb + t * s_outt + head * s_outh + dims, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
+def split_kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor | None,
+    window: int,
+    n_kept: int,
+    rows_hint: int | None,
+    S: int,
+    table: torch.Tensor | None = None,
+    scores: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Launches the partial kernel over S logical slots and, with several splits, the merge; no checks.
+    k, v: dense caches [B, Hkv, S, D] (table None) or pools [N, Hkv, P, D] read through table [B, S / P].
+    Returns the output [B, T, Hq, D]; the splits' LSEs [B, Hkv, splits, R] (scores or several splits);
+    the block maxima [B, Hkv, R, S / BLOCK_N] (scores); the number of splits."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    R = G * T
+    block_d = max(MIN_DIMS, triton.next_power_of_2(D))
+    split = split_size(S, rows_hint or B, Hkv, q.device)
+    splits = math.ceil(S / split)
+    block_r = max(MIN_ROWS, triton.next_power_of_2(R))
+    dev, f32 = q.device, torch.float32
+    final = torch.empty((B, T, Hq, D), dtype=q.dtype, device=dev)
+    direct = splits == 1
+    part = torch.empty((1, 1, 1, 1, 1) if direct else (B, Hkv, splits, R, D), dtype=f32, device=dev)
+    lse = torch.empty((B, Hkv, splits, R) if scores or not direct else (1, 1, 1, 1), dtype=f32, device=dev)
+    bmax = torch.full((B, Hkv, R, S // BLOCK_N), float("-inf"), dtype=f32, device=dev) if scores else lse
+    kpos = key_pos if key_pos is not None else query_pos
+    paged = table is not None
+    tab = table if paged else query_pos  # not read by the dense kernel
+    _partial_kernel[(B, Hkv, splits)](
+        q, k, v, tab, query_pos, kpos, part, lse, final, bmax,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        tab.stride(0), query_pos.stride(0), kpos.stride(0),
+        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        final.stride(0), final.stride(1), final.stride(2),
+        bmax.stride(0), bmax.stride(1), bmax.stride(2),
+        S, T, R, G, k.shape[2] if paged else BLOCK_N, window, n_kept, 1.0 / math.sqrt(D), split,
+        D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=BLOCK_N, HAS_KPOS=key_pos is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
+        DIRECT=direct, PAGED=paged, SCORES=scores,
+    )
+    if not direct:
+        _merge_kernel[(B, Hkv, R)](
+            part, lse, final,
+            part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            final.stride(0), final.stride(1), final.stride(2),
+            splits, T, G,
+            D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+        )
+    return final, lse, bmax, splits
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -174,42 +256,7 @@ def decode_attention(
     Returns the attention output as a [B, Hq, T, D] view of a contiguous [B, T, Hq, D] tensor."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    R = G * T
-    block_d = max(MIN_DIMS, triton.next_power_of_2(D))
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("queries, keys and values need a contiguous last dimension")
-    split = split_size(S, rows_hint or B, Hkv, q.device)
-    splits = math.ceil(S / split)
-    block_r = max(MIN_ROWS, triton.next_power_of_2(R))
-    final = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
-    direct = splits == 1
-    part = torch.empty((1, 1, 1, 1, 1) if direct else (B, Hkv, splits, R, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((1, 1, 1, 1) if direct else (B, Hkv, splits, R), dtype=torch.float32, device=q.device)
-    kpos = key_pos if key_pos is not None else query_pos
-    _partial_kernel[(B, Hkv, splits)](
-        q, k, v, query_pos, kpos, part, lse, final,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        final.stride(0), final.stride(1), final.stride(2),
-        query_pos.stride(0), kpos.stride(0),
-        S, T, R, G, window, n_kept, 1.0 / math.sqrt(D), split,
-        D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=BLOCK_N, HAS_KPOS=key_pos is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
-        DIRECT=direct,
-    )
-    if not direct:
-        _merge_kernel[(B, Hkv, R)](
-            part, lse, final,
-            part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            final.stride(0), final.stride(1), final.stride(2),
-            splits, T, G,
-            D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
-        )
+    final = split_kv_attention(q, k, v, query_pos, key_pos, window, n_kept, rows_hint, k.shape[2])[0]
     return final.transpose(1, 2)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 METHODS = ("none", "self", "draft")
 DRAFTERS = ("streaming", "snapkv", "full", "guided")
-DRAFT_WEIGHTS = ("full", "int8")  # int4: not yet (no CPU kernel; CUDA would take torchao)
+DRAFT_WEIGHTS = ("full", "int8", "int4")  # int4: PyTorch's int4 weight-only matmul (CPU, CUDA sm80+), groups of 32
 KV_SOURCES = ("target", "own")
 
 
@@ -82,7 +82,7 @@ class SpecConfig:
     sinks: int = 16
     draft_model: str | None = None
     tuning: DraftTuning = field(default_factory=DraftTuning)
-    draft_weights: str = "full"  # self-speculation: the target's weights as they are, or quantized to int8
+    draft_weights: str = "full"  # self-speculation: the target's weights as they are, or quantized (int8, int4)
 
     def __post_init__(self) -> None:
         if self.gamma == "auto":
@@ -159,3 +159,13 @@ class SpecConfig:
         weights = "" if self.draft_weights == "full" else f"-{self.draft_weights}"
         return f"{self.method}-{self.drafter}{budget}{weights}-g{self.gamma}"
 
+
+
+def paged_problem(spec: SpecConfig) -> str | None:
+    """Why the serving engine (continuous batching over the paged cache) cannot run `spec`, or None."""
+    if spec.enabled and spec.method == "self" and spec.tuning.kv_source != "target":
+        return (f"the serving engine drafts with the target over its own pages (StreamingLLM, SnapKV or guided "
+                f"views; full or quantized weights) or with a draft model (streaming or full); {spec.label} (a "
+                "self-draft with KV of its own) runs on the static batch path (LLM.prefill + LLM.decode) only: use "
+                "kv_source='target'")
+    return None
