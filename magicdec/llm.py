@@ -176,15 +176,28 @@ class LLM:
             return self.decode(batch, spec, gamma_policy=gamma_policy, progress=progress)
         ids = self.encode(prompts)
         self.check_context(ids, params)
-        rows = len(ids)
+        return self.run_core(self.core_for(ids, params, spec), ids, params, spec, progress=progress)
+
+    def core_for(self, ids: list[list[int]], params: SamplingParams, spec: SpecConfig, runs: int = 1) -> EngineCore:
+        """An engine core for these prompts at once, its pool sized for `runs` runs of all of them (a second run
+        finds the first's prompts in the prefix cache)."""
         bound = spec.gamma_bound if spec.enabled else 0
-        core, _ = self.engine_core(spec, max_num_seqs=rows, max_num_batched_tokens=rows * (bound + 1) +
-                                   self.prefill_chunk, max_model_len=max(map(len, ids)) + params.max_new_tokens,
-                                   exact_pool=[len(p) + params.max_new_tokens for p in ids])
+        lengths = [len(p) + params.max_new_tokens for p in ids]
+        return self.engine_core(spec, max_num_seqs=len(ids), max_num_batched_tokens=len(ids) * (bound + 1) +
+                                self.prefill_chunk, max_model_len=max(lengths), exact_pool=lengths * runs)[0]
+
+    def run_core(self, core: EngineCore, ids: list[list[int]], params: SamplingParams, spec: SpecConfig,
+                 progress: bool = False) -> GenerationResult:
+        """Queue every prompt in `core` (whose speculation is `spec`'s), step until all have finished; outputs in
+        the prompts' order. A seeded `params` gives prompt i the seed `seed + i`. Prefill time is the steps'
+        prefill chunks, decode time the rest; `steady_tokens_per_s` counts the steps where every request decoded
+        and none prefilled."""
+        rows = len(ids)
         order = [core.add_request(p, replace(params, seed=None if params.seed is None else params.seed + i))
                  for i, p in enumerate(ids)]
         stats = RunStats(batch=rows, prompt_tokens=sum(map(len, ids)), method=spec.method)
         final: dict[str, StepOutput] = {}
+        steady_s, steady_tokens = 0.0, 0
         with tqdm(total=rows * params.max_new_tokens, desc=spec.label, unit="tok", delay=2, disable=not progress,
                   leave=False) as bar:
             while core.has_unfinished_requests():
@@ -201,13 +214,17 @@ class LLM:
                     stats.verify_s += report.verify_s
                 if spec.enabled and report.request_ids:
                     stats.gamma_history.append(max(report.gammas))
+                if len(report.request_ids) == rows and not report.prefill_tokens:
+                    steady_s += report.seconds
+                    steady_tokens += report.new_tokens
         outputs = []
         for i, rid in enumerate(order):
             o = final[rid]
             outputs.append(RequestOutput(i, o.prompt_token_ids, o.token_ids, o.text, o.finish_reason, o.spec))
             stats.acceptance.merge(o.spec)
         stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
-        stats.extra["engine"] = "continuous"
+        stats.extra.update(engine="continuous", steady_tokens_per_s=steady_tokens / steady_s if steady_s else 0.0,
+                           prefix_cached_tokens=sum(final[r].metrics.cached_tokens for r in order))
         core.pool.check_empty()
         return GenerationResult(outputs, stats)
 

@@ -1,5 +1,6 @@
-"""Speculative against plain decoding of the same prefilled batch (`magicdec generate --compare`), and
-the steady-state clock both it and the benchmark grid read from the engine's round reports."""
+"""Speculative against plain decoding of the same prompts (`magicdec generate --compare`, through the serving
+engine's core as `LLM.generate` runs it), and the steady-state clock that the benchmark grid reads from the
+static batch's round reports."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from magicdec.engine.outputs import GenerationResult
 from magicdec.engine.step import RoundReport
 from magicdec.llm import LLM, Prompt
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.spec.config import SpecConfig
+from magicdec.spec.config import SpecConfig, paged_problem
 from magicdec.spec.verify import Verifier
 
 
@@ -48,7 +49,7 @@ def decode_timed(llm: LLM, batch: Batch, spec: SpecConfig | None = None, verifie
 
 @dataclass(slots=True)
 class Comparison:
-    """A speculative run and plain decoding of the same prefilled batch (prefill excluded from both)."""
+    """A speculative run and plain decoding of the same prompts (prefill excluded from both)."""
 
     result: GenerationResult
     baseline: GenerationResult
@@ -79,12 +80,24 @@ class Comparison:
 
 def compare(llm: LLM, prompts: Sequence[Prompt], params: SamplingParams, spec: SpecConfig,
             progress: bool = False) -> Comparison:
-    """Prefill once; decode speculatively on a copy of the batch, then plainly on the batch itself."""
+    """Plain decoding, then speculative decoding of the same prompts in one engine (`LLM.generate`'s code
+    path): the second run finds the prompts in the prefix cache (it recomputes only each prompt's last
+    chunk); decode times exclude prefill in both."""
     if not spec.enabled:
         raise ValueError("a comparison needs speculation: method 'self' or 'draft' (--spec self|draft)")
-    batch = llm.prefill(prompts, params, max_gamma=spec.gamma_bound, progress=progress)
-    held = {"target KV cache": batch.cache.nbytes}
-    copy = batch.fork(plan=llm.memory_plan(held), budget=llm.memory_budget)
-    result = decode_timed(llm, copy, spec, progress=progress, resident={"original of the KV cache": batch.cache.nbytes})
-    baseline = decode_timed(llm, batch, progress=progress)
+    if paged_problem(spec) is not None:  # what only the static batch runs: prefill once, decode a copy and it
+        batch = llm.prefill(prompts, params, max_gamma=spec.gamma_bound, progress=progress)
+        held = {"target KV cache": batch.cache.nbytes}
+        copy = batch.fork(plan=llm.memory_plan(held), budget=llm.memory_budget)
+        result = decode_timed(llm, copy, spec, progress=progress, resident={"original of the KV cache": held[
+            "target KV cache"]})
+        return Comparison(result, decode_timed(llm, batch, progress=progress), params.greedy)
+    ids = llm.encode(prompts)
+    llm.check_context(ids, params)
+    core = llm.core_for(ids, params, spec, runs=2)
+    plain = SpecConfig()
+    llm.speculate(core, None)
+    baseline = llm.run_core(core, ids, params, plain, progress=progress)
+    llm.speculate(core, spec)
+    result = llm.run_core(core, ids, params, spec, progress=progress)
     return Comparison(result, baseline, params.greedy)
