@@ -48,6 +48,7 @@ from magicdec.cli.args import parse_gamma
 from magicdec.data import load_corpus, make_prompts
 from magicdec.engine.outputs import Acceptance
 from magicdec.serving import DEFAULT_BLOCK_SIZE as BLOCK
+from magicdec.spec.config import DraftTuning
 
 SEED = 31337  # held out: no other benchmark, test or document uses it
 
@@ -72,9 +73,11 @@ def configs(args: argparse.Namespace, ctx: int) -> list[tuple[str, SpecConfig | 
             for weights in args.weights:
                 for gamma in args.gammas:
                     try:
-                        spec = SpecConfig(method="self", drafter=drafter, budget=tokens_for(b, ctx), sinks=args.sinks,
-                                          gamma=gamma, draft_weights=weights)
-                        if drafter == "guided" and spec.budget < spec.recent_window + BLOCK:
+                        kind, _, pooling = drafter.partition("-")  # guided-sum: block scores summed over layers
+                        spec = SpecConfig(method="self", drafter=kind, budget=tokens_for(b, ctx), sinks=args.sinks,
+                                          gamma=gamma, draft_weights=weights,
+                                          tuning=DraftTuning(guided_scores=pooling or "max"))
+                        if kind == "guided" and spec.budget < spec.recent_window + BLOCK:
                             raise ValueError(f"guided needs a budget ≥ {spec.recent_window + BLOCK}")
                     except ValueError as e:
                         print(f"skipped at context {ctx}: {drafter} {weights} budget {b} γ {gamma}: {e}")
@@ -104,8 +107,14 @@ def timed_run(engine: Engine, group: list[list[int]], params: SamplingParams) ->
                 cached=sum(final[i].metrics.cached_tokens for i in ids))
 
 
+def drafter_name(spec: SpecConfig | None) -> str:
+    if spec is None:
+        return "plain"
+    return spec.drafter + ("-sum" if spec.tuning.guided_scores == "sum" else "")
+
+
 def spec_key(spec: SpecConfig | None) -> str:
-    return "plain" if spec is None else spec.label
+    return "plain" if spec is None else spec.label.replace(spec.drafter, drafter_name(spec), 1)
 
 
 def measure(engine: Engine, prompts: list[list[int]], batch: int, ctx: int, args: argparse.Namespace,
@@ -148,7 +157,7 @@ def measure(engine: Engine, prompts: list[list[int]], batch: int, ctx: int, args
         a = acc[key]
         row: dict[str, Any] = dict(
             context=ctx, batch=batch, prompts=len(prompts), groups=len(groups), config=key,
-            drafter=spec.drafter if spec else "plain", weights=spec.draft_weights if spec else None,
+            drafter=drafter_name(spec), weights=spec.draft_weights if spec else None,
             budget=spec.budget if spec else None, budget_asked=asked or None,
             gamma=None if spec is None else str(spec.gamma), decode_s=decode[key], wall_s=wall[key],
             decode_tokens=len(prompts) * (args.new - 1), speedup=statistics.median(ratios), speedup_min=min(ratios),
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--budgets", type=parse_budget, nargs="+", default=[256, 512, 1024],
                     help="token counts, or fractions of the context (0.0625: ctx/16, rounded to 64 tokens)")
-    ap.add_argument("--drafters", nargs="+", choices=["streaming", "snapkv", "guided"],
+    ap.add_argument("--drafters", nargs="+", choices=["streaming", "snapkv", "guided", "guided-sum"],
                     default=["streaming", "snapkv", "guided"])
     ap.add_argument("--weights", nargs="+", choices=["full", "int8", "int4"], default=["full", "int8", "int4"])
     ap.add_argument("--gammas", type=parse_gamma, nargs="+", default=[3, parse_gamma("auto")])

@@ -382,7 +382,8 @@ class LLM:
                 select = (spec.budget - spec.recent_window) // P if spec.drafter == "guided" else 0
                 kept = spec.n_kept if spec.drafter == "snapkv" else 0
                 draft = PagedDraft(drafter, None, sinks, window, select=select, kept=kept,
-                                   observe=spec.tuning.observe, pool_kernel=spec.tuning.pool_kernel)
+                                   observe=spec.tuning.observe, pool_kernel=spec.tuning.pool_kernel,
+                                   score_layers=spec.tuning.guided_scores)
             else:
                 target_vocab = self.config.vocab_size
                 vocab = target_vocab if drafter.config.vocab_size < target_vocab else None

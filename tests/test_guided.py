@@ -11,6 +11,7 @@ from conftest import random_prompts
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
 from magicdec.engine.core import guided_blocks
 from magicdec.kernels import cpu
+from magicdec.spec.config import DraftTuning
 
 
 def paged_problem(B: int, Hq: int, Hkv: int, T: int, nb: int, P: int, D: int, seed: int,
@@ -106,7 +107,8 @@ def test_guided_config_checks(tiny_llm: LLM) -> None:
         Engine(llm=tiny_llm, spec=SpecConfig(method="self", drafter="guided", budget=100), quiet=True)
 
 
-def test_guided_trace_equals_each_request_alone(tiny_llm: LLM) -> None:
+@pytest.mark.parametrize("layers", ["max", "sum"])
+def test_guided_trace_equals_each_request_alone(tiny_llm: LLM, layers: str) -> None:
     """Greedy tokens of a staggered trace (prompts 100–700, a pool small enough to preempt, per-request γ
     overrides) with the guided self-draft equal each request decoded alone with plain decoding."""
     lens = [300, 700, 129, 513, 260, 650, 100, 384]
@@ -117,7 +119,8 @@ def test_guided_trace_equals_each_request_alone(tiny_llm: LLM) -> None:
     plain = Engine(llm=tiny_llm, **opts)  # type: ignore[arg-type]
     ref = [plain.run([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
            for p, n in zip(prompts, new)]
-    spec = SpecConfig(method="self", drafter="guided", budget=192, sinks=4, gamma=3)
+    spec = SpecConfig(method="self", drafter="guided", budget=192, sinks=4, gamma=3,
+                      tuning=DraftTuning(guided_scores=layers))
     e = Engine(llm=tiny_llm, spec=spec, num_blocks=14, max_num_seqs=6, **opts)  # type: ignore[arg-type]
     ids: dict[str, int] = {}
     done: dict[int, list[int]] = {}
@@ -139,6 +142,31 @@ def test_guided_trace_equals_each_request_alone(tiny_llm: LLM) -> None:
     assert e.core.scheduler.preemptions > 0
     assert not e.core.block_scores  # dropped with the finished requests
     e.check_no_leaks()
+
+
+def test_block_scores_pooled_over_layers(tiny_llm: LLM) -> None:
+    """A verification-shaped forward over pages: `score_layers="sum"` adds each layer's block scores (the max
+    over its heads and tokens), "max" keeps the largest over layers; the forward's outputs are the same."""
+    from magicdec.cache.paged import PagedKVCache, PagedView
+
+    model = tiny_llm.model
+    cache = PagedKVCache.for_model(model, 12, 64)
+    table = cache.table([[3, 7, 1, 9, 0]])
+    prompt = torch.tensor([random_prompts(1, [300], tiny_llm.config.vocab_size, seed=5)[0]])
+    model(prompt, torch.arange(300)[None], PagedView(cache, table))
+    ids, pos = prompt[:, -4:], torch.arange(300, 304)[None]
+    out = {}
+    for mode in ("max", "sum"):
+        buf = torch.zeros(table.shape)
+        out[mode] = model(ids, pos, PagedView(cache, table, scores=buf, score_layers=mode)), buf
+    assert torch.equal(out["max"][0], out["sum"][0])
+    top, total = out["max"][1], out["sum"][1]
+    assert (top > 0).any() and (total > top).any() and (total >= top).all()
+    assert (total <= model.config.n_layers * top + 1e-6).all()  # each layer's max is at most the overall max
+    with pytest.raises(ValueError, match="score_layers"):
+        PagedView(cache, table, scores=torch.zeros(table.shape), score_layers="mean")
+    with pytest.raises(ValueError, match="guided_scores"):
+        DraftTuning(guided_scores="mean")
 
 
 def test_paged_step_scores_with_and_without_kernel(kernels: None) -> None:

@@ -130,8 +130,16 @@ def test_the_chi_square_check_detects_a_wrong_distribution(models: tuple[LLM, Pa
     assert min(plain.values()) > 1e-3, plain
 
 
-@pytest.mark.parametrize("name", ["self-streaming", "self-snapkv", "self-int8", "self-int4", "draft-model",
-                                  "draft-short-vocab"])
+# drafters only the serving engine runs (the static batch refuses them)
+ENGINE_SETTINGS = {
+    # the guided view over int8 weights (block 0 kept whole, a window of 2): rejections happen
+    "self-guided-int8": (dict(method="self", drafter="guided", budget=128, draft_weights="int8",
+                              tuning=DraftTuning(snapkv_window=2)), dict(temperature=1.0), (0.05, 0.99)),
+}
+
+
+@pytest.mark.parametrize("name", ["self-streaming", "self-snapkv", "self-int8", "self-int4", "self-guided-int8",
+                                  "draft-model", "draft-short-vocab"])
 def test_serving_engine_sampling_matches_the_target_distribution(models: tuple[LLM, Path],
                                                                  drafts: dict[str, Path], name: str) -> None:
     """The serving engine's speculative sampling (per-request generators, ragged rounds, sampled rows
@@ -139,7 +147,7 @@ def test_serving_engine_sampling_matches_the_target_distribution(models: tuple[L
     from magicdec import Engine
 
     llm, _ = models
-    spec_kw, sample_kw, _ = SETTINGS[name]
+    spec_kw, sample_kw, _ = {**SETTINGS, **ENGINE_SETTINGS}[name]
     if "draft_model" in spec_kw:
         spec_kw = {**spec_kw, "draft_model": str(drafts[spec_kw["draft_model"]])}
     spec = SpecConfig(**{"gamma": 2, **spec_kw})

@@ -19,7 +19,8 @@ table, at positions past the committed context, where the verification forward o
 A view may carry a `scores` buffer [B, nb] (float32, zeroed by the caller): every layer's attention then
 max-accumulates into it, per row and column of the read table, the largest attention probability that any
 query head and token of the row gives to a slot of that block (`cpu_kernels.paged_attention`'s block scores;
-without the kernels computed in float64 from the gathered keys). The guided self-draft ranks blocks by it.
+without the kernels computed in float64 from the gathered keys); with `score_layers="sum"` each layer's
+largest is added instead. The guided self-draft ranks blocks by it.
 """
 
 from __future__ import annotations
@@ -72,14 +73,18 @@ class PagedView:
     """One forward's rows: `table` [B, nb] for writes (and reads); for a sparse draft, `read` [B, nr] (the
     blocks it reads, in order), the positions held by its slots `read_pos` [B, nr · block_size] (-1: none),
     the `window` of recent positions a query sees and the `sinks` first slots it always sees (up to its own
-    position). `scores` [B, nr] float32 or None: block scores max-accumulated over the forward's layers
+    position). `scores` [B, nr] float32 or None: block scores, over the forward's layers their maximum
+    (`score_layers="max"`) or their sum ("sum")
     (see the module docstring)."""
 
     def __init__(self, cache: PagedKVCache, table: torch.Tensor, read: torch.Tensor | None = None,
                  read_pos: torch.Tensor | None = None, window: int = 0, sinks: int = 0,
-                 scores: torch.Tensor | None = None) -> None:
+                 scores: torch.Tensor | None = None, score_layers: str = "max") -> None:
         self.cache, self.table, self.read, self.read_pos = cache, table, read, read_pos
         self.window, self.sinks, self.scores = window, sinks, scores
+        if score_layers not in ("max", "sum"):
+            raise ValueError(f"score_layers must be 'max' or 'sum', got {score_layers!r}")
+        self.score_layers = score_layers
 
     def begin(self, positions: torch.Tensor) -> PagedStep:
         return PagedStep(self, positions)
@@ -89,7 +94,11 @@ class PagedStep:
     def __init__(self, view: PagedView, positions: torch.Tensor) -> None:
         c = view.cache
         P = c.block_size
-        self.cache, self.T, self.scores = c, positions.shape[1], view.scores
+        self.cache, self.T, self.total_scores = c, positions.shape[1], view.scores
+        # each layer's scores go to the view's buffer directly (max over layers) or to a buffer of their own
+        # that is added to it after the layer (sum over layers)
+        self.scores = view.scores if view.score_layers == "max" or view.scores is None else torch.empty_like(
+            view.scores)
         ok = positions >= 0
         cols = torch.where(ok, positions, 0) // P
         if int(cols.max()) >= view.table.shape[1]:
@@ -125,6 +134,15 @@ class PagedStep:
         return g.view(B, nb, H, P, D).permute(0, 2, 1, 3, 4).reshape(B, H, nb * P, D)[:, :, :S]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.scores is None or self.scores is self.total_scores:
+            return self._attend(layer, q, k, v)
+        assert self.total_scores is not None
+        self.scores.zero_()
+        out = self._attend(layer, q, k, v)
+        self.total_scores += self.scores
+        return out
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.cache
         K, V = c.k[layer], c.v[layer]
         self._store(K, k)

@@ -62,6 +62,7 @@ class PagedDraft:
     kept: int = 0  # SnapKV: positions selected per layer and KV head when the prompt is in (0: none)
     observe: int = 32  # … voted for by the prompt's last `observe` queries
     pool_kernel: int = 7  # … smoothed over this many neighbours
+    score_layers: str = "max"  # guided: a block's score over the verification's layers, "max" or "sum"
 
     def known(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids the draft can embed (beyond a shorter draft vocabulary: its last id; verification stays exact)."""
@@ -275,7 +276,8 @@ class EngineCore:
         ids = torch.cat([pending[:, None], drafts], 1).masked_fill(pos < 0, 0)
         guided = self.draft is not None and self.draft.select > 0
         scores = torch.zeros(table.shape, dtype=torch.float32, device=device) if guided else None
-        logits = self.model(ids, pos, PagedView(self.cache, table, scores=scores))  # [B, G + 1, V]
+        view = PagedView(self.cache, table, scores=scores, score_layers=self.draft.score_layers if guided else "max")
+        logits = self.model(ids, pos, view)  # [B, G + 1, V]
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         k = torch.zeros(B, dtype=torch.long, device=device)
         nxt = torch.zeros(B, dtype=torch.long, device=device)

@@ -50,12 +50,15 @@ class DraftTuning:
       windowed prefill and its own decode KV). Draft models always use "own".
     - snapkv_window: the sliding window inside a SnapKV budget (at most half the budget).
     - observe, pool_kernel: SnapKV's observation queries and the (odd) width of its vote smoothing.
+    - guided_scores: how the guided draft pools a block's score over the verification's layers: "max" (the
+      largest attention probability any layer gave to it) or "sum" (each layer's largest, summed).
     """
 
     kv_source: str = "target"
     snapkv_window: int = 64
     observe: int = 32
     pool_kernel: int = 7
+    guided_scores: str = "max"
 
     def __post_init__(self) -> None:
         if self.kv_source not in KV_SOURCES:
@@ -66,6 +69,8 @@ class DraftTuning:
             _bad(f"SnapKV's pool_kernel must be odd and ≥ 1 (an even width shifts the votes), got {self.pool_kernel}")
         if self.snapkv_window < 1:
             _bad(f"snapkv_window must be ≥ 1, got {self.snapkv_window}")
+        if self.guided_scores not in ("max", "sum"):
+            _bad(f"guided_scores must be 'max' or 'sum', got {self.guided_scores!r}")
 
 
 @dataclass(frozen=True, slots=True)
