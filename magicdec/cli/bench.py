@@ -21,6 +21,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +175,6 @@ def run_trace(args: argparse.Namespace) -> int:
     corpus = load_bench_corpus(args.corpus)
     if corpus is None:
         return 0
-    from tqdm import tqdm
-
     from magicdec.data import make_prompts
     from magicdec.llm import LLM
 
@@ -200,14 +199,7 @@ def run_trace(args: argparse.Namespace) -> int:
                   static_batch=static_batch, engine=engine_kwargs, definitions=tr.DEFINITIONS)
     writer = JsonlWriter(out / "results.jsonl")
     writer.write(head)
-    bars: dict[str, Any] = {}
-
-    def progress(name: str, n: int, total: int) -> None:
-        if name not in bars:
-            for bar in bars.values():
-                bar.close()
-            bars[name] = tqdm(total=total, unit="tok", desc=name, disable=args.quiet, dynamic_ncols=True)
-        bars[name].update(n)
+    progress, bars = progress_bars("tok", args.quiet)
 
     try:
         result = tr.run_trace(llm, trace, configs, engine_kwargs=engine_kwargs, static_batch=static_batch,
@@ -281,7 +273,6 @@ def run_serve(args: argparse.Namespace) -> int:
     if corpus is None:
         return 0
     import torch
-    from tqdm import tqdm
 
     from magicdec.data import make_prompts
 
@@ -304,14 +295,7 @@ def run_serve(args: argparse.Namespace) -> int:
                            slos=slos or None, definitions=sv.DEFINITIONS))
         writer.write(head)
 
-    bars: dict[str, Any] = {}
-
-    def progress(name: str, n: int, total: int) -> None:
-        if name not in bars:
-            for bar in bars.values():
-                bar.close()
-            bars[name] = tqdm(total=total, unit="req", desc=name, disable=args.quiet, dynamic_ncols=True)
-        bars[name].update(n)
+    progress, bars = progress_bars("req", args.quiet)
 
     try:
         result = sv.run_serve(args.base_url, trace, configs, model=args.model, api_key=args.api_key, slos=slos,
@@ -341,6 +325,23 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         given = {}
     return Grid(**{**QUICK, **given}, corpus_seed=args.corpus_seed, draft_model=args.draft_model,
                 synthetic_acceptance=args.synthetic_acceptance)
+
+
+def progress_bars(unit: str, quiet: bool) -> tuple[Callable[[str, int, int], None], dict[str, Any]]:
+    """A progress callback (configuration name, done, total) with one tqdm bar per configuration, the previous
+    one closed when the next begins; and the bars, to close at the end."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def progress(name: str, n: int, total: int) -> None:
+        if name not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[name] = tqdm(total=total, unit=unit, desc=name, disable=quiet, dynamic_ncols=True)
+        bars[name].update(n)
+
+    return progress, bars
 
 
 def load_bench_corpus(spec: str) -> Any:
