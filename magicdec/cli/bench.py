@@ -199,15 +199,14 @@ def run_trace(args: argparse.Namespace) -> int:
                   static_batch=static_batch, engine=engine_kwargs, definitions=tr.DEFINITIONS)
     writer = JsonlWriter(out / "results.jsonl")
     writer.write(head)
-    progress, bars = progress_bars("tok", args.quiet)
+    progress, close_bars = progress_bars("tok", args.quiet)
 
     try:
         result = tr.run_trace(llm, trace, configs, engine_kwargs=engine_kwargs, static_batch=static_batch,
                               warmup=not args.no_warmup, write=writer.write, progress=progress,
                               say=lambda line: print(f"magicdec bench trace: {line}", file=sys.stderr))
     finally:
-        for bar in bars.values():
-            bar.close()
+        close_bars()
         writer.close()
     files = [writer.path, *tr.write_report(out, head, result.requests, result.summaries)]
     print((out / "results.md").read_text())
@@ -295,14 +294,13 @@ def run_serve(args: argparse.Namespace) -> int:
                            slos=slos or None, definitions=sv.DEFINITIONS))
         writer.write(head)
 
-    progress, bars = progress_bars("req", args.quiet)
+    progress, close_bars = progress_bars("req", args.quiet)
 
     try:
         result = sv.run_serve(args.base_url, trace, configs, model=args.model, api_key=args.api_key, slos=slos,
                               warmup=not args.no_warmup, write=writer.write, progress=progress, on_model=on_model)
     finally:
-        for bar in bars.values():
-            bar.close()
+        close_bars()
         writer.close()
     files = [writer.path, *sv.write_report(out, head, result.requests, result.summaries)]
     print((out / "results.md").read_text())
@@ -327,9 +325,9 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
                 synthetic_acceptance=args.synthetic_acceptance)
 
 
-def progress_bars(unit: str, quiet: bool) -> tuple[Callable[[str, int, int], None], dict[str, Any]]:
+def progress_bars(unit: str, quiet: bool) -> tuple[Callable[[str, int, int], None], Callable[[], None]]:
     """A progress callback (configuration name, done, total) with one tqdm bar per configuration, the previous
-    one closed when the next begins; and the bars, to close at the end."""
+    one closed when the next begins; and what closes them all at the end."""
     from tqdm import tqdm
 
     bars: dict[str, Any] = {}
@@ -341,7 +339,11 @@ def progress_bars(unit: str, quiet: bool) -> tuple[Callable[[str, int, int], Non
             bars[name] = tqdm(total=total, unit=unit, desc=name, disable=quiet, dynamic_ncols=True)
         bars[name].update(n)
 
-    return progress, bars
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return progress, close
 
 
 def load_bench_corpus(spec: str) -> Any:

@@ -403,8 +403,9 @@ class EngineCore:
         base = torch.tensor([c + [-1] * (width - len(c)) for c in tags], device=table.device)
         offs = torch.arange(P, device=table.device)
         read_pos = torch.where(base[:, :, None] >= 0, base[:, :, None] * P + offs, -1).reshape(len(rows), -1)
-        for i, r in enumerate(rows):  # SnapKV's selected slots: visible to every query (they precede the window)
-            read_pos[i, : r.kept_slots if snap else 0] = 0
+        if snap:  # SnapKV's selected slots: visible to every query (they precede the window)
+            for i, r in enumerate(rows):
+                read_pos[i, : r.kept_slots] = 0
         # guided and SnapKV: the kept blocks' slots are visible whole (up to the query), the rest by the window rule
         n_kept = select * P if select else snap * P if snap else sinks
         return PagedView(pool, table, read=read, read_pos=read_pos, window=window, sinks=n_kept)
