@@ -25,8 +25,9 @@ status 1.
         --drafters streaming snapkv guided --weights full int8 --gammas 3 auto --out grid.json
 
 Writes JSON (`--out`: every row, the command, the machine and threads) and a markdown table (`--md`, default
-beside the JSON; always printed). Not measured: guided scores other than the max over layers of the last
-verification's probability (sum, per layer) — only that one is implemented.
+beside the JSON; always printed). Guided drafters: `guided` (a block's score: the max over the verification's
+layers), `guided-sum` (summed over layers), `guided-layer` (each layer of the draft reads its own best blocks);
+`--guided-window` sets their recent window (default: min(64, budget / 2)).
 """
 
 from __future__ import annotations
@@ -73,12 +74,15 @@ def configs(args: argparse.Namespace, ctx: int) -> list[tuple[str, SpecConfig | 
             for weights in args.weights:
                 for gamma in args.gammas:
                     try:
-                        kind, _, pooling = drafter.partition("-")  # guided-sum: block scores summed over layers
+                        # guided-sum: block scores summed over layers; guided-layer: each layer its own blocks
+                        kind, _, pooling = drafter.partition("-")
+                        tuning = DraftTuning(guided_scores=pooling or "max",
+                                             guided_window=args.guided_window if kind == "guided" else None)
                         spec = SpecConfig(method="self", drafter=kind, budget=tokens_for(b, ctx), sinks=args.sinks,
-                                          gamma=gamma, draft_weights=weights,
-                                          tuning=DraftTuning(guided_scores=pooling or "max"))
-                        if kind == "guided" and spec.budget < spec.recent_window + BLOCK:
-                            raise ValueError(f"guided needs a budget ≥ {spec.recent_window + BLOCK}")
+                                          gamma=gamma, draft_weights=weights, tuning=tuning)
+                        least = spec.recent_window + (2 if args.guided_window else 1) * BLOCK
+                        if kind == "guided" and spec.budget < least:
+                            raise ValueError(f"guided needs a budget ≥ {least}")
                     except ValueError as e:
                         print(f"skipped at context {ctx}: {drafter} {weights} budget {b} γ {gamma}: {e}")
                         continue
@@ -110,7 +114,8 @@ def timed_run(engine: Engine, group: list[list[int]], params: SamplingParams) ->
 def drafter_name(spec: SpecConfig | None) -> str:
     if spec is None:
         return "plain"
-    return spec.drafter + ("-sum" if spec.tuning.guided_scores == "sum" else "")
+    pooling = spec.tuning.guided_scores if spec.drafter == "guided" else "max"
+    return spec.drafter + ("" if pooling == "max" else f"-{pooling}")
 
 
 def spec_key(spec: SpecConfig | None) -> str:
@@ -159,6 +164,7 @@ def measure(engine: Engine, prompts: list[list[int]], batch: int, ctx: int, args
             context=ctx, batch=batch, prompts=len(prompts), groups=len(groups), config=key,
             drafter=drafter_name(spec), weights=spec.draft_weights if spec else None,
             budget=spec.budget if spec else None, budget_asked=asked or None,
+            window=spec.recent_window if spec is not None and spec.drafter != "streaming" else None,
             gamma=None if spec is None else str(spec.gamma), decode_s=decode[key], wall_s=wall[key],
             decode_tokens=len(prompts) * (args.new - 1), speedup=statistics.median(ratios), speedup_min=min(ratios),
             speedup_max=max(ratios), speedups=ratios, same_tokens=same[key], preemptions=preempted[key],
@@ -199,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--budgets", type=parse_budget, nargs="+", default=[256, 512, 1024],
                     help="token counts, or fractions of the context (0.0625: ctx/16, rounded to 64 tokens)")
-    ap.add_argument("--drafters", nargs="+", choices=["streaming", "snapkv", "guided", "guided-sum"],
+    ap.add_argument("--drafters", nargs="+", choices=["streaming", "snapkv", "guided", "guided-sum", "guided-layer"],
                     default=["streaming", "snapkv", "guided"])
+    ap.add_argument("--guided-window", type=int, default=None,
+                    help="the guided drafts' recent window in tokens (default: min(64, budget / 2))")
     ap.add_argument("--weights", nargs="+", choices=["full", "int8", "int4"], default=["full", "int8", "int4"])
     ap.add_argument("--gammas", type=parse_gamma, nargs="+", default=[3, parse_gamma("auto")])
     ap.add_argument("--sinks", type=int, default=16, help="StreamingLLM's attention sinks (the CLI's default)")
@@ -247,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     argv_ = sys.argv[1:] if argv is None else argv
     result = dict(benchmark="drafter_grid", command="python benchmarks/drafter_grid.py " + " ".join(argv_),
                   model=str(args.model or "built-in"), corpus=args.corpus, region=args.region, seed=args.seed,
-                  new_tokens=args.new, sinks=args.sinks, repeats=args.repeats, threads=torch.get_num_threads(),
+                  new_tokens=args.new, sinks=args.sinks, guided_window=args.guided_window, repeats=args.repeats,
+                  threads=torch.get_num_threads(),
                   machine=machine(llm.device), magicdec_commit=git_commit(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=time.perf_counter() - t_start,
                   rows=rows)

@@ -372,6 +372,11 @@ class LLM:
         if problem:
             raise ValueError(problem)
         cache, P = core.cache, core.cache.block_size
+        if (spec is not None and spec.drafter == "guided" and spec.tuning.guided_window is not None
+                and (spec.budget - spec.recent_window) // P < 2):  # a window of its own: room for a selected block
+            raise ValueError(f"a guided draft reads the sink block and at least one selected block of {P} tokens "
+                             f"beside its recent window (guided_window={spec.recent_window} tokens): --budget "
+                             f"{spec.budget} must be ≥ {spec.recent_window + 2 * P}, or use a smaller guided_window")
         config = scheduling_for(core.config, spec, P)
         draft, policy = None, None
         if spec is not None:

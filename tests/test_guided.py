@@ -9,7 +9,8 @@ import torch
 
 from conftest import random_prompts
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
-from magicdec.engine.core import guided_blocks
+from magicdec.engine.core import EngineCore, guided_blocks
+from magicdec.engine.request import Request
 from magicdec.kernels import cpu
 from magicdec.spec.config import DraftTuning
 
@@ -77,16 +78,22 @@ def test_guided_blocks_selection() -> None:
     assert guided_blocks([0.0, 0.5], first=5, select=3) == [0, 1, 4]  # unscored blocks count 0, ties to recent
 
 
-def test_guided_view_reads_top_blocks(tiny_llm: LLM) -> None:
-    e = Engine(llm=tiny_llm, spec=SpecConfig(method="self", drafter="guided", budget=256, gamma=2),
-               prefill_chunk=128, max_num_batched_tokens=256, quiet=True)
+def scored_request(llm: LLM, tuning: DraftTuning | None = None) -> tuple[Engine, EngineCore, str, Request]:
+    """A guided engine (budget 256: block 0 + 2 selected + a 64-token window) stepped until its one request of
+    700 tokens has block scores from a verification."""
+    spec = SpecConfig(method="self", drafter="guided", budget=256, gamma=2, tuning=tuning or DraftTuning())
+    e = Engine(llm=llm, spec=spec, prefill_chunk=128, max_num_batched_tokens=256, quiet=True)
     core = e.core
     assert core.draft is not None and core.draft.select == 3 and core.draft.window == 64
-    prompt = random_prompts(1, [700], tiny_llm.config.vocab_size, seed=21)[0]
+    prompt = random_prompts(1, [700], llm.config.vocab_size, seed=21)[0]
     rid = e.add_request(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
     while not core.block_scores.get(rid):
         e.step()
-    r = core.requests[rid]
+    return e, core, rid, core.requests[rid]
+
+
+def test_guided_view_reads_top_blocks(tiny_llm: LLM) -> None:
+    e, core, rid, r = scored_request(tiny_llm)
     scores = core.block_scores[rid]
     assert len(scores) == len(r.blocks) and scores[0] > 0
     first = (r.computed - 64 + 1) // 64
@@ -107,10 +114,13 @@ def test_guided_config_checks(tiny_llm: LLM) -> None:
         Engine(llm=tiny_llm, spec=SpecConfig(method="self", drafter="guided", budget=100), quiet=True)
 
 
-@pytest.mark.parametrize("layers", ["max", "sum"])
-def test_guided_trace_equals_each_request_alone(tiny_llm: LLM, layers: str) -> None:
+@pytest.mark.parametrize(("layers", "budget", "window"), [("max", 192, None), ("sum", 192, None),
+                                                        ("layer", 192, None), ("layer", 320, 150), ("max", 256, 100)],
+                         ids=["max", "sum", "layer", "layer-window150", "max-window100"])
+def test_guided_trace_equals_each_request_alone(tiny_llm: LLM, layers: str, budget: int, window: int | None) -> None:
     """Greedy tokens of a staggered trace (prompts 100–700, a pool small enough to preempt, per-request γ
-    overrides) with the guided self-draft equal each request decoded alone with plain decoding."""
+    overrides) with the guided self-draft (block scores pooled by max or sum, or per layer; the default
+    window or one of its own) equal each request decoded alone with plain decoding."""
     lens = [300, 700, 129, 513, 260, 650, 100, 384]
     new = [40, 32, 24, 40, 30, 24, 40, 24]
     arrive = [0, 0, 0, 1, 2, 3, 5, 8]
@@ -119,9 +129,11 @@ def test_guided_trace_equals_each_request_alone(tiny_llm: LLM, layers: str) -> N
     plain = Engine(llm=tiny_llm, **opts)  # type: ignore[arg-type]
     ref = [plain.run([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
            for p, n in zip(prompts, new)]
-    spec = SpecConfig(method="self", drafter="guided", budget=192, sinks=4, gamma=3,
-                      tuning=DraftTuning(guided_scores=layers))
+    spec = SpecConfig(method="self", drafter="guided", budget=budget, sinks=4, gamma=3,
+                      tuning=DraftTuning(guided_scores=layers, guided_window=window))
     e = Engine(llm=tiny_llm, spec=spec, num_blocks=14, max_num_seqs=6, **opts)  # type: ignore[arg-type]
+    assert e.core.draft is not None and e.core.draft.window == (window or 64)
+    assert e.core.draft.select == (budget - (window or 64)) // 64
     ids: dict[str, int] = {}
     done: dict[int, list[int]] = {}
     step = 0
@@ -165,6 +177,8 @@ def test_block_scores_pooled_over_layers(tiny_llm: LLM) -> None:
     assert (total <= model.config.n_layers * top + 1e-6).all()  # each layer's max is at most the overall max
     with pytest.raises(ValueError, match="score_layers"):
         PagedView(cache, table, scores=torch.zeros(table.shape), score_layers="mean")
+    with pytest.raises(ValueError, match="scores must be"):
+        PagedView(cache, table, scores=torch.zeros(table.shape), score_layers="layer")
     with pytest.raises(ValueError, match="guided_scores"):
         DraftTuning(guided_scores="mean")
 
@@ -192,3 +206,114 @@ def test_paged_step_scores_with_and_without_kernel(kernels: None) -> None:
     torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0][1], got[1][1], rtol=1e-5, atol=1e-6)
     assert got[0][1][1, 2] == 0 and (got[0][1][0] > 0).all()  # row 1 does not reach its third block
+
+
+def test_block_scores_per_layer(tiny_llm: LLM) -> None:
+    """`score_layers="layer"` keeps each layer's scores [L, B, nb]: their max over layers is the "max" pooling,
+    their sum the "sum" pooling; the forward's outputs are the same."""
+    from magicdec.cache.paged import PagedKVCache, PagedView
+
+    model = tiny_llm.model
+    L = model.config.n_layers
+    cache = PagedKVCache.for_model(model, 12, 64)
+    table = cache.table([[3, 7, 1, 9, 0], [2, 5, 4, 6, 8]])
+    prompts = torch.tensor(random_prompts(2, [300, 300], tiny_llm.config.vocab_size, seed=6))
+    model(prompts, torch.arange(300)[None].expand(2, -1), PagedView(cache, table))
+    ids, pos = prompts[:, -3:], torch.arange(300, 303)[None].expand(2, -1)
+    out = {}
+    for mode in ("max", "sum", "layer"):
+        buf = torch.zeros((L, *table.shape) if mode == "layer" else table.shape)
+        out[mode] = model(ids, pos, PagedView(cache, table, scores=buf, score_layers=mode)), buf
+    assert torch.equal(out["max"][0], out["layer"][0]) and torch.equal(out["sum"][0], out["layer"][0])
+    per = out["layer"][1]
+    assert torch.equal(per.amax(0), out["max"][1])
+    torch.testing.assert_close(per.sum(0), out["sum"][1])
+    assert not torch.equal(per[0], per[1])  # the layers attend differently
+
+
+def _per_layer_case(L: int, seed: int) -> tuple:
+    from magicdec.cache.paged import PagedKVCache
+
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(L, 16, 2, 64, 64, 2, torch.float32, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    table = torch.tensor([[3, 1, 5, 7, 9, 11], [2, 6, 0, 4, 8, 10]])
+    positions = torch.tensor([[330, 331, 332], [300, 301, -1]])
+    # per layer: the sink block, one selected block (a different one per layer), then the window's block 5 / 4
+    cols = [[[0, 1, 5], [0, 2, 4]], [[0, 3, 5], [0, 1, 4]]][:L]
+    read = torch.stack([torch.stack([table[b, torch.tensor(c)] for b, c in enumerate(layer)]) for layer in cols])
+    read_pos = torch.stack([torch.stack([(torch.tensor(c)[:, None] * 64 + torch.arange(64)).reshape(-1)
+                                         for c in layer]) for layer in cols])
+    q = torch.randn(2, 4, 3, 64, generator=g)
+    k, v = torch.randn(2, 2, 3, 64, generator=g), torch.randn(2, 2, 3, 64, generator=g)
+    return cache, table, positions, read, read_pos, q, k, v
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "gather"])
+def test_per_layer_view_reads_each_layers_table(kernels: None, kernel: bool) -> None:
+    """A per-layer view ([L, B, nr] tables) attends at layer l exactly as a shared view of table l does, through
+    the kernel and through the gather path; a per-layer view whose layers share one table is the shared view."""
+    from magicdec.cache.paged import PagedView
+
+    cache, table, positions, read, read_pos, q, k, v = _per_layer_case(2, seed=9)
+    kw = dict(window=40, sinks=128)
+    outs = []
+    for layer in (0, 1):
+        step = PagedView(cache, table, read=read, read_pos=read_pos, **kw).begin(positions)
+        step.kernel = kernel
+        got = step.attend(layer, q, k, v)
+        alone = PagedView(cache, table, read=read[layer], read_pos=read_pos[layer], **kw).begin(positions)
+        alone.kernel = kernel
+        assert torch.equal(got, alone.attend(layer, q, k, v))
+        outs.append(got)
+    assert not torch.allclose(outs[0], outs[1])  # the layers read different blocks
+    same = PagedView(cache, table, read=read[:1].expand(2, -1, -1), read_pos=read_pos[:1].expand(2, -1, -1),
+                     **kw).begin(positions)
+    shared = PagedView(cache, table, read=read[0], read_pos=read_pos[0], **kw).begin(positions)
+    same.kernel = shared.kernel = kernel
+    assert torch.equal(same.attend(1, q, k, v), shared.attend(1, q, k, v))
+    with pytest.raises(ValueError, match="read_pos"):
+        PagedView(cache, table, read=read, read_pos=read_pos[0])
+
+
+def test_guided_layer_view_reads_each_layers_best_blocks(tiny_llm: LLM) -> None:
+    """guided_scores="layer": verification stores per-layer scores, and the draft's view gives each layer its
+    own sink block + best-scored blocks + the same window; different scores, different blocks."""
+    e, core, rid, r = scored_request(tiny_llm, DraftTuning(guided_scores="layer"))
+    L = tiny_llm.config.n_layers
+    assert core.draft is not None and core.draft.score_layers == "layer"
+    scores = core.block_scores[rid]
+    assert len(scores) == L and all(len(s) == len(r.blocks) and s[0] > 0 for s in scores)
+    first = (r.computed - 64 + 1) // 64
+    # scores of our own: layer l prefers blocks l + 1 and l + 3 (distinct per layer)
+    fake = [[0.0] * len(r.blocks) for _ in range(L)]
+    for layer in range(L):
+        fake[layer][layer + 1] = fake[layer][layer + 3] = 1.0
+    core.block_scores[rid] = fake
+    view = core._draft_view([r], [2], core._table([r]))
+    assert view.read is not None and view.read_pos is not None and view.per_layer
+    assert view.read.shape[0] == L and view.read_pos.shape[:2] == (L, 1)
+    window = list(range(first, (r.computed + 1) // 64 + 1))
+    for layer in range(L):
+        want = [0, layer + 1, layer + 3] + window
+        assert view.read[layer, 0].tolist() == [r.blocks[c] for c in want]
+        assert view.read_pos[layer, 0, ::64].tolist() == [c * 64 for c in want]
+    assert view.sinks == 3 * 64 and view.window == 64
+    e.close()
+
+
+def test_guided_window_checks(tiny_llm: LLM) -> None:
+    with pytest.raises(ValueError, match="guided_window"):
+        DraftTuning(guided_window=0)
+    with pytest.raises(ValueError, match="guided_scores"):
+        DraftTuning(guided_scores="mean")
+    with pytest.raises(ValueError, match="guided_window"):  # no room left in the budget
+        SpecConfig(method="self", drafter="guided", budget=256, tuning=DraftTuning(guided_window=256))
+    spec = SpecConfig(method="self", drafter="guided", budget=512, tuning=DraftTuning(guided_window=256))
+    assert spec.recent_window == 256 and spec.n_kept == 256
+    assert SpecConfig(method="self", drafter="guided", budget=512).recent_window == 64  # today's default
+    # 256 - 150 = 106 tokens: the sink block only, no selected block
+    with pytest.raises(ValueError, match="selected block"):
+        Engine(llm=tiny_llm, spec=SpecConfig(method="self", drafter="guided", budget=256,
+                                             tuning=DraftTuning(guided_window=150)), quiet=True)

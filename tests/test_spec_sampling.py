@@ -135,11 +135,15 @@ ENGINE_SETTINGS = {
     # the guided view over int8 weights (block 0 kept whole, a window of 2): rejections happen
     "self-guided-int8": (dict(method="self", drafter="guided", budget=128, draft_weights="int8",
                               tuning=DraftTuning(snapkv_window=2)), dict(temperature=1.0), (0.05, 0.99)),
+    # the same with per-layer block scores (each layer of the draft its own read table)
+    "self-guided-layer-int8": (dict(method="self", drafter="guided", budget=128, draft_weights="int8",
+                                    tuning=DraftTuning(snapkv_window=2, guided_scores="layer")),
+                               dict(temperature=1.0), (0.05, 0.99)),
 }
 
 
 @pytest.mark.parametrize("name", ["self-streaming", "self-snapkv", "self-int8", "self-int4", "self-guided-int8",
-                                  "draft-model", "draft-short-vocab"])
+                                  "self-guided-layer-int8", "draft-model", "draft-short-vocab"])
 def test_serving_engine_sampling_matches_the_target_distribution(models: tuple[LLM, Path],
                                                                  drafts: dict[str, Path], name: str) -> None:
     """The serving engine's speculative sampling (per-request generators, ragged rounds, sampled rows

@@ -4,7 +4,8 @@ pool), rows of different lengths, padding queries, T = 1 and 4, GQA, several spl
 a sparse draft's view (a read table of a few pages, slots tagged with positions and holes, a window and
 sinks), head dims 64 and 80; block scores against `cpu.block_scores_reference` (max-accumulated into a
 buffer that already holds values). Then `PagedStep.attend` through the Triton path (MAGICDEC_TRITON_ON_CPU=1)
-against its CPU path, with block scores."""
+against its CPU path, with block scores: the target's view, a sparse view and a per-layer sparse view (each
+layer its own read table, per-layer scores)."""
 
 from __future__ import annotations
 
@@ -87,24 +88,33 @@ check("pages of 128", q, k2, v2, table, qpos)
 import os
 from magicdec.cache.paged import PagedKVCache, PagedView
 
-cache = PagedKVCache(1, N, Hkv, P, D, g, torch.float32, "cpu")
+cache = PagedKVCache(2, N, Hkv, P, D, g, torch.float32, "cpu")
 cache.k.copy_(torch.randn_like(cache.k))
 cache.v.copy_(torch.randn_like(cache.v))
 table = torch.stack([perm[:12], perm[12:24], perm[24:36]])
 positions = torch.tensor([[700, 701, 702, 703], [40, 41, -1, -1], [300, 301, 302, 303]])
 read = torch.stack([table[:, 0], table[:, 3], table[:, 4]], 1)
 read_pos = torch.cat([torch.arange(P).expand(B, -1), torch.arange(3 * P, 5 * P).expand(B, -1)], 1).clone()
-views = {"target": dict(), "sparse": dict(read=read, read_pos=read_pos, window=90, sinks=4)}
+read1 = torch.stack([table[:, 0], table[:, 9], table[:, 10]], 1)  # layer 1 reads other blocks than layer 0
+read_pos1 = torch.cat([torch.arange(P).expand(B, -1), torch.arange(9 * P, 11 * P).expand(B, -1)], 1).clone()
+read_pos1[1, P:] = -1  # row 1 (at position 40) holds nothing there
+views = {"target": dict(), "sparse": dict(read=read, read_pos=read_pos, window=90, sinks=4),
+         "per-layer": dict(read=torch.stack([read, read1]), read_pos=torch.stack([read_pos, read_pos1]), window=90,
+                           sinks=4, score_layers="layer")}
 q = torch.randn(B, Hkv * g, 4, D)
 kn, vn = torch.randn(B, Hkv, 4, D), torch.randn(B, Hkv, 4, D)
 for name, kw in views.items():
     res = {}
     for flag in ("0", "1"):
         os.environ["MAGICDEC_TRITON_ON_CPU"] = flag
-        scores = torch.zeros(B, (kw.get("read", table)).shape[1])
+        layer = 1 if name == "per-layer" else 0
+        nr = kw.get("read", table).shape[-1]
+        scores = torch.zeros(2, B, nr) if name == "per-layer" else torch.zeros(B, nr)
         step = PagedView(cache, table, scores=scores, **kw).begin(positions)
         assert step.triton == (flag == "1")
-        res[flag] = step.attend(0, q, kn, vn), scores
+        res[flag] = step.attend(layer, q, kn, vn), scores[layer] if name == "per-layer" else scores
+        if name == "per-layer":
+            assert scores[0].max() == 0  # layer 0 did not run
     assert (res["0"][0] - res["1"][0]).abs().max() < 1e-4, name
     assert (res["0"][1] - res["1"][1]).abs().max() < 1e-5, name
     assert res["1"][1].max() > 0, name

@@ -20,7 +20,11 @@ A view may carry a `scores` buffer [B, nb] (float32, zeroed by the caller): ever
 max-accumulates into it, per row and column of the read table, the largest attention probability that any
 query head and token of the row gives to a slot of that block (`cpu_kernels.paged_attention`'s block scores;
 without the kernels computed in float64 from the gathered keys); with `score_layers="sum"` each layer's
-largest is added instead. The guided self-draft ranks blocks by it.
+largest is added instead; with `score_layers="layer"` the buffer is [layers, B, nb] and each layer's scores
+stay its own. The guided self-draft ranks blocks by it. Its per-layer variant reads, at each layer, that
+layer's best blocks: its view then holds one read table and one set of slot positions per layer
+([L, B, nr], [L, B, nr · P]); each layer's attention reads through its own (the visibility of every layer is
+computed in one go, over the layers' rows stacked).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from magicdec.model.attention import MAX_DECODE_TOKENS, AttentionMask, attend
 
 if TYPE_CHECKING:
     from magicdec.model.llama import Transformer
+
+SCORE_LAYERS = ("max", "sum", "layer")  # block scores over a forward's layers: their max, their sum, or each
 
 
 class PagedKVCache:
@@ -73,18 +79,33 @@ class PagedView:
     """One forward's rows: `table` [B, nb] for writes (and reads); for a sparse draft, `read` [B, nr] (the
     blocks it reads, in order), the positions held by its slots `read_pos` [B, nr · block_size] (-1: none),
     the `window` of recent positions a query sees and the `sinks` first slots it always sees (up to its own
-    position). `scores` [B, nr] float32 or None: block scores, over the forward's layers their maximum
-    (`score_layers="max"`) or their sum ("sum")
-    (see the module docstring)."""
+    position). A per-layer draft (the guided draft with per-layer scores) gives `read` [L, B, nr] and
+    `read_pos` [L, B, nr · block_size] instead: layer l reads `read[l]`; a shared view is the case of one
+    table for every layer. `scores` float32 or None: block scores over the read table's columns, [B, nb]
+    over the forward's layers their maximum (`score_layers="max"`) or their sum ("sum"), or [L, B, nb] per
+    layer ("layer") (see the module docstring)."""
 
     def __init__(self, cache: PagedKVCache, table: torch.Tensor, read: torch.Tensor | None = None,
                  read_pos: torch.Tensor | None = None, window: int = 0, sinks: int = 0,
                  scores: torch.Tensor | None = None, score_layers: str = "max") -> None:
         self.cache, self.table, self.read, self.read_pos = cache, table, read, read_pos
         self.window, self.sinks, self.scores = window, sinks, scores
-        if score_layers not in ("max", "sum"):
-            raise ValueError(f"score_layers must be 'max' or 'sum', got {score_layers!r}")
+        if score_layers not in SCORE_LAYERS:
+            raise ValueError(f"score_layers must be one of {SCORE_LAYERS}, got {score_layers!r}")
+        if scores is not None and scores.dim() != (3 if score_layers == "layer" else 2):
+            raise ValueError(f"scores must be [layers, B, nb] with score_layers='layer', else [B, nb]; got "
+                             f"{tuple(scores.shape)} with {score_layers!r}")
+        if read is not None:
+            if read_pos is None or read.dim() not in (2, 3) or read_pos.dim() != read.dim() or (
+                    read_pos.shape[:-1] != read.shape[:-1]) or read_pos.shape[-1] != read.shape[-1] * cache.block_size:
+                raise ValueError(f"a sparse view needs read [B, nr] and read_pos [B, nr·P], or per layer [L, B, nr] "
+                                 f"and [L, B, nr·P]; got {None if read is None else tuple(read.shape)} and "
+                                 f"{None if read_pos is None else tuple(read_pos.shape)}")
         self.score_layers = score_layers
+
+    @property
+    def per_layer(self) -> bool:
+        return self.read is not None and self.read.dim() == 3
 
     def begin(self, positions: torch.Tensor) -> PagedStep:
         return PagedStep(self, positions)
@@ -94,26 +115,32 @@ class PagedStep:
     def __init__(self, view: PagedView, positions: torch.Tensor) -> None:
         c = view.cache
         P = c.block_size
-        self.cache, self.T, self.total_scores = c, positions.shape[1], view.scores
-        # each layer's scores go to the view's buffer directly (max over layers) or to a buffer of their own
-        # that is added to it after the layer (sum over layers)
-        self.scores = view.scores if view.score_layers == "max" or view.scores is None else torch.empty_like(
-            view.scores)
+        self.cache, self.T, self.total_scores, self.mode = c, positions.shape[1], view.scores, view.score_layers
+        # "sum": each layer's scores go to a buffer of their own, added to the view's after the layer
+        self.layer_buf = torch.empty_like(view.scores) if view.scores is not None and self.mode == "sum" else None
         ok = positions >= 0
         cols = torch.where(ok, positions, 0) // P
         if int(cols.max()) >= view.table.shape[1]:
             raise ValueError(f"position {int(positions.max())} is past the blocks allocated to its row")
         self.pages = torch.where(ok, view.table.gather(1, cols), c.trash).reshape(-1)
         self.offsets = torch.where(ok, positions % P, 0).reshape(-1)
+        B = positions.shape[0]
+        self.B, self.positions = B, positions
         if view.read is None:  # the target: every block of the row, slot = position
-            self.read = view.table
+            self.read = view.table[None]
             kv_len = int(positions.max()) + 1
-            self.mask = AttentionMask(c.group, c.k.dtype, positions, kv_len, rows_hint=positions.shape[0])
-        else:  # a sparse draft: its own blocks, tagged with the positions they hold
-            self.read = view.read
+            self.mask = AttentionMask(c.group, c.k.dtype, positions, kv_len, rows_hint=B)
+        else:  # a sparse draft: its own blocks, tagged with the positions they hold (one table, or one per layer)
             assert view.read_pos is not None
-            self.mask = AttentionMask(c.group, c.k.dtype, positions, view.read_pos.shape[1], key_pos=view.read_pos,
-                                      window=view.window, n_kept=view.sinks, rows_hint=positions.shape[0])
+            self.read = view.read if view.per_layer else view.read[None]
+            L = self.read.shape[0]
+            # every layer's rows stacked [L·B, …]: one mask computation for all layers, sliced per layer
+            qpos = positions if L == 1 else positions.repeat(L, 1)
+            self.mask = AttentionMask(c.group, c.k.dtype, qpos, view.read_pos.shape[-1],
+                                      key_pos=view.read_pos.reshape(L * B, -1), window=view.window,
+                                      n_kept=view.sinks, rows_hint=B)
+        self._masks: list[AttentionMask | None] = [None] * self.read.shape[0]
+        self._padded: torch.Tensor | None = None
         self.triton = (self.T <= MAX_DECODE_TOKENS and use_triton(c.k)
                        and c.block_size % triton_paged.BLOCK_N == 0)
         self.kernel = self.T <= MAX_DECODE_TOKENS and c.k.shape[-1] % 8 == 0 and cpu_kernels.applies(
@@ -126,43 +153,77 @@ class PagedStep:
             buf, rows = buf.view(torch.int16), rows.view(torch.int16)
         buf[self.pages, :, self.offsets] = rows
 
-    def _gather(self, buf: torch.Tensor, S: int) -> torch.Tensor:
-        """The rows' read blocks as dense [B, H, S, D] (the first S logical slots)."""
-        B, nb = self.read.shape
-        g = buf[self.read.reshape(-1)]  # [B·nb, H, P, D]
+    def _gather(self, buf: torch.Tensor, S: int, read: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows' read blocks `read` [B, nr] (default: the shared read table) as dense [B, H, S, D] (the
+        first S logical slots)."""
+        read = self.read[0] if read is None else read
+        B, nb = read.shape
+        g = buf[read.reshape(-1)]  # [B·nb, H, P, D]
         H, P, D = g.shape[1:]
         return g.view(B, nb, H, P, D).permute(0, 2, 1, 3, 4).reshape(B, H, nb * P, D)[:, :, :S]
 
+    def _rows(self, layer: int) -> slice:
+        """The rows of the stacked mask that `layer` reads through (all of them for a shared view)."""
+        if self.read.shape[0] == 1:
+            return slice(None)
+        return slice(layer * self.B, (layer + 1) * self.B)
+
+    def _layer_mask(self, layer: int) -> AttentionMask:
+        """`layer`'s mask: the shared one, or its slice of the stacked one (visibility computed once)."""
+        if self.read.shape[0] == 1:
+            return self.mask
+        m = self._masks[layer]
+        if m is None:
+            rows = self._rows(layer)
+            m = AttentionMask(self.mask.group, self.mask.dtype, self.positions, self.mask.kv_len,
+                              key_pos=self.mask.key_pos[rows], window=self.mask.window, n_kept=self.mask.n_kept,
+                              allowed=self.mask.allowed[rows], rows_hint=self.B)
+            self._masks[layer] = m
+        return m
+
+    def _kernel_allowed(self, layer: int) -> torch.Tensor:
+        """`layer`'s visibility [B, T, nr·P] for the CPU kernel (padded once to the read table's width)."""
+        if self._padded is None:
+            allowed = self.mask.allowed
+            width = self.read.shape[2] * self.cache.block_size
+            if allowed.shape[2] < width:
+                allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[2]))
+            self._padded = allowed
+        return self._padded[self._rows(layer)]
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.scores is None or self.scores is self.total_scores:
-            return self._attend(layer, q, k, v)
-        assert self.total_scores is not None
-        self.scores.zero_()
-        out = self._attend(layer, q, k, v)
-        self.total_scores += self.scores
+        if self.total_scores is None or self.mode == "max":
+            return self._attend(layer, q, k, v, self.total_scores)
+        if self.mode == "layer":
+            return self._attend(layer, q, k, v, self.total_scores[layer])
+        assert self.layer_buf is not None
+        self.layer_buf.zero_()
+        out = self._attend(layer, q, k, v, self.layer_buf)
+        self.total_scores += self.layer_buf
         return out
 
-    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scores: torch.Tensor | None) -> torch.Tensor:
         c = self.cache
         K, V = c.k[layer], c.v[layer]
         self._store(K, k)
         self._store(V, v)
+        read = self.read[layer if self.read.shape[0] > 1 else 0]
         if self.triton:  # CUDA: the paged split-KV kernel reads the pages itself
             qpos, kpos = self.mask.int32_positions()
-            return triton_paged.paged_attention(q, K, V, self.read, qpos, kpos, self.mask.window, self.mask.n_kept,
-                                                block_scores=self.scores, rows_hint=self.mask.rows_hint)
+            rows = self._rows(layer)
+            return triton_paged.paged_attention(q, K, V, read, qpos[: self.B], None if kpos is None else kpos[rows],
+                                                self.mask.window, self.mask.n_kept, block_scores=scores,
+                                                rows_hint=self.mask.rows_hint)
         if self.kernel:
-            allowed = self.mask.allowed
-            width = self.read.shape[1] * c.block_size
-            if allowed.shape[2] < width:
-                allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[2]))
-            return cpu_kernels.paged_attention(q, K, V, self.read, allowed, block_scores=self.scores)
-        S = self.mask.kv_len
-        Kd = self._gather(K, S)
-        if self.scores is not None:  # no kernel: the same scores in float64 from the gathered keys
+            return cpu_kernels.paged_attention(q, K, V, read, self._kernel_allowed(layer), block_scores=scores)
+        mask = self._layer_mask(layer)
+        S = mask.kv_len
+        Kd = self._gather(K, S, read)
+        if scores is not None:  # no kernel: the same scores in float64 from the gathered keys
             P = c.block_size
-            width = self.read.shape[1] * P
+            width = read.shape[1] * P
             keys = torch.nn.functional.pad(Kd, (0, 0, 0, width - S))
-            allowed = torch.nn.functional.pad(self.mask.allowed, (0, width - S))
-            cpu_kernels.block_scores_reference(q, keys, allowed, P, self.scores)
-        return attend(q, Kd, self._gather(V, S), self.mask)
+            allowed = torch.nn.functional.pad(mask.allowed, (0, width - S))
+            cpu_kernels.block_scores_reference(q, keys, allowed, P, scores)
+        return attend(q, Kd, self._gather(V, S, read), mask)

@@ -17,7 +17,9 @@ The guided self-draft (`PagedDraft.select` > 0, `drafter="guided"`): the verific
 plain steps' forward) also returns, per request and logical block, the largest attention probability any
 of its queries, heads and layers gave to a slot of the block (`PagedView.scores`); the next draft of the
 request reads its first block (the sinks), the `select - 1` best-scored older blocks and its recent window
-(`guided_blocks`). Verification is unchanged, so outputs stay exact.
+(`guided_blocks`). With `score_layers="layer"` the scores stay per layer ([layers, B, nb]) and each layer
+of the draft reads its own first block, best-scored blocks and the window (a per-layer `PagedView`).
+Verification is unchanged, so outputs stay exact.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class PagedDraft:
     kept: int = 0  # SnapKV: positions selected per layer and KV head when the prompt is in (0: none)
     observe: int = 32  # … voted for by the prompt's last `observe` queries
     pool_kernel: int = 7  # … smoothed over this many neighbours
-    score_layers: str = "max"  # guided: a block's score over the verification's layers, "max" or "sum"
+    score_layers: str = "max"  # guided: a block's score over the verification's layers, "max", "sum" or "layer"
 
     def known(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids the draft can embed (beyond a shorter draft vocabulary: its last id; verification stays exact)."""
@@ -275,8 +277,10 @@ class EngineCore:
         pos = torch.where(offs <= g[:, None], ctx[:, None] + offs, -1)
         ids = torch.cat([pending[:, None], drafts], 1).masked_fill(pos < 0, 0)
         guided = self.draft is not None and self.draft.select > 0
-        scores = torch.zeros(table.shape, dtype=torch.float32, device=device) if guided else None
-        view = PagedView(self.cache, table, scores=scores, score_layers=self.draft.score_layers if guided else "max")
+        layers = self.draft.score_layers if self.draft is not None and guided else "max"
+        shape = (self.cache.k.shape[0], *table.shape) if layers == "layer" else tuple(table.shape)
+        scores = torch.zeros(shape, dtype=torch.float32, device=device) if guided else None
+        view = PagedView(self.cache, table, scores=scores, score_layers=layers)
         logits = self.model(ids, pos, view)  # [B, G + 1, V]
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         k = torch.zeros(B, dtype=torch.long, device=device)
@@ -300,9 +304,14 @@ class EngineCore:
                 k[i], nxt[i] = ki[0], ti[0]
         bad = logits.isnan().flatten(1).any(1)
         host = torch.cat([k[:, None], nxt[:, None], bad[:, None].long(), drafts], 1).tolist()  # one device read
-        if scores is not None:  # the freshest scores replace the old ones
-            for r, row in zip(rows, scores.tolist()):
-                self.block_scores[r.request_id] = row[: len(r.blocks)]
+        if scores is not None:  # the freshest scores replace the old ones ([nb], or per layer [L][nb])
+            if scores.dim() == 3:
+                per_layer = scores.tolist()
+                for i, r in enumerate(rows):
+                    self.block_scores[r.request_id] = [s[i][: len(r.blocks)] for s in per_layer]
+            else:
+                for r, row in zip(rows, scores.tolist()):
+                    self.block_scores[r.request_id] = row[: len(r.blocks)]
         clock.mark()
         if any(row[2] for row in host):
             raise NumericalError("the model produced NaN logits in verification: the weights hold NaN or the dtype "
@@ -374,38 +383,50 @@ class EngineCore:
 
     def _draft_view(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor) -> PagedView:
         """The draft's view: its pool (the target's, or its own) through the requests' tables; with a window,
-        each request's first block (the sinks) and the blocks of its recent window only."""
+        each request's first block (the sinks) and the blocks of its recent window only; guided with
+        per-layer scores, one read table per layer (each layer's own best blocks, then the same window)."""
         assert self.draft is not None
         pool = self.draft.pool or self.cache
         if not self.draft.window:
             return PagedView(pool, table)
         P, sinks, window, select = self.cache.block_size, self.draft.sinks, self.draft.window, self.draft.select
         snap = -(-self.draft.kept // P)  # SnapKV: its kept blocks
-        reads, tags = [], []
+        per_layer = bool(select) and self.draft.score_layers == "layer"
+        L = self.cache.k.shape[0] if per_layer else 1
+        reads: list[list[list[int]]] = [[] for _ in range(L)]  # [layer][row] → pages
+        tags: list[list[list[int]]] = [[] for _ in range(L)]  # [layer][row] → logical blocks (-1: none)
         for r, gi in zip(rows, gammas):
             first = max(r.computed - window + 1, 0) // P
             last = (r.computed + max(gi, 1) - 1) // P
             window_cols = list(range(first, last + 1))
-            if select:  # guided: `select` kept columns (padded with nothing), then the window's blocks
-                kept = guided_blocks(self.block_scores.get(r.request_id, ()), first, select)
-                cols = kept + [-1] * (select - len(kept)) + window_cols
-            elif snap:  # SnapKV: its private blocks of selected keys, then the window's blocks
-                cols = [-1] * snap + window_cols
-            else:
-                cols = ([0] if sinks and first > 0 else []) + window_cols
-            if snap:
-                reads.append(r.kept + [r.blocks[c] for c in window_cols])
-            else:
-                reads.append([r.blocks[c] if c >= 0 else self.cache.trash for c in cols])
-            tags.append(cols)
-        width = max(len(c) for c in tags)
-        read = self.cache.table(reads, width)
-        base = torch.tensor([c + [-1] * (width - len(c)) for c in tags], device=table.device)
+            for layer in range(L):
+                if select:  # guided: `select` kept columns (padded with nothing), then the window's blocks
+                    scores = self.block_scores.get(r.request_id, ())
+                    if per_layer and scores:
+                        scores = scores[layer]
+                    kept = guided_blocks(scores, first, select)
+                    cols = kept + [-1] * (select - len(kept)) + window_cols
+                elif snap:  # SnapKV: its private blocks of selected keys, then the window's blocks
+                    cols = [-1] * snap + window_cols
+                else:
+                    cols = ([0] if sinks and first > 0 else []) + window_cols
+                if snap:
+                    reads[layer].append(r.kept + [r.blocks[c] for c in window_cols])
+                else:
+                    reads[layer].append([r.blocks[c] if c >= 0 else self.cache.trash for c in cols])
+                tags[layer].append(cols)
+        width = max(len(c) for c in tags[0])
+        B = len(rows)
+        read = self.cache.table([row for layer in reads for row in layer], width).view(L, B, width)
+        base = torch.tensor([c + [-1] * (width - len(c)) for layer in tags for c in layer],
+                            device=table.device).view(L, B, width)
         offs = torch.arange(P, device=table.device)
-        read_pos = torch.where(base[:, :, None] >= 0, base[:, :, None] * P + offs, -1).reshape(len(rows), -1)
+        read_pos = torch.where(base[..., None] >= 0, base[..., None] * P + offs, -1).reshape(L, B, -1)
         if snap:  # SnapKV's selected slots: visible to every query (they precede the window)
             for i, r in enumerate(rows):
-                read_pos[i, : r.kept_slots] = 0
+                read_pos[:, i, : r.kept_slots] = 0
         # guided and SnapKV: the kept blocks' slots are visible whole (up to the query), the rest by the window rule
         n_kept = select * P if select else snap * P if snap else sinks
+        if not per_layer:  # one table for every layer
+            read, read_pos = read[0], read_pos[0]
         return PagedView(pool, table, read=read, read_pos=read_pos, window=window, sinks=n_kept)

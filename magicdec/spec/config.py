@@ -8,7 +8,8 @@ One vocabulary everywhere (the API, the command line, the benchmarks and the cos
   and KV head by the prompt's last queries + a sliding window (self-speculation only); "full": the
   draft model's whole cache (draft models only); "guided": verification-guided block selection (the
   serving engine's self-draft only): the first block, the blocks the last verification attended to most
-  and a recent window of `min(tuning.snapkv_window, budget // 2)` tokens, within `budget`.
+  and a recent window of `min(tuning.snapkv_window, budget // 2)` tokens (or `tuning.guided_window`),
+  within `budget`; with `tuning.guided_scores="layer"` each layer reads its own best-scored blocks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ METHODS = ("none", "self", "draft")
 DRAFTERS = ("streaming", "snapkv", "full", "guided")
 DRAFT_WEIGHTS = ("full", "int8", "int4")  # int4: PyTorch's int4 weight-only matmul (CPU, CUDA sm80+), groups of 32
 KV_SOURCES = ("target", "own")
+GUIDED_SCORES = ("max", "sum", "layer")  # the guided draft's block scores: pooled over layers, or per layer
 
 
 def _bad(msg: str) -> None:
@@ -51,7 +53,10 @@ class DraftTuning:
     - snapkv_window: the sliding window inside a SnapKV budget (at most half the budget).
     - observe, pool_kernel: SnapKV's observation queries and the (odd) width of its vote smoothing.
     - guided_scores: how the guided draft pools a block's score over the verification's layers: "max" (the
-      largest attention probability any layer gave to it) or "sum" (each layer's largest, summed).
+      largest attention probability any layer gave to it), "sum" (each layer's largest, summed) or "layer"
+      (no pooling: each layer of the draft reads its own best-scored blocks, by its own scores).
+    - guided_window: the guided draft's recent window in tokens (None: `min(snapkv_window, budget // 2)`);
+      it must leave room in the budget for the sink block and at least one selected block.
     """
 
     kv_source: str = "target"
@@ -59,6 +64,7 @@ class DraftTuning:
     observe: int = 32
     pool_kernel: int = 7
     guided_scores: str = "max"
+    guided_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_source not in KV_SOURCES:
@@ -69,8 +75,11 @@ class DraftTuning:
             _bad(f"SnapKV's pool_kernel must be odd and ≥ 1 (an even width shifts the votes), got {self.pool_kernel}")
         if self.snapkv_window < 1:
             _bad(f"snapkv_window must be ≥ 1, got {self.snapkv_window}")
-        if self.guided_scores not in ("max", "sum"):
-            _bad(f"guided_scores must be 'max' or 'sum', got {self.guided_scores!r}")
+        if self.guided_scores not in GUIDED_SCORES:
+            _bad(f"guided_scores must be one of {GUIDED_SCORES}, got {self.guided_scores!r}")
+        if self.guided_window is not None and (not isinstance(self.guided_window, int) or self.guided_window < 1):
+            _bad(f"guided_window must be a positive number of tokens (or None for the default), got "
+                 f"{self.guided_window!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +132,10 @@ class SpecConfig:
                 _bad("the guided drafter needs kv_source='target'")
             if self.budget < 2:
                 _bad(f"a guided budget holds selected blocks and a window: --budget ≥ 2, got {self.budget}")
+            if self.tuning.guided_window is not None and self.tuning.guided_window >= self.budget:
+                _bad(f"the guided window (guided_window={self.tuning.guided_window}) must leave room inside the "
+                     f"budget (--budget {self.budget}) for the sink block and a selected block: use a smaller "
+                     "window or a larger budget")
         if self.draft_weights not in DRAFT_WEIGHTS:
             _bad(f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}")
         if self.draft_weights != "full" and self.method != "self":
@@ -152,8 +165,11 @@ class SpecConfig:
 
     @property
     def recent_window(self) -> int:
-        return self.budget - self.sinks if self.drafter == "streaming" else min(self.tuning.snapkv_window,
-                                                                                  self.budget // 2)
+        if self.drafter == "streaming":
+            return self.budget - self.sinks
+        if self.drafter == "guided" and self.tuning.guided_window is not None:
+            return self.tuning.guided_window
+        return min(self.tuning.snapkv_window, self.budget // 2)
 
     @property
     def label(self) -> str:
