@@ -139,6 +139,7 @@ class PagedStep:
             self.mask = AttentionMask(c.group, c.k.dtype, qpos, view.read_pos.shape[-1],
                                       key_pos=view.read_pos.reshape(L * B, -1), window=view.window,
                                       n_kept=view.sinks, rows_hint=B)
+        self.shared = self.read.shape[0] == 1  # one read table for every layer
         self._masks: list[AttentionMask | None] = [None] * self.read.shape[0]
         self._padded: torch.Tensor | None = None
         self.triton = (self.T <= MAX_DECODE_TOKENS and use_triton(c.k)
@@ -164,13 +165,13 @@ class PagedStep:
 
     def _rows(self, layer: int) -> slice:
         """The rows of the stacked mask that `layer` reads through (all of them for a shared view)."""
-        if self.read.shape[0] == 1:
+        if self.shared:
             return slice(None)
         return slice(layer * self.B, (layer + 1) * self.B)
 
     def _layer_mask(self, layer: int) -> AttentionMask:
         """`layer`'s mask: the shared one, or its slice of the stacked one (visibility computed once)."""
-        if self.read.shape[0] == 1:
+        if self.shared:
             return self.mask
         m = self._masks[layer]
         if m is None:
@@ -208,7 +209,7 @@ class PagedStep:
         K, V = c.k[layer], c.v[layer]
         self._store(K, k)
         self._store(V, v)
-        read = self.read[layer if self.read.shape[0] > 1 else 0]
+        read = self.read[0 if self.shared else layer]
         if self.triton:  # CUDA: the paged split-KV kernel reads the pages itself
             qpos, kpos = self.mask.int32_positions()
             rows = self._rows(layer)
