@@ -83,12 +83,14 @@ class PagedView:
     `read_pos` [L, B, nr · block_size] instead: layer l reads `read[l]`; a shared view is the case of one
     table for every layer. `scores` float32 or None: block scores over the read table's columns, [B, nb]
     over the forward's layers their maximum (`score_layers="max"`) or their sum ("sum"), or [L, B, nb] per
-    layer ("layer") (see the module docstring)."""
+    layer ("layer") (see the module docstring). `static`: a view of fixed shape (a CUDA graph's buffers): its
+    step reads nothing back to the host (the target's key length is the table's width, and positions are
+    not checked against the table)."""
 
     def __init__(self, cache: PagedKVCache, table: torch.Tensor, read: torch.Tensor | None = None,
                  read_pos: torch.Tensor | None = None, window: int = 0, sinks: int = 0,
-                 scores: torch.Tensor | None = None, score_layers: str = "max") -> None:
-        self.cache, self.table, self.read, self.read_pos = cache, table, read, read_pos
+                 scores: torch.Tensor | None = None, score_layers: str = "max", static: bool = False) -> None:
+        self.cache, self.table, self.read, self.read_pos, self.static = cache, table, read, read_pos, static
         self.window, self.sinks, self.scores = window, sinks, scores
         if score_layers not in SCORE_LAYERS:
             raise ValueError(f"score_layers must be one of {SCORE_LAYERS}, got {score_layers!r}")
@@ -120,7 +122,7 @@ class PagedStep:
         self.layer_buf = torch.empty_like(view.scores) if view.scores is not None and self.mode == "sum" else None
         ok = positions >= 0
         cols = torch.where(ok, positions, 0) // P
-        if int(cols.max()) >= view.table.shape[1]:
+        if not view.static and int(cols.max()) >= view.table.shape[1]:
             raise ValueError(f"position {int(positions.max())} is past the blocks allocated to its row")
         self.pages = torch.where(ok, view.table.gather(1, cols), c.trash).reshape(-1)
         self.offsets = torch.where(ok, positions % P, 0).reshape(-1)
@@ -128,7 +130,7 @@ class PagedStep:
         self.B, self.positions = B, positions
         if view.read is None:  # the target: every block of the row, slot = position
             self.read = view.table[None]
-            kv_len = int(positions.max()) + 1
+            kv_len = view.table.shape[1] * P if view.static else int(positions.max()) + 1
             self.mask = AttentionMask(c.group, c.k.dtype, positions, kv_len, rows_hint=B)
         else:  # a sparse draft: its own blocks, tagged with the positions they hold (one table, or one per layer)
             assert view.read_pos is not None
