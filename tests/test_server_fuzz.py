@@ -1,8 +1,8 @@
 """The server under a storm of requests: hundreds generated from its own OpenAPI schema (schemathesis, inside
 the schema and outside it), then hand-written hostile ones (odd numbers, NaN, nulls, wrong types, deep
 JSON, lone surrogates, bad UTF-8, long stop lists, 1 MiB bodies, huge n). Every answer is a 2xx or an error
-in OpenAI's shape, never a 5xx; afterwards the server is healthy, holds no KV block, and a greedy request
-still equals offline generation token for token.
+in OpenAI's shape, never a 5xx (but a request's own engine error, a 500 for it alone); afterwards the
+server is healthy, holds no KV block, and a greedy request still equals offline generation token for token.
 
 The generated requests are bounded (max_tokens ≤ 8 inside the schema, a server context of 128 tokens) so
 the storm takes about a minute; MAGICDEC_FUZZ_EXAMPLES asks for more (and MAGICDEC_FUZZ_SEED for another
@@ -93,21 +93,27 @@ def bounded(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def own_error(error: dict[str, Any]) -> bool:
+    """The engine failed on this request alone (its 500, or its stream's error event)."""
+    return error["code"] == "engine_error" and "failed on this request" in error["message"]
+
+
 def check_answer(status: int, content_type: str, text: str, what: str) -> None:
-    """A 2xx, or a 4xx in OpenAI's error shape; never a 5xx."""
-    assert status < 500, f"{what}: {status} {text[:500]}"
+    """A 2xx, or a 4xx in OpenAI's error shape; never a 5xx but a request's own engine error (the server's
+    health is checked after the storm)."""
     if status >= 400:
         body = json.loads(text)
         assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, \
             f"{what}: {text[:500]}"
         assert isinstance(body["error"]["message"], str) and body["error"]["message"], what
+        assert status < 500 or (status == 500 and own_error(body["error"])), f"{what}: {status} {text[:500]}"
         return
     if content_type.startswith("text/event-stream"):
         lines = [x for x in text.split("\n") if x]
         assert lines and lines[-1] == "data: [DONE]", f"{what}: {text[-500:]}"
         for line in lines[:-1]:
             event = json.loads(line.removeprefix("data: "))
-            assert "error" not in event, f"{what}: {line}"
+            assert "error" not in event or own_error(event["error"]), f"{what}: {line}"
 
 
 def assert_alive(server: AppServer) -> None:
