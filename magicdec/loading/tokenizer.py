@@ -40,22 +40,30 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the checkpoint's own Jinja template."""
+        """Render chat messages with the checkpoint's own Jinja template, in Jinja's immutable sandbox (as
+        transformers and vLLM do): a template comes with the model, and a template that reaches for Python's
+        internals (`''.__class__`, a function's globals) or mutates its inputs is refused, not run."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template; pass plain prompts instead")
-        import jinja2
+        from jinja2.exceptions import SecurityError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
             raise ValueError(message)
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except SecurityError as e:
+            raise ValueError(f"the chat template tried an unsafe operation ({e}) and was stopped: the model's "
+                             "chat template is not trustworthy; fix or replace it") from None
 
     # ---- constructors ------------------------------------------------------------------------------
     @classmethod

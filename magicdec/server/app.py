@@ -7,6 +7,7 @@ The server holds no generation state: the engine does, behind `EngineRunner` (on
 checks everything first — the key, the body's size, the parameters, the model name, each prompt against
 the context and the KV cache — so a bad request is answered 400 and never queued; then it submits its
 choices and streams (SSE) or collects their outputs. A client that goes away has its requests aborted.
+A request the engine fails on is answered 500 (or its stream ends with an error event); the server goes on.
 The model loads in a thread after the server starts listening: /health answers 503 until it is ready.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
@@ -53,7 +54,17 @@ from magicdec.server.protocol import (
     stop_strings,
     usage,
 )
-from magicdec.server.runner import ClientGone, EngineDead, EngineRunner, Job, QueueFull, ShuttingDown, Stream
+from magicdec.server.runner import (
+    ClientGone,
+    EngineDead,
+    EngineRunner,
+    Job,
+    QueueFull,
+    ShuttingDown,
+    Stream,
+    output_error,
+    request_error,
+)
 from magicdec.serving import Engine
 
 log = logging.getLogger("magicdec.server")
@@ -113,15 +124,15 @@ class Gate:
 
     def __init__(self, app: Any, config: ServerConfig) -> None:
         self.app, self.config = app, config
-        self.bearer = f"Bearer {config.api_key}".encode() if config.api_key else None
+        self.key = config.api_key.encode() if config.api_key else None
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.bearer is not None and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.bearer):
+        if self.key is not None and scope["path"] != "/health":
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if not (secrets.compare_digest(token, self.key) and scheme.lower() == b"bearer"):  # (RFC 7235)
                 return await send_json(send, 401, error_body(
                     "Invalid or missing API key: send the header 'Authorization: Bearer <key>'.",
                     "invalid_request_error", None, "invalid_api_key"))
@@ -246,7 +257,11 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, kind),
+        message = str(exc.detail)
+        if exc.status_code == 400:  # (FastAPI's: the body is not JSON it can parse)
+            message = "the body is not JSON that can be read (bytes that are not UTF-8, or nesting too deep): " \
+                      "send a JSON object in UTF-8"
+        return JSONResponse(error_body(message, "invalid_request_error", None, kind),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.get("/health")
@@ -271,19 +286,14 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
                                             "owned_by": "magicdec", "root": name, "parent": None,
                                             "max_model_len": engine.max_model_len}]}
 
+    # (tokenizing is CPU work, a long body's for a while: these run in a worker thread, off the event loop)
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         engine, _ = state.ready()
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad("give exactly one of prompt and messages", "prompt")
-        tok = engine.llm.tokenizer
-        if body.messages is not None:
-            text = render_chat(engine, body.messages, body.add_generation_prompt)
-            ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
-        else:
-            assert body.prompt is not None
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        ids = await asyncio.to_thread(tokenize_body, engine, body)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
@@ -294,15 +304,17 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
         wrong = [t for t in body.tokens if not 0 <= t < vocab]
         if wrong:
             raise bad(f"token ids must be in 0 … {vocab - 1}, got {wrong[:5]}", "tokens")
-        return {"prompt": engine.llm.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(engine.llm.tokenizer.decode, body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         engine, runner = state.ready()
         state.check_model(body.model)
         check_common(body)
+        texts = completion_prompts(body.prompt)
+        check_choices(engine, runner, len(texts), body.n)
         try:  # (off the event loop: a long prompt takes a while to tokenize)
-            prompts = await asyncio.to_thread(engine.llm.encode, completion_prompts(body.prompt))
+            prompts = await asyncio.to_thread(engine.llm.encode, texts)
         except PromptError as e:
             raise bad(str(e), "prompt") from None
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
@@ -313,6 +325,7 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
         engine, runner = state.ready()
         state.check_model(body.model)
         check_common(body)
+        check_choices(engine, runner, 1, body.n)
         ids = await asyncio.to_thread(encode_chat, engine, body.messages)
         if not ids:
             raise bad("the messages render to an empty prompt", "messages")
@@ -322,6 +335,17 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
         return await serve(state, engine, runner, body, request, [ids], max_tokens, chat=True)
 
     return app
+
+
+def tokenize_body(engine: Engine, body: TokenizeRequest) -> list[int]:
+    """/tokenize's token ids: a prompt (with the tokenizer's special tokens unless told otherwise) or chat
+    messages (the template writes its own)."""
+    tok = engine.llm.tokenizer
+    if body.messages is not None:
+        text = render_chat(engine, body.messages, body.add_generation_prompt)
+        return tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
+    assert body.prompt is not None
+    return tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
 
 
 def render_chat(engine: Engine, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
@@ -338,10 +362,17 @@ def encode_chat(engine: Engine, messages: list[dict[str, Any]]) -> list[int]:
     return engine.llm.tokenizer.encode(render_chat(engine, messages, True), add_special_tokens=False)
 
 
+def kv_capacity(engine: Engine) -> int:
+    """The most tokens (prompt + output) the KV cache holds for one request: the pool's blocks less those a
+    SnapKV draft keeps beside them (`kept_blocks`), less a speculative round's lookahead — the tokens
+    `Scheduler.blocks_needed` fits in the pool."""
+    core = engine.core
+    return (core.pool.num_blocks - core.config.kept_blocks) * core.pool.block_size - core.scheduler.lookahead
+
+
 def token_limit(engine: Engine) -> int:
     """The most tokens (prompt + output) one request may take: the context, and what the KV cache holds."""
-    core = engine.core
-    return min(engine.max_model_len, core.pool.num_blocks * core.pool.block_size - core.scheduler.lookahead)
+    return min(engine.max_model_len, kv_capacity(engine))
 
 
 def check_prompt(engine: Engine, ids: list[int], max_tokens: int, param: str) -> None:
@@ -352,13 +383,20 @@ def check_prompt(engine: Engine, ids: list[int], max_tokens: int, param: str) ->
                   f"{total} tokens ({len(ids)} in the {param}, {max_tokens} in the completion). Please reduce the "
                   f"length of the {param} or the completion (max_tokens).", param, "context_length_exceeded")
     core = engine.core
-    need = core.scheduler.blocks_needed(total)
-    if need > core.pool.num_blocks:
-        P = core.pool.block_size
+    if core.scheduler.blocks_needed(total) > core.pool.num_blocks:
         raise bad(f"this request needs {total} tokens of KV cache ({len(ids)} in the {param}, {max_tokens} in the "
-                  f"completion) but the server's KV cache holds {core.pool.num_blocks * P - core.scheduler.lookahead}"
-                  f": reduce the length of the {param} or the completion (max_tokens)", param,
-                  "context_length_exceeded")
+                  f"completion) but the server's KV cache holds {kv_capacity(engine)} per request: reduce the "
+                  f"length of the {param} or the completion (max_tokens)", param, "context_length_exceeded")
+
+
+def check_choices(engine: Engine, runner: EngineRunner, prompts: int, n: int) -> None:
+    """A request's choices (prompts × n engine requests) must fit the server at once, or it never runs."""
+    if prompts * n > runner.capacity:
+        seqs = engine.core.config.max_num_seqs
+        raise bad(f"this request asks for {prompts * n} completions ({prompts} prompt{'s' * (prompts > 1)} × n "
+                  f"{n}) but the server holds at most {runner.capacity} at once ({seqs} running, --max-num-seqs, "
+                  f"+ {runner.capacity - seqs} queued, --max-queue): lower n or send fewer prompts per request",
+                  "n" if n > 1 else "prompt", "too_many_choices")
 
 
 def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_tokens: int, rid: str,
@@ -444,6 +482,9 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
     finally:
         stream.abort()
     outs = [finals[i] for i in range(len(jobs))]
+    failed = next((out for out in outs if out.finish_reason == "error"), None)
+    if failed is not None:
+        raise request_error(output_error(failed))
     choices = []
     for i, out in enumerate(outs):
         choice: dict[str, Any] = {"index": i}
@@ -467,7 +508,9 @@ def usage_of(prompts: list[list[int]], n: int, outs: list[StepOutput]) -> dict[s
 async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: list[list[int]], body: Common,
               chat: bool, include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's stream: chat opens each choice with a role delta; deltas carry finish_reason null until a
-    choice's last one; then (stream_options.include_usage) a usage chunk with no choices; then [DONE]."""
+    choice's last one; then (stream_options.include_usage) a usage chunk with no choices; then [DONE]. A
+    choice the engine failed on ends the stream: its chunk with finish_reason "error", an error event
+    (`data: {"error": …}`, which OpenAI's clients raise), then [DONE]."""
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         out = {**head, "choices": choices, **extra}
@@ -496,6 +539,8 @@ async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: l
             if body.return_token_ids:
                 choice["token_ids"] = out.new_token_ids
             yield chunk([choice])
+            if out.finish_reason == "error":  # this choice failed: the stream ends with the error (vLLM's way)
+                raise request_error(output_error(out))
         if include_usage:
             outs = [finals[i] for i in range(n_choices)]
             yield chunk([], usage=usage_of(prompts, body.n, outs))

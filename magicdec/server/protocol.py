@@ -3,8 +3,10 @@
 Every request body is a pydantic model with `extra="forbid"`: a parameter magicdec does not know is a 400
 that names it. OpenAI parameters magicdec does not implement (logprobs, echo, penalties, tools, …) are
 declared, but accepted only at their neutral values (`presence_penalty: 0`, `echo: false`, …); any other
-value is a 400 naming them. Extensions (vLLM's where vLLM has one): `top_k`, `ignore_eos`,
-`return_token_ids`, and `speculation: {"gamma": k}` (0: no speculation for this request; k: always γ = k).
+value is a 400 naming them (log-probabilities too: `logprobs: 0` asks for them as much as 2 does).
+An explicit `null` is the parameter's default, as OpenAI takes it. Extensions (vLLM's where vLLM has one):
+`top_k`, `ignore_eos`, `return_token_ids`, and `speculation: {"gamma": k}` (0: no speculation for this
+request; k: always γ = k).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 from magicdec.engine.outputs import Acceptance
 from magicdec.engine.request import StepOutput
 
 MAX_N = 64  # choices per request (each one is an engine request)
+MAX_STOP = 4  # stop strings per request (OpenAI's limit): each is matched against every new token's text
+MAX_STOP_CHARS = 256  # characters per stop string (a stream holds back up to this many characters)
 
 
 class APIError(Exception):
@@ -47,6 +52,36 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_default(cls, data: Any) -> Any:
+        """An explicit null for a parameter that has a default is that default (OpenAI's clients send them);
+        text that is not Unicode (a lone surrogate, which JSON's \\u escapes can spell) is refused first."""
+        if isinstance(data, dict):
+            check_unicode(data)
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if not (v is None and k in fields and not fields[k].is_required())}
+        return data
+
+
+def check_unicode(data: dict[str, Any]) -> None:
+    """Every string of a request body (keys too) must be encodable as UTF-8: the tokenizer and the answer
+    need it. (A loop, not recursion: JSON may nest deeply.)"""
+    for top, value in data.items():
+        stack = [top, value]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, str):
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise PydanticCustomError("unicode", f"the text of {top!a} is not valid Unicode (a lone UTF-16 "
+                                              "surrogate such as \\ud800): send whole characters") from None
+            elif isinstance(x, dict):
+                stack += [*x, *x.values()]
+            elif isinstance(x, list):
+                stack += x
+
 
 class StreamOptions(Strict):
     include_usage: bool = False
@@ -72,6 +107,10 @@ def _falsy(v: Any) -> bool:
 
 def _text_format(v: Any) -> bool:
     return isinstance(v, dict) and v.get("type") == "text" and len(v) == 1
+
+
+def _false(v: Any) -> bool:
+    return v is False
 
 
 def _no_tool_choice(v: Any) -> bool:
@@ -101,7 +140,7 @@ class Common(Strict):
     logprobs: Any = None
 
     NEUTRAL: ClassVar[dict[str, Neutral]] = {
-        "presence_penalty": _zero, "frequency_penalty": _zero, "logit_bias": _falsy, "logprobs": _falsy}
+        "presence_penalty": _zero, "frequency_penalty": _zero, "logit_bias": _falsy, "logprobs": _false}
 
     def unsupported(self) -> list[str]:
         return [name for name, ok in self.NEUTRAL.items()
@@ -167,6 +206,11 @@ def check_common(body: Common) -> None:
     stops = stop_strings(body.stop)
     if any(not s for s in stops):
         raise bad("stop strings must be non-empty", "stop")
+    if len(stops) > MAX_STOP:
+        raise bad(f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        longest = max(len(s) for s in stops)
+        raise bad(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}", "stop")
     if body.stream_options is not None and not body.stream:
         raise bad("stream_options is only allowed when stream is true", "stream_options")
     if body.speculation is not None and body.speculation.gamma is not None and body.speculation.gamma < 0:

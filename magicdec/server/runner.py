@@ -9,6 +9,17 @@ The engine is not thread-safe, so exactly one thread (`magicdec-engine`) calls i
    busy), and hand the step's outputs to the event loop in one `call_soon_threadsafe`, where each goes to
    its HTTP request's `Stream`.
 The event loop side (`submit`, `abort`, `Stream`) never touches the engine: it only posts to the inbox.
+
+Failures: a request the engine could not serve finishes alone, with `finish_reason` "error" and its
+message (the handler answers it 500, or ends its stream with an error event); a request the engine refused
+on adding gets its error the same way. Only `step()` raising is an engine-wide fault: every open request
+fails with it, /health turns 503 and `on_fatal` stops the server.
+
+Streams: a `Stream` keeps, per choice, the deltas its handler has not taken yet, concatenated (and the
+latest output, whose full token list and text the engine fills only when it finishes). A reader slower
+than the engine therefore costs O(output) memory, however many steps it falls behind, and the engine
+thread never waits for it.
+
 Capacity: at most `max_num_seqs` running plus `max_queue` waiting engine requests; `submit` beyond that
 raises `QueueFull` (the server answers 503 with Retry-After).
 """
@@ -21,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch.distributed as dist
@@ -68,17 +79,54 @@ class Job:
     arrival: float
 
 
+@dataclass(slots=True)
+class Pending:
+    """What a choice produced that its handler has not taken yet: the deltas, and the latest output."""
+
+    token_ids: list[int]
+    texts: list[str]
+    last: StepOutput
+
+
 class Stream:
-    """The outputs of one HTTP request's engine requests (its choices), as (choice index, StepOutput)."""
+    """The outputs of one HTTP request's engine requests (its choices), as (choice index, StepOutput): the
+    engine's deltas of a choice not taken yet come out as one, whose `new_token_ids` and `new_text` are
+    their concatenation."""
 
     def __init__(self, runner: EngineRunner, request_ids: list[str]) -> None:
         self.runner, self.request_ids = runner, request_ids
-        self.queue: asyncio.Queue[tuple[int, StepOutput] | BaseException] = asyncio.Queue()
+        self.pending: dict[int, Pending] = {}  # choice index → its deltas not taken yet (event loop only)
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
         self.unfinished = set(range(len(request_ids)))
 
     @property
     def done(self) -> bool:
         return not self.unfinished
+
+    def put(self, index: int, out: StepOutput) -> None:
+        """(event loop) One output of choice `index`, joined to what its handler has not taken yet."""
+        p = self.pending.get(index)
+        if p is None:
+            self.pending[index] = Pending(list(out.new_token_ids), [out.new_text], out)
+        else:
+            p.token_ids += out.new_token_ids
+            p.texts.append(out.new_text)
+            p.last = out
+        self.ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        """(event loop) The error the handler raises instead of any further output."""
+        self.error = error
+        self.ready.set()
+
+    def take(self) -> list[tuple[int, StepOutput]]:
+        """Everything pending, one output per choice, and nothing pending after."""
+        outs = [(i, replace(p.last, new_token_ids=p.token_ids, new_text="".join(p.texts)))
+                for i, p in self.pending.items()]
+        self.pending.clear()
+        self.ready.clear()
+        return outs
 
     def abort(self) -> None:
         """Abort the choices not finished yet (their KV blocks are free after the engine's next step)."""
@@ -88,31 +136,26 @@ class Stream:
 
     async def outputs(self, client: Disconnectable | None = None) -> AsyncIterator[tuple[int, StepOutput]]:
         """The deltas until every choice has finished; raises ClientGone when `client` disconnects while
-        waiting, or the error the engine met."""
-        getter: asyncio.Future[Any] | None = None
+        waiting, or the error the request met."""
         check = time.monotonic() + DISCONNECT_POLL_S
-        try:
-            while self.unfinished:
-                if client is not None and time.monotonic() >= check:  # (outputs may flow all the time)
-                    if await client.is_disconnected():
-                        raise ClientGone
-                    check = time.monotonic() + DISCONNECT_POLL_S
-                if getter is None:
-                    getter = asyncio.ensure_future(self.queue.get())
+        while self.unfinished:
+            if client is not None and time.monotonic() >= check:  # (outputs may flow all the time)
+                if await client.is_disconnected():
+                    raise ClientGone
+                check = time.monotonic() + DISCONNECT_POLL_S
+            if self.error is not None:
+                raise self.error
+            if not self.pending:
                 timeout = max(check - time.monotonic(), 0.0) if client is not None else None
-                done, _ = await asyncio.wait({getter}, timeout=timeout)
-                if not done:
-                    continue
-                item, getter = getter.result(), None
-                if isinstance(item, BaseException):
-                    raise item
-                index, out = item
+                try:
+                    await asyncio.wait_for(self.ready.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            for index, out in self.take():
                 if out.finished:
                     self.unfinished.discard(index)
                 yield index, out
-        finally:
-            if getter is not None:
-                getter.cancel()
 
 
 class EngineRunner:
@@ -172,17 +215,17 @@ class EngineRunner:
             if entry is None:
                 continue
             stream, index = entry
-            stream.queue.put_nowait((index, out))
+            stream.put(index, out)
             if out.finished:
                 del self._streams[out.request_id]
         for rid, err in errors:
             entry = self._streams.pop(rid, None)
             if entry is not None:
-                entry[0].queue.put_nowait(err)
+                entry[0].fail(err)
 
     def _fail_all(self, err: BaseException) -> None:
         for stream, _ in list(self._streams.values()):
-            stream.queue.put_nowait(err)
+            stream.fail(err)
         self._streams.clear()
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -223,7 +266,7 @@ class EngineRunner:
                 errors, aborted = apply_ops(engine, ops)
                 outs: list[StepOutput] = []
                 if engine.has_unfinished_requests() or aborted:
-                    outs = engine.step()
+                    outs = engine.step()  # (raising: an engine-wide fault; one request's failure is its output)
                 finished = sum(o.finished for o in outs) + len(errors)
                 if finished:  # counted free before the metrics say so: a client that saw them may submit
                     with self._count:
@@ -285,6 +328,9 @@ def apply_ops(engine: Engine, ops: list[tuple[str, Any]]) -> tuple[list[tuple[st
                 engine.add_request(x.prompt, x.params, x.spec, x.request_id, x.arrival)
             except ValueError as e:  # checked by the handler already: a race (e.g. an id in use)
                 errors.append((x.request_id, APIError(400, str(e))))
+            except Exception as e:  # this request's own fault: it fails, the engine goes on
+                log.exception("the engine could not add request %s", x.request_id)
+                errors.append((x.request_id, request_error(str(e))))
         else:
             engine.abort_request(x)
             aborted = True
@@ -311,12 +357,27 @@ def follow(engine: Engine) -> None:
             engine.step()
 
 
+def request_error(message: str | None) -> APIError:
+    """The answer to a request that the engine could not serve (a 500 for it alone)."""
+    return APIError(500, f"the engine failed on this request: {message or 'see the server log'}",
+                    type="server_error", code="engine_error")
+
+
+def output_error(out: StepOutput) -> str | None:
+    """A finished output's error message (finish_reason "error"), or None."""
+    if out.finish_reason != "error":
+        return None
+    return getattr(out, "error", None) or "see the server log"  # (`error`: the engine's StepOutput field)
+
+
 def log_finished(out: StepOutput) -> None:
     m, acc = out.metrics, out.spec
     ttft = f"{m.ttft:.3f} s" if m.ttft is not None else "-"
     e2e = f"{m.finished - m.arrival:.3f} s" if m.finished is not None else "-"
     spec = (f", acceptance {acc.acceptance_rate:.1%} ({acc.accepted_tokens}/{acc.draft_tokens} drafts, "
             f"{acc.mean_accepted_tokens:.2f} tokens per round)" if acc.rounds else "")
-    log.info("finished %s (%s): %d prompt tokens (%d cached), %d output tokens, TTFT %s, e2e %s%s",
-             out.request_id, out.finish_reason, len(out.prompt_token_ids), m.cached_tokens, len(out.token_ids),
-             ttft, e2e, spec)
+    error = output_error(out)
+    (log.error if error else log.info)(
+        "finished %s (%s%s): %d prompt tokens (%d cached), %d output tokens, TTFT %s, e2e %s%s", out.request_id,
+        out.finish_reason, f": {error}" if error else "", len(out.prompt_token_ids), m.cached_tokens,
+        len(out.token_ids), ttft, e2e, spec)
