@@ -20,6 +20,7 @@ run (a batch-wide `gamma_policy`, a self-draft with KV of its own).
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -48,7 +49,7 @@ from magicdec.loading import LoadedModel, load_model
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
 from magicdec.model.quant import quantize_weights, quantized_bytes
-from magicdec.parallel.tp import RankZeroGamma, TensorParallel, broadcast_seed
+from magicdec.parallel.tp import RankZeroGamma, TensorParallel, agree_min, broadcast_seed
 from magicdec.runtime.runner import ModelRunner
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import Auto, SpecConfig, paged_problem
@@ -82,6 +83,32 @@ def check_draft_vocabulary(draft: LoadedModel, target: LoadedModel) -> None:
         raise LoadError(f"draft model {name} does not share the target's tokenizer: its token {t!r} has id {i}, "
                         f"the target's {theirs.get(t)} ({len(differ)} tokens differ); choose a draft model "
                         "trained with the target's tokenizer")
+
+
+def token_ids(prompt: object, i: int) -> list[int]:
+    """Prompt i given as token ids: a sequence of int (not bytes, floats, bools or nested lists)."""
+    if isinstance(prompt, (bytes, bytearray)):
+        raise PromptError(f"prompt {i} is {type(prompt).__name__}: decode it to a str (e.g. "
+                          "prompt.decode('utf-8')) or pass its token ids as a list of int")
+    if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.is_floating_point() \
+            and prompt.dtype is not torch.bool:
+        return prompt.tolist()
+    if not isinstance(prompt, Sequence):
+        raise PromptError(f"prompt {i} must be a str or a list of int token ids, got {type(prompt).__name__}: "
+                          f"{prompt!r:.80}")
+    for j, t in enumerate(prompt):
+        if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+            raise PromptError(f"prompt {i} has a {type(t).__name__} at position {j} ({t!r:.40}): token ids must be "
+                              "int; pass a str to tokenize, or a list of int token ids")
+    return [int(t) for t in prompt]
+
+
+def check_arguments(params: object, spec: object) -> None:
+    """Refuse, with the argument named, a `params` or `spec` of the wrong type (before any work)."""
+    if params is not None and not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams (or None), got {type(params).__name__}: {params!r:.80}")
+    if spec is not None and not isinstance(spec, SpecConfig):
+        raise TypeError(f"spec must be a SpecConfig (or None), got {type(spec).__name__}: {spec!r:.80}")
 
 
 class LLM:
@@ -124,9 +151,14 @@ class LLM:
 
     # ---- prompts ---------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Token ids of each prompt: a str is tokenized, a sequence of int token ids taken as it is; anything
+        else (bytes, floats, bools, nested lists) is refused with the argument and the fix."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
+            raise PromptError(f"prompts must be a list of prompts (each a str or a list of int token ids), got "
+                              f"{type(prompts).__name__}: {prompts!r:.80}")
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else token_ids(p, i) for i, p in enumerate(prompts)]
         if not ids:
             raise PromptError("no prompts given")
         for i, p in enumerate(ids):
@@ -168,7 +200,9 @@ class LLM:
         """Generate for every prompt, with `spec`'s speculation: continuous batching over the paged KV cache
         (the serving engine's core, the code path `magicdec serve` runs), all prompts queued at once. A seeded
         `params` gives prompt i the seed `seed + i`. With `gamma_policy` (one γ for the whole batch, for
-        experiments) or a self-draft with KV of its own, the static batch runs instead (`prefill` + `decode`)."""
+        experiments) or a self-draft with KV of its own, the static batch runs instead (`prefill` + `decode`).
+        A request that fails on its own (e.g. NaN logits) raises its error here."""
+        check_arguments(params, spec)
         spec, params = spec or SpecConfig(), params or SamplingParams()
         if gamma_policy is not None or paged_problem(spec) is not None:
             batch = self.prefill(prompts, params, max_gamma=spec.gamma_bound if spec.enabled else 0,
@@ -205,6 +239,10 @@ class LLM:
                     bar.update(len(out.new_token_ids))
                     if out.finished:
                         final[out.request_id] = out
+                if core.step_errors:  # a request failed: so does the generation, with its error
+                    for rid in list(core.requests):
+                        core.abort_request(rid)
+                    raise next(iter(core.step_errors.values()))
                 report = core.last_report
                 assert report is not None
                 stats.prefill_s += report.prefill_s
@@ -316,7 +354,9 @@ class LLM:
         """The core of a continuous-batching engine over a paged KV cache, with `spec`'s speculation, and its
         γ policy. The pool holds `num_blocks` blocks of `block_size` tokens, or what `kv_cache_memory` bytes
         hold, or a share of the free memory (never more than `max_num_seqs` requests of `max_model_len`
-        tokens need, or than requests of the `exact_pool` lengths need)."""
+        tokens need, or than requests of the `exact_pool` lengths need); under tensor parallelism a pool sized
+        here is the smallest any rank can hold (every rank must schedule the same forwards). A model with a
+        sliding window refuses requests longer than it (sliding windows are not implemented)."""
         spec = spec if spec is not None and spec.enabled else None
         problem = paged_problem(spec) if spec is not None else None
         if problem:
@@ -346,6 +386,8 @@ class LLM:
                     share = CUDA_KV_SHARE if self.device.type == "cuda" else CPU_KV_SHARE
                     kv_cache_memory = int(available_bytes(self.device) * share)
             num_blocks = min(kv_cache_memory // per_block, want)
+            if self.tp is not None and self.tp.world > 1:  # every rank's pool the same: the smallest
+                num_blocks = agree_min(self.tp, num_blocks, self.device)
             one = -(-(max(lengths) + lookahead) // block_size) + config.kept_blocks  # the longest request alone
             if num_blocks < one:
                 plan = self.memory_plan()
@@ -360,13 +402,14 @@ class LLM:
                                   f"({fmt_bytes(per_block)} each): give it more memory (kv_cache_memory)")
         cache = PagedKVCache.for_model(model, num_blocks, block_size)
         core = EngineCore(model, self.tokenizer, self.eos_token_ids, cache, config, generator=self.generator,
-                          max_model_len=max_len)
+                          max_model_len=max_len, sliding_window=self.config.sliding_window)
         return core, self.speculate(core, spec)
 
     def speculate(self, core: EngineCore, spec: SpecConfig | None) -> RequestGamma | None:
         """Make `spec` the speculation of `core` (between requests): its draft over the target's pages (or a
         draft model's pool indexed by the same block tables), its scheduler configuration; returns its γ policy
-        (also set as the core's `choose` and `observe`)."""
+        (also set as the core's `choose` and `observe`). A new draft-model pool empties the prefix cache: its
+        cached blocks hold the target's KV but not the draft's."""
         spec = spec if spec is not None and spec.enabled else None
         problem = paged_problem(spec) if spec is not None else None
         if problem:
@@ -393,8 +436,10 @@ class LLM:
                 target_vocab = self.config.vocab_size
                 vocab = target_vocab if drafter.config.vocab_size < target_vocab else None
                 pool = core.draft.pool if core.draft is not None and core.draft.model is drafter else None
-                draft = PagedDraft(drafter, pool or PagedKVCache.for_model(drafter, cache.num_blocks, P), sinks,
-                                   window, vocab)
+                if pool is None:  # a new draft pool: no cached prefix has the draft's KV in it
+                    pool = PagedKVCache.for_model(drafter, cache.num_blocks, P)
+                    core.pool.clear_prefix_cache()
+                draft = PagedDraft(drafter, pool, sinks, window, vocab)
             policy = RequestGamma(self.gamma_policy(spec, drafter.config))
         core.draft, core.config, core.scheduler.config = draft, config, config
         core.choose = policy.choose if policy else (lambda rs: [0] * len(rs))

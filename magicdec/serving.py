@@ -8,10 +8,19 @@
             print(out.request_id, out.new_text, out.finished)
 
 The names are vLLM's (`add_request`, `abort_request`, `step`, `has_unfinished_requests`); `stream` iterates
-over one request's deltas, `generate` is its asyncio counterpart (several coroutines may stream at once:
-whichever needs output next runs a step for everyone). The engine owns every request's state: the paged KV
-cache and its prefix cache, the scheduler, the per-request γ policy (`magicdec.costmodel.policy.RequestGamma`
-over the cost model of `gamma="auto"`, or a fixed γ).
+over one request's deltas, `generate` is its asyncio counterpart: several coroutines may stream at once, all
+fed by one stepping task that the engine owns (it runs the steps in a worker thread while any request is
+left, puts each output in its stream's queue, ends when no request is left, and the next request starts it
+again), as the server's `EngineRunner` does with its thread. A consumer only awaits its own queue: a request
+that waits for room (`max_num_seqs`, the pool, a preemption) never stalls the others, and a consumer that is
+cancelled or closes its stream early aborts its own request and nothing else. Do not call the synchronous
+methods (`step`, `stream`, `run`) while `generate` streams are open. The engine owns every request's state:
+the paged KV cache and its prefix cache, the scheduler, the per-request γ policy
+(`magicdec.costmodel.policy.RequestGamma` over the cost model of `gamma="auto"`, or a fixed γ).
+
+Outputs are deltas (`StepOutput`): `new_token_ids` and `new_text` each step, the whole `token_ids` and `text`
+on the final output only. A request that fails on its own ends with finish_reason "error" (`StepOutput.error`);
+an engine-wide fault propagates (to every open `generate` stream).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ DEFAULT_BLOCK_SIZE = 64  # tokens per KV block: a multiple of the CPU kernel's 6
 
 def check_engine_spec(spec: SpecConfig | None) -> None:
     """Refuse, with the way out, a speculation setting the serving engine does not run."""
+    if spec is not None and not isinstance(spec, SpecConfig):
+        raise TypeError(f"spec must be a SpecConfig (or None), got {type(spec).__name__}: {spec!r:.80}")
     problem = paged_problem(spec) if spec is not None else None
     if problem:
         raise ValueError(problem)
@@ -72,6 +83,14 @@ class Engine:
             enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
         self.spec = spec if spec is not None and spec.enabled else None
         self.max_model_len = self.core.max_model_len
+        # `generate`'s streams (bound to the event loop they run in): queues by request id, the stepping task,
+        # the requests whose consumers left (aborted before the next step), an engine-wide fault
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
+        self._stepper: asyncio.Task[None] | None = None
+        self._step_lock: asyncio.Lock | None = None
+        self._leaving: list[str] = []
+        self._fault: BaseException | None = None
         if not quiet:
             cache = self.core.cache
             blocks, P = cache.num_blocks, cache.block_size
@@ -97,6 +116,8 @@ class Engine:
         """Queue a request: a prompt (text or token ids), its sampling parameters, and optionally its own
         speculation (0: off; k: always γ = k). Checked now (a bad request is refused before it waits)."""
         ids = self.llm.encode([prompt])[0]
+        if isinstance(spec, bool):
+            raise TypeError(f"spec must be a RequestSpec, an int γ or None, got bool: {spec}")
         if isinstance(spec, int):
             spec = RequestSpec(spec)
         return self.core.add_request(ids, params or SamplingParams(), spec, request_id, arrival)
@@ -114,46 +135,88 @@ class Engine:
     # ---- streams -----------------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                spec: RequestSpec | int | None = None) -> Iterator[StepOutput]:
-        """Add a request and step the engine until it finishes, yielding its deltas (other requests advance too)."""
+        """Add a request and step the engine until it finishes, yielding its deltas (other requests advance too);
+        closing the iterator early (`close()`, or leaving a for loop) aborts the request and frees its blocks."""
         rid = self.add_request(prompt, params, spec)
-        while True:
-            for out in self.step():
-                if out.request_id == rid:
-                    yield out
-                    if out.finished:
-                        return
+        finished = False
+        try:
+            while not finished:
+                for out in self.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+                        if finished:
+                            break
+        finally:
+            if not finished:
+                self.abort_request(rid)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        spec: RequestSpec | int | None = None,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:
-        """One request's deltas as an async stream; closing the stream early aborts the request."""
-        if not hasattr(self, "_queues"):
-            self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
-            self._lock = asyncio.Lock()
-        async with self._lock:  # never beside a step running in its thread
+        """One request's deltas as an async stream, fed by the engine's stepping task; closing the stream
+        early, or cancelling its consumer, aborts the request (its blocks are free before the next step)."""
+        lock = self._bind_loop()
+        async with lock:  # never beside a step running in its thread
             rid = self.add_request(prompt, params, spec, request_id)
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._queues[rid] = queue
+            queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+            self._queues[rid] = queue
+        self._start_stepping()
         finished = False
         try:
-            while True:
-                if queue.empty():
-                    async with self._lock:
-                        if queue.empty():
-                            for out in await asyncio.to_thread(self.step):
-                                q = self._queues.get(out.request_id)
-                                if q is not None:
-                                    q.put_nowait(out)
+            while not finished:
                 out = await queue.get()
+                if isinstance(out, BaseException):  # an engine-wide fault
+                    finished = True
+                    raise out
                 finished = out.finished
                 yield out
-                if finished:
-                    return
         finally:
             self._queues.pop(rid, None)
-            if not finished:  # the consumer stopped early: free the request's blocks
-                async with self._lock:
-                    self.abort_request(rid)
+            if not finished:  # the consumer left: abort before the next step (no await here: a closing generator)
+                self._leaving.append(rid)
+                self._start_stepping()
+
+    def _bind_loop(self) -> asyncio.Lock:
+        """The lock that keeps requests from being added beside a step, for the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._fault is not None:
+            raise RuntimeError(f"the engine failed earlier ({type(self._fault).__name__}: {self._fault}); "
+                               "create a new Engine")
+        if loop is not self._loop or self._step_lock is None:
+            if self._stepper is not None and not self._stepper.done():
+                raise RuntimeError("this engine is streaming in another event loop; use one loop per engine")
+            self._loop, self._step_lock, self._queues, self._leaving = loop, asyncio.Lock(), {}, []
+        return self._step_lock
+
+    def _start_stepping(self) -> None:
+        if self._stepper is None or self._stepper.done():
+            try:
+                self._stepper = asyncio.get_running_loop().create_task(self._stepping())
+            except RuntimeError:  # no loop any more (a stream finalized at shutdown): nothing to feed
+                pass
+
+    async def _stepping(self) -> None:
+        """The engine's stepping task: apply the aborts of consumers that left, run a step in a worker thread,
+        put each output in its stream's queue; end when no request is left."""
+        assert self._step_lock is not None
+        try:
+            while True:
+                async with self._step_lock:
+                    for rid in self._leaving:
+                        self.core.abort_request(rid)
+                    self._leaving.clear()
+                    if self.core.idle:
+                        return
+                    outs = await asyncio.to_thread(self.core.step)
+                for out in outs:
+                    queue = self._queues.get(out.request_id)
+                    if queue is not None:
+                        queue.put_nowait(out)
+        except Exception as e:  # an engine-wide fault: every open stream ends with it
+            self._fault = e
+            for queue in self._queues.values():
+                queue.put_nowait(e)
 
     def run(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
             ) -> list[StepOutput]:
@@ -203,5 +266,8 @@ class Engine:
         for rid in list(self.core.requests):
             self.core.abort_request(rid)
         self.core.cache.k = self.core.cache.v = torch.empty(0)
+        draft = self.core.draft
+        if draft is not None and draft.pool is not None:  # a draft model's own pool
+            draft.pool.k = draft.pool.v = torch.empty(0)
         if self.llm.device.type == "cuda":
             torch.cuda.empty_cache()

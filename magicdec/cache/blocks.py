@@ -122,6 +122,13 @@ class BlockPool:
             self.hash_of[block] = h
             self.cached[h] = block
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. when a draft model's pool, which they have no KV in, starts):
+        the blocks stay where they are (held or free), without their hashes."""
+        for block in self.cached.values():
+            self.hash_of[block] = None
+        self.cached.clear()
+
     def check_empty(self) -> None:
         """Raise if any block is still held (a leak: every request must release what it holds)."""
         held = [b for b, r in enumerate(self.refs) if r]

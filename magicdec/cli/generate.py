@@ -140,7 +140,8 @@ def print_summary(result: GenerationResult, llm: LLM, out: Any = sys.stdout) -> 
     print(f"\nbatch {s.batch}, {s.prompt_tokens} prompt tokens: prefill {s.prefill_s:.2f} s; "
           f"decode {s.generated_tokens} tokens in {s.decode_s:.2f} s = {s.tokens_per_s:.1f} tokens/s", file=out)
     if s.method != "none":
-        print(f"speculation ({s.method}): acceptance {s.acceptance_rate:.1%} of {s.acceptance.draft_tokens} drafted "
+        rate = "none drafted" if s.acceptance_rate is None else f"{s.acceptance_rate:.1%}"
+        print(f"speculation ({s.method}): acceptance {rate} of {s.acceptance.draft_tokens} drafted "
               "tokens, "
               f"{s.mean_accepted_tokens:.2f} tokens per verification; draft {s.draft_s:.2f} s, "
               f"verify {s.verify_s:.2f} s", file=out)

@@ -8,6 +8,10 @@
 2. prefill — each scheduled chunk as a forward of its own (a prompt's chunks are the same computation
    whatever else runs); the chunk that completes a prompt gives the request its first token;
 3. stop rules, streaming deltas, and the end of finished requests (their blocks go back to the pool).
+A request's failure is its own: what raises while its row is sampled, verified, drafted for, put through its
+stop rules or detokenized (a sampling error, NaN logits in its row only, …) finishes that request with
+finish_reason "error" and the message (`StepOutput.error`), frees its blocks, and the step goes on with
+the others. Only an engine-wide fault (a batched forward raising, the scheduler, the γ policy) propagates.
 On the CPU the kernels are batch-invariant, so a request's tokens do not depend on the others in its
 forwards: greedy output equals decoding the request alone, bit for bit, across preemptions and prefix hits.
 
@@ -37,7 +41,7 @@ from magicdec.cache.paged import PagedKVCache, PagedView
 from magicdec.engine.outputs import Acceptance
 from magicdec.engine.request import Request, RequestSpec, Status, StepOutput
 from magicdec.engine.scheduler import ChooseGamma, Plan, Scheduler, SchedulerConfig
-from magicdec.engine.state import NumericalError, Stopper
+from magicdec.engine.state import NumericalError
 from magicdec.engine.step import PhaseClock
 from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.loading.tokenizer import Tokenizer
@@ -106,6 +110,7 @@ class EngineStats:
     generation_tokens: int = 0
     finished: int = 0
     aborted: int = 0
+    errors: int = 0  # requests that failed (finish_reason "error")
     steps: int = 0
     spec: Acceptance = field(default_factory=Acceptance)
 
@@ -115,7 +120,7 @@ class EngineCore:
                  config: SchedulerConfig, draft: PagedDraft | None = None,
                  choose: ChooseGamma | None = None, observe: Callable[[StepReport], None] | None = None,
                  generator: Callable[[SamplingParams], torch.Generator | None] | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, sliding_window: int | None = None) -> None:
         self.model, self.tokenizer, self.eos = model, tokenizer, eos_token_ids
         self.cache, self.draft = cache, draft
         self.pool = BlockPool(cache.num_blocks, cache.block_size)
@@ -125,17 +130,23 @@ class EngineCore:
         self.observe = observe
         self.generator = generator or (lambda p: p.generator(model.device))
         self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.sliding_window = sliding_window  # the model's; not implemented: longer requests are refused
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._aborted: list[Request] = []
         self.last_report: StepReport | None = None
         self.block_scores: dict[str, list[float]] = {}  # guided drafts: request id → score per logical block
+        self.step_errors: dict[str, BaseException] = {}  # the last step's failed requests: id → what they raised
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None,
                     request_id: str | None = None, arrival: float | None = None) -> str:
         """Queue a request (checked here, so a bad one is refused before it waits); returns its id."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}: {params!r:.80}")
+        if spec is not None and not isinstance(spec, RequestSpec):
+            raise TypeError(f"spec must be a RequestSpec (or None), got {type(spec).__name__}: {spec!r:.80}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is in use")
@@ -149,17 +160,21 @@ class EngineCore:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
                              f"tokens, over the model's context of {self.max_model_len}: shorten the prompt or "
                              "lower max_new_tokens")
+        if self.sliding_window is not None and total > self.sliding_window:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                             f"positions, but this model attends over a sliding window of {self.sliding_window}, "
+                             "which magicdec does not implement; shorten the prompt or lower max_new_tokens")
         need = self.scheduler.blocks_needed(total)
         if need > self.pool.num_blocks:
             P = self.pool.block_size
             raise ValueError(f"this request needs {need} KV blocks ({need * P} tokens) but the cache holds "
                              f"{self.pool.num_blocks} ({self.pool.num_blocks * P} tokens): shorten it or give the "
                              "KV cache more memory")
-        if spec is not None and spec.gamma is not None and not 0 <= spec.gamma <= self.config.max_gamma:
+        if spec is not None and spec.gamma is not None and (not isinstance(spec.gamma, int) or isinstance(
+                spec.gamma, bool) or not 0 <= spec.gamma <= self.config.max_gamma):
             raise ValueError(f"a request's γ must be in 0 … {self.config.max_gamma} (the engine's bound), "
                              f"got {spec.gamma}")
-        stopper = Stopper(self.tokenizer, params, self.eos)
-        r = Request(rid, list(prompt), params, stopper, self.tokenizer, self.generator(params), spec, arrival)
+        r = Request(rid, list(prompt), params, self.eos, self.tokenizer, self.generator(params), spec, arrival)
         self.requests[rid] = r
         self.scheduler.add(r)
         return rid
@@ -178,6 +193,11 @@ class EngineCore:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     @property
+    def idle(self) -> bool:
+        """No request left, and no aborted one whose final output the next step would report."""
+        return not (self.has_unfinished_requests() or self._aborted)
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -192,8 +212,9 @@ class EngineCore:
         plan = self.scheduler.schedule(self.choose)
         advanced: dict[str, Request] = {r.request_id: r for r in self._aborted}
         self._aborted = []
+        self.step_errors = {}
         times = (0.0, 0.0, 0.0)
-        accepted: list[int] = []
+        accepted: list[int | None] = []
         if plan.decode:
             accepted, times = self._decode(plan)
             advanced.update((r.request_id, r) for r in plan.decode)
@@ -207,7 +228,10 @@ class EngineCore:
         for r in advanced.values():
             if r.finished and r.finish_reason != "abort":
                 self.scheduler.remove(r)
-                self.stats.finished += 1
+                if r.finish_reason == "error":
+                    self.stats.errors += 1
+                else:
+                    self.stats.finished += 1
             out.append(r.delta())
             if r.finished:
                 self.requests.pop(r.request_id, None)
@@ -215,13 +239,21 @@ class EngineCore:
         self.stats.steps += 1
         new = sum(len(o.new_token_ids) for o in out)
         self.stats.generation_tokens += new
-        report = StepReport([r.request_id for r in plan.decode], plan.gammas, accepted,
+        rounds = [(r.request_id, g, k) for r, g, k in zip(plan.decode, plan.gammas, accepted) if k is not None]
+        report = StepReport([i for i, _, _ in rounds], [g for _, g, _ in rounds], [k for _, _, k in rounds],
                             sum(c.end - c.start for c in plan.chunks), new, time.perf_counter() - t0, *times,
                             prefill_s=prefill_s)
-        if self.observe is not None and plan.decode:
+        if self.observe is not None and rounds:
             self.observe(report)
         self.last_report = report
         return out
+
+    def _fail(self, r: Request, error: BaseException) -> None:
+        """End r (and only r) with finish_reason "error": what its own row raised during this step."""
+        if r.finished:
+            return
+        r.finish("error", time.monotonic(), f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+        self.step_errors[r.request_id] = error
 
     def _table(self, requests: Sequence[Request]) -> torch.Tensor:
         return self.cache.table([r.blocks for r in requests])
@@ -251,14 +283,18 @@ class EngineCore:
             return
         r.status = Status.DECODING
         if not r.output:  # the prompt is in: its first token
-            if bool(logits.isnan().any()):
-                raise NumericalError("the model produced NaN logits in the prefill: the weights hold NaN or the "
-                                     "dtype overflows; try --dtype float32 or check the checkpoint")
-            token = int(next_tokens(logits, r.params, r.generator))
-            r.append([token], time.monotonic())
+            try:
+                if bool(logits.isnan().any()):
+                    raise NumericalError("the model produced NaN logits in the prefill: the weights hold NaN or the "
+                                         "dtype overflows; try --dtype float32 or check the checkpoint")
+                token = int(next_tokens(logits, r.params, r.generator))
+                r.append([token], time.monotonic())
+            except Exception as e:
+                self._fail(r, e)
 
-    def _decode(self, plan: Plan) -> tuple[list[int], tuple[float, float, float]]:
-        """One forward over the decoding requests: plain steps and speculative rounds of ragged γ."""
+    def _decode(self, plan: Plan) -> tuple[list[int | None], tuple[float, float, float]]:
+        """One forward over the decoding requests: plain steps and speculative rounds of ragged γ. Returns each
+        row's accepted drafts (None: the request failed this step) and the phases' seconds."""
         rows, gammas = plan.decode, plan.gammas
         device = self.model.device
         clock = PhaseClock(device)
@@ -270,8 +306,9 @@ class EngineCore:
         g = torch.tensor(gammas, device=device)
         drafts = torch.zeros((B, G), dtype=torch.long, device=device)
         q: list[torch.Tensor | None] = [None] * B
+        failed: dict[int, BaseException] = {}  # rows whose own sampling, stop rules or text raised
         if G:
-            drafts, q = self._propose(rows, gammas, table, ctx, pending)
+            drafts, q = self._propose(rows, gammas, table, ctx, pending, failed)
         clock.mark()
         offs = torch.arange(G + 1, device=device)
         pos = torch.where(offs <= g[:, None], ctx[:, None] + offs, -1)
@@ -292,16 +329,19 @@ class EngineCore:
             kg = accepted_prefix(ok)
             k[idx], nxt[idx] = kg, target.gather(1, kg[:, None])[:, 0]
         for i, r in enumerate(rows):
-            if r.params.greedy:
+            if r.params.greedy or i in failed:
                 continue
-            if gammas[i] == 0:
-                nxt[i] = sample(probabilities(logits[i, 0], r.params), r.generator)
-            else:
-                qi = q[i]
-                assert qi is not None
-                p = probabilities(logits[i : i + 1, : gammas[i] + 1], r.params)
-                ki, ti = verify_sampling(drafts[i : i + 1, : gammas[i]], qi[None], p, r.generator)
-                k[i], nxt[i] = ki[0], ti[0]
+            try:
+                if gammas[i] == 0:
+                    nxt[i] = sample(probabilities(logits[i, 0], r.params), r.generator)
+                else:
+                    qi = q[i]
+                    assert qi is not None
+                    p = probabilities(logits[i : i + 1, : gammas[i] + 1], r.params)
+                    ki, ti = verify_sampling(drafts[i : i + 1, : gammas[i]], qi[None], p, r.generator)
+                    k[i], nxt[i] = ki[0], ti[0]
+            except Exception as e:
+                failed[i] = e
         bad = logits.isnan().flatten(1).any(1)
         host = torch.cat([k[:, None], nxt[:, None], bad[:, None].long(), drafts], 1).tolist()  # one device read
         if scores is not None:  # the freshest scores replace the old ones ([nb], or per layer [L][nb])
@@ -313,12 +353,16 @@ class EngineCore:
                 for r, row in zip(rows, scores.tolist()):
                     self.block_scores[r.request_id] = row[: len(r.blocks)]
         clock.mark()
-        if any(row[2] for row in host):
-            raise NumericalError("the model produced NaN logits in verification: the weights hold NaN or the dtype "
-                                 "overflows; try --dtype float32 or check the checkpoint")
         now = time.monotonic()
-        accepted = []
-        for r, gi, row in zip(rows, gammas, host):
+        accepted: list[int | None] = []
+        for i, (r, gi, row) in enumerate(zip(rows, gammas, host)):
+            if row[2] and i not in failed:
+                failed[i] = NumericalError("the model produced NaN logits in verification: the weights hold NaN or "
+                                           "the dtype overflows; try --dtype float32 or check the checkpoint")
+            if i in failed:
+                self._fail(r, failed[i])
+                accepted.append(None)
+                continue
             ki, ti = row[0], row[1]
             if gi:  # the draft's KV of the pending token and of the accepted drafts it fed is valid
                 r.draft_seen = r.computed + min(gi, ki + 1)
@@ -327,26 +371,32 @@ class EngineCore:
                 r.acceptance.record(gi, ki)
                 self.stats.spec.record(gi, ki)
             accepted.append(ki)
-            r.append(row[3 : 3 + ki] + [ti], now)
+            try:
+                r.append(row[3 : 3 + ki] + [ti], now)
+            except Exception as e:
+                self._fail(r, e)
         clock.mark()
         draft_s, verify_s, other_s = clock.seconds()
         return accepted, (draft_s, verify_s, other_s)
 
     def _propose(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor, ctx: torch.Tensor,
-                 pending: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+                 pending: torch.Tensor, failed: dict[int, BaseException]
+                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """γ_i draft tokens per request. A draft with KV of its own first feeds what it has not seen (the
-        tokens committed since it last drafted: plain steps, a bonus token), in decode-shaped pieces."""
+        tokens committed since it last drafted: plain steps, a bonus token), in decode-shaped pieces. A row
+        whose sampling raises goes into `failed` (and drafts nothing more)."""
         draft = self.draft
         assert draft is not None, "γ > 0 without a drafter"
         device = ctx.device
         B, G = len(rows), max(gammas)
-        view = self._draft_view(rows, gammas, table)
+        seen = [min(r.draft_seen, r.computed) if gi and draft.pool is not None else r.computed
+                for r, gi in zip(rows, gammas)]
+        view = self._draft_view(rows, gammas, table, seen)
         g = torch.tensor(gammas, device=device)
         index = None
         if draft.pool is None:  # reads the target's KV: in step with it
             ids, pos = pending[:, None], ctx[:, None]
         else:
-            seen = [min(r.draft_seen, r.computed) if gi else r.computed for r, gi in zip(rows, gammas)]
             while True:
                 lag = [r.computed - s for r, s in zip(rows, seen)]
                 width = min(max(lag) + 1, MAX_DECODE_TOKENS)
@@ -372,19 +422,26 @@ class EngineCore:
             logits = draft.model(draft.known(ids.masked_fill(pos < 0, 0)), pos, view, logits_index=index)[:, -1]
             nxt = logits.argmax(-1)
             for i, r in enumerate(rows):
-                if not r.params.greedy and j < gammas[i]:
-                    qi = probabilities(logits[i], r.params)
-                    nxt[i] = sample(qi, r.generator)
+                if not r.params.greedy and j < gammas[i] and i not in failed:
+                    try:
+                        qi = probabilities(logits[i], r.params)
+                        nxt[i] = sample(qi, r.generator)
+                    except Exception as e:
+                        failed[i] = e
+                        qi = torch.zeros(logits.shape[-1], device=device)
                     dists[i].append(F.pad(qi, (0, draft.vocab_size - qi.shape[-1])) if draft.vocab_size else qi)
             out.append(nxt)
             ids = nxt[:, None]
         q = [torch.stack(d) if d else None for d in dists]
         return torch.stack(out, 1), q
 
-    def _draft_view(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor) -> PagedView:
+    def _draft_view(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor,
+                    starts: Sequence[int] | None = None) -> PagedView:
         """The draft's view: its pool (the target's, or its own) through the requests' tables; with a window,
-        each request's first block (the sinks) and the blocks of its recent window only; guided with
-        per-layer scores, one read table per layer (each layer's own best blocks, then the same window)."""
+        each request's first block (the sinks) and the blocks of its recent window only — the window of the
+        earliest position fed (`starts`: a draft with KV of its own catching up on committed tokens; default
+        each request's context); guided with per-layer scores, one read table per layer (each layer's own
+        best blocks, then the same window)."""
         assert self.draft is not None
         pool = self.draft.pool or self.cache
         if not self.draft.window:
@@ -395,8 +452,8 @@ class EngineCore:
         L = self.cache.k.shape[0] if per_layer else 1
         reads: list[list[list[int]]] = [[] for _ in range(L)]  # [layer][row] → pages
         tags: list[list[list[int]]] = [[] for _ in range(L)]  # [layer][row] → logical blocks (-1: none)
-        for r, gi in zip(rows, gammas):
-            first = max(r.computed - window + 1, 0) // P
+        for r, gi, start in zip(rows, gammas, starts if starts is not None else [r.computed for r in rows]):
+            first = max(start - window + 1, 0) // P
             last = (r.computed + max(gi, 1) - 1) // P
             window_cols = list(range(first, last + 1))
             for layer in range(L):

@@ -44,8 +44,9 @@ class Acceptance:
             self.accepted_at.append(0)
 
     @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens; None when nothing was drafted (not 0: no draft was rejected either)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -119,7 +120,8 @@ class RunStats:
         return self.decode_s / self.generated_tokens if self.generated_tokens else float("inf")
 
     @property
-    def acceptance_rate(self) -> float:
+    def acceptance_rate(self) -> float | None:
+        """None when no round drafted (e.g. gamma="auto" found plain steps faster throughout)."""
         return self.acceptance.acceptance_rate
 
     @property

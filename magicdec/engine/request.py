@@ -7,7 +7,8 @@ holds no blocks and recomputes what it had), PREFILLING (admitted: its prompt, o
 prompt and output, go into the cache chunk by chunk), DECODING, or FINISHED.
 
 Text is detokenized incrementally (never a broken UTF-8 character: a token that ends inside one waits
-for the next) and streamed without ever emitting part of a stop string that the next tokens may complete.
+for the next), searched for stop strings as it grows (`TextStream`), and streamed without ever emitting
+part of a stop string that the next tokens may complete. A step's outputs are deltas (`StepOutput`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from magicdec.engine.outputs import Acceptance, RequestOutput
-from magicdec.engine.state import Stopper
+from magicdec.engine.outputs import Acceptance
 from magicdec.loading.tokenizer import Tokenizer
 from magicdec.runtime.sampling import SamplingParams
 
@@ -40,18 +40,29 @@ class RequestSpec:
 
 @dataclass(slots=True)
 class StepOutput:
-    """What `Engine.step` returns for a request that advanced (vLLM's RequestOutput for one sequence)."""
+    """What `Engine.step` returns for a request that advanced (vLLM's RequestOutput for one sequence, in deltas).
+
+    Every output carries what is new since the request's previous one: `new_token_ids`, `new_text` (the
+    text that no later token can turn into a stop string) and `num_tokens`, the output tokens so far. The
+    whole output, `token_ids` and `text`, is filled in on the final output only (`finished`) and is empty
+    on the others: a stream costs the size of its deltas, never the square of its length (a slow reader
+    holding many outputs included). A consumer that wants the tokens so far adds up the deltas.
+    `finish_reason`: "stop" (EOS or a stop string), "length", "abort", or "error": this request failed (its
+    sampling, verification, stop rules or detokenization raised) and `error` says why; the engine goes on
+    with the others."""
 
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]  # every output token so far
-    text: str  # the output text so far (as streamed: a possible stop string's start held back)
     new_token_ids: list[int]  # the delta of this step
     new_text: str
+    num_tokens: int  # output tokens so far
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort"
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
     spec: Acceptance
     metrics: RequestMetrics
+    token_ids: list[int] = field(default_factory=list)  # the whole output: on the final output only
+    text: str = ""  # … and its text (cut before a stop string)
+    error: str | None = None  # why the request failed, when finish_reason == "error"
 
 
 @dataclass(slots=True)
@@ -71,33 +82,72 @@ class RequestMetrics:
         return None if self.first_token is None else self.first_token - self.arrival
 
 
-class Detokenizer:
-    """Incremental detokenization: text for new tokens, never ending inside a UTF-8 character."""
+class TextStream:
+    """A request's output text: detokenized incrementally (never ending inside a UTF-8 character: a token
+    that ends inside one waits for the next) and searched for stop strings as it grows. Each token's search
+    covers only the text it completed and the `keep` = max(len(stop)) - 1 characters before it, so a token
+    costs the same whatever the output's length, and a stop string of characters that take several tokens
+    each (emoji) is found once its last character is whole. The text is handed out (`take`) as far as no
+    later token can turn it into a stop string; it ends where the first stop string starts (`end`)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
-        self.prefix, self.read = 0, 0
-        self.text = ""
+        self.prefix, self.read = 0, 0  # ids[prefix:read]: the tokens decoded last (their text is known)
+        self.pieces: list[str] = []
+        self.chars = 0  # characters decoded so far
+        self.keep = max((len(s) for s in stop), default=1) - 1
+        self.tail = ""  # the last `keep` characters
+        self.end: int | None = None  # where the first stop string starts: the text ends there
+        self.given = 0  # characters handed out by `take`
+        self.pending = ""  # decoded characters not handed out yet
 
-    def add(self, new: list[int]) -> None:
-        self.ids.extend(new)
+    def add(self, token: int) -> bool:
+        """Decode one more token; True if the text now holds a stop string."""
+        self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix : self.read])
         after = self.tokenizer.decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
-            self.prefix, self.read = self.read, len(self.ids)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return False
+        new = after[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        if self.stop and self.end is None:
+            window = self.tail + new
+            hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self.end = self.chars - len(self.tail) + min(hits)
+            self.tail = window[-self.keep :] if self.keep else ""
+        self.pieces.append(new)
+        self.pending += new
+        self.chars += len(new)
+        return self.end is not None
+
+    def take(self, final: bool) -> str:
+        """The text not handed out yet, up to the stop string; before the end, less the last `keep` characters
+        (the start of a stop string the next tokens may complete)."""
+        limit = self.end if self.end is not None else self.chars if final or not self.stop else self.chars - self.keep
+        n = limit - self.given
+        if n <= 0:
+            return ""
+        out, self.pending = self.pending[:n], self.pending[n:]
+        self.given += n
+        return out
+
+    def text(self) -> str:
+        """The whole text, cut before the first stop string."""
+        return "".join(self.pieces)[: self.end]
 
 
 class Request:
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stopper: Stopper,
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, eos: set[int],
                  tokenizer: Tokenizer, generator: torch.Generator | None, spec: RequestSpec | None = None,
                  arrival: float | None = None) -> None:
         self.request_id, self.prompt, self.params = request_id, prompt, params
-        self.stopper, self.generator, self.spec = stopper, generator, spec or RequestSpec()
-        self.record = RequestOutput(0, prompt)  # the output tokens, through the stop rules
-        self.output = self.record.token_ids
+        self.eos = set() if params.ignore_eos else eos
+        self.generator, self.spec = generator, spec or RequestSpec()
+        self.output: list[int] = []
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why it failed (finish_reason "error")
         self.status = Status.WAITING
         self.blocks: list[int] = []
         self.kept: list[int] = []  # private blocks of its draft's selection (SnapKV), beside `blocks`
@@ -106,11 +156,11 @@ class Request:
         self.registered = 0  # leading tokens whose blocks were offered to the prefix cache
         self.draft_seen = 0  # a draft with KV of its own has it for positions < draft_seen
         self.hashes: list[bytes] | None = None  # the prompt's full blocks' hash chain (prefix caching), made once
+        self.admitted = False  # admitted once: its prefix-cache lookup counted and its cached_tokens set
         self.acceptance = Acceptance()
         self.metrics = RequestMetrics(time.monotonic() if arrival is None else arrival)
-        self.detok = Detokenizer(tokenizer)
-        self.streamed_tokens, self.streamed_chars = 0, 0
-        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.text = TextStream(tokenizer, params.stop)
+        self.streamed_tokens = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -137,38 +187,37 @@ class Request:
 
     def append(self, tokens: list[int], now: float) -> None:
         """Commit new output tokens through the stop rules (EOS, stop strings, max_new_tokens)."""
-        before = len(self.output)
-        self.stopper.extend(self.record, tokens)
-        added = len(self.output) - before
+        added, reason = 0, None
+        for token in tokens:
+            self.output.append(token)
+            added += 1
+            if self.text.add(token) or token in self.eos:
+                reason = "stop"
+            elif len(self.output) >= self.params.max_new_tokens:
+                reason = "length"
+            if reason:
+                break
         if added and self.metrics.first_token is None:
             self.metrics.first_token = now
         self.metrics.token_times.extend([now] * added)
-        self.detok.add(self.output[before:])
-        if self.record.finish_reason is not None:
-            self.finish(self.record.finish_reason, now)
+        if reason:
+            self.finish(reason, now)
 
-    def finish(self, reason: str, now: float) -> None:
-        self.finish_reason, self.status = reason, Status.FINISHED
+    def finish(self, reason: str, now: float, error: str | None = None) -> None:
+        self.finish_reason, self.status, self.error = reason, Status.FINISHED, error
         self.metrics.finished = now
 
     def final_text(self) -> str:
-        text = self.stopper.tokenizer.decode(self.output)
-        if self.params.stop and self.finish_reason == "stop":
-            cut = [text.find(s) for s in self.params.stop if s in text]
-            if cut:
-                text = text[: min(cut)]
-        return text
+        return self.text.text()
 
     def delta(self) -> StepOutput:
-        """The output since the last delta (text: all that no later token can still turn into a stop string)."""
-        if self.finished:
-            text = self.final_text()
-        else:
-            text = self.detok.text
-            if self.params.stop:
-                text = text[: max(len(text) - self.holdback, self.streamed_chars)]
+        """The output since the last delta (text: all that no later token can still turn into a stop string);
+        the final one also carries the whole output."""
         new_tokens = self.output[self.streamed_tokens :]
-        new_text = text[self.streamed_chars :]
-        self.streamed_tokens, self.streamed_chars = len(self.output), max(len(text), self.streamed_chars)
-        return StepOutput(self.request_id, self.prompt, list(self.output), text, new_tokens, new_text, self.finished,
-                          self.finish_reason, self.acceptance, self.metrics)
+        self.streamed_tokens = len(self.output)
+        new_text = self.text.take(self.finished)
+        out = StepOutput(self.request_id, self.prompt, new_tokens, new_text, len(self.output), self.finished,
+                         self.finish_reason, self.acceptance, self.metrics, error=self.error)
+        if self.finished:
+            out.token_ids, out.text = list(self.output), self.final_text()
+        return out

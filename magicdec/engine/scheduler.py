@@ -13,13 +13,18 @@ budget left, so prefill always progresses.
 Admission is first come, first served (a waiting request is never overtaken), up to `max_num_seqs`
 running requests, and only when the pool can hold the request's prompt (the part not found in the
 prefix cache) plus a round's lookahead (and, for a SnapKV draft, the blocks its selection is copied
-to). When a decoding request needs a block for its next round and none is free, the newest running
+to). A prefix-cache hit ends where a chunk and a block both end (a multiple of lcm(prefill_chunk,
+block_size)), so the rest of the prompt is computed in the chunks it would have alone (bit-exact). A
+request's lookup counts in the prefix-cache statistics, and its `cached_tokens` are set, once: at its
+first admission (not at each attempt that found no room, nor at a preempted request's recompute).
+When a decoding request needs a block for its next round and none is free, the newest running
 request is preempted: its blocks go back to the pool (its prompt's
 full blocks stay in the prefix cache) and it waits at the head of the queue to be recomputed.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -174,10 +179,10 @@ class Scheduler:
             usable = (len(r.prompt) - 1) // c * c // P
             hashes = self._hashes(r)
             cached = self.pool.match(hashes, usable)
-            whole = len(cached) * P // c * c // P  # a hit ends on a chunk boundary
+            step = math.lcm(c, P)  # a hit ends on a chunk boundary that is a block boundary
+            whole = len(cached) * P // step * step // P
             self.pool.release(cached[whole:])
             cached = cached[:whole]
-            self.pool.record_lookup(len(r.prompt), len(cached) * P)
         need = self.blocks_needed(len(r.tokens)) - len(cached)
         if need > self.pool.num_free:
             self.pool.release(cached)
@@ -186,7 +191,11 @@ class Scheduler:
         new = self.pool.allocate(need)
         r.kept, r.blocks = new[: self.config.kept_blocks], cached + new[self.config.kept_blocks :]
         r.computed = r.registered = len(cached) * self.pool.block_size
-        r.metrics.cached_tokens = r.computed
+        if not r.admitted:  # counted once: not per failed attempt, nor a preempted request's recompute
+            r.admitted = True
+            r.metrics.cached_tokens = r.computed
+            if self.config.enable_prefix_caching:
+                self.pool.record_lookup(len(r.prompt), r.computed)
         r.status = Status.PREFILLING
         self.running.append(r)
         return True

@@ -20,7 +20,7 @@ from magicdec.engine.outputs import RequestOutput
 from magicdec.loading.tokenizer import Tokenizer
 from magicdec.runtime.sampling import SamplingParams
 
-STOP_TAIL_TOKENS = 16  # tokens decoded beyond a stop string's length when looking for it
+STOP_TAIL_TOKENS = 16  # tokens decoded beyond a stop string's length in UTF-8 bytes when looking for it
 
 
 class NumericalError(ValueError):
@@ -35,12 +35,15 @@ def check_finite(bad: list[int], where: str) -> None:
 
 
 class Stopper:
-    """Applies EOS, stop strings and max_new_tokens to tokens as they are committed."""
+    """Applies EOS, stop strings and max_new_tokens to tokens as they are committed (the static batch's rows;
+    a serving request has its own incremental `TextStream`)."""
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_ids: set[int]) -> None:
         self.tokenizer, self.params = tokenizer, params
         self.eos = set() if params.ignore_eos else set(eos_ids)
-        self.tail = max((len(s) for s in params.stop), default=0) + STOP_TAIL_TOKENS
+        # every token decodes to at least one byte: a tail of a stop string's UTF-8 length in tokens holds it
+        # (a length in characters would miss characters of several tokens each, e.g. emoji)
+        self.tail = max((len(s.encode()) for s in params.stop), default=0) + STOP_TAIL_TOKENS
 
     def extend(self, out: RequestOutput, new: list[int]) -> bool:
         """Append `new` to `out` up to the first stop condition; True if the sequence finished."""

@@ -16,6 +16,7 @@ each checkpoint tensor this rank needs, so a rank reads only its shard from safe
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -173,11 +174,19 @@ def broadcast_seed(tp: TensorParallel | None, seed: int | None, device: torch.de
     return int(t.item())
 
 
+def agree_min(tp: TensorParallel, value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value` (e.g. the KV blocks each rank's free memory holds), on every rank."""
+    t = torch.tensor([value], dtype=torch.long, device=comm_device(tp, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group)
+    return int(t.item())
+
+
 class RankZeroGamma:
     """Every rank must run the same γ each round (their forwards meet in collectives), but each times its
     own steps: rank 0's policy chooses from rank 0's step times and broadcasts its choice. Every rank
     reports its rounds to its own policy, but only rank 0's is consulted (an `AutoGamma` on another rank,
-    never asked to choose, keeps nothing of them: its α estimate stays the prior)."""
+    never asked to choose, keeps nothing of them: its α estimate stays the prior). So is its per-request γ
+    trimming threshold (`token_threshold`, which `RequestGamma` asks after each choice)."""
 
     def __init__(self, policy: Any, tp: TensorParallel, device: torch.device) -> None:
         self.policy, self.tp = policy, tp
@@ -188,6 +197,18 @@ class RankZeroGamma:
         t = torch.tensor([gamma], dtype=torch.long, device=self.device)
         dist.broadcast(t, src=0, group=self.tp.group)
         return int(t.item())
+
+    def token_threshold(self, gamma: int) -> float | None:
+        """Rank 0's `token_threshold` (the per-request γ trimming of `RequestGamma`), on every rank; None on
+        every rank if the policy has none."""
+        ask = getattr(self.policy, "token_threshold", None)
+        if ask is None:  # the same policy type on every rank: no rank broadcasts
+            return None
+        value = ask(gamma) if self.tp.rank == 0 else None
+        t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0, group=self.tp.group)
+        out = float(t.item())
+        return None if math.isnan(out) else out
 
     def observe(self, report: Any) -> None:
         self.policy.observe(report)

@@ -2,7 +2,8 @@
 
 Temperature, then top-k, then top-p (the order Hugging Face applies them), identically for the
 target and the draft, so speculative sampling reproduces plain sampling's distribution.
-Temperature 0 means greedy: the argmax, and a one-hot distribution where one is needed.
+Temperature 0 means greedy: the argmax, and a one-hot distribution where one is needed; so does any
+temperature below `GREEDY_BELOW` (vLLM's epsilon), which dividing the logits by would overflow.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (logits / T would overflow to inf, softmax to NaN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +44,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.greedy:

@@ -30,7 +30,9 @@ def _bad(msg: str) -> None:
 @dataclass(frozen=True, slots=True)
 class Auto:
     """γ chosen every round by the cost model (0 = a plain step), at most `max_gamma`, planning with the
-    hardware `profile` (a built-in name or a JSON file from `magicdec profile`; default: this device's)."""
+    hardware `profile` (a built-in name or a JSON file from `magicdec profile`; default: this device's).
+    Seeded sampling under it is not reproducible: γ follows the step times measured as it runs, and each γ
+    draws different numbers from the seeded generator (the distribution stays exact; greedy output is unchanged)."""
 
     max_gamma: int = 8
     profile: str | None = None
