@@ -7,7 +7,9 @@
 """
 
 from magicdec.config import ModelConfig
-from magicdec.engine.outputs import Acceptance, GenerationResult, RequestOutput, RunStats
+from magicdec.engine.config import EngineConfig
+from magicdec.engine.outputs import Acceptance, GenerationResult, RunStats
+from magicdec.engine.request import StepOutput
 from magicdec.llm import LLM, PromptError
 from magicdec.loading import LoadError, load_model
 from magicdec.runtime.sampling import SamplingParams
@@ -20,14 +22,15 @@ __all__ = [
     "Auto",
     "DraftTuning",
     "Engine",
+    "EngineConfig",
     "GenerationResult",
     "LoadError",
     "ModelConfig",
     "PromptError",
-    "RequestOutput",
     "RunStats",
     "SamplingParams",
     "SpecConfig",
+    "StepOutput",
     "load_model",
 ]
 __version__ = "0.1.0"

@@ -34,22 +34,14 @@ import torch
 from magicdec.cache.blocks import PrefixStats
 from magicdec.cache.memory import fmt_bytes
 from magicdec.data.locks import say
+from magicdec.engine.config import BLOCK_MULTIPLE, EngineConfig
 from magicdec.engine.core import EngineStats, StepReport
 from magicdec.engine.request import RequestSpec, StepOutput
 from magicdec.llm import LLM, Prompt
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.spec.config import SpecConfig, paged_problem
+from magicdec.spec.config import SpecConfig
 
-DEFAULT_BLOCK_SIZE = 64  # tokens per KV block: a multiple of the CPU kernel's 64-slot key blocks
-
-
-def check_engine_spec(spec: SpecConfig | None) -> None:
-    """Refuse, with the way out, a speculation setting the serving engine does not run."""
-    if spec is not None and not isinstance(spec, SpecConfig):
-        raise TypeError(f"spec must be a SpecConfig (or None), got {type(spec).__name__}: {spec!r:.80}")
-    problem = paged_problem(spec) if spec is not None else None
-    if problem:
-        raise ValueError(problem)
+DEFAULT_BLOCK_SIZE = BLOCK_MULTIPLE  # tokens per KV block: a multiple of the CPU kernel's 64-slot key blocks
 
 
 class Engine:
@@ -69,19 +61,19 @@ class Engine:
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
+        cuda_graphs: bool | None = None,
         quiet: bool = False,
     ) -> None:
-        """`model`: as for `LLM` (or an `llm` already loaded). `spec`: the
-        engine's speculation (None: plain decoding). The KV pool takes `num_blocks` blocks of `block_size` tokens,
-        or as many as `kv_cache_memory` bytes hold, or a share of the free memory (never more than `max_num_seqs`
-        requests at the model's context need)."""
-        check_engine_spec(spec)
+        """`model`: as for `LLM` (or an `llm` already loaded). `spec`: the engine's speculation (None: plain
+        decoding). The KV pool takes `num_blocks` blocks of `block_size` tokens, or as many as `kv_cache_memory`
+        bytes hold, or a share of the free memory (never more than `max_num_seqs` requests at the model's
+        context need). `cuda_graphs`: replay decode-shaped forwards as CUDA graphs (default: on CUDA)."""
+        config = EngineConfig(spec=spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              prefill_chunk=prefill_chunk, block_size=block_size, num_blocks=num_blocks,
+                              kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
+                              max_model_len=max_model_len, cuda_graphs=cuda_graphs)  # checked before loading
         self.llm = llm or LLM(model, dtype=dtype, device=device, prefill_chunk=prefill_chunk)
-        self.core, self.policy = self.llm.engine_core(
-            spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, prefill_chunk=prefill_chunk,
-            block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-            enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
-        self.spec = spec if spec is not None and spec.enabled else None
+        self.core = self.llm.core(config)
         self.max_model_len = self.core.max_model_len
         # `generate`'s streams (bound to the event loop they run in): queues by request id, the stepping task,
         # the requests whose consumers left (aborted before the next step), an engine-wide fault
@@ -92,23 +84,23 @@ class Engine:
         self._leaving: list[str] = []
         self._fault: BaseException | None = None
         if not quiet:
-            cache = self.core.cache
+            cache, drafter = self.core.cache, self.core.runner.drafter
             blocks, P = cache.num_blocks, cache.block_size
-            per_block = cache.nbytes // (blocks + 1) + (self.core.draft.pool.nbytes // (blocks + 1)
-                                                         if self.core.draft and self.core.draft.pool else 0)
+            per_block = cache.nbytes // (blocks + 1)
+            if drafter is not None and drafter.pool is not None:
+                per_block += drafter.pool.nbytes // (blocks + 1)
             ctx = min(self.max_model_len, 8192)
             say(f"KV cache: {blocks} blocks × {P} tokens = {blocks * P} tokens ({fmt_bytes(blocks * per_block)}); "
                 f"maximum concurrency for {ctx}-token requests: {blocks * P / ctx:.2f}×")
 
+    @property
+    def spec(self) -> SpecConfig | None:
+        return self.core.spec
+
     def set_spec(self, spec: SpecConfig | None) -> None:
         """Change the engine's speculation between requests (e.g. to compare drafters on prompts served from the
         prefix cache); refused while requests are in flight."""
-        check_engine_spec(spec)
-        if self.has_unfinished_requests():
-            raise RuntimeError(f"set_spec: {self.num_running + self.num_waiting} requests are in flight; change the "
-                               "speculation once they have finished (or abort them)")
-        self.policy = self.llm.speculate(self.core, spec)
-        self.spec = spec if spec is not None and spec.enabled else None
+        self.core.set_speculation(spec)
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, spec: RequestSpec | int | None = None,
@@ -121,6 +113,11 @@ class Engine:
         if isinstance(spec, int):
             spec = RequestSpec(spec)
         return self.core.add_request(ids, params or SamplingParams(), spec, request_id, arrival)
+
+    def check_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None) -> None:
+        """Refuse, with the reason and the fix, a request the engine cannot serve (the server calls it once,
+        before queueing)."""
+        self.core.check_request(prompt, params, spec)
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort_request(request_id)
@@ -262,12 +259,5 @@ class Engine:
             self.core.pool.check_empty()
 
     def close(self) -> None:
-        """Abort every request and free the KV pool now (the engine is unusable after)."""
-        for rid in list(self.core.requests):
-            self.core.abort_request(rid)
-        self.core.cache.k = self.core.cache.v = torch.empty(0)
-        draft = self.core.draft
-        if draft is not None and draft.pool is not None:  # a draft model's own pool
-            draft.pool.k = draft.pool.v = torch.empty(0)
-        if self.llm.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """Abort every request and free the KV pools now (the engine is unusable after)."""
+        self.core.close()

@@ -84,10 +84,12 @@ def trace(tiny_llm: LLM) -> tuple[list[list[int]], list[int], list[int], dict[in
 INT8 = SpecConfig(method="self", budget=96, sinks=4, gamma=3, draft_weights="int8")
 INT4 = SpecConfig(method="self", budget=96, sinks=4, gamma=3, draft_weights="int4")
 SNAPKV = SpecConfig(method="self", drafter="snapkv", budget=128, gamma=3)  # 64 selected + a window of 64
+# a self-draft with KV of its own (computed by its int8 weights) in a pool of its own
+OWN = SpecConfig(method="self", budget=96, sinks=4, gamma=3, draft_weights="int8", tuning=DraftTuning(kv_source="own"))
 
 
-@pytest.mark.parametrize("spec", [None, SELF, "mixed", INT8, SNAPKV],
-                         ids=["plain", "self", "per-request-gamma", "self-int8", "self-snapkv"])
+@pytest.mark.parametrize("spec", [None, SELF, "mixed", INT8, SNAPKV, OWN],
+                         ids=["plain", "self", "per-request-gamma", "self-int8", "self-snapkv", "self-own-kv"])
 def test_trace_equals_each_request_alone(tiny_llm: LLM, trace: tuple, spec: object) -> None:
     prompts, new, arrive, abort = trace
     ref = alone(tiny_llm, prompts, new)
@@ -122,16 +124,16 @@ def test_draft_model_over_its_own_pool(tiny_llm: LLM, tiny_dir: Path, trace: tup
         assert e.stats.spec.acceptance_rate == 1.0
 
 
-def test_engine_equals_transformers_and_static_batching(tiny_llm: LLM, tiny_dir: Path) -> None:
+def test_engine_and_generate_equal_transformers(tiny_llm: LLM, tiny_dir: Path) -> None:
     prompts = random_prompts(3, [150, 300, 77], tiny_llm.config.vocab_size, seed=8)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     outs = engine(tiny_llm, SELF).run(prompts, params)
     hf = hf_model(tiny_dir)
-    static = tiny_llm.generate(prompts, params).outputs
-    static_int8 = tiny_llm.generate(prompts, params, INT8)  # the static path's quantized self-drafts
-    static_int4 = tiny_llm.generate(prompts, params, INT4)
-    assert static_int8.stats.acceptance.draft_tokens > 0 and static_int4.stats.acceptance.draft_tokens > 0
-    for p, o, s, q, q4 in zip(prompts, outs, static, static_int8.outputs, static_int4.outputs, strict=True):
+    plain = tiny_llm.generate(prompts, params).outputs
+    int8 = tiny_llm.generate(prompts, params, INT8)  # quantized self-drafts over the target's pages
+    int4 = tiny_llm.generate(prompts, params, INT4)
+    assert int8.stats.acceptance.draft_tokens > 0 and int4.stats.acceptance.draft_tokens > 0
+    for p, o, s, q, q4 in zip(prompts, outs, plain, int8.outputs, int4.outputs, strict=True):
         assert o.token_ids == hf_greedy(hf, p, 20) == s.token_ids == q.token_ids == q4.token_ids
 
 
@@ -208,8 +210,6 @@ def test_bad_requests_are_refused_before_queueing(tiny_llm: LLM) -> None:
     with pytest.raises(ValueError, match="request id 'x' is in use"):
         e.add_request([5, 6], SamplingParams(), request_id="x")
     assert e.num_waiting == 1
-    with pytest.raises(ValueError, match="static batch path"):
-        engine(tiny_llm, SpecConfig(method="self", budget=64, tuning=DraftTuning(kv_source="own")))
     with pytest.raises(ValueError, match="multiple of 64"):
         engine(tiny_llm, block_size=16)
 

@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from magicdec.costmodel import CostModel
-from magicdec.costmodel.policy import FixedGamma, GammaPolicy
-from magicdec.engine.state import BatchView
-from magicdec.engine.step import RoundReport
+from magicdec.costmodel.policy import BatchView, FixedGamma, GammaPolicy, StepReport
 
 Scale = Callable[[list[int]], float]  # live contexts → factor on the full batch's step times
 
@@ -73,14 +71,15 @@ def simulate(policy: GammaPolicy, times: StepTimes, batch: int, context: int, ne
         if gamma == 0:
             step = _noisy(factor * times.target, level, noise, rng)
             clock += step
-            policy.observe(RoundReport(0, len(live), verify_s=step))
+            policy.observe(StepReport([str(i) for i in live], [0] * len(live), [0] * len(live), verify_s=step))
             gained = [1] * len(live)
         else:
             draft, verify, rest = (_noisy(factor * t, level, noise, rng) for t in
                                    (gamma * times.draft, times.verify_at(gamma), times.round))
             clock += draft + verify + rest
             accepted = [_accepted(alphas[i], gamma, rng) for i in live]
-            policy.observe(RoundReport(gamma, len(live), accepted, draft_s=draft, verify_s=verify, other_s=rest))
+            policy.observe(StepReport([str(i) for i in live], [gamma] * len(live), accepted, draft_s=draft,
+                                      verify_s=verify, other_s=rest))
             gained = [k + 1 for k in accepted]
         for i, n in zip(live, gained):
             generated[i] = min(generated[i] + n, new_tokens)

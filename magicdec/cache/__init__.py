@@ -1,7 +1,6 @@
-"""KV caches: the target's dense cache and the draft's fixed-budget sparse cache."""
+"""KV caches: the paged pool of blocks read through block tables (`paged.py`), the pool's bookkeeping and
+prefix cache (`blocks.py`), and the memory plan checked before anything is allocated (`memory.py`)."""
 
-from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.memory import MemoryPlan, OutOfMemoryPlan, kv_cache_bytes
-from magicdec.cache.sparse import SparseKVCache
 
-__all__ = ["DenseKVCache", "MemoryPlan", "OutOfMemoryPlan", "SparseKVCache", "kv_cache_bytes"]
+__all__ = ["MemoryPlan", "OutOfMemoryPlan", "kv_cache_bytes"]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from magicdec.config import ModelConfig
+
+if TYPE_CHECKING:
+    from magicdec.model.llama import Transformer
 
 
 class OutOfMemoryPlan(MemoryError):
@@ -72,3 +76,14 @@ def available_bytes(device: torch.device) -> int:
 def kv_cache_bytes(config: ModelConfig, kv_heads: int, batch: int, slots: int, dtype: torch.dtype) -> int:
     """Bytes of K and V buffers with `slots` slots per sequence (the trash slot included)."""
     return config.kv_bytes_per_token(dtype.itemsize, kv_heads) * batch * slots
+
+
+def prefill_transient_bytes(model: Transformer, rows: int, chunk: int, capacity: int) -> int:
+    """What a prefill forward holds beside the caches, at its largest: a chunk's visibility masks over the
+    cache ([rows, chunk, capacity] booleans, built in a few steps) and the keys and values expanded to
+    every query head for attention (SDPA does not materialise the scores)."""
+    cfg = model.config
+    heads = cfg.n_heads * model.kv_heads // cfg.n_kv_heads  # this device's query heads
+    masks = 4 * rows * chunk * (capacity + 1)
+    expanded = 2 * rows * heads * (capacity + 1) * cfg.head_dim * max(4, model.dtype.itemsize)
+    return masks + expanded

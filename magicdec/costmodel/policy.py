@@ -1,5 +1,6 @@
 """γ policies: how many tokens to draft each round. A policy sees the batch (`BatchView`) before a
-round and the round's report (`RoundReport`) after it; it never reaches into the engine.
+step and the step's report (`StepReport`, which the engine core returns) after it; it never reaches into
+the engine.
 
 `FixedGamma` always answers the same γ. `AutoGamma` (`--gamma auto`) chooses γ every round from the
 cost model, a running estimate of α, and the step times this run actually measures.
@@ -32,13 +33,12 @@ benchmarks/autogamma_sim.py) as well as on the machine (docs/cost-model.md).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from magicdec.costmodel import analysis
 from magicdec.costmodel.analysis import omega
 from magicdec.costmodel.steps import CostModel
-from magicdec.engine.state import BatchView
-from magicdec.engine.step import RoundReport
 
 ALPHA_PRIOR = 0.8  # the acceptance the MagicDec paper reports for StreamingLLM-512 self-speculation
 PRIOR_TRIALS = 4.0  # the prior weighs as much as 4 observed draft positions: the text decides within rounds
@@ -50,12 +50,50 @@ PLAIN_EVERY = 32  # while speculating, one round in this many is a plain step
 CLIMB = 2  # γ rises at most this far above the largest γ whose verification has been timed
 
 
+@dataclass(frozen=True, slots=True)
+class BatchView:
+    """What a γ policy sees of a batch: each live sequence's context and the tokens it may still generate."""
+
+    contexts: list[int]
+    remaining: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """One engine step: per decoding request its γ (0: a plain step) and accepted drafts; tokens; where the
+    time went (host clock; phases from CUDA events on CUDA; `capture_s`: the part of `seconds` spent capturing
+    CUDA graphs of shapes met for the first time)."""
+
+    request_ids: list[str]
+    gammas: list[int]
+    accepted: list[int]
+    prefill_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # for a plain step: the step
+    other_s: float = 0.0
+    prefill_s: float = 0.0
+    capture_s: float = 0.0
+
+    @property
+    def gamma(self) -> int:
+        """The round's γ: the largest any request drafted (0: a plain step for every request)."""
+        return max(self.gammas, default=0)
+
+    @property
+    def drafted(self) -> tuple[list[int], list[int]]:
+        """The γ and the accepted drafts of the requests that drafted."""
+        rows = [(g, k) for g, k in zip(self.gammas, self.accepted) if g]
+        return [g for g, _ in rows], [k for _, k in rows]
+
+
 class GammaPolicy(Protocol):
     def choose(self, batch: BatchView) -> int:
         """γ for the next round (0: a plain decoding step)."""
         ...
 
-    def observe(self, report: RoundReport) -> None:
+    def observe(self, report: StepReport) -> None:
         """What the round chosen last did: accepted counts and phase timings."""
         ...
 
@@ -73,7 +111,7 @@ class FixedGamma:
     def choose(self, batch: BatchView) -> int:
         return min(self.gamma, max(max(batch.remaining, default=1) - 1, 0))
 
-    def observe(self, report: RoundReport) -> None:
+    def observe(self, report: StepReport) -> None:
         pass
 
     def stats(self) -> dict[str, Any]:
@@ -188,7 +226,7 @@ class AutoGamma:
         limit = min(self.max_gamma, tried + CLIMB)
         return min(limit, max(batch.remaining, default=1) - 1)
 
-    def observe(self, report: RoundReport) -> None:
+    def observe(self, report: StepReport) -> None:
         """After a round: its accepted counts and the seconds it spent drafting, verifying (a plain
         step: the step) and otherwise."""
         raw, gamma = self._step, report.gamma
@@ -198,7 +236,8 @@ class AutoGamma:
         if gamma == 0:
             self.calibration.update("target", verify_s, raw["target"])
             return
-        self.alpha.update(gamma, report.accepted, report.gammas or None)
+        gammas, accepted = report.drafted
+        self.alpha.update(gamma, accepted, gammas)
         self.calibration.update("draft", draft_s / gamma, raw["draft"])
         self.calibration.update(gamma, verify_s, raw[gamma])
         f = RATIO_FORGET
@@ -240,16 +279,12 @@ class RequestGamma:
             out.append(max(0, min(g, r.remaining - 1)))
         return out
 
-    def observe(self, report: Any) -> None:
-        """After a step (`StepReport`): each request's α, and the batch policy's view of the round."""
+    def observe(self, report: StepReport) -> None:
+        """After a step: each request's α, and the batch policy's view of the round."""
         for rid, g, k in zip(report.request_ids, report.gammas, report.accepted):
             if g:
                 self.alpha.setdefault(rid, AlphaEstimate()).update(g, [k])
-        top = max(report.gammas, default=0)
-        drafted = [(g, k) for g, k in zip(report.gammas, report.accepted) if g]
-        self.batch.observe(RoundReport(top, len(report.gammas), [k for _, k in drafted], report.new_tokens,
-                                       report.seconds, report.draft_s, report.verify_s, report.other_s,
-                                       gammas=[g for g, _ in drafted]))
+        self.batch.observe(report)
 
     def stats(self) -> dict[str, Any]:
         return self.batch.stats()

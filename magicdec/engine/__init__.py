@@ -1,3 +1,4 @@
-"""The engine core: a batch (`batch.py`: built by prefill or random KV), its per-row state and stop rules
-(`state.py`), one round at a time (`step.py`: `Decoding.step(γ) → RoundReport`), and what a generation
-returns (`outputs.py`). Who chooses γ and what is done with the reports lives in the layers above."""
+"""The engine: one core for every client (`core.py`: EngineCore, built from an `EngineConfig` — `config.py`
+— over the models of `models.py`), its step in three parts — the scheduler (`scheduler.py`: schedule →
+Plan, update), the model runner (`runner.py`: execute → ModelOutput) — the requests and their streams
+(`request.py`), and what a generation returns (`outputs.py`)."""

@@ -1,105 +1,49 @@
-"""The serving engine's core: requests that arrive at any time, continuous batching over the paged cache.
+"""The engine core: requests that arrive at any time, continuous batching over the paged KV cache.
 
-`EngineCore.step()` asks the scheduler for a plan, then runs it:
-1. decode — one forward over every decoding request: a plain step for those at γ = 0, a speculative
-   round for the others (the StreamingLLM self-draft drafts γ_i tokens per request over its sparse view of
-   the target's own blocks; one verification forward over [pending, d_1 … d_γi] with ragged lengths,
-   shorter rows padded; each request keeps its accepted prefix and the target's next token);
-2. prefill — each scheduled chunk as a forward of its own (a prompt's chunks are the same computation
-   whatever else runs); the chunk that completes a prompt gives the request its first token;
-3. stop rules, streaming deltas, and the end of finished requests (their blocks go back to the pool).
-A request's failure is its own: what raises while its row is sampled, verified, drafted for, put through its
-stop rules or detokenized (a sampling error, NaN logits in its row only, …) finishes that request with
-finish_reason "error" and the message (`StepOutput.error`), frees its blocks, and the step goes on with
-the others. Only an engine-wide fault (a batched forward raising, the scheduler, the γ policy) propagates.
-On the CPU the kernels are batch-invariant, so a request's tokens do not depend on the others in its
-forwards: greedy output equals decoding the request alone, bit for bit, across preemptions and prefix hits.
+Built once from an `EngineConfig` (`EngineCore.from_config`); every client — `LLM.generate`, `Engine`,
+`magicdec serve`, the benchmarks — drives the same core. One `step()` is three calls:
 
-Who chooses γ is the caller's (`ChooseGamma`, with `observe` fed each step's `StepReport`).
+    plan = scheduler.schedule(policy.choose)     # who advances, by how much, in which blocks; γ per request
+    output = runner.execute(plan)                # the forwards: drafts, verification, prefill chunks, sampling
+    advanced = scheduler.update(plan, output)    # commit tokens, stop rules, free what finished
 
-The guided self-draft (`PagedDraft.select` > 0, `drafter="guided"`): the verification forward (and the
-plain steps' forward) also returns, per request and logical block, the largest attention probability any
-of its queries, heads and layers gave to a slot of the block (`PagedView.scores`); the next draft of the
-request reads its first block (the sinks), the `select - 1` best-scored older blocks and its recent window
-(`guided_blocks`). With `score_layers="layer"` the scores stay per layer ([layers, B, nb]) and each layer
-of the draft reads its own first block, best-scored blocks and the window (a per-layer `PagedView`).
-Verification is unchanged, so outputs stay exact.
+then each advanced request's delta is returned and the γ policy observes the step's `StepReport`.
+A request's failure is its own: what raises while its row is sampled, verified, drafted for, put through
+its stop rules or detokenized finishes that request with finish_reason "error" and the message
+(`StepOutput.error`), frees its blocks, and the step goes on with the others. Only an engine-wide fault (a
+batched forward raising, the scheduler, the γ policy) propagates. On the CPU the kernels are
+batch-invariant, so a request's tokens do not depend on the others in its forwards: greedy output equals
+decoding the request alone, bit for bit, across preemptions and prefix hits.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from magicdec.cache.blocks import BlockPool
-from magicdec.cache.paged import PagedKVCache, PagedView
+from magicdec.cache.memory import OutOfMemoryPlan, available_bytes, fmt_bytes, prefill_transient_bytes
+from magicdec.cache.paged import PagedKVCache
+from magicdec.costmodel.policy import GammaPolicy, RequestGamma, StepReport
+from magicdec.engine.config import EngineConfig
+from magicdec.engine.models import ModelSet
 from magicdec.engine.outputs import Acceptance
-from magicdec.engine.request import Request, RequestSpec, Status, StepOutput
-from magicdec.engine.scheduler import ChooseGamma, Plan, Scheduler, SchedulerConfig
-from magicdec.engine.state import NumericalError
-from magicdec.engine.step import PhaseClock
-from magicdec.kernels.cpu import MAX_DECODE_TOKENS
-from magicdec.loading.tokenizer import Tokenizer
-from magicdec.model.llama import Transformer
-from magicdec.runtime.sampling import SamplingParams, next_tokens, probabilities, sample
-from magicdec.spec.snapkv import select_paged
-from magicdec.spec.verify import accepted_prefix, verify_sampling
+from magicdec.engine.request import Request, RequestSpec, StepOutput
+from magicdec.engine.runner import ModelRunner
+from magicdec.engine.scheduler import Scheduler, SchedulerConfig, scheduling_for
+from magicdec.parallel.tp import agree_min
+from magicdec.runtime.graphs import GraphRunner
+from magicdec.runtime.sampling import SamplingParams
+from magicdec.spec.config import SpecConfig
+from magicdec.spec.draft import Drafter, DraftSetup
+from magicdec.spec.verify import Verifier
 
-
-@dataclass(frozen=True, slots=True)
-class PagedDraft:
-    """Who drafts, over which KV: `model` (the target itself, or a draft model); `pool` None to read the
-    target's own blocks (self-speculation: no KV of its own), or a pool of the draft model's shape indexed by
-    the same block tables (the draft's own KV: computed with every prefill chunk, and for the drafted tokens);
-    a StreamingLLM view (`sinks` first positions and the last `window` ones) or, with window 0, the whole
-    context; `vocab_size` the target's when the draft's vocabulary is a shorter prefix of it."""
-
-    model: Transformer
-    pool: PagedKVCache | None = None
-    sinks: int = 0
-    window: int = 0
-    vocab_size: int | None = None
-    select: int = 0  # guided: blocks kept whole (the first block + the best-scored ones); 0: StreamingLLM
-    kept: int = 0  # SnapKV: positions selected per layer and KV head when the prompt is in (0: none)
-    observe: int = 32  # … voted for by the prompt's last `observe` queries
-    pool_kernel: int = 7  # … smoothed over this many neighbours
-    score_layers: str = "max"  # guided: a block's score over the verification's layers, "max", "sum" or "layer"
-
-    def known(self, ids: torch.Tensor) -> torch.Tensor:
-        """Ids the draft can embed (beyond a shorter draft vocabulary: its last id; verification stays exact)."""
-        return ids.clamp(max=self.model.config.vocab_size - 1) if self.vocab_size else ids
-
-
-def guided_blocks(scores: Sequence[float], first: int, select: int) -> list[int]:
-    """The kept blocks of a guided draft: block 0 (the sinks) and the `select - 1` best-scored blocks among
-    1 … first - 1 (older than the window, which starts at block `first`), ties to the more recent; in
-    ascending order. Blocks without a score count 0 (so, before any score, the most recent ones). Empty
-    when the window starts at block 0."""
-    if first <= 0 or select <= 0:
-        return []
-    cands = sorted(range(1, first), key=lambda c: (scores[c] if c < len(scores) else 0.0, c), reverse=True)
-    return [0] + sorted(cands[: select - 1])
-
-
-@dataclass(frozen=True, slots=True)
-class StepReport:
-    """One step: per decoding request its γ and accepted drafts; tokens; where the time went."""
-
-    request_ids: list[str]
-    gammas: list[int]
-    accepted: list[int]
-    prefill_tokens: int = 0
-    new_tokens: int = 0
-    seconds: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    other_s: float = 0.0
-    prefill_s: float = 0.0
+CPU_KV_SHARE = 0.4  # of the free memory, what a paged KV pool takes by default on the CPU (the rest: prefill, the OS)
+CUDA_KV_SHARE = 0.85  # … and on a GPU (after the weights)
 
 
 @dataclass(slots=True)
@@ -115,41 +59,147 @@ class EngineStats:
     spec: Acceptance = field(default_factory=Acceptance)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """What the engine can take: the longest request (prompt + new tokens), the most tokens a request can
+    hold in the pool, requests at once, the largest γ."""
+
+    max_model_len: int
+    kv_capacity: int
+    max_num_seqs: int
+    max_gamma: int
+
+
+def pool_blocks(models: ModelSet, config: EngineConfig, sched: SchedulerConfig, draft_bytes: int,
+                max_len: int) -> int:
+    """How many KV blocks the pool gets (see `EngineConfig`): refused, with the bytes and the fix, when the
+    longest request would not fit alone. Under tensor parallelism every rank gets the smallest any holds."""
+    P = config.block_size
+    per_block = PagedKVCache.bytes_per_block(models.model, P) + draft_bytes
+    if config.num_blocks is not None:
+        return config.num_blocks
+    lookahead = sched.max_gamma + 1
+    lengths = list(config.pool_lengths) if config.pool_lengths else [max_len] * config.max_num_seqs
+    want = sum(-(-(n + lookahead) // P) + sched.kept_blocks for n in lengths)
+    memory = config.kv_cache_memory
+    if memory is None:
+        if models.memory_budget is not None:  # what the weights and one prefill chunk's transients leave
+            transient = prefill_transient_bytes(models.model, 1, min(sched.prefill_chunk, max_len), max_len)
+            memory = max(models.memory_budget - models.memory_plan().total - transient, 0)
+        else:
+            share = CUDA_KV_SHARE if models.device.type == "cuda" else CPU_KV_SHARE
+            memory = int(available_bytes(models.device) * share)
+    blocks = min(memory // per_block, want)
+    if models.tp_world > 1:  # every rank's pool the same: the smallest
+        blocks = agree_min(models.tp, blocks, models.device)  # type: ignore[arg-type]
+    one = -(-(max(lengths) + lookahead) // P) + sched.kept_blocks  # the longest request alone
+    if blocks < one:
+        plan = models.memory_plan()
+        plan.to_allocate["KV cache"] = one * per_block
+        plan.fix = "use shorter prompts or fewer new tokens"
+        plan.check(models.device, models.memory_budget)
+        raise OutOfMemoryPlan(f"the KV cache gets {blocks} blocks of {P} tokens ({fmt_bytes(per_block)} each), "
+                              f"fewer than the {one} the longest request needs: {plan.fix}, or give the KV cache "
+                              "more memory (kv_cache_memory)")
+    return blocks
+
+
 class EngineCore:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_token_ids: set[int], cache: PagedKVCache,
-                 config: SchedulerConfig, draft: PagedDraft | None = None,
-                 choose: ChooseGamma | None = None, observe: Callable[[StepReport], None] | None = None,
-                 generator: Callable[[SamplingParams], torch.Generator | None] | None = None,
-                 max_model_len: int | None = None, sliding_window: int | None = None) -> None:
-        self.model, self.tokenizer, self.eos = model, tokenizer, eos_token_ids
-        self.cache, self.draft = cache, draft
+    def __init__(self, models: ModelSet, config: EngineConfig, cache: PagedKVCache, sched: SchedulerConfig,
+                 max_model_len: int) -> None:
+        """Use `from_config`."""
+        self.models, self.config, self.cache = models, config, cache
+        self.model = models.model
         self.pool = BlockPool(cache.num_blocks, cache.block_size)
-        self.scheduler = Scheduler(config, self.pool)
-        self.config = config
-        self.choose = choose or (lambda rs: [0] * len(rs))
-        self.observe = observe
-        self.generator = generator or (lambda p: p.generator(model.device))
-        self.max_model_len = max_model_len or model.config.max_position_embeddings
-        self.sliding_window = sliding_window  # the model's; not implemented: longer requests are refused
+        self.scheduler = Scheduler(sched, self.pool)
+        self.max_model_len = max_model_len
+        self.graphs = GraphRunner(self.model, config.cuda_graphs, pad=config.pad_shapes)
+        self.runner = ModelRunner(self.model, cache, self.graphs)
+        self._draft_forwards: dict[int, GraphRunner] = {}
+        self.spec: SpecConfig | None = None
+        self.policy: RequestGamma | None = None
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._aborted: list[Request] = []
         self.last_report: StepReport | None = None
-        self.block_scores: dict[str, list[float]] = {}  # guided drafts: request id → score per logical block
-        self.step_errors: dict[str, BaseException] = {}  # the last step's failed requests: id → what they raised
+
+    @classmethod
+    def from_config(cls, models: ModelSet, config: EngineConfig) -> EngineCore:
+        """A core for `models` as `config` says: its KV pool sized (and allocated) now, its speculation set."""
+        model = models.model
+        limit = model.config.max_position_embeddings
+        max_len = min(config.max_model_len or limit, limit)
+        spec = config.spec if config.speculating else None
+        sched = scheduling_for(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                               config.prefill_chunk, 0, config.enable_prefix_caching),
+                               spec, config.block_size)
+        draft_bytes = 0
+        if spec is not None and cls._own_kv(spec):
+            draft_bytes = PagedKVCache.bytes_per_block(models.drafting(spec), config.block_size)
+        blocks = pool_blocks(models, config, sched, draft_bytes, max_len)
+        core = cls(models, config, PagedKVCache.for_model(model, blocks, config.block_size), sched, max_len)
+        core.set_speculation(spec)
+        return core
+
+    # ---- speculation -------------------------------------------------------------------------------
+    @staticmethod
+    def _own_kv(spec: SpecConfig) -> bool:
+        return spec.method == "draft" or spec.tuning.kv_source == "own"
+
+    def set_speculation(self, spec: SpecConfig | None, *, gamma_policy: GammaPolicy | None = None,
+                        verifier: Verifier | None = None) -> None:
+        """Make `spec` the engine's speculation (between requests: refused while any is in flight): who drafts
+        over which KV, the scheduler's γ bound, the γ policy (`gamma_policy`: one batch-wide policy instead of
+        the setting's, for experiments); `verifier` replaces the exact acceptance rule (systems benchmarks'
+        synthetic acceptance). A new pool of draft KV empties the prefix cache (no cached block has the draft's
+        KV in it)."""
+        if spec is not None and not isinstance(spec, SpecConfig):
+            raise TypeError(f"spec must be a SpecConfig (or None), got {type(spec).__name__}: {spec!r:.80}")
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"set_speculation: {self.num_running + self.num_waiting} requests are in flight; "
+                               "change the speculation once they have finished (or abort them)")
+        spec = spec if spec is not None and spec.enabled else None
+        P = self.cache.block_size
+        sched = scheduling_for(self.scheduler.config, spec, P)
+        check_guided_room(spec, P)
+        drafter, policy = None, None
+        if spec is not None:
+            model = self.models.drafting(spec)
+            window = spec.recent_window if spec.drafter in ("streaming", "guided", "snapkv") else 0
+            vocab = self.model.config.vocab_size
+            setup = DraftSetup(
+                model, own_kv=self._own_kv(spec), sinks=spec.sinks if spec.drafter == "streaming" else 0,
+                window=window, vocab_size=vocab if model.config.vocab_size < vocab else None,
+                select=(spec.budget - spec.recent_window) // P if spec.drafter == "guided" else 0,
+                kept=spec.n_kept if spec.drafter == "snapkv" else 0, observe=spec.tuning.observe,
+                pool_kernel=spec.tuning.pool_kernel, score_layers=spec.tuning.guided_scores)
+            old = self.runner.drafter
+            pool = old.pool if old is not None and old.pool is not None and old.setup.model is model else None
+            forward = self._draft_forwards.setdefault(
+                id(model), self.graphs if model is self.model else GraphRunner(model, self.config.cuda_graphs,
+                                                                               pad=self.config.pad_shapes))
+            drafter = Drafter(setup, self.cache, forward, pool)
+            if drafter.pool is not None and drafter.pool is not pool:
+                self.pool.clear_prefix_cache()
+            policy = RequestGamma(gamma_policy or self.models.gamma_policy(spec, model.config))
+        self.spec, self.policy = spec, policy
+        self.scheduler.config = sched
+        self.runner.drafter, self.runner.verifier = drafter, verifier
 
     # ---- requests ----------------------------------------------------------------------------------
-    def add_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None,
-                    request_id: str | None = None, arrival: float | None = None) -> str:
-        """Queue a request (checked here, so a bad one is refused before it waits); returns its id."""
+    @property
+    def limits(self) -> EngineLimits:
+        c = self.scheduler.config
+        capacity = (self.pool.num_blocks - c.kept_blocks) * self.pool.block_size - (c.max_gamma + 1)
+        return EngineLimits(self.max_model_len, capacity, c.max_num_seqs, c.max_gamma)
+
+    def check_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None) -> None:
+        """Refuse, with the reason and the fix, a request this engine cannot serve (before it waits)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}: {params!r:.80}")
         if spec is not None and not isinstance(spec, RequestSpec):
             raise TypeError(f"spec must be a RequestSpec (or None), got {type(spec).__name__}: {spec!r:.80}")
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.requests:
-            raise ValueError(f"request id {rid!r} is in use")
         if not prompt:
             raise ValueError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -160,9 +210,10 @@ class EngineCore:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
                              f"tokens, over the model's context of {self.max_model_len}: shorten the prompt or "
                              "lower max_new_tokens")
-        if self.sliding_window is not None and total > self.sliding_window:
+        window = self.model.config.sliding_window
+        if window is not None and total > window:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
-                             f"positions, but this model attends over a sliding window of {self.sliding_window}, "
+                             f"positions, but this model attends over a sliding window of {window}, "
                              "which magicdec does not implement; shorten the prompt or lower max_new_tokens")
         need = self.scheduler.blocks_needed(total)
         if need > self.pool.num_blocks:
@@ -170,11 +221,24 @@ class EngineCore:
             raise ValueError(f"this request needs {need} KV blocks ({need * P} tokens) but the cache holds "
                              f"{self.pool.num_blocks} ({self.pool.num_blocks * P} tokens): shorten it or give the "
                              "KV cache more memory")
+        bound = self.scheduler.config.max_gamma
         if spec is not None and spec.gamma is not None and (not isinstance(spec.gamma, int) or isinstance(
-                spec.gamma, bool) or not 0 <= spec.gamma <= self.config.max_gamma):
-            raise ValueError(f"a request's γ must be in 0 … {self.config.max_gamma} (the engine's bound), "
-                             f"got {spec.gamma}")
-        r = Request(rid, list(prompt), params, self.eos, self.tokenizer, self.generator(params), spec, arrival)
+                spec.gamma, bool) or not 0 <= spec.gamma <= bound):
+            raise ValueError(f"a request's γ must be in 0 … {bound} (the engine's bound), got {spec.gamma}")
+
+    def add_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None,
+                    request_id: str | None = None, arrival: float | None = None, checked: bool = False,
+                    random_kv: bool = False) -> str:
+        """Queue a request (checked here unless the caller did already, so a bad one is refused before it
+        waits); returns its id. `random_kv`: its prompt's keys and values are random instead of prefilled, and
+        its first token is its prompt's last (systems benchmarks: step costs do not depend on the values)."""
+        if not checked:
+            self.check_request(prompt, params, spec)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is in use")
+        r = Request(rid, list(prompt), params, self.models.eos_token_ids, self.models.tokenizer,
+                    self.models.generator(params), spec, arrival, random_kv)
         self.requests[rid] = r
         self.scheduler.add(r)
         return rid
@@ -209,281 +273,64 @@ class EngineCore:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         t0 = time.perf_counter()
-        plan = self.scheduler.schedule(self.choose)
-        advanced: dict[str, Request] = {r.request_id: r for r in self._aborted}
+        capture = self._capture_s()
+        choose: Callable = self.policy.choose if self.policy is not None else (lambda rs: [0] * len(rs))
+        plan = self.scheduler.schedule(choose)
+        output = self.runner.execute(plan)
+        advanced = self._aborted + self.scheduler.update(plan, output, time.monotonic())
         self._aborted = []
-        self.step_errors = {}
-        times = (0.0, 0.0, 0.0)
-        accepted: list[int | None] = []
-        if plan.decode:
-            accepted, times = self._decode(plan)
-            advanced.update((r.request_id, r) for r in plan.decode)
-        t1 = time.perf_counter()
-        for chunk in plan.chunks:
-            r = chunk.request
-            self._prefill(r, chunk.start, chunk.end)
-            advanced[r.request_id] = r
-        prefill_s = time.perf_counter() - t1
-        out = []
-        for r in advanced.values():
-            if r.finished and r.finish_reason != "abort":
-                self.scheduler.remove(r)
-                if r.finish_reason == "error":
-                    self.stats.errors += 1
-                else:
-                    self.stats.finished += 1
-            out.append(r.delta())
+        outs = []
+        for r in advanced:
+            outs.append(r.delta())
             if r.finished:
                 self.requests.pop(r.request_id, None)
-                self.block_scores.pop(r.request_id, None)
+                if r.finish_reason == "error":
+                    self.stats.errors += 1
+                elif r.finish_reason != "abort":
+                    self.stats.finished += 1
+        rounds = [(r.request_id, g, k) for r, g, k in zip(plan.decode, plan.gammas, output.accepted) if k is not None]
+        for _, g, k in rounds:
+            if g:
+                self.stats.spec.record(g, k)
         self.stats.steps += 1
-        new = sum(len(o.new_token_ids) for o in out)
+        self.stats.prompt_tokens += sum(min(c.end, len(c.request.prompt)) - c.start for c in plan.chunks
+                                        if c.start < len(c.request.prompt))
+        new = sum(len(o.new_token_ids) for o in outs)
         self.stats.generation_tokens += new
-        rounds = [(r.request_id, g, k) for r, g, k in zip(plan.decode, plan.gammas, accepted) if k is not None]
         report = StepReport([i for i, _, _ in rounds], [g for _, g, _ in rounds], [k for _, _, k in rounds],
-                            sum(c.end - c.start for c in plan.chunks), new, time.perf_counter() - t0, *times,
-                            prefill_s=prefill_s)
-        if self.observe is not None and rounds:
-            self.observe(report)
+                            sum(c.end - c.start for c in plan.chunks), new, time.perf_counter() - t0,
+                            output.draft_s, output.verify_s, output.other_s, output.prefill_s,
+                            self._capture_s() - capture)
+        if self.policy is not None and rounds:
+            self.policy.observe(report)
         self.last_report = report
-        return out
+        return outs
 
-    def _fail(self, r: Request, error: BaseException) -> None:
-        """End r (and only r) with finish_reason "error": what its own row raised during this step."""
-        if r.finished:
-            return
-        r.finish("error", time.monotonic(), f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
-        self.step_errors[r.request_id] = error
+    def _capture_s(self) -> float:
+        return self.graphs.capture_s + sum(f.capture_s for f in self._draft_forwards.values() if f is not self.graphs)
 
-    def _table(self, requests: Sequence[Request]) -> torch.Tensor:
-        return self.cache.table([r.blocks for r in requests])
+    def close(self) -> None:
+        """Abort every request and free the KV pools now (the core is unusable after)."""
+        for rid in list(self.requests):
+            self.abort_request(rid)
+        self.graphs.release()
+        for f in self._draft_forwards.values():
+            f.release()
+        self.cache.k = self.cache.v = torch.empty(0)
+        drafter = self.runner.drafter
+        if drafter is not None and drafter.pool is not None:
+            drafter.pool.k = drafter.pool.v = torch.empty(0)
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    def _prefill(self, r: Request, start: int, end: int) -> None:
-        """Put tokens [start, end) of r into the cache; the chunk that completes its prompt samples its first token."""
-        if r.metrics.first_scheduled is None:
-            r.metrics.first_scheduled = time.monotonic()
-        device = self.model.device
-        ids = torch.tensor([r.tokens[start:end]], device=device)
-        pos = torch.arange(start, end, device=device)[None]
-        table = self._table([r])
-        index = torch.tensor([[end - start - 1]], device=device)
-        logits = self.model(ids, pos, PagedView(self.cache, table), logits_index=index)[0, 0]
-        if self.draft is not None and self.draft.pool is not None:  # the draft's own KV of the same tokens
-            self.draft.model(self.draft.known(ids), pos, PagedView(self.draft.pool, table), logits_index=index)
-            r.draft_seen = end
-        r.computed = end
-        if end <= len(r.prompt):
-            self.stats.prompt_tokens += end - start
-        if end == len(r.prompt) and self.draft is not None and self.draft.kept:  # SnapKV: select over the prompt
-            d = self.draft
-            r.kept_slots = select_paged(self.model, self.cache, r.prompt, r.blocks, r.kept, d.kept, d.window,
-                                        d.observe, d.pool_kernel)
-        self.scheduler.register(r)
-        if r.to_compute:
-            return
-        r.status = Status.DECODING
-        if not r.output:  # the prompt is in: its first token
-            try:
-                if bool(logits.isnan().any()):
-                    raise NumericalError("the model produced NaN logits in the prefill: the weights hold NaN or the "
-                                         "dtype overflows; try --dtype float32 or check the checkpoint")
-                token = int(next_tokens(logits, r.params, r.generator))
-                r.append([token], time.monotonic())
-            except Exception as e:
-                self._fail(r, e)
 
-    def _decode(self, plan: Plan) -> tuple[list[int | None], tuple[float, float, float]]:
-        """One forward over the decoding requests: plain steps and speculative rounds of ragged γ. Returns each
-        row's accepted drafts (None: the request failed this step) and the phases' seconds."""
-        rows, gammas = plan.decode, plan.gammas
-        device = self.model.device
-        clock = PhaseClock(device)
-        clock.mark()
-        B, G = len(rows), max(gammas)
-        table = self._table(rows)
-        ctx = torch.tensor([r.computed for r in rows], device=device)
-        pending = torch.tensor([r.output[-1] for r in rows], device=device)
-        g = torch.tensor(gammas, device=device)
-        drafts = torch.zeros((B, G), dtype=torch.long, device=device)
-        q: list[torch.Tensor | None] = [None] * B
-        failed: dict[int, BaseException] = {}  # rows whose own sampling, stop rules or text raised
-        if G:
-            drafts, q = self._propose(rows, gammas, table, ctx, pending, failed)
-        clock.mark()
-        offs = torch.arange(G + 1, device=device)
-        pos = torch.where(offs <= g[:, None], ctx[:, None] + offs, -1)
-        ids = torch.cat([pending[:, None], drafts], 1).masked_fill(pos < 0, 0)
-        guided = self.draft is not None and self.draft.select > 0
-        layers = self.draft.score_layers if self.draft is not None and guided else "max"
-        shape = (self.cache.k.shape[0], *table.shape) if layers == "layer" else tuple(table.shape)
-        scores = torch.zeros(shape, dtype=torch.float32, device=device) if guided else None
-        view = PagedView(self.cache, table, scores=scores, score_layers=layers)
-        logits = self.model(ids, pos, view)  # [B, G + 1, V]
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        k = torch.zeros(B, dtype=torch.long, device=device)
-        nxt = torch.zeros(B, dtype=torch.long, device=device)
-        if greedy:
-            idx = torch.tensor(greedy, device=device)
-            target = logits[idx].argmax(-1)
-            ok = (drafts[idx] == target[:, :-1]) & (offs[:-1] < g[idx, None])
-            kg = accepted_prefix(ok)
-            k[idx], nxt[idx] = kg, target.gather(1, kg[:, None])[:, 0]
-        for i, r in enumerate(rows):
-            if r.params.greedy or i in failed:
-                continue
-            try:
-                if gammas[i] == 0:
-                    nxt[i] = sample(probabilities(logits[i, 0], r.params), r.generator)
-                else:
-                    qi = q[i]
-                    assert qi is not None
-                    p = probabilities(logits[i : i + 1, : gammas[i] + 1], r.params)
-                    ki, ti = verify_sampling(drafts[i : i + 1, : gammas[i]], qi[None], p, r.generator)
-                    k[i], nxt[i] = ki[0], ti[0]
-            except Exception as e:
-                failed[i] = e
-        bad = logits.isnan().flatten(1).any(1)
-        host = torch.cat([k[:, None], nxt[:, None], bad[:, None].long(), drafts], 1).tolist()  # one device read
-        if scores is not None:  # the freshest scores replace the old ones ([nb], or per layer [L][nb])
-            if scores.dim() == 3:
-                per_layer = scores.tolist()
-                for i, r in enumerate(rows):
-                    self.block_scores[r.request_id] = [s[i][: len(r.blocks)] for s in per_layer]
-            else:
-                for r, row in zip(rows, scores.tolist()):
-                    self.block_scores[r.request_id] = row[: len(r.blocks)]
-        clock.mark()
-        now = time.monotonic()
-        accepted: list[int | None] = []
-        for i, (r, gi, row) in enumerate(zip(rows, gammas, host)):
-            if row[2] and i not in failed:
-                failed[i] = NumericalError("the model produced NaN logits in verification: the weights hold NaN or "
-                                           "the dtype overflows; try --dtype float32 or check the checkpoint")
-            if i in failed:
-                self._fail(r, failed[i])
-                accepted.append(None)
-                continue
-            ki, ti = row[0], row[1]
-            if gi:  # the draft's KV of the pending token and of the accepted drafts it fed is valid
-                r.draft_seen = r.computed + min(gi, ki + 1)
-            r.computed += ki + 1
-            if gi:
-                r.acceptance.record(gi, ki)
-                self.stats.spec.record(gi, ki)
-            accepted.append(ki)
-            try:
-                r.append(row[3 : 3 + ki] + [ti], now)
-            except Exception as e:
-                self._fail(r, e)
-        clock.mark()
-        draft_s, verify_s, other_s = clock.seconds()
-        return accepted, (draft_s, verify_s, other_s)
+def check_guided_room(spec: SpecConfig | None, block_size: int) -> None:
+    """A guided draft with a window of its own must leave room in its budget for the sink block and one
+    selected block."""
+    if (spec is not None and spec.drafter == "guided" and spec.tuning.guided_window is not None
+            and (spec.budget - spec.recent_window) // block_size < 2):
+        P = block_size
+        raise ValueError(f"a guided draft reads the sink block and at least one selected block of {P} tokens "
+                         f"beside its recent window (guided_window={spec.recent_window} tokens): --budget "
+                         f"{spec.budget} must be ≥ {spec.recent_window + 2 * P}, or use a smaller guided_window")
 
-    def _propose(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor, ctx: torch.Tensor,
-                 pending: torch.Tensor, failed: dict[int, BaseException]
-                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """γ_i draft tokens per request. A draft with KV of its own first feeds what it has not seen (the
-        tokens committed since it last drafted: plain steps, a bonus token), in decode-shaped pieces. A row
-        whose sampling raises goes into `failed` (and drafts nothing more)."""
-        draft = self.draft
-        assert draft is not None, "γ > 0 without a drafter"
-        device = ctx.device
-        B, G = len(rows), max(gammas)
-        seen = [min(r.draft_seen, r.computed) if gi and draft.pool is not None else r.computed
-                for r, gi in zip(rows, gammas)]
-        view = self._draft_view(rows, gammas, table, seen)
-        g = torch.tensor(gammas, device=device)
-        index = None
-        if draft.pool is None:  # reads the target's KV: in step with it
-            ids, pos = pending[:, None], ctx[:, None]
-        else:
-            while True:
-                lag = [r.computed - s for r, s in zip(rows, seen)]
-                width = min(max(lag) + 1, MAX_DECODE_TOKENS)
-                offs = torch.arange(width, device=device)
-                start = torch.tensor(seen, device=device)
-                pos = torch.where(start[:, None] + offs <= ctx[:, None], start[:, None] + offs, -1)
-                pos = torch.where(g[:, None] > 0, pos, -1)
-                ids = torch.tensor([(r.tokens + [0] * width)[s : s + width] for r, s in zip(rows, seen)],
-                                   device=device).masked_fill(pos < 0, 0)
-                if max(lag) + 1 <= MAX_DECODE_TOKENS:
-                    index = torch.tensor([[min(n, width - 1)] for n in lag], device=device)
-                    break
-                self.draft.model(draft.known(ids), pos, view)  # catching up: KV only
-                seen = [min(s + width, r.computed) for r, s in zip(rows, seen)]
-        out = []
-        dists: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        for j in range(G):
-            if j:
-                pos = torch.where(g > j, ctx + j, -1)[:, None]
-                index = None
-            else:
-                pos = torch.where(g[:, None] > 0, pos, -1)
-            logits = draft.model(draft.known(ids.masked_fill(pos < 0, 0)), pos, view, logits_index=index)[:, -1]
-            nxt = logits.argmax(-1)
-            for i, r in enumerate(rows):
-                if not r.params.greedy and j < gammas[i] and i not in failed:
-                    try:
-                        qi = probabilities(logits[i], r.params)
-                        nxt[i] = sample(qi, r.generator)
-                    except Exception as e:
-                        failed[i] = e
-                        qi = torch.zeros(logits.shape[-1], device=device)
-                    dists[i].append(F.pad(qi, (0, draft.vocab_size - qi.shape[-1])) if draft.vocab_size else qi)
-            out.append(nxt)
-            ids = nxt[:, None]
-        q = [torch.stack(d) if d else None for d in dists]
-        return torch.stack(out, 1), q
-
-    def _draft_view(self, rows: Sequence[Request], gammas: list[int], table: torch.Tensor,
-                    starts: Sequence[int] | None = None) -> PagedView:
-        """The draft's view: its pool (the target's, or its own) through the requests' tables; with a window,
-        each request's first block (the sinks) and the blocks of its recent window only — the window of the
-        earliest position fed (`starts`: a draft with KV of its own catching up on committed tokens; default
-        each request's context); guided with per-layer scores, one read table per layer (each layer's own
-        best blocks, then the same window)."""
-        assert self.draft is not None
-        pool = self.draft.pool or self.cache
-        if not self.draft.window:
-            return PagedView(pool, table)
-        P, sinks, window, select = self.cache.block_size, self.draft.sinks, self.draft.window, self.draft.select
-        snap = -(-self.draft.kept // P)  # SnapKV: its kept blocks
-        per_layer = bool(select) and self.draft.score_layers == "layer"
-        L = self.cache.k.shape[0] if per_layer else 1
-        reads: list[list[list[int]]] = [[] for _ in range(L)]  # [layer][row] → pages
-        tags: list[list[list[int]]] = [[] for _ in range(L)]  # [layer][row] → logical blocks (-1: none)
-        for r, gi, start in zip(rows, gammas, starts if starts is not None else [r.computed for r in rows]):
-            first = max(start - window + 1, 0) // P
-            last = (r.computed + max(gi, 1) - 1) // P
-            window_cols = list(range(first, last + 1))
-            for layer in range(L):
-                if select:  # guided: `select` kept columns (padded with nothing), then the window's blocks
-                    scores = self.block_scores.get(r.request_id, ())
-                    if per_layer and scores:
-                        scores = scores[layer]
-                    kept = guided_blocks(scores, first, select)
-                    cols = kept + [-1] * (select - len(kept)) + window_cols
-                elif snap:  # SnapKV: its private blocks of selected keys, then the window's blocks
-                    cols = [-1] * snap + window_cols
-                else:
-                    cols = ([0] if sinks and first > 0 else []) + window_cols
-                if snap:
-                    reads[layer].append(r.kept + [r.blocks[c] for c in window_cols])
-                else:
-                    reads[layer].append([r.blocks[c] if c >= 0 else self.cache.trash for c in cols])
-                tags[layer].append(cols)
-        width = max(len(c) for c in tags[0])
-        B = len(rows)
-        read = self.cache.table([row for layer in reads for row in layer], width).view(L, B, width)
-        base = torch.tensor([c + [-1] * (width - len(c)) for layer in tags for c in layer],
-                            device=table.device).view(L, B, width)
-        offs = torch.arange(P, device=table.device)
-        read_pos = torch.where(base[..., None] >= 0, base[..., None] * P + offs, -1).reshape(L, B, -1)
-        if snap:  # SnapKV's selected slots: visible to every query (they precede the window)
-            for i, r in enumerate(rows):
-                read_pos[:, i, : r.kept_slots] = 0
-        # guided and SnapKV: the kept blocks' slots are visible whole (up to the query), the rest by the window rule
-        n_kept = select * P if select else snap * P if snap else sinks
-        if not per_layer:  # one table for every layer
-            read, read_pos = read[0], read_pos[0]
-        return PagedView(pool, table, read=read, read_pos=read_pos, window=window, sinks=n_kept)

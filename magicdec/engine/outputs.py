@@ -1,9 +1,13 @@
-"""What a generation returns: per-sequence outputs with their acceptance counts, and the run's statistics."""
+"""What a generation returns: each request's final output (`StepOutput`, with its acceptance counts) and the
+run's statistics; the speculation counters of a request or a run (`Acceptance`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from magicdec.engine.request import StepOutput
 
 
 @dataclass(slots=True)
@@ -61,36 +65,6 @@ class Acceptance:
         out = asdict(self)
         del out["drafted_at"], out["accepted_at"]
         return {**out, "acceptance_rate": self.acceptance_rate, "mean_accepted_tokens": self.mean_accepted_tokens}
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    index: int
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
-    spec: Acceptance = field(default_factory=Acceptance)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def context(self) -> int:
-        """Tokens in the target's cache: the prompt and every generated token but the pending last one."""
-        return len(self.prompt_token_ids) + len(self.token_ids) - 1
-
-    def to_dict(self, with_spec: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "prompt_token_ids": self.prompt_token_ids,
-            "token_ids": self.token_ids,
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-        }
-        if with_spec:
-            out["spec"] = self.spec.to_dict()
-        return out
 
 
 @dataclass(slots=True)
@@ -159,7 +133,7 @@ class RunStats:
 
 @dataclass(slots=True)
 class GenerationResult:
-    outputs: list[RequestOutput]
+    outputs: list[StepOutput]  # the final output of each prompt, in the prompts' order
     stats: RunStats
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -63,6 +64,16 @@ class StepOutput:
     token_ids: list[int] = field(default_factory=list)  # the whole output: on the final output only
     text: str = ""  # … and its text (cut before a stop string)
     error: str | None = None  # why the request failed, when finish_reason == "error"
+
+    def to_dict(self, with_spec: bool = False) -> dict[str, Any]:
+        """The output as JSON (a final output's whole tokens and text)."""
+        out: dict[str, Any] = {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
+                               "text": self.text, "finish_reason": self.finish_reason}
+        if self.error is not None:
+            out["error"] = self.error
+        if with_spec:
+            out["spec"] = self.spec.to_dict()
+        return out
 
 
 @dataclass(slots=True)
@@ -141,7 +152,7 @@ class TextStream:
 class Request:
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, eos: set[int],
                  tokenizer: Tokenizer, generator: torch.Generator | None, spec: RequestSpec | None = None,
-                 arrival: float | None = None) -> None:
+                 arrival: float | None = None, random_kv: bool = False) -> None:
         self.request_id, self.prompt, self.params = request_id, prompt, params
         self.eos = set() if params.ignore_eos else eos
         self.generator, self.spec = generator, spec or RequestSpec()
@@ -155,6 +166,8 @@ class Request:
         self.computed = 0  # tokens with KV in the cache
         self.registered = 0  # leading tokens whose blocks were offered to the prefix cache
         self.draft_seen = 0  # a draft with KV of its own has it for positions < draft_seen
+        self.scores: torch.Tensor | None = None  # a guided draft's block scores from its last verification
+        self.random_kv = random_kv  # its prompt's KV is random (systems benchmarks): no prefill forward
         self.hashes: list[bytes] | None = None  # the prompt's full blocks' hash chain (prefix caching), made once
         self.admitted = False  # admitted once: its prefix-cache lookup counted and its cached_tokens set
         self.acceptance = Acceptance()
@@ -170,12 +183,23 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] (prompt then output), without building the whole list."""
+        n = len(self.prompt)
+        if end <= n:
+            return self.prompt[start:end]
+        return self.prompt[start:n] + self.output[max(start - n, 0) : end - n]
+
+    @property
+    def target_computed(self) -> int:
+        """How many tokens the cache holds once prefill is done: the prompt, and after a preemption the
+        output but its last (pending) token."""
+        return len(self.prompt) if not self.output else len(self.prompt) + len(self.output) - 1
+
     @property
     def to_compute(self) -> int:
-        """Tokens still to put in the cache before decoding (0 while decoding): the prompt, and after a
-        preemption the output but its last (pending) token."""
-        target = len(self.prompt) if not self.output else len(self.prompt) + len(self.output) - 1
-        return max(target - self.computed, 0)
+        """Tokens still to put in the cache before decoding (0 while decoding)."""
+        return max(self.target_computed - self.computed, 0)
 
     @property
     def context(self) -> int:

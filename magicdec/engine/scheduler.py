@@ -28,9 +28,13 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from magicdec.cache.blocks import BlockPool, chain_hashes
 from magicdec.engine.request import Request, Status
+
+if TYPE_CHECKING:
+    from magicdec.engine.runner import ModelOutput
 from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.spec.config import SpecConfig
 
@@ -118,6 +122,50 @@ class Scheduler:
         return self.pool.blocks_for(tokens + self.lookahead) + self.config.kept_blocks
 
     # ---- one step ----------------------------------------------------------------------------------
+    def update(self, plan: Plan, output: ModelOutput, now: float) -> list[Request]:
+        """Commit what the plan's forwards produced: each decoding request's accepted drafts and next token
+        (through its stop rules), each prefill chunk's progress (its prompt blocks offered to the prefix
+        cache; the chunk that completes a prompt gives the first token), each failed request's error; finished
+        requests leave and free their blocks. Returns the requests that advanced, in the plan's order."""
+        advanced: dict[str, Request] = {}
+        for r, g, k, tokens in zip(plan.decode, plan.gammas, output.accepted, output.tokens):
+            advanced[r.request_id] = r
+            if k is None:
+                continue
+            if g:  # the draft's KV of the pending token and of the accepted drafts it fed is valid
+                r.draft_seen = r.computed + min(g, k + 1)
+                r.acceptance.record(g, k)
+            r.computed += k + 1
+            self._append(r, tokens, now, output)
+        for i, chunk in enumerate(plan.chunks):
+            r = chunk.request
+            advanced[r.request_id] = r
+            if r.metrics.first_scheduled is None:
+                r.metrics.first_scheduled = now
+            r.computed = chunk.end
+            self.register(r)
+            if not r.to_compute and r.status is Status.PREFILLING:
+                r.status = Status.DECODING
+            if i in output.first:
+                self._append(r, [output.first[i]], now, output)
+        for rid, error in output.errors.items():
+            r = advanced[rid]
+            if not r.finished:
+                message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+                r.finish("error", now, message)
+        for r in advanced.values():
+            if r.finished:
+                self.remove(r)
+        return list(advanced.values())
+
+    @staticmethod
+    def _append(r: Request, tokens: list[int], now: float, output: ModelOutput) -> None:
+        """Commit tokens through r's stop rules; what its stop rules or text raise is r's own error."""
+        try:
+            r.append(tokens, now)
+        except Exception as e:
+            output.errors[r.request_id] = e
+
     def schedule(self, choose: ChooseGamma) -> Plan:
         plan = Plan()
         budget = self.config.max_num_batched_tokens
@@ -172,7 +220,7 @@ class Scheduler:
     def _admit(self, r: Request) -> bool:
         """Give r its blocks (from the prefix cache where it can) if the pool can hold what it needs."""
         cached: list[int] = []
-        if self.config.enable_prefix_caching:
+        if self.config.enable_prefix_caching and not r.random_kv:
             c, P = self.config.prefill_chunk, self.pool.block_size
             # only whole prefill chunks are shared (their keys do not depend on what follows them), and never
             # the prompt's last token (its logits give the first output token)
@@ -183,7 +231,7 @@ class Scheduler:
             whole = len(cached) * P // step * step // P
             self.pool.release(cached[whole:])
             cached = cached[:whole]
-        need = self.blocks_needed(len(r.tokens)) - len(cached)
+        need = self.blocks_needed(len(r.prompt) + len(r.output)) - len(cached)
         if need > self.pool.num_free:
             self.pool.release(cached)
             return False
@@ -206,8 +254,8 @@ class Scheduler:
         return r.hashes
 
     def register(self, r: Request) -> None:
-        """Offer r's prompt blocks of whole, computed prefill chunks to the prefix cache."""
-        if not self.config.enable_prefix_caching:
+        """Offer r's prompt blocks of whole, computed prefill chunks to the prefix cache (never random KV)."""
+        if not self.config.enable_prefix_caching or r.random_kv:
             return
         c, P = self.config.prefill_chunk, self.pool.block_size
         done = min(r.computed, len(r.prompt)) // c * c // P

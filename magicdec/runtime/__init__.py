@@ -1,1 +1,2 @@
-"""How a model is run: chunked prefill, decode-shaped forwards (CUDA graphs), and sampling."""
+"""How a model is run: decode-shaped forwards at padded shapes, replayed as CUDA graphs on CUDA
+(`graphs.py`), and sampling (`sampling.py`)."""

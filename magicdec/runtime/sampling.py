@@ -71,6 +71,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_probs = sorted_scores.softmax(-1)
         # drop a token when the tokens before it already hold top_p of the mass (keeps ≥ 1 token)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop[..., 0] = False  # the most likely token stays, whatever top_p rounds to
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     return scores.softmax(-1)
 

@@ -1,2 +1,3 @@
-"""Speculative decoding: what to run (`config.py`: SpecConfig), who drafts over which KV (`drafter.py`,
-`factory.py`, SnapKV selection in `snapkv.py`), and the exact acceptance rules (`verify.py`)."""
+"""Speculative decoding: what to run (`config.py`: SpecConfig), who drafts over which KV and the draft loop
+(`draft.py`), the sparse views of the paged cache a draft reads (`views.py`), SnapKV selection (`snapkv.py`),
+and the exact acceptance rules (`verify.py`)."""

@@ -49,9 +49,9 @@ class Auto:
 class DraftTuning:
     """Research knobs, rarely changed.
 
-    - kv_source: "target" builds a self-draft's cache from the target's KV (copied at prefill, synced
-      with the accepted tokens' KV after each round); "own" lets the draft compute its own KV (a
-      windowed prefill and its own decode KV). Draft models always use "own".
+    - kv_source: "target": a self-draft reads the target's own KV blocks through its sparse view (no KV of its
+      own); "own": the draft computes KV of its own in a pool of its own, indexed by the same block tables
+      (every prefill chunk runs it too). Draft models always use "own".
     - snapkv_window: the sliding window inside a SnapKV budget (at most half the budget).
     - observe, pool_kernel: SnapKV's observation queries and the (odd) width of its vote smoothing.
     - guided_scores: how the guided draft pools a block's score over the verification's layers: "max" (the
@@ -181,14 +181,3 @@ class SpecConfig:
         budget = "" if self.drafter == "full" else f"-{self.budget}"
         weights = "" if self.draft_weights == "full" else f"-{self.draft_weights}"
         return f"{self.method}-{self.drafter}{budget}{weights}-g{self.gamma}"
-
-
-
-def paged_problem(spec: SpecConfig) -> str | None:
-    """Why the serving engine (continuous batching over the paged cache) cannot run `spec`, or None."""
-    if spec.enabled and spec.method == "self" and spec.tuning.kv_source != "target":
-        return (f"the serving engine drafts with the target over its own pages (StreamingLLM, SnapKV or guided "
-                f"views; full or quantized weights) or with a draft model (streaming or full); {spec.label} (a "
-                "self-draft with KV of its own) runs on the static batch path (LLM.prefill + LLM.decode) only: use "
-                "kv_source='target'")
-    return None

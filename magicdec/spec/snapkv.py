@@ -5,12 +5,9 @@ most (attention weights summed over the observation queries and over the query h
 group, then smoothed by a 1-D pooling so neighbours of strong positions come along). The top
 positions outside the recent window are kept; the window itself slides during decoding.
 
-Votes are collected by running the target once more over each prompt's last `observe` tokens with
-an observer on its cache, read-only: the cache already holds those tokens' keys, so nothing the
-target later decodes from changes.
-
-Over the serving engine's paged cache (`select_paged`), one request at a time when its prompt is in: the
-same votes from a read-only forward of its last `observe` prompt tokens over its blocks, then each layer's
+Over the engine's paged cache (`select_paged`), one request at a time when its prompt is in: the votes come
+from a read-only forward of its last `observe` prompt tokens over its blocks (the cache already holds those
+tokens' keys, so nothing the target later decodes from changes), then each layer's
 and KV head's selected keys and values are copied into blocks of the pool that the request holds privately
 (its `kept` blocks; slot j of them holds, per layer and head, the j-th selected position). The draft's
 view reads those blocks (always visible) and the recent window of the request's own blocks.
@@ -23,9 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.paged import PagedKVCache, PagedStep, PagedView
-from magicdec.cache.sparse import SparseKVCache
 from magicdec.model.attention import AttentionMask, attend
 from magicdec.model.llama import Transformer
 
@@ -62,46 +57,6 @@ def top_positions(votes: torch.Tensor, limit: torch.Tensor, n: int) -> tuple[tor
     kept_pos, order = order_key.sort(dim=-1)
     valid = valid.gather(-1, order)
     return torch.where(valid, kept_pos, 0), valid
-
-
-@torch.inference_mode()
-def snapkv_votes(
-    model: Transformer, cache: DenseKVCache, tokens: torch.Tensor, prompt_lens: list[int], observe: int, kernel: int
-) -> torch.Tensor:
-    """Pooled attention votes [L, B, Hkv, S] of each prompt's last `observe` queries."""
-    device = tokens.device
-    lens = torch.tensor(prompt_lens, device=device)
-    width = min(observe, max(prompt_lens))
-    pos = lens[:, None] - width + torch.arange(width, device=device)
-    pos = torch.where(pos >= 0, pos, -1)
-    ids = tokens.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, 0)
-    votes: dict[int, torch.Tensor] = {}
-
-    def observer(layer: int, q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> None:
-        votes[layer] = pooled_votes(q, k, mask.allowed, pos >= 0, kernel)
-
-    cache.observer, cache.read_only = observer, True
-    try:
-        model(ids, pos, cache, logits_index=torch.zeros((len(prompt_lens), 1), dtype=torch.long, device=device))
-    finally:
-        cache.observer, cache.read_only = None, False
-    return torch.stack([votes[i] for i in range(len(votes))])
-
-
-def select_kept(
-    draft: SparseKVCache, target: DenseKVCache, votes: torch.Tensor, prompt_lens: list[int]
-) -> None:
-    """Fill the draft's kept region with the top-voted positions before each prompt's window."""
-    L, B, H, S = votes.shape
-    n = draft.n_kept
-    lens = torch.tensor(prompt_lens, device=votes.device)
-    limit = (lens - draft.window).clamp(min=0)  # positions ≥ limit are in the sliding window
-    kept_pos, valid = top_positions(votes, limit, n)
-    D = target.k.shape[-1]
-    idx = kept_pos[..., None].expand(L, B, H, n, D)
-    k = target.k[:, :B].gather(3, idx)
-    v = target.v[:, :B].gather(3, idx)
-    draft.set_kept(k, v, valid[0, :, 0])
 
 
 class _ObservedView(PagedView):

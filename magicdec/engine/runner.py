@@ -1,0 +1,218 @@
+"""The model runner: runs a step's plan — the forwards, drafting and sampling — and reports the tokens.
+
+`execute(plan)` builds the inputs of the scheduled work and runs it:
+1. decode — one forward over every decoding request: a plain step for those at γ = 0, a speculative round
+   for the others (the drafter drafts γ_i tokens per request; one verification forward over
+   [pending, d_1 … d_γi] with ragged lengths, shorter rows padded at position −1); greedy rows are verified
+   together, sampled rows each with its own parameters and seeded generator (or every row by a `verifier`
+   that replaces the acceptance rule: systems benchmarks' synthetic acceptance);
+2. prefill — each scheduled chunk as a forward of its own (a prompt's chunks are the same computation
+   whatever else runs); the chunk that completes a prompt samples the request's first token.
+Decode-shaped forwards go through a `GraphRunner` (CUDA graphs per padded shape on CUDA). What a request's
+own row raises (its sampling, NaN logits in its row only) is returned as that request's error; only what
+fails for everyone (a batched forward) propagates. The runner reads the device once per round (accepted
+counts, tokens, NaN flags). It commits nothing: `Scheduler.update` does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from magicdec.cache.paged import PagedKVCache, PagedView
+from magicdec.engine.request import Request
+from magicdec.engine.scheduler import Plan
+from magicdec.model.llama import Transformer
+from magicdec.runtime.graphs import GraphRunner
+from magicdec.runtime.sampling import next_tokens, probabilities, sample
+from magicdec.spec.draft import Drafter
+from magicdec.spec.verify import Verifier, accepted_prefix, verify_sampling
+
+
+class NumericalError(ValueError):
+    """The model's logits hold NaN: greedy decoding would emit token 0 forever."""
+
+
+NAN = ("the model produced NaN logits {where}: the weights hold NaN or the dtype overflows; try --dtype float32 "
+       "or check the checkpoint")
+
+
+class PhaseClock:
+    """Marks phase boundaries without synchronising: CUDA events on CUDA, read once the round's results
+    have been read back anyway; the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Durations between consecutive marks (call after the device work is done)."""
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+@dataclass(slots=True)
+class ModelOutput:
+    """What a step's forwards produced: per decoding request (in the plan's order) its accepted drafts (None:
+    it failed) and the tokens to commit; per prefill chunk that completed a prompt, the first token; each
+    failed request's error; where the time went."""
+
+    accepted: list[int | None] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    first: dict[int, int] = field(default_factory=dict)  # index of the chunk in the plan → its first token
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedKVCache, forward: GraphRunner) -> None:
+        self.model, self.cache, self.forward = model, cache, forward
+        self.drafter: Drafter | None = None
+        self.verifier: Verifier | None = None  # None: the exact acceptance rules
+
+    def execute(self, plan: Plan) -> ModelOutput:
+        out = ModelOutput()
+        if plan.decode:
+            self._decode(plan, out)
+        t0 = time.perf_counter()
+        for i, chunk in enumerate(plan.chunks):
+            self._prefill(i, chunk.request, chunk.start, chunk.end, out)
+        out.prefill_s = time.perf_counter() - t0
+        return out
+
+    def _table(self, requests: list[Request]) -> torch.Tensor:
+        return self.cache.table([r.blocks for r in requests])
+
+    def _prefill(self, i: int, r: Request, start: int, end: int, out: ModelOutput) -> None:
+        """Put tokens [start, end) of r into the cache; the chunk that completes its prompt samples its first
+        token (when it has none yet: after a preemption the output is recomputed, not sampled again)."""
+        device = self.model.device
+        table = self._table([r])
+        if r.random_kv:  # a systems benchmark's prompt: random keys and values, no forward
+            self._fill_random(r, start, end)
+            if end == r.target_computed and not r.output:
+                out.first[i] = r.prompt[-1]
+            return
+        ids = torch.tensor([r.token_slice(start, end)], device=device)
+        pos = torch.arange(start, end, device=device)[None]
+        index = torch.tensor([[end - start - 1]], device=device)
+        logits = self.model(ids, pos, PagedView(self.cache, table), logits_index=index)[0, 0]
+        if self.drafter is not None:
+            self.drafter.prefill(ids, pos, table, index)
+            r.draft_seen = end if self.drafter.pool is not None else r.draft_seen
+            if end == len(r.prompt):
+                self.drafter.after_prompt(self.model, r, r.prompt, r.blocks)
+        if end < r.target_computed or r.output:
+            return
+        try:
+            if bool(logits.isnan().any()):
+                raise NumericalError(NAN.format(where="in the prefill"))
+            out.first[i] = int(next_tokens(logits, r.params, r.generator))
+        except Exception as e:
+            out.errors[r.request_id] = e
+
+    def _fill_random(self, r: Request, start: int, end: int) -> None:
+        """Slots [start, end) of r (and of a draft's own pool) hold random keys and values, as if prefilled:
+        step costs do not depend on the values."""
+        P = self.cache.block_size
+        pools = [self.cache] + ([self.drafter.pool] if self.drafter is not None and self.drafter.pool is not None
+                                else [])
+        for pos in range(start, end, P):
+            n = min(P - pos % P, end - pos)
+            page, off = r.blocks[pos // P], pos % P
+            for pool in pools:
+                for buf in (pool.k, pool.v):
+                    buf[:, page, :, off : off + n] = torch.randn_like(buf[:, page, :, off : off + n]) * 0.5
+        r.draft_seen = end
+
+    def _decode(self, plan: Plan, out: ModelOutput) -> None:
+        """One forward over the decoding requests: plain steps and speculative rounds of ragged γ."""
+        rows, gammas = plan.decode, plan.gammas
+        device = self.model.device
+        clock = PhaseClock(device)
+        clock.mark()
+        B, G = len(rows), max(gammas)
+        table = self._table(rows)
+        ctx = torch.tensor([r.computed for r in rows], device=device)
+        pending = torch.tensor([r.output[-1] for r in rows], device=device)
+        g = torch.tensor(gammas, device=device)
+        drafts = torch.zeros((B, G), dtype=torch.long, device=device)
+        q: list[torch.Tensor | None] = [None] * B
+        failed: dict[int, BaseException] = {}  # rows whose own sampling raised
+        if G:
+            assert self.drafter is not None, "γ > 0 without a drafter"
+            drafts, q = self.drafter.propose(rows, gammas, table, ctx, pending, failed)
+        clock.mark()
+        offs = torch.arange(G + 1, device=device)
+        pos = torch.where(offs <= g[:, None], ctx[:, None] + offs, -1)
+        ids = torch.cat([pending[:, None], drafts], 1).masked_fill(pos < 0, 0)
+        scores = self.drafter.scores_for(table) if self.drafter is not None else None
+        layers = self.drafter.setup.score_layers if scores is not None and self.drafter is not None else "max"
+        logits = self.forward(ids, pos, PagedView(self.cache, table, scores=scores, score_layers=layers))
+        k = torch.zeros(B, dtype=torch.long, device=device)
+        nxt = torch.zeros(B, dtype=torch.long, device=device)
+        if self.verifier is not None:  # a replaced acceptance rule (never beyond a row's own γ)
+            k, nxt = self.verifier(drafts, None, logits)
+            k = torch.minimum(k, g)
+            nxt = logits.argmax(-1).gather(1, k[:, None])[:, 0]
+        else:
+            self._verify(rows, gammas, drafts, q, logits, k, nxt, failed)
+        bad = logits.isnan().flatten(1).any(1)
+        host = torch.cat([k[:, None], nxt[:, None], bad[:, None].long(), drafts], 1).tolist()  # one device read
+        if self.drafter is not None:
+            self.drafter.keep_scores(rows, scores)
+        clock.mark()
+        for i, (r, row) in enumerate(zip(rows, host)):
+            if row[2] and i not in failed:
+                failed[i] = NumericalError(NAN.format(where="in verification"))
+            if i in failed:
+                out.errors[r.request_id] = failed[i]
+                out.accepted.append(None)
+                out.tokens.append([])
+            else:
+                out.accepted.append(row[0])
+                out.tokens.append(row[3 : 3 + row[0]] + [row[1]])
+        clock.mark()
+        out.draft_s, out.verify_s, out.other_s = clock.seconds()
+
+    @staticmethod
+    def _verify(rows: list[Request], gammas: list[int], drafts: torch.Tensor, q: list[torch.Tensor | None],
+                logits: torch.Tensor, k: torch.Tensor, nxt: torch.Tensor, failed: dict[int, BaseException]) -> None:
+        """The exact acceptance rules into k and nxt: greedy rows at once, sampled rows one by one."""
+        device = logits.device
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        if greedy:
+            idx = torch.tensor(greedy, device=device)
+            target = logits[idx].argmax(-1)
+            g = torch.tensor([gammas[i] for i in greedy], device=device)
+            ok = (drafts[idx] == target[:, :-1]) & (torch.arange(drafts.shape[1], device=device) < g[:, None])
+            kg = accepted_prefix(ok)
+            k[idx], nxt[idx] = kg, target.gather(1, kg[:, None])[:, 0]
+        for i, r in enumerate(rows):
+            if r.params.greedy or i in failed:
+                continue
+            try:
+                if gammas[i] == 0:
+                    nxt[i] = sample(probabilities(logits[i, 0], r.params), r.generator)
+                else:
+                    qi = q[i]
+                    assert qi is not None
+                    p = probabilities(logits[i : i + 1, : gammas[i] + 1], r.params)
+                    ki, ti = verify_sampling(drafts[i : i + 1, : gammas[i]], qi[None], p, r.generator)
+                    k[i], nxt[i] = ki[0], ti[0]
+            except Exception as e:
+                failed[i] = e
