@@ -9,8 +9,8 @@ sample or decode greedily, and are aborted at random steps (during their prefill
 - every block's reference count is the number of running requests holding it (the prefix cache holds no
   reference: a cached block nobody holds is free), waiting requests hold nothing, a block two requests share
   carries a prefix hash;
-- the free list is exactly the blocks of count 0, without repeats; the prefix cache's two maps (hash → block,
-  block → hash) agree;
+- the free blocks — uncached ones, and cached ones (evictable) — are exactly the blocks of count 0, each in one
+  list, the cached ones hashed and the others not; the prefix cache's two maps (hash → block, block → hash) agree;
 - each stream's deltas add up (`num_tokens`), and a final output's `token_ids` are its deltas.
 
 At the end no block is held (`BlockPool.check_empty`), and every finished greedy request's tokens equal its
@@ -131,8 +131,9 @@ def check_books(core: EngineCore) -> None:
         assert pool.refs[b] == holders[b], f"block {b}: {pool.refs[b]} references, {holders[b]} holders"
         if holders[b] > 1:
             assert pool.hash_of[b] is not None, f"block {b} is shared but holds no cached prefix"
-    assert list(pool.free) == list(dict.fromkeys(pool.free))
-    assert set(pool.free) == {b for b in range(pool.num_blocks) if pool.refs[b] == 0}
+    assert not set(pool.free) & set(pool.evictable)
+    assert set(pool.free) | set(pool.evictable) == {b for b in range(pool.num_blocks) if pool.refs[b] == 0}
+    assert all(pool.hash_of[b] is None for b in pool.free) and all(pool.hash_of[b] is not None for b in pool.evictable)
     for h, b in pool.cached.items():
         assert pool.hash_of[b] == h
     assert sum(h is not None for h in pool.hash_of) == len(pool.cached)

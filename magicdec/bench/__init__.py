@@ -5,9 +5,6 @@
 one batch decoded both ways and the steady-state clock; `profile.py` step times on random KV; `peers.py`
 the Hugging Face transformers peers; `report.py` the JSON lines, markdown table and plots; `policy_sim.py`
 replays a γ policy against given step times. The command lines are in `magicdec.cli`.
+Import the module you need (`from magicdec.bench.grid import Grid`): nothing is imported eagerly, so that
+one benchmark's dependencies never load with another's.
 """
-
-from magicdec.bench.grid import QUICK, Grid, Runner, prefix_batch
-from magicdec.bench.report import markdown, read_jsonl, write_report
-
-__all__ = ["QUICK", "Grid", "Runner", "markdown", "prefix_batch", "read_jsonl", "write_report"]

@@ -1,103 +1,105 @@
-"""Speculative against plain decoding of the same prompts (`magicdec generate --compare`, through the serving
-engine's core as `LLM.generate` runs it), and the steady-state clock that the benchmark grid reads from the
-static batch's round reports."""
+"""Speculative against plain decoding of the same prompts, like for like (`magicdec generate --compare`).
+
+Both sides run in one engine core (the path `LLM.generate` and `magicdec serve` run) under the same
+conditions: first a warm-up puts every prompt's whole prefill chunks in the prefix cache (one plain run of
+a single token each), then plain and speculative runs alternate — `repeats` of each, the order flipped
+every repeat (plain, spec, spec, plain, …) so that neither side always runs first while the machine's speed
+drifts — each admitting every prompt at once and served from the same warm cache (each recomputes only its
+prompt's last partial chunk). Decode time excludes those prefill chunks on both sides. The speedup is the
+median plain decode time per token over the median speculative one (the whole run, its tail of requests
+finishing one by one included), and the same for the steady state: the steps in which every request
+decoded and none prefilled. With speculation off on both sides the method reports 1.00× within noise
+(`benchmarks/compare_null.py` measures it).
+"""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from magicdec.costmodel.policy import GammaPolicy
-from magicdec.engine.batch import Batch
 from magicdec.engine.outputs import GenerationResult
-from magicdec.engine.step import RoundReport
 from magicdec.llm import LLM, Prompt
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.spec.config import SpecConfig, paged_problem
-from magicdec.spec.verify import Verifier
+from magicdec.spec.config import SpecConfig
 
 
-class SteadyClock:
-    """Time and tokens of the rounds in which every sequence of the batch was still generating: the
-    rate a server that keeps its batch full would see (no tail of sequences finishing one by one)."""
-
-    def __init__(self, rows: int) -> None:
-        self.rows, self.seconds, self.tokens = rows, 0.0, 0
-
-    def __call__(self, report: RoundReport) -> None:
-        if report.live == self.rows:
-            self.seconds += report.seconds - report.capture_s
-            self.tokens += report.new_tokens
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+def _median_run(runs: list[GenerationResult]) -> GenerationResult:
+    return sorted(runs, key=lambda r: r.stats.decode_s)[len(runs) // 2]
 
 
-def decode_timed(llm: LLM, batch: Batch, spec: SpecConfig | None = None, verifier: Verifier | None = None,
-                 progress: bool = False, gamma_policy: GammaPolicy | None = None,
-                 resident: dict[str, int] | None = None) -> GenerationResult:
-    """`llm.decode`, with the steady-state throughput in the stats (`steady_tokens_per_s`)."""
-    assert batch.state is not None
-    steady = SteadyClock(len(batch.state.live()))  # rows that finished at their first token never take part
-    result = llm.decode(batch, spec, gamma_policy=gamma_policy, verifier=verifier, on_round=steady,
-                        progress=progress, resident=resident)
-    result.stats.extra["steady_tokens_per_s"] = steady.tokens_per_s
-    return result
+def _steady(r: GenerationResult) -> float:
+    return r.stats.extra.get("steady_tokens_per_s") or 0.0
 
 
 @dataclass(slots=True)
 class Comparison:
-    """A speculative run and plain decoding of the same prompts (prefill excluded from both)."""
+    """Speculative and plain runs of the same prompts from the same warm prefix cache (prefill excluded)."""
 
-    result: GenerationResult
-    baseline: GenerationResult
+    runs: list[GenerationResult]  # the speculative runs
+    baselines: list[GenerationResult]  # the plain runs
     greedy: bool  # only greedy outputs must be equal token for token
+    spec: SpecConfig = field(default_factory=SpecConfig)
+
+    @property
+    def result(self) -> GenerationResult:
+        """The speculative run of median decode time."""
+        return _median_run(self.runs)
+
+    @property
+    def baseline(self) -> GenerationResult:
+        return _median_run(self.baselines)
 
     @property
     def speedup(self) -> float:
-        """Plain seconds per token over speculative seconds per token."""
-        return self.baseline.stats.seconds_per_token / self.result.stats.seconds_per_token
+        """Plain seconds per token over speculative seconds per token (medians over the repeats)."""
+        plain = statistics.median(r.stats.seconds_per_token for r in self.baselines)
+        return plain / statistics.median(r.stats.seconds_per_token for r in self.runs)
 
     @property
     def steady_speedup(self) -> float | None:
-        ours, plain = (r.stats.extra.get("steady_tokens_per_s") for r in (self.result, self.baseline))
+        """The same in the steady state (every request decoding, none prefilling); None if no step was."""
+        ours, plain = statistics.median(map(_steady, self.runs)), statistics.median(map(_steady, self.baselines))
         return ours / plain if ours and plain else None
 
     @property
     def matches_plain(self) -> bool:
-        return [o.token_ids for o in self.result.outputs] == [o.token_ids for o in self.baseline.outputs]
+        want = [o.token_ids for o in self.baselines[0].outputs]
+        return all([o.token_ids for o in r.outputs] == want for r in self.runs + self.baselines)
 
     def to_dict(self) -> dict[str, Any]:
         out = self.result.to_dict()
         out["stats"].update(baseline=self.baseline.stats.to_dict(), speedup=self.speedup,
-                            steady_speedup=self.steady_speedup)
+                            steady_speedup=self.steady_speedup, repeats=len(self.runs),
+                            decode_s_runs=[r.stats.decode_s for r in self.runs],
+                            decode_s_baselines=[r.stats.decode_s for r in self.baselines])
         if self.greedy:
             out["stats"]["matches_plain"] = self.matches_plain
         return out
 
 
-def compare(llm: LLM, prompts: Sequence[Prompt], params: SamplingParams, spec: SpecConfig,
-            progress: bool = False) -> Comparison:
-    """Plain decoding, then speculative decoding of the same prompts in one engine (`LLM.generate`'s code
-    path): the second run finds the prompts in the prefix cache (it recomputes only each prompt's last
-    chunk); decode times exclude prefill in both."""
-    if not spec.enabled:
-        raise ValueError("a comparison needs speculation: method 'self' or 'draft' (--spec self|draft)")
-    if paged_problem(spec) is not None:  # what only the static batch runs: prefill once, decode a copy and it
-        batch = llm.prefill(prompts, params, max_gamma=spec.gamma_bound, progress=progress)
-        held = {"target KV cache": batch.cache.nbytes}
-        copy = batch.fork(plan=llm.memory_plan(held), budget=llm.memory_budget)
-        result = decode_timed(llm, copy, spec, progress=progress, resident={"original of the KV cache": held[
-            "target KV cache"]})
-        return Comparison(result, decode_timed(llm, batch, progress=progress), params.greedy)
+def compare(llm: LLM, prompts: Sequence[Prompt], params: SamplingParams, spec: SpecConfig | None,
+            repeats: int = 2, progress: bool = False) -> Comparison:
+    """`repeats` plain and `repeats` speculative runs of `prompts`, alternating, in one engine core from the same
+    warm prefix cache (see the module docstring). `spec` None (or method "none") compares plain with plain:
+    the method's own bias, which should be 1.00× within noise."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    spec = spec if spec is not None and spec.enabled else None
     ids = llm.encode(prompts)
     llm.check_context(ids, params)
     core = llm.core_for(ids, params, spec, runs=2)
-    plain = SpecConfig()
-    llm.speculate(core, None)
-    baseline = llm.run_core(core, ids, params, plain, progress=progress)
-    llm.speculate(core, spec)
-    result = llm.run_core(core, ids, params, spec, progress=progress)
-    return Comparison(result, baseline, params.greedy)
+    try:
+        core.set_speculation(None)  # warm-up: every prompt's whole chunks into the prefix cache
+        llm.run(core, ids, replace(params, max_new_tokens=1, stop=()))
+        runs: list[GenerationResult] = []
+        baselines: list[GenerationResult] = []
+        for i in range(repeats):
+            sides = [(None, baselines), (spec, runs)]
+            for s, into in sides if i % 2 == 0 else sides[::-1]:
+                core.set_speculation(s)
+                into.append(llm.run(core, ids, params, progress=progress))
+    finally:
+        core.close()
+    return Comparison(runs, baselines, params.greedy, spec or SpecConfig())

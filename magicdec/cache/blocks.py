@@ -5,8 +5,9 @@ A block is free (reference count 0) or held by one or more requests. A full bloc
 whole prefix are known carries a hash: `sha256(parent's hash ‖ its token ids)`, a chain, so equal
 hashes mean equal prefixes (a collision would serve another prefix's keys: hence a cryptographic
 hash, not Python's). When its last holder lets it go, a hashed block keeps its contents and stays
-findable until the pool reuses it: free blocks are reused oldest-freed first, and a cached block
-picked for reuse loses its hash then (LRU eviction of the prefix cache).
+findable until the pool reuses it. Free blocks holding no known prefix are handed out first (oldest-freed
+first); only when none is left is a cached block evicted, the least recently freed one, losing its hash
+(LRU eviction of the prefix cache, which keeps every prefix the pool has room for).
 """
 
 from __future__ import annotations
@@ -55,19 +56,20 @@ class BlockPool:
         self.refs = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # hash → block
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # reuse order
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # uncached, reuse order
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # free but cached: LRU order
         self.stats = PrefixStats()
 
     # ---- counts ------------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out now (cached ones included: they are evicted on reuse)."""
-        return len(self.free)
+        return len(self.free) + len(self.evictable)
 
     @property
     def usage(self) -> float:
         """Share of blocks held by requests (vLLM's kv_cache_usage_perc)."""
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - self.num_free / self.num_blocks
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -75,14 +77,15 @@ class BlockPool:
     # ---- allocation --------------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
         """`n` blocks for one holder; raises MemoryError if fewer are free (check `num_free` first)."""
-        if n > len(self.free):
-            raise MemoryError(f"{n} KV blocks asked, {len(self.free)} free")
+        if n > self.num_free:
+            raise MemoryError(f"{n} KV blocks asked, {self.num_free} free")
         out = []
         for _ in range(n):
-            block, _ = self.free.popitem(last=False)
-            h = self.hash_of[block]
-            if h is not None:  # evict it from the prefix cache
-                del self.cached[h]
+            if self.free:
+                block, _ = self.free.popitem(last=False)
+            else:  # evict the least recently freed cached block from the prefix cache
+                block, _ = self.evictable.popitem(last=False)
+                del self.cached[self.hash_of[block]]  # type: ignore[index]
                 self.hash_of[block] = None
             self.refs[block] = 1
             out.append(block)
@@ -95,7 +98,7 @@ class BlockPool:
                 raise AssertionError(f"block {block} released more often than held")
             self.refs[block] -= 1
             if self.refs[block] == 0:
-                self.free[block] = None
+                (self.free if self.hash_of[block] is None else self.evictable)[block] = None
 
     # ---- prefix cache ------------------------------------------------------------------------------
     def match(self, hashes: Sequence[bytes], limit: int) -> list[int]:
@@ -108,7 +111,7 @@ class BlockPool:
             out.append(block)
         for block in out:
             if self.refs[block] == 0:
-                del self.free[block]
+                del self.evictable[block]
             self.refs[block] += 1
         return out
 
@@ -128,6 +131,8 @@ class BlockPool:
         for block in self.cached.values():
             self.hash_of[block] = None
         self.cached.clear()
+        self.free.update(self.evictable)
+        self.evictable.clear()
 
     def check_empty(self) -> None:
         """Raise if any block is still held (a leak: every request must release what it holds)."""

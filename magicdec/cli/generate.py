@@ -53,7 +53,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("--ignore-eos", action="store_true")
     add_spec_flags(p)
     o = p.add_argument_group("output")
-    o.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup")
+    o.add_argument("--compare", action="store_true", help="also decode plainly and report the speedup (like for "
+                   "like: alternating runs from the same warm prefix cache)")
+    o.add_argument("--repeats", type=parse_count, default=2, help="with --compare: runs of each side (default 2)")
     o.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     progress = leader and not (args.quiet or args.json)
     prompts = prompts_from_args(args, llm, texts, corpus)
     if args.compare:
-        comparison = compare(llm, prompts, params, spec, progress=progress)
+        comparison = compare(llm, prompts, params, spec, repeats=args.repeats, progress=progress)
         result: GenerationResult | Comparison = comparison
         outcome = comparison.result
     else:
@@ -130,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(result: GenerationResult, llm: LLM, out: Any = sys.stdout) -> None:
-    for o in result.outputs:
+    for i, o in enumerate(result.outputs):
         head = llm.tokenizer.decode(o.prompt_token_ids[-24:]).replace("\n", " ")
-        print(f"--- sequence {o.index}: {len(o.prompt_token_ids)} prompt tokens, {len(o.token_ids)} generated "
+        print(f"--- sequence {i}: {len(o.prompt_token_ids)} prompt tokens, {len(o.token_ids)} generated "
               f"({o.finish_reason})", file=out)
         print(f"    …{head}", file=out)
         print(f">>> {o.text}", file=out)
@@ -148,6 +150,13 @@ def print_summary(result: GenerationResult, llm: LLM, out: Any = sys.stdout) -> 
 
 
 def print_comparison(c: Comparison, out: Any = sys.stdout) -> None:
-    b = c.baseline.stats
-    print(f"plain decoding of the same batch: {b.tokens_per_s:.1f} tokens/s -> speedup {c.speedup:.2f}x"
-          + (f"; outputs identical: {'yes' if c.matches_plain else 'NO'}" if c.greedy else ""), file=out)
+    b, r = c.baseline.stats, c.result.stats
+    steady = c.steady_speedup
+    print(f"like for like ({len(c.runs)} plain and {len(c.runs)} speculative runs, alternating, every prompt admitted "
+          f"at once from the same warm prefix cache; medians):\n"
+          f"  whole run:    plain {b.tokens_per_s:.1f} tokens/s, {c.spec.label} {r.tokens_per_s:.1f} tokens/s "
+          f"-> speedup {c.speedup:.2f}x\n"
+          f"  steady state: " + (f"plain {b.extra['steady_tokens_per_s']:.1f} tokens/s, speculative "
+                                 f"{r.extra['steady_tokens_per_s']:.1f} tokens/s -> speedup {steady:.2f}x"
+                                 if steady else "no step with every request decoding")
+          + (f"\n  outputs identical: {'yes' if c.matches_plain else 'NO'}" if c.greedy else ""), file=out)
