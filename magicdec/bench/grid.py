@@ -1,14 +1,14 @@
 """The benchmark grid and its runner.
 
 This file owns what a benchmark runs (`Grid`: batch sizes × contexts × speculative configurations) and
-how it is measured (`Runner`). Per batch size the prompts are cut once at the longest context and
-prefilled stage by stage (`prefix_batch`): each shorter context is a prefix of the longest, decoded from
-the cache as it stands when the prefill reaches it, so a batch's prompt tokens go through the model once.
-At each (batch, context) point every configuration decodes the same prefilled batch (on a copy of its
-cache) in interleaved rounds — short warm-up rounds first, then `repeats` timed rounds of plain, cfg1, cfg2, …,
-each round starting one configuration later (so that no configuration always runs just after plain, or
-last, while the machine's speed drifts) — and the speedup is the median over rounds of plain's decode time
-over the configuration's.
+how it is measured (`Runner`), on the engine core every client runs. Per batch size the prompts are cut
+once at the longest context; at each context (shortest first) a plain run of one token per prompt prefills
+the prefixes (`prefill_s`) and leaves them in the prefix cache, so every configuration then decodes the
+same prompts from the same warm cache (each run recomputes only its prompts' last partial chunk, and
+prefill is excluded from decode time), all admitted at once. Runs are interleaved — short warm-up rounds
+first, then `repeats` timed rounds of plain, cfg1, cfg2, …, each round starting one configuration later (so
+that no configuration always runs just after plain, or last, while the machine's speed drifts) — and the
+speedup is the median over rounds of plain's decode time over the configuration's.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from magicdec.bench.compare import decode_timed
 from magicdec.bench.synthetic import synthetic_verifier
-from magicdec.engine.batch import Batch, cache_capacity, target_cache_bytes
+from magicdec.engine.core import EngineCore
 from magicdec.engine.outputs import GenerationResult
 from magicdec.llm import LLM
 from magicdec.runtime.sampling import SamplingParams
@@ -95,22 +94,19 @@ class Grid:
                 | {"gammas": [str(g) for g in self.gammas], "configs": [c.label for c in self.configs()]})
 
 
-def prefix_batch(llm: LLM, prompts: list[list[int]], params: SamplingParams, max_gamma: int) -> Batch:
-    """A batch of equal-length prompts to prefill stage by stage (`Batch.prefill(until=…)`), each shorter
-    context a prefix of the longest: the batch's prompt tokens go through the model once. The first token
-    at context L comes from the logits at position L-1, exactly as a fresh prefill of the L-token prefixes
-    would give; with L a multiple of the prefill chunk the forwards are the same too. Room is planned for
-    a working copy of the cache (every configuration decodes a copy)."""
-    if len({len(p) for p in prompts}) != 1:
-        raise ValueError("a prefix batch takes prompts of equal length")
-    longest = len(prompts[0])
+def grid_core(llm: LLM, prompts: list[list[int]], params: SamplingParams, configs: list[SpecConfig]) -> EngineCore:
+    """One engine core for a batch's points: every prompt running at once, its pool holding the longest
+    prompts' blocks in the prefix cache beside a run's, with room for every configuration's drafts (the
+    largest γ; a draft's own KV)."""
     llm.check_context(prompts[:1], params)
-    llm.release_graphs()
-    plan = llm.memory_plan()
-    plan.to_allocate["working copy of the KV cache"] = target_cache_bytes(
-        llm.model, len(prompts), cache_capacity(longest, params.max_new_tokens, max_gamma))
-    return Batch.allocate(llm.model, prompts, params, llm.stopper(params), max_gamma, llm.memory_budget, plan,
-                          llm.prefill_chunk)
+    spec = max(configs, key=lambda c: (c.method == "draft" or c.tuning.kv_source == "own", c.gamma_bound))
+    lengths = [len(p) + params.max_new_tokens for p in prompts]
+    bound = max(c.gamma_bound for c in configs)
+    core = llm.core(llm.engine_config(replace(spec, gamma=bound), max_num_seqs=len(prompts),
+                                      max_num_batched_tokens=len(prompts) * (bound + 1) + llm.prefill_chunk,
+                                      max_model_len=max(lengths), pool_lengths=tuple(lengths * 2)))
+    core.set_speculation(None)
+    return core
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -185,44 +181,46 @@ class Runner:
 
     def run(self) -> Iterator[dict[str, Any]]:
         """One record per (batch, context, configuration) and per peer, as each point completes."""
-        g = self.grid
+        g, llm = self.grid, self.llm
         params = SamplingParams(max_new_tokens=g.max_new_tokens, ignore_eos=True)
         warm_params = replace(params, max_new_tokens=min(WARMUP_TOKENS, g.max_new_tokens))
         configs = [PLAIN, *g.configs()]
         synthetic = None if g.synthetic_acceptance is None else synthetic_verifier(g.synthetic_acceptance)
         for batch in g.batches:
             prompts = self.prompts(batch, max(g.contexts), g.corpus_seed)
-            pre = prefix_batch(self.llm, prompts, params, g.max_gamma)
-            for context in sorted(g.contexts):
-                self.progress(0, f"B={batch} L={context}: prefill")
-                prefilled = pre.prefill(self.llm.model, self.llm.prefill_chunk, until=context)
-                self.progress(1, f"B={batch} L={context}")
-                runs: dict[str, list[GenerationResult]] = {c.label: [] for c in configs}
-                work = None  # one working copy of the cache per point (CUDA graphs keep its buffers)
-                for rnd in range(g.warmup + g.repeats):
-                    shift = rnd % len(configs)  # each round starts one configuration later
-                    for cfg in configs[shift:] + configs[:shift]:
-                        timed = rnd >= g.warmup  # warm-up runs stop after WARMUP_TOKENS: every path, less time
-                        copy = prefilled.fork(into=work) if timed else prefilled.fork(
-                            warm_params, self.llm.stopper(warm_params), into=work)
-                        work = copy.cache
-                        result = decode_timed(self.llm, copy, cfg, synthetic if cfg.enabled else None)
-                        if timed:
-                            runs[cfg.label].append(result)
-                        self.progress(1, f"B={batch} L={context} {cfg.label}")
-                point = {"type": "point", "engine": "magicdec", "batch": batch, "context": context,
-                         "prefill_s": prefilled.prefill_s, "max_new_tokens": g.max_new_tokens, "repeats": g.repeats,
-                         "synthetic": g.synthetic_acceptance is not None,
-                         "synthetic_acceptance": g.synthetic_acceptance}
-                records = [point | summarize(c, runs[c.label], runs["plain"], g.synthetic_acceptance)
-                           for c in configs]
-                del work, copy  # free the working copy of the cache before the peers run
-                peers = []
-                if self.peers:
-                    self.progress(0, f"B={batch} L={context}: peers")
-                    peers = self.peers([p[:context] for p in prompts], g.max_new_tokens)
-                    self.progress(peer_steps(self.peers, batch), f"B={batch} L={context}")
-                yield from _join_peers(records, peers, runs["plain"][0], point)
+            core = grid_core(llm, prompts, params, [c for c in configs if c.enabled] or [PLAIN])
+            try:
+                for context in sorted(g.contexts):
+                    ids = [p[:context] for p in prompts]
+                    self.progress(0, f"B={batch} L={context}: prefill")
+                    core.set_speculation(None)
+                    prefill_s = llm.run(core, ids, replace(params, max_new_tokens=1)).stats.prefill_s
+                    self.progress(1, f"B={batch} L={context}")
+                    runs: dict[str, list[GenerationResult]] = {c.label: [] for c in configs}
+                    for rnd in range(g.warmup + g.repeats):
+                        shift = rnd % len(configs)  # each round starts one configuration later
+                        for cfg in configs[shift:] + configs[:shift]:
+                            timed = rnd >= g.warmup  # warm-up runs stop after WARMUP_TOKENS: every path, less time
+                            core.set_speculation(cfg if cfg.enabled else None,
+                                                 verifier=synthetic if cfg.enabled else None)
+                            result = llm.run(core, ids, params if timed else warm_params)
+                            if timed:
+                                runs[cfg.label].append(result)
+                            self.progress(1, f"B={batch} L={context} {cfg.label}")
+                    point = {"type": "point", "engine": "magicdec", "batch": batch, "context": context,
+                             "prefill_s": prefill_s, "max_new_tokens": g.max_new_tokens, "repeats": g.repeats,
+                             "synthetic": g.synthetic_acceptance is not None,
+                             "synthetic_acceptance": g.synthetic_acceptance}
+                    records = [point | summarize(c, runs[c.label], runs["plain"], g.synthetic_acceptance)
+                               for c in configs]
+                    peers = []
+                    if self.peers:
+                        self.progress(0, f"B={batch} L={context}: peers")
+                        peers = self.peers(ids, g.max_new_tokens)
+                        self.progress(peer_steps(self.peers, batch), f"B={batch} L={context}")
+                    yield from _join_peers(records, peers, runs["plain"][0], point)
+            finally:
+                core.close()
         self.progress(0, "done")
 
 

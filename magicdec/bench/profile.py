@@ -1,7 +1,7 @@
 """Measuring step times on this device, for `magicdec profile` (fitted by `magicdec.costmodel.fit`).
 
-Step costs do not depend on the values in the KV cache, so no prompt is prefilled: caches are
-filled with random keys and values up to the context being measured. Each point records
+Step costs do not depend on the values in the KV cache, so no prompt is prefilled: the engine's requests
+hold random keys and values up to the context being measured (`random_kv`). Each point records
 - "target": one plain decoding step of the engine (forward, sampling, bookkeeping);
 - "verify": one target forward of γ+1 tokens per sequence;
 - "draft": one draft forward of 1 token per sequence over the drafter's cache;
@@ -21,14 +21,12 @@ from typing import Any
 import torch
 
 from magicdec.bench.synthetic import synthetic_verifier
-from magicdec.cache.dense import DenseKVCache
 from magicdec.cache.memory import OutOfMemoryPlan
-from magicdec.cache.sparse import SparseKVCache
-from magicdec.engine.batch import Batch
+from magicdec.cache.paged import PagedView
+from magicdec.engine.core import EngineCore
 from magicdec.llm import LLM
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import SpecConfig
-from magicdec.spec.factory import plan_drafter
 
 SYNTHETIC_ALPHA = 0.8
 
@@ -52,13 +50,26 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return statistics.median(times)
 
 
-def random_batch(llm: LLM, batch: int, context: int, steps: int, max_gamma: int) -> Batch:
-    """A batch as if `context` prompt tokens had been prefilled (random KV), ready to decode `steps` tokens."""
-    params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
-    prompts = [[0] * context] * batch
-    pre = Batch.allocate(llm.model, prompts, params, llm.stopper(params), max_gamma, llm.memory_budget,
-                         llm.memory_plan(), llm.prefill_chunk)
-    return pre.fill_random(context, llm.config.vocab_size)
+def random_requests(core: EngineCore, batch: int, context: int, tokens: int) -> list[str]:
+    """`batch` requests whose `context` prompt tokens hold random KV (no prefill), each to decode `tokens`,
+    stepped until every one decodes."""
+    params = SamplingParams(max_new_tokens=tokens + 1, ignore_eos=True)
+    ids = [core.add_request([3 + i] * context, params, random_kv=True) for i in range(batch)]
+    while any(core.requests[r].to_compute or not core.requests[r].output for r in ids):
+        core.step()
+    return ids
+
+
+def step_seconds(core: EngineCore, batch: int, context: int, tokens: int) -> list[float]:
+    """Seconds of each step in which all `batch` random-KV requests decoded (graph captures excluded)."""
+    random_requests(core, batch, context, tokens)
+    out = []
+    while core.has_unfinished_requests():
+        core.step()
+        r = core.last_report
+        if r is not None and len(r.request_ids) == batch:
+            out.append(r.seconds - r.capture_s)
+    return out
 
 
 def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: SpecConfig, repeats: int = 3,
@@ -66,57 +77,48 @@ def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: S
     """Yield the "target", "verify", "draft" and "round" records of one (batch, context) point."""
     dev = llm.device
     max_gamma = max(gammas)
-    pre = random_batch(llm, batch, context, steps * (max_gamma + 1), max_gamma)
+    lengths = [context + steps * (max_gamma + 1) + 1] * batch
+    core = llm.core(llm.engine_config(replace(spec, gamma=max_gamma), max_num_seqs=batch,
+                                      max_num_batched_tokens=batch * (max_gamma + 1) + llm.prefill_chunk,
+                                      max_model_len=max(lengths), pool_lengths=tuple(lengths),
+                                      enable_prefix_caching=False))
     point = {"batch": batch, "context": context}
-    work = pre.fork()
+    try:
+        core.set_speculation(None)
+        plain = step_seconds(core, batch, context, steps * (repeats + 1))
+        yield {**point, "kind": "target", "gamma": 0, "seconds": statistics.median(plain[steps:])}
 
-    def limited(tokens: int) -> Batch:
-        params = SamplingParams(max_new_tokens=tokens + 1, ignore_eos=True)
-        return pre.fork(params, llm.stopper(params), into=work.cache)
+        # the forwards the engine runs (CUDA-graph replays on CUDA), on the same inputs
+        core.set_speculation(replace(spec, gamma=max_gamma))
+        rows = [core.requests[r] for r in random_requests(core, batch, context, max_gamma + 2)]
+        table = core.cache.table([r.blocks for r in rows])
+        ids = torch.tensor([[3] * (max_gamma + 1)] * batch, device=dev)
+        pos = torch.arange(context, context + max_gamma + 1, device=dev).expand(batch, -1)
+        with torch.inference_mode():
+            for g in gammas:
+                secs = timed(lambda g=g: core.graphs(ids[:, : g + 1], pos[:, : g + 1], PagedView(core.cache, table))
+                             .argmax(-1), dev, repeats)
+                yield {**point, "kind": "verify", "gamma": g, "seconds": secs}
+            drafter = core.runner.drafter
+            assert drafter is not None
+            start = [r.computed for r in rows]
+            view = drafter.view(rows, table, start, start)
+            index = torch.zeros((batch, 1), dtype=torch.long, device=dev)
+            secs = timed(lambda: drafter.forward(ids[:, :1], pos[:, :1], view, logits_index=index).argmax(-1),
+                         dev, repeats)
+            yield {**point, "kind": "draft", "gamma": 0, "seconds": secs}
+        for r in rows:
+            core.abort_request(r.request_id)
+        core.step()
 
-    plain = [llm.decode(limited(steps)).stats.decode_s / steps for _ in range(repeats + 1)]
-    yield {**point, "kind": "target", "gamma": 0, "seconds": statistics.median(plain[1:])}
-
-    # the forwards the engine runs (CUDA-graph replays on CUDA), on the same inputs
-    ids = pre.tokens[:, : max_gamma + 1]
-    pos = torch.arange(context, context + max_gamma + 1, device=dev).expand(batch, -1)
-    with torch.inference_mode():
+        synthetic = synthetic_verifier(SYNTHETIC_ALPHA)
         for g in gammas:
-            secs = timed(lambda g=g: llm.runner(ids[:, : g + 1], pos[:, : g + 1], pre.cache).argmax(-1), dev, repeats)
-            yield {**point, "kind": "verify", "gamma": g, "seconds": secs}
-        model, forward = llm.drafting(spec)
-        drafter = plan_drafter(spec, model, forward, batch, pre.cache.capacity, llm.config.vocab_size).build()
-        fill_random(drafter.cache, context)
-        index = torch.zeros((batch, 1), dtype=torch.long, device=dev)
-        secs = timed(lambda: drafter.forward(ids[:, :1], pos[:, :1], drafter.cache, logits_index=index).argmax(-1),
-                     dev, repeats)
-        yield {**point, "kind": "draft", "gamma": 0, "seconds": secs}
-
-    synthetic = synthetic_verifier(SYNTHETIC_ALPHA)
-    for g in gammas:
-        cfg = replace(spec, gamma=g)
-        runs = []
-        for _ in range(repeats + 1):
-            r = llm.decode(limited(steps * (g + 1)), cfg, verifier=synthetic)
-            runs.append(r.stats.decode_s / max(r.stats.acceptance.rounds / batch, 1))
-        yield {**point, "kind": "round", "gamma": g, "seconds": statistics.median(runs[1:])}
-    llm.release_graphs()  # the graphs captured here point at this point's buffers
-
-
-def fill_random(cache: SparseKVCache | DenseKVCache, context: int) -> None:
-    """Random KV (and the slot tags) a draft cache would have after `context` tokens (costs, not values)."""
-    if isinstance(cache, DenseKVCache):
-        cache.k[:, :, :, :context].normal_(std=0.5)
-        cache.v[:, :, :, :context].normal_(std=0.5)
-        return
-    cache.k.normal_(std=0.5)
-    cache.v.normal_(std=0.5)
-    dev = cache.k.device
-    kept = torch.arange(min(cache.n_kept, context), device=dev)
-    recent = torch.arange(max(context - cache.window, kept.numel()), context, device=dev)
-    positions = torch.cat([kept, recent]).expand(cache.k.shape[1], -1)
-    cache.reset()
-    cache.tag(cache.slot_of(positions), positions)
+            core.set_speculation(replace(spec, gamma=g), verifier=synthetic)
+            rounds = step_seconds(core, batch, context, steps * (g + 1) * (repeats + 1))
+            warm = rounds[min(steps, len(rounds) - 1) :]
+            yield {**point, "kind": "round", "gamma": g, "seconds": statistics.median(warm)}
+    finally:
+        core.close()
 
 
 def measure(llm: LLM, batches: list[int], contexts: list[int], gammas: list[int], spec: SpecConfig,

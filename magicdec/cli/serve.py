@@ -26,7 +26,6 @@ from magicdec.engine.scheduler import SchedulerConfig
 from magicdec.llm import LLM
 from magicdec.loading import builtin_model_path, resolve_device
 from magicdec.parallel.tp import init_from_env
-from magicdec.serving import check_engine_spec
 
 
 def register(subparsers: Any) -> None:
@@ -82,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
 
     # checked before the server starts, so that a typo costs no wait
     spec = spec_from_args(args)
-    check_engine_spec(spec)
     SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.prefill_chunk,
                     spec.gamma_bound if spec.enabled else 0)
     if args.model and not Path(args.model).expanduser().exists():

@@ -115,7 +115,8 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.graphs = GraphRunner(self.model, config.cuda_graphs, pad=config.pad_shapes)
         self.runner = ModelRunner(self.model, cache, self.graphs)
-        self._draft_forwards: dict[int, GraphRunner] = {}
+        self._draft_forwards: dict[int, GraphRunner] = {}  # by draft model: its forward and its own KV pool
+        self._draft_pools: dict[int, PagedKVCache] = {}
         self.spec: SpecConfig | None = None
         self.policy: RequestGamma | None = None
         self.requests: dict[str, Request] = {}
@@ -152,8 +153,8 @@ class EngineCore:
         """Make `spec` the engine's speculation (between requests: refused while any is in flight): who drafts
         over which KV, the scheduler's γ bound, the γ policy (`gamma_policy`: one batch-wide policy instead of
         the setting's, for experiments); `verifier` replaces the exact acceptance rule (systems benchmarks'
-        synthetic acceptance). A new pool of draft KV empties the prefix cache (no cached block has the draft's
-        KV in it)."""
+        synthetic acceptance). A draft with KV of its own keeps its pool between settings, but turning it on
+        empties the prefix cache: the blocks cached while it was off have no draft KV in its pool."""
         if spec is not None and not isinstance(spec, SpecConfig):
             raise TypeError(f"spec must be a SpecConfig (or None), got {type(spec).__name__}: {spec!r:.80}")
         if self.has_unfinished_requests():
@@ -175,13 +176,14 @@ class EngineCore:
                 kept=spec.n_kept if spec.drafter == "snapkv" else 0, observe=spec.tuning.observe,
                 pool_kernel=spec.tuning.pool_kernel, score_layers=spec.tuning.guided_scores)
             old = self.runner.drafter
-            pool = old.pool if old is not None and old.pool is not None and old.setup.model is model else None
             forward = self._draft_forwards.setdefault(
                 id(model), self.graphs if model is self.model else GraphRunner(model, self.config.cuda_graphs,
                                                                                pad=self.config.pad_shapes))
-            drafter = Drafter(setup, self.cache, forward, pool)
-            if drafter.pool is not None and drafter.pool is not pool:
-                self.pool.clear_prefix_cache()
+            drafter = Drafter(setup, self.cache, forward, self._draft_pools.get(id(model)))
+            if drafter.pool is not None:
+                self._draft_pools[id(model)] = drafter.pool
+                if old is None or old.pool is not drafter.pool:  # its KV was not written while it was off
+                    self.pool.clear_prefix_cache()
             policy = RequestGamma(gamma_policy or self.models.gamma_policy(spec, model.config))
         self.spec, self.policy = spec, policy
         self.scheduler.config = sched
@@ -317,9 +319,8 @@ class EngineCore:
         for f in self._draft_forwards.values():
             f.release()
         self.cache.k = self.cache.v = torch.empty(0)
-        drafter = self.runner.drafter
-        if drafter is not None and drafter.pool is not None:
-            drafter.pool.k = drafter.pool.v = torch.empty(0)
+        for pool in self._draft_pools.values():
+            pool.k = pool.v = torch.empty(0)
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
