@@ -63,18 +63,33 @@ def header(argv: list[str], device: torch.device, **fields: Any) -> dict[str, An
 
 
 class JsonlWriter:
-    """Appends one JSON object per line, flushed at once (a crash keeps what was measured)."""
+    """Appends one JSON object per line, flushed at once (a crash keeps what was measured). A header record
+    waits for the first measured record: a run that measures nothing leaves no file (nor its folder)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.file = path, path.open("w")
+        self.path, self.file = path, None
+        self.pending: list[dict[str, Any]] = []
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        if self.file is None and record.get("type") == "header":
+            self.pending.append(record)
+            return
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("w")
+        for r in [*self.pending, record]:
+            self.file.write(json.dumps(r) + "\n")
+        self.pending = []
         self.file.flush()
 
+    @property
+    def written(self) -> bool:
+        """Whether a measured record was written (the file exists)."""
+        return self.file is not None
+
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def read_jsonl(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

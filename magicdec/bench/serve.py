@@ -137,6 +137,21 @@ class Outcome:
         return self.error is None
 
 
+class ServeError(ValueError):
+    """The server cannot run the benchmark at all (nothing listens, a refused key, model or body): one line,
+    said before anything is measured or written."""
+
+
+def server_message(r: Any) -> str:
+    """The error message of an OpenAI-style error body, else the body's start, on one line."""
+    try:
+        body = r.json()
+        text = body["error"]["message"] if isinstance(body.get("error"), dict) else str(body.get("detail", body))
+    except (ValueError, AttributeError, KeyError, TypeError):
+        text = r.text
+    return " ".join(str(text).split())[:300] or r.reason_phrase
+
+
 class Client:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0) -> None:
         try:
@@ -144,6 +159,7 @@ class Client:
         except ImportError:
             raise ValueError("magicdec bench serve needs httpx: pip install httpx") from None
         self.httpx = httpx
+        self.base_url, self.keyed = base_url, bool(api_key)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
                                       timeout=httpx.Timeout(timeout, connect=30.0),
@@ -152,10 +168,30 @@ class Client:
     async def close(self) -> None:
         await self.http.aclose()
 
+    def refused(self, r: Any, what: str, fix: str) -> ServeError:
+        """The error for a refused `what` (a request), naming the flag that fixes it."""
+        if r.status_code == 401:
+            fix = ("give the server's key with --api-key" if not self.keyed
+                   else "the key given with --api-key is not the server's")
+        return ServeError(f"{self.base_url}: {what} was refused ({r.status_code}: {server_message(r)}): {fix}")
+
+    async def get_or_post(self, method: str, url: str, **kw: Any) -> Any:
+        """One request; a connection failure is a `ServeError` naming the URL."""
+        try:
+            return await self.http.request(method, url, **kw)
+        except self.httpx.HTTPError as exc:
+            raise ServeError(f"nothing answers at {self.base_url} ({type(exc).__name__}: {exc or 'no answer'}): "
+                             "start the server (magicdec serve) or fix --base-url") from None
+
     async def first_model(self) -> str:
-        r = await self.http.get("/models")
-        r.raise_for_status()
-        return r.json()["data"][0]["id"]
+        r = await self.get_or_post("GET", "/models")
+        if r.status_code != 200:
+            raise self.refused(r, "GET /models", "check --base-url (…/v1) or give --model")
+        try:
+            return r.json()["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ServeError(f"{self.base_url}: GET /models answered no model ({r.text[:200]!r}): check --base-url "
+                             "or give --model") from None
 
     def body(self, model: str, prompt: list[int], max_tokens: int, extra: dict[str, Any],
              dropped: set[str]) -> dict[str, Any]:
@@ -164,17 +200,20 @@ class Client:
                                 "return_token_ids": True}
         return {**{k: v for k, v in body.items() if k not in dropped}, **extra}
 
-    async def probe(self, model: str, prompt: list[int], extra: dict[str, Any]) -> set[str]:
+    async def probe(self, model: str, prompt: list[int], config: ServeConfig) -> set[str]:
         """A one-token streamed request (the server's warm-up): the extensions the server refuses (a 400
-        naming them) are dropped."""
+        naming them) are dropped; any other refusal is a `ServeError`."""
         dropped: set[str] = set()
         while True:
-            r = await self.http.post("/completions", json=self.body(model, prompt[:16], 1, extra, dropped))
+            body = self.body(model, prompt[:16], 1, config.extra_body, dropped)
+            r = await self.get_or_post("POST", "/completions", json=body)
             if r.status_code == 200:
                 return dropped
             named = [k for k in EXTENSIONS if k not in dropped and k in r.text]
             if r.status_code != 400 or not named:
-                raise RuntimeError(f"the probe request failed with {r.status_code}: {r.text[:500]}")
+                fix = (f"check --model {model}" if r.status_code == 404 or "model" in r.text.lower()
+                       else f"fix the extra body of {config.name!r} (--extra-body or --configs)")
+                raise self.refused(r, f"the first request of {config.name!r}", fix)
             dropped.update(named)
 
     async def stream(self, model: str, req: TraceRequest, arrival: float, extra: dict[str, Any],
@@ -356,11 +395,16 @@ async def run_serve_async(base_url: str, trace: Trace, configs: Sequence[ServeCo
             on_model(model)
         result = ServeResult(model, {}, [], [])
         reference: dict[int, str] | None = None
+        for c in configs:  # every configuration's probe first: one the server refuses fails before any is measured
+            result.dropped[c.name] = sorted(await client.probe(model, trace.requests[0].prompt, c) if warmup else ())
         for c in configs:
-            dropped = await client.probe(model, trace.requests[0].prompt, c.extra_body) if warmup else set()
-            result.dropped[c.name] = sorted(dropped)
+            dropped = set(result.dropped[c.name])
             tick = (lambda n, c=c: progress(c.name, n, len(trace.requests))) if progress else None
             start, outcomes = await replay(client, model, trace, c, dropped, tick)
+            if not any(o.ok for o in outcomes):
+                first = outcomes[0]
+                raise ServeError(f"{c.name}: every request failed; the first with "
+                                 f"{first.status or 'no answer'}: {' '.join(str(first.error).split())[:300]}")
             recs, summary = records(c, start, outcomes, slos, reference)
             summary["dropped_extensions"] = sorted(dropped)
             if reference is None:

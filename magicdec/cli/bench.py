@@ -49,17 +49,36 @@ def _listed(parse: Any) -> Any:
     return lambda text: [parse(t) for t in text.split(",") if t.strip()]
 
 
+def parse_rate(text: str) -> float:
+    """A positive, finite number of requests per second."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 < rate < float("inf"):  # also false for NaN
+        raise argparse.ArgumentTypeError(f"expected a positive number of requests per second, got {text!r}")
+    return rate
+
+
+def parse_whole(text: str) -> int:
+    """A whole number ≥ 0."""
+    try:
+        return 0 if text.strip() == "0" else parse_count(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}") from None
+
+
 def add_trace_flags(p: argparse.ArgumentParser) -> Any:
     """The request-trace flags `bench trace` and `bench serve` share; returns their group."""
     t = p.add_argument_group("the trace")
-    t.add_argument("--requests", type=int, default=16, help="requests in the trace (default 16)")
+    t.add_argument("--requests", type=parse_count, default=16, help="requests in the trace (default 16)")
     t.add_argument("--prompt-len", nargs="+", default=["4k-7k"], metavar="LEN",
                    help="prompt tokens, drawn uniformly: low-high or low high, k = ×1024 (default 4k-7k)")
     t.add_argument("--output-len", nargs="+", default=["32-128"], metavar="LEN",
                    help="output tokens, drawn uniformly (default 32-128; greedy, EOS ignored)")
     a = t.add_mutually_exclusive_group()
-    a.add_argument("--rate", type=float, help="Poisson arrivals at this many requests/s")
-    a.add_argument("--concurrency", type=int,
+    a.add_argument("--rate", type=parse_rate, help="Poisson arrivals at this many requests/s")
+    a.add_argument("--concurrency", type=parse_count,
                    help="closed loop: at most this many in flight, a new one when one finishes (default 8)")
     t.add_argument("--seed", type=int, default=0, help="draws of lengths and arrivals")
     t.add_argument("--corpus", default="austen", help="austen (default), pg19 (needs datasets, online), or a path")
@@ -82,9 +101,11 @@ def register(subparsers: Any) -> None:
     g.add_argument("--gamma", nargs="+", type=_listed(parse_gamma), help="γ values and/or auto (quick: 2 auto)")
     g.add_argument("--draft-weights", nargs="+", type=_listed(str),
                    help=f"self-drafts: {', '.join(DRAFT_WEIGHTS)} (quick: full)")
-    g.add_argument("--max-new-tokens", type=int, help=f"tokens per sequence (quick: {QUICK['max_new_tokens']})")
-    g.add_argument("--repeats", type=int, help=f"timed interleaved rounds per point (quick: {QUICK['repeats']})")
-    g.add_argument("--warmup", type=int, help=f"untimed rounds first (quick: {QUICK['warmup']})")
+    g.add_argument("--max-new-tokens", type=parse_count,
+                   help=f"tokens per sequence (quick: {QUICK['max_new_tokens']})")
+    g.add_argument("--repeats", type=parse_count,
+                   help=f"timed interleaved rounds per point (quick: {QUICK['repeats']})")
+    g.add_argument("--warmup", type=parse_whole, help=f"untimed rounds first (quick: {QUICK['warmup']})")
     g.add_argument("--quick", action="store_true", help="the quick grid, overriding any grid option given")
     g.add_argument("--synthetic-acceptance", type=float, metavar="α",
                    help="accept each draft token with probability α whatever its value (systems benchmarks)")
@@ -93,13 +114,14 @@ def register(subparsers: Any) -> None:
     m.add_argument("--draft-model", help="draft model for --spec draft and the hf-assisted peer")
     m.add_argument("--dtype", help="float32 (CPU default), bfloat16 (CUDA default) or float16")
     m.add_argument("--device", help="cpu, cuda, … (default: cuda if available)")
-    m.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
-    m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy CPU)")
+    m.add_argument("--prefill-chunk", type=parse_count, default=512, help="prompt tokens per prefill forward")
+    m.add_argument("--threads", type=parse_count,
+                   help="torch CPU threads (default: torch's; 1 is steadier on a busy CPU)")
     m.add_argument("--corpus", default="austen", help="austen (default), pg19 (needs datasets, online), or a path")
     m.add_argument("--corpus-seed", type=int, default=0, help="which passages the prompts are cut from")
     o = p.add_argument_group("peers and output")
     o.add_argument("--peers", choices=("none", "hf"), default="none", help="also measure transformers' generate")
-    o.add_argument("--peer-repeats", type=int, default=1, help="timed generate calls per peer and point")
+    o.add_argument("--peer-repeats", type=parse_count, default=1, help="timed generate calls per peer and point")
     o.add_argument("--out", type=Path, help="output directory (default results/bench-<timestamp>)")
     o.add_argument("--report", type=Path, metavar="DIR", help="only re-render DIR/results.jsonl's table and plots")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -140,17 +162,19 @@ def register_trace(subparsers: Any) -> None:
     c.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks (default 4)")
     c.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="full",
                    help="the self-draft's weights: the target's as they are, or quantized to int8 or int4")
-    c.add_argument("--max-num-seqs", type=int, default=8, help="engine: requests running at once (default 8); "
+    c.add_argument("--max-num-seqs", type=parse_count, default=8, help="engine: requests running at once (default 8); "
                                                                "static with --rate: the batch size")
-    c.add_argument("--max-num-batched-tokens", type=int, default=1024, help="engine: tokens per step (default 1024)")
-    c.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward (default 512)")
-    c.add_argument("--num-blocks", type=int, help="engine: KV blocks of 64 tokens (default: from free memory)")
+    c.add_argument("--max-num-batched-tokens", type=parse_count, default=1024,
+                   help="engine: tokens per step (default 1024)")
+    c.add_argument("--prefill-chunk", type=parse_count, default=512,
+                   help="prompt tokens per prefill forward (default 512)")
+    c.add_argument("--num-blocks", type=parse_count, help="engine: KV blocks of 64 tokens (default: from free memory)")
     c.add_argument("--no-warmup", action="store_true", help="skip the short untimed request per configuration")
     m = p.add_argument_group("model and output")
     m.add_argument("--model", help="Hugging Face directory or .gguf file (default: built-in SmolLM2-135M)")
     m.add_argument("--dtype", help="float32 (CPU default), bfloat16 (CUDA default) or float16")
     m.add_argument("--device", help="cpu, cuda, … (default: cuda if available)")
-    m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    m.add_argument("--threads", type=parse_count, help="torch CPU threads (default: torch's)")
     m.add_argument("--out", type=Path, help="output directory (default results/trace-<timestamp>)")
     m.add_argument("--report", type=Path, metavar="DIR", help="only re-render DIR/results.jsonl's table and plot")
     m.add_argument("--quiet", action="store_true", help="no progress bar or engine messages")
@@ -170,8 +194,6 @@ def run_trace(args: argparse.Namespace) -> int:
     kinds = [k for ks in args.configs for k in ks] if args.configs else list(tr.CONFIG_KINDS)
     gammas = [g for gs in args.gamma for g in gs] if args.gamma else [3]
     configs = tr.trace_configs(kinds, gammas, args.budget, args.sinks, args.draft_weights)
-    if args.requests < 1:
-        raise ValueError(f"--requests must be ≥ 1, got {args.requests}")
     corpus = load_bench_corpus(args.corpus)
     if corpus is None:
         return 0
@@ -266,8 +288,6 @@ def run_serve(args: argparse.Namespace) -> int:
     configs = (sv.parse_configs(args.configs) if args.configs
                else [sv.ServeConfig(args.label, sv.parse_extra_body(args.extra_body))])
     slos = sv.parse_goodput(args.goodput)
-    if args.requests < 1:
-        raise ValueError(f"--requests must be ≥ 1, got {args.requests}")
     corpus = load_bench_corpus(args.corpus)
     if corpus is None:
         return 0

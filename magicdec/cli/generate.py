@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from magicdec.bench.compare import Comparison, compare
-from magicdec.cli.args import add_spec_flags, parse_count, parse_size, spec_from_args
+from magicdec.cli.args import add_spec_flags, fit_budget, parse_count, parse_size, spec_from_args
 from magicdec.costmodel.placement import DRAFT_PLACEMENTS
 from magicdec.data.corpus import Corpus
 from magicdec.engine.outputs import GenerationResult
@@ -40,9 +40,9 @@ def register(subparsers: Any) -> None:
     i.add_argument("--chat", action="store_true", help="wrap each --prompt/--prompt-file in the chat template")
     i.add_argument("--corpus", help="cut prompts from a corpus: 'austen', 'pg19', or a .txt/.jsonl file or directory")
     i.add_argument("--context", type=parse_count, help="with --corpus: tokens per prompt")
-    i.add_argument("--batch", type=parse_count, default=1, help="with --corpus: number of prompts (default 1)")
-    i.add_argument("--corpus-seed", type=int, default=0, help="with --corpus: which passages (default 0)")
-    i.add_argument("--region", default="any", help="with --corpus: any, head or tail half of each document")
+    i.add_argument("--batch", type=parse_count, help="with --corpus: number of prompts (default 1)")
+    i.add_argument("--corpus-seed", type=int, help="with --corpus: which passages (default 0)")
+    i.add_argument("--region", help="with --corpus: any (the default), head or tail half of each document")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=parse_count, default=128)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -97,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--compare compares speculative with plain decoding: add --spec self or --spec draft")
     if args.corpus and not args.context:
         raise ValueError("--corpus needs --context L (tokens per prompt)")
+    corpus_flags = ("context", "batch", "corpus_seed", "region")
+    idle = [f for f in corpus_flags if not args.corpus and getattr(args, f) is not None]
+    if idle:
+        flags = ", ".join("--" + f.replace("_", "-") for f in idle)
+        raise ValueError(f"{flags} cut{'s' if len(idle) == 1 else ''} prompts from a corpus: add --corpus (e.g. "
+                         f"--corpus austen) or drop {flags} (each --prompt is one sequence)")
+    args.batch, args.corpus_seed, args.region = args.batch or 1, args.corpus_seed or 0, args.region or "any"
     if not (args.prompt or args.prompt_file or args.corpus):
         raise ValueError("no prompts: give --prompt, --prompt-file or --corpus with --context")
     texts = read_prompt_files(args.prompt_file)
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     leader = tp is None or tp.rank == 0  # only rank 0 prints
     progress = leader and not (args.quiet or args.json)
     prompts = prompts_from_args(args, llm, texts, corpus)
+    spec = fit_budget(spec, max(map(len, llm.encode(prompts))) + params.max_new_tokens, "generate")
     if args.compare:
         comparison = compare(llm, prompts, params, spec, repeats=args.repeats, progress=progress)
         result: GenerationResult | Comparison = comparison

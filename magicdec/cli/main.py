@@ -2,8 +2,10 @@
 
 Each sub-command module exposes `register(subparsers)`, which adds its parser and sets `func`.
 Errors that name a problem (bad input, a missing file, a plan that does not fit) are printed as one
-line and exit with status 2; set MAGICDEC_DEBUG=1 to see the traceback instead. Under torchrun a rank
-that fails ends every other rank with its error (`magicdec.parallel.watchdog`).
+line and exit with status 2, argparse's own included; set MAGICDEC_DEBUG=1 to see the traceback instead.
+Ctrl-C, from the first moment on (this module imports nothing heavy before it can catch it), prints one
+line and exits with status 130. Under torchrun a rank that fails ends every other rank with its error
+(`magicdec.parallel.watchdog`).
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ import argparse
 import importlib
 import os
 import sys
-
-from magicdec.parallel.watchdog import end_failed_rank
+from typing import NoReturn
 
 COMMANDS = ("generate", "serve", "plan", "profile", "bench", "corpus")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, its errors said in one line (the usage is `--help`'s)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="magicdec",
-        description="Long-context LLM inference with speculative decoding over sparse-KV drafts.",
-    )
+    parser = Parser(prog="magicdec",
+                    description="Long-context LLM inference with speculative decoding over sparse-KV drafts.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"magicdec.cli.{name}").register(sub)
@@ -30,23 +36,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = next((a for a in given if a in COMMANDS), None)  # named before parsing, for a Ctrl-C while importing
     try:
+        args = build_parser().parse_args(argv)
+        command = args.command
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"magicdec {args.command}: interrupted", file=sys.stderr)
+        print(f"magicdec{' ' + command if command else ''}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, MemoryError, FileNotFoundError) as e:
         if os.environ.get("MAGICDEC_DEBUG"):
             raise
+        from magicdec.parallel.watchdog import end_failed_rank
+
         # under torchrun every rank meets the same bad input: rank 0 says it; a failure of one rank alone
         # is said by that rank, and by the other ranks' watchdogs as they stop.
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or not isinstance(e, ValueError):
             prefix = "" if rank == 0 else f"[rank {rank}] "
-            print(f"{prefix}magicdec {args.command}: error: {e}", file=sys.stderr)
+            print(f"{prefix}magicdec {command}: error: {one_line(e)}", file=sys.stderr)
         end_failed_rank(e, 2)  # under torchrun: the other ranks stop with this error, and this rank ends now
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message's lines joined)."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -3,17 +3,24 @@
     magicdec serve --spec self --budget 512 --gamma auto
     magicdec serve --model path/to/Llama-3.1-8B --host 0.0.0.0 --port 8000 --api-key "$KEY"
 
-The server listens at once; the model loads behind it (GET /health: 503 while loading, 200 when ready).
+The server binds its address first (a bad --host or a busy --port is one line, before anything loads), then
+listens at once; the model loads behind it (GET /health: 503 while loading, 200 when ready).
 SIGTERM (or Ctrl-C): new requests get 503, running ones finish (at most --shutdown-timeout seconds,
-then they are aborted), and the process exits 0.
+then they are aborted), and the process exits 0; stopped while the model still loads, it exits at once.
+An empty --api-key (or $MAGICDEC_API_KEY) is refused rather than taken as "no authentication"; listening
+on every interface (0.0.0.0, ::) without a key is allowed, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import errno
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
@@ -21,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from magicdec.cli.args import add_spec_flags, parse_count, parse_size, spec_from_args
+from magicdec.cli.args import add_spec_flags, fit_budget, parse_count, parse_size, spec_from_args
 from magicdec.engine.scheduler import SchedulerConfig
 from magicdec.llm import LLM
 from magicdec.loading import builtin_model_path, resolve_device
@@ -91,18 +98,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be ≥ 0, got {args.max_queue}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be ≥ 0 seconds, got {args.shutdown_timeout}")
+    api_key = checked_api_key(args.api_key)
     name = args.served_model_name or default_model_name(args.model)
+    device_type = resolve_device(args.device).type
+    leader = int(os.environ.get("RANK", "0")) == 0
+    sockets = listen(args.host, args.port) if leader else []  # only rank 0 answers HTTP
+    if leader and api_key is None and args.host in WILDCARDS:
+        print(f"magicdec serve: warning: listening on every interface ({args.host or 'all'}) without --api-key: "
+              "anyone who reaches this machine can use the server", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # under torchrun: every rank loads its shard; rank 0 answers HTTP and schedules, broadcasting each step's
     # new and aborted requests; the other ranks follow its steps (a rank that fails ends all: the watchdog)
-    device_type = resolve_device(args.device).type
     tp = init_from_env(device_type)
 
     def load() -> Engine:
         llm = LLM(args.model, dtype=args.dtype, device=args.device if tp is None else device_type,
                   prefill_chunk=args.prefill_chunk, tp=tp)
-        return Engine(llm=llm, spec=spec if spec.enabled else None, max_num_seqs=args.max_num_seqs,
+        context = min(args.max_model_len or llm.config.max_position_embeddings, llm.config.max_position_embeddings)
+        fitted = fit_budget(spec, context, "serve")
+        return Engine(llm=llm, spec=fitted if spec.enabled else None, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
                       num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
                       enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
@@ -117,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     failure: list[BaseException] = []
-    config = ServerConfig(name, api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+    config = ServerConfig(name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                           log_interval=args.log_interval)
     app = create_app(config, load)
     server = make_server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -130,13 +145,93 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     config.on_fatal = fatal
-    server.run()
+    bound = sockets[0].getsockname()
+    logging.getLogger("magicdec.server").info("listening on http://%s:%d (Ctrl-C to stop)",
+                                              f"[{bound[0]}]" if ":" in bound[0] else bound[0], bound[1])
+    try:
+        server.run(sockets=sockets)
+    except KeyboardInterrupt:  # a Ctrl-C outside uvicorn's signal handlers (its setup, or a second one at its end)
+        return leave(130, "magicdec serve: interrupted")
     if failure:
         e = failure[0]
         if isinstance(e, ValueError | MemoryError | FileNotFoundError):
-            raise e  # said in one line by `magicdec` (exit status 2)
-        return 1
-    return 0
+            leave(2, f"magicdec serve: error: {e}")  # returns only when no thread is left: then said by `magicdec`
+            raise e
+        return leave(1)
+    return leave(0)
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+WORKERS = ("magicdec-load", "magicdec-engine")  # the server's threads that run the model (magicdec.server)
+
+
+def checked_api_key(key: str | None) -> str | None:
+    """The API key, or None (no authentication) when none is given; an empty or blank key is refused: it would
+    otherwise turn authentication off without a word."""
+    if key is not None and not key.strip():
+        raise ValueError("the API key (--api-key or $MAGICDEC_API_KEY) is empty, which would turn authentication "
+                         "off: give a key, or leave both out to serve without one")
+    if key is not None and (key != key.strip() or not key.isprintable()):
+        raise ValueError("--api-key has spaces or control characters at its ends or inside: clients cannot send it "
+                         "in an 'Authorization: Bearer' header; use printable characters only")
+    return key
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address `host` names (as asyncio's `create_server` would bind them), made before
+    the model loads so that a bad --host or a busy --port is one line; uvicorn listens on them."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host}: neither an address nor a name this machine resolves ({e}): use 127.0.0.1, "
+                         "0.0.0.0 (every interface) or one of this machine's addresses") from None
+    addresses = list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
+    if port == 0:  # one address: two would each get a different free port
+        addresses = addresses[:1]
+    sockets: list[socket.socket] = []
+    try:
+        for family, addr in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise ValueError(bind_error(e, host, port)) from None
+    return sockets
+
+
+def bind_error(e: OSError, host: str, port: int) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if e.errno == errno.EADDRINUSE:
+        return f"--port {port}: {where} is in use (another server?): stop it or choose another --port"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host}: not an address of this machine ({e.strerror}): use 127.0.0.1, 0.0.0.0 (every "
+                "interface) or one of this machine's addresses")
+    if e.errno == errno.EACCES:
+        return f"--port {port}: permission denied (ports below 1024 need privileges): choose a port ≥ 1024"
+    return f"cannot listen on {where}: {e.strerror or e}"
+
+
+def leave(status: int, line: str | None = None) -> int:
+    """`status`, once the server has stopped. While a thread still runs the model (stopped while it loads, or
+    an engine step that outlived the shutdown), the interpreter's teardown would stop under it (C++ aborts:
+    "terminate called without an active exception"): then say `line`, flush, run the exit handlers and end
+    the process here."""
+    if not any(t.name in WORKERS and t.is_alive() for t in threading.enumerate()):
+        if line and status != 2:
+            print(line, file=sys.stderr)
+        return status
+    if line:
+        print(line, file=sys.stderr)
+    logging.shutdown()
+    atexit._run_exitfuncs()  # the watchdog's count under torchrun, among others
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def make_server(config: Any, on_exit: Callable[[], None]) -> Any:

@@ -2,8 +2,8 @@
 
 `corpus.py` owns the data types, file loading and prompt cutting; `sources.py` resolves a corpus name;
 `austen.py` fetches and parses the Austen corpus; `paths.py` says where downloaded data lives
-(``$MAGICDEC_HOME``, default ``~/.cache/magicdec``); `locks.py` prints progress lines and holds the file
-lock that one-time work (a kernel build, a GGUF conversion) takes.
+(``$MAGICDEC_HOME``, else ``$XDG_CACHE_HOME/magicdec``, else ``~/.cache/magicdec``); `locks.py` prints
+progress lines and holds the file lock that one-time work (a kernel build, a GGUF conversion) takes.
 """
 
 from magicdec.data.austen import austen_dir, fetch_austen, load_austen

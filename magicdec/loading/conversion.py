@@ -49,24 +49,19 @@ def conversion_lock(dest: Path) -> Iterator[None]:
     """Hold `<dest>.lock` exclusively: wait (saying for whom) while another process holds it; take it
     over, saying so, when the process that held it last died before releasing it cleanly."""
     waiting = lambda f: f"waiting for process {f.read().strip() or '?'} to finish converting into {dest}"  # noqa: E731
-    with exclusive(dest.parent / f"{dest.name}.lock", waiting) as f:
+    with exclusive(dest.parent / f"{dest.name}.lock", waiting, remove=True) as f:
         if f is None:  # no working lock on this file system: convert unlocked
             yield
             return
         f.seek(0)
         owner = f.read().strip()
-        if owner:  # a holder writes its pid and clears it on release: this one died while converting
+        if owner:  # a holder writes its pid, and the file goes on release: this one died while converting
             say(f"process {owner} was converting into {dest} and is gone; taking over")
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            f.flush()
+        yield  # on release (a failed conversion too) `exclusive` removes the lock file
 
 
 def convert_once(dest: Path, step: str, convert: Callable[[Path], None], what: str) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from magicdec.runtime import checks
+
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (logits / T would overflow to inf, softmax to NaN)
 
 
@@ -27,6 +29,15 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        who = "SamplingParams"
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, tuple | list) or not all(isinstance(s, str) for s in stop):
+            raise TypeError(f"{who}: stop must be a string or a list of strings, got {self.stop!r}")
+        checks.flag(who, "ignore_eos", self.ignore_eos)
+        checks.set_fields(self, max_new_tokens=checks.integer(who, "max_new_tokens", self.max_new_tokens),
+                          temperature=checks.real(who, "temperature", self.temperature),
+                          top_k=checks.integer(who, "top_k", self.top_k), top_p=checks.real(who, "top_p", self.top_p),
+                          seed=checks.integer(who, "seed", self.seed, optional=True), stop=tuple(stop))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -37,8 +48,6 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 

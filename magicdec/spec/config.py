@@ -14,7 +14,11 @@ One vocabulary everywhere (the API, the command line, the benchmarks and the cos
 
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass, field, replace
+
+from magicdec.runtime import checks
 
 METHODS = ("none", "self", "draft")
 DRAFTERS = ("streaming", "snapkv", "full", "guided")
@@ -38,7 +42,8 @@ class Auto:
     profile: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_gamma, int) or self.max_gamma < 1:
+        checks.text("Auto", "profile", self.profile, optional=True)
+        if isinstance(self.max_gamma, bool) or not isinstance(self.max_gamma, int) or self.max_gamma < 1:
             _bad(f"the largest automatic γ (max_gamma) must be a positive integer, got {self.max_gamma!r}")
 
     def __str__(self) -> str:
@@ -69,6 +74,11 @@ class DraftTuning:
     guided_window: int | None = None
 
     def __post_init__(self) -> None:
+        who = "DraftTuning"
+        checks.text(who, "kv_source", self.kv_source)
+        checks.text(who, "guided_scores", self.guided_scores)
+        checks.set_fields(self, **{f: checks.integer(who, f, getattr(self, f), optional=f == "guided_window")
+                                   for f in ("snapkv_window", "observe", "pool_kernel", "guided_window")})
         if self.kv_source not in KV_SOURCES:
             _bad(f"kv_source must be one of {KV_SOURCES}, got {self.kv_source!r}")
         if self.observe < 1:
@@ -79,7 +89,7 @@ class DraftTuning:
             _bad(f"snapkv_window must be ≥ 1, got {self.snapkv_window}")
         if self.guided_scores not in GUIDED_SCORES:
             _bad(f"guided_scores must be one of {GUIDED_SCORES}, got {self.guided_scores!r}")
-        if self.guided_window is not None and (not isinstance(self.guided_window, int) or self.guided_window < 1):
+        if self.guided_window is not None and self.guided_window < 1:
             _bad(f"guided_window must be a positive number of tokens (or None for the default), got "
                  f"{self.guided_window!r}")
 
@@ -101,14 +111,34 @@ class SpecConfig:
     draft_weights: str = "full"  # self-speculation: the target's weights as they are, or quantized (int8, int4)
 
     def __post_init__(self) -> None:
+        who = "SpecConfig"
+        for name in ("method", "drafter", "draft_weights"):
+            checks.text(who, name, getattr(self, name))
+        if isinstance(self.draft_model, os.PathLike):
+            object.__setattr__(self, "draft_model", os.fspath(self.draft_model))
+        checks.text(who, "draft_model", self.draft_model, optional=True)
+        if not isinstance(self.tuning, DraftTuning):
+            raise TypeError(f"{who}: tuning must be a DraftTuning, got {self.tuning!r} ({type(self.tuning).__name__})")
         if self.gamma == "auto":
             object.__setattr__(self, "gamma", Auto())
+        if not isinstance(self.gamma, Auto):
+            if isinstance(self.gamma, bool) or not isinstance(self.gamma, numbers.Integral):
+                raise TypeError(f"{who}: gamma must be a positive integer or 'auto' (or Auto(…)), got "
+                                f"{self.gamma!r} ({type(self.gamma).__name__})")
+            object.__setattr__(self, "gamma", int(self.gamma))
+        checks.set_fields(self, budget=checks.integer(who, "budget", self.budget),
+                          sinks=checks.integer(who, "sinks", self.sinks))
         if self.method not in METHODS:
             _bad(f"method must be one of {METHODS}, got {self.method!r}")
         if self.drafter not in DRAFTERS:
             _bad(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         if not isinstance(self.gamma, Auto) and (not isinstance(self.gamma, int) or self.gamma < 1):
             _bad(f"gamma must be a positive integer or 'auto', got {self.gamma!r}")
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            _bad(f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}")
+        if self.draft_weights != "full" and self.method != "self":
+            _bad(f"quantized draft weights (--draft-weights {self.draft_weights}) are the target's own and only draft "
+                 "with method 'self': add --spec self or drop --draft-weights")
         if self.draft_model and self.method != "draft":
             _bad("a draft model is only used with method 'draft': drop --draft-model or add --spec draft")
         if self.method == "none":
@@ -138,10 +168,6 @@ class SpecConfig:
                 _bad(f"the guided window (guided_window={self.tuning.guided_window}) must leave room inside the "
                      f"budget (--budget {self.budget}) for the sink block and a selected block: use a smaller "
                      "window or a larger budget")
-        if self.draft_weights not in DRAFT_WEIGHTS:
-            _bad(f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}")
-        if self.draft_weights != "full" and self.method != "self":
-            _bad("quantized draft weights (--draft-weights) are the target's own: use them with method 'self'")
         if self.method == "self" and self.drafter == "full":
             _bad("self-speculation over the full cache drafts with the target itself; choose streaming, snapkv or "
                  "guided")
@@ -172,6 +198,30 @@ class SpecConfig:
         if self.drafter == "guided" and self.tuning.guided_window is not None:
             return self.tuning.guided_window
         return min(self.tuning.snapkv_window, self.budget // 2)
+
+    def min_budget(self, block_size: int) -> int:
+        """The smallest `budget` this drafter accepts over a paged cache of `block_size`-token blocks, every
+        constraint counted: streaming's sinks and a window; SnapKV's selected positions and a window; the guided
+        draft's sink block, a selected block and its window (`min(snapkv_window, budget // 2)` unless
+        `tuning.guided_window` is given, which needs two blocks beside it)."""
+        if self.drafter == "streaming":
+            return self.sinks + 1
+        if self.drafter != "guided":
+            return 2
+        if self.tuning.guided_window is not None:
+            return self.tuning.guided_window + 2 * block_size
+        b = block_size
+        while b - min(self.tuning.snapkv_window, b // 2) < block_size:
+            b += 1
+        return b
+
+    def fitted(self, context: int, block_size: int = 64) -> SpecConfig:
+        """This configuration with its budget cut to `context` tokens (the longest prompt and its new tokens),
+        never below `min_budget`: a sparse draft never holds more positions than there are, and a larger budget
+        only costs memory (SnapKV's kept positions are reserved per request). Itself when the budget fits."""
+        budget = max(context, self.min_budget(block_size))
+        return self if not self.enabled or self.drafter == "full" or self.budget <= budget else \
+            replace(self, budget=budget)
 
     @property
     def label(self) -> str:
