@@ -29,14 +29,28 @@ def ngram(tokens: list[int], **kw: object) -> NgramProposer:
     return p
 
 
+def followed_before(text: list[int], tail: list[int], token: int, min_n: int, max_n: int) -> bool:
+    return any(text[s : s + n] == tail[len(tail) - n :] and text[s + n] == token
+               for n in range(min_n, min(max_n, len(tail)) + 1) for s in range(len(text) - n))
+
+
 def brute_recent(text: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Prompt lookup by scanning: the longest n whose last n tokens occurred earlier (with a follower), the
-    most recent such occurrence, the k tokens after it."""
+    most recent such occurrence, up to k tokens after it: over the text, then over the tokens copied so far
+    while the next one followed the context before."""
     for n in range(min(max_n, len(text) - 1), min_n - 1, -1):
         suffix = text[len(text) - n :]
         starts = [s for s in range(len(text) - n) if text[s : s + n] == suffix]
         if starts:
-            return text[starts[-1] + n : starts[-1] + n + k]
+            out: list[int] = []
+            pos = starts[-1] + n
+            while len(out) < k:
+                token = (text + out)[pos]
+                if pos >= len(text) and not followed_before(text, (text + out)[-max_n:], token, min_n, max_n):
+                    break
+                out.append(token)
+                pos += 1
+            return out
     return []
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from magicdec.spec.hybrid import RoundCosts, SourceAcceptance, choose
 from magicdec.spec.lookup import Proposer
 from magicdec.spec.ngram import NgramProposer
 from magicdec.spec.suffix import SuffixProposer, SuffixTrie
@@ -64,26 +65,39 @@ class Replay:
         """Accepted over drafted tokens."""
         return self.accepted / max(self.drafted, 1)
 
+    def speedup(self, per_position: float) -> float:
+        """Tokens per plain-step time if verifying n drafts costs 1 + per_position · n plain steps (matching
+        and the bookkeeping of a round left out)."""
+        return self.tokens / max(self.rounds + per_position * self.drafted, 1e-9)
+
     def summary(self) -> dict[str, float]:
         return {"mean_accepted": round(self.mean_accepted, 3), "tokens_per_round": round(self.tokens_per_round, 3),
                 "acceptance": round(self.acceptance, 3), "proposal_rate": round(self.proposed / max(self.rounds, 1), 3),
                 "rounds": self.rounds}
 
 
-def replay(proposer: Proposer, prompt: Sequence[int], output: Sequence[int], k: int) -> Replay:
+def replay(proposer: Proposer, prompt: Sequence[int], output: Sequence[int], k: int,
+           costs: RoundCosts | None = None) -> Replay:
     """Greedy verification of `proposer`'s drafts (up to k a round) along `output`, the greedy continuation
-    of `prompt` (see the module docstring)."""
+    of `prompt` (see the module docstring). With `costs`, each round's proposal goes through the hybrid
+    choice (`magicdec.spec.hybrid.choose`, the request's acceptance learned as it goes): cut where it stops
+    paying for its verification, or a plain step."""
     if k < 1:
         raise ValueError(f"k must be ≥ 1 draft token, got {k}")
     proposer.append(prompt)
+    learned = SourceAcceptance()
     r = Replay()
     i = 0
     while i < len(output):
         prop = proposer.propose(min(k, len(output) - i - 1)) if i + 1 < len(output) else None
+        if prop is not None and costs is not None:
+            prop = prop.cut(choose(prop, learned, costs, k).n)
         drafted = prop.tokens if prop is not None else []
         a = 0
         while a < len(drafted) and drafted[a] == output[i + a]:
             a += 1
+        if prop is not None:
+            learned.record(prop.source, len(drafted), a)
         proposer.append(output[i : i + a + 1])
         r.rounds += 1
         r.proposed += bool(drafted)
@@ -96,12 +110,12 @@ def replay(proposer: Proposer, prompt: Sequence[int], output: Sequence[int], k: 
 
 
 def replay_all(factory: ProposerFactory, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], k: int,
-               shared: SuffixTrie | None = None) -> Replay:
+               shared: SuffixTrie | None = None, costs: RoundCosts | None = None) -> Replay:
     """`replay` over (prompt, output) pairs, a fresh proposer each; with `shared`, each output then joins
     the global trie (the suffix proposer's store of recent outputs), in order."""
     total = Replay()
     for j, (prompt, output) in enumerate(pairs):
-        total.add(replay(factory(), prompt, output, k))
+        total.add(replay(factory(), prompt, output, k, costs))
         if shared is not None:
             shared.add(j, output)
     return total

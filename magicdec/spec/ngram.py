@@ -10,7 +10,8 @@ grows with the context.
 
 `propose(k)` matches the last n tokens, n from max_n down to min_n, and continues with
 - mode "recent": the tokens that followed the most recent earlier occurrence (a contiguous copy, vLLM's
-  and TensorRT-LLM's prompt lookup);
+  and TensorRT-LLM's prompt lookup; a copy that reaches the text's end goes on over the tokens it
+  proposed, so periodic text is copied on);
 - mode "frequent": the most frequent follower of the longest matching n-gram, one token at a time (each
   proposed token extends the context that the next lookup matches).
 
@@ -106,8 +107,8 @@ class NgramProposer:
         probs: list[float] = []
         pos = e.last if e is not None else len(self.tokens)  # "recent": the copy's source position
         while e is not None and len(out) < k:
-            if self.mode == "recent":
-                token = self.tokens[pos]
+            if self.mode == "recent":  # a copy may run into the tokens it proposed (periodic text)
+                token = self.tokens[pos] if pos < len(self.tokens) else out[pos - len(self.tokens)]
                 pos += 1
             else:
                 token = e.best
@@ -117,8 +118,9 @@ class NgramProposer:
             del tail[0]
             if self.mode == "frequent":
                 e = self._longest(tail)[1]
-            else:  # the copy goes on while its source does; its estimate: the longest context it followed
-                e = self._followed(tail, self.tokens[pos]) if pos < len(self.tokens) else None
+            else:  # the copy goes on while its next token followed this context before (its estimate's entry)
+                nxt = self.tokens[pos] if pos < len(self.tokens) else out[pos - len(self.tokens)]
+                e = self._followed(tail, nxt)
         return Proposal(out, probs, self.source, match if out else 0)
 
     def _followed(self, tail: list[int], token: int) -> _Entry | None:

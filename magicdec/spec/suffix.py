@@ -4,9 +4,12 @@ how often they followed it, in the request's own text and in a shared store of r
 `SuffixAutomaton` is an online suffix automaton over one request's prompt and output (Blumer et al.): a
 token is appended in O(1) amortized structure updates. Each state (a class of substrings sharing their end
 positions) also keeps how often its strings occur and where they last ended (and the time before): the
-new end position is added to the states on the suffix-link path from the new state, a walk as long as the
-number of distinct occurrence classes among the text's suffixes (short on natural text: `chain` records
-the last walk's length; benchmarks/lookup_cost.py prints its mean).
+new end position is added to the states on the suffix-link path from the new state, longest suffix first: a
+walk as long as the number of distinct occurrence classes among the text's suffixes, about 2 states on the
+novels (`chain` records the last walk's length; benchmarks/lookup_cost.py prints its mean). Periodic text
+("a b a b …", a model repeating itself) would walk its whole length, so the walk stops after `max_walk`
+states: the counts of the shortest contexts of such text then lag (they only score proposals, which stay
+exact whatever they are), and an append costs O(1) amortized plus at most `max_walk` updates.
 
 `SuffixTrie` is the optional global store: a trie of every suffix (at most `depth` tokens deep) of the most
 recent outputs of all requests, with occurrence counts; bounded to `capacity` tokens of outputs, the least
@@ -15,7 +18,8 @@ recently used output (added, or the source of a proposal) evicted first.
 Scoring (`SuffixProposer.propose`): match the longest suffix s of the text that occurred before (the
 automaton: the suffix link of the whole text's state; the trie: the longest suffix, at most `depth −
 max_len` tokens, that is a path from its root). Then extend greedily: at context x (s, then s and the
-tokens proposed so far) take the follower t of x seen most often (ties: the most recent), and estimate its
+tokens proposed so far; when x occurred only at the text's end, its longest suffix that occurred before)
+take the follower t of x seen most often (ties: the most recent), and estimate its
 chance as (c + 1) / (d + 2), c the occurrences of x·t and d those of x with any follower (Laplace's rule of
 succession). The path's probability is the product of these; the proposal stops before it falls below
 `threshold`, at `max_len` tokens, at k, and at ⌈`factor` · |s|⌉ tokens (SuffixDecoding's bound: a short
@@ -36,6 +40,7 @@ from collections.abc import Hashable, Sequence
 from magicdec.spec.lookup import Proposal
 
 STALE = -2  # a trie node's best child after a removal: found again on its next read
+MAX_WALK = 64  # occurrence updates per appended token, at most (periodic text would otherwise walk its length)
 SCAN = 8  # followers looked at for the most frequent one; a state with more takes its most recent follower
 
 
@@ -46,7 +51,8 @@ def _succession(c: int, d: int) -> float:
 class SuffixAutomaton:
     """The suffix automaton of a growing token sequence, with occurrence counts and last end positions."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_walk: int = MAX_WALK) -> None:
+        self.max_walk = max_walk
         self.tokens: list[int] = []
         self.next: list[dict[int, int]] = [{}]
         self.link: list[int] = [-1]
@@ -92,7 +98,7 @@ class SuffixAutomaton:
                     link[q] = link[cur] = clone
             self.last = cur
             v, walked = cur, 0
-            while v > 0:  # every suffix of the text now also ends at i
+            while v > 0 and walked < self.max_walk:  # every suffix of the text now also ends at i
                 self.count[v] += 1
                 self.prev_end[v], self.last_end[v] = self.last_end[v], i
                 v = link[v]
@@ -105,7 +111,7 @@ class SuffixAutomaton:
 
     def followed(self, state: int) -> int:
         """Occurrences of the state's strings that have a follower (all but one at the text's end)."""
-        return self.count[state] - (self.last_end[state] == len(self.tokens) - 1)
+        return max(self.count[state] - (self.last_end[state] == len(self.tokens) - 1), 0)
 
     def best_follower(self, state: int, scan: int = SCAN) -> int | None:
         """The follower seen most often (ties: the most recent) among at most `scan`; with more, the most
@@ -261,11 +267,14 @@ class SuffixProposer:
         probs: list[float] = []
         path, limit = 1.0, self._limit(k, match)
         while len(out) < limit:
-            t = sa.best_follower(state, self.scan)
+            while state > 0 and sa.followed(state) == 0:  # its only occurrence ends the text: a shorter context
+                state = sa.link[state]
+            t = sa.best_follower(state, self.scan) if state > 0 else None
             if t is None:
                 break
             child = sa.next[state][t]
-            p = _succession(sa.count[child], sa.followed(state))
+            followed = sa.followed(state)
+            p = _succession(min(sa.count[child], followed), followed)  # min: counts a capped walk left behind
             if path * p < self.threshold:
                 break
             path *= p
