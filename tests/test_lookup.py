@@ -12,7 +12,7 @@ from scipy.stats import chisquare
 
 from magicdec.bench.lookup_sim import PROPOSERS, matching_cost, replay, replay_all
 from magicdec.bench.workloads import WORKLOADS, build_workload, sentences
-from magicdec.data import Corpus, CorpusError, load_austen
+from magicdec.data import Corpus, CorpusError
 from magicdec.spec.hybrid import PLAIN, SELF, Choice, RoundCosts, SourceAcceptance, choose, choose_batch
 from magicdec.spec.lookup import Proposal, append_batch, expected_accepted, propose_batch
 from magicdec.spec.ngram import NgramProposer
@@ -317,6 +317,26 @@ def test_replay_accepts_the_prefix_equal_to_the_greedy_output() -> None:
         replay(NgramProposer(), [1], [2], k=0)
 
 
+def test_replay_through_the_hybrid_choice_drafts_only_what_pays() -> None:
+    rng = random.Random(2)
+    text = [rng.randrange(6) for _ in range(400)]
+    prompt, output = text[:300], text[300:]
+    free = replay(NgramProposer(1, 3), prompt, output, k=6)
+    cheap = replay(NgramProposer(1, 3), prompt, output, k=6, costs=linear(0.0))
+    dear = replay(NgramProposer(1, 3), prompt, output, k=6, costs=linear(5.0))
+    assert free.drafted > 0 and dear.drafted == 0 and dear.rounds == len(output)  # nothing pays: plain steps
+    assert 0 < cheap.drafted and cheap.speedup(0.0) >= 1.0
+
+
+def test_periodic_text_is_copied_on_at_a_bounded_update_cost() -> None:
+    p = SuffixProposer()
+    for _ in range(500):
+        p.append([7, 8])
+        assert p.automaton.chain <= p.automaton.max_walk
+    assert p.propose(4).tokens == [7, 8, 7, 8]
+    assert ngram([1, 2, 3] * 3).propose(7).tokens == [1, 2, 3, 1, 2, 3, 1]
+
+
 def test_replay_with_a_shared_store_learns_from_earlier_outputs() -> None:
     out = list(range(50, 70))
     pairs = [([1, 2, 3], out), ([4, 5, 6], out)]
@@ -354,14 +374,6 @@ def smol_tokenizer() -> object:
     from magicdec.loading import load_model
 
     return load_model(None, device="cpu").tokenizer
-
-
-@pytest.fixture(scope="module")
-def austen() -> Corpus:
-    try:
-        return load_austen()
-    except CorpusError as exc:
-        pytest.fail(f"the Jane Austen corpus is required: {exc}")
 
 
 @pytest.mark.slow
