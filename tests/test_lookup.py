@@ -145,6 +145,12 @@ def test_suffix_proposer_scores_by_frequency_and_adapts_its_length() -> None:
     prop = p.propose(1)
     assert prop.tokens == [3] and prop.match == 3  # "9 1 2" was followed by 3 twice, by 4 (most recently) once
     assert prop.probs == [pytest.approx((2 + 1) / (3 + 2))]
+    bolder = SuffixProposer(threshold=0.0, factor=8, prior=(4.0, 0.5))
+    bolder.append(p.tokens)
+    assert bolder.propose(1).probs == [pytest.approx((2 + 4) / (3 + 4.5))]
+    bolder = SuffixProposer(threshold=0.0, factor=8, prior=(4.0, 0.5))
+    bolder.append(p.tokens)
+    assert bolder.propose(1).probs == [pytest.approx((2 + 4) / (3 + 4.5))]
     # the path's probability bounds the length: a confident path goes further than an unsure one
     sure, unsure = SuffixProposer(threshold=0.3), SuffixProposer(threshold=0.3)
     sure.append([5, 6, 7, 8, 9] * 4 + [5])
@@ -187,6 +193,8 @@ def test_suffix_settings_are_checked() -> None:
         SuffixProposer(threshold=1.0)
     with pytest.raises(ValueError, match="depth"):
         SuffixProposer(SuffixTrie(depth=8), max_len=8)
+    with pytest.raises(ValueError, match="pseudo-counts"):
+        SuffixProposer(prior=(0.0, 1.0))
 
 
 # ---- the hybrid choice -----------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ Scoring (`SuffixProposer.propose`): match the longest suffix s of the text that 
 automaton: the suffix link of the whole text's state; the trie: the longest suffix, at most `depth −
 max_len` tokens, that is a path from its root). Then extend greedily: at context x (s, then s and the
 tokens proposed so far; when x occurred only at the text's end, its longest suffix that occurred before)
-take the follower t of x seen most often (ties: the most recent), and estimate its
-chance as (c + 1) / (d + 2), c the occurrences of x·t and d those of x with any follower (Laplace's rule of
-succession). The path's probability is the product of these; the proposal stops before it falls below
-`threshold`, at `max_len` tokens, at k, and at ⌈`factor` · |s|⌉ tokens (SuffixDecoding's bound: a short
-match earns a short guess). The request's own automaton and the global trie each propose; the one with the
-larger expected accepted length wins (ties: the request's own).
+take the follower t of x seen most often (ties: the most recent), and estimate its chance as
+(c + a) / (d + a + b), c the occurrences of x·t and d those of x with any follower, (a, b) = `prior`
+pseudo-counts for "right" and "wrong" ((1, 1): Laplace's rule of succession). The path's probability is
+the product of these; the proposal stops before it falls below `threshold`, at `max_len` tokens, at k,
+and at ⌈`factor` · |s|⌉ tokens (SuffixDecoding's bound: a short match earns a short guess). The request's
+own automaton and the global trie each propose; the one with the larger expected accepted length wins
+(ties: the request's own).
 
 Cost per round: O(|proposal|) automaton steps, each looking at no more than `scan` followers (a state
 with more, a short common context, takes its most recent follower), and for the trie O(depth · log depth)
@@ -42,10 +43,6 @@ from magicdec.spec.lookup import Proposal
 STALE = -2  # a trie node's best child after a removal: found again on its next read
 MAX_WALK = 64  # occurrence updates per appended token, at most (periodic text would otherwise walk its length)
 SCAN = 8  # followers looked at for the most frequent one; a state with more takes its most recent follower
-
-
-def _succession(c: int, d: int) -> float:
-    return (c + 1) / (d + 2)
 
 
 class SuffixAutomaton:
@@ -223,7 +220,8 @@ class SuffixProposer:
     source = "suffix"
 
     def __init__(self, shared: SuffixTrie | None = None, threshold: float = 0.1, max_len: int = 16,
-                 factor: float = 4.0, min_match: int = 1, scan: int = SCAN) -> None:
+                 factor: float = 4.0, min_match: int = 1, scan: int = SCAN,
+                 prior: tuple[float, float] = (1.0, 1.0)) -> None:
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"the suffix proposer's threshold must be in [0, 1), got {threshold}")
         if max_len < 1 or factor <= 0 or min_match < 1:
@@ -232,6 +230,9 @@ class SuffixProposer:
         if shared is not None and shared.depth <= max_len:
             raise ValueError(f"the shared suffix trie's depth ({shared.depth}) must exceed max_len ({max_len}): "
                              "a match needs room below it to propose from")
+        if min(prior) <= 0:
+            raise ValueError(f"the suffix proposer's prior pseudo-counts must be positive, got {prior}")
+        self.prior = prior
         self.automaton = SuffixAutomaton()
         self.shared = shared
         self.threshold, self.max_len, self.factor, self.min_match, self.scan = threshold, max_len, factor, \
@@ -246,6 +247,10 @@ class SuffixProposer:
 
     def append(self, tokens: Sequence[int]) -> None:
         self.automaton.append(tokens)
+
+    def _chance(self, c: int, d: int) -> float:
+        a, b = self.prior
+        return (c + a) / (d + a + b)
 
     def _limit(self, k: int, match: int) -> int:
         return min(k, self.max_len, math.ceil(self.factor * match))
@@ -274,7 +279,7 @@ class SuffixProposer:
                 break
             child = sa.next[state][t]
             followed = sa.followed(state)
-            p = _succession(min(sa.count[child], followed), followed)  # min: counts a capped walk left behind
+            p = self._chance(min(sa.count[child], followed), followed)  # min: counts a capped walk left behind
             if path * p < self.threshold:
                 break
             path *= p
@@ -299,7 +304,7 @@ class SuffixProposer:
             child = node.children.get(node.best)
             if child is None:
                 break
-            p = _succession(child.count, node.count)
+            p = self._chance(child.count, node.count)
             if path * p < self.threshold:
                 break
             path *= p
