@@ -140,7 +140,7 @@ def test_suffix_proposer_copies_a_repeated_span() -> None:
 
 
 def test_suffix_proposer_scores_by_frequency_and_adapts_its_length() -> None:
-    p = SuffixProposer(threshold=0.0, factor=8)
+    p = SuffixProposer(threshold=0.0, factor=8, prior=(1.0, 1.0))
     p.append([1, 2, 3, 9, 1, 2, 3, 9, 1, 2, 3, 9, 1, 2, 4, 9, 1, 2])
     prop = p.propose(1)
     assert prop.tokens == [3] and prop.match == 3  # "9 1 2" was followed by 3 twice, by 4 (most recently) once

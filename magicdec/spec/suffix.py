@@ -25,7 +25,9 @@ pseudo-counts for "right" and "wrong" ((1, 1): Laplace's rule of succession). Th
 the product of these; the proposal stops before it falls below `threshold`, at `max_len` tokens, at k,
 and at ⌈`factor` · |s|⌉ tokens (SuffixDecoding's bound: a short match earns a short guess). The request's
 own automaton and the global trie each propose; the one with the larger expected accepted length wins
-(ties: the request's own).
+(ties: the request's own). The defaults (threshold 0.1, factor 2, prior (4, 0.5): a continuation seen once
+of once is right 5 times in 5.5) come from benchmarks/lookup_tune.py on the workloads' "tune" split
+(`magicdec.bench.workloads`), with the built-in model's greedy outputs.
 
 Cost per round: O(|proposal|) automaton steps, each looking at no more than `scan` followers (a state
 with more, a short common context, takes its most recent follower), and for the trie O(depth · log depth)
@@ -220,8 +222,8 @@ class SuffixProposer:
     source = "suffix"
 
     def __init__(self, shared: SuffixTrie | None = None, threshold: float = 0.1, max_len: int = 16,
-                 factor: float = 4.0, min_match: int = 1, scan: int = SCAN,
-                 prior: tuple[float, float] = (1.0, 1.0)) -> None:
+                 factor: float = 2.0, min_match: int = 1, scan: int = SCAN,
+                 prior: tuple[float, float] = (4.0, 0.5)) -> None:
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"the suffix proposer's threshold must be in [0, 1), got {threshold}")
         if max_len < 1 or factor <= 0 or min_match < 1:
