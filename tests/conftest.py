@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from magicdec import LLM
 from magicdec.config import ModelConfig
+from magicdec.data import Corpus, CorpusError, load_austen
 from magicdec.kernels import cpu
 from magicdec.loading.random_init import word_vocabulary
 
@@ -90,6 +91,15 @@ def tiny_llm(tiny_dir: Path) -> LLM:
 @pytest.fixture(scope="session")
 def smol() -> LLM:
     return LLM(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def austen() -> Corpus:
+    """The Jane Austen corpus (`make corpus`); without it a test that needs it fails, naming the fix."""
+    try:
+        return load_austen()
+    except CorpusError as exc:
+        pytest.fail(f"the Jane Austen corpus is required: {exc}")
 
 
 @pytest.fixture(scope="session")

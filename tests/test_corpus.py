@@ -55,14 +55,6 @@ TOK = position_tokenizer(3500)
 
 
 @pytest.fixture(scope="module")
-def austen() -> Corpus:
-    try:
-        return load_austen()
-    except CorpusError as exc:
-        pytest.fail(f"the Jane Austen corpus is required: {exc}")
-
-
-@pytest.fixture(scope="module")
 def austen_tokenizer(austen: Corpus) -> HFTokenizer:
     """A tiny byte-level BPE trained on a slice of one novel (no model download)."""
     tokenizer = Tokenizer(models.BPE())
