@@ -131,7 +131,7 @@ class EngineCore:
         model = models.model
         limit = model.config.max_position_embeddings
         max_len = min(config.max_model_len or limit, limit)
-        spec = config.spec if config.speculating else None
+        spec = config.spec.fitted(max_len, config.block_size) if config.spec and config.speculating else None
         sched = scheduling_for(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                config.prefill_chunk, 0, config.enable_prefix_caching),
                                spec, config.block_size)
@@ -151,7 +151,8 @@ class EngineCore:
     def set_speculation(self, spec: SpecConfig | None, *, gamma_policy: GammaPolicy | None = None,
                         verifier: Verifier | None = None) -> None:
         """Make `spec` the engine's speculation (between requests: refused while any is in flight): who drafts
-        over which KV, the scheduler's γ bound, the γ policy (`gamma_policy`: one batch-wide policy instead of
+        over which KV (its budget cut to the engine's longest request: `SpecConfig.fitted`), the scheduler's γ
+        bound, the γ policy (`gamma_policy`: one batch-wide policy instead of
         the setting's, for experiments); `verifier` replaces the exact acceptance rule (systems benchmarks'
         synthetic acceptance). A draft with KV of its own keeps its pool between settings, but turning it on
         empties the prefix cache: the blocks cached while it was off have no draft KV in its pool."""
@@ -160,8 +161,8 @@ class EngineCore:
         if self.has_unfinished_requests():
             raise RuntimeError(f"set_speculation: {self.num_running + self.num_waiting} requests are in flight; "
                                "change the speculation once they have finished (or abort them)")
-        spec = spec if spec is not None and spec.enabled else None
         P = self.cache.block_size
+        spec = spec.fitted(self.max_model_len, P) if spec is not None and spec.enabled else None
         sched = scheduling_for(self.scheduler.config, spec, P)
         check_guided_room(spec, P)
         drafter, policy = None, None
