@@ -33,6 +33,7 @@ benchmarks/autogamma_sim.py) as well as on the machine (docs/cost-model.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,9 +61,10 @@ class BatchView:
 
 @dataclass(frozen=True, slots=True)
 class StepReport:
-    """One engine step: per decoding request its γ (0: a plain step) and accepted drafts; tokens; where the
-    time went (host clock; phases from CUDA events on CUDA; `capture_s`: the part of `seconds` spent capturing
-    CUDA graphs of shapes met for the first time)."""
+    """One engine step: per decoding request its γ (0: a plain step), accepted drafts and draft source ("self":
+    the model draft; "ngram", "suffix", "suffix-global": a model-free proposal; "" for a plain step); tokens;
+    where the time went (host clock; phases from CUDA events on CUDA; `capture_s`: the part of `seconds`
+    spent capturing CUDA graphs of shapes met for the first time)."""
 
     request_ids: list[str]
     gammas: list[int]
@@ -75,17 +77,26 @@ class StepReport:
     other_s: float = 0.0
     prefill_s: float = 0.0
     capture_s: float = 0.0
+    sources: list[str] | None = None  # None: every request with γ > 0 drafted with the model
 
     @property
     def gamma(self) -> int:
-        """The round's γ: the largest any request drafted (0: a plain step for every request)."""
+        """The verification's width: the most draft positions any request verified (0: a plain step)."""
         return max(self.gammas, default=0)
+
+    def _model(self, i: int) -> bool:
+        return self.gammas[i] > 0 and (self.sources is None or self.sources[i] == "self")
+
+    @property
+    def draft_steps(self) -> int:
+        """Forwards the model draft ran: the largest γ of the requests it drafted for."""
+        return max((g for i, g in enumerate(self.gammas) if self._model(i)), default=0)
 
     @property
     def drafted(self) -> tuple[list[int], list[int]]:
-        """The γ and the accepted drafts of the requests that drafted."""
-        rows = [(g, k) for g, k in zip(self.gammas, self.accepted) if g]
-        return [g for g, _ in rows], [k for _, k in rows]
+        """The γ and the accepted drafts of the requests the model draft drafted for."""
+        rows = [i for i in range(len(self.gammas)) if self._model(i)]
+        return [self.gammas[i] for i in rows], [self.accepted[i] for i in rows]
 
 
 class GammaPolicy(Protocol):
@@ -228,20 +239,32 @@ class AutoGamma:
 
     def observe(self, report: StepReport) -> None:
         """After a round: its accepted counts and the seconds it spent drafting, verifying (a plain
-        step: the step) and otherwise."""
-        raw, gamma = self._step, report.gamma
-        if raw is None or (gamma and gamma not in raw):
+        step: the step) and otherwise. A round whose verification was wider than any γ this policy
+        considered (model-free drafts of other requests) teaches it nothing about verification."""
+        raw, gamma, steps = self._step, report.gamma, report.draft_steps
+        if raw is None:
             return  # not a round this policy chose
         draft_s, verify_s, rest_s = report.draft_s, report.verify_s, report.other_s
         if gamma == 0:
             self.calibration.update("target", verify_s, raw["target"])
             return
-        gammas, accepted = report.drafted
-        self.alpha.update(gamma, accepted, gammas)
-        self.calibration.update("draft", draft_s / gamma, raw["draft"])
-        self.calibration.update(gamma, verify_s, raw[gamma])
+        if steps:
+            gammas, accepted = report.drafted
+            self.alpha.update(steps, accepted, gammas)
+            self.calibration.update("draft", draft_s / steps, raw["draft"])
+        if gamma in raw:
+            self.calibration.update(gamma, verify_s, raw[gamma])
         f = RATIO_FORGET
         self.overhead = rest_s if self.overhead is None else f * self.overhead + (1 - f) * rest_s
+
+    def costs(self, rows: int, contexts: list[int]) -> tuple[float, float, Callable[[int], float]]:
+        """This batch's T_T, T_D and T_V(n) in seconds, as the policy predicts them (calibrated by the steps
+        it has measured)."""
+        cal, cost = self.calibration, self.cost
+        t_target = cost.t_target(rows, contexts) * cal.get("target", self._verify_ratio(1))
+        t_draft = cost.t_draft(rows, contexts) * cal.get("draft", self._verify_ratio(1))
+        return t_target, t_draft, lambda n: cost.t_verify(rows, contexts, n) * self._verify_ratio(n) if n else \
+            t_target
 
     def stats(self) -> dict[str, Any]:
         return {"alpha_estimate": self.alpha.value}
@@ -280,9 +303,10 @@ class RequestGamma:
         return out
 
     def observe(self, report: StepReport) -> None:
-        """After a step: each request's α, and the batch policy's view of the round."""
-        for rid, g, k in zip(report.request_ids, report.gammas, report.accepted):
-            if g:
+        """After a step: each request's α (from its model drafts), and the batch policy's view of the round."""
+        sources = report.sources or ["self"] * len(report.gammas)
+        for rid, g, k, source in zip(report.request_ids, report.gammas, report.accepted, sources):
+            if g and source == "self":
                 self.alpha.setdefault(rid, AlphaEstimate()).update(g, [k])
         self.batch.observe(report)
 

@@ -28,6 +28,7 @@ import torch
 from magicdec.cache.blocks import BlockPool
 from magicdec.cache.memory import OutOfMemoryPlan, available_bytes, fmt_bytes, prefill_transient_bytes
 from magicdec.cache.paged import PagedKVCache
+from magicdec.costmodel.drafts import DraftChoice
 from magicdec.costmodel.policy import GammaPolicy, RequestGamma, StepReport
 from magicdec.engine.config import EngineConfig
 from magicdec.engine.models import ModelSet
@@ -38,8 +39,11 @@ from magicdec.engine.scheduler import Scheduler, SchedulerConfig, scheduling_for
 from magicdec.parallel.tp import agree_min
 from magicdec.runtime.graphs import GraphRunner
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.spec.config import SpecConfig
+from magicdec.spec.config import DraftTuning, SpecConfig
 from magicdec.spec.draft import Drafter, DraftSetup
+from magicdec.spec.lookup import Proposer
+from magicdec.spec.ngram import NgramProposer
+from magicdec.spec.suffix import SuffixProposer, SuffixTrie
 from magicdec.spec.verify import Verifier
 
 CPU_KV_SHARE = 0.4  # of the free memory, what a paged KV pool takes by default on the CPU (the rest: prefill, the OS)
@@ -118,7 +122,8 @@ class EngineCore:
         self._draft_forwards: dict[int, GraphRunner] = {}  # by draft model: its forward and its own KV pool
         self._draft_pools: dict[int, PagedKVCache] = {}
         self.spec: SpecConfig | None = None
-        self.policy: RequestGamma | None = None
+        self.policy: DraftChoice | None = None
+        self.shared_outputs = SuffixTrie()  # recent outputs of every request, for suffix drafts (bounded, LRU)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -165,17 +170,17 @@ class EngineCore:
         spec = spec.fitted(self.max_model_len, P) if spec is not None and spec.enabled else None
         sched = scheduling_for(self.scheduler.config, spec, P)
         check_guided_room(spec, P)
-        drafter, policy = None, None
-        if spec is not None:
-            model = self.models.drafting(spec)
-            window = spec.recent_window if spec.drafter in ("streaming", "guided", "snapkv") else 0
+        drafter, model_policy, cost, side = None, None, None, spec.model_side if spec is not None else None
+        if side is not None:  # a model drafts: the target itself, quantized, or a draft model
+            model = self.models.drafting(side)
+            window = side.recent_window if side.drafter in ("streaming", "guided", "snapkv") else 0
             vocab = self.model.config.vocab_size
             setup = DraftSetup(
-                model, own_kv=self._own_kv(spec), sinks=spec.sinks if spec.drafter == "streaming" else 0,
+                model, own_kv=self._own_kv(side), sinks=side.sinks if side.drafter == "streaming" else 0,
                 window=window, vocab_size=vocab if model.config.vocab_size < vocab else None,
-                select=(spec.budget - spec.recent_window) // P if spec.drafter == "guided" else 0,
-                kept=spec.n_kept if spec.drafter == "snapkv" else 0, observe=spec.tuning.observe,
-                pool_kernel=spec.tuning.pool_kernel, score_layers=spec.tuning.guided_scores)
+                select=(side.budget - side.recent_window) // P if side.drafter == "guided" else 0,
+                kept=side.n_kept if side.drafter == "snapkv" else 0, observe=side.tuning.observe,
+                pool_kernel=side.tuning.pool_kernel, score_layers=side.tuning.guided_scores)
             old = self.runner.drafter
             forward = self._draft_forwards.setdefault(
                 id(model), self.graphs if model is self.model else GraphRunner(model, self.config.cuda_graphs,
@@ -185,7 +190,11 @@ class EngineCore:
                 self._draft_pools[id(model)] = drafter.pool
                 if old is None or old.pool is not drafter.pool:  # its KV was not written while it was off
                     self.pool.clear_prefix_cache()
-            policy = RequestGamma(gamma_policy or self.models.gamma_policy(spec, model.config))
+            model_policy = RequestGamma(gamma_policy or self.models.gamma_policy(side, model.config))
+            cost = self.models.cost_model(side, model.config)  # what a hybrid request weighs with
+        method = "none" if spec is None else spec.drafter if spec.drafter in ("ngram", "suffix", "hybrid") else "self"
+        policy = DraftChoice(model_policy, spec.gamma_bound if spec is not None else 0, method, cost,
+                             deterministic=self.models.tp_world > 1)
         self.spec, self.policy = spec, policy
         self.scheduler.config = sched
         self.runner.drafter, self.runner.verifier = drafter, verifier
@@ -228,6 +237,13 @@ class EngineCore:
         if spec is not None and spec.gamma is not None and (not isinstance(spec.gamma, int) or isinstance(
                 spec.gamma, bool) or not 0 <= spec.gamma <= bound):
             raise ValueError(f"a request's γ must be in 0 … {bound} (the engine's bound), got {spec.gamma}")
+        if spec is not None and spec.method in ("self", "hybrid") and self.runner.drafter is None:
+            raise ValueError(f"speculation method {spec.method!r} drafts with the engine's model draft, and this "
+                             "engine has none: start it with --spec self (or --spec draft), or ask for 'ngram' or "
+                             "'suffix'")
+        if spec is not None and spec.method not in (None, "none") and bound == 0:
+            raise ValueError(f"speculation method {spec.method!r}: this engine runs without speculation (γ bound 0): "
+                             "start it with --spec self and --gamma")
 
     def add_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None,
                     request_id: str | None = None, arrival: float | None = None, checked: bool = False,
@@ -242,9 +258,25 @@ class EngineCore:
             raise ValueError(f"request id {rid!r} is in use")
         r = Request(rid, list(prompt), params, self.models.eos_token_ids, self.models.tokenizer,
                     self.models.generator(params), spec, arrival, random_kv)
+        r.proposer = self._proposer(r)
         self.requests[rid] = r
         self.scheduler.add(r)
         return rid
+
+    @property
+    def uses_suffix(self) -> bool:
+        return self.spec is not None and self.spec.lookup == "suffix"
+
+    def _proposer(self, r: Request) -> Proposer | None:
+        """The model-free proposer a request drafting with "ngram", "suffix" or "hybrid" needs (or None)."""
+        method = self.policy.method_of(r) if self.policy is not None else r.spec.method or "none"
+        if method not in ("ngram", "suffix", "hybrid"):
+            return None
+        tuning = self.spec.tuning if self.spec is not None else DraftTuning()
+        source = method if method != "hybrid" else tuning.lookup
+        if source == "ngram":
+            return NgramProposer(tuning.ngram_min, tuning.ngram_max)
+        return SuffixProposer(self.shared_outputs)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now: its blocks are free before the next step; it reports finish_reason "abort"."""
@@ -279,6 +311,7 @@ class EngineCore:
         capture = self._capture_s()
         choose: Callable = self.policy.choose if self.policy is not None else (lambda rs: [0] * len(rs))
         plan = self.scheduler.schedule(choose)
+        sources = [r.draft.source if g else "" for r, g in zip(plan.decode, plan.gammas)]
         output = self.runner.execute(plan)
         advanced = self._aborted + self.scheduler.update(plan, output, time.monotonic())
         self._aborted = []
@@ -287,12 +320,15 @@ class EngineCore:
             outs.append(r.delta())
             if r.finished:
                 self.requests.pop(r.request_id, None)
+                if r.proposer is not None and r.finish_reason in ("stop", "length") and self.uses_suffix:
+                    self.shared_outputs.add(r.request_id, r.output)
                 if r.finish_reason == "error":
                     self.stats.errors += 1
                 elif r.finish_reason != "abort":
                     self.stats.finished += 1
-        rounds = [(r.request_id, g, k) for r, g, k in zip(plan.decode, plan.gammas, output.accepted) if k is not None]
-        for _, g, k in rounds:
+        rounds = [(r.request_id, g, k, src) for r, g, k, src in zip(plan.decode, plan.gammas, output.accepted, sources)
+                  if k is not None]
+        for _, g, k, _ in rounds:
             if g:
                 self.stats.spec.record(g, k)
         self.stats.steps += 1
@@ -300,12 +336,12 @@ class EngineCore:
                                         if c.start < len(c.request.prompt))
         new = sum(len(o.new_token_ids) for o in outs)
         self.stats.generation_tokens += new
-        report = StepReport([i for i, _, _ in rounds], [g for _, g, _ in rounds], [k for _, _, k in rounds],
+        report = StepReport([i for i, *_ in rounds], [g for _, g, *_ in rounds], [k for _, _, k, _ in rounds],
                             sum(c.end - c.start for c in plan.chunks), new, time.perf_counter() - t0,
                             output.draft_s, output.verify_s, output.other_s, output.prefill_s,
-                            self._capture_s() - capture)
+                            self._capture_s() - capture, [src for *_, src in rounds])
         if self.policy is not None and rounds:
-            self.policy.observe(report)
+            self.policy.observe(report, self.requests)
         self.last_report = report
         return outs
 

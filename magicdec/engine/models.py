@@ -148,20 +148,24 @@ class ModelSet:
             self._quantized[weights] = quantize_weights(self.model, QUANT_BITS[weights])
         return self._quantized[weights]
 
+    def cost_model(self, spec: SpecConfig, draft: ModelConfig) -> CostModel:
+        """The cost model of `spec`'s model draft on this device (its profile: `Auto.profile`, a saved
+        `magicdec profile`, else a built-in one)."""
+        name = spec.gamma.profile if isinstance(spec.gamma, Auto) else None
+        profile = load_profile(name) if name else device_profile(self.device, self.config, self.dtype)
+        if self.tp_world > 1 and profile.interconnect_bandwidth <= 0:
+            # ranks on one host without a profiled link (gloo on a CPU): communication goes through memory;
+            # the step times each round measures correct the estimate
+            profile = replace(profile, interconnect_bandwidth=profile.mem_bandwidth)
+        return CostModel(self.config, profile, draft_spec(spec, draft), dtype_bytes=self.dtype.itemsize,
+                         tp=self.tp_world)
+
     def gamma_policy(self, spec: SpecConfig, draft: ModelConfig) -> GammaPolicy:
         """A fixed γ, or for `Auto` the cost-model policy with this device's profile (under tensor
         parallelism, rank 0's choice for every rank)."""
         if not isinstance(spec.gamma, Auto):
             return FixedGamma(spec.gamma)
-        auto = spec.gamma
-        profile = load_profile(auto.profile) if auto.profile else device_profile(self.device, self.config, self.dtype)
-        if self.tp_world > 1 and profile.interconnect_bandwidth <= 0:
-            # ranks on one host without a profiled link (gloo on a CPU): communication goes through memory;
-            # the step times each round measures correct the estimate
-            profile = replace(profile, interconnect_bandwidth=profile.mem_bandwidth)
-        cost = CostModel(self.config, profile, draft_spec(spec, draft), dtype_bytes=self.dtype.itemsize,
-                         tp=self.tp_world)
-        policy = AutoGamma(cost, auto.max_gamma)
+        policy = AutoGamma(self.cost_model(spec, draft), spec.gamma.max_gamma)
         return policy if self.tp_world == 1 else RankZeroGamma(policy, self.tp, self.device)
 
     # ---- memory and randomness ----------------------------------------------------------------------

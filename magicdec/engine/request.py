@@ -23,6 +23,8 @@ import torch
 from magicdec.engine.outputs import Acceptance
 from magicdec.loading.tokenizer import Tokenizer
 from magicdec.runtime.sampling import SamplingParams
+from magicdec.spec.hybrid import SourceAcceptance
+from magicdec.spec.lookup import Draft, Proposer
 
 
 class Status(enum.Enum):
@@ -32,11 +34,25 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+REQUEST_METHODS = ("none", "self", "ngram", "suffix", "hybrid")
+
+
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
-    """A request's own speculation setting: None = the engine's; 0 = off; k = always γ = k."""
+    """A request's own speculation setting. `gamma`: None = the engine's; 0 = off; k = always γ = k (for a
+    model-free draft: proposals of at most k tokens). `method`: None = the engine's; "none" = off; "self" = the
+    engine's model draft only; "ngram" / "suffix" = model-free proposals only (any engine); "hybrid" = each
+    round the better of a model-free proposal and the engine's model draft."""
 
     gamma: int | None = None
+    method: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in REQUEST_METHODS:
+            raise ValueError(f"a request's speculation method must be one of {REQUEST_METHODS} (or None: the "
+                             f"engine's), got {self.method!r}")
+
+
 
 
 @dataclass(slots=True)
@@ -168,6 +184,10 @@ class Request:
         self.draft_seen = 0  # a draft with KV of its own has it for positions < draft_seen
         self.scores: torch.Tensor | None = None  # a guided draft's block scores from its last verification
         self.random_kv = random_kv  # its prompt's KV is random (systems benchmarks): no prefill forward
+        self.proposer: Proposer | None = None  # its model-free drafts' index over its committed tokens
+        self.indexed = 0  # … of how many of its tokens
+        self.sources = SourceAcceptance()  # its acceptance per draft source (the hybrid's choice learns it)
+        self.draft = Draft()  # what it drafts this round (set by the engine's draft choice)
         self.hashes: list[bytes] | None = None  # the prompt's full blocks' hash chain (prefix caching), made once
         self.admitted = False  # admitted once: its prefix-cache lookup counted and its cached_tokens set
         self.acceptance = Acceptance()
@@ -189,6 +209,13 @@ class Request:
         if end <= n:
             return self.prompt[start:end]
         return self.prompt[start:n] + self.output[max(start - n, 0) : end - n]
+
+    def index(self, upto: int) -> None:
+        """Tell its model-free proposer its tokens up to `upto` (prompt chunks as they are computed, committed
+        output tokens as they come; never a token twice: a recomputed chunk adds nothing)."""
+        if self.proposer is not None and upto > self.indexed:
+            self.proposer.append(self.token_slice(self.indexed, upto))
+            self.indexed = upto
 
     @property
     def target_computed(self) -> int:

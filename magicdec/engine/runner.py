@@ -2,7 +2,9 @@
 
 `execute(plan)` builds the inputs of the scheduled work and runs it:
 1. decode — one forward over every decoding request: a plain step for those at γ = 0, a speculative round
-   for the others (the drafter drafts γ_i tokens per request; one verification forward over
+   for the others (the model drafter drafts γ_i tokens for the requests whose round drafts with it, a
+   model-free proposal fills the others' — a one-hot draft distribution for sampled rows; one verification
+   forward over
    [pending, d_1 … d_γi] with ragged lengths, shorter rows padded at position −1); greedy rows are verified
    together, sampled rows each with its own parameters and seeded generator (or every row by a `verifier`
    that replaces the acceptance rule: systems benchmarks' synthetic acceptance);
@@ -28,6 +30,7 @@ from magicdec.model.llama import Transformer
 from magicdec.runtime.graphs import GraphRunner
 from magicdec.runtime.sampling import next_tokens, probabilities, sample
 from magicdec.spec.draft import Drafter
+from magicdec.spec.onehot import onehot_probs
 from magicdec.spec.verify import Verifier, accepted_prefix, verify_sampling
 
 
@@ -153,9 +156,17 @@ class ModelRunner:
         drafts = torch.zeros((B, G), dtype=torch.long, device=device)
         q: list[torch.Tensor | None] = [None] * B
         failed: dict[int, BaseException] = {}  # rows whose own sampling raised
-        if G:
-            assert self.drafter is not None, "γ > 0 without a drafter"
-            drafts, q = self.drafter.propose(rows, gammas, table, ctx, pending, failed)
+        model = [g if r.draft.source == "self" else 0 for r, g in zip(rows, gammas)]  # the model draft's rows
+        if max(model, default=0):
+            assert self.drafter is not None, "a model draft without a drafter"
+            made, q = self.drafter.propose(rows, model, table, ctx, pending, failed)
+            drafts[:, : made.shape[1]] = made
+        vocab = self.model.config.vocab_size
+        for i, (r, n) in enumerate(zip(rows, gammas)):  # model-free drafts: their proposals, one-hot q
+            if n and r.draft.source != "self":
+                drafts[i, :n] = torch.tensor(r.draft.tokens[:n], device=device)
+                if not r.params.greedy:
+                    q[i] = onehot_probs(drafts[i, :n], vocab)
         clock.mark()
         offs = torch.arange(G + 1, device=device)
         pos = torch.where(offs <= g[:, None], ctx[:, None] + offs, -1)

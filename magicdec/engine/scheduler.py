@@ -132,11 +132,13 @@ class Scheduler:
             advanced[r.request_id] = r
             if k is None:
                 continue
-            if g:  # the draft's KV of the pending token and of the accepted drafts it fed is valid
+            if g and r.draft.source == "self":  # the model draft's KV of the pending token and the drafts it fed
                 r.draft_seen = r.computed + min(g, k + 1)
+            if g:
                 r.acceptance.record(g, k)
             r.computed += k + 1
             self._append(r, tokens, now, output)
+            r.index(len(r.prompt) + len(r.output))
         for i, chunk in enumerate(plan.chunks):
             r = chunk.request
             advanced[r.request_id] = r
@@ -144,10 +146,12 @@ class Scheduler:
                 r.metrics.first_scheduled = now
             r.computed = chunk.end
             self.register(r)
+            r.index(chunk.end)
             if not r.to_compute and r.status is Status.PREFILLING:
                 r.status = Status.DECODING
             if i in output.first:
                 self._append(r, [output.first[i]], now, output)
+                r.index(len(r.prompt) + len(r.output))
         for rid, error in output.errors.items():
             r = advanced[rid]
             if not r.finished:

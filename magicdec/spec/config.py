@@ -9,7 +9,13 @@ One vocabulary everywhere (the API, the command line, the benchmarks and the cos
   draft model's whole cache (draft models only); "guided": verification-guided block selection (the
   serving engine's self-draft only): the first block, the blocks the last verification attended to most
   and a recent window of `min(tuning.snapkv_window, budget // 2)` tokens (or `tuning.guided_window`),
-  within `budget`; with `tuning.guided_scores="layer"` each layer reads its own best-scored blocks.
+  within `budget`; with `tuning.guided_scores="layer"` each layer reads its own best-scored blocks;
+  "ngram" (prompt lookup) and "suffix" (suffix matching): no model drafts — the request's own prompt and
+  output (and, for suffix, recent outputs of every request) propose what followed the text's tail
+  (`spec/ngram.py`, `spec/suffix.py`; `gamma`: the most tokens a proposal holds); "hybrid": each round, per
+  request, a model-free proposal (`tuning.lookup`) or the sparse self-draft (`tuning.hybrid_draft`, with
+  `budget`, `sinks` and `draft_weights` as usual), whichever the cost model expects to commit more tokens
+  per unit of time (`spec/hybrid.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from dataclasses import dataclass, field, replace
 from magicdec.runtime import checks
 
 METHODS = ("none", "self", "draft")
-DRAFTERS = ("streaming", "snapkv", "full", "guided")
+DRAFTERS = ("streaming", "snapkv", "full", "guided", "ngram", "suffix", "hybrid")
+LOOKUPS = ("ngram", "suffix")  # model-free drafters
+MODEL_DRAFTERS = ("streaming", "snapkv", "full", "guided")
 DRAFT_WEIGHTS = ("full", "int8", "int4")  # int4: PyTorch's int4 weight-only matmul (CPU, CUDA sm80+), groups of 32
 KV_SOURCES = ("target", "own")
 GUIDED_SCORES = ("max", "sum", "layer")  # the guided draft's block scores: pooled over layers, or per layer
@@ -64,6 +72,9 @@ class DraftTuning:
       (no pooling: each layer of the draft reads its own best-scored blocks, by its own scores).
     - guided_window: the guided draft's recent window in tokens (None: `min(snapkv_window, budget // 2)`);
       it must leave room in the budget for the sink block and at least one selected block.
+    - lookup, hybrid_draft: the hybrid drafter's model-free source ("suffix" or "ngram") and its model draft
+      ("streaming", "snapkv", "guided"; "full" for a draft model).
+    - ngram_min, ngram_max: the n-grams prompt lookup matches (the longest first).
     """
 
     kv_source: str = "target"
@@ -72,13 +83,27 @@ class DraftTuning:
     pool_kernel: int = 7
     guided_scores: str = "max"
     guided_window: int | None = None
+    lookup: str = "suffix"
+    hybrid_draft: str = "streaming"
+    ngram_min: int = 2
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         who = "DraftTuning"
         checks.text(who, "kv_source", self.kv_source)
         checks.text(who, "guided_scores", self.guided_scores)
+        checks.text(who, "lookup", self.lookup)
+        checks.text(who, "hybrid_draft", self.hybrid_draft)
         checks.set_fields(self, **{f: checks.integer(who, f, getattr(self, f), optional=f == "guided_window")
-                                   for f in ("snapkv_window", "observe", "pool_kernel", "guided_window")})
+                                   for f in ("snapkv_window", "observe", "pool_kernel", "guided_window",
+                                             "ngram_min", "ngram_max")})
+        if self.lookup not in LOOKUPS:
+            _bad(f"the hybrid drafter's model-free source (lookup) must be one of {LOOKUPS}, got {self.lookup!r}")
+        if self.hybrid_draft not in MODEL_DRAFTERS:
+            _bad(f"the hybrid drafter's model draft (hybrid_draft) must be one of {MODEL_DRAFTERS}, got "
+                 f"{self.hybrid_draft!r}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            _bad(f"prompt lookup needs 1 ≤ ngram_min ≤ ngram_max, got {self.ngram_min} and {self.ngram_max}")
         if self.kv_source not in KV_SOURCES:
             _bad(f"kv_source must be one of {KV_SOURCES}, got {self.kv_source!r}")
         if self.observe < 1:
@@ -143,6 +168,16 @@ class SpecConfig:
             _bad("a draft model is only used with method 'draft': drop --draft-model or add --spec draft")
         if self.method == "none":
             return
+        if self.drafter in LOOKUPS:
+            if self.method != "self":
+                _bad(f"the {self.drafter} drafter proposes from the request's own text, with no model: use it with "
+                     "method 'self'")
+            if self.draft_weights != "full":
+                _bad(f"the {self.drafter} drafter runs no model: drop --draft-weights")
+            return
+        if self.drafter == "hybrid":
+            replace(self, drafter=self.tuning.hybrid_draft)  # its model draft must be valid on its own
+            return
         if self.budget < 1:
             _bad(f"the draft KV budget (--budget) must be ≥ 1 token, got {self.budget}")
         if self.drafter == "streaming" and self.sinks < 0:
@@ -187,6 +222,20 @@ class SpecConfig:
         return self.gamma.max_gamma if isinstance(self.gamma, Auto) else self.gamma
 
     @property
+    def lookup(self) -> str | None:
+        """The model-free source ("ngram" or "suffix") of this setting, or None."""
+        if self.drafter in LOOKUPS:
+            return self.drafter
+        return self.tuning.lookup if self.drafter == "hybrid" else None
+
+    @property
+    def model_side(self) -> SpecConfig | None:
+        """The setting of the model that drafts (None for a model-free drafter; for hybrid, its model draft)."""
+        if not self.enabled or self.drafter in LOOKUPS:
+            return None
+        return replace(self, drafter=self.tuning.hybrid_draft) if self.drafter == "hybrid" else self
+
+    @property
     def n_kept(self) -> int:
         """Slots that stay visible: StreamingLLM's sinks, or SnapKV's selected positions."""
         return self.sinks if self.drafter == "streaming" else self.budget - self.recent_window
@@ -203,7 +252,11 @@ class SpecConfig:
         """The smallest `budget` this drafter accepts over a paged cache of `block_size`-token blocks, every
         constraint counted: streaming's sinks and a window; SnapKV's selected positions and a window; the guided
         draft's sink block, a selected block and its window (`min(snapkv_window, budget // 2)` unless
-        `tuning.guided_window` is given, which needs two blocks beside it)."""
+        `tuning.guided_window` is given, which needs two blocks beside it); a hybrid's, its model draft's."""
+        if self.drafter == "hybrid":
+            side = self.model_side
+            assert side is not None
+            return side.min_budget(block_size)
         if self.drafter == "streaming":
             return self.sinks + 1
         if self.drafter != "guided":
@@ -220,7 +273,7 @@ class SpecConfig:
         never below `min_budget`: a sparse draft never holds more positions than there are, and a larger budget
         only costs memory (SnapKV's kept positions are reserved per request). Itself when the budget fits."""
         budget = max(context, self.min_budget(block_size))
-        return self if not self.enabled or self.drafter == "full" or self.budget <= budget else \
+        return self if not self.enabled or self.drafter in ("full", *LOOKUPS) or self.budget <= budget else \
             replace(self, budget=budget)
 
     @property
@@ -228,6 +281,6 @@ class SpecConfig:
         """A short name: plain, self-streaming-512-g3, draft-full-gauto, …"""
         if not self.enabled:
             return "plain"
-        budget = "" if self.drafter == "full" else f"-{self.budget}"
+        budget = "" if self.drafter in ("full", *LOOKUPS) else f"-{self.budget}"
         weights = "" if self.draft_weights == "full" else f"-{self.draft_weights}"
         return f"{self.method}-{self.drafter}{budget}{weights}-g{self.gamma}"

@@ -58,6 +58,15 @@ def expected_accepted(probs: Sequence[float]) -> float:
     return total
 
 
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """What a decoding request drafts this round: `source` "self" (the model draft: γ tokens), a model-free
+    source ("ngram", "suffix", "suffix-global") with its `tokens`, or "" (nothing: a plain step)."""
+
+    source: str = ""
+    tokens: tuple[int, ...] = ()
+
+
 class Proposer(Protocol):
     def append(self, tokens: Sequence[int]) -> None:
         """Committed tokens, in order (the prompt once, then each round's accepted drafts and next token)."""
