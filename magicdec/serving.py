@@ -104,15 +104,16 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, spec: RequestSpec | int | None = None,
-                    request_id: str | None = None, arrival: float | None = None) -> str:
+                    request_id: str | None = None, arrival: float | None = None, checked: bool = False) -> str:
         """Queue a request: a prompt (text or token ids), its sampling parameters, and optionally its own
-        speculation (0: off; k: always γ = k). Checked now (a bad request is refused before it waits)."""
+        speculation (0: off; k: always γ = k; or a `RequestSpec`). Checked now (a bad request is refused before
+        it waits) unless the caller ran `check_request` on it already (`checked`)."""
         ids = self.llm.encode([prompt])[0]
         if isinstance(spec, bool):
             raise TypeError(f"spec must be a RequestSpec, an int γ or None, got bool: {spec}")
         if isinstance(spec, int):
             spec = RequestSpec(spec)
-        return self.core.add_request(ids, params or SamplingParams(), spec, request_id, arrival)
+        return self.core.add_request(ids, params or SamplingParams(), spec, request_id, arrival, checked)
 
     def check_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None) -> None:
         """Refuse, with the reason and the fix, a request the engine cannot serve (the server calls it once,

@@ -64,8 +64,12 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     own). Their defaults are filled in by `spec_from_args`, which can so tell a flag given from a default."""
     d = p.add_argument_group("speculative decoding")
     d.add_argument("--spec", choices=METHODS, default="none", help="none, self (sparse-KV self-draft) or draft")
-    d.add_argument("--drafter", choices=DRAFTERS, help="the draft's KV (default streaming)")
-    d.add_argument("--gamma", type=parse_gamma, help="draft tokens per round, or 'auto' (default 3)")
+    d.add_argument("--drafter", choices=DRAFTERS,
+                   help="the draft's KV (streaming, the default; snapkv; guided; full for a draft model), or a draft "
+                        "without a model: ngram (prompt lookup), suffix (suffix matching), hybrid (each round per "
+                        "request, a suffix proposal or the streaming self-draft, as the cost model expects best)")
+    d.add_argument("--gamma", type=parse_gamma, help="draft tokens per round, or 'auto' (default 3); ngram, suffix: "
+                   "the longest proposal (e.g. 8)")
     d.add_argument("--budget", type=parse_count, help="draft KV budget in tokens (default 512; cut to the context)")
     d.add_argument("--sinks", type=int, help="streaming: attention-sink tokens (default 16)")
     d.add_argument("--draft-model", help="with --spec draft: a smaller model sharing the tokenizer")
@@ -87,7 +91,11 @@ def idle_spec_flags(args: Any) -> list[str]:
         idle = given
     else:
         drafter = args.drafter or SPEC_DEFAULTS["drafter"]
-        idle = [k for k in given if (k == "sinks" and drafter != "streaming") or (k == "budget" and drafter == "full")
+        model_free = drafter in ("ngram", "suffix")
+        streaming = drafter in ("streaming", "hybrid")
+        idle = [k for k in given if (k == "sinks" and not streaming) or (k == "budget" and drafter in ("full", "ngram",
+                                                                                                     "suffix"))
+                or (k in ("draft_weights", "draft_kv") and model_free)
                 or (k == "profile" and not isinstance(args.gamma, Auto))]
     return ["--" + k.replace("_", "-") for k in idle]
 
@@ -98,8 +106,8 @@ def spec_from_args(args: Any) -> SpecConfig:
     idle = idle_spec_flags(args)
     if idle:
         why = ("speculation is off: add --spec self (or --spec draft)" if args.spec == "none" else
-               "it changes nothing here (--sinks: the streaming drafter; --budget: a sparse drafter; --profile: "
-               "--gamma auto)")
+               "it changes nothing here (--sinks: the streaming drafter; --budget: a sparse drafter; --draft-weights, "
+               "--draft-kv: a drafting model, not ngram or suffix; --profile: --gamma auto)")
         raise ValueError(f"{', '.join(idle)} would do nothing, as {why}, or drop {'it' if len(idle) == 1 else 'them'}")
     v = {k: d if getattr(args, k) is None else getattr(args, k) for k, d in SPEC_DEFAULTS.items()}
     gamma = Auto(profile=args.profile) if isinstance(v["gamma"], Auto) else v["gamma"]
@@ -110,14 +118,14 @@ def spec_from_args(args: Any) -> SpecConfig:
         load_profile(args.profile)  # raises, naming the profile, if it is neither built in nor a readable file
     if spec.draft_model and not Path(spec.draft_model).expanduser().exists():
         raise ValueError(f"--draft-model {spec.draft_model}: no such file or directory")
-    if spec.enabled and spec.drafter != "full" and spec.budget < spec.min_budget(BLOCK_SIZE):
+    if spec.enabled and spec.drafter not in ("full", "ngram", "suffix") and spec.budget < spec.min_budget(BLOCK_SIZE):
         raise ValueError(f"--budget {spec.budget} is too small for the {spec.drafter} drafter: it needs "
                          f"--budget ≥ {spec.min_budget(BLOCK_SIZE)}{budget_reason(spec)}")
     return spec
 
 
 def budget_reason(spec: SpecConfig) -> str:
-    if spec.drafter == "streaming":
+    if spec.drafter in ("streaming", "hybrid"):
         return f" (its {spec.sinks} sinks and a recent window; or fewer --sinks)"
     if spec.drafter == "guided":
         return f" (the sink block, a selected block of {BLOCK_SIZE} tokens and its recent window)"

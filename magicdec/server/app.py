@@ -363,11 +363,8 @@ def encode_chat(engine: Engine, messages: list[dict[str, Any]]) -> list[int]:
 
 
 def kv_capacity(engine: Engine) -> int:
-    """The most tokens (prompt + output) the KV cache holds for one request: the pool's blocks less those a
-    SnapKV draft keeps beside them (`kept_blocks`), less a speculative round's lookahead — the tokens
-    `Scheduler.blocks_needed` fits in the pool."""
-    core = engine.core
-    return (core.pool.num_blocks - core.config.kept_blocks) * core.pool.block_size - core.scheduler.lookahead
+    """The most tokens (prompt + output) the KV cache holds for one request (`EngineCore.limits`)."""
+    return engine.core.limits.kv_capacity
 
 
 def token_limit(engine: Engine) -> int:
@@ -376,14 +373,14 @@ def token_limit(engine: Engine) -> int:
 
 
 def check_prompt(engine: Engine, ids: list[int], max_tokens: int, param: str) -> None:
-    """The engine's own checks of a request, made before it is queued (the engine repeats them)."""
+    """A request's length against the engine's limits, in OpenAI's words (`context_length_exceeded`): the
+    engine's `check_request` then runs once, before the request is queued."""
     total = len(ids) + max_tokens
     if total > engine.max_model_len:
         raise bad(f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
                   f"{total} tokens ({len(ids)} in the {param}, {max_tokens} in the completion). Please reduce the "
                   f"length of the {param} or the completion (max_tokens).", param, "context_length_exceeded")
-    core = engine.core
-    if core.scheduler.blocks_needed(total) > core.pool.num_blocks:
+    if total > kv_capacity(engine):
         raise bad(f"this request needs {total} tokens of KV cache ({len(ids)} in the {param}, {max_tokens} in the "
                   f"completion) but the server's KV cache holds {kv_capacity(engine)} per request: reduce the "
                   f"length of the {param} or the completion (max_tokens)", param, "context_length_exceeded")
@@ -406,13 +403,13 @@ def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_token
     for ids in prompts:
         check_prompt(engine, ids, max_tokens, param)
     spec = None
-    if body.speculation is not None and body.speculation.gamma is not None:
-        bound = engine.core.config.max_gamma
-        if body.speculation.gamma > bound:
+    if body.speculation is not None and (body.speculation.gamma is not None or body.speculation.method is not None):
+        bound = engine.core.limits.max_gamma
+        if body.speculation.gamma is not None and body.speculation.gamma > bound:
             how = (f"at most {bound} (the server's --gamma)" if bound else
                    "0 (this server runs without speculation: start it with --spec self)")
             raise bad(f"speculation.gamma must be {how}, got {body.speculation.gamma}", "speculation.gamma")
-        spec = RequestSpec(body.speculation.gamma)
+        spec = RequestSpec(body.speculation.gamma, body.speculation.method)
     jobs = []
     n = body.n
     for p, ids in enumerate(prompts):
@@ -426,6 +423,12 @@ def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_token
                                         stop=stop_strings(body.stop), ignore_eos=body.ignore_eos)
             except ValueError as e:
                 raise bad(str(e)) from None
+            if j == 0:  # the engine's own checks, once per prompt, before anything is queued
+                try:
+                    engine.check_request(ids, params, spec)
+                except ValueError as e:
+                    raise bad(str(e), "speculation" if spec is not None and "speculation" in str(e) else param) \
+                        from None
             jobs.append(Job(f"{rid}-{p * n + j}", ids, params, spec, arrival))
     return jobs
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
@@ -88,9 +88,12 @@ class StreamOptions(Strict):
 
 
 class Speculation(Strict):
-    """A request's own speculation: `gamma` 0 turns it off, k > 0 drafts k tokens every round."""
+    """A request's own speculation: `gamma` 0 turns it off, k > 0 drafts (at most) k tokens every round;
+    `method`: "self" (the server's model draft), "ngram" or "suffix" (model-free drafts from its own text),
+    "hybrid" (each round the better of the two), "none" (off); absent: the server's."""
 
     gamma: int | None = None
+    method: Literal["none", "self", "ngram", "suffix", "hybrid"] | None = None
 
 
 # OpenAI parameters accepted only at a value that asks for nothing magicdec does not do

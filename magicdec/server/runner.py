@@ -325,7 +325,7 @@ def apply_ops(engine: Engine, ops: list[tuple[str, Any]]) -> tuple[list[tuple[st
     for kind, x in ops:
         if kind == "add":
             try:
-                engine.add_request(x.prompt, x.params, x.spec, x.request_id, x.arrival)
+                engine.add_request(x.prompt, x.params, x.spec, x.request_id, x.arrival, checked=True)
             except ValueError as e:  # checked by the handler already: a race (e.g. an id in use)
                 errors.append((x.request_id, APIError(400, str(e))))
             except Exception as e:  # this request's own fault: it fails, the engine goes on
@@ -367,7 +367,7 @@ def output_error(out: StepOutput) -> str | None:
     """A finished output's error message (finish_reason "error"), or None."""
     if out.finish_reason != "error":
         return None
-    return getattr(out, "error", None) or "see the server log"  # (`error`: the engine's StepOutput field)
+    return out.error or "see the server log"
 
 
 def log_finished(out: StepOutput) -> None:
