@@ -184,6 +184,8 @@ class Engine:
         if loop is not self._loop or self._step_lock is None:
             if self._stepper is not None and not self._stepper.done():
                 raise RuntimeError("this engine is streaming in another event loop; use one loop per engine")
+            for rid in self._leaving:  # streams the last loop closed as it ended
+                self.core.abort_request(rid)
             self._loop, self._step_lock, self._queues, self._leaving = loop, asyncio.Lock(), {}, []
         return self._step_lock
 

@@ -38,7 +38,8 @@ from magicdec.engine.core import EngineCore
 from magicdec.engine.request import Status
 from magicdec.spec.config import DraftTuning
 
-settings.register_profile("engine-fuzz", max_examples=2, deadline=None, derandomize=True, print_blob=True,
+settings.register_profile("engine-fuzz", max_examples=2, deadline=None, derandomize=True, database=None,
+                          print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("nightly", max_examples=100, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -11,6 +11,7 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -448,7 +449,9 @@ def test_wrong_argument_types_are_named(tiny_llm: LLM) -> None:
             call()
         assert "\n" not in str(info.value)
     assert e.num_waiting == 0
-    assert tiny_llm.encode([torch.tensor([5, 6])]) == [[5, 6]]
+    assert tiny_llm.encode([torch.tensor([5, 6]), np.array([7, 8])]) == [[5, 6], [7, 8]]
+    with pytest.raises(PromptError, match="prompt 0 must be a str or a list of int"):
+        tiny_llm.encode([np.array([5.0, 6.0])])
 
 
 def test_acceptance_is_none_when_nothing_was_drafted() -> None:

@@ -62,6 +62,8 @@ def token_ids(prompt: object, i: int) -> list[int]:
     if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.is_floating_point() \
             and prompt.dtype is not torch.bool:
         return prompt.tolist()
+    if type(prompt).__module__ == "numpy" and getattr(prompt, "ndim", 0) == 1 and prompt.dtype.kind in "iu":
+        return prompt.tolist()  # a numpy array of integer ids
     if not isinstance(prompt, Sequence):
         raise PromptError(f"prompt {i} must be a str or a list of int token ids, got {type(prompt).__name__}: "
                           f"{prompt!r:.80}")
