@@ -48,7 +48,6 @@ class EngineConfig:
     pool_lengths: tuple[int, ...] | None = None
     cuda_graphs: bool | None = None
     pad_shapes: bool = False
-    quiet: bool = True
 
     def __post_init__(self) -> None:
         if self.spec is not None and not isinstance(self.spec, SpecConfig):
@@ -63,7 +62,7 @@ class EngineConfig:
         if self.block_size % BLOCK_MULTIPLE:
             raise ValueError(f"block_size must be a positive multiple of {BLOCK_MULTIPLE} tokens (the CPU kernel reads "
                              f"keys in {BLOCK_MULTIPLE}-slot blocks), got {self.block_size}")
-        for name in ("enable_prefix_caching", "pad_shapes", "quiet"):
+        for name in ("enable_prefix_caching", "pad_shapes"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
