@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import magicdec.engine.core as core_module
+import magicdec.engine.runner as runner_module
 import magicdec.runtime.sampling as sampling_module
+import magicdec.spec.draft as draft_module
 from conftest import random_prompts, spawn_ranks, tiny_config, write_checkpoint
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
-from magicdec.engine.outputs import Acceptance, RequestOutput, RunStats
+from magicdec.cache.memory import prefill_transient_bytes
+from magicdec.engine.outputs import Acceptance, RunStats
 from magicdec.engine.request import StepOutput
-from magicdec.engine.state import Stopper
 from magicdec.llm import PromptError
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel
 
@@ -92,8 +93,8 @@ def test_one_requests_failure_ends_that_request_only(tiny_llm: LLM, monkeypatch:
                     raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
             return real_sample(probs, generator)
 
-        monkeypatch.setattr(sampling_module, "sample", sample)
-        monkeypatch.setattr(core_module, "sample", sample)
+        for module in (sampling_module, runner_module, draft_module):  # first tokens; plain and verify; drafts
+            monkeypatch.setattr(module, "sample", sample)
     final = drain(e)
     failed = final[ids[1]]
     assert failed.finish_reason == "error" and failed.finished
@@ -235,8 +236,7 @@ EMOJI = "🎉🎈🎂🎁🎊🥳🍰🕯️✨"  # 9 characters of several toke
 
 
 def test_emoji_stop_string_is_found(smol: LLM) -> None:
-    """A stop string of 9 emoji (many more tokens than characters) ends the request where it starts, in the
-    engine's request and in the static batch's stop rules."""
+    """A stop string of 9 emoji (many more tokens than characters) ends the request where it starts."""
     from magicdec.engine.request import Request
 
     tok = smol.tokenizer
@@ -249,12 +249,7 @@ def test_emoji_stop_string_is_found(smol: LLM) -> None:
     assert r.finish_reason == "stop" and len(r.output) < len(ids)
     final = r.delta()
     assert final.text == text[: text.index(EMOJI)] and final.finished
-    out = RequestOutput(0, [1])
-    stopper = Stopper(tok, params, set())
-    assert stopper.extend(out, ids) and out.finish_reason == "stop"
-    stopper.finalize(out)
-    assert out.text == text[: text.index(EMOJI)]
-    assert out.token_ids == r.output
+    assert final.token_ids == r.output and tok.decode(r.output).startswith(final.text)
 
 
 def test_stop_search_covers_only_the_new_text(smol: LLM) -> None:
@@ -307,8 +302,9 @@ def test_switch_to_a_draft_model_keeps_its_acceptance(tiny_llm: LLM, tiny_dir: P
     assert out.spec.acceptance_rate == fresh.stats.spec.acceptance_rate == 1.0
     switched.check_no_leaks()
     switched.close()
-    assert switched.core.draft is not None and switched.core.draft.pool is not None
-    assert switched.core.draft.pool.k.numel() == 0 and switched.core.cache.k.numel() == 0  # close() frees both
+    drafter = switched.core.runner.drafter
+    assert drafter is not None and drafter.pool is not None
+    assert drafter.pool.k.numel() == 0 and switched.core.cache.k.numel() == 0  # close() frees both
 
 
 # ---- #13: prefix hits are bit-exact whatever prefill_chunk ------------------------------------------------------
@@ -368,19 +364,21 @@ def test_draft_model_catch_up_reads_its_whole_window(tiny_llm: LLM, tiny_dir: Pa
     def draft_kv(lag: int) -> torch.Tensor:
         e = engine(tiny_llm, spec)
         steps = {"n": 0}
-        policy = e.core.choose
+        policy = e.core.policy
+        assert policy is not None
+        chosen = policy.choose
 
         def choose(rows: list) -> list[int]:
             steps["n"] += 1
-            return [0] * len(rows) if steps["n"] <= lag else policy(rows)
+            return [0] * len(rows) if steps["n"] <= lag else chosen(rows)
 
-        e.core.choose = choose
+        policy.choose = choose  # type: ignore[method-assign]
         rid = e.add_request(prompt, params)
         r = e.core.requests[rid]
         while r.draft_seen < 205:
             assert not r.finished
             e.step()
-        pool = e.core.draft.pool
+        pool = e.core.runner.drafter.pool
         k = torch.cat([pool.k[:, b] for b in r.blocks], 2)[:, :, :205].clone()
         drain(e)
         return k
@@ -409,14 +407,13 @@ def test_every_rank_trims_gamma_with_rank_zeros_threshold(tmp_path: Path) -> Non
 # ---- #4: every rank's pool holds the same number of blocks --------------------------------------------------------
 def pool_worker(rank: int, world: int, path: str, result: str) -> None:
     from magicdec.cache.paged import PagedKVCache
-    from magicdec.engine.batch import prefill_transient_bytes
 
     llm = LLM(path, device="cpu", tp=TensorParallel(rank, world))
     per_block = PagedKVCache.bytes_per_block(llm.model, 64)
     transient = prefill_transient_bytes(llm.model, 1, llm.prefill_chunk, 1024)
     # unequal memory: rank 0 has room for 100 blocks, rank 1 for 60 (the default path: no num_blocks)
-    llm.memory_budget = llm.memory_plan().total + transient + (100 - 40 * rank) * per_block
-    core, _ = llm.engine_core(None, max_num_seqs=8, max_model_len=1024)
+    llm.memory_budget = llm.models.memory_plan().total + transient + (100 - 40 * rank) * per_block
+    core = llm.core(llm.engine_config(None, max_num_seqs=8, max_model_len=1024))
     torch.save(core.cache.num_blocks, f"{result}.{rank}")
 
 
