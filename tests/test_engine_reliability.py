@@ -18,7 +18,7 @@ import magicdec.engine.runner as runner_module
 import magicdec.runtime.sampling as sampling_module
 import magicdec.spec.draft as draft_module
 from conftest import random_prompts, spawn_ranks, tiny_config, write_checkpoint
-from magicdec import LLM, Engine, SamplingParams, SpecConfig
+from magicdec import LLM, DraftTuning, Engine, SamplingParams, SpecConfig
 from magicdec.cache.memory import prefill_transient_bytes
 from magicdec.engine.outputs import Acceptance, RunStats
 from magicdec.engine.request import StepOutput
@@ -352,13 +352,16 @@ def test_sliding_window_is_refused_by_the_engine_as_by_generate(tmp_path: Path) 
     assert len(drain(e)) == 1
 
 
-# ---- #18: the draft model's window covers what it catches up on ---------------------------------------------------
-def test_draft_model_catch_up_reads_its_whole_window(tiny_llm: LLM, tiny_dir: Path) -> None:
-    """A request that decodes plainly for 100 steps, then speculates with a StreamingLLM draft model of its own
-    KV: the draft catches up on those 100 positions, each reading its own window; its KV equals that of a draft
-    fed round by round from the start."""
+# ---- #18: a draft's window covers what it catches up on ---------------------------------------------------------
+@pytest.mark.parametrize("draft", ["draft-model", "self-own-kv"])
+def test_draft_catch_up_reads_its_whole_window(tiny_llm: LLM, tiny_dir: Path, draft: str) -> None:
+    """A request that decodes plainly for 100 steps, then speculates with a StreamingLLM draft of its own KV (a
+    draft model, or the self-draft with `kv_source="own"`): the draft catches up on those 100 positions, each
+    reading its own window; its KV equals that of a draft fed round by round from the start."""
     prompt = random_prompts(1, [100], tiny_llm.config.vocab_size, seed=10)[0]
-    spec = SpecConfig(method="draft", draft_model=str(tiny_dir), drafter="streaming", budget=64, sinks=4, gamma=2)
+    window = dict(drafter="streaming", budget=64, sinks=4, gamma=2)
+    spec = (SpecConfig(method="draft", draft_model=str(tiny_dir), **window) if draft == "draft-model" else
+            SpecConfig(method="self", tuning=DraftTuning(kv_source="own"), **window))
     params = SamplingParams(max_new_tokens=140, ignore_eos=True)
 
     def draft_kv(lag: int) -> torch.Tensor:
