@@ -65,8 +65,24 @@ class LLM:
         m = self.models
         self.loaded, self.model, self.tokenizer, self.config = m.loaded, m.model, m.tokenizer, m.config
         self.device, self.dtype, self.tp = m.device, m.dtype, m.tp
-        self.eos_token_ids = m.eos_token_ids
-        self.prefill_chunk, self.memory_budget = prefill_chunk, memory_budget
+        self.prefill_chunk = prefill_chunk
+
+    # the engine's models own these; setting them here changes what the next core uses
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.models.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: set[int]) -> None:
+        self.models.eos_token_ids = set(ids)
+
+    @property
+    def memory_budget(self) -> int | None:
+        return self.models.memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, budget: int | None) -> None:
+        self.models.memory_budget = budget
 
     # ---- prompts ---------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:

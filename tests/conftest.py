@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from magicdec import LLM
+from magicdec.cache.paged import PagedKVCache, PagedView
 from magicdec.config import ModelConfig
 from magicdec.data import Corpus, CorpusError, load_austen
 from magicdec.kernels import cpu
@@ -116,6 +117,28 @@ def hf_smol() -> Any:
 def random_prompts(n: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+class PagedRows:
+    """A paged KV pool in which each of `rows` rows holds blocks of its own, in order, for `capacity` positions:
+    the plain cache a test's forwards run over (`rows(ids, positions)` → logits)."""
+
+    def __init__(self, model: Any, rows: int, capacity: int, block_size: int = 64) -> None:
+        n = -(-capacity // block_size)
+        self.model = model
+        self.cache = PagedKVCache.for_model(model, rows * n, block_size)
+        self.view = PagedView(self.cache, self.cache.table([list(range(r * n, (r + 1) * n)) for r in range(rows)]))
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, **kw: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(ids, positions, self.view, **kw)
+
+
+def full_logits(model: Any, ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+    """One forward over whole equal-length sequences [B, T] from position 0, on a fresh paged cache."""
+    x = torch.as_tensor(ids)
+    B, T = x.shape
+    return PagedRows(model, B, T)(x, torch.arange(T).expand(B, -1))
 
 
 def hf_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:

@@ -7,18 +7,19 @@ import pytest
 
 from magicdec.bench.policy_sim import StepTimes, compare, model_scale
 from magicdec.costmodel import BUILTIN_PROFILES, CostModel, DraftSpec, resolve_model
-from magicdec.costmodel.policy import CLIMB, AlphaEstimate, AutoGamma
-from magicdec.engine.state import BatchView
-from magicdec.engine.step import RoundReport
+from magicdec.costmodel.policy import CLIMB, AlphaEstimate, AutoGamma, BatchView, StepReport
 
 
 def batch_at(context: int, batch: int, remaining: int = 1 << 20) -> BatchView:
     return BatchView([context] * batch, [remaining] * batch)
 
 
-def report(gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> RoundReport:
-    """A round's report with (draft, verify, other) seconds; a plain step's time is its verify time."""
-    return RoundReport(gamma, len(accepted), accepted, draft_s=seconds[0], verify_s=seconds[1], other_s=seconds[2])
+def report(gamma: int, accepted: list[int], seconds: tuple[float, float, float]) -> StepReport:
+    """A step's report with (draft, verify, other) seconds, every request at `gamma` (a plain step: none drafted,
+    its time the verify time)."""
+    rows = [f"r{i}" for i in range(len(accepted))]
+    return StepReport(rows, [gamma] * len(rows), accepted, draft_s=seconds[0], verify_s=seconds[1],
+                      other_s=seconds[2])
 
 
 def policy(context: int, batch: int, alpha: float = 0.8, plain_ratio: float = 1.0) -> tuple[AutoGamma, BatchView]:
@@ -140,7 +141,7 @@ def test_request_gamma_verifies_only_the_positions_that_pay() -> None:
 
     class Batch:
         def __init__(self) -> None:
-            self.seen: list[RoundReport] = []
+            self.seen: list[StepReport] = []
 
         def choose(self, view: object) -> int:
             return 3
@@ -148,7 +149,7 @@ def test_request_gamma_verifies_only_the_positions_that_pay() -> None:
         def token_threshold(self, gamma: int) -> float:
             return 0.3
 
-        def observe(self, report: RoundReport) -> None:
+        def observe(self, report: StepReport) -> None:
             self.seen.append(report)
 
         def stats(self) -> dict:

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import hf_greedy, random_prompts, spawn_ranks, word_vocabulary
+from conftest import full_logits, hf_greedy, random_prompts, spawn_ranks, word_vocabulary
 from magicdec import LLM, SamplingParams
-from magicdec.cache.dense import DenseKVCache
 from magicdec.parallel.tp import TensorParallel
 
 BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -77,8 +76,7 @@ def test_greedy_equals_transformers(variant: str, tmp_path: Path) -> None:
 def tp_worker(rank: int, world: int, path: str, result: str) -> None:
     llm = LLM(path, device="cpu", tp=TensorParallel(rank, world))
     ids = torch.tensor(random_prompts(2, [40], llm.config.vocab_size, seed=5))
-    with torch.inference_mode():
-        logits = llm.model(ids, torch.arange(40).expand(2, -1), DenseKVCache.for_model(llm.model, 2, 40))
+    logits = full_logits(llm.model, ids)
     if rank == 0:
         torch.save(logits, result)
 

@@ -379,7 +379,7 @@ def test_unsupported_tensors_fall_back(kernels: None) -> None:
 def test_model_logits_do_not_depend_on_tokens_per_forward(kernels: None, dtype: torch.dtype) -> None:
     """A token's logits are bitwise the same computed alone (T = 1, plain decoding) or inside a block of
     T = 4 (verification), in every dtype the CPU path takes."""
-    from magicdec.cache.dense import DenseKVCache
+    from conftest import PagedRows
     from magicdec.config import ModelConfig
     from magicdec.loading.random_init import random_model
 
@@ -390,16 +390,15 @@ def test_model_logits_do_not_depend_on_tokens_per_forward(kernels: None, dtype: 
     ids = torch.randint(0, cfg.vocab_size, (B, P + T), generator=gen(11))
     pos = torch.arange(P + T).expand(B, -1)
 
-    def prefilled() -> DenseKVCache:
-        cache = DenseKVCache.for_model(model, B, P + T + 8)
-        model(ids[:, :P], pos[:, :P], cache)  # a prefill chunk (T > 16: the stock ops)
-        return cache
+    def prefilled() -> PagedRows:
+        rows = PagedRows(model, B, P + T + 8)
+        rows(ids[:, :P], pos[:, :P])  # a prefill chunk (T > 16: the stock ops)
+        return rows
 
-    with torch.inference_mode():
-        cache = prefilled()
-        block = model(ids[:, P:], pos[:, P:], cache)
-        cache = prefilled()
-        alone = torch.cat([model(ids[:, P + t : P + t + 1], pos[:, P + t : P + t + 1], cache) for t in range(T)], 1)
+    rows = prefilled()
+    block = rows(ids[:, P:], pos[:, P:])
+    rows = prefilled()
+    alone = torch.cat([rows(ids[:, P + t : P + t + 1], pos[:, P + t : P + t + 1]) for t in range(T)], 1)
     assert block.dtype == dtype
     assert torch.equal(block, alone), (block.float() - alone.float()).abs().max()
 

@@ -1,8 +1,8 @@
 """A property-based fuzz of the serving engine (hypothesis) over the tiny random checkpoint.
 
 Each example draws a scenario: a speculation setting (plain; self-speculation with a StreamingLLM, SnapKV or
-guided draft, or int8 draft weights; a draft model with a pool of its own), a pool small enough to preempt,
-a prefill chunk (64, 96 or 128 against blocks of 64), up to `max_num_seqs` running requests, and requests
+guided draft, or int8 draft weights; a self-draft or a draft model with a pool of its own), a pool small enough
+to preempt, a prefill chunk (64, 96 or 128 against blocks of 64), up to `max_num_seqs` running requests, and requests
 that arrive at random steps, share prefixes with earlier ones, fix their own γ (or turn speculation off),
 sample or decode greedily, and are aborted at random steps (during their prefill too). After every step:
 
@@ -55,6 +55,8 @@ SPECS = {
     "guided": SpecConfig(method="self", drafter="guided", budget=192, sinks=4, gamma=2,
                          tuning=DraftTuning(guided_window=64)),
     "int8": SpecConfig(method="self", budget=96, sinks=4, gamma=2, draft_weights="int8"),
+    # the self-draft with KV of its own, in a pool of its own
+    "own-kv": SpecConfig(method="self", budget=96, sinks=4, gamma=2, tuning=DraftTuning(kv_source="own")),
     "draft": "draft",  # a draft model (the tiny checkpoint itself) with a pool of its own
 }
 

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-import magicdec.engine.core as core_module
+import magicdec.engine.runner as runner_module
 import magicdec.runtime.sampling as sampling_module
+import magicdec.spec.draft as draft_module
 from conftest import random_prompts, spawn_ranks, tiny_config, write_checkpoint
-from magicdec import LLM, Engine, SamplingParams, SpecConfig
-from magicdec.engine.outputs import Acceptance, RequestOutput, RunStats
+from magicdec import LLM, DraftTuning, Engine, SamplingParams, SpecConfig
+from magicdec.cache.memory import prefill_transient_bytes
+from magicdec.engine.outputs import Acceptance, RunStats
 from magicdec.engine.request import StepOutput
-from magicdec.engine.state import Stopper
 from magicdec.llm import PromptError
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel
 
@@ -93,8 +94,8 @@ def test_one_requests_failure_ends_that_request_only(tiny_llm: LLM, monkeypatch:
                     raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
             return real_sample(probs, generator)
 
-        monkeypatch.setattr(sampling_module, "sample", sample)
-        monkeypatch.setattr(core_module, "sample", sample)
+        for module in (sampling_module, runner_module, draft_module):  # first tokens; plain and verify; drafts
+            monkeypatch.setattr(module, "sample", sample)
     final = drain(e)
     failed = final[ids[1]]
     assert failed.finish_reason == "error" and failed.finished
@@ -236,8 +237,7 @@ EMOJI = "🎉🎈🎂🎁🎊🥳🍰🕯️✨"  # 9 characters of several toke
 
 
 def test_emoji_stop_string_is_found(smol: LLM) -> None:
-    """A stop string of 9 emoji (many more tokens than characters) ends the request where it starts, in the
-    engine's request and in the static batch's stop rules."""
+    """A stop string of 9 emoji (many more tokens than characters) ends the request where it starts."""
     from magicdec.engine.request import Request
 
     tok = smol.tokenizer
@@ -250,12 +250,7 @@ def test_emoji_stop_string_is_found(smol: LLM) -> None:
     assert r.finish_reason == "stop" and len(r.output) < len(ids)
     final = r.delta()
     assert final.text == text[: text.index(EMOJI)] and final.finished
-    out = RequestOutput(0, [1])
-    stopper = Stopper(tok, params, set())
-    assert stopper.extend(out, ids) and out.finish_reason == "stop"
-    stopper.finalize(out)
-    assert out.text == text[: text.index(EMOJI)]
-    assert out.token_ids == r.output
+    assert final.token_ids == r.output and tok.decode(r.output).startswith(final.text)
 
 
 def test_stop_search_covers_only_the_new_text(smol: LLM) -> None:
@@ -308,8 +303,9 @@ def test_switch_to_a_draft_model_keeps_its_acceptance(tiny_llm: LLM, tiny_dir: P
     assert out.spec.acceptance_rate == fresh.stats.spec.acceptance_rate == 1.0
     switched.check_no_leaks()
     switched.close()
-    assert switched.core.draft is not None and switched.core.draft.pool is not None
-    assert switched.core.draft.pool.k.numel() == 0 and switched.core.cache.k.numel() == 0  # close() frees both
+    drafter = switched.core.runner.drafter
+    assert drafter is not None and drafter.pool is not None
+    assert drafter.pool.k.numel() == 0 and switched.core.cache.k.numel() == 0  # close() frees both
 
 
 # ---- #13: prefix hits are bit-exact whatever prefill_chunk ------------------------------------------------------
@@ -357,31 +353,36 @@ def test_sliding_window_is_refused_by_the_engine_as_by_generate(tmp_path: Path) 
     assert len(drain(e)) == 1
 
 
-# ---- #18: the draft model's window covers what it catches up on ---------------------------------------------------
-def test_draft_model_catch_up_reads_its_whole_window(tiny_llm: LLM, tiny_dir: Path) -> None:
-    """A request that decodes plainly for 100 steps, then speculates with a StreamingLLM draft model of its own
-    KV: the draft catches up on those 100 positions, each reading its own window; its KV equals that of a draft
-    fed round by round from the start."""
+# ---- #18: a draft's window covers what it catches up on ---------------------------------------------------------
+@pytest.mark.parametrize("draft", ["draft-model", "self-own-kv"])
+def test_draft_catch_up_reads_its_whole_window(tiny_llm: LLM, tiny_dir: Path, draft: str) -> None:
+    """A request that decodes plainly for 100 steps, then speculates with a StreamingLLM draft of its own KV (a
+    draft model, or the self-draft with `kv_source="own"`): the draft catches up on those 100 positions, each
+    reading its own window; its KV equals that of a draft fed round by round from the start."""
     prompt = random_prompts(1, [100], tiny_llm.config.vocab_size, seed=10)[0]
-    spec = SpecConfig(method="draft", draft_model=str(tiny_dir), drafter="streaming", budget=64, sinks=4, gamma=2)
+    window = dict(drafter="streaming", budget=64, sinks=4, gamma=2)
+    spec = (SpecConfig(method="draft", draft_model=str(tiny_dir), **window) if draft == "draft-model" else
+            SpecConfig(method="self", tuning=DraftTuning(kv_source="own"), **window))
     params = SamplingParams(max_new_tokens=140, ignore_eos=True)
 
     def draft_kv(lag: int) -> torch.Tensor:
         e = engine(tiny_llm, spec)
         steps = {"n": 0}
-        policy = e.core.choose
+        policy = e.core.policy
+        assert policy is not None
+        chosen = policy.choose
 
         def choose(rows: list) -> list[int]:
             steps["n"] += 1
-            return [0] * len(rows) if steps["n"] <= lag else policy(rows)
+            return [0] * len(rows) if steps["n"] <= lag else chosen(rows)
 
-        e.core.choose = choose
+        policy.choose = choose  # type: ignore[method-assign]
         rid = e.add_request(prompt, params)
         r = e.core.requests[rid]
         while r.draft_seen < 205:
             assert not r.finished
             e.step()
-        pool = e.core.draft.pool
+        pool = e.core.runner.drafter.pool
         k = torch.cat([pool.k[:, b] for b in r.blocks], 2)[:, :, :205].clone()
         drain(e)
         return k
@@ -410,14 +411,13 @@ def test_every_rank_trims_gamma_with_rank_zeros_threshold(tmp_path: Path) -> Non
 # ---- #4: every rank's pool holds the same number of blocks --------------------------------------------------------
 def pool_worker(rank: int, world: int, path: str, result: str) -> None:
     from magicdec.cache.paged import PagedKVCache
-    from magicdec.engine.batch import prefill_transient_bytes
 
     llm = LLM(path, device="cpu", tp=TensorParallel(rank, world))
     per_block = PagedKVCache.bytes_per_block(llm.model, 64)
     transient = prefill_transient_bytes(llm.model, 1, llm.prefill_chunk, 1024)
     # unequal memory: rank 0 has room for 100 blocks, rank 1 for 60 (the default path: no num_blocks)
-    llm.memory_budget = llm.memory_plan().total + transient + (100 - 40 * rank) * per_block
-    core, _ = llm.engine_core(None, max_num_seqs=8, max_model_len=1024)
+    llm.memory_budget = llm.models.memory_plan().total + transient + (100 - 40 * rank) * per_block
+    core = llm.core(llm.engine_config(None, max_num_seqs=8, max_model_len=1024))
     torch.save(core.cache.num_blocks, f"{result}.{rank}")
 
 

@@ -114,30 +114,31 @@ def test_cache_that_does_not_fit_is_refused_before_allocating(tiny_llm: LLM) -> 
         tiny_llm.memory_budget = None
 
 
-def test_the_memory_plan_counts_weights_transients_and_the_draft_cache_against_the_budget(tiny_llm: LLM) -> None:
-    """The static batch's budget covers everything: weights, the target cache, the prefill's transient scores,
-    and the draft cache (which used to be checked against free memory only). A refusal names what to lower."""
-    from magicdec.engine.batch import cache_capacity, prefill_transient_bytes, target_cache_bytes
-    from magicdec.spec.factory import plan_drafter
+def test_the_memory_plan_counts_weights_transients_and_the_draft_pool_against_the_budget(tiny_llm: LLM) -> None:
+    """The budget covers everything: weights, the target's KV pool, the prefill's transient masks and expanded
+    keys, and the pool of a draft with KV of its own. A refusal names them all and what to lower."""
+    from magicdec.cache.memory import prefill_transient_bytes
+    from magicdec.cache.paged import PagedKVCache
+    from magicdec.spec.config import DraftTuning
 
     prompts = random_prompts(4, [300] * 4, tiny_llm.config.vocab_size, seed=1)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    capacity = cache_capacity(300, 8, 3)
-    weights = tiny_llm.memory_plan().resident["weights"]
-    cache = target_cache_bytes(tiny_llm.model, 4, capacity)
-    transient = prefill_transient_bytes(tiny_llm.model, 4, 32, capacity)  # prefill chunks of 32 tokens
-    spec = SpecConfig(method="self", budget=300, sinks=4, gamma=3)
+    own = SpecConfig(method="self", budget=300, sinks=4, gamma=3, tuning=DraftTuning(kv_source="own"))
+    weights = tiny_llm.models.memory_plan().total
+    one = -(-(300 + 8 + 3 + 1) // 64)  # the blocks of one request and a round's lookahead
+    block = PagedKVCache.bytes_per_block(tiny_llm.model, 64)  # the target's, and the own-KV draft's
+    transient = prefill_transient_bytes(tiny_llm.model, 1, 32, 308)  # prefill chunks of 32 tokens
     try:
         tiny_llm.prefill_chunk = 32
-        tiny_llm.memory_budget = cache + transient + 1024  # enough for the cache, not for the weights too
+        tiny_llm.memory_budget = one * block + transient + 1024  # enough for the pool, not for the weights too
         with pytest.raises(OutOfMemoryPlan, match=r"weights .*target KV cache .*prefill masks and expanded KV"):
-            tiny_llm.decode(tiny_llm.prefill(prompts, params, max_gamma=3), spec)
-        draft = plan_drafter(spec, tiny_llm.model, tiny_llm.runner, 4, capacity).cache_bytes
-        tiny_llm.memory_budget = weights + cache + max(transient, draft - 1024)  # the target fits, the draft not
-        with pytest.raises(OutOfMemoryPlan, match=r"draft KV cache .*lower the draft's KV budget \(--budget 300\)"):
-            tiny_llm.decode(tiny_llm.prefill(prompts, params, max_gamma=3), spec)
-        tiny_llm.decode(tiny_llm.prefill(prompts, params, max_gamma=3),
-                        SpecConfig(method="self", budget=8, sinks=4, gamma=3))  # a smaller one fits
+            tiny_llm.generate(prompts, params, SpecConfig(method="self", budget=300, sinks=4, gamma=3))
+        tiny_llm.memory_budget = weights + transient + 2 * one * block - 1024  # the target's pool fits, the draft's not
+        with pytest.raises(OutOfMemoryPlan, match=r"target KV cache .*draft KV cache .*budget"):
+            tiny_llm.generate(prompts, params, own)
+        plain = tiny_llm.generate(prompts, params)  # without a pool of its own, the draft fits
+        spec = tiny_llm.generate(prompts, params, SpecConfig(method="self", budget=300, sinks=4, gamma=3))
+        assert [o.token_ids for o in spec.outputs] == [o.token_ids for o in plain.outputs]
     finally:
         tiny_llm.memory_budget, tiny_llm.prefill_chunk = None, 512
 
@@ -149,25 +150,42 @@ def test_bad_sampling_parameters_are_refused() -> None:
             SamplingParams(**kwargs)
 
 
-def test_nan_logits_stop_generation_with_a_clear_error(tiny_dir) -> None:
+def test_nan_logits_end_the_requests_with_a_clear_error(tiny_dir) -> None:
     """Greedy decoding of NaN logits would emit token 0 forever: prefill, plain steps and verification
-    all refuse them instead."""
-    from magicdec.engine.state import NumericalError
-
+    all refuse them instead (the request ends with finish_reason "error"; `generate` raises its error)."""
     llm = LLM(tiny_dir, device="cpu")
     prompts = random_prompts(2, [12, 7], llm.config.vocab_size, seed=3)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     spec = SpecConfig(method="self", budget=8, sinks=2, gamma=2)
     head = llm.model.lm_head.weight
     good = head[5, 0].item()
-    for nan_after_prefill in (False, True):
-        for s in (None, spec):
-            batch = None
-            if nan_after_prefill:
-                batch = llm.prefill(prompts, params, max_gamma=2)
-            with torch.no_grad():
-                head[5, 0] = float("nan")  # token 5's logit is NaN from now on
-            with pytest.raises(NumericalError, match="NaN logits"):
-                llm.decode(batch, s) if batch is not None else llm.generate(prompts, params, s)
-            with torch.no_grad():
-                head[5, 0] = good
+
+    def poison(value: float) -> None:
+        with torch.no_grad():
+            head[5, 0] = value  # NaN: token 5's logit is NaN from now on
+
+    for s in (None, spec):
+        poison(float("nan"))
+        try:
+            with pytest.raises(RuntimeError, match="prompt 0 failed: NumericalError: the model produced NaN logits "
+                                                   "in the prefill"):
+                llm.generate(prompts, params, s)
+        finally:
+            poison(good)
+        ids = llm.encode(prompts)
+        core = llm.core_for(ids, params, s)
+        rids = [core.add_request(p, params) for p in ids]
+        while not all(core.requests[r].output for r in rids):  # prefilled, first tokens out
+            core.step()
+        poison(float("nan"))
+        try:
+            final = {}
+            while core.has_unfinished_requests():
+                final.update((o.request_id, o) for o in core.step() if o.finished)
+        finally:
+            poison(good)
+        for r in rids:
+            assert final[r].finish_reason == "error" and "NaN logits in verification" in (final[r].error or "")
+        assert core.stats.errors == 2
+        core.pool.check_empty()
+        core.close()

@@ -9,10 +9,12 @@ import torch
 
 from conftest import random_prompts
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
-from magicdec.engine.core import EngineCore, guided_blocks
+from magicdec.cache.paged import PagedView
+from magicdec.engine.core import EngineCore
 from magicdec.engine.request import Request
 from magicdec.kernels import cpu
 from magicdec.spec.config import DraftTuning
+from magicdec.spec.views import guided_columns
 
 
 def paged_problem(B: int, Hq: int, Hkv: int, T: int, nb: int, P: int, D: int, seed: int,
@@ -67,6 +69,12 @@ def test_block_scores_bf16_and_fallback(kernels: None, monkeypatch: pytest.Monke
         cpu.paged_attention(q, k, v, table, allowed, block_scores=torch.zeros(2, 5))
 
 
+def guided_blocks(scores: list[float], first: int, select: int) -> list[int]:
+    """The guided draft's kept columns of one row (`guided_columns`), −1 (none) dropped."""
+    cols = guided_columns(torch.tensor([scores]), torch.tensor([first]), select)[0].tolist()
+    return [c for c in cols if c >= 0]
+
+
 def test_guided_blocks_selection() -> None:
     scores = [0.9, 0.1, 0.7, 0.05, 0.7, 0.3, 0.2, 0.99, 0.99]
     # window from block 7: candidates 1..6; the best: 2 and 4 (tied 0.7: both), then 5
@@ -74,8 +82,15 @@ def test_guided_blocks_selection() -> None:
     assert guided_blocks(scores, first=7, select=4) == [0, 2, 4, 5]
     assert guided_blocks(scores, first=3, select=4) == [0, 1, 2]  # fewer candidates than room
     assert guided_blocks(scores, first=0, select=3) == []  # the window covers block 0
-    assert guided_blocks([], first=6, select=3) == [0, 4, 5]  # no scores yet: the most recent ones
-    assert guided_blocks([0.0, 0.5], first=5, select=3) == [0, 1, 4]  # unscored blocks count 0, ties to recent
+    assert guided_blocks([0.0] * 7, first=6, select=3) == [0, 4, 5]  # no scores yet: the most recent ones
+    assert guided_blocks([0.0, 0.5, 0, 0, 0, 0], first=5, select=3) == [0, 1, 4]  # unscored: 0, ties to recent
+
+
+def draft_view(core: EngineCore, r: Request, gamma: int) -> PagedView:
+    """The view the engine's draft reads for r's next round of `gamma` drafts."""
+    drafter = core.runner.drafter
+    assert drafter is not None
+    return drafter.view([r], core.cache.table([r.blocks]), [r.computed], [r.computed + gamma - 1])
 
 
 def scored_request(llm: LLM, tuning: DraftTuning | None = None) -> tuple[Engine, EngineCore, str, Request]:
@@ -84,22 +99,27 @@ def scored_request(llm: LLM, tuning: DraftTuning | None = None) -> tuple[Engine,
     spec = SpecConfig(method="self", drafter="guided", budget=256, gamma=2, tuning=tuning or DraftTuning())
     e = Engine(llm=llm, spec=spec, prefill_chunk=128, max_num_batched_tokens=256, quiet=True)
     core = e.core
-    assert core.draft is not None and core.draft.select == 3 and core.draft.window == 64
+    assert core.runner.drafter is not None
+    setup = core.runner.drafter.setup
+    assert setup.select == 3 and setup.window == 64
     prompt = random_prompts(1, [700], llm.config.vocab_size, seed=21)[0]
     rid = e.add_request(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
-    while not core.block_scores.get(rid):
+    while core.requests[rid].scores is None:
         e.step()
     return e, core, rid, core.requests[rid]
 
 
 def test_guided_view_reads_top_blocks(tiny_llm: LLM) -> None:
     e, core, rid, r = scored_request(tiny_llm)
-    scores = core.block_scores[rid]
+    assert r.scores is not None
+    scores = r.scores.tolist()
     assert len(scores) == len(r.blocks) and scores[0] > 0
     first = (r.computed - 64 + 1) // 64
-    want = guided_blocks(scores, first, 3)
-    assert len(want) == 3
-    view = core._draft_view([r], [2], core._table([r]))
+    # block 0 and the 2 best-scored blocks older than the window (ties to the more recent)
+    best = sorted(range(1, first), key=lambda c: (scores[c], c), reverse=True)[:2]
+    want = [0, *sorted(best)]
+    assert len(want) == 3 and guided_blocks(scores, first, 3) == want
+    view = draft_view(core, r, 2)
     assert view.sinks == 3 * 64 and view.window == 64
     assert view.read is not None and view.read_pos is not None
     assert view.read[0, :3].tolist() == [r.blocks[c] for c in want]
@@ -132,8 +152,10 @@ def test_guided_trace_equals_each_request_alone(tiny_llm: LLM, layers: str, budg
     spec = SpecConfig(method="self", drafter="guided", budget=budget, sinks=4, gamma=3,
                       tuning=DraftTuning(guided_scores=layers, guided_window=window))
     e = Engine(llm=tiny_llm, spec=spec, num_blocks=14, max_num_seqs=6, **opts)  # type: ignore[arg-type]
-    assert e.core.draft is not None and e.core.draft.window == (window or 64)
-    assert e.core.draft.select == (budget - (window or 64)) // 64
+    assert e.core.runner.drafter is not None
+    setup = e.core.runner.drafter.setup
+    assert setup.window == (window or 64) and setup.select == (budget - (window or 64)) // 64
+    assert setup.score_layers == layers
     ids: dict[str, int] = {}
     done: dict[int, list[int]] = {}
     step = 0
@@ -152,7 +174,6 @@ def test_guided_trace_equals_each_request_alone(tiny_llm: LLM, layers: str, budg
         assert tokens == ref[i], f"request {i}"
     assert e.stats.spec.draft_tokens > 0 and e.stats.spec.acceptance_rate > 0
     assert e.core.scheduler.preemptions > 0
-    assert not e.core.block_scores  # dropped with the finished requests
     e.check_no_leaks()
 
 
@@ -282,16 +303,15 @@ def test_guided_layer_view_reads_each_layers_best_blocks(tiny_llm: LLM) -> None:
     own sink block + best-scored blocks + the same window; different scores, different blocks."""
     e, core, rid, r = scored_request(tiny_llm, DraftTuning(guided_scores="layer"))
     L = tiny_llm.config.n_layers
-    assert core.draft is not None and core.draft.score_layers == "layer"
-    scores = core.block_scores[rid]
-    assert len(scores) == L and all(len(s) == len(r.blocks) and s[0] > 0 for s in scores)
+    assert core.runner.drafter is not None and core.runner.drafter.setup.score_layers == "layer"
+    assert r.scores is not None and r.scores.shape == (L, len(r.blocks)) and (r.scores[:, 0] > 0).all()
     first = (r.computed - 64 + 1) // 64
     # scores of our own: layer l prefers blocks l + 1 and l + 3 (distinct per layer)
-    fake = [[0.0] * len(r.blocks) for _ in range(L)]
+    fake = torch.zeros(L, len(r.blocks))
     for layer in range(L):
-        fake[layer][layer + 1] = fake[layer][layer + 3] = 1.0
-    core.block_scores[rid] = fake
-    view = core._draft_view([r], [2], core._table([r]))
+        fake[layer, layer + 1] = fake[layer, layer + 3] = 1.0
+    r.scores = fake
+    view = draft_view(core, r, 2)
     assert view.read is not None and view.read_pos is not None and view.per_layer
     assert view.read.shape[0] == L and view.read_pos.shape[:2] == (L, 1)
     window = list(range(first, (r.computed + 1) // 64 + 1))

@@ -20,9 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_checkpoints import write_hf_checkpoint
 
-from conftest import hf_model, random_prompts, tiny_config, word_vocabulary, write_checkpoint, write_gguf
+from conftest import full_logits, hf_model, random_prompts, tiny_config, word_vocabulary, write_checkpoint, write_gguf
 from magicdec import LLM, LoadError, load_model
-from magicdec.cache.dense import DenseKVCache
 from magicdec.config import RopeScaling
 from magicdec.loading.gguf_file import _unpermute, load_gguf
 
@@ -164,8 +163,8 @@ def test_gguf_attention_output_bias_is_loaded(tmp_path: Path) -> None:
     ours, cfg = load_gguf(path, torch.float32, "cpu", tmp_path / "conv", cache_limit_bytes=0)  # no cache
     assert cfg.attention_bias and cfg.o_proj_bias
     ids = torch.tensor(random_prompts(1, [30], cfg.vocab_size, seed=3))
+    logits = full_logits(ours, ids)
     with torch.inference_mode():
-        logits = ours(ids, torch.arange(30)[None], DenseKVCache.for_model(ours, 1, 30))
         ref = hf_model(hf_dir)(ids).logits
     assert (logits - ref).abs().max() <= 1e-4
 
@@ -188,8 +187,8 @@ def test_gguf_yarn_scaling_equals_transformers(tmp_path: Path) -> None:
     assert cfg.rope_scaling == RopeScaling("yarn", factor=8.0, original_max_position_embeddings=64, beta_fast=16.0,
                                            beta_slow=2.0, attention_factor=1.25)
     ids = torch.tensor(random_prompts(1, [120], cfg.vocab_size, seed=3))
+    logits = full_logits(ours, ids)
     with torch.inference_mode():
-        logits = ours(ids, torch.arange(120)[None], DenseKVCache.for_model(ours, 1, 120))
         ref = hf_model(hf_dir)(ids).logits
     assert (logits - ref).abs().max() <= 1e-4
 

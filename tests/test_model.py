@@ -1,5 +1,5 @@
-"""The model against Hugging Face transformers, and its own consistency: incremental decoding,
-chunked prefill and ragged batches."""
+"""The model against Hugging Face transformers, and its own consistency over the paged cache: incremental
+decoding, chunked prefill and ragged batches."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_model, random_prompts, tiny_config, write_checkpoint
+import conftest
+from conftest import PagedRows, hf_model, random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM
-from magicdec.cache.dense import DenseKVCache
 from magicdec.config import RopeScaling
-from magicdec.runtime.prefill import prefill
 
 VARIANTS = {
     "llama_default_rope": {},
@@ -33,10 +32,7 @@ VARIANTS = {
 
 def full_logits(llm: LLM, ids: list[list[int]]) -> torch.Tensor:
     """One forward over whole (equal-length) sequences."""
-    x = torch.tensor(ids)
-    cache = DenseKVCache.for_model(llm.model, len(ids), x.shape[1])
-    with torch.inference_mode():
-        return llm.model(x, torch.arange(x.shape[1]).expand_as(x), cache)
+    return conftest.full_logits(llm.model, ids)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -63,27 +59,26 @@ def test_smollm2_logits_match_transformers_gguf_loader(smol: LLM, hf_smol) -> No
 def test_incremental_decoding_equals_full_forward(tiny_llm: LLM) -> None:
     ids = random_prompts(1, [40], tiny_llm.config.vocab_size, seed=5)[0]
     full = full_logits(tiny_llm, [ids])[0]
-    cache = DenseKVCache.for_model(tiny_llm.model, 1, 64)
-    steps = []
-    with torch.inference_mode():
-        steps.append(tiny_llm.model(torch.tensor([ids[:25]]), torch.arange(25)[None], cache)[0])
-        for p in range(25, 40):
-            steps.append(tiny_llm.model(torch.tensor([[ids[p]]]), torch.tensor([[p]]), cache)[0])
+    rows = PagedRows(tiny_llm.model, 1, 64)
+    steps = [rows(torch.tensor([ids[:25]]), torch.arange(25)[None])[0]]
+    for p in range(25, 40):
+        steps.append(rows(torch.tensor([[ids[p]]]), torch.tensor([[p]]))[0])
     assert (torch.cat(steps) - full).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
-def test_chunked_ragged_prefill_equals_each_sequence_alone(tiny_llm: LLM, chunk: int) -> None:
+def test_chunked_prefill_equals_one_forward(tiny_llm: LLM, chunk: int) -> None:
+    """A prompt put into the paged cache in chunks (each a forward of its own, as the engine prefills) gives
+    the last logits of one forward over the whole prompt."""
     lengths = [90, 61, 33, 5]
     prompts = random_prompts(4, lengths, tiny_llm.config.vocab_size, seed=2)
-    tokens = torch.zeros((4, 100), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        tokens[r, : len(p)] = torch.tensor(p)
-    cache = DenseKVCache.for_model(tiny_llm.model, 4, 100)
-    last = prefill(tiny_llm.model, cache, tokens, lengths, chunk)
-    for r, p in enumerate(prompts):
+    for p in prompts:
+        rows = PagedRows(tiny_llm.model, 1, 100)
+        for start in range(0, len(p), chunk):
+            end = min(start + chunk, len(p))
+            last = rows(torch.tensor([p[start:end]]), torch.arange(start, end)[None])[0, -1]
         alone = full_logits(tiny_llm, [p])[0, -1]
-        assert (last[r] - alone).abs().max() <= 1e-5, f"row {r} (length {len(p)})"
+        assert (last - alone).abs().max() <= 1e-5, f"length {len(p)}"
 
 
 def test_ragged_batch_generation_equals_sequences_alone(tiny_llm: LLM) -> None:

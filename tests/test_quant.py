@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import random_prompts, tiny_config, write_checkpoint
+from conftest import PagedRows, full_logits, random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM
-from magicdec.cache.dense import DenseKVCache
 from magicdec.kernels import cpu
 from magicdec.model import quant
 from magicdec.model.llama import Transformer
@@ -48,9 +47,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     """One forward of ids [B, T] from position 0 on a fresh cache."""
-    B, T = ids.shape
-    with torch.inference_mode():
-        return model(ids, torch.arange(T).expand(B, -1), DenseKVCache.for_model(model, B, T + 8))
+    return full_logits(model, ids)
 
 
 def linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -130,9 +127,8 @@ def test_quantized_logits_are_close(tiny: Transformer) -> None:
     assert rel < 0.05, rel
     assert agree >= 0.9, agree
     # decode-shaped forwards (the draft's) use the int8 kernel and agree with one prefill-sized forward
-    cache = DenseKVCache.for_model(qm, 4, 32)
-    with torch.inference_mode():
-        steps = torch.cat([qm(ids[:, t : t + 1], torch.full((4, 1), t), cache) for t in range(ids.shape[1])], 1)
+    rows = PagedRows(qm, 4, 32)
+    steps = torch.cat([rows(ids[:, t : t + 1], torch.full((4, 1), t)) for t in range(ids.shape[1])], 1)
     assert (steps - out).abs().max() / out.abs().max() < 1e-5
 
 
@@ -214,14 +210,13 @@ def test_meta_model_is_refused_but_estimated() -> None:
 def greedy(model: Transformer, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
     """n greedy tokens after `prompt` (a prefill, then one-token decode steps) and the logits [n, V] that
     chose them."""
-    cache = DenseKVCache.for_model(model, 1, len(prompt) + n + 8)
+    rows = PagedRows(model, 1, len(prompt) + n + 8)
     tokens, chosen = [], []
-    with torch.inference_mode():
-        out = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache)[0, -1]
-        for i in range(n):
-            chosen.append(out)
-            tokens.append(int(out.argmax()))
-            out = model(torch.tensor([[tokens[-1]]]), torch.tensor([[len(prompt) + i]]), cache)[0, -1]
+    out = rows(torch.tensor([prompt]), torch.arange(len(prompt))[None])[0, -1]
+    for i in range(n):
+        chosen.append(out)
+        tokens.append(int(out.argmax()))
+        out = rows(torch.tensor([[tokens[-1]]]), torch.tensor([[len(prompt) + i]]))[0, -1]
     return tokens, torch.stack(chosen)
 
 
@@ -363,9 +358,8 @@ def test_int4_copy_of_the_model(tiny: Transformer) -> None:
     print(f"int4: relative error {rel:.4f}, top-1 agreement {agree:.3f}")
     assert rel < 0.4, rel  # int4 of this small random model (weights N(0, 0.08)): ~25%; a wrong layout: ~140%
     assert agree >= 0.5, agree
-    cache = DenseKVCache.for_model(qm, 4, 32)
-    with torch.inference_mode():
-        steps = torch.cat([qm(ids[:, t : t + 1], torch.full((4, 1), t), cache) for t in range(ids.shape[1])], 1)
+    rows = PagedRows(qm, 4, 32)
+    steps = torch.cat([rows(ids[:, t : t + 1], torch.full((4, 1), t)) for t in range(ids.shape[1])], 1)
     assert (steps - out).abs().max() / out.abs().max() < 2e-2  # bfloat16 activations: not bitwise
     if int4_kernel_available("cpu"):
         for m in q_lin.values():  # the same codes, dequantized per call
@@ -379,8 +373,8 @@ def test_int4_copy_of_the_model(tiny: Transformer) -> None:
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_quantized_self_draft_greedy_equals_plain_decoding(tmp_path_factory: pytest.TempPathFactory,
                                                            weights: str) -> None:
-    """Greedy self-speculation with the quantized draft (static batch: ragged prompts; a tied head and
-    biases) gives plain decoding's tokens, with drafts accepted and rejected."""
+    """Greedy self-speculation with the quantized draft (ragged prompts; a tied head and biases) gives plain
+    decoding's tokens, with drafts accepted and rejected."""
     cfg = tiny_config(tie_word_embeddings=True, attention_bias=True, o_proj_bias=True)
     llm = LLM(write_checkpoint(tmp_path_factory.mktemp("quant-spec"), cfg, seed=0), device="cpu")
     prompts = random_prompts(3, [90, 150, 41], cfg.vocab_size, seed=6)
@@ -389,7 +383,7 @@ def test_quantized_self_draft_greedy_equals_plain_decoding(tmp_path_factory: pyt
     spec = llm.generate(prompts, params, SpecConfig(method="self", budget=32, sinks=4, gamma=3, draft_weights=weights))
     assert [o.token_ids for o in spec.outputs] == [o.token_ids for o in plain.outputs]
     assert 0 < spec.stats.acceptance_rate < 1, spec.stats.acceptance_rate
-    assert isinstance(llm.quantized(weights)[0].lm_head, QuantLinear4 if weights == "int4" else QuantLinear)
+    assert isinstance(llm.models.quantized(weights).lm_head, QuantLinear4 if weights == "int4" else QuantLinear)
 
 
 def test_quantize_weights_rejects_other_modules() -> None:

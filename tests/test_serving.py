@@ -285,15 +285,15 @@ def test_smollm2_real_text_trace(smol: LLM) -> None:
     assert [len(t) for t in ref] == lengths
 
 
-def test_paged_snapkv_keeps_what_the_static_drafter_keeps(tiny_llm: LLM) -> None:
+def test_paged_snapkv_keeps_the_positions_snapkv_picks(tiny_llm: LLM, tiny_dir: Path) -> None:
     """The engine's SnapKV selection over the paged cache copies, per layer and KV head, the keys and values
-    of the positions the static drafter's selection (`snapkv_votes` over a dense cache) picks; the draft's view
-    reads them (always visible) and then its recent window."""
-    from magicdec.cache.dense import DenseKVCache
-    from magicdec.runtime.prefill import prefill
-    from magicdec.spec.snapkv import snapkv_votes, top_positions
+    of the positions SnapKV's rule picks from transformers' own attention probabilities (the prompt's last 32
+    queries, summed over them and over each KV group's query heads, averaged over 7 neighbours; the best 128
+    before the recent window of 64); the draft's view reads them (always visible) and then its window."""
+    from transformers import AutoModelForCausalLM
 
-    model = tiny_llm.model
+    from magicdec.spec.snapkv import top_positions
+
     prompt = random_prompts(1, [500], tiny_llm.config.vocab_size, seed=8)[0]
     e = engine(tiny_llm, SpecConfig(method="self", drafter="snapkv", budget=192, gamma=2), num_blocks=24)
     rid = e.add_request(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
@@ -301,18 +301,24 @@ def test_paged_snapkv_keeps_what_the_static_drafter_keeps(tiny_llm: LLM) -> None
         e.step()
     r = e.core.requests[rid]
     assert len(r.kept) == 2 and r.kept_slots == 128  # 192 - a window of 64, in 2 private blocks
-    dense = DenseKVCache.for_model(model, 1, 512)
-    tokens = torch.tensor([prompt])
-    prefill(model, dense, tokens, [500], CHUNK)
-    votes = snapkv_votes(model, dense, tokens, [500], 32, 7)
-    pos, valid = top_positions(votes, torch.tensor([500 - 64]), 128)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        probs = torch.stack(hf(torch.tensor([prompt]), output_attentions=True).attentions)  # [L, 1, Hq, S, S]
+    L, _, Hq, S, _ = probs.shape
+    Hkv = tiny_llm.config.n_kv_heads
+    votes = probs[:, 0, :, -32:].sum(2).view(L, Hkv, Hq // Hkv, S).sum(2)  # [L, Hkv, S]
+    votes = torch.nn.functional.avg_pool1d(votes, 7, stride=1, padding=3, count_include_pad=False)
+    pos, valid = top_positions(votes[:, None], torch.tensor([500 - 64]), 128)
     assert bool(valid.all())
     pool, P = e.core.cache, e.core.cache.block_size
+    keys = torch.cat([pool.k[:, b] for b in r.blocks], 2)[:, :, :500]  # the prompt's keys [L, H, 500, D]
     kept_k = torch.cat([pool.k[:, b] for b in r.kept], 2)[:, :, :128]  # [L, H, 128, D]
-    want = dense.k[:, 0].gather(2, pos[:, 0, :, :, None].expand(-1, -1, -1, dense.k.shape[-1]))
+    want = keys.gather(2, pos[:, 0, :, :, None].expand(-1, -1, -1, keys.shape[-1]))
     same = (kept_k - want).abs().amax(-1) < 1e-4  # per layer, head and slot: the same key
     assert same.float().mean() > 0.97, same.float().mean()  # (near-ties may order differently)
-    view = e.core._draft_view([r], [2], e.core._table([r]))
+    drafter = e.core.runner.drafter
+    assert drafter is not None
+    view = drafter.view([r], pool.table([r.blocks]), [r.computed], [r.computed + 1])
     assert view.read is not None and view.read_pos is not None
     assert view.read[0, :2].tolist() == r.kept and view.sinks == 2 * P
     assert (view.read_pos[0, :128] == 0).all() and (view.read_pos[0, 128 : 2 * P] == -1).all()

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, random_prompts, spawn_ranks, tiny_config, write_checkpoint, write_gguf
+from conftest import free_port, full_logits, random_prompts, spawn_ranks, tiny_config, write_checkpoint, write_gguf
 from magicdec import LLM, Auto, DraftTuning, SamplingParams, SpecConfig
-from magicdec.cache.dense import DenseKVCache
-from magicdec.engine.step import RoundReport
+from magicdec.costmodel.policy import StepReport
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel, check_shardable
 
 SPECS = {
@@ -32,9 +31,7 @@ SPECS = {
 def run_all(llm: LLM, draft: str) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(3, llm.config.vocab_size, (2, 37))
-    cache = DenseKVCache.for_model(llm.model, 2, 40)
-    with torch.inference_mode():
-        logits = llm.model(ids, torch.arange(37).expand(2, -1), cache)
+    logits = full_logits(llm.model, ids)
     prompts = random_prompts(3, [50, 17, 33], llm.config.vocab_size, seed=5)
     out = {"logits": logits}
     specs = dict(SPECS, draft=SpecConfig(method="draft", drafter="streaming", budget=20, sinks=2, draft_model=draft))
@@ -85,14 +82,14 @@ class RankGamma:
     def choose(self, state: object) -> int:
         return self.rank + 2
 
-    def observe(self, report: RoundReport) -> None:
+    def observe(self, report: StepReport) -> None:
         self.seen.append(report.gamma)
 
 
 def choose_worker(rank: int, world: int, result: str) -> None:
     shared = RankZeroGamma(RankGamma(rank), TensorParallel(rank, world), torch.device("cpu"))
     chosen = [shared.choose(None) for _ in range(3)]
-    shared.observe(RoundReport(chosen[0], 1, [1]))
+    shared.observe(StepReport(["r"], [chosen[0]], [1]))
     torch.save({"chosen": chosen, "seen": shared.policy.seen}, f"{result}.{rank}")
 
 
@@ -129,9 +126,7 @@ def tied_run(llm: LLM) -> dict:
     """Logits of a random batch, and greedy plain and self-speculative tokens."""
     torch.manual_seed(0)
     ids = torch.randint(3, llm.config.vocab_size, (2, 29))
-    cache = DenseKVCache.for_model(llm.model, 2, 32)
-    with torch.inference_mode():
-        out: dict = {"logits": llm.model(ids, torch.arange(29).expand(2, -1), cache)}
+    out: dict = {"logits": full_logits(llm.model, ids)}
     prompts = random_prompts(2, [40, 21], llm.config.vocab_size, seed=9)
     for name in ("plain", "self-streaming"):
         r = llm.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True), SPECS[name])

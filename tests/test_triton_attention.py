@@ -94,7 +94,7 @@ SCRIPT = textwrap.dedent('''
 
 MODEL_SCRIPT = SCRIPT.split("torch.manual_seed(0)")[0] + textwrap.dedent('''
     import os
-    from magicdec.cache.dense import DenseKVCache
+    from magicdec.cache.paged import PagedKVCache, PagedView
     from magicdec.config import ModelConfig
     from magicdec.loading.random_init import random_model
 
@@ -105,7 +105,8 @@ MODEL_SCRIPT = SCRIPT.split("torch.manual_seed(0)")[0] + textwrap.dedent('''
     pos = torch.arange(40).expand(2, -1)
 
     def run():
-        cache = DenseKVCache.for_model(model, 2, 48)
+        pool = PagedKVCache.for_model(model, 4, 64)
+        cache = PagedView(pool, torch.tensor([[2, 0], [1, 3]]))  # two rows, each its own blocks
         with torch.inference_mode():
             a = model(ids[:, :30], pos[:, :30], cache)  # a prefill chunk (SDPA)
             b = model(ids[:, 30:31], pos[:, 30:31], cache)  # a decode step

@@ -79,13 +79,14 @@ def pool_blocks(models: ModelSet, config: EngineConfig, sched: SchedulerConfig, 
     """How many KV blocks the pool gets (see `EngineConfig`): refused, with the bytes and the fix, when the
     longest request would not fit alone. Under tensor parallelism every rank gets the smallest any holds."""
     P = config.block_size
-    per_block = PagedKVCache.bytes_per_block(models.model, P) + draft_bytes
+    target_bytes = PagedKVCache.bytes_per_block(models.model, P)
+    per_block = target_bytes + draft_bytes
     if config.num_blocks is not None:
         return config.num_blocks
     lookahead = sched.max_gamma + 1
     lengths = list(config.pool_lengths) if config.pool_lengths else [max_len] * config.max_num_seqs
     want = sum(-(-(n + lookahead) // P) + sched.kept_blocks for n in lengths)
-    memory = config.kv_cache_memory
+    memory, transient = config.kv_cache_memory, 0
     if memory is None:
         if models.memory_budget is not None:  # what the weights and one prefill chunk's transients leave
             transient = prefill_transient_bytes(models.model, 1, min(sched.prefill_chunk, max_len), max_len)
@@ -97,9 +98,13 @@ def pool_blocks(models: ModelSet, config: EngineConfig, sched: SchedulerConfig, 
     if models.tp_world > 1:  # every rank's pool the same: the smallest
         blocks = agree_min(models.tp, blocks, models.device)  # type: ignore[arg-type]
     one = -(-(max(lengths) + lookahead) // P) + sched.kept_blocks  # the longest request alone
-    if blocks < one:
+    if blocks < one:  # the plan names everything the budget must hold: weights, both pools, prefill transients
         plan = models.memory_plan()
-        plan.to_allocate["KV cache"] = one * per_block
+        plan.to_allocate["target KV cache"] = one * target_bytes
+        if draft_bytes:
+            plan.to_allocate["draft KV cache"] = one * draft_bytes
+        if transient:
+            plan.to_allocate["prefill masks and expanded KV"] = transient
         plan.fix = "use shorter prompts or fewer new tokens"
         plan.check(models.device, models.memory_budget)
         raise OutOfMemoryPlan(f"the KV cache gets {blocks} blocks of {P} tokens ({fmt_bytes(per_block)} each), "

@@ -2,7 +2,8 @@
 
 Each step shares one token budget (`max_num_batched_tokens`) between
 1. the decoding requests — each one's pending token plus its γ drafts (γ chosen per request by the
-   engine's policy), taken first so that running requests produce a token every step; then
+   engine's policy, within the speculation's bound: a γ beyond it is refused), taken first so that running
+   requests produce a token every step; then
 2. prompt chunks of the requests being prefilled (oldest first), then of newly admitted ones.
 A prompt is cut into chunks at fixed positions (multiples of `prefill_chunk` from position 0), whatever
 else runs, and a chunk is never split: a prompt's prefill is then the same computation whether it runs
@@ -175,6 +176,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         decoding = [r for r in self.running if r.status is Status.DECODING]
         gammas = choose(decoding) if decoding else []
+        bound = self.config.max_gamma
+        for g in gammas:  # the pool's lookahead, the token budget and the draft were set up for this bound
+            if not 0 <= g <= bound:
+                raise ValueError(f"γ = {g} is outside 0 … {bound}: the engine was set up for rounds of at most "
+                                 f"{bound} drafts (SpecConfig's gamma bound; 0 without speculation)")
         for r, g in zip(decoding, gammas):
             if r.status is not Status.DECODING:  # preempted below for an older request
                 continue
