@@ -2,10 +2,12 @@
 
     python benchmarks/draft_choices.py [--batch 4] [--context 4096] [--budget 512] [--gamma 3] [--out FILE]
 
-Prefills one batch of Austen passages (from the second half of each novel — text the defaults were not
-tuned on, `region="tail"`) and decodes copies of it greedily with StreamingLLM self-speculation two ways:
+Serves one batch of Austen passages (from the second half of each novel — text the defaults were not
+tuned on, `region="tail"`) on one engine core: plainly first (which leaves the prompts in the prefix
+cache), then greedily with StreamingLLM self-speculation two ways:
 the draft cache's KV copied from the target's (`DraftTuning.kv_source="target"`, the default) or computed
-by the draft itself with a windowed prefill ("own"); plus SnapKV selection for reference. Prints and
+by the draft itself into a pool of its own ("own": turning it on empties the prefix cache, so its prompts
+are prefilled again, the draft's KV with them); plus SnapKV selection for reference. Prints and
 writes acceptance, tokens per verification and per-position acceptance, and checks that every run's
 tokens equal plain decoding's. Acceptance does not depend on the batch size, so a small batch suffices.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
+from magicdec.bench.grid import grid_core
 from magicdec.data import load_corpus, make_prompts
 
 CHOICES = {  # name → (drafter, where the draft cache's KV comes from)
@@ -44,24 +47,32 @@ def main() -> None:
     llm = LLM()
     prompts = make_prompts(llm.tokenizer, load_corpus("austen"), args.batch, args.context, seed=args.seed,
                            region="tail")
-    t0 = time.perf_counter()
-    batch = llm.prefill(prompts, SamplingParams(max_new_tokens=args.max_new_tokens), max_gamma=args.gamma)
-    print(f"prefill of {args.batch} × {args.context} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
-    plain = [o.token_ids for o in llm.decode(batch.fork()).outputs]  # decoding a fork keeps `batch` reusable
-    rows = []
-    for name, (drafter, kv_source) in CHOICES.items():
-        spec = SpecConfig(method="self", drafter=drafter, budget=args.budget, gamma=args.gamma,
-                          tuning=DraftTuning(kv_source=kv_source))
-        r = llm.decode(batch.fork(), spec)
-        s = r.stats
-        row = {"choice": name, "config": spec.label, "kv_source": kv_source, "acceptance": s.acceptance_rate,
-               "mean_accepted_tokens": s.mean_accepted_tokens,
-               "per_position": s.acceptance.per_position_acceptance, "draft_prefill_s": s.draft_prefill_s,
-               "matches_plain": [o.token_ids for o in r.outputs] == plain}
-        rows.append(row)
-        print(f"{name:22s} acceptance {row['acceptance']:.3f}  tokens/verification {row['mean_accepted_tokens']:.2f}"
-              f"  per position {[round(p, 2) for p in row['per_position']]}  = plain: {row['matches_plain']}",
-              flush=True)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    specs = {name: SpecConfig(method="self", drafter=drafter, budget=args.budget, gamma=args.gamma,
+                              tuning=DraftTuning(kv_source=kv_source))
+             for name, (drafter, kv_source) in CHOICES.items()}
+    core = grid_core(llm, prompts, params, list(specs.values()))  # room for the own-KV draft's pool and γ
+    try:
+        t0 = time.perf_counter()
+        plain_run = llm.run(core, prompts, params)  # its prompts stay in the prefix cache
+        print(f"plain run of {args.batch} × {args.context} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
+        plain = [o.token_ids for o in plain_run.outputs]
+        rows = []
+        for name, spec in specs.items():
+            core.set_speculation(spec)
+            r = llm.run(core, prompts, params)
+            s = r.stats
+            row = {"choice": name, "config": spec.label, "kv_source": spec.tuning.kv_source,
+                   "acceptance": s.acceptance_rate, "mean_accepted_tokens": s.mean_accepted_tokens,
+                   "per_position": s.acceptance.per_position_acceptance, "prefill_s": s.prefill_s,
+                   "prefix_cached_tokens": s.extra["prefix_cached_tokens"],
+                   "matches_plain": [o.token_ids for o in r.outputs] == plain}
+            rows.append(row)
+            print(f"{name:22s} acceptance {row['acceptance']:.3f}  tokens/verification "
+                  f"{row['mean_accepted_tokens']:.2f}  per position {[round(p, 2) for p in row['per_position']]}"
+                  f"  = plain: {row['matches_plain']}", flush=True)
+    finally:
+        core.close()
     if args.out:
         record = {"command": vars(args) | {"out": str(args.out)}, "date": time.strftime("%Y-%m-%d"),
                   "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",

@@ -1,18 +1,27 @@
-"""GPU check: correctness and step times on one GPU, in one call (< 4 minutes on an H100).
+"""GPU check: correctness and step times on one GPU, through the engine, in one call (< 4 minutes on an H100).
 
     python benchmarks/gpu_check.py [--quick] [--out DIR]      # JSON goes to $OUT (or --out) if set
+    python benchmarks/gpu_check.py --dry-run                  # the script itself, on the CPU, small shapes
 
-1. Correctness: GPU bf16 logits against a CPU float32 reference on a small random config (prefill
-   chunk through SDPA, decode and verification blocks through the Triton kernel); greedy identity of
-   speculative and plain decoding on small random models (self StreamingLLM, SnapKV, draft model).
-2. Step times for the Llama-3.1-8B shape with random weights: T_T, T_V(γ = 1..4), T_D for self
-   speculation over a StreamingLLM-512 cache and for a Llama-3.2-1B-shaped draft with a 512 budget,
-   each against the bandwidth bound (weights + KV bytes over the measured copy bandwidth).
+Everything runs on the one engine core (`EngineConfig(cuda_graphs=True)` on CUDA: the paged KV cache, the
+paged attention kernel, decode-shaped forwards replayed as CUDA graphs).
+1. Correctness: GPU bf16 logits against a CPU float32 reference on a small random config over the paged
+   cache (prefill chunk through SDPA, decode and verification blocks through the paged Triton kernel);
+   greedy identity of speculative and plain decoding through the engine on small random models (self
+   StreamingLLM, SnapKV, draft model).
+2. Step times for the Llama-3.1-8B shape with random weights, over random-KV requests
+   (`magicdec.bench.profile`): T_T = one whole plain engine step (graph replay, sampling, bookkeeping),
+   T_V(γ = 1..4) and T_D the engine's verification and draft forwards, for self speculation over a
+   StreamingLLM-512 view and for a Llama-3.2-1B-shaped draft model with a 512 budget (its own paged pool),
+   each against the bandwidth bound (weights + KV bytes over the measured copy bandwidth; the target
+   should be ≥ 90% of it wherever B × context ≥ 128K).
 2b. Attention kernels alone, one layer of the Llama-3.1-8B shape at (8, 32K), T = 1 and 4: the dense
    split-KV kernel and the paged one (pages of 64 slots in shuffled order; with and without block scores),
    each against the bandwidth bound of its KV bytes, and the paged output against the dense one.
-3. End to end: speculative throughput with synthetic acceptance 0.8 against plain decoding at
-   (8, 32K) and (32, 8K), next to the cost model's prediction from the measured step times.
+3. End to end through the engine: self-speculative throughput with synthetic acceptance 0.8 against plain
+   decoding at (8, 32K) and (32, 8K) (random-KV requests, the steady state: every request decoding), next
+   to the cost model's prediction from the measured step times and to the deleted static path's last
+   figure (`STATIC_PATH`).
 Every section records its own errors and the script goes on, so one failure does not lose the rest.
 """
 
@@ -34,23 +43,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig  # noqa: E402
-from magicdec.bench.compare import compare, decode_timed  # noqa: E402
-from magicdec.bench.profile import fill_random, random_batch  # noqa: E402
+from magicdec.bench.compare import compare  # noqa: E402
+from magicdec.bench.profile import measure_point  # noqa: E402
 from magicdec.bench.synthetic import synthetic_verifier  # noqa: E402
-from magicdec.cache.dense import DenseKVCache  # noqa: E402
-from magicdec.cache.sparse import SparseKVCache  # noqa: E402
+from magicdec.cache.paged import PagedKVCache, PagedView  # noqa: E402
 from magicdec.config import ModelConfig  # noqa: E402
 from magicdec.costmodel import omega, resolve_model  # noqa: E402
 from magicdec.engine.outputs import RunStats  # noqa: E402
 from magicdec.kernels import cpu as cpu_kernels  # noqa: E402
 from magicdec.loading.random_init import random_loaded_model, random_model  # noqa: E402
-from magicdec.runtime.runner import ModelRunner  # noqa: E402
 
 POINTS = [(1, 32768), (8, 32768), (16, 16384), (32, 8192), (64, 6144), (128, 3072), (256, 1536)]
 E2E_POINTS = [(8, 32768), (32, 8192)]
 GAMMAS = [1, 2, 3, 4]
 BUDGET, SINKS = 512, 16
 ALPHA = 0.8
+PAGE = 64  # the engine's KV block
+# the static path's last end-to-end speedups (steady state, synthetic α 0.8, self StreamingLLM-512) by γ, at
+# commit 8e8f5a9 on an H100 (benchmarks/results/gpu_check_h100.json), before the engine replaced it
+STATIC_PATH = {(8, 32768): {2: 1.316, 3: 1.286, 4: 1.256}, (32, 8192): {2: 1.308, 3: 1.233, 4: 1.220}}
 DEADLINE_S = 215  # stop starting new timing points after this (the whole check must stay < 4 min)
 
 RESULT: dict[str, Any] = {"errors": []}
@@ -156,13 +167,16 @@ def logits_vs_cpu() -> None:
     ids = torch.randint(0, SMALL.vocab_size, (B, P + 12), generator=g)
     res = {}
     for dev, model in (("cpu", cpu), (DEV, gpu)):
-        cache = DenseKVCache.for_model(model, B, P + 16)
+        nb = -(-(P + 16) // PAGE)  # each row's blocks, in a shuffled pool as the engine's
+        cache = PagedKVCache.for_model(model, B * nb, PAGE)
+        order = torch.randperm(B * nb, generator=torch.Generator().manual_seed(1)).view(B, nb).tolist()
+        view = PagedView(cache, cache.table(order))
         x = ids.to(dev)
         pos = torch.arange(P + 12, device=dev).expand(B, -1)
         with torch.inference_mode():
-            pre = model(x[:, :P], pos[:, :P], cache)[:, -1]  # a prefill chunk: SDPA
-            dec = [model(x[:, P + i : P + i + 1], pos[:, P + i : P + i + 1], cache)[:, 0] for i in range(8)]
-            ver = model(x[:, P + 8 : P + 12], pos[:, P + 8 : P + 12], cache)  # a verify block: T = 4
+            pre = model(x[:, :P], pos[:, :P], view)[:, -1]  # a prefill chunk: SDPA
+            dec = [model(x[:, P + i : P + i + 1], pos[:, P + i : P + i + 1], view)[:, 0] for i in range(8)]
+            ver = model(x[:, P + 8 : P + 12], pos[:, P + 8 : P + 12], view)  # a verify block: T = 4
         res["gpu" if model is gpu else "cpu"] = (pre, torch.stack(dec, 1), ver)
     errs = {name: rel(res["gpu"][i], res["cpu"][i]) for i, name in enumerate(("prefill", "decode", "verify"))}
     RESULT["logits_vs_cpu"] = {"relative_error": errs, "pass": all(e < 3e-2 for e in errs.values())}
@@ -207,67 +221,50 @@ def shapes() -> tuple[ModelConfig, ModelConfig, list[tuple[int, int]], list[tupl
     return small, small.with_(n_layers=4), [(2, 1024), (1, 2048)], [(2, 1024)], torch.float32
 
 
+def cuda_graphs() -> bool | None:
+    """The engine's CUDA graphs: on for the GPU check (a dry run: the CPU's default, none)."""
+    return True if DEV == "cuda" else None
+
+
 @section("step_times")
 def step_times(bw: float, quick: bool) -> None:
     target_cfg, draft_cfg, points, _, dt = shapes()
-    models = {"target": (target_cfg, random_model(target_cfg, DEV, dt, seed=0)),
-              "1b": (draft_cfg, random_model(draft_cfg, DEV, dt, seed=1))}
+    llm = LLM(loaded=random_loaded_model(target_cfg, DEV, dt, seed=0))
+    llm.add_draft_model("random-1b", random_loaded_model(draft_cfg, DEV, dt, seed=1))
     rows: list[dict[str, Any]] = []
     RESULT["step_times"] = rows
     for B, ctx in points[:3] if quick else points:
         if time.time() - START > DEADLINE_S:
             RESULT["errors"].append({"section": "step_times", "error": f"deadline: skipped ({B}, {ctx}) and later"})
             break
-        rows.append(time_point(models, B, ctx, bw, dt))
+        rows.append(time_point(llm, draft_cfg, B, ctx, bw, dt))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
-
-
-def time_point(models: dict[str, tuple[ModelConfig, Any]], B: int, ctx: int, bw: float,
-               dt: torch.dtype) -> dict[str, Any]:
-    """T_T, T_V(γ) and both T_D at one (batch, context), each against its bandwidth bound."""
-    target_cfg = models["target"][0]
-    ids = torch.randint(0, target_cfg.vocab_size, (B, 5), device=DEV)
-    pos = ctx + torch.arange(5, device=DEV).expand(B, -1)
-    row: dict[str, Any] = {"batch": B, "context": ctx, **time_target(models["target"], ids, pos, bw, dt)}
-    empty_cache()  # the target cache is gone before the drafts' caches are made
-    for name, key in (("self", "target"), ("1b", "1b")):
-        row.update(time_draft(name, models[key], ids, pos, bw, dt))
         empty_cache()
+
+
+def time_point(llm: LLM, draft_cfg: ModelConfig, B: int, ctx: int, bw: float, dt: torch.dtype) -> dict[str, Any]:
+    """T_T, T_V(γ) and both T_D at one (batch, context) through the engine, each against its bandwidth bound."""
+    cfg = llm.config
+    self_spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=max(GAMMAS))
+    ms = {(r["kind"], r["gamma"]): r["seconds"] * 1e3
+          for r in measure_point(llm, B, ctx, GAMMAS, self_spec, repeats=10, steps=4,
+                                 kinds=("target", "verify", "draft"), cuda_graphs=cuda_graphs())}
+    empty_cache()  # the target's pool is gone before the draft model's core is made
+    draft_spec = SpecConfig(method="draft", draft_model="random-1b", budget=BUDGET, sinks=SINKS, gamma=1)
+    ms_1b = next(r["seconds"] * 1e3 for r in measure_point(llm, B, ctx, [1], draft_spec, repeats=10,
+                                                           kinds=("draft",), cuda_graphs=cuda_graphs()))
+    row: dict[str, Any] = {"batch": B, "context": ctx, "t_target_ms": ms["target", 0],
+                           **{f"t_verify_{g}_ms": ms["verify", g] for g in GAMMAS}}
+    row["bound_target_ms"] = (cfg.weight_bytes(dt.itemsize) + kv_bytes(cfg, B * ctx, dt)) / bw * 1e3
+    row["target_fraction_of_bound"] = row["bound_target_ms"] / row["t_target_ms"]
+    for name, c, t in (("self", cfg, ms["draft", 0]), ("1b", draft_cfg, ms_1b)):
+        row[f"t_draft_{name}_ms"] = t
+        row[f"bound_draft_{name}_ms"] = (c.weight_bytes(dt.itemsize) + kv_bytes(c, B * min(BUDGET, ctx), dt)) / bw * 1e3
     tt = row["t_target_ms"]
     row["verify3_over_target"] = row["t_verify_3_ms"] / tt
     row["draft_self_over_target"] = row["t_draft_self_ms"] / tt
     row["draft_1b_over_target"] = row["t_draft_1b_ms"] / tt
     return row
-
-
-def time_target(model: tuple[ModelConfig, Any], ids: torch.Tensor, pos: torch.Tensor, bw: float,
-                dt: torch.dtype) -> dict[str, float]:
-    cfg, target = model
-    B, ctx = ids.shape[0], int(pos[0, 0])
-    runner = ModelRunner(target)
-    cache = DenseKVCache.for_model(target, B, ctx + 8)
-    fill_random(cache, ctx)
-    row = {"t_target_ms": device_time(lambda: runner(ids[:, :1], pos[:, :1], cache)) * 1e3}
-    for g in GAMMAS:
-        row[f"t_verify_{g}_ms"] = device_time(lambda g=g: runner(ids[:, : g + 1], pos[:, : g + 1], cache)) * 1e3
-    row["bound_target_ms"] = (cfg.weight_bytes(dt.itemsize) + kv_bytes(cfg, B * ctx, dt)) / bw * 1e3
-    row["target_fraction_of_bound"] = row["bound_target_ms"] / row["t_target_ms"]
-    runner.release()
-    return row
-
-
-def time_draft(name: str, model: tuple[ModelConfig, Any], ids: torch.Tensor, pos: torch.Tensor, bw: float,
-               dt: torch.dtype) -> dict[str, float]:
-    cfg, draft = model
-    B, ctx = ids.shape[0], int(pos[0, 0])
-    runner = ModelRunner(draft)
-    cache = SparseKVCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, SINKS, BUDGET - SINKS, 10,
-                          cfg.group_size, dt, DEV)
-    fill_random(cache, ctx)
-    t = device_time(lambda: runner(ids[:, :1], pos[:, :1], cache))
-    runner.release()
-    bound = (cfg.weight_bytes(dt.itemsize) + kv_bytes(cfg, B * min(BUDGET, ctx), dt)) / bw
-    return {f"t_draft_{name}_ms": t * 1e3, f"bound_draft_{name}_ms": bound * 1e3}
 
 
 ATTENTION_POINTS = [(8, 32768)]  # batch × context ≥ 128K: the KV read dominates the launch
@@ -347,18 +344,7 @@ def attention_point(B: int, ctx: int, Hq: int, Hkv: int, D: int, P: int, dt: tor
     return rows
 
 
-def decoder(llm: LLM, B: int, ctx: int) -> Any:
-    synthetic = synthetic_verifier(ALPHA)
-
-    def run(spec: SpecConfig | None) -> RunStats:
-        # a fresh random batch per run, decoded in place: a forked copy of a 32 GB cache would not fit beside it
-        batch = random_batch(llm, B, ctx, 64, 8)
-        stats = decode_timed(llm, batch, spec, synthetic if spec is not None else None).stats
-        del batch
-        empty_cache()
-        return stats
-
-    return run
+NEW_TOKENS = 64  # per request in an end-to-end run
 
 
 @section("end_to_end")
@@ -369,34 +355,46 @@ def end_to_end(quick: bool) -> None:
     rows = []
     RESULT["end_to_end"] = rows
     steps = {(r["batch"], r["context"]): r for r in RESULT.get("step_times", [])}
+    synthetic = synthetic_verifier(ALPHA)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     for B, ctx in e2e_points[:1] if quick else e2e_points:
         res: dict[str, Any] = {"batch": B, "context": ctx, "alpha": ALPHA}
+        ids = [[3 + i] * ctx for i in range(B)]  # random-KV requests: their prompts' KV is random, not prefilled
+        core = llm.core_for(ids, params, SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=4),
+                            enable_prefix_caching=False, cuda_graphs=cuda_graphs())
 
-        run = decoder(llm, B, ctx)
-        run(None)  # warm-up: compiles and captures the plain step
-        for gamma in (2, 3, 4):
-            spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=gamma)
-            run(spec)  # warm-up
-            spec_s, plain_s = run(spec), run(None)
-            spec_steady, plain_steady = (s.extra["steady_tokens_per_s"] for s in (spec_s, plain_s))
-            measured = spec_steady / plain_steady
-            rounds = spec_s.acceptance.rounds / B
-            entry: dict[str, Any] = {
-                "speedup": measured, "speedup_all_tokens": plain_s.seconds_per_token / spec_s.seconds_per_token,
-                "acceptance": spec_s.acceptance_rate, "mean_accepted_tokens": spec_s.mean_accepted_tokens,
-                "spec_steady_tok_s": spec_steady, "plain_steady_tok_s": plain_steady,
-                "round_ms": spec_s.decode_s / rounds * 1e3, "draft_ms_per_round": spec_s.draft_s / rounds * 1e3,
-                "verify_ms_per_round": spec_s.verify_s / rounds * 1e3, "plain_step_ms": plain_s.decode_s / 64 * 1e3,
-                "graph_capture_s": spec_s.extra.get("graph_capture_s", 0.0)}
-            st = steps.get((B, ctx))
-            if st:  # Eq. 1 with the measured step times and the measured tokens per round
-                tt, tv, td = st["t_target_ms"], st[f"t_verify_{gamma}_ms"], st["t_draft_self_ms"]
-                entry["predicted_from_step_times"] = spec_s.mean_accepted_tokens / ((gamma * td + tv) / tt)
-                entry["predicted_with_expected_omega"] = omega(gamma, ALPHA) / ((gamma * td + tv) / tt)
-                entry["error"] = measured / entry["predicted_with_expected_omega"] - 1
-                entry["error_with_measured_omega"] = measured / entry["predicted_from_step_times"] - 1
-            res[f"gamma_{gamma}"] = entry
-        llm.runner.release()
+        def run(spec: SpecConfig | None, core: Any = core, ids: list[list[int]] = ids) -> RunStats:
+            core.set_speculation(spec, verifier=synthetic if spec is not None else None)
+            return llm.run(core, ids, params, random_kv=True).stats
+
+        try:
+            run(None)  # warm-up: compiles and captures the plain step
+            for gamma in (2, 3, 4):
+                spec = SpecConfig(method="self", budget=BUDGET, sinks=SINKS, gamma=gamma)
+                run(spec)  # warm-up
+                spec_s, plain_s = run(spec), run(None)
+                spec_steady, plain_steady = (s.extra["steady_tokens_per_s"] for s in (spec_s, plain_s))
+                measured = spec_steady / plain_steady
+                rounds = spec_s.acceptance.rounds / B
+                entry: dict[str, Any] = {
+                    "speedup": measured, "speedup_all_tokens": plain_s.seconds_per_token / spec_s.seconds_per_token,
+                    "static_path_speedup": STATIC_PATH.get((B, ctx), {}).get(gamma),
+                    "acceptance": spec_s.acceptance_rate, "mean_accepted_tokens": spec_s.mean_accepted_tokens,
+                    "spec_steady_tok_s": spec_steady, "plain_steady_tok_s": plain_steady,
+                    "round_ms": spec_s.decode_s / rounds * 1e3, "draft_ms_per_round": spec_s.draft_s / rounds * 1e3,
+                    "verify_ms_per_round": spec_s.verify_s / rounds * 1e3,
+                    "plain_step_ms": plain_s.decode_s / (NEW_TOKENS - 1) * 1e3,
+                    "graph_capture_s": core.graphs.capture_s}
+                st = steps.get((B, ctx))
+                if st:  # Eq. 1 with the measured step times and the measured tokens per round
+                    tt, tv, td = st["t_target_ms"], st[f"t_verify_{gamma}_ms"], st["t_draft_self_ms"]
+                    entry["predicted_from_step_times"] = spec_s.mean_accepted_tokens / ((gamma * td + tv) / tt)
+                    entry["predicted_with_expected_omega"] = omega(gamma, ALPHA) / ((gamma * td + tv) / tt)
+                    entry["error"] = measured / entry["predicted_with_expected_omega"] - 1
+                    entry["error_with_measured_omega"] = measured / entry["predicted_from_step_times"] - 1
+                res[f"gamma_{gamma}"] = entry
+        finally:
+            core.close()
         empty_cache()
         rows.append(res)
         print(json.dumps(res), flush=True)
@@ -405,7 +403,7 @@ def end_to_end(quick: bool) -> None:
 @section("diagnostics")
 def diagnostics(bw: float) -> None:
     """Where the time goes: linear layers of the 8B shape at growing row counts, and the GPU kernels of
-    one eager decode step and one verification at (8, 32K), by total time."""
+    one eager decode step and one verification over the paged cache at (8, 32K), by total time."""
     target_cfg, _, _, _, dt = shapes()
     if DEV != "cuda":
         return
@@ -428,15 +426,18 @@ def diagnostics(bw: float) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     for B, ctx, T in ((8, 32768, 1), (8, 32768, 4), (256, 1536, 1)):
-        cache = DenseKVCache.for_model(model, B, ctx + 8)
-        fill_random(cache, ctx)
+        nb = -(-(ctx + 8) // PAGE)
+        cache = PagedKVCache.for_model(model, B * nb, PAGE)
+        for buf in (cache.k, cache.v):
+            buf.normal_(0, 0.5)  # random keys and values: step costs do not depend on them
+        view = PagedView(cache, torch.randperm(B * nb, device=DEV).view(B, nb))
         ids = torch.randint(0, target_cfg.vocab_size, (B, T), device=DEV)
         pos = ctx + torch.arange(T, device=DEV).expand(B, -1)
         with torch.inference_mode():
-            model(ids, pos, cache)
+            model(ids, pos, view)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                model(ids, pos, cache)
+                model(ids, pos, view)
                 torch.cuda.synchronize()
         rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]
         key = f"B{B}_ctx{ctx}_T{T}"

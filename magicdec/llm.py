@@ -141,15 +141,16 @@ class LLM:
             core.close()
 
     def run(self, core: EngineCore, ids: list[list[int]], params: SamplingParams,
-            progress: bool = False) -> GenerationResult:
+            progress: bool = False, random_kv: bool = False) -> GenerationResult:
         """Queue every prompt in `core`, step until all have finished; outputs in the prompts' order. A seeded
         `params` gives prompt i the seed `seed + i`. Prefill time is the steps' prefill chunks, decode time the
         rest (graph captures excluded); `steady_tokens_per_s` counts the steps where every request decoded and
-        none prefilled."""
+        none prefilled. `random_kv`: the prompts' KV is random, not prefilled (systems benchmarks; see
+        `EngineCore.add_request`)."""
         spec = core.spec or SpecConfig()
         rows = len(ids)
-        order = [core.add_request(p, replace(params, seed=None if params.seed is None else params.seed + i))
-                 for i, p in enumerate(ids)]
+        order = [core.add_request(p, replace(params, seed=None if params.seed is None else params.seed + i),
+                                  random_kv=random_kv) for i, p in enumerate(ids)]
         stats = RunStats(batch=rows, prompt_tokens=sum(map(len, ids)), method=spec.method)
         final: dict[str, StepOutput] = {}
         steady_s, steady_tokens = 0.0, 0

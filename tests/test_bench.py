@@ -1,5 +1,6 @@
 """`magicdec bench` end to end on a tiny random model: files, record fields, synthetic labels, the
-transformers peer, prefix prefill, argument parsing and PG-19 skipping."""
+transformers peer, the grid's warm prefix cache, argument parsing and PG-19 skipping; `bench trace`'s
+continuous and static batching on the engine."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from magicdec import LLM, Auto, SamplingParams
-from magicdec.bench import Grid, prefix_batch, read_jsonl
+from magicdec import LLM, Auto, SamplingParams, SpecConfig
+from magicdec.bench.grid import Grid, grid_core
+from magicdec.bench.report import read_jsonl
 from magicdec.cli import bench
 from magicdec.cli.args import parse_count, parse_gamma
 
@@ -68,19 +71,28 @@ def test_parsing() -> None:
                                                  "draft-streaming-96-g3", "draft-full-g3"]
 
 
-def test_prefix_prefill_matches_fresh_prefill(tiny_llm: LLM) -> None:
-    """Each context's first token comes from its own last prompt position: decoding from a stage of the
-    prefix prefill gives what a fresh prefill of the prefixes gives."""
+def test_grid_points_decode_from_the_warm_prefix_cache(tiny_dir: Path) -> None:
+    """A grid point's runs find the prompts' whole chunks in the prefix cache that the point's one-token
+    plain run left there, and give what fresh `generate` calls give, plain and speculative, at each context."""
+    llm = LLM(tiny_dir, device="cpu", prefill_chunk=64)
     g = random.Random(1)
-    prompts = [[g.randrange(3, 384) for _ in range(96)] for _ in range(2)]
+    prompts = [[g.randrange(3, 384) for _ in range(200)] for _ in range(2)]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    pre = prefix_batch(tiny_llm, prompts, params, max_gamma=4)
-    for context in (40, 96):
-        ours = tiny_llm.decode(pre.prefill(tiny_llm.model, tiny_llm.prefill_chunk, until=context).fork())
-        fresh = tiny_llm.generate([p[:context] for p in prompts], params)
-        assert [o.token_ids for o in ours.outputs] == [o.token_ids for o in fresh.outputs]
-    with pytest.raises(ValueError):
-        pre.prefill(tiny_llm.model, tiny_llm.prefill_chunk, until=50)
+    spec = SpecConfig(method="self", budget=96, sinks=4, gamma=3)
+    core = grid_core(llm, prompts, params, [spec])
+    try:
+        for context in (40, 200):
+            ids = [p[:context] for p in prompts]
+            core.set_speculation(None)
+            llm.run(core, ids, replace(params, max_new_tokens=1))  # the point's prefill
+            for s in (None, spec):
+                core.set_speculation(s)
+                warm = llm.run(core, ids, params)
+                fresh = llm.generate(ids, params)
+                assert [o.token_ids for o in warm.outputs] == [o.token_ids for o in fresh.outputs]
+                assert warm.stats.extra["prefix_cached_tokens"] == (2 * 192 if context == 200 else 0)
+    finally:
+        core.close()
 
 
 def test_bench_end_to_end_with_hf_peer(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
@@ -156,8 +168,9 @@ TRACE_SUMMARY_FIELDS = {"config", "requests", "output_tokens", "makespan_s", "ou
 
 
 def test_trace_end_to_end(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
-    """6 requests, closed loop at concurrency 3, through plain, self (γ 2) and static batching: the
-    records, the summaries, identical greedy outputs across the engine's configurations, the files."""
+    """6 requests, closed loop at concurrency 3, through plain, self (γ 2) and static batching, all on the
+    engine: the records, the summaries, identical greedy outputs across the configurations, static batches
+    that admit nobody once started, the files."""
     from magicdec.bench.trace import read_results
 
     out = tmp_path / "trace"
@@ -186,9 +199,15 @@ def test_trace_end_to_end(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
             assert r["ttft_s"] > 0 and r["e2e_s"] >= r["ttft_s"] and r["tpot_s"] > 0
             assert r["itl_max_s"] == max(r["itl_s"]) and r["e2e_s"] - r["ttft_s"] >= r["itl_max_s"] - 1e-9
         assert sum(r["arrival_s"] == 0 for r in recs) == 3  # closed loop: 3 at once, then one per finish
-    # exactness: the engine's greedy tokens with speculation equal plain continuous batching's
-    assert [r["tokens_sha1"] for r in by["self-g2"]] == [r["tokens_sha1"] for r in by["plain"]]
-    assert all(r["matches_reference"] for r in by["self-g2"]) and by["plain"][0]["matches_reference"] is None
+    # exactness: the engine's greedy tokens with speculation, and in static batches, equal plain continuous batching's
+    for c in ("self-g2", "static"):
+        assert [r["tokens_sha1"] for r in by[c]] == [r["tokens_sha1"] for r in by["plain"]]
+        assert all(r["matches_reference"] for r in by[c])
+    assert by["plain"][0]["matches_reference"] is None
+    # static batching: requests 3-5 arrive as 0-2 finish, but start only once the whole first batch is done
+    first, second = by["static"][:3], by["static"][3:]
+    assert min(r["first_token_s"] for r in second) >= max(r["finished_s"] for r in first)
+    assert min(r["arrival_s"] for r in second) < max(r["finished_s"] for r in first)  # (one waited)
     assert any(r["draft_tokens"] for r in by["self-g2"]) and by["plain"][0]["acceptance_rate"] is None
     s = {x["config"]: x for x in summaries}
     for x in summaries:
@@ -199,7 +218,8 @@ def test_trace_end_to_end(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
             assert d["p50"] <= d["p90"] <= d["p99"] and d["mean"] > 0
     assert s["plain"]["throughput_vs_plain"] == 1.0 and s["self-g2"]["throughput_vs_plain"] > 0
     assert s["self-g2"]["matches_reference"] is True and s["self-g2"]["reference"] == "plain"
-    assert s["plain"]["no_leaks"] is True and s["self-g2"]["no_leaks"] is True and s["static"]["no_leaks"] is None
+    assert s["plain"]["no_leaks"] and s["self-g2"]["no_leaks"] and s["static"]["no_leaks"]
+    assert s["static"]["matches_reference"] is True and s["static"]["prefix_cache_hit_rate"] is not None
     assert 0 < s["self-g2"]["acceptance_rate"] <= 1 and s["static"]["gamma"] == "auto"  # (auto may pick γ 0)
     assert s["static"]["batches"] == 2 and s["static"]["gamma_counts"] and s["self-g2"]["gamma_counts"]
     assert s["plain"]["prefix_cache_hit_rate"] is not None and list(s["plain"]["gamma_counts"]) == ["0"]

@@ -29,6 +29,7 @@ from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import SpecConfig
 
 SYNTHETIC_ALPHA = 0.8
+KINDS = ("target", "verify", "draft", "round")
 
 
 def _sync(device: torch.device) -> None:
@@ -73,32 +74,55 @@ def step_seconds(core: EngineCore, batch: int, context: int, tokens: int) -> lis
 
 
 def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: SpecConfig, repeats: int = 3,
-                  steps: int = 6) -> Iterator[dict[str, Any]]:
-    """Yield the "target", "verify", "draft" and "round" records of one (batch, context) point."""
-    dev = llm.device
+                  steps: int = 6, kinds: tuple[str, ...] = KINDS,
+                  cuda_graphs: bool | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the records of one (batch, context) point: of each of `kinds` ("target", "verify", "draft",
+    "round"), in that order. `cuda_graphs`: the engine's (None: on CUDA unless MAGICDEC_CUDA_GRAPHS=0)."""
+    bad = set(kinds) - set(KINDS)
+    if bad:
+        raise ValueError(f"unknown step kind {sorted(bad)[0]!r}: choose among {', '.join(KINDS)}")
     max_gamma = max(gammas)
     lengths = [context + steps * (max_gamma + 1) + 1] * batch
     core = llm.core(llm.engine_config(replace(spec, gamma=max_gamma), max_num_seqs=batch,
                                       max_num_batched_tokens=batch * (max_gamma + 1) + llm.prefill_chunk,
                                       max_model_len=max(lengths), pool_lengths=tuple(lengths),
-                                      enable_prefix_caching=False))
+                                      enable_prefix_caching=False, cuda_graphs=cuda_graphs))
     point = {"batch": batch, "context": context}
     try:
-        core.set_speculation(None)
-        plain = step_seconds(core, batch, context, steps * (repeats + 1))
-        yield {**point, "kind": "target", "gamma": 0, "seconds": statistics.median(plain[steps:])}
+        if "target" in kinds:
+            core.set_speculation(None)
+            plain = step_seconds(core, batch, context, steps * (repeats + 1))
+            yield {**point, "kind": "target", "gamma": 0, "seconds": statistics.median(plain[steps:])}
+        if "verify" in kinds or "draft" in kinds:
+            yield from forward_records(core, point, gammas, spec, repeats, kinds)
+        for g in gammas if "round" in kinds else []:
+            core.set_speculation(replace(spec, gamma=g), verifier=synthetic_verifier(SYNTHETIC_ALPHA))
+            rounds = step_seconds(core, batch, context, steps * (g + 1) * (repeats + 1))
+            warm = rounds[min(steps, len(rounds) - 1) :]
+            yield {**point, "kind": "round", "gamma": g, "seconds": statistics.median(warm)}
+    finally:
+        core.close()
 
-        # the forwards the engine runs (CUDA-graph replays on CUDA), on the same inputs
-        core.set_speculation(replace(spec, gamma=max_gamma))
-        rows = [core.requests[r] for r in random_requests(core, batch, context, max_gamma + 2)]
-        table = core.cache.table([r.blocks for r in rows])
-        ids = torch.tensor([[3] * (max_gamma + 1)] * batch, device=dev)
-        pos = torch.arange(context, context + max_gamma + 1, device=dev).expand(batch, -1)
-        with torch.inference_mode():
-            for g in gammas:
-                secs = timed(lambda g=g: core.graphs(ids[:, : g + 1], pos[:, : g + 1], PagedView(core.cache, table))
-                             .argmax(-1), dev, repeats)
-                yield {**point, "kind": "verify", "gamma": g, "seconds": secs}
+
+def forward_records(core: EngineCore, point: dict[str, Any], gammas: list[int], spec: SpecConfig, repeats: int,
+                    kinds: tuple[str, ...] = ("verify", "draft")) -> Iterator[dict[str, Any]]:
+    """The "verify" records (a target forward of γ+1 tokens per sequence, for each γ) and the "draft" one (a
+    draft forward of 1 token per sequence): the forwards the engine runs (CUDA-graph replays on CUDA), over
+    random-KV requests at the point's context."""
+    batch, context = point["batch"], point["context"]
+    dev = core.model.device
+    max_gamma = max(gammas)
+    core.set_speculation(replace(spec, gamma=max_gamma))
+    rows = [core.requests[r] for r in random_requests(core, batch, context, max_gamma + 2)]
+    table = core.cache.table([r.blocks for r in rows])
+    ids = torch.tensor([[3] * (max_gamma + 1)] * batch, device=dev)
+    pos = torch.arange(context, context + max_gamma + 1, device=dev).expand(batch, -1)
+    with torch.inference_mode():
+        for g in gammas if "verify" in kinds else []:
+            secs = timed(lambda g=g: core.graphs(ids[:, : g + 1], pos[:, : g + 1], PagedView(core.cache, table))
+                         .argmax(-1), dev, repeats)
+            yield {**point, "kind": "verify", "gamma": g, "seconds": secs}
+        if "draft" in kinds:
             drafter = core.runner.drafter
             assert drafter is not None
             start = [r.computed for r in rows]
@@ -107,18 +131,9 @@ def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: S
             secs = timed(lambda: drafter.forward(ids[:, :1], pos[:, :1], view, logits_index=index).argmax(-1),
                          dev, repeats)
             yield {**point, "kind": "draft", "gamma": 0, "seconds": secs}
-        for r in rows:
-            core.abort_request(r.request_id)
-        core.step()
-
-        synthetic = synthetic_verifier(SYNTHETIC_ALPHA)
-        for g in gammas:
-            core.set_speculation(replace(spec, gamma=g), verifier=synthetic)
-            rounds = step_seconds(core, batch, context, steps * (g + 1) * (repeats + 1))
-            warm = rounds[min(steps, len(rounds) - 1) :]
-            yield {**point, "kind": "round", "gamma": g, "seconds": statistics.median(warm)}
-    finally:
-        core.close()
+    for r in rows:
+        core.abort_request(r.request_id)
+    core.step()
 
 
 def measure(llm: LLM, batches: list[int], contexts: list[int], gammas: list[int], spec: SpecConfig,
