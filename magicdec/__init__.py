@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from magicdec.config import ModelConfig
     from magicdec.engine.config import EngineConfig
-    from magicdec.engine.outputs import Acceptance, GenerationResult, RunStats
-    from magicdec.engine.request import StepOutput
+    from magicdec.engine.outputs import Acceptance, GenerationResult, RunStats, StepOutput
     from magicdec.llm import LLM, PromptError
     from magicdec.loading import LoadError, load_model
     from magicdec.runtime.sampling import SamplingParams

@@ -23,8 +23,7 @@ from tqdm import tqdm
 from magicdec.engine.config import EngineConfig
 from magicdec.engine.core import EngineCore
 from magicdec.engine.models import ModelSet, Prompt, PromptError
-from magicdec.engine.outputs import GenerationResult, RunStats
-from magicdec.engine.request import StepOutput
+from magicdec.engine.outputs import GenerationResult, RunStats, StepOutput
 from magicdec.loading import LoadedModel
 from magicdec.parallel.tp import TensorParallel
 from magicdec.runtime.sampling import SamplingParams

@@ -163,8 +163,8 @@ def test_request_gamma_verifies_only_the_positions_that_pay() -> None:
     rs = [req("good"), req("poor"), req("fixed", 2), req("ending", remaining=2)]
     assert policy.choose(rs) == [3, 3, 2, 1]  # no measurements yet: γ*; overrides; never past the end
     for _ in range(30):  # "good" accepts everything, "poor" nothing after its first position half the time
-        policy.observe(SimpleNamespace(request_ids=["good", "poor"], gammas=[3, 3], accepted=[3, 0], new_tokens=5,
-                                       seconds=0.1, draft_s=0.05, verify_s=0.04, other_s=0.01))
+        policy.observe(StepReport(request_ids=["good", "poor"], gammas=[3, 3], accepted=[3, 0], new_tokens=5,
+                                  seconds=0.1, draft_s=0.05, verify_s=0.04, other_s=0.01))
     good, poor = policy.choose(rs[:2])
     assert good == 3 and poor == 0  # α_poor ≈ 0: its first position (≈ α) is below the threshold 0.3
     assert batch.seen[-1].gammas == [3, 3] and batch.seen[-1].accepted == [3, 0]  # the batch sees every row

@@ -21,8 +21,7 @@ import magicdec.spec.draft as draft_module
 from conftest import random_prompts, spawn_ranks, tiny_config, write_checkpoint
 from magicdec import LLM, DraftTuning, Engine, SamplingParams, SpecConfig
 from magicdec.cache.memory import prefill_transient_bytes
-from magicdec.engine.outputs import Acceptance, RunStats
-from magicdec.engine.request import StepOutput
+from magicdec.engine.outputs import Acceptance, RunStats, StepOutput
 from magicdec.llm import PromptError
 from magicdec.parallel.tp import RankZeroGamma, TensorParallel
 

@@ -28,7 +28,8 @@ def repeating(tiny_llm: LLM) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def plain(tiny_llm: LLM, repeating: list[list[int]]) -> list[list[int]]:
-    return [o.token_ids for o in tiny_llm.generate(repeating, SamplingParams(max_new_tokens=40, ignore_eos=True)).outputs]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    return [o.token_ids for o in tiny_llm.generate(repeating, params).outputs]
 
 
 @pytest.mark.parametrize("spec", [NGRAM, SUFFIX, HYBRID, HYBRID_NGRAM], ids=lambda s: s.label)

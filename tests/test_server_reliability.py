@@ -23,7 +23,7 @@ import pytest
 
 from app_server import MODEL, AppServer, chat_checkpoint
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
-from magicdec.engine.request import StepOutput
+from magicdec.engine.outputs import StepOutput
 from magicdec.server.protocol import MAX_STOP, MAX_STOP_CHARS
 from magicdec.server.runner import EngineRunner, Job
 
@@ -164,7 +164,7 @@ def test_chat_without_max_tokens_fits_a_snapkv_pool(chat_llm: LLM) -> None:
 
     with AppServer(load) as server:
         core = server.engine.core
-        assert core.config.kept_blocks == 1 and server.engine.max_model_len > 5 * 64
+        assert core.scheduler.config.kept_blocks == 1 and server.engine.max_model_len > 5 * 64
         capacity = (5 - 1) * 64 - core.scheduler.lookahead
         messages = [{"role": "user", "content": prompt(20, 21, 22, 23)}]
         r = server.post("/v1/chat/completions", {"messages": messages, "ignore_eos": True})

@@ -102,6 +102,12 @@ SETTINGS = {
     "self-guided-layer-int8": (dict(method="self", drafter="guided", budget=128, draft_weights="int8",
                                     tuning=DraftTuning(snapkv_window=2, guided_scores="layer")),
                                dict(temperature=1.0), (0.05, 0.99)),
+    # model-free proposals (one-hot q): a rejection resamples from p with the proposed token removed
+    "ngram": (dict(method="self", drafter="ngram", tuning=DraftTuning(ngram_min=1)), dict(temperature=1.0),
+              (0.02, 0.99)),
+    "suffix": (dict(method="self", drafter="suffix"), dict(temperature=0.8, top_k=12), (0.02, 0.99)),
+    "hybrid": (dict(method="self", drafter="hybrid", budget=8, sinks=2, draft_weights="int8",
+                    tuning=DraftTuning(ngram_min=1)), dict(temperature=1.0), (0.02, 0.99)),
     "draft-topk-topp": (dict(method="draft", drafter="full", draft_model="small"),
                         dict(temperature=0.7, top_k=10, top_p=0.9), (0.05, 0.99)),
     "draft-short-vocab": (dict(method="draft", drafter="full", draft_model="short-vocab"), dict(temperature=1.0),

@@ -42,8 +42,8 @@ def test_self_speculation_is_exact_on_long_real_prompts(smol: LLM, austen_prompt
 def test_own_kv_drafts_are_exact(smol: LLM, austen_prompts: list[list[int]], plain: list[list[int]]) -> None:
     """The draft's KV of its own, in a pool of its own: computed with every prefill chunk and caught up on what it
     has not seen."""
-    spec = SpecConfig(method="self", drafter="streaming", budget=128, sinks=4, gamma=4,
-                      tuning=DraftTuning(kv_source="own"))
+    spec = SpecConfig(method="self", drafter="streaming", budget=128, sinks=4, gamma=2,
+                      tuning=DraftTuning(kv_source="own"))  # acceptance 0.60 here (0.67 reading the target's KV)
     result = smol.generate(austen_prompts[:4], PARAMS, spec)
     assert [o.token_ids for o in result.outputs] == plain[:4]
     assert result.stats.acceptance_rate > 0.5

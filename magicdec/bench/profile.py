@@ -82,7 +82,7 @@ def measure_point(llm: LLM, batch: int, context: int, gammas: list[int], spec: S
     if bad:
         raise ValueError(f"unknown step kind {sorted(bad)[0]!r}: choose among {', '.join(KINDS)}")
     max_gamma = max(gammas)
-    lengths = [context + steps * (max_gamma + 1) + 1] * batch
+    lengths = [context + steps * (max_gamma + 1) * (repeats + 1) + 2] * batch  # the longest run's tokens fit
     core = llm.core(llm.engine_config(replace(spec, gamma=max_gamma), max_num_seqs=batch,
                                       max_num_batched_tokens=batch * (max_gamma + 1) + llm.prefill_chunk,
                                       max_model_len=max(lengths), pool_lengths=tuple(lengths),

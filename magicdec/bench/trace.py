@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from magicdec.cache.blocks import KVLeakError
-from magicdec.engine.outputs import Acceptance
-from magicdec.engine.request import StepOutput
+from magicdec.engine.outputs import Acceptance, StepOutput
 from magicdec.llm import LLM
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.serving import Engine

@@ -32,8 +32,8 @@ from magicdec.costmodel.drafts import DraftChoice
 from magicdec.costmodel.policy import GammaPolicy, RequestGamma, StepReport
 from magicdec.engine.config import EngineConfig
 from magicdec.engine.models import ModelSet
-from magicdec.engine.outputs import Acceptance
-from magicdec.engine.request import Request, RequestSpec, StepOutput
+from magicdec.engine.outputs import Acceptance, StepOutput
+from magicdec.engine.request import Request, RequestSpec
 from magicdec.engine.runner import ModelRunner
 from magicdec.engine.scheduler import Scheduler, SchedulerConfig, scheduling_for
 from magicdec.parallel.tp import agree_min

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from magicdec.engine.outputs import Acceptance
+from magicdec.engine.outputs import Acceptance, RequestMetrics, StepOutput
 from magicdec.loading.tokenizer import Tokenizer
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.hybrid import SourceAcceptance
@@ -53,60 +52,6 @@ class RequestSpec:
                              f"engine's), got {self.method!r}")
 
 
-
-
-@dataclass(slots=True)
-class StepOutput:
-    """What `Engine.step` returns for a request that advanced (vLLM's RequestOutput for one sequence, in deltas).
-
-    Every output carries what is new since the request's previous one: `new_token_ids`, `new_text` (the
-    text that no later token can turn into a stop string) and `num_tokens`, the output tokens so far. The
-    whole output, `token_ids` and `text`, is filled in on the final output only (`finished`) and is empty
-    on the others: a stream costs the size of its deltas, never the square of its length (a slow reader
-    holding many outputs included). A consumer that wants the tokens so far adds up the deltas.
-    `finish_reason`: "stop" (EOS or a stop string), "length", "abort", or "error": this request failed (its
-    sampling, verification, stop rules or detokenization raised) and `error` says why; the engine goes on
-    with the others."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    new_token_ids: list[int]  # the delta of this step
-    new_text: str
-    num_tokens: int  # output tokens so far
-    finished: bool
-    finish_reason: str | None  # "stop", "length", "abort" or "error"
-    spec: Acceptance
-    metrics: RequestMetrics
-    token_ids: list[int] = field(default_factory=list)  # the whole output: on the final output only
-    text: str = ""  # … and its text (cut before a stop string)
-    error: str | None = None  # why the request failed, when finish_reason == "error"
-
-    def to_dict(self, with_spec: bool = False) -> dict[str, Any]:
-        """The output as JSON (a final output's whole tokens and text)."""
-        out: dict[str, Any] = {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
-                               "text": self.text, "finish_reason": self.finish_reason}
-        if self.error is not None:
-            out["error"] = self.error
-        if with_spec:
-            out["spec"] = self.spec.to_dict()
-        return out
-
-
-@dataclass(slots=True)
-class RequestMetrics:
-    """Wall-clock times (time.monotonic) of the request's life."""
-
-    arrival: float
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    finished: float | None = None
-    token_times: list[float] = field(default_factory=list)  # when each output token was produced (per step)
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
-    preemptions: int = 0
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.arrival
 
 
 class TextStream:

@@ -19,13 +19,12 @@ counts, tokens, NaN flags). It commits nothing: `Scheduler.update` does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from magicdec.cache.paged import PagedKVCache, PagedView
 from magicdec.engine.request import Request
-from magicdec.engine.scheduler import Plan
+from magicdec.engine.scheduler import ModelOutput, Plan
 from magicdec.model.llama import Transformer
 from magicdec.runtime.graphs import GraphRunner
 from magicdec.runtime.sampling import next_tokens, probabilities, sample
@@ -63,22 +62,6 @@ class PhaseClock:
         if self.cuda:
             return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
-@dataclass(slots=True)
-class ModelOutput:
-    """What a step's forwards produced: per decoding request (in the plan's order) its accepted drafts (None:
-    it failed) and the tokens to commit; per prefill chunk that completed a prompt, the first token; each
-    failed request's error; where the time went."""
-
-    accepted: list[int | None] = field(default_factory=list)
-    tokens: list[list[int]] = field(default_factory=list)
-    first: dict[int, int] = field(default_factory=dict)  # index of the chunk in the plan → its first token
-    errors: dict[str, BaseException] = field(default_factory=dict)
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    other_s: float = 0.0
-    prefill_s: float = 0.0
 
 
 class ModelRunner:

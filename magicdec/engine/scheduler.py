@@ -29,13 +29,9 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from magicdec.cache.blocks import BlockPool, chain_hashes
 from magicdec.engine.request import Request, Status
-
-if TYPE_CHECKING:
-    from magicdec.engine.runner import ModelOutput
 from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.spec.config import SpecConfig
 
@@ -93,6 +89,22 @@ class Plan:
 
 # chooses γ for each decoding request (0: a plain step for it), given them in running order
 ChooseGamma = Callable[[Sequence[Request]], list[int]]
+
+
+@dataclass(slots=True)
+class ModelOutput:
+    """What a step's forwards produced: per decoding request (in the plan's order) its accepted drafts (None:
+    it failed) and the tokens to commit; per prefill chunk that completed a prompt, the first token; each
+    failed request's error; where the time went."""
+
+    accepted: list[int | None] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    first: dict[int, int] = field(default_factory=dict)  # index of the chunk in the plan → its first token
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+    prefill_s: float = 0.0
 
 
 class Scheduler:

@@ -35,7 +35,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from magicdec.engine.request import RequestSpec, StepOutput
+from magicdec.engine.outputs import StepOutput
+from magicdec.engine.request import RequestSpec
 from magicdec.llm import PromptError
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.server.metrics import ServerMetrics

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from magicdec.engine.request import StepOutput
+from magicdec.engine.outputs import StepOutput
 from magicdec.serving import Engine
 
 # vLLM's buckets

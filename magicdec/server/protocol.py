@@ -18,8 +18,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
-from magicdec.engine.outputs import Acceptance
-from magicdec.engine.request import StepOutput
+from magicdec.engine.outputs import Acceptance, StepOutput
 
 MAX_N = 64  # choices per request (each one is an engine request)
 MAX_STOP = 4  # stop strings per request (OpenAI's limit): each is matched against every new token's text

@@ -37,7 +37,8 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from magicdec.engine.request import RequestSpec, StepOutput
+from magicdec.engine.outputs import StepOutput
+from magicdec.engine.request import RequestSpec
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.server.metrics import ServerMetrics
 from magicdec.server.protocol import APIError
