@@ -75,9 +75,10 @@ _state: dict[str, object] = {"module": None, "tried": False, "reason": None, "bu
 
 def build_dir() -> Path:
     """Where the extension is compiled and cached: one directory per torch version, Python version and
-    version of the sources and flags (a hash), so checkouts or installs of different versions never
-    rebuild over each other's extension."""
-    digest = hashlib.sha256(repr((CFLAGS, LDFLAGS)).encode())
+    version of the sources and flags, and where the sources are (a hash): two checkouts, or installs, never
+    rebuild over each other's extension (the build files name the sources' paths, so a build directory shared
+    by two checkouts of the same sources would be rebuilt by each in turn)."""
+    digest = hashlib.sha256(repr((CFLAGS, LDFLAGS, str(CSRC.resolve()))).encode())
     for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
