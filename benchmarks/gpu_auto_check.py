@@ -37,12 +37,13 @@ from pivot import auto_check  # noqa: E402
 
 from magicdec import LLM, Auto, SpecConfig  # noqa: E402
 from magicdec.bench.compare import decode_timed  # noqa: E402
+from magicdec.bench.fit import fit_profile, relative_errors  # noqa: E402
 from magicdec.bench.grid import PLAIN, summarize  # noqa: E402
 from magicdec.bench.profile import measure_point, random_batch  # noqa: E402
 from magicdec.bench.report import JsonlWriter, git_commit, machine  # noqa: E402
 from magicdec.bench.synthetic import synthetic_verifier  # noqa: E402
 from magicdec.cache.memory import OutOfMemoryPlan  # noqa: E402
-from magicdec.costmodel import DraftSpec, fit_profile, relative_errors, resolve_model, save_profile  # noqa: E402
+from magicdec.costmodel import DraftSpec, resolve_model, save_profile  # noqa: E402
 from magicdec.costmodel.device import builtin_profile_name, device_name  # noqa: E402
 from magicdec.costmodel.hardware import BUILTIN_PROFILES  # noqa: E402
 from magicdec.costmodel.policy import FixedGamma  # noqa: E402

@@ -23,9 +23,9 @@ import functools
 import json
 from pathlib import Path
 
+from magicdec.bench.corpora import load_corpus
 from magicdec.bench.lookup_sim import PROPOSERS, replay_all
 from magicdec.bench.workloads import WORKLOADS, build_workload
-from magicdec.data import load_corpus
 from magicdec.spec.hybrid import RoundCosts
 from magicdec.spec.suffix import SuffixProposer, SuffixTrie
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from magicdec.bench.corpora import load_corpus, make_prompts
 from magicdec.bench.lookup_sim import PROPOSERS, matching_cost
 from magicdec.costmodel.device import device_profile
 from magicdec.costmodel.steps import CostModel, DraftSpec
-from magicdec.data import load_corpus, make_prompts
 from magicdec.loading import load_model
 from magicdec.spec.suffix import SuffixAutomaton
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from magicdec import LLM, SamplingParams, SpecConfig
+from magicdec.bench.corpora import load_corpus
 from magicdec.bench.workloads import WORKLOADS, build_workload
-from magicdec.data import load_corpus
 from magicdec.engine.outputs import GenerationResult
 from magicdec.spec.config import Auto
 

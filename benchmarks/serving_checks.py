@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
-from magicdec.data import load_corpus, make_prompts
+from magicdec.bench.corpora import load_corpus, make_prompts
 
 
 def prefix_check(llm: LLM, spec: SpecConfig | None, corpus: object) -> dict:

@@ -1,6 +1,6 @@
 """Soak test of `magicdec serve`: N concurrent streaming clients for D seconds, then a JSON summary.
 
-Clients send a mix of long prompts (corpus passages of 2K–6K tokens, `magicdec.data.make_prompts`) and short
+Clients send a mix of long prompts (corpus passages of 2K–6K tokens, `magicdec.bench.corpora.make_prompts`) and short
 ones, all greedy (temperature 0, ignore_eos, token ids returned); some disconnect after a few chunks. The
 script records the 5xx answers, the server's RSS over time (it must stay flat after the warm-up), the
 running requests and KV-cache usage at the end (both must return to 0), and checks the greedy tokens of a
@@ -212,7 +212,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="also write the summary here")
     args = p.parse_args()
 
-    from magicdec.data import load_corpus, make_prompts
+    from magicdec.bench.corpora import load_corpus, make_prompts
 
     tok = load_tokenizer(args.model)
     rng = random.Random(args.seed)

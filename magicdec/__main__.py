@@ -1,7 +1,5 @@
 """`python -m magicdec` (also what `torchrun -m magicdec` runs)."""
 
-import sys
+from magicdec.cli.main import entry
 
-from magicdec.cli.main import main
-
-sys.exit(main())
+entry()

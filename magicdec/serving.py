@@ -33,11 +33,11 @@ import torch
 
 from magicdec.cache.blocks import PrefixStats
 from magicdec.cache.memory import fmt_bytes
-from magicdec.data.locks import say
 from magicdec.engine.config import BLOCK_MULTIPLE, EngineConfig
 from magicdec.engine.core import EngineStats, StepReport
 from magicdec.engine.outputs import StepOutput
 from magicdec.engine.request import RequestSpec
+from magicdec.home.locks import say
 from magicdec.llm import LLM, Prompt
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import SpecConfig

@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from magicdec import LLM
+from magicdec.bench.corpora import Corpus, CorpusError, load_austen
 from magicdec.cache.paged import PagedKVCache, PagedView
 from magicdec.config import ModelConfig
-from magicdec.data import Corpus, CorpusError, load_austen
 from magicdec.kernels import cpu
 from magicdec.loading.random_init import word_vocabulary
 

@@ -320,7 +320,7 @@ def test_a_failed_conversion_leaves_no_lock_file(tmp_path: Path) -> None:
 def test_lock_files_exist_only_while_held(tmp_path: Path) -> None:
     import threading
 
-    from magicdec.data.locks import exclusive
+    from magicdec.home.locks import exclusive
 
     path = tmp_path / "x.lock"
     order: list[str] = []
@@ -346,7 +346,7 @@ def test_lock_files_exist_only_while_held(tmp_path: Path) -> None:
 
 
 def test_xdg_cache_home_is_honoured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from magicdec.data.paths import magicdec_home
+    from magicdec.home.paths import magicdec_home
 
     monkeypatch.delenv("MAGICDEC_HOME", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

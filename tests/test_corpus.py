@@ -1,4 +1,4 @@
-"""Tests for magicdec.data (corpora, make_prompts) and the `magicdec corpus` CLI.
+"""Tests for magicdec.bench.corpora (corpora, make_prompts) and the `magicdec corpus` CLI.
 
 The Austen tests need the corpus installed (`make corpus`); without it they fail, naming the fix.
 """
@@ -15,9 +15,9 @@ import sys
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from magicdec.bench.corpora import Corpus, CorpusError, Document, load_austen, load_corpus, make_prompts
+from magicdec.bench.corpora.austen import BOOKS, DEB_DATA_DIR, FILES, austen_dir, fetch_austen, is_installed
 from magicdec.cli import corpus as corpus_cli
-from magicdec.data import Corpus, CorpusError, Document, load_austen, load_corpus, make_prompts
-from magicdec.data.austen import BOOKS, DEB_DATA_DIR, FILES, austen_dir, fetch_austen, is_installed
 
 
 class HFTokenizer:

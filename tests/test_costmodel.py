@@ -11,6 +11,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
+from magicdec.bench.fit import fit_profile, relative_errors
 from magicdec.cli import plan
 from magicdec.cli.args import parse_count
 from magicdec.costmodel import (
@@ -20,10 +21,8 @@ from magicdec.costmodel import (
     best_gamma,
     count_step,
     critical_context,
-    fit_profile,
     load_profile,
     omega,
-    relative_errors,
     resolve_model,
     save_profile,
     speedup,

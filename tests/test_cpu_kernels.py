@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from magicdec.data.paths import ENV_HOME
+from magicdec.home.paths import ENV_HOME
 from magicdec.kernels import cpu
 
 EPS32 = 2.0**-24  # unit roundoff of float32

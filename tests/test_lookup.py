@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from magicdec.bench.corpora import Corpus, CorpusError
 from magicdec.bench.lookup_sim import PROPOSERS, matching_cost, replay, replay_all
 from magicdec.bench.workloads import WORKLOADS, build_workload, sentences
-from magicdec.data import Corpus, CorpusError
 from magicdec.spec.hybrid import PLAIN, SELF, Choice, RoundCosts, SourceAcceptance, choose, choose_batch
 from magicdec.spec.lookup import Proposal, append_batch, expected_accepted, propose_batch
 from magicdec.spec.ngram import NgramProposer

@@ -273,7 +273,7 @@ def test_smollm2_real_text_trace(smol: LLM) -> None:
     """The built-in model on passages of two novels: speculative continuous batching (γ auto) gives each
     request's plain tokens, alone."""
     from magicdec import Auto
-    from magicdec.data import load_corpus, make_prompts
+    from magicdec.bench.corpora import load_corpus, make_prompts
 
     corpus = load_corpus("austen")
     prompts = make_prompts(smol.tokenizer, corpus, lengths=[700, 1300, 400, 900], seed=21)

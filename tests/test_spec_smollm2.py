@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
-from magicdec.data import load_corpus, make_prompts
+from magicdec.bench.corpora import load_corpus, make_prompts
 
 pytestmark = pytest.mark.slow
 PARAMS = SamplingParams(max_new_tokens=24)

@@ -1,4 +1,4 @@
-"""Measuring step times on this device, for `magicdec profile` (fitted by `magicdec.costmodel.fit`).
+"""Measuring step times on this device, for `magicdec profile` (fitted by `magicdec.bench.fit`).
 
 Step costs do not depend on the values in the KV cache, so no prompt is prefilled: the engine's requests
 hold random keys and values up to the context being measured (`random_kv`). Each point records

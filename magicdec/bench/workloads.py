@@ -16,7 +16,7 @@ one gets "User:"/"Assistant:" lines) and unwrap the novels' hard line breaks ins
 in an answer tokenizes as it does in the passage.
 
 Held-out splits: passages of split "tune" come from the first half of each book, those of split "eval" from
-the second half (`magicdec.data.corpus` REGIONS "head" and "tail"), so tuning (thresholds, n-gram sizes)
+the second half (`magicdec.bench.corpora.corpus` REGIONS "head" and "tail"), so tuning (thresholds, n-gram sizes)
 never sees a reported passage. A workload depends only on the tokenizer, corpus, name, context, n, seed and
 split: rerun `build_workload("qa", LLM().tokenizer, load_austen(), 4096, 8, seed=0, split="eval")` to get
 the same prompts. Chat prompts are at most `context` tokens (whole paragraphs: usually within a paragraph's
@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from magicdec.data.corpus import Corpus, CorpusError, make_prompts, region_bounds
+from magicdec.bench.corpora.corpus import Corpus, CorpusError, make_prompts, region_bounds
 
 WORKLOADS = ("qa", "revise", "summary", "chat", "continuation")
 SPLITS = {"tune": "head", "eval": "tail"}

@@ -197,7 +197,7 @@ def run_trace(args: argparse.Namespace) -> int:
     corpus = load_bench_corpus(args.corpus)
     if corpus is None:
         return 0
-    from magicdec.data import make_prompts
+    from magicdec.bench.corpora import make_prompts
     from magicdec.llm import LLM
 
     if args.threads:
@@ -293,7 +293,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from magicdec.data import make_prompts
+    from magicdec.bench.corpora import make_prompts
 
     tokenizer = sv.load_tokenizer(args.tokenizer_model)
     trace = make_trace(lambda lengths: make_prompts(tokenizer, corpus, lengths=lengths, seed=args.corpus_seed),
@@ -368,7 +368,7 @@ def progress_bars(unit: str, quiet: bool) -> tuple[Callable[[str, int, int], Non
 
 def load_bench_corpus(spec: str) -> Any:
     """The corpus, or None (with a note) when PG-19 is asked for but unavailable here."""
-    from magicdec.data import CorpusError, load_corpus
+    from magicdec.bench.corpora import CorpusError, load_corpus
 
     try:
         return load_corpus(spec)
@@ -391,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from tqdm import tqdm
 
-    from magicdec.data import make_prompts
+    from magicdec.bench.corpora import make_prompts
     from magicdec.llm import LLM
 
     if args.threads:

@@ -1,6 +1,6 @@
 """``magicdec corpus``: fetch a corpus into ``$MAGICDEC_HOME`` or describe one.
 
-This file owns the ``corpus`` sub-command only; the work is in `magicdec.data`.
+This file owns the ``corpus`` sub-command only; the work is in `magicdec.bench.corpora`.
 
     magicdec corpus fetch austen [--dest DIR] [--deb FILE]
     magicdec corpus info [SPEC] [--jsonl-field FIELD] [--tokenizer tokenizer.json]
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from magicdec.data import CorpusError, fetch_austen, load_corpus
+from magicdec.bench.corpora import CorpusError, fetch_austen, load_corpus
 
 
 def register(subparsers: Any) -> None:

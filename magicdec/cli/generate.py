@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from magicdec.bench.compare import Comparison, compare
+from magicdec.bench.corpora.corpus import Corpus
 from magicdec.cli.args import add_spec_flags, fit_budget, parse_count, parse_size, spec_from_args
 from magicdec.costmodel.placement import DRAFT_PLACEMENTS
-from magicdec.data.corpus import Corpus
 from magicdec.engine.outputs import GenerationResult
 from magicdec.llm import LLM
 from magicdec.loading import resolve_device
@@ -81,7 +81,7 @@ def prompts_from_args(args: argparse.Namespace, llm: LLM, texts: list[str],
     if args.chat:  # the template renders the special tokens itself: encoded without adding a BOS
         prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
     if corpus is not None:
-        from magicdec.data import make_prompts
+        from magicdec.bench.corpora import make_prompts
 
         prompts += make_prompts(llm.tokenizer, corpus, args.batch, args.context, seed=args.corpus_seed,
                                 region=args.region)
@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     texts = read_prompt_files(args.prompt_file)
     corpus = None
     if args.corpus:
-        from magicdec.data import load_corpus
-        from magicdec.data.corpus import region_bounds
+        from magicdec.bench.corpora import load_corpus
+        from magicdec.bench.corpora.corpus import region_bounds
 
         region_bounds(args.region)
         corpus = load_corpus(args.corpus)

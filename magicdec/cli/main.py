@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from typing import NoReturn
 
 COMMANDS = ("generate", "serve", "plan", "profile", "bench", "corpus")
+# what the lab (corpora, benchmarks, plots) needs beyond serving: `pip install 'magicdec[lab]'`
+LAB_PACKAGES = ("matplotlib", "rdata", "httpx", "datasets")
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"magicdec{' ' + command if command else ''}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if e.name not in LAB_PACKAGES or os.environ.get("MAGICDEC_DEBUG"):
+            raise
+        extra = "datasets" if e.name == "datasets" else "'magicdec[lab]'"
+        print(f"magicdec {command}: error: this needs {e.name}, which serving does not: pip install {extra}",
+              file=sys.stderr)
+        return 2
     except (ValueError, MemoryError, FileNotFoundError) as e:
         if os.environ.get("MAGICDEC_DEBUG"):
             raise
@@ -60,10 +70,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> NoReturn:
+    """The process's entry (the `magicdec` script, `python -m magicdec`): main's status is the exit status.
+
+    Once Ctrl-C has been pressed the process ends with `os._exit` (streams flushed, main's own clean-up done):
+    CPython kills itself with SIGINT at exit when an interrupt ever landed in an `exec` of source text (as
+    `dataclasses` runs while modules import), even one that was caught, so the status would be -2, not 130.
+    Once main has returned, Ctrl-C is ignored: the process is only exiting (a signal then would kill it)."""
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: a Ctrl-C while exiting changes nothing
+    if interrupted:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (a multi-line message's lines joined)."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -12,9 +12,10 @@ import json
 import sys
 from typing import Any
 
+from magicdec.bench.fit import fit_profile, relative_errors
 from magicdec.bench.profile import measure
 from magicdec.cli.args import parse_count, parse_size
-from magicdec.costmodel import fit_profile, relative_errors, save_profile
+from magicdec.costmodel import save_profile
 from magicdec.costmodel.device import device_name, device_profile, saved_profile_path
 from magicdec.costmodel.steps import draft_spec
 from magicdec.llm import LLM

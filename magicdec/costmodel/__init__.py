@@ -4,14 +4,12 @@
 - `shapes`: known model shapes by name, `resolve_model`;
 - `steps`: bytes/FLOPs and roofline time of target, verification and draft steps, `CostModel`;
 - `analysis`: Ω(γ, α), the speedup of paper Eq. 1, best γ, critical context length;
-- `fit`: `fit_profile`, fitting a profile to measured step times;
 - `device`: which profile describes this device (a saved `magicdec profile`, else a built-in);
 - `placement`: whether a draft model is sharded or replicated under tensor parallelism;
 - `policy`: the γ policies (`FixedGamma`, `AutoGamma`), which read the engine's round reports.
 """
 
 from magicdec.costmodel.analysis import best_gamma, critical_context, omega, speedup, time_ratio
-from magicdec.costmodel.fit import fit_profile, relative_errors
 from magicdec.costmodel.hardware import BUILTIN_PROFILES, HardwareProfile, load_profile, save_profile
 from magicdec.costmodel.shapes import KNOWN_SHAPES, known_model_names, resolve_model
 from magicdec.costmodel.steps import CostModel, DraftSpec, StepCost, count_step, step_time
@@ -26,11 +24,9 @@ __all__ = [
     "best_gamma",
     "count_step",
     "critical_context",
-    "fit_profile",
     "known_model_names",
     "load_profile",
     "omega",
-    "relative_errors",
     "resolve_model",
     "save_profile",
     "speedup",

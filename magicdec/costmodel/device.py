@@ -10,7 +10,7 @@ import torch
 
 from magicdec.config import ModelConfig
 from magicdec.costmodel.hardware import BUILTIN_PROFILES, HardwareProfile, load_profile
-from magicdec.data.paths import magicdec_home
+from magicdec.home.paths import magicdec_home
 
 # substrings of torch.cuda.get_device_name → built-in profile
 _GPU_NAMES = (("h200", "h200"), ("h100", "h100"), ("a100-sxm4-80gb", "a100-80gb"), ("a100 80gb", "a100-80gb"),

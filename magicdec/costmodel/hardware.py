@@ -3,7 +3,7 @@
 A `HardwareProfile` holds peak memory bandwidth, peak FLOP/s per dtype, the interconnect used by
 tensor-parallel all-reduces, fixed overheads, and the fractions of peak that are achievable in
 practice. Built-in profiles carry datasheet peaks (labelled ``source="datasheet"``); a profile
-fitted on a real machine (`magicdec.costmodel.fit`) stores effective values with efficiencies of 1
+fitted on a real machine (`magicdec.bench.fit`) stores effective values with efficiencies of 1
 and ``source="measured on ..."``. Profiles round-trip through JSON (`save_profile` /
 `load_profile`).
 """

@@ -43,8 +43,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from magicdec.data.locks import exclusive, say
-from magicdec.data.paths import magicdec_home
+from magicdec.home.locks import exclusive, say
+from magicdec.home.paths import magicdec_home
 
 ENV_SWITCH = "MAGICDEC_CPU_KERNELS"  # "0" (or "false", "off", "no") disables the kernels
 # Forwards with at most this many tokens per sequence are "decode-shaped" (decode, verification,

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from magicdec.config import ModelConfig
-from magicdec.data.paths import magicdec_home
+from magicdec.home.paths import magicdec_home
 from magicdec.loading.errors import LoadError
 from magicdec.loading.gguf_file import load_gguf
 from magicdec.loading.hf import load_hf

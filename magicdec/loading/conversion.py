@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from magicdec.data.locks import exclusive, say
+from magicdec.home.locks import exclusive, say
 
 
 def manifest_path(dest: Path, step: str) -> Path:

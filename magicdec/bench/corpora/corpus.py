@@ -2,7 +2,7 @@
 
 This file owns `Document`/`Corpus`, `load_corpus` (a corpus from a name, file or directory) and
 `make_prompts` (a batch of token-exact prompts from a corpus). The Austen corpus itself lives in
-`magicdec.data.austen`.
+`magicdec.bench.corpora.austen`.
 
 Holdout: ``make_prompts(..., region=...)`` restricts passages to a fraction of each document's tokens.
 ``"head"`` is the first half, ``"tail"`` the second half, ``"any"`` the whole document, and a pair

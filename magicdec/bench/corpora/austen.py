@@ -21,8 +21,8 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from magicdec.data.corpus import Corpus, CorpusError, Document
-from magicdec.data.paths import corpora_dir
+from magicdec.bench.corpora.corpus import Corpus, CorpusError, Document
+from magicdec.home.paths import corpora_dir
 
 PACKAGE = "r-cran-janeaustenr"
 FILES = ("Rdata.rdb", "Rdata.rdx")  # install order: the index last, so its presence means "complete"

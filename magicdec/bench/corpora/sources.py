@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magicdec.data.austen import load_austen
-from magicdec.data.corpus import NAMED_CORPORA, TEXT_SUFFIXES, Corpus, CorpusError, load_file, load_pg19
+from magicdec.bench.corpora.austen import load_austen
+from magicdec.bench.corpora.corpus import NAMED_CORPORA, TEXT_SUFFIXES, Corpus, CorpusError, load_file, load_pg19
 
 
 def load_corpus(spec: str | Path, jsonl_field: str = "text") -> Corpus:
     """A corpus from `spec`:
 
-    - ``"austen"``: the six Jane Austen novels (`magicdec.data.austen.load_austen`);
+    - ``"austen"``: the six Jane Austen novels (`magicdec.bench.corpora.austen.load_austen`);
     - ``"pg19"`` or ``"pg19:SPLIT"``: PG-19 (default split ``test``) through the ``datasets`` package;
     - a ``.txt`` file (one document), a ``.jsonl`` file (one document per non-blank line, the text in
       field `jsonl_field`), or a directory (every ``.txt``/``.jsonl`` file directly in it, sorted).
