@@ -302,3 +302,22 @@ def test_drafter_grid_smoke(tiny_dir: Path, corpus: Path, tmp_path: Path, thread
                                                                                           (64, "snapkv")}
     assert all(len(r["speedups"]) == 2 and r["cached_prompt_share"] > 0 for r in rows)
     assert all(len(r["per_position"]) == 2 for r in rows if r["drafter"] != "plain" and r["gamma"] == "2")
+
+
+def test_model_free_drafters_in_the_grid_and_the_trace(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """`magicdec bench` and `bench trace` take ngram, suffix and hybrid: the grid gives the model-free drafters
+    no budget and no draft weights (hybrid keeps both, for its self-draft); the trace serves them on the engine
+    with the reference's greedy outputs and no leaked block."""
+    grid = Grid(drafters=["ngram", "suffix", "hybrid"], draft_weights=["full", "int8"], budgets=[64], gammas=[4])
+    assert [c.label for c in grid.configs()] == ["self-ngram-g4", "self-suffix-g4", "self-hybrid-64-g4",
+                                                 "self-hybrid-64-int8-g4"]
+    from magicdec.bench.trace import read_results
+
+    out = tmp_path / "trace"
+    assert run_cli("trace", "--model", str(tiny_dir), "--corpus", str(corpus), "--requests", "3",
+                   "--prompt-len", "100-200", "--output-len", "8", "--concurrency", "3",
+                   "--configs", "plain", "ngram", "suffix", "hybrid", "--budget", "64", "--max-num-seqs", "3",
+                   "--num-blocks", "32", "--quiet", "--out", str(out)) == 0
+    _, _, summaries = read_results(out / "results.jsonl")
+    assert [s["config"] for s in summaries] == ["plain", "ngram", "suffix", "hybrid"]
+    assert all(s["matches_reference"] and s["no_leaks"] for s in summaries[1:]), summaries

@@ -83,3 +83,32 @@ def test_requests_that_need_a_model_draft_are_refused_without_one(tiny_llm: LLM)
         plain_engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=4), RequestSpec(method="ngram"))
     with pytest.raises(ValueError, match="method must be one of"):
         RequestSpec(method="lookahead")
+
+
+def test_server_requests_choose_their_methods_side_by_side(tiny_llm: LLM, repeating: list[list[int]],
+                                                           plain: list[list[int]]) -> None:
+    """Through the HTTP API: five concurrent requests, each with its own `speculation.method`, served by one
+    engine together — every one plain decoding's tokens, and the server's speculation figures show drafting
+    where a method drafts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app_server import AppServer
+
+    def load() -> Engine:
+        return Engine(llm=tiny_llm, spec=SpecConfig(method="self", budget=96, sinks=4, gamma=4), prefill_chunk=128,
+                      max_num_seqs=5, quiet=True)
+
+    methods = ["none", "self", "ngram", "suffix", "hybrid"]
+    with AppServer(load) as server:
+        def ask(prompt: list[int], method: str) -> dict:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True, "speculation": {"method": method}}
+            r = server.post("/v1/completions", body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        with ThreadPoolExecutor(len(methods)) as pool:
+            answers = list(pool.map(ask, repeating, methods))
+    assert [a["choices"][0]["token_ids"] for a in answers] == plain
+    drafted = [a["usage"]["speculation"]["draft_tokens"] for a in answers]
+    assert drafted[0] == 0 and all(d > 0 for d in drafted[1:]), drafted

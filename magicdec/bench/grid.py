@@ -24,7 +24,7 @@ from magicdec.engine.core import EngineCore
 from magicdec.engine.outputs import GenerationResult
 from magicdec.llm import LLM
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.spec.config import DRAFTERS, SpecConfig
+from magicdec.spec.config import DRAFTERS, LOOKUPS, SpecConfig
 
 WARMUP_TOKENS = 8  # new tokens per sequence in a warm-up run
 # The default grid: small enough to run in minutes on a CPU (timings in docs/benchmarks.md).
@@ -66,8 +66,9 @@ class Grid:
                              f"{self.drafters} (snapkv drafts with 'self', full with 'draft')")
 
     def configs(self) -> list[SpecConfig]:
-        """The speculative configurations, in order, without duplicates (a full cache has no budget);
-        combinations that do not exist (self over a full cache, a draft model with snapkv) are skipped."""
+        """The speculative configurations, in order, without duplicates (a full cache and the model-free drafters
+        have no budget, and these run no draft weights); combinations that do not exist (self over a full cache,
+        a draft model with snapkv) are skipped."""
         out = []
         for m in self.methods:
             for d in self.drafters:
@@ -75,7 +76,7 @@ class Grid:
                     continue
                 for b in self.budgets:
                     for g in self.gammas:
-                        for w in self.draft_weights if m == "self" else ["full"]:
+                        for w in self.draft_weights if m == "self" and d not in LOOKUPS else ["full"]:
                             out.append(SpecConfig(method=m, drafter=d, gamma=g, budget=b, draft_weights=w,
                                                   draft_model=self.draft_model if m == "draft" else None))
         return list({c.label: c for c in out}.values())

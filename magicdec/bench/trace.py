@@ -47,7 +47,8 @@ from magicdec.runtime.sampling import SamplingParams
 from magicdec.serving import Engine
 from magicdec.spec.config import Auto, SpecConfig
 
-CONFIG_KINDS = ("plain", "self", "auto", "static")
+CONFIG_KINDS = ("plain", "self", "auto", "static", "ngram", "suffix", "hybrid")
+DEFAULT_KINDS = ("plain", "self", "auto", "static")  # the model-free drafters run when asked for
 PERCENTILES = (50, 90, 99)
 DEFINITIONS = {
     "ttft_s": "first output token's time − the request's (scheduled) arrival",
@@ -133,7 +134,7 @@ def make_trace(prompts: PromptSource, n: int, prompt_len: tuple[int, int], outpu
 
 @dataclass(frozen=True, slots=True)
 class TraceConfig:
-    name: str  # plain, self-g3, auto, static
+    name: str  # plain, self-g3, auto, static, ngram, suffix, hybrid
     kind: str  # one of CONFIG_KINDS
     spec: SpecConfig | None
 
@@ -151,7 +152,9 @@ class TraceConfig:
 def trace_configs(kinds: Iterable[str], gammas: Sequence[int] = (3,), budget: int = 256,
                   sinks: int = 4, draft_weights: str = "full") -> list[TraceConfig]:
     """The configurations asked for, in the order plain, self (one per γ), auto, static (the self-draft's
-    weights: the target's as they are, or `draft_weights` "int8")."""
+    weights: the target's as they are, or `draft_weights` "int8"), then the model-free drafters: ngram and
+    suffix proposing up to 8 tokens, hybrid choosing per request and round between a suffix proposal and the
+    self-draft (γ auto up to 8)."""
     kinds = list(kinds)
     bad = [k for k in kinds if k not in CONFIG_KINDS]
     if bad:
@@ -170,6 +173,13 @@ def trace_configs(kinds: Iterable[str], gammas: Sequence[int] = (3,), budget: in
         out.append(TraceConfig("auto", "auto", spec(Auto())))
     if "static" in kinds:
         out.append(TraceConfig("static", "static", spec(Auto())))
+    for lookup in ("ngram", "suffix"):
+        if lookup in kinds:
+            out.append(TraceConfig(lookup, lookup, SpecConfig(method="self", drafter=lookup, gamma=8)))
+    if "hybrid" in kinds:
+        out.append(TraceConfig("hybrid", "hybrid", SpecConfig(method="self", drafter="hybrid", budget=budget,
+                                                             sinks=sinks, gamma=Auto(max_gamma=8),
+                                                             draft_weights=draft_weights)))
     return out
 
 

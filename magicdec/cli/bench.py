@@ -144,7 +144,7 @@ def parse_range(values: list[str]) -> tuple[int, int]:
 
 
 def register_trace(subparsers: Any) -> None:
-    from magicdec.bench.trace import CONFIG_KINDS
+    from magicdec.bench.trace import CONFIG_KINDS, DEFAULT_KINDS
 
     p = subparsers.add_parser("trace", help="serving benchmark: a request trace through the engine's "
                                             "configurations and static batching",
@@ -156,7 +156,7 @@ def register_trace(subparsers: Any) -> None:
     add_trace_flags(p)
     c = p.add_argument_group("configurations")
     c.add_argument("--configs", nargs="+", type=_listed(str), metavar="CONFIG",
-                   help=f"a subset of {', '.join(CONFIG_KINDS)} (default: all)")
+                   help=f"a subset of {', '.join(CONFIG_KINDS)} (default: {' '.join(DEFAULT_KINDS)})")
     c.add_argument("--gamma", nargs="+", type=_listed(parse_count), help="self: fixed γ values (default 3)")
     c.add_argument("--budget", type=parse_count, default=256, help="draft KV budget in tokens (default 256)")
     c.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks (default 4)")
@@ -191,7 +191,7 @@ def run_trace(args: argparse.Namespace) -> int:
         return 0
     prompt_len, output_len = parse_range(args.prompt_len), parse_range(args.output_len)
     concurrency = None if args.rate is not None else (args.concurrency or 8)
-    kinds = [k for ks in args.configs for k in ks] if args.configs else list(tr.CONFIG_KINDS)
+    kinds = [k for ks in args.configs for k in ks] if args.configs else list(tr.DEFAULT_KINDS)
     gammas = [g for gs in args.gamma for g in gs] if args.gamma else [3]
     configs = tr.trace_configs(kinds, gammas, args.budget, args.sinks, args.draft_weights)
     corpus = load_bench_corpus(args.corpus)
