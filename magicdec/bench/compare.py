@@ -6,10 +6,11 @@ a single token each), then plain and speculative runs alternate — `repeats` of
 every repeat (plain, spec, spec, plain, …) so that neither side always runs first while the machine's speed
 drifts — each admitting every prompt at once and served from the same warm cache (each recomputes only its
 prompt's last partial chunk). Decode time excludes those prefill chunks on both sides. The speedup is the
-median plain decode time per token over the median speculative one (the whole run, its tail of requests
-finishing one by one included), and the same for the steady state: the steps in which every request
-decoded and none prefilled. With speculation off on both sides the method reports 1.00× within noise
-(`benchmarks/compare_null.py` measures it).
+median, over the repeats, of plain decode time per token over the speculative one of the same repeat (the
+two runs adjacent in time, so a machine whose speed drifts between repeats moves both sides of a ratio
+alike); the whole run, its tail of requests finishing one by one included, and the same for the steady
+state: the steps in which every request decoded and none prefilled. With speculation off on both sides the
+method reports 1.00× within noise (`benchmarks/compare_null.py` measures it).
 """
 
 from __future__ import annotations
@@ -53,15 +54,15 @@ class Comparison:
 
     @property
     def speedup(self) -> float:
-        """Plain seconds per token over speculative seconds per token (medians over the repeats)."""
-        plain = statistics.median(r.stats.seconds_per_token for r in self.baselines)
-        return plain / statistics.median(r.stats.seconds_per_token for r in self.runs)
+        """Plain seconds per token over speculative seconds per token: the median of the repeats' ratios."""
+        return statistics.median(b.stats.seconds_per_token / r.stats.seconds_per_token
+                                 for b, r in zip(self.baselines, self.runs))
 
     @property
     def steady_speedup(self) -> float | None:
         """The same in the steady state (every request decoding, none prefilling); None if no step was."""
-        ours, plain = statistics.median(map(_steady, self.runs)), statistics.median(map(_steady, self.baselines))
-        return ours / plain if ours and plain else None
+        ratios = [_steady(r) / _steady(b) for b, r in zip(self.baselines, self.runs) if _steady(r) and _steady(b)]
+        return statistics.median(ratios) if len(ratios) == len(self.runs) else None
 
     @property
     def matches_plain(self) -> bool:
