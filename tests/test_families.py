@@ -1,0 +1,86 @@
+"""The model families of issue 25 — Qwen3, Qwen2/Mistral with sliding windows, Ministral's interleaved windows,
+Gemma 2, Gemma 3, Phi-3 (LongRoPE, partial rotary), OLMo 2, Granite, SmolLM3 — as tiny random checkpoints saved
+by transformers' own config classes: magicdec's greedy output is transformers', prompts past the window included,
+and speculation gives plain decoding's tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import hf_greedy, random_prompts, word_vocabulary
+from magicdec import LLM, SamplingParams
+
+WINDOW = 32
+BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0)
+MIXED = ["sliding_attention", "full_attention"]
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.5, 2.5, 4.0, 6.0],
+            "original_max_position_embeddings": 64}
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3": ("Qwen3Config", {}),
+    "qwen2_sliding": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "mistral_sliding": ("MistralConfig", {"sliding_window": WINDOW}),
+    "ministral": ("MinistralConfig", {"sliding_window": WINDOW, "layer_types": MIXED}),
+    "gemma2": ("Gemma2Config", {"sliding_window": WINDOW, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 5.0,
+                                "final_logit_softcapping": 8.0}),
+    "gemma3": ("Gemma3TextConfig", {"sliding_window": WINDOW, "layer_types": MIXED, "query_pre_attn_scalar": 24,
+                                    "rope_parameters": {"sliding_attention": {"rope_type": "default",
+                                                                              "rope_theta": 10000.0},
+                                                        "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                           "rope_theta": 1000000.0}}}),
+    "phi3": ("Phi3Config", {"rope_parameters": LONGROPE, "original_max_position_embeddings": 64}),
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.6, "logits_scaling": 2.0,
+                                  "attention_multiplier": 0.3}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
+}
+
+
+def write_family(path: Path, family: str, seed: int = 0) -> Path:
+    """A random model of the family's transformers config class, saved with `save_pretrained`; weights are large
+    (N(0, 0.12)) so that greedy tokens vary and ties are rare."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    name, overrides = FAMILIES[family]
+    config = getattr(transformers, name)(**{**BASE, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.uniform_(0.8, 1.2) if not family.startswith("gemma") else p.uniform_(-0.2, 0.2)
+            else:
+                p.normal_(0, 0.12 if p.dim() > 1 else 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    word_vocabulary(config.vocab_size).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: write_family(root / f, f) for f in FAMILIES}
+
+
+PROMPTS = random_prompts(3, [90, 23, 50], 384, seed=7)  # the first past the window (32), and past Phi-3's 64
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_equals_transformers(family: str, checkpoints: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoints[family]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = LLM(path, device="cpu")
+    result = ours.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, result.outputs):
+        assert out.token_ids == hf_greedy(hf, prompt, 12), (family, len(prompt))
