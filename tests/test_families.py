@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy, random_prompts, word_vocabulary
-from magicdec import LLM, SamplingParams
+from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 
 WINDOW = 32
 BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -84,3 +84,26 @@ def test_greedy_equals_transformers(family: str, checkpoints: dict[str, Path]) -
     result = ours.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
     for prompt, out in zip(PROMPTS, result.outputs):
         assert out.token_ids == hf_greedy(hf, prompt, 12), (family, len(prompt))
+
+
+SELF_DRAFTS = {
+    "streaming": dict(drafter="streaming", budget=24, sinks=4),
+    "snapkv": dict(drafter="snapkv", budget=24, tuning=DraftTuning(snapkv_window=8, observe=8)),
+    "guided": dict(drafter="guided", budget=192),
+}
+
+
+@pytest.mark.parametrize("drafter", sorted(SELF_DRAFTS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_self_speculation_equals_plain_decoding(family: str, drafter: str, checkpoints: dict[str, Path]) -> None:
+    """Sliding layers are read as the target reads them, the global ones sparsely; full draft weights or int8
+    (alternating by family, so that each drafter meets both)."""
+    llm = LLM(checkpoints[family], device="cpu")
+    prompts = random_prompts(3, [200, 23, 90], 384, seed=3)  # none crosses Phi-3's original context (64)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    plain = [o.token_ids for o in llm.generate(prompts, params).outputs]
+    weights = ("full", "int8")[(sorted(FAMILIES).index(family) + sorted(SELF_DRAFTS).index(drafter)) % 2]
+    spec = SpecConfig(method="self", gamma=3, draft_weights=weights, **SELF_DRAFTS[drafter])
+    result = llm.generate(prompts, params, spec)
+    assert [o.token_ids for o in result.outputs] == plain, (family, drafter, weights)
+    assert result.stats.acceptance.rounds > 0
