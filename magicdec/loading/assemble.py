@@ -23,19 +23,20 @@ TensorGetter = Callable[..., "torch.Tensor | None"]  # get(hf_name) or get(hf_na
 def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of `layer` as the family names it in a Hugging Face checkpoint, with its shape."""
     d, f, p = cfg.hidden_size, cfg.intermediate_size, f"model.layers.{layer}."
-    shapes = {
-        p + "self_attn.o_proj.weight": (d, cfg.q_size),
-        p + "mlp.down_proj.weight": (d, f),
-    }
+    shapes: dict[str, tuple[int, ...]] = {}
     if cfg.family == "phi3":  # fused in the checkpoint: split at load
         shapes[p + "self_attn.qkv_proj.weight"] = (cfg.q_size + 2 * cfg.kv_size, d)
-        shapes[p + "mlp.gate_up_proj.weight"] = (2 * f, d)
     else:
         shapes.update({p + "self_attn.q_proj.weight": (cfg.q_size, d), p + "self_attn.k_proj.weight": (cfg.kv_size, d),
-                       p + "self_attn.v_proj.weight": (cfg.kv_size, d), p + "mlp.gate_proj.weight": (f, d),
-                       p + "mlp.up_proj.weight": (f, d)})
+                       p + "self_attn.v_proj.weight": (cfg.kv_size, d)})
+    shapes[p + "self_attn.o_proj.weight"] = (d, cfg.q_size)
     for hf_name in NORM_NAMES[cfg.norm_placement].values():
         shapes[p + hf_name] = (d,)
+    if cfg.family == "phi3":
+        shapes[p + "mlp.gate_up_proj.weight"] = (2 * f, d)
+    else:
+        shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d)})
+    shapes[p + "mlp.down_proj.weight"] = (d, f)
     if cfg.qk_norm:
         full = cfg.qk_norm == "full"
         shapes[p + "self_attn.q_norm.weight"] = (cfg.q_size if full else cfg.head_dim,)
