@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -107,3 +108,28 @@ def test_self_speculation_equals_plain_decoding(family: str, drafter: str, check
     result = llm.generate(prompts, params, spec)
     assert [o.token_ids for o in result.outputs] == plain, (family, drafter, weights)
     assert result.stats.acceptance.rounds > 0
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_served_greedy_equals_transformers(family: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """`magicdec serve` on the checkpoint (self-speculation on): the completions of token-id prompts, one past
+    the window, are transformers' greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from test_server import ENGINE, started
+
+    path = checkpoints[family]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = LLM(path, device="cpu").tokenizer
+    args = ["--model", str(path), *ENGINE, "--spec", "self", "--budget", "24", "--sinks", "4", "--gamma", "2"]
+    for server in started(tmp_path, family, args):
+        for prompt in PROMPTS:
+            body = {"model": server_model(server), "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                    "ignore_eos": True}
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf, prompt, 12)), (family, len(prompt))
+
+
+def server_model(server: Any) -> str:
+    return httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
