@@ -13,8 +13,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import hf_greedy, random_prompts, word_vocabulary
+from conftest import hf_greedy, random_prompts, spawn_ranks, word_vocabulary
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
+from magicdec.parallel.tp import TensorParallel
 
 WINDOW = 32
 BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -133,3 +134,19 @@ def test_served_greedy_equals_transformers(family: str, checkpoints: dict[str, P
 
 def server_model(server: Any) -> str:
     return httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def tp_generate_worker(rank: int, world: int, path: str, result: str) -> None:
+    llm = LLM(path, device="cpu", tp=TensorParallel(rank, world))
+    out = llm.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    if rank == 0:
+        Path(result).write_text(json.dumps([o.token_ids for o in out.outputs]))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_two_gloo_ranks_give_one_process_tokens(family: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Tensor parallelism splits the q/k norms (whole on each rank), the sandwich norms and the windows right."""
+    path = checkpoints[family]
+    spawn_ranks(tp_generate_worker, 2, str(path), str(tmp_path / "tokens.json"))
+    one = LLM(path, device="cpu").generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert json.loads((tmp_path / "tokens.json").read_text()) == [o.token_ids for o in one.outputs]
