@@ -115,9 +115,8 @@ def test_self_speculation_equals_plain_decoding(family: str, drafter: str, check
 def test_served_greedy_equals_transformers(family: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """`magicdec serve` on the checkpoint (self-speculation on): the completions of token-id prompts, one past
     the window, are transformers' greedy tokens."""
-    from transformers import AutoModelForCausalLM
-
     from test_server import ENGINE, started
+    from transformers import AutoModelForCausalLM
 
     path = checkpoints[family]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -157,7 +156,7 @@ def test_speculative_sampling_on_a_mixed_model_keeps_the_target_distribution(dra
                                                                              threads: None) -> None:
     """χ² of 3 sampled tokens against the exact joint distribution, on a Gemma-3-like model (a sliding layer of
     window 16 and a global one) with a 40-token prompt: the draft reads the sliding layer as the target does."""
-    from test_spec_sampling import N, PROMPT_LEN, VOCAB, check, exact_joint
+    from test_spec_sampling import PROMPT_LEN, VOCAB, N, check, exact_joint
 
     from magicdec import Engine
 
