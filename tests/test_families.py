@@ -184,3 +184,33 @@ def test_speculative_sampling_on_a_mixed_model_keeps_the_target_distribution(dra
     params = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=1.0)
     pvalues = check(counts, exact_joint(llm, prompt, params))
     assert min(pvalues.values()) > 1e-3, pvalues
+
+
+def test_cost_model_counts_kv_reads_per_layer_type() -> None:
+    """On Gemma-3-27B (1 global : 5 sliding layers of 1024) a step at 32K reads about a sixth of the KV that the
+    same shape with every layer global reads, and a sparse draft only saves on the global layers."""
+    from magicdec.costmodel.hardware import load_profile
+    from magicdec.costmodel.shapes import resolve_model
+    from magicdec.costmodel.steps import CostModel, DraftSpec
+
+    gemma = resolve_model("gemma-3-27b")
+    assert gemma.n_global_layers == 10 and gemma.layer_windows[5] == 0 and gemma.layer_windows[0] == 1024
+    dense = gemma.with_(layer_types=(), sliding_window=None)
+    hw = load_profile("h100")
+    mixed_cost = CostModel(gemma, hw, DraftSpec("self", 512))
+    dense_cost = CostModel(dense, hw, DraftSpec("self", 512))
+    reads = lambda step: {op.name: op.bytes for op in step.ops}["attention"]  # noqa: E731
+    mixed, full = reads(mixed_cost.target_cost(8, 32768)), reads(dense_cost.target_cost(8, 32768))
+    assert 0.15 < mixed / full < 0.2
+    draft_mixed = reads(mixed_cost.draft_cost(8, 32768))
+    # the draft's sliding layers still read their whole window; its global layers 512 tokens
+    assert draft_mixed == pytest.approx(full / 62 * (52 * 1024 + 10 * 513) / 32769, rel=1e-2)  # (+ the queries)
+
+
+@pytest.mark.parametrize("model", ["qwen3-8b", "gemma-3-27b"])
+def test_plan_prints_a_table_for_the_new_presets(model: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from magicdec.cli.main import main
+
+    assert main(["plan", "--model", model, "--png", str(tmp_path / "plan.png")]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and out.count("\n") > 20
