@@ -275,12 +275,9 @@ class ModelConfig:
                            rope_local_scaling=_rope_scaling(cfg, local_rope))
         elif cfg.get("rope_local_base_freq"):
             changes["rope_local_theta"] = float(cfg["rope_local_base_freq"])
-        if family in ("qwen3", "gemma3_text"):
-            changes["qk_norm"] = "head"
-        if family == "olmo2":
-            changes.update(qk_norm="full", norm_placement="post")
+        changes.update(FAMILY_TRAITS.get(family, {}))
         if family in ("gemma2", "gemma3_text"):
-            changes.update(norm_placement="sandwich", embed_scale=cfg["hidden_size"] ** 0.5,
+            changes.update(embed_scale=cfg["hidden_size"] ** 0.5,
                            attn_scale=float(cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5)
         if family == "granite":
             changes.update(embed_scale=float(cfg.get("embedding_multiplier", 1.0)),
@@ -374,6 +371,14 @@ def _from_own(own: dict[str, Any]) -> ModelConfig:
             own[key] = RopeScaling(**{k: tuple(v) if isinstance(v, list) else v for k, v in own[key].items()})
     return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in own.items()})
 
+
+# what a family's decoder always has, whatever its config says (HF config.json or GGUF metadata)
+FAMILY_TRAITS: dict[str, dict[str, Any]] = {
+    "qwen3": {"qk_norm": "head"},
+    "gemma3_text": {"qk_norm": "head", "norm_placement": "sandwich"},
+    "gemma2": {"norm_placement": "sandwich"},
+    "olmo2": {"qk_norm": "full", "norm_placement": "post"},
+}
 
 # families whose attention_bias puts a bias on q, k, v and o (Qwen2 has q/k/v biases only, always)
 BIAS_ON_ALL_FOUR = ("llama", "qwen3", "olmo2", "granite", "smollm3", "gemma2", "gemma3_text")

@@ -15,6 +15,7 @@ import torch
 
 from conftest import hf_greedy, random_prompts, spawn_ranks, word_vocabulary
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
+from magicdec.config import RopeScaling
 from magicdec.parallel.tp import TensorParallel
 
 WINDOW = 32
@@ -214,3 +215,72 @@ def test_plan_prints_a_table_for_the_new_presets(model: str, tmp_path: Path, cap
     assert main(["plan", "--model", model, "--png", str(tmp_path / "plan.png")]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and out.count("\n") > 20
+
+
+def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
+    """The float32 GGUF llama.cpp's converter writes for a Qwen3 or Gemma 3 checkpoint: its metadata keys and
+    tensor names, Gemma's norms with the one added, the layer pattern as a per-layer list."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from magicdec.loading.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES, _NORM_NAMES
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    t = load_file(hf_dir / "model.safetensors")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_eos_token_id(2)
+    names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **_NORM_NAMES["pre"]}
+    if arch == "gemma3":
+        rope = cfg["rope_parameters"]["full_attention"]
+        w.add_rope_freq_base(rope["rope_theta"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_sliding_window(cfg["sliding_window"])
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+        w.add_attention_scale(cfg["query_pre_attn_scalar"] ** -0.5)  # not llama.cpp's rule (head_dim) here
+        names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **_NORM_NAMES["sandwich"]}
+    else:
+        w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    for name, tensor in t.items():
+        short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        gg = names[short] if not name.startswith("model.layers.") else f"blk.{name.split('.')[2]}.{names[short]}"
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            tensor = tensor + 1
+        w.add_tensor(gg, tensor.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(("family", "arch"), [("qwen3", "qwen3"), ("gemma3", "gemma3")])
+def test_gguf_of_the_family_loads_like_its_checkpoint(family: str, arch: str, checkpoints: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """The GGUF's description and weights are the Hugging Face checkpoint's (which decodes like transformers)."""
+    from magicdec.loading import load_model
+    from magicdec.loading.gguf_file import load_gguf
+
+    path = write_family_gguf(tmp_path / f"{family}.gguf", checkpoints[family], arch)
+    ref = load_model(checkpoints[family], device="cpu")
+    for limit in (1 << 30, 0):  # converted once to safetensors, or dequantized at load
+        ours, cfg = load_gguf(path, torch.float32, "cpu", tmp_path / f"conv{limit}", cache_limit_bytes=limit)
+        for key in ("rms_norm_eps", "attn_scale"):  # float32 in the GGUF
+            assert getattr(cfg, key) == pytest.approx(getattr(ref.config, key))
+        rs, ref_rs = cfg.rope_scaling, ref.config.rope_scaling
+        assert (rs.rope_type, rs.factor) == (ref_rs.rope_type, ref_rs.factor)
+        same = dict(name="", eos_token_ids=(), bos_token_id=None, rms_norm_eps=0.0, attn_scale=0.0,
+                    rope_scaling=RopeScaling())
+        assert cfg.with_(**same) == ref.config.with_(**same)
+        theirs = ref.model.state_dict()
+        for name, p in ours.state_dict().items():
+            assert torch.allclose(p, theirs[name], atol=1e-6, rtol=0), name

@@ -91,12 +91,11 @@ def build_model(
     tp: TensorParallel | None = None,
     sliced: bool = False,
     names: Iterable[str] = (),
-    gguf_norms: bool = False,
 ) -> Transformer:
     """The model of `cfg` with the weights `get` returns. With `tp`, this rank's shard: when the getter
     reads slices (`sliced`, `get(name, (dim, start, end))`), only the shard is ever read; otherwise the
     whole model is built and then cut. `names`: every tensor the checkpoint holds; one the model does
-    not use is an error. `gguf_norms`: Gemma's norm weights already hold the + 1 (llama.cpp adds it)."""
+    not use is an error."""
     used: set[str] = set()
     if cfg.family == "phi3":  # fused q/k/v and gate/up: read whole, cut after the split
         sliced = False
@@ -120,7 +119,7 @@ def build_model(
         return t.to(device=device, dtype=dtype)
 
     d, v = cfg.hidden_size, cfg.vocab_size
-    plus = 1.0 if cfg.family in PLUS_ONE_NORMS and not gguf_norms else 0.0
+    plus = 1.0 if cfg.family in PLUS_ONE_NORMS else 0.0
     state: dict[str, torch.Tensor] = {
         "embed.weight": take("model.embed_tokens.weight", (v, d)),
         "norm.weight": take("model.norm.weight", (d,)) + plus,
