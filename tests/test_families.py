@@ -93,6 +93,7 @@ SELF_DRAFTS = {
     "streaming": dict(drafter="streaming", budget=24, sinks=4),
     "snapkv": dict(drafter="snapkv", budget=24, tuning=DraftTuning(snapkv_window=8, observe=8)),
     "guided": dict(drafter="guided", budget=192),
+    "guided-sum": dict(drafter="guided", budget=192, tuning=DraftTuning(guided_scores="sum")),
 }
 
 

@@ -220,25 +220,21 @@ class PagedStep:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         window = self.cache.windows[layer]
-        if window or self.cache.softcap:  # a sliding layer reads the target's blocks; no block scores of it
-            scores = None if window else self.total_scores
-            if scores is not None and self.mode == "layer":
-                scores = scores[layer]
-            elif scores is not None and self.mode == "sum":
-                raise ValueError("summed block scores with attention soft-capping are not supported")
-            return self._attend_windowed(layer, q, k, v, window, scores)
+        if window:  # a sliding layer reads the target's blocks, as the target does; its scores rank nothing
+            return self._attend_windowed(layer, q, k, v, None, window)
+        attend_fn = self._attend_windowed if self.cache.softcap else self._attend
         if self.total_scores is None or self.mode == "max":
-            return self._attend(layer, q, k, v, self.total_scores)
+            return attend_fn(layer, q, k, v, self.total_scores)
         if self.mode == "layer":
-            return self._attend(layer, q, k, v, self.total_scores[layer])
+            return attend_fn(layer, q, k, v, self.total_scores[layer])
         assert self.layer_buf is not None
         self.layer_buf.zero_()
-        out = self._attend(layer, q, k, v, self.layer_buf)
+        out = attend_fn(layer, q, k, v, self.layer_buf)
         self.total_scores += self.layer_buf
         return out
 
-    def _attend_windowed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                         scores: torch.Tensor | None) -> torch.Tensor:
+    def _attend_windowed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scores: torch.Tensor | None, window: int = 0) -> torch.Tensor:
         """A sliding layer (or any layer of a soft-capped model): the row's whole table, as the target reads it,
         with the layer's window. Soft-capping runs the PyTorch path (no kernel has it)."""
         c = self.cache
