@@ -91,6 +91,7 @@ def test_greedy_equals_transformers(family: str, checkpoints: dict[str, Path]) -
 
 SELF_DRAFTS = {
     "streaming": dict(drafter="streaming", budget=24, sinks=4),
+    "streaming-own-kv": dict(drafter="streaming", budget=24, sinks=4, tuning=DraftTuning(kv_source="own")),
     "snapkv": dict(drafter="snapkv", budget=24, tuning=DraftTuning(snapkv_window=8, observe=8)),
     "guided": dict(drafter="guided", budget=192),
     "guided-sum": dict(drafter="guided", budget=192, tuning=DraftTuning(guided_scores="sum")),
@@ -285,3 +286,17 @@ def test_gguf_of_the_family_loads_like_its_checkpoint(family: str, arch: str, ch
         theirs = ref.model.state_dict()
         for name, p in ours.state_dict().items():
             assert torch.allclose(p, theirs[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("family", ["gemma2", "ministral", "qwen2_sliding"])
+def test_chunked_prefill_past_the_window_equals_transformers(family: str, checkpoints: dict[str, Path]) -> None:
+    """Prompts prefilled in chunks of 20 tokens (smaller than the window of 32): each chunk's sliding layers see
+    the previous chunks' keys inside the window only."""
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoints[family]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = LLM(path, device="cpu", prefill_chunk=20)
+    result = ours.generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, result.outputs):
+        assert out.token_ids == hf_greedy(hf, prompt, 8), (family, len(prompt))
