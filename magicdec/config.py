@@ -1,7 +1,8 @@
-"""Model shape: the one description of a LLaMA-family decoder that every module reads.
+"""Model shape: the one description of a decoder that every module reads, layer by layer (sliding or global
+attention, RoPE or none, q/k norms, soft-caps, norm placement, multipliers: what the families differ in).
 
-`ModelConfig` is built from a Hugging Face `config.json` dict, from GGUF metadata, or by hand
-(tests, the cost model's table of known shapes). It asserts its own invariants so that a bad
+`ModelConfig` is built from a Hugging Face `config.json` dict (each family's fields translated in `from_hf`),
+from GGUF metadata, or by hand (tests, the cost model's table of known shapes). It asserts its own invariants so that a bad
 checkpoint fails here, with the field named, rather than deep inside a matmul.
 """
 
@@ -87,7 +88,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Shape and numerics of a LLaMA-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, ...)."""
+    """Shape and numerics of a decoder (Llama 2/3, Mistral/Ministral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2, Granite,
+    SmolLM2/3); the fields after `name` default to the Llama decoder."""
 
     vocab_size: int
     hidden_size: int
@@ -436,7 +438,7 @@ def _rope_scaling(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> 
     if rope_type not in ROPE_TYPES:
         raise ConfigError(
             f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}. "
-            "Checkpoints using dynamic NTK or LongRoPE are not supported yet."
+            "Checkpoints using dynamic NTK scaling are not supported yet."
         )
     if cfg.get("magicdec_rope_freq_factors"):
         return RopeScaling(rope_type, freq_factors=tuple(cfg["magicdec_rope_freq_factors"]))
