@@ -2,8 +2,8 @@
 attention, RoPE or none, q/k norms, soft-caps, norm placement, multipliers: what the families differ in).
 
 `ModelConfig` is built from a Hugging Face `config.json` dict (each family's fields translated in `from_hf`),
-from GGUF metadata, or by hand (tests, the cost model's table of known shapes). It asserts its own invariants so that a bad
-checkpoint fails here, with the field named, rather than deep inside a matmul.
+from GGUF metadata, or by hand (tests, the cost model's table of known shapes). It asserts its own invariants
+so that a bad checkpoint fails here, with the field named, rather than deep inside a matmul.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from magicdec.config import FAMILY_TRAITS, ConfigError, ModelConfig, RopeScaling
-from magicdec.loading.assemble import PLUS_ONE_NORMS, build_model
+from magicdec.loading.assemble import PLUS_ONE_NORMS, build_model, expected_shapes
 from magicdec.loading.conversion import convert_once, damage
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
@@ -217,13 +217,15 @@ def gguf_tensors(reader: Any, cfg: ModelConfig, path: Path) -> dict[str, torch.T
 
     permuted = field(reader, "general.architecture") == "llama"
     out: dict[str, torch.Tensor] = {}
+    known = set(_GLOBAL_NAMES).union(*(expected_shapes(cfg, i) for i in range(cfg.n_layers)))
     for t in reader.tensors:
         hf_name = hf_tensor_name(t.name, cfg.norm_placement)
-        if hf_name is None:
+        if hf_name not in known:
             if t.name == "rope_freqs.weight" or ".attn_rot_embd" in t.name:  # read by read_config; unused
                 continue  # by llama.cpp too
             raise LoadError(f"{path}: GGUF tensor {t.name!r} has no role in the model magicdec runs; "
                             "magicdec drops no weights silently")
+        assert hf_name is not None
         w = gguf.quants.dequantize(t.data, t.tensor_type)
         if permuted and ".q_proj." in hf_name:
             w = _unpermute(w, cfg.n_heads)
