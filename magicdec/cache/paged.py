@@ -126,13 +126,14 @@ class PagedStep:
         self.layer_buf = torch.empty_like(view.scores) if view.scores is not None and self.mode == "sum" else None
         ok = positions >= 0
         cols = torch.where(ok, positions, 0) // P
-        if not view.static and int(cols.max()) >= view.table.shape[1]:
-            raise ValueError(f"position {int(positions.max())} is past the blocks allocated to its row")
+        top = -1 if view.static else int(positions.max())  # one read back to the host (none for a static view)
+        if not view.static and max(top, 0) // P >= view.table.shape[1]:
+            raise ValueError(f"position {top} is past the blocks allocated to its row")
         self.pages = torch.where(ok, view.table.gather(1, cols), c.trash).reshape(-1)
         self.offsets = torch.where(ok, positions % P, 0).reshape(-1)
         B = positions.shape[0]
         self.B, self.positions, self.table = B, positions, view.table
-        kv_len = view.table.shape[1] * P if view.static else int(positions.max()) + 1
+        kv_len = view.table.shape[1] * P if view.static else top + 1
         self.full_len, self.sparse = kv_len, view.read is not None
         self._windowed: dict[int, tuple[AttentionMask, torch.Tensor | None]] = {}
         if view.read is None:  # the target: every block of the row, slot = position
