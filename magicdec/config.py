@@ -1,22 +1,33 @@
-"""Model shape: the one description of a LLaMA-family decoder that every module reads.
+"""Model shape: the one description of a decoder that every module reads, layer by layer (sliding or global
+attention, RoPE or none, q/k norms, soft-caps, norm placement, multipliers: what the families differ in).
 
-`ModelConfig` is built from a Hugging Face `config.json` dict, from GGUF metadata, or by hand
-(tests, the cost model's table of known shapes). It asserts its own invariants so that a bad
-checkpoint fails here, with the field named, rather than deep inside a matmul.
+`ModelConfig` is built from a Hugging Face `config.json` dict (each family's fields translated in `from_hf`),
+from GGUF metadata, or by hand (tests, the cost model's table of known shapes). It asserts its own invariants
+so that a bad checkpoint fails here, with the field named, rather than deep inside a matmul.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MinistralForCausalLM": "ministral",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Phi3ForCausalLM": "phi3",
+    "Olmo2ForCausalLM": "olmo2",
+    "GraniteForCausalLM": "granite",
+    "SmolLM3ForCausalLM": "smollm3",
 }
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+NORM_PLACEMENTS = ("pre", "sandwich", "post")  # Llama: before; Gemma 2/3: before and after; OLMo 2: after
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
 class ConfigError(ValueError):
@@ -45,6 +56,8 @@ class RopeScaling:
     beta_slow: float = 1.0  # yarn: rotations below which a dimension is interpolated
     attention_factor: float | None = None  # yarn: cos/sin multiplier; None: 0.1·ln(factor) + 1
     truncate: bool = True  # yarn: round the ramp's bounds outwards to whole dimensions
+    short_factor: tuple[float, ...] = ()  # longrope: per-pair divisors while a row's positions fit the original
+    long_factor: tuple[float, ...] = ()  # longrope: per-pair divisors once a row reaches past it
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -57,10 +70,14 @@ class RopeScaling:
     @property
     def attention_scaling(self) -> float:
         """The factor transformers multiplies cos and sin by (so q·k by its square): YaRN's, else 1."""
-        if self.rope_type != "yarn":
+        if self.rope_type not in ("yarn", "longrope"):
             return 1.0
         if self.attention_factor is not None:
             return self.attention_factor
+        if self.rope_type == "longrope":  # Phi-3: √(1 + ln(factor) / ln(original context))
+            if self.factor <= 1:
+                return 1.0
+            return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
         return yarn_mscale(self.factor)
 
 
@@ -71,7 +88,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Shape and numerics of a LLaMA-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, ...)."""
+    """Shape and numerics of a decoder (Llama 2/3, Mistral/Ministral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2, Granite,
+    SmolLM2/3); the fields after `name` default to the Llama decoder."""
 
     vocab_size: int
     hidden_size: int
@@ -87,10 +105,26 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2; Llama's attention_bias=True)
     o_proj_bias: bool = False  # output projection bias too (Llama's attention_bias=True, not Qwen2)
-    sliding_window: int | None = None  # Mistral v0.1; refused for contexts beyond it
+    sliding_window: int | None = None  # the window of the sliding layers (every layer's without `layer_types`)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    # ---- what the families differ in, per layer (defaults: the Llama decoder) -------------------------------
+    layer_types: tuple[str, ...] = ()  # "full" / "sliding" per layer; (): all sliding if sliding_window, else full
+    rope_local_theta: float = 0.0  # θ of the sliding layers (Gemma 3's rope_local_base_freq; 0: rope_theta)
+    rope_local_scaling: RopeScaling | None = None  # their scaling (None: rope_scaling)
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (SmolLM3)
+    rotary_dim: int = 0  # dimensions of a head that RoPE rotates (Phi-3's partial rotary; 0: head_dim)
+    qk_norm: str = ""  # RMSNorm of q and k before RoPE: "head" (Qwen3, Gemma 3), "full" (OLMo 2), "" none
+    attn_scale: float = 0.0  # q·k multiplier (Gemma's query_pre_attn_scalar^-½, Granite's; 0: 1/√head_dim)
+    attn_softcap: float = 0.0  # attention logits → cap·tanh(logits/cap) (Gemma 2; 0: none)
+    final_softcap: float = 0.0  # the same on the output logits
+    embed_scale: float = 1.0  # embeddings multiplied by it (Gemma √hidden_size, Granite's embedding_multiplier)
+    residual_scale: float = 1.0  # each sublayer's output multiplied by it (Granite's residual_multiplier)
+    logits_scale: float = 1.0  # logits divided by it (Granite's logits_scaling)
+    norm_placement: str = "pre"  # see NORM_PLACEMENTS
+    hidden_act: str = "silu"  # the gate's activation (GeGLU: gelu_pytorch_tanh)
+    family: str = "llama"  # the Hugging Face model_type whose tensor names the checkpoint uses
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -111,6 +145,52 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.o_proj_bias and not self.attention_bias:
             raise ConfigError("an o_proj bias without q/k/v biases is no supported architecture's layout")
+        if self.layer_types and len(self.layer_types) != self.n_layers:
+            raise ConfigError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.n_layers}")
+        if any(t not in ("full", "sliding") for t in self.layer_types):
+            raise ConfigError(f"layer_types must be 'full' or 'sliding', got {sorted(set(self.layer_types))}")
+        if "sliding" in self.layer_types and not self.sliding_window:
+            raise ConfigError("sliding layers need a sliding_window")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ConfigError(f"rotary_dim must be even and ≤ head_dim {self.head_dim}, got {self.rotary_dim}")
+        for name, allowed in (("qk_norm", ("", "head", "full")), ("norm_placement", NORM_PLACEMENTS),
+                              ("hidden_act", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unsupported {name} {getattr(self, name)!r}; supported: {allowed}")
+
+    # ---- per layer -----------------------------------------------------------------------------------
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of `layer` (0: a global layer, which sees the whole context)."""
+        if not self.sliding_window:
+            return 0
+        if not self.layer_types:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding" else 0
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        return tuple(self.layer_window(i) for i in range(self.n_layers))
+
+    @property
+    def n_global_layers(self) -> int:
+        return sum(1 for w in self.layer_windows if not w)
+
+    def layer_rope(self, layer: int) -> tuple[float, RopeScaling] | None:
+        """θ and scaling of `layer`'s RoPE, or None for a layer without positions (NoPE)."""
+        if layer in self.nope_layers:
+            return None
+        if self.layer_window(layer) and (self.rope_local_theta or self.rope_local_scaling is not None):
+            return (self.rope_local_theta or self.rope_theta, self.rope_local_scaling or self.rope_scaling)
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def scale(self) -> float:
+        """The attention logits' multiplier."""
+        return self.attn_scale or self.head_dim ** -0.5
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -170,8 +250,11 @@ class ModelConfig:
         ]
         if missing:
             raise ConfigError(f"config.json lacks {', '.join(missing)}")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"unsupported hidden_act {cfg['hidden_act']!r}; only SwiGLU (silu) is supported")
+        if cfg.get("magicdec_config"):  # our own round trip (a converted GGUF): the description as it was
+            return _from_own(cfg["magicdec_config"])
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"unsupported hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
         if cfg.get("mlp_bias"):
             raise ConfigError("mlp_bias=True is not supported")
         n_heads = cfg["num_attention_heads"]
@@ -181,10 +264,30 @@ class ModelConfig:
         # bias on all four projections; Mistral has none
         family = model_type if model_type in known_types else next(SUPPORTED_ARCHITECTURES[a] for a in archs
                                                                    if a in SUPPORTED_ARCHITECTURES)
-        qkv_bias = family == "qwen2" or (family == "llama" and bool(cfg.get("attention_bias", False)))
-        window = cfg.get("sliding_window")
-        if family == "qwen2" and not cfg.get("use_sliding_window", False):
-            window = None
+        bias = bool(cfg.get("attention_bias", False))
+        qkv_bias = family == "qwen2" or (family in BIAS_ON_ALL_FOUR and bias)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+        global_rope = _rope_parameters(cfg, "full_attention")
+        local_rope = _rope_parameters(cfg, "sliding_attention") if _per_type(cfg) else None
+        rope_theta, rope_scaling = _rope_theta(global_rope), _rope_scaling(cfg, global_rope)
+        partial = float(global_rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
+        changes: dict[str, Any] = {}
+        if local_rope is not None:
+            changes.update(rope_local_theta=float(_rope_theta(local_rope)),
+                           rope_local_scaling=_rope_scaling(cfg, local_rope))
+        elif cfg.get("rope_local_base_freq"):
+            changes["rope_local_theta"] = float(cfg["rope_local_base_freq"])
+        changes.update(FAMILY_TRAITS.get(family, {}))
+        if family in ("gemma2", "gemma3_text"):
+            changes.update(embed_scale=cfg["hidden_size"] ** 0.5,
+                           attn_scale=float(cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5)
+        if family == "granite":
+            changes.update(embed_scale=float(cfg.get("embedding_multiplier", 1.0)),
+                           residual_scale=float(cfg.get("residual_multiplier", 1.0)),
+                           logits_scale=float(cfg.get("logits_scaling", 1.0)),
+                           attn_scale=float(cfg.get("attention_multiplier") or head_dim ** -0.5))
+        if cfg.get("no_rope_layers"):  # SmolLM3: 1 = RoPE, 0 = none
+            changes["nope_layers"] = tuple(i for i, use in enumerate(cfg["no_rope_layers"]) if not use)
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -194,20 +297,27 @@ class ModelConfig:
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             head_dim=cfg.get("head_dim") or 0,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(_rope_theta(cfg)),
-            rope_scaling=_rope_scaling(cfg),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family in ("gemma2", "gemma3_text"))),
             attention_bias=qkv_bias,
-            o_proj_bias=qkv_bias and family == "llama",
-            sliding_window=int(window) if window else None,
+            o_proj_bias=qkv_bias and family != "qwen2",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=name or cfg.get("_name_or_path", "") or model_type,
+            rotary_dim=int(head_dim * partial) if partial < 1 else 0,
+            attn_softcap=float(cfg.get("attn_logit_softcapping") or 0.0),
+            final_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
+            hidden_act=act,
+            family=family,
+            **_windows(cfg, family),
+            **changes,
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """The equivalent Hugging Face ``config.json`` dict (used to build test oracles)."""
+        """The equivalent Hugging Face ``config.json`` dict (used to build test oracles); a description past
+        the Llama shape (another family's) carries itself whole under `magicdec_config`."""
         qwen2 = self.attention_bias and not self.o_proj_bias  # q/k/v biases only: Qwen2's layout
         out: dict[str, Any] = {
             "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
@@ -243,21 +353,92 @@ class ModelConfig:
             out["rope_scaling"] = scaling
         if rs.freq_factors:  # no Hugging Face field for explicit factors: our own key
             out["magicdec_rope_freq_factors"] = list(rs.freq_factors)
+        if self.family not in ("llama", "qwen2", "mistral") or self.layer_types:
+            out["magicdec_config"] = _to_own(self)
         return out
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
+def _to_own(cfg: ModelConfig) -> dict[str, Any]:
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    for key in ("rope_scaling", "rope_local_scaling"):
+        if out[key] is not None:
+            out[key] = {f.name: getattr(out[key], f.name) for f in fields(out[key])}
+    return out
+
+
+def _from_own(own: dict[str, Any]) -> ModelConfig:
+    own = dict(own)
+    for key in ("rope_scaling", "rope_local_scaling"):
+        if own.get(key) is not None:
+            own[key] = RopeScaling(**{k: tuple(v) if isinstance(v, list) else v for k, v in own[key].items()})
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in own.items()})
+
+
+# what a family's decoder always has, whatever its config says (HF config.json or GGUF metadata)
+FAMILY_TRAITS: dict[str, dict[str, Any]] = {
+    "qwen3": {"qk_norm": "head"},
+    "gemma3_text": {"qk_norm": "head", "norm_placement": "sandwich"},
+    "gemma2": {"norm_placement": "sandwich"},
+    "olmo2": {"qk_norm": "full", "norm_placement": "post"},
+}
+
+# families whose attention_bias puts a bias on q, k, v and o (Qwen2 has q/k/v biases only, always)
+BIAS_ON_ALL_FOUR = ("llama", "qwen3", "olmo2", "granite", "smollm3", "gemma2", "gemma3_text")
+
+
+def _per_type(cfg: dict[str, Any]) -> bool:
     params = cfg.get("rope_parameters") or {}
-    return params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    return "full_attention" in params or "sliding_attention" in params
 
 
-def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling:
-    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+def _rope_parameters(cfg: dict[str, Any], layer_type: str) -> dict[str, Any]:
+    """The RoPE parameters of one layer type (transformers 5's per-type dict, or the one for all)."""
+    params = cfg.get("rope_parameters") or {}
+    if _per_type(cfg):
+        return params.get(layer_type) or {}
+    return {"rope_theta": cfg.get("rope_theta", 10000.0), **params}
+
+
+def _windows(cfg: dict[str, Any], family: str) -> dict[str, Any]:
+    """sliding_window and layer_types as transformers decides them: `layer_types` when saved; otherwise
+    Qwen2/Qwen3's use_sliding_window from layer max_window_layers on, Gemma 2's alternation (sliding first),
+    Gemma 3's sliding_window_pattern (every n-th layer global), Mistral's window on every layer."""
+    window = cfg.get("sliding_window")
+    n = cfg["num_hidden_layers"]
+    if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None
+    if family in ("smollm3", "olmo2", "granite", "llama") and not cfg.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return {}
+    types = cfg.get("layer_types")
+    if types is None and family in ("qwen2", "qwen3"):
+        start = cfg.get("max_window_layers", n)
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(n)]
+    if types is None and family == "gemma2":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if types is None and family == "gemma3_text":
+        pattern = cfg.get("sliding_window_pattern", 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    if types is None:
+        return {"sliding_window": int(window)}
+    layer_types = tuple("sliding" if "sliding" in t else "full" for t in types)
+    if "sliding" not in layer_types:
+        return {}
+    return {"sliding_window": int(window), "layer_types": layer_types}
+
+
+def _rope_theta(params: dict[str, Any]) -> float:
+    return params.get("rope_theta", 10000.0)
+
+
+def _rope_scaling(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> RopeScaling:
+    rs = cfg.get("rope_scaling") or params or cfg.get("rope_parameters") or {}
     rope_type = rs.get("rope_type", rs.get("type", "default")) or "default"
     if rope_type not in ROPE_TYPES:
         raise ConfigError(
             f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}. "
-            "Checkpoints using dynamic NTK or LongRoPE are not supported yet."
+            "Checkpoints using dynamic NTK scaling are not supported yet."
         )
     if cfg.get("magicdec_rope_freq_factors"):
         return RopeScaling(rope_type, freq_factors=tuple(cfg["magicdec_rope_freq_factors"]))
@@ -273,6 +454,13 @@ def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling:
                   original_max_position_embeddings=original)
     if rope_type == "yarn":
         return RopeScaling(**common, **_yarn_parameters(rs, common["factor"]))
+    if rope_type == "longrope":  # Phi-3: factor is the ratio of the two contexts unless given
+        if factor is None:
+            common["factor"] = cfg.get("max_position_embeddings", original) / original
+        attention = rs.get("attention_factor")
+        return RopeScaling(**common, short_factor=tuple(map(float, rs["short_factor"])),
+                           long_factor=tuple(map(float, rs["long_factor"])),
+                           attention_factor=None if attention is None else float(attention))
     return RopeScaling(
         **common,
         low_freq_factor=float(rs.get("low_freq_factor", 1.0)),

@@ -90,18 +90,12 @@ class LLM:
 
     def check_context(self, ids: list[list[int]], params: SamplingParams) -> None:
         limit = self.config.max_position_embeddings
-        window = self.config.sliding_window
         for i, p in enumerate(ids):
             total = len(p) + params.max_new_tokens
             if total > limit:
                 raise PromptError(
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} that is {total} "
                     f"positions, beyond the model's context of {limit}. Shorten the prompt or lower max_new_tokens."
-                )
-            if window is not None and total > window:
-                raise PromptError(
-                    f"prompt {i} needs {total} positions but this model attends over a sliding window of {window}, "
-                    "which magicdec does not implement; shorten the prompt or lower max_new_tokens"
                 )
 
     # ---- the engine core -------------------------------------------------------------------------

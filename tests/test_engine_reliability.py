@@ -336,19 +336,17 @@ def test_prefix_hits_stay_bit_exact_with_a_chunk_not_dividing_blocks(tiny_llm: L
     e.check_no_leaks()
 
 
-# ---- #5: sliding windows are refused consistently -----------------------------------------------------------------
-def test_sliding_window_is_refused_by_the_engine_as_by_generate(tmp_path: Path) -> None:
+# ---- #5 (then), issue 25 (now): a sliding-window model serves prompts past its window --------------------------------
+def test_sliding_window_prompts_past_the_window_are_served(tmp_path: Path) -> None:
     path = write_checkpoint(tmp_path / "sw", tiny_config(n_layers=1))
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "sliding_window": 256}))
+    (path / "config.json").write_text(json.dumps({**cfg, "sliding_window": 256, "model_type": "mistral",
+                                                  "architectures": ["MistralForCausalLM"]}))
     llm = LLM(path, device="cpu")
-    assert llm.config.sliding_window == 256
-    with pytest.raises(PromptError, match="sliding window of 256"):
-        llm.generate([[5] * 250], SamplingParams(max_new_tokens=10))
+    assert llm.config.sliding_window == 256 and llm.config.layer_windows == (256,)
+    assert len(llm.generate([[5] * 250], SamplingParams(max_new_tokens=10)).outputs[0].token_ids) == 10
     e = engine(llm)
-    with pytest.raises(ValueError, match="sliding window of 256"):
-        e.add_request([5] * 250, SamplingParams(max_new_tokens=10))
-    e.add_request([5] * 200, SamplingParams(max_new_tokens=10))  # within the window: served
+    e.add_request([5] * 250, SamplingParams(max_new_tokens=10))
     assert len(drain(e)) == 1
 
 

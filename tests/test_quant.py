@@ -82,7 +82,7 @@ def test_quantized_copy_shares_all_but_its_linear_layers(tiny: Transformer) -> N
     # shared: embedding (the same module and storage), norms, rotary buffers, biases
     assert qm.embed is tiny.embed and qm.embed.weight.data_ptr() == tiny.embed.weight.data_ptr()
     assert qm.norm is tiny.norm and qm.rope is tiny.rope
-    assert qm.rope.inv_freq.data_ptr() == tiny.rope.inv_freq.data_ptr()
+    assert qm.rope.ropes[0].inv_freq.data_ptr() == tiny.rope.ropes[0].inv_freq.data_ptr()
     for qb, b in zip(qm.layers, tiny.layers, strict=True):
         assert qb is not b and qb.attn_norm is b.attn_norm and qb.mlp_norm is b.mlp_norm
         assert (qb.attn.n_heads, qb.attn.n_kv_heads, qb.attn.head_dim, qb.attn.layer, qb.mlp.intermediate) == (

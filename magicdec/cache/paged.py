@@ -52,12 +52,16 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size, self.group = num_blocks, block_size, group
         self.trash = num_blocks
+        self.windows: tuple[int, ...] = (0,) * n_layers  # each layer's sliding window (0: global)
+        self.softcap = 0.0  # attention-logit soft-capping (Gemma 2)
 
     @classmethod
     def for_model(cls, model: Transformer, num_blocks: int, block_size: int) -> PagedKVCache:
         cfg = model.config
-        return cls(cfg.n_layers, num_blocks, model.kv_heads, block_size, cfg.head_dim, cfg.group_size, model.dtype,
-                   model.device)
+        cache = cls(cfg.n_layers, num_blocks, model.kv_heads, block_size, cfg.head_dim, cfg.group_size, model.dtype,
+                    model.device)
+        cache.windows, cache.softcap = cfg.layer_windows, cfg.attn_softcap
+        return cache
 
     @staticmethod
     def bytes_per_block(model: Transformer, block_size: int) -> int:
@@ -122,15 +126,18 @@ class PagedStep:
         self.layer_buf = torch.empty_like(view.scores) if view.scores is not None and self.mode == "sum" else None
         ok = positions >= 0
         cols = torch.where(ok, positions, 0) // P
-        if not view.static and int(cols.max()) >= view.table.shape[1]:
-            raise ValueError(f"position {int(positions.max())} is past the blocks allocated to its row")
+        top = -1 if view.static else int(positions.max())  # one read back to the host (none for a static view)
+        if not view.static and max(top, 0) // P >= view.table.shape[1]:
+            raise ValueError(f"position {top} is past the blocks allocated to its row")
         self.pages = torch.where(ok, view.table.gather(1, cols), c.trash).reshape(-1)
         self.offsets = torch.where(ok, positions % P, 0).reshape(-1)
         B = positions.shape[0]
-        self.B, self.positions = B, positions
+        self.B, self.positions, self.table = B, positions, view.table
+        kv_len = view.table.shape[1] * P if view.static else top + 1
+        self.full_len, self.sparse = kv_len, view.read is not None
+        self._windowed: dict[int, tuple[AttentionMask, torch.Tensor | None]] = {}
         if view.read is None:  # the target: every block of the row, slot = position
             self.read = view.table[None]
-            kv_len = view.table.shape[1] * P if view.static else int(positions.max()) + 1
             self.mask = AttentionMask(c.group, c.k.dtype, positions, kv_len, rows_hint=B)
         else:  # a sparse draft: its own blocks, tagged with the positions they hold (one table, or one per layer)
             assert view.read_pos is not None
@@ -194,16 +201,66 @@ class PagedStep:
             self._padded = allowed
         return self._padded[self._rows(layer)]
 
+    def window_mask(self, window: int) -> AttentionMask:
+        """The target's visibility through the row's whole table with a sliding `window` (0: none): how a
+        sliding layer is read, by the target and by every draft alike."""
+        if window not in self._windowed:
+            self._windowed[window] = (AttentionMask(self.cache.group, self.cache.k.dtype, self.positions,
+                                                    self.full_len, window=window, rows_hint=self.B), None)
+        return self._windowed[window][0]
+
+    def _window_allowed(self, window: int) -> torch.Tensor:
+        mask, padded = self._windowed[window]
+        if padded is None:
+            padded = mask.allowed
+            width = self.table.shape[1] * self.cache.block_size
+            if padded.shape[2] < width:
+                padded = torch.nn.functional.pad(padded, (0, width - padded.shape[2]))
+            self._windowed[window] = (mask, padded)
+        return padded
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        window = self.cache.windows[layer]
+        if window:  # a sliding layer reads the target's blocks, as the target does; its scores rank nothing
+            return self._attend_windowed(layer, q, k, v, None, window)
+        attend_fn = self._attend_windowed if self.cache.softcap else self._attend
         if self.total_scores is None or self.mode == "max":
-            return self._attend(layer, q, k, v, self.total_scores)
+            return attend_fn(layer, q, k, v, self.total_scores)
         if self.mode == "layer":
-            return self._attend(layer, q, k, v, self.total_scores[layer])
+            return attend_fn(layer, q, k, v, self.total_scores[layer])
         assert self.layer_buf is not None
         self.layer_buf.zero_()
-        out = self._attend(layer, q, k, v, self.layer_buf)
+        out = attend_fn(layer, q, k, v, self.layer_buf)
         self.total_scores += self.layer_buf
         return out
+
+    def _attend_windowed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scores: torch.Tensor | None, window: int = 0) -> torch.Tensor:
+        """A sliding layer (or any layer of a soft-capped model): the row's whole table, as the target reads it,
+        with the layer's window. Soft-capping runs the PyTorch path (no kernel has it)."""
+        c = self.cache
+        K, V = c.k[layer], c.v[layer]
+        self._store(K, k)
+        self._store(V, v)
+        if self.sparse and not window:  # a sparse draft's global layer of a soft-capped model
+            read, mask = self.read[0 if self.shared else layer], self._layer_mask(layer)
+        else:
+            read, mask = self.table, self.window_mask(window)
+        if not c.softcap and self.triton:
+            qpos, _ = mask.int32_positions()
+            return triton_paged.paged_attention(q, K, V, read, qpos[: self.B], None, window, 0,
+                                                block_scores=scores, rows_hint=mask.rows_hint)
+        if not c.softcap and self.kernel:
+            return cpu_kernels.paged_attention(q, K, V, read, self._window_allowed(window), block_scores=scores)
+        S = mask.kv_len
+        Kd = self._gather(K, S, read)
+        if scores is not None:
+            P = c.block_size
+            width = read.shape[1] * P
+            keys = torch.nn.functional.pad(Kd, (0, 0, 0, width - S))
+            allowed = torch.nn.functional.pad(mask.allowed, (0, width - S))
+            cpu_kernels.block_scores_reference(q, keys, allowed, P, scores)
+        return attend(q, Kd, self._gather(V, S, read), mask, softcap=c.softcap)
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scores: torch.Tensor | None) -> torch.Tensor:

@@ -79,8 +79,11 @@ def critical_context(model: ModelConfig, hardware: HardwareProfile, dtype_bytes:
     embedding = 0 if model.tie_word_embeddings else model.vocab_size * model.hidden_size  # gathered, not read
     p = (model.num_parameters() - embedding) / tp
     balance = hardware.effective_flops(dt) / hardware.effective_bandwidth
-    per_token_kv = model.kv_bytes_per_token(dt, kv_heads)  # bytes per context token
-    attn_intensity = 4 * q * model.n_layers * heads * model.head_dim / per_token_kv
+    # bytes per context token: of the global layers only (a sliding layer's reads stop growing at its window)
+    if not model.n_global_layers:
+        return math.inf
+    per_token_kv = model.kv_bytes_per_token(dt, kv_heads) * model.n_global_layers / model.n_layers
+    attn_intensity = 4 * q * model.n_global_layers * heads * model.head_dim / per_token_kv
     if attn_intensity >= balance:
         return math.inf
     return 2 * p * q / (per_token_kv * (balance - attn_intensity))

@@ -16,6 +16,18 @@ _LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.
                     original_max_position_embeddings=8192)
 
 
+def _gemma3(n_layers: int, query_pre_attn_scalar: int) -> dict[str, object]:
+    """What Gemma 3's text decoders share: every sixth layer global (θ 1M, linear ×8), the others a 1024-token
+    window (θ 10K); sandwich norms, GeGLU, √d embeddings, q/k norms, tied embeddings."""
+    return dict(sliding_window=1024, layer_types=tuple("full" if (i + 1) % 6 == 0 else "sliding"
+                                                       for i in range(n_layers)),
+                rope_theta=1000000.0, rope_scaling=RopeScaling(rope_type="linear", factor=8.0),
+                rope_local_theta=10000.0, rope_local_scaling=RopeScaling(), max_position_embeddings=131072,
+                qk_norm="head", norm_placement="sandwich", hidden_act="gelu_pytorch_tanh",
+                attn_scale=query_pre_attn_scalar ** -0.5, tie_word_embeddings=True, family="gemma3_text",
+                bos_token_id=2, eos_token_ids=(1, 106))
+
+
 def _shape(name: str, **kw: object) -> ModelConfig:
     return ModelConfig(name=name, **kw)  # type: ignore[arg-type]
 
@@ -68,6 +80,31 @@ KNOWN_SHAPES: dict[str, ModelConfig] = {
         _shape("SmolLM2-135M", vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30,
                n_heads=9, n_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
                max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=0, eos_token_ids=(0,)),
+        # Qwen/Qwen3-8B (q/k RMSNorm per head)
+        _shape("Qwen3-8B", vocab_size=151936, hidden_size=4096, intermediate_size=12288, n_layers=36, n_heads=32,
+               n_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+               qk_norm="head", family="qwen3", bos_token_id=151643, eos_token_ids=(151645,)),
+        # Qwen/Qwen3-32B
+        _shape("Qwen3-32B", vocab_size=151936, hidden_size=5120, intermediate_size=25600, n_layers=64, n_heads=64,
+               n_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+               qk_norm="head", family="qwen3", bos_token_id=151643, eos_token_ids=(151645,)),
+        # google/gemma-3-12b-pt (text): five sliding layers (window 1024) for each global one
+        _shape("Gemma-3-12B", vocab_size=262208, hidden_size=3840, intermediate_size=15360, n_layers=48, n_heads=16,
+               n_kv_heads=8, head_dim=256, rms_norm_eps=1e-6, **_gemma3(48, 256)),
+        # google/gemma-3-27b-pt (text)
+        _shape("Gemma-3-27B", vocab_size=262208, hidden_size=5376, intermediate_size=21504, n_layers=62, n_heads=32,
+               n_kv_heads=16, head_dim=128, rms_norm_eps=1e-6, **_gemma3(62, 168)),
+        # mistralai/Ministral-8B-Instruct-2410: one global layer, then three of a 32K window (its params.json)
+        _shape("Ministral-8B", vocab_size=131072, hidden_size=4096, intermediate_size=12288, n_layers=36, n_heads=32,
+               n_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=100000000.0, max_position_embeddings=32768,
+               sliding_window=32768, layer_types=tuple("full" if i % 4 == 0 else "sliding" for i in range(36)),
+               family="ministral", bos_token_id=1, eos_token_ids=(2,)),
+        # microsoft/Phi-4-mini-instruct: partial rotary (¾ of each head); its LongRoPE factors are left out (the
+        # cost model does not read RoPE)
+        _shape("Phi-4-mini", vocab_size=200064, hidden_size=3072, intermediate_size=8192, n_layers=32, n_heads=24,
+               n_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=131072,
+               rotary_dim=96, tie_word_embeddings=True, family="phi3", bos_token_id=199999,
+               eos_token_ids=(199999,)),
     )
 }
 # Other spellings people use for the same checkpoints.
@@ -82,6 +119,10 @@ _ALIASES = {
     "qwen2.5-7b-instruct": "qwen2.5-7b",
     "mistral-7b-v0.1": "mistral-7b",
     "smollm2-135m-instruct": "smollm2-135m",
+    "gemma-3-12b-pt": "gemma-3-12b", "gemma-3-12b-it": "gemma-3-12b",
+    "gemma-3-27b-pt": "gemma-3-27b", "gemma-3-27b-it": "gemma-3-27b",
+    "ministral-8b-instruct-2410": "ministral-8b",
+    "phi-4-mini-instruct": "phi-4-mini",
 }
 
 

@@ -183,14 +183,20 @@ class CostModel:
     # ---- step costs ----------------------------------------------------------------------------
     @staticmethod
     def _attended(model: ModelConfig, ctx: list[int], cap: int | None, q_tokens: int) -> float:
-        """KV tokens read in total: each context (capped at the draft budget `cap`) plus the new
-        tokens, at most the model's sliding window."""
-        if model.sliding_window is None:  # the usual case, summed at C speed
+        """KV tokens read per layer, on average over the layers, summed over the batch: a global layer reads
+        each context (capped at the draft budget `cap`) plus the new tokens; a sliding layer at most its
+        window, whoever reads it (a draft reads a sliding layer as the target does)."""
+        windows = model.layer_windows
+        if not any(windows):  # the usual case, summed at C speed
             capped = sum(ctx) if cap is None else sum(map(min, ctx, repeat(cap)))
             return float(capped + len(ctx) * q_tokens)
-        budget = math.inf if cap is None else cap
-        window = model.sliding_window or math.inf
-        return float(sum(min(min(n, budget) + q_tokens, window) for n in ctx))
+        glob = 0.0
+        if model.n_global_layers:
+            glob = float((sum(ctx) if cap is None else sum(map(min, ctx, repeat(cap)))) + len(ctx) * q_tokens)
+        total = model.n_global_layers * glob
+        for w in set(windows) - {0}:
+            total += windows.count(w) * float(sum(min(n + q_tokens, w) for n in ctx))
+        return total / model.n_layers
 
     def target_cost(self, batch: int, context: Context, q_tokens: int = 1) -> StepCost:
         attended = self._attended(self.target, _contexts(batch, context), None, q_tokens)

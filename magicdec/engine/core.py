@@ -227,11 +227,6 @@ class EngineCore:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
                              f"tokens, over the model's context of {self.max_model_len}: shorten the prompt or "
                              "lower max_new_tokens")
-        window = self.model.config.sliding_window
-        if window is not None and total > window:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
-                             f"positions, but this model attends over a sliding window of {window}, "
-                             "which magicdec does not implement; shorten the prompt or lower max_new_tokens")
         need = self.scheduler.blocks_needed(total)
         if need > self.pool.num_blocks:
             P = self.pool.block_size

@@ -21,18 +21,26 @@ TensorGetter = Callable[..., "torch.Tensor | None"]  # get(hf_name) or get(hf_na
 
 
 def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of `layer` as the family names it in a Hugging Face checkpoint, with its shape."""
     d, f, p = cfg.hidden_size, cfg.intermediate_size, f"model.layers.{layer}."
-    shapes = {
-        p + "input_layernorm.weight": (d,),
-        p + "self_attn.q_proj.weight": (cfg.q_size, d),
-        p + "self_attn.k_proj.weight": (cfg.kv_size, d),
-        p + "self_attn.v_proj.weight": (cfg.kv_size, d),
-        p + "self_attn.o_proj.weight": (d, cfg.q_size),
-        p + "post_attention_layernorm.weight": (d,),
-        p + "mlp.gate_proj.weight": (f, d),
-        p + "mlp.up_proj.weight": (f, d),
-        p + "mlp.down_proj.weight": (d, f),
-    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    if cfg.family == "phi3":  # fused in the checkpoint: split at load
+        shapes[p + "self_attn.qkv_proj.weight"] = (cfg.q_size + 2 * cfg.kv_size, d)
+    else:
+        shapes.update({p + "self_attn.q_proj.weight": (cfg.q_size, d), p + "self_attn.k_proj.weight": (cfg.kv_size, d),
+                       p + "self_attn.v_proj.weight": (cfg.kv_size, d)})
+    shapes[p + "self_attn.o_proj.weight"] = (d, cfg.q_size)
+    for hf_name in NORM_NAMES[cfg.norm_placement].values():
+        shapes[p + hf_name] = (d,)
+    if cfg.family == "phi3":
+        shapes[p + "mlp.gate_up_proj.weight"] = (2 * f, d)
+    else:
+        shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d)})
+    shapes[p + "mlp.down_proj.weight"] = (d, f)
+    if cfg.qk_norm:
+        full = cfg.qk_norm == "full"
+        shapes[p + "self_attn.q_norm.weight"] = (cfg.q_size if full else cfg.head_dim,)
+        shapes[p + "self_attn.k_norm.weight"] = (cfg.kv_size if full else cfg.head_dim,)
     if cfg.attention_bias:
         shapes.update({
             p + "self_attn.q_proj.bias": (cfg.q_size,),
@@ -42,6 +50,19 @@ def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     if cfg.o_proj_bias:
         shapes[p + "self_attn.o_proj.bias"] = (d,)
     return shapes
+
+
+# our norm → the checkpoint's, by where the model puts its norms
+NORM_NAMES = {
+    "pre": {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"},
+    "sandwich": {"attn_norm": "input_layernorm.weight", "post_attn_norm": "post_attention_layernorm.weight",
+                 "mlp_norm": "pre_feedforward_layernorm.weight",
+                 "post_mlp_norm": "post_feedforward_layernorm.weight"},
+    "post": {"post_attn_norm": "post_attention_layernorm.weight",
+             "post_mlp_norm": "post_feedforward_layernorm.weight"},
+}
+# families whose RMSNorm multiplies by (1 + w): the checkpoint's w plus one is our weight
+PLUS_ONE_NORMS = ("gemma2", "gemma3_text")
 
 
 # Checkpoint tensors that transformers itself ignores when loading (old per-layer RoPE buffers).
@@ -76,6 +97,8 @@ def build_model(
     whole model is built and then cut. `names`: every tensor the checkpoint holds; one the model does
     not use is an error."""
     used: set[str] = set()
+    if cfg.family == "phi3":  # fused q/k/v and gate/up: read whole, cut after the split
+        sliced = False
 
     def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         used.add(name)
@@ -96,24 +119,32 @@ def build_model(
         return t.to(device=device, dtype=dtype)
 
     d, v = cfg.hidden_size, cfg.vocab_size
+    plus = 1.0 if cfg.family in PLUS_ONE_NORMS else 0.0
     state: dict[str, torch.Tensor] = {
         "embed.weight": take("model.embed_tokens.weight", (v, d)),
-        "norm.weight": take("model.norm.weight", (d,)),
+        "norm.weight": take("model.norm.weight", (d,)) + plus,
     }
     if not cfg.tie_word_embeddings:
         state["lm_head.weight"] = take("lm_head.weight", (v, d))
     for i in range(cfg.n_layers):
         s, p, o = expected_shapes(cfg, i), f"model.layers.{i}.", f"layers.{i}."
         t = {name[len(p):]: take(name, shape) for name, shape in s.items()}
-        state[o + "attn_norm.weight"] = t["input_layernorm.weight"]
-        state[o + "mlp_norm.weight"] = t["post_attention_layernorm.weight"]
-        state[o + "attn.wqkv.weight"] = torch.cat([t[f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        for ours, theirs in NORM_NAMES[cfg.norm_placement].items():
+            state[o + ours + ".weight"] = t[theirs] + plus
+        if cfg.qk_norm:
+            state[o + "attn.q_norm.weight"] = t["self_attn.q_norm.weight"] + plus
+            state[o + "attn.k_norm.weight"] = t["self_attn.k_norm.weight"] + plus
+        if cfg.family == "phi3":
+            state[o + "attn.wqkv.weight"] = t["self_attn.qkv_proj.weight"]
+            state[o + "mlp.w_gate_up.weight"] = t["mlp.gate_up_proj.weight"]
+        else:
+            state[o + "attn.wqkv.weight"] = torch.cat([t[f"self_attn.{x}_proj.weight"] for x in "qkv"])
+            state[o + "mlp.w_gate_up.weight"] = torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]])
         if cfg.attention_bias:
             state[o + "attn.wqkv.bias"] = torch.cat([t[f"self_attn.{x}_proj.bias"] for x in "qkv"])
         state[o + "attn.wo.weight"] = t["self_attn.o_proj.weight"]
         if cfg.o_proj_bias:
             state[o + "attn.wo_bias"] = t["self_attn.o_proj.bias"]
-        state[o + "mlp.w_gate_up.weight"] = torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]])
         state[o + "mlp.w_down.weight"] = t["mlp.down_proj.weight"]
 
     check_all_used(cfg, names, used, source)

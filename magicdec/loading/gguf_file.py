@@ -20,16 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from magicdec.config import ConfigError, ModelConfig, RopeScaling
-from magicdec.loading.assemble import build_model
+from magicdec.config import FAMILY_TRAITS, ConfigError, ModelConfig, RopeScaling
+from magicdec.loading.assemble import PLUS_ONE_NORMS, build_model, expected_shapes
 from magicdec.loading.conversion import convert_once, damage
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
 from magicdec.parallel.tp import TensorParallel
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2")
+FAMILIES = {"gemma3": "gemma3_text"}  # a GGUF architecture → the family (Hugging Face model_type) it translates to
+# the models whose "27B" size llama.cpp scales attention by hidden/heads instead of head_dim (layers → family)
+_SCALE_BY_HIDDEN = {46: "gemma2", 62: "gemma3_text"}
 _LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
@@ -38,10 +42,19 @@ _LAYER_NAMES = {
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.o_proj.bias": "attn_output.bias",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+}
+# norms by where the family puts them
+_NORM_NAMES = {
+    "pre": {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"},
+    "sandwich": {"input_layernorm.weight": "attn_norm.weight",
+                 "post_attention_layernorm.weight": "post_attention_norm.weight",
+                 "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
+    "post": {"post_attention_layernorm.weight": "post_attention_norm.weight",
+             "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
 }
 _GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -109,6 +122,7 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
             bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
             name=str(field(reader, "general.name", path.stem)),
+            **_family_fields(reader, arch, n_heads),
         )
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
@@ -117,6 +131,36 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
         raise LoadError(f"{path}: RoPE over {rotary} of {cfg.head_dim} head dimensions (partial rotary) "
                         "is not supported")
     return cfg
+
+
+def _family_fields(reader: Any, arch: str, n_heads: int) -> dict[str, Any]:
+    """What a family adds to the Llama shape, from its GGUF metadata and what llama.cpp fixes for it: Gemma's
+    windows (every other layer for Gemma 2, five of six for Gemma 3, whose local θ is 10 000), soft-caps,
+    GeGLU, √d embeddings and attention scale (hidden/heads for the 27B models, else head_dim)."""
+    family = FAMILIES.get(arch, arch)
+    out: dict[str, Any] = {"family": family, **FAMILY_TRAITS.get(family, {})}
+    if family not in ("gemma2", "gemma3_text"):
+        return out
+    hidden, layers = int(field(reader, f"{arch}.embedding_length")), int(field(reader, f"{arch}.block_count"))
+    head_dim = int(field(reader, f"{arch}.attention.key_length", 0) or hidden // n_heads)
+    scalar = hidden // n_heads if _SCALE_BY_HIDDEN.get(layers) == family else head_dim
+    scale = field(reader, f"{arch}.attention.scale")  # explicit, when the file has it
+    out.update(hidden_act="gelu_pytorch_tanh", embed_scale=hidden ** 0.5,
+               attn_scale=float(scale) if scale else scalar ** -0.5)
+    window = field(reader, f"{arch}.attention.sliding_window")
+    if window:
+        pattern = field(reader, f"{arch}.attention.sliding_window_pattern", 2 if family == "gemma2" else 6)
+        if isinstance(pattern, list):  # per layer, True for a sliding one
+            sliding = [bool(x) for x in pattern]
+        else:  # every n-th layer global
+            sliding = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+        out.update(sliding_window=int(window), layer_types=tuple("sliding" if x else "full" for x in sliding))
+    if family == "gemma3_text":
+        out.update(rope_local_theta=10000.0, rope_local_scaling=RopeScaling())
+    for key, name in (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping")):
+        if field(reader, f"{arch}.{name}"):
+            out[key] = float(field(reader, f"{arch}.{name}"))
+    return out
 
 
 def _rope_scaling(reader: Any, arch: str, context: int) -> RopeScaling:
@@ -173,23 +217,27 @@ def gguf_tensors(reader: Any, cfg: ModelConfig, path: Path) -> dict[str, torch.T
 
     permuted = field(reader, "general.architecture") == "llama"
     out: dict[str, torch.Tensor] = {}
+    known = set(_GLOBAL_NAMES).union(*(expected_shapes(cfg, i) for i in range(cfg.n_layers)))
     for t in reader.tensors:
-        hf_name = hf_tensor_name(t.name)
-        if hf_name is None:
+        hf_name = hf_tensor_name(t.name, cfg.norm_placement)
+        if hf_name not in known:
             if t.name == "rope_freqs.weight" or ".attn_rot_embd" in t.name:  # read by read_config; unused
                 continue  # by llama.cpp too
             raise LoadError(f"{path}: GGUF tensor {t.name!r} has no role in the model magicdec runs; "
                             "magicdec drops no weights silently")
+        assert hf_name is not None
         w = gguf.quants.dequantize(t.data, t.tensor_type)
         if permuted and ".q_proj." in hf_name:
             w = _unpermute(w, cfg.n_heads)
         elif permuted and ".k_proj." in hf_name:
             w = _unpermute(w, cfg.n_kv_heads)
+        if cfg.family in PLUS_ONE_NORMS and hf_name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norms with the one added; Hugging Face's w without
         out[hf_name] = torch.from_numpy(np.array(w, dtype=np.float32))
     return out
 
 
-def hf_tensor_name(name: str) -> str | None:
+def hf_tensor_name(name: str, norm_placement: str = "pre") -> str | None:
     """The Hugging Face name of a GGUF tensor (None for a tensor with no such name, e.g. rope_freqs)."""
     for hf, gg in _GLOBAL_NAMES.items():
         if name == gg:
@@ -197,7 +245,7 @@ def hf_tensor_name(name: str) -> str | None:
     parts = name.split(".", 2)
     if parts[0] != "blk":
         return None
-    inverse = {v: k for k, v in _LAYER_NAMES.items()}
+    inverse = {v: k for k, v in {**_LAYER_NAMES, **_NORM_NAMES[norm_placement]}.items()}
     return f"model.layers.{parts[1]}.{inverse[parts[2]]}" if parts[2] in inverse else None
 
 

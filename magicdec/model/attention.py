@@ -95,10 +95,19 @@ class AttentionMask:
         return self._sdpa
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    """q [B, Hq, T, D]; k, v [B, Hkv, S, D] → [B, Hq, T, D]. Every query row must see ≥ 1 slot."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+           softcap: float = 0.0) -> torch.Tensor:
+    """q [B, Hq, T, D]; k, v [B, Hkv, S, D] → [B, Hq, T, D]. Every query row must see ≥ 1 slot.
+    `softcap` > 0: logits → softcap·tanh(logits / softcap) before the mask (Gemma 2), in PyTorch."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
+    if softcap:
+        g = Hq // Hkv
+        s = torch.einsum("bhgtd,bhsd->bhgts", q.float().view(B, Hkv, g, T, D), k.float()) * D ** -0.5
+        s = torch.tanh(s / softcap) * softcap
+        s = s.masked_fill(~mask.allowed[:, None, None], float("-inf"))
+        out = torch.einsum("bhgts,bhsd->bhgtd", torch.softmax(s, -1), v.float())
+        return out.reshape(B, Hq, T, D).to(q.dtype)
     if T <= MAX_DECODE_TOKENS and mask.positional and use_triton(q):
         qpos, kpos = mask.int32_positions()
         return triton_decode.decode_attention(q, k, v, qpos, kpos, mask.window, mask.n_kept, mask.rows_hint)

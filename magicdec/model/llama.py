@@ -1,5 +1,7 @@
-"""The LLaMA-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, grouped-query
-attention with optional q/k/v (and output) biases, SwiGLU, tied or untied embeddings.
+"""The one decoder, driven by its `ModelConfig` layer by layer (Llama 2/3, Mistral, Qwen2/3, Gemma 2/3,
+Phi-3, OLMo 2, Granite, SmolLM2/3): RMSNorm (where the model puts it), RoPE per layer (or none), grouped-query
+attention with optional q/k/v (and output) biases and q/k norms, sliding or global per layer (the cache
+applies the window), SwiGLU or GeGLU, tied or untied embeddings, the Gemma and Granite multipliers.
 
 `forward(input_ids, positions, cache)` knows nothing about speculation or parallelism: it asks the
 cache to prepare one step for the given positions and hands each layer's new keys and values to that
@@ -69,9 +71,13 @@ class RMSNorm(nn.Module):
         return x, self(x)
 
 
+Rotation = tuple[torch.Tensor, torch.Tensor] | None  # a layer's (cos, sin), or None for a NoPE layer
+
+
 class Attention(nn.Module):
     """Fused q/k/v projection laid out [q heads | k heads | v heads], so sharding by heads stays a
-    slice of each part."""
+    slice of each part; optional q/k RMSNorm before RoPE, per head (Qwen3, Gemma 3) or over all heads
+    (OLMo 2); a q·k multiplier other than 1/√d folded into q (Gemma's query_pre_attn_scalar, Granite's)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -82,53 +88,90 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.q_size, cfg.hidden_size, bias=False, device=device)
         # Llama's attention_bias: added after `wo` (and after its tensor-parallel all-reduce), so once
         self.wo_bias = nn.Parameter(torch.zeros(cfg.hidden_size, device=device)) if cfg.o_proj_bias else None
+        self.qk_norm = cfg.qk_norm
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(cfg.q_size if full else cfg.head_dim, cfg.rms_norm_eps, device)
+            self.k_norm = RMSNorm(cfg.kv_size if full else cfg.head_dim, cfg.rms_norm_eps, device)
+        self.q_mult = cfg.scale * cfg.head_dim ** 0.5  # 1 unless the model's scale is not 1/√d
+        self.full_rotary = cfg.rope_dim == cfg.head_dim
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: CacheStep) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotation, step: CacheStep) -> torch.Tensor:
         B, T, _ = x.shape
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x)
-        if use_triton(qkv):  # rotate q and k in place; q, k, v stay strided views of one buffer
-            fused.rope_(qkv, cos, sin, hq + hkv, d)
+        fused_rope = use_triton(qkv) and rope is not None and not self.qk_norm and self.full_rotary
+        if fused_rope:  # rotate q and k in place; q, k, v stay strided views of one buffer
+            assert rope is not None
+            fused.rope_(qkv, rope[0], rope[1], hq + hkv, d)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (q, k, v))
-        if not use_triton(qkv):
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if not fused_rope and rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.q_mult != 1.0:
+            q = q * self.q_mult
         out = self.wo(step.attend(self.layer, q, k, v).transpose(1, 2).reshape(B, T, hq * d))
         return out if self.wo_bias is None else out + self.wo_bias
 
 
 class MLP(nn.Module):
-    """SwiGLU with gate and up fused as [gate | up]."""
+    """SwiGLU (or GeGLU: the tanh-approximated GELU gate of Gemma) with gate and up fused as [gate | up]."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.intermediate = cfg.intermediate_size
+        self.intermediate, self.act = cfg.intermediate_size, cfg.hidden_act
         self.w_gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, device=device)
         self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.w_gate_up(x)
-        if use_triton(gate_up):
+        if self.act == "silu" and use_triton(gate_up):
             return self.w_down(fused.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        act = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.w_down(act * up)
+
+
+def _add_norm(norm: RMSNorm | None, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream after adding `delta`, and what the sublayer reads: its norm, or the stream itself."""
+    if norm is not None:
+        return norm.add_forward(x, delta)
+    x = x if delta is None else x + delta
+    return x, x
 
 
 class Block(nn.Module):
+    """One layer. Norms where the model puts them: before each sublayer ("pre", Llama), before and after
+    ("sandwich", Gemma 2/3), after only ("post", OLMo 2); each sublayer's output times `residual_scale`."""
+
     def __init__(self, cfg: ModelConfig, layer: int, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        pre, post = cfg.norm_placement != "post", cfg.norm_placement != "pre"
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)  # noqa: E731
+        self.attn_norm = norm() if pre else None
         self.attn = Attention(cfg, layer, device)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.post_attn_norm = norm() if post else None
+        self.mlp_norm = norm() if pre else None
         self.mlp = MLP(cfg, device)
+        self.post_mlp_norm = norm() if post else None
+        self.residual_scale = cfg.residual_scale
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    def _out(self, norm: RMSNorm | None, y: torch.Tensor) -> torch.Tensor:
+        y = y if norm is None else norm(y)
+        return y if self.residual_scale == 1.0 else y * self.residual_scale
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, rope: Rotation,
                 step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the residual stream and the previous block's pending output; returns the stream and
         this block's MLP output, which the next norm adds (so each add fuses into a norm)."""
-        x, h = self.attn_norm.add_forward(x, delta)
-        x, h = self.mlp_norm.add_forward(x, self.attn(h, cos, sin, step))
-        return x, self.mlp(h)
+        x, h = _add_norm(self.attn_norm, x, delta)
+        x, h = _add_norm(self.mlp_norm, x, self._out(self.post_attn_norm, self.attn(h, rope, step)))
+        return x, self._out(self.post_mlp_norm, self.mlp(h))
 
 
 class Transformer(nn.Module):
@@ -166,13 +209,21 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [B, T] → logits [B, T, V], or [B, N, V] for the token indices in
         `logits_index` [B, N] (e.g. only each prompt's last token during prefill)."""
+        cfg = self.config
         step = cache.begin(positions)
         x = self.embed(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
+        if cfg.embed_scale != 1.0:
+            x = x * cfg.embed_scale
+        ropes = self.rope(positions, x.dtype)
         delta = None
-        for block in self.layers:
-            x, delta = block(x, delta, cos, sin, step)
+        for block, rope in zip(self.layers, ropes):
+            x, delta = block(x, delta, rope, step)
         if logits_index is not None:
             index = logits_index[..., None].expand(-1, -1, x.shape[-1])
             x, delta = x.gather(1, index), delta.gather(1, index) if delta is not None else None
-        return self.lm_head(self.norm.add_forward(x, delta)[1])
+        logits = self.lm_head(self.norm.add_forward(x, delta)[1])
+        if cfg.logits_scale != 1.0:
+            logits = logits / cfg.logits_scale
+        if cfg.final_softcap:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits

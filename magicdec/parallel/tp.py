@@ -57,6 +57,9 @@ def init_from_env(device_type: str) -> TensorParallel | None:
 def check_shardable(cfg: ModelConfig, world: int) -> None:
     """Refuse, with the reason and the fix, a world size that does not divide the model."""
     parts = {"KV heads": cfg.n_kv_heads, "MLP columns": cfg.intermediate_size, "vocabulary rows": cfg.vocab_size}
+    if cfg.qk_norm == "full" and world > 1:
+        raise ValueError(f"tensor parallelism: {cfg.name or 'this model'} normalises q and k over all heads "
+                         "(OLMo 2), which a split by heads cannot compute; run it on one process")
     bad = [f"{n} {name}" for name, n in parts.items() if n % world]
     if bad:
         ok = [w for w in range(1, cfg.n_kv_heads + 1) if all(n % w == 0 for n in parts.values())]

@@ -78,10 +78,11 @@ class _ObservedStep(PagedStep):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # the observed tokens' keys are in the cache already (the prefill put them there): read, never write
-        S = self.mask.kv_len
+        mask = self.window_mask(self.cache.windows[layer])  # a sliding layer sees its window only
+        S = mask.kv_len
         keys = self._gather(self.cache.k[layer], S)
-        self.observer(layer, q, keys, self.mask)
-        return attend(q, keys, self._gather(self.cache.v[layer], S), self.mask)
+        self.observer(layer, q, keys, mask)
+        return attend(q, keys, self._gather(self.cache.v[layer], S), mask, softcap=self.cache.softcap)
 
 
 @torch.inference_mode()
