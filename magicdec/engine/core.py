@@ -38,6 +38,7 @@ from magicdec.engine.runner import ModelRunner
 from magicdec.engine.scheduler import Scheduler, SchedulerConfig, scheduling_for
 from magicdec.parallel.tp import agree_min
 from magicdec.runtime.graphs import GraphRunner
+from magicdec.runtime.penalties import TokenHistory, needs_history
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import DraftTuning, SpecConfig
 from magicdec.spec.draft import Drafter, DraftSetup
@@ -222,6 +223,9 @@ class EngineCore:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt token ids must be in 0 … {vocab - 1}")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name}: token ids must be in 0 … {vocab - 1}")
         total = len(prompt) + params.max_new_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
@@ -264,6 +268,10 @@ class EngineCore:
         r = Request(rid, list(prompt), params, self.models.eos_token_ids, self.models.tokenizer,
                     self.models.generator(params), spec, arrival, random_kv)
         r.proposer = self._proposer(r)
+        if needs_history(params):
+            r.history = TokenHistory(params, r.prompt, self.model.config.vocab_size, self.model.device, r.eos)
+        if params.prompt_logprobs is not None:
+            r.prompt_logprobs = [None]
         self.requests[rid] = r
         self.scheduler.add(r)
         return rid

@@ -27,6 +27,7 @@ from magicdec.cache.paged import PagedKVCache, PagedView
 from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.model.llama import Transformer
 from magicdec.runtime.graphs import GraphRunner
+from magicdec.runtime.penalties import TokenHistory
 from magicdec.runtime.sampling import SamplingParams, probabilities, sample
 from magicdec.spec.snapkv import select_paged
 from magicdec.spec.views import draft_view
@@ -43,6 +44,7 @@ class Drafting(Protocol):
     kept: list[int]
     kept_slots: int
     scores: torch.Tensor | None
+    history: TokenHistory | None  # its penalties' token counts (None: no penalties, bias or min_tokens)
 
     def token_slice(self, start: int, end: int) -> list[int]: ...
 
@@ -182,6 +184,11 @@ class Drafter:
             else:
                 pos = torch.where(g[:, None] > 0, pos, -1)
             logits = self.forward(s.known(ids.masked_fill(pos < 0, 0)), pos, view, logits_index=index)[:, -1]
+            if any(r.history is not None for r in rows):  # the target's rule: its committed tokens + drafts[:j]
+                logits = logits.to(torch.float32, copy=True)
+                for i, r in enumerate(rows):
+                    if r.history is not None and j < gammas[i]:
+                        logits[i] = r.history.adjust(logits[i : i + 1], [int(t[i]) for t in out])[0]
             nxt = logits.argmax(-1)
             for i, r in enumerate(rows):
                 if not r.params.greedy and j < gammas[i] and i not in failed:
