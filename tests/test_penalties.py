@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_spec_sampling import chi2_pvalue
 
 from conftest import full_logits, random_prompts, tiny_config, write_checkpoint
 from magicdec import LLM, Engine, SamplingParams, SpecConfig
 from magicdec.runtime.penalties import TokenHistory
 from magicdec.runtime.sampling import probabilities
 from magicdec.spec.config import DraftTuning
-from test_spec_sampling import chi2_pvalue
 
 PENALTIES = {
     "presence": dict(presence_penalty=1.5),
