@@ -21,6 +21,7 @@ import torch
 
 from magicdec.engine.outputs import Acceptance, RequestMetrics, StepOutput
 from magicdec.loading.tokenizer import Tokenizer
+from magicdec.runtime.grammar import GrammarState
 from magicdec.runtime.logprobs import TokenLogprob
 from magicdec.runtime.penalties import TokenHistory
 from magicdec.runtime.sampling import SamplingParams
@@ -146,6 +147,7 @@ class Request:
         self.text = TextStream(tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
         self.streamed_tokens = 0
         self.history: TokenHistory | None = None  # its token counts, when penalties or bias adjust its logits
+        self.grammar: GrammarState | None = None  # its structured output's matcher (through its committed tokens)
         self.logprobs: list[TokenLogprob] = []  # its output tokens' (when params.logprobs is not None)
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # its prompt tokens' (the first: None)
         self.prompt_logprobs_sent = False
@@ -207,6 +209,8 @@ class Request:
                 break
         if self.history is not None:
             self.history.add(tokens[:added])
+        if self.grammar is not None:
+            self.grammar.commit(tokens[:added])
         if logprobs is not None:
             self.logprobs += logprobs[:added]
         if added and self.metrics.first_token is None:

@@ -28,6 +28,7 @@ from magicdec.engine.scheduler import ModelOutput, Plan
 from magicdec.model.llama import Transformer
 from magicdec.runtime.graphs import GraphRunner
 from magicdec.runtime.logprobs import token_logprobs
+from magicdec.runtime.penalties import processed
 from magicdec.runtime.sampling import next_tokens, probabilities, sample
 from magicdec.spec.draft import Drafter
 from magicdec.spec.onehot import onehot_probs
@@ -118,7 +119,8 @@ class ModelRunner:
         try:
             if bool(logits.isnan().any()):
                 raise NumericalError(NAN.format(where="in the prefill"))
-            scored = r.history.adjust(logits[None])[0] if r.history is not None else logits
+            constrained = r.history is not None or r.grammar is not None
+            scored = processed(logits[None], (), r.history, r.grammar)[0] if constrained else logits
             out.first[i] = int(next_tokens(scored, r.params, r.generator))
             if r.params.logprobs is not None:
                 out.first_logprobs[i] = token_logprobs(logits[None], [out.first[i]], r.params.logprobs)[0]
@@ -231,12 +233,12 @@ class ModelRunner:
 
 
 def penalised(rows: list[Request], gammas: list[int], drafts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """The verification's logits with each row's penalties, bias and min_tokens applied: position j of a row
-    sees its committed tokens and its first j drafts (`TokenHistory.adjust`); rows without any: unchanged."""
-    if all(r.history is None for r in rows):
+    """The verification's logits with each row's penalties, bias, min_tokens and grammar mask applied: position
+    j of a row sees its committed tokens and its first j drafts (`processed`); rows without any: unchanged."""
+    if all(r.history is None and r.grammar is None for r in rows):
         return logits
     out = logits.to(torch.float32, copy=True)  # (the raw logits give the log-probabilities)
     for i, (r, g) in enumerate(zip(rows, gammas)):
-        if r.history is not None:
-            out[i, : g + 1] = r.history.adjust(logits[i, : g + 1], drafts[i, :g])
+        if r.history is not None or r.grammar is not None:
+            out[i, : g + 1] = processed(logits[i, : g + 1], drafts[i, :g], r.history, r.grammar)
     return out

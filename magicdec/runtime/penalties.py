@@ -17,7 +17,19 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from magicdec.runtime.grammar import GrammarState
 from magicdec.runtime.sampling import SamplingParams
+
+
+def processed(logits: torch.Tensor, drafts: Sequence[int] | torch.Tensor, history: TokenHistory | None,
+              grammar: GrammarState | None) -> torch.Tensor:
+    """T positions' logits [T, V'] after `drafts` (see `TokenHistory.adjust`) with the request's penalties,
+    bias and min_tokens, then its grammar's mask (-inf where the grammar refuses): float32, a copy."""
+    out = history.adjust(logits, drafts) if history is not None else logits.to(torch.float32, copy=True)
+    if grammar is not None:
+        allowed = grammar.masks(drafts, logits.shape[0])[:, : out.shape[-1]].to(out.device)
+        out.masked_fill_(~allowed, float("-inf"))
+    return out
 
 
 def needs_history(params: SamplingParams) -> bool:

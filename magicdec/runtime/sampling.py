@@ -44,6 +44,7 @@ class SamplingParams:
     # and the k most likely
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # … of the prompt's tokens (the request skips the prefix cache)
+    grammar: str | None = None  # structured output: an llguidance grammar (runtime/grammar.py) masks every token
 
     def __post_init__(self) -> None:
         who = "SamplingParams"
@@ -52,6 +53,7 @@ class SamplingParams:
             raise TypeError(f"{who}: stop must be a string or a list of strings, got {self.stop!r}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             checks.flag(who, name, getattr(self, name))
+        checks.text(who, "grammar", self.grammar, optional=True)
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         checks.set_fields(self, logit_bias=tuple(sorted((checks.integer(who, "logit_bias token", t),
                                                          checks.real(who, "logit_bias value", b)) for t, b in bias)),
