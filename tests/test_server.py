@@ -342,7 +342,7 @@ def test_unknown_and_unsupported_parameters_are_named(server: ServerProcess) -> 
         assert name in err["message"]
     chat = {"messages": [{"role": "user", "content": "a"}]}
     for name, value in (("tools", [{"type": "function", "function": {"name": "f"}}]),
-                        ("response_format", {"type": "json_object"}), ("logprobs", 3), ("functions", [])):
+                        ("response_format", {"type": "xml"}), ("logprobs", 3), ("functions", [])):
         assert_error(post(server, "/v1/chat/completions", {**chat, name: value}), 400, name, says=name)
     # their neutral values are fine
     ok = post(server, "/v1/completions", {"prompt": "a", "max_tokens": 1, "presence_penalty": 0, "echo": False,

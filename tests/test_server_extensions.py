@@ -4,12 +4,15 @@ requests with speculation off (`speculation: {"gamma": 0}`) and on give the same
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+import openai
 import pytest
-from test_server import ENGINE, ServerProcess, assert_error, post, sse_events, started
+from pydantic import BaseModel, Field
+from test_server import ENGINE, MODEL, ServerProcess, assert_error, post, sse_events, started
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +139,80 @@ def test_continuous_usage_stats(server: ServerProcess) -> None:
             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
             "stream_options": {"continuous_usage_stats": True}})
         assert all(e["usage"]["prompt_tokens"] > 0 for e in sse_events(r)[:-1])
+
+
+# ---- structured outputs: the openai SDK's parse with pydantic models --------------------------------------
+class Colour(str, enum.Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=10)
+    age: int = Field(ge=0, le=120)
+
+
+class Flag(BaseModel):
+    ok: bool
+
+
+class Palette(BaseModel):
+    colours: list[Colour] = Field(max_length=3)
+
+
+class City(BaseModel):
+    city: str = Field(max_length=12)
+    country: str = Field(max_length=12)
+
+
+class Score(BaseModel):
+    score: int = Field(ge=1, le=10)
+    reason: str = Field(max_length=16)
+
+
+class Pet(BaseModel):
+    kind: Literal["cat", "dog", "fish"]
+    legs: int = Field(ge=0, le=4)
+
+
+class Book(BaseModel):
+    title: str = Field(max_length=16)
+    year: int = Field(ge=1500, le=2030)
+
+
+class Point(BaseModel):
+    x: int = Field(ge=-9, le=9)
+    y: int = Field(ge=-9, le=9)
+
+
+class Answer(BaseModel):
+    answer: Literal["yes", "no"]
+
+
+class Owner(BaseModel):
+    person: Person
+    pet: Pet
+
+
+MODELS = [Person, Flag, Palette, City, Score, Pet, Book, Point, Answer, Owner]
+
+
+def test_sdk_parse_returns_valid_objects(server: ServerProcess) -> None:
+    """`client.beta.chat.completions.parse(response_format=<pydantic model>)` for 10 schemas, speculation on; the
+    same greedy output with speculation off (3 of them)."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    for i, model in enumerate(MODELS):
+        ask = dict(model=MODEL, messages=[{"role": "user", "content": f"Give me a {model.__name__} as JSON."}],
+                   response_format=model, max_tokens=80, temperature=0)
+        on = client.beta.chat.completions.parse(**ask)
+        parsed = on.choices[0].message.parsed
+        assert isinstance(parsed, model), (model.__name__, on.choices[0].message.content)
+        if i < 3:
+            off = client.beta.chat.completions.parse(**ask, extra_body=OFF)
+            assert off.choices[0].message.content == on.choices[0].message.content
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Pick one"}], "max_tokens": 8,
+                                              "structured_outputs": {"choice": ["left side", "right-side (b)"]}})
+    assert r.json()["choices"][0]["message"]["content"] in ("left side", "right-side (b)")
+    bad_regex = {"messages": [{"role": "user", "content": "a"}], "structured_outputs": {"regex": "("}}
+    assert_error(post(server, "/v1/chat/completions", bad_regex), 400, "structured_outputs")

@@ -39,6 +39,20 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     return grammar
 
 
+def regex_grammar(regex: str) -> str:
+    """The grammar of text matching `regex` (Rust's regex syntax); a ValueError if it is not valid."""
+    grammar = grammar_library().LLMatcher.grammar_from_regex(regex)
+    check_grammar(grammar)
+    return grammar
+
+
+def lark_grammar(lark: str) -> str:
+    """A Lark grammar (llguidance's dialect); a ValueError if it is not valid."""
+    grammar = grammar_library().LLMatcher.grammar_from_lark(lark)
+    check_grammar(grammar)
+    return grammar
+
+
 def check_grammar(grammar: str) -> None:
     """A ValueError naming what is wrong with a grammar (before the request is queued)."""
     ll = grammar_library()

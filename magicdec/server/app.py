@@ -54,6 +54,7 @@ from magicdec.server.protocol import (
     completion_prompts,
     error_body,
     stop_strings,
+    structured_grammar,
     usage,
 )
 from magicdec.server.runner import (
@@ -414,7 +415,7 @@ def check_choices(engine: Engine, runner: EngineRunner, prompts: int, n: int) ->
 
 
 def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_tokens: int, rid: str,
-               arrival: float, param: str) -> list[Job]:
+               arrival: float, param: str, grammar: str | None = None) -> list[Job]:
     if max_tokens < 1:
         raise bad(f"max_tokens must be ≥ 1, got {max_tokens}", "max_tokens")
     if body.min_tokens > max_tokens:
@@ -439,7 +440,7 @@ def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_token
         for j in range(n):
             seed = None if body.seed is None else body.seed + j  # choice j of each prompt: seed + j
             try:
-                params = sampling_params(body, max_tokens, seed)
+                params = sampling_params(body, max_tokens, seed, grammar)
             except ValueError as e:
                 raise bad(str(e)) from None
             if j == 0:  # the engine's own checks, once per prompt, before anything is queued
@@ -452,7 +453,7 @@ def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_token
     return jobs
 
 
-def sampling_params(body: Common, max_tokens: int, seed: int | None) -> SamplingParams:
+def sampling_params(body: Common, max_tokens: int, seed: int | None, grammar: str | None = None) -> SamplingParams:
     """The engine's sampling parameters of a request body (one choice)."""
     k = body.top_logprobs_k()
     echo = isinstance(body, CompletionRequest) and bool(body.echo)
@@ -465,7 +466,8 @@ def sampling_params(body: Common, max_tokens: int, seed: int | None) -> Sampling
         logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()}, min_p=body.min_p or 0.0,
         min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
         include_stop_str_in_output=body.include_stop_str_in_output or body.no_stop_trim,
-        skip_special_tokens=body.skip_special_tokens, logprobs=k, prompt_logprobs=k if echo else None)
+        skip_special_tokens=body.skip_special_tokens, logprobs=k, prompt_logprobs=k if echo else None,
+        grammar=grammar)
 
 
 def dumps(obj: Any) -> str:
@@ -491,7 +493,8 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
                 prompts: list[list[int]], max_tokens: int, chat: bool, echo: list[str] | None = None) -> Response:
     arrival = time.monotonic()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    jobs = build_jobs(engine, body, prompts, max_tokens, rid, arrival, "messages" if chat else "prompt")
+    grammar = await asyncio.to_thread(structured_grammar, body)  # (compiling a schema takes a moment)
+    jobs = build_jobs(engine, body, prompts, max_tokens, rid, arrival, "messages" if chat else "prompt", grammar)
     try:
         stream = runner.submit(jobs)
     except QueueFull:

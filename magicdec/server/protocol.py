@@ -15,7 +15,9 @@ include_stop_str_in_output —, `return_hidden_states`: false only) is accepted 
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
 from magicdec.engine.outputs import Acceptance, StepOutput
+from magicdec.runtime.grammar import json_schema_grammar, lark_grammar, regex_grammar
 from magicdec.runtime.sampling import MAX_LOGPROBS
 
 MAX_N = 64  # choices per request (each one is an engine request)
@@ -109,10 +112,6 @@ def _falsy(v: Any) -> bool:
     return not v
 
 
-def _text_format(v: Any) -> bool:
-    return isinstance(v, dict) and v.get("type") == "text" and len(v) == 1
-
-
 def _false(v: Any) -> bool:
     return v is False
 
@@ -154,6 +153,7 @@ class Common(Strict):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     return_hidden_states: bool = False
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: one of json, regex, choice, grammar
 
     NEUTRAL: ClassVar[dict[str, Neutral]] = {"return_hidden_states": _false}
 
@@ -187,8 +187,7 @@ class ChatRequest(Common):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # meaningless without tools: accepted, unused
 
-    NEUTRAL: ClassVar[dict[str, Neutral]] = {
-        **Common.NEUTRAL, "response_format": _text_format, "tools": _falsy, "tool_choice": _no_tool_choice}
+    NEUTRAL: ClassVar[dict[str, Neutral]] = {**Common.NEUTRAL, "tools": _falsy, "tool_choice": _no_tool_choice}
 
     def top_logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -280,6 +279,53 @@ def check_extensions(body: Common) -> None:
                   "accepted", "priority", "unsupported_parameter")
     if body.stream_options is not None and body.stream_options.continuous_usage_stats and not body.stream:
         raise bad("stream_options.continuous_usage_stats needs stream: true", "stream_options")
+
+
+def regex_literal(text: str) -> str:
+    """`text` as a regular expression that matches it alone (Rust's regex syntax: punctuation escaped)."""
+    return re.sub(r"([\\.+*?()|\[\]{}^$#&\-~])", r"\\\1", text)
+
+
+def structured_grammar(body: Common) -> str | None:
+    """The grammar of a request's structured output (chat's response_format, vLLM's structured_outputs), or
+    None; a 400 naming the parameter when it cannot be compiled."""
+    fmt = body.response_format if isinstance(body, ChatRequest) else None
+    so = body.structured_outputs
+    if fmt is not None and fmt.get("type") not in (None, "text") and so:
+        raise bad("give response_format or structured_outputs, not both", "structured_outputs")
+    try:
+        if fmt is not None and fmt.get("type") not in (None, "text"):
+            kind = fmt.get("type")
+            if kind == "json_object":
+                return json_schema_grammar(None)
+            if kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise bad("response_format json_schema needs {'json_schema': {'name': …, 'schema': {…}}}",
+                              "response_format")
+                return json_schema_grammar(spec.get("schema", {}))
+            raise bad(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                      "response_format")
+        if so:
+            given = [k for k in ("json", "regex", "choice", "grammar") if so.get(k) is not None]
+            extra = sorted(set(so) - {"json", "regex", "choice", "grammar"})
+            if len(given) != 1 or extra:
+                raise bad("structured_outputs takes exactly one of json, regex, choice, grammar", "structured_outputs")
+            value = so[given[0]]
+            if given[0] == "json":
+                return json_schema_grammar(json.loads(value) if isinstance(value, str) else value)
+            if given[0] == "regex":
+                return regex_grammar(str(value))
+            if given[0] == "choice":
+                if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+                    raise bad("structured_outputs.choice must be a list of strings", "structured_outputs")
+                return regex_grammar("(" + "|".join(regex_literal(c) for c in value) + ")")
+            return lark_grammar(str(value))
+    except ValueError as e:
+        param = "response_format" if fmt is not None and fmt.get("type") not in (None, "text") else \
+            "structured_outputs"
+        raise bad(f"{param}: {e}", param) from None
+    return None
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
