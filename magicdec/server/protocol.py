@@ -1,10 +1,11 @@
 """The OpenAI-compatible request bodies, their checks, and the response shapes.
 
 Every request body is a pydantic model with `extra="forbid"`: a parameter magicdec does not know is a 400
-that names it. OpenAI parameters magicdec does not implement (tools, structured output, suffix, best_of)
-are declared, but accepted only at their neutral values (`tools: []`, `best_of: 1`, …); any other value is
-a 400 naming them. An explicit `null` is the parameter's default, as OpenAI takes it. Log-probabilities,
-echo, penalties, logit bias and vLLM's extensions are served; docs/server.md has the table of every field.
+that names it. OpenAI parameters magicdec does not implement (tools, suffix, best_of) are declared, but
+accepted only at their neutral values (`tools: []`, `best_of: 1`, …); any other value is a 400 naming
+them. An explicit `null` is the parameter's default, as OpenAI takes it. Log-probabilities, echo,
+penalties, logit bias, structured outputs (`response_format`, vLLM's `structured_outputs`: compiled here by
+`structured_grammar`) and vLLM's extensions are served; docs/server.md has the table of every field.
 Extensions (vLLM's where vLLM has one): `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
 `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `spaces_between_special_tokens`,
 `truncate_prompt_tokens`, `priority` (0 only), `ignore_eos`, `return_token_ids`,
@@ -212,7 +213,7 @@ def check_common(body: Common) -> None:
     names = body.unsupported()
     if names:
         raise bad(f"unsupported parameter{'s' * (len(names) > 1)}: {', '.join(names)} (magicdec generates text "
-                  "only: no tools, structured output, suffix, best_of or hidden states); drop "
+                  "only: no tools, suffix, best_of or hidden states); drop "
                   f"{'them' if len(names) > 1 else 'it'} or set {'them' if len(names) > 1 else 'it'} to the default",
                   names[0], "unsupported_parameter")
     check_extensions(body)
