@@ -47,3 +47,11 @@ def test_greedy_with_a_grammar_equals_plain_under_speculation(smol: LLM, schema:
 def test_a_bad_grammar_is_refused(smol: LLM) -> None:
     with pytest.raises(ValueError, match="grammar"):
         smol.generate(["x"], SamplingParams(max_new_tokens=2, grammar="start: ("))
+
+
+def test_the_grammar_ends_the_output_even_with_ignore_eos(smol: LLM) -> None:
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    params = SamplingParams(max_new_tokens=30, grammar=json_schema_grammar(schema), ignore_eos=True)
+    out = smol.generate(["Is water wet? Answer as JSON:"], params).outputs[0]
+    assert out.finish_reason == "stop" and json.loads(out.text)["answer"] in ("yes", "no"), out.text

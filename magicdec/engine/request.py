@@ -211,6 +211,8 @@ class Request:
             self.history.add(tokens[:added])
         if self.grammar is not None:
             self.grammar.commit(tokens[:added])
+            if reason is None and self.grammar.finished:  # (with ignore_eos: nothing more may follow)
+                reason = "stop"
         if logprobs is not None:
             self.logprobs += logprobs[:added]
         if added and self.metrics.first_token is None:

@@ -85,6 +85,11 @@ class GrammarState:
         words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
         return ((words[:, None] >> BITS) & 1).flatten()[: self.vocab_size].bool()
 
+    @property
+    def finished(self) -> bool:
+        """The grammar allows no further token (its EOS, if any, was consumed)."""
+        return bool(self.matcher.is_stopped())
+
     def commit(self, tokens: Sequence[int]) -> None:
         """Committed output tokens (a token the grammar refuses puts the request in error)."""
         if tokens and not self.matcher.is_stopped():
