@@ -322,7 +322,9 @@ def structured_grammar(body: Common) -> str | None:
                     raise bad("structured_outputs.choice must be a list of strings", "structured_outputs")
                 return regex_grammar("(" + "|".join(regex_literal(c) for c in value) + ")")
             return lark_grammar(str(value))
-    except ValueError as e:
+    except APIError:
+        raise
+    except Exception as e:  # (the grammar library's errors on a schema it cannot compile)
         param = "response_format" if fmt is not None and fmt.get("type") not in (None, "text") else \
             "structured_outputs"
         raise bad(f"{param}: {e}", param) from None
