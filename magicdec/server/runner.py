@@ -120,7 +120,9 @@ class Stream:
             p.texts.append(out.new_text)
             p.last = out
             if out.new_logprobs is not None:
-                p.logprobs = (p.logprobs or []) + out.new_logprobs
+                if p.logprobs is None:
+                    p.logprobs = []
+                p.logprobs += out.new_logprobs  # (in place: a slow reader costs O(output))
         if out.prompt_logprobs is not None:
             p.prompt_logprobs = out.prompt_logprobs
         self.ready.set()
