@@ -201,7 +201,11 @@ class Request:
             self.output.append(token)
             added += 1
             armed = len(self.output) >= self.params.min_tokens  # (EOS before then is masked in the logits)
+            if self.grammar is not None:
+                self.grammar.commit([token])
             if self.text.add(token, armed) or (armed and token in self.eos):
+                reason = "stop"
+            elif self.grammar is not None and self.grammar.finished:  # nothing more may follow (even ignoring EOS)
                 reason = "stop"
             elif len(self.output) >= self.params.max_new_tokens:
                 reason = "length"
@@ -209,10 +213,6 @@ class Request:
                 break
         if self.history is not None:
             self.history.add(tokens[:added])
-        if self.grammar is not None:
-            self.grammar.commit(tokens[:added])
-            if reason is None and self.grammar.finished:  # (with ignore_eos: nothing more may follow)
-                reason = "stop"
         if logprobs is not None:
             self.logprobs += logprobs[:added]
         if added and self.metrics.first_token is None:
