@@ -4,8 +4,6 @@ position of its prefill (the request skips the prefix cache)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,18 +19,16 @@ SPECS = {
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, Path]:
-    target = write_checkpoint(tmp_path_factory.mktemp("t"), tiny_config(), seed=1)
-    draft = write_checkpoint(tmp_path_factory.mktemp("d"), tiny_config(n_layers=1), seed=2)
-    return LLM(target, device="cpu"), draft
+def target(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    return LLM(write_checkpoint(tmp_path_factory.mktemp("t"), tiny_config(), seed=1), device="cpu")
 
 
 def flat(outs: list) -> list[tuple[int, float, tuple]]:
     return [(lp.token_id, lp.logprob, lp.top) for o in outs for lp in o.logprobs]
 
 
-def test_logprobs_equal_plain_decoding_under_speculation(pair: tuple[LLM, Path]) -> None:
-    llm, _ = pair
+def test_logprobs_equal_plain_decoding_under_speculation(target: LLM) -> None:
+    llm = target
     prompts = random_prompts(3, [40, 70], 380, seed=4)
     params = SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=3, presence_penalty=0.5)
     plain = llm.generate(prompts, params).outputs
@@ -57,10 +53,10 @@ def test_logprobs_equal_plain_decoding_under_speculation(pair: tuple[LLM, Path])
         assert max(abs(u - v) for x, y in zip(a, b) for (_, u), (_, v) in zip(x[2], y[2])) <= 1e-5, name
 
 
-def test_prompt_logprobs_skip_the_prefix_cache(pair: tuple[LLM, Path]) -> None:
+def test_prompt_logprobs_skip_the_prefix_cache(target: LLM) -> None:
     """Every prompt token but the first gets its log-probability (the prompt spans several prefill chunks),
     also when the same prompt was just cached."""
-    llm, _ = pair
+    llm = target
     prompt = random_prompts(1, [150], 380, seed=6)[0]
     engine = Engine(llm=llm, prefill_chunk=64, quiet=True)
     outs = []
