@@ -75,11 +75,11 @@ def test_one_requests_failure_ends_that_request_only(tiny_llm: LLM, monkeypatch:
     if where == "stop-rules":
         real = bad.text.add
 
-        def add(token: int) -> bool:
+        def add(token: int, search: bool = True) -> bool:
             calls["n"] += 1
             if calls["n"] == 4:
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a broken byte")
-            return real(token)
+            return real(token, search)
 
         bad.text.add = add  # type: ignore[method-assign]
     else:

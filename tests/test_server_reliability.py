@@ -1,6 +1,6 @@
 """The server when something goes wrong: one request's failure isolated from the engine, the limits that
 keep a request from costing everyone (choices, stop strings, a slow reader's memory, tokenizing off the
-event loop), and the protocol's corners (nulls, logprobs, the Bearer scheme).
+event loop), and the protocol's corners (nulls, logprobs' types, the Bearer scheme).
 
 The server is the app `magicdec serve` builds, under uvicorn in this process (`app_server`), over an engine
 on a small random checkpoint with a chat template."""
@@ -219,16 +219,21 @@ def test_explicit_nulls_are_defaults(app: AppServer) -> None:
     error_of(app.post("/v1/completions", {"prompt": None}), 400, "prompt")  # a required one stays required
 
 
-def test_logprobs_are_refused_even_zero(app: AppServer) -> None:
-    for value in (0, 1, 5, True):
+def test_logprobs_types_are_checked(app: AppServer) -> None:
+    """Completions take an integer number of alternatives (0 … 20), chat a boolean (and top_logprobs)."""
+    for value in (True, -1, 21, "2"):
         err = error_of(app.post("/v1/completions", {"prompt": prompt(5), "max_tokens": 2, "logprobs": value}), 400,
-                       "logprobs", "unsupported_parameter")
+                       "logprobs")
         assert "logprobs" in err["message"]
+    for value in (0, 1, 5):
+        r = app.post("/v1/completions", {"prompt": prompt(5), "max_tokens": 2, "logprobs": value})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == 2, r.text
     chat = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2}
-    for value in (0, 1, True):
+    for value in (0, 1):
         error_of(app.post("/v1/chat/completions", {**chat, "logprobs": value}), 400, "logprobs")
     for body in ({"prompt": prompt(5), "max_tokens": 2, "logprobs": None},
-                 {**chat, "logprobs": False}, {**chat, "logprobs": False, "top_logprobs": 0}):
+                 {**chat, "logprobs": False}, {**chat, "logprobs": False, "top_logprobs": 0},
+                 {**chat, "logprobs": True, "top_logprobs": 3}):
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         assert app.post(path, body).status_code == 200
 

@@ -37,7 +37,9 @@ from magicdec.engine.request import Request, RequestSpec
 from magicdec.engine.runner import ModelRunner
 from magicdec.engine.scheduler import Scheduler, SchedulerConfig, scheduling_for
 from magicdec.parallel.tp import agree_min
+from magicdec.runtime.grammar import GrammarState, GrammarTokenizer, check_grammar
 from magicdec.runtime.graphs import GraphRunner
+from magicdec.runtime.penalties import TokenHistory, needs_history
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.config import DraftTuning, SpecConfig
 from magicdec.spec.draft import Drafter, DraftSetup
@@ -134,6 +136,7 @@ class EngineCore:
         self._ids = itertools.count()
         self._aborted: list[Request] = []
         self.last_report: StepReport | None = None
+        self._grammar_tokenizer: GrammarTokenizer | None = None
 
     @classmethod
     def from_config(cls, models: ModelSet, config: EngineConfig) -> EngineCore:
@@ -222,6 +225,11 @@ class EngineCore:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt token ids must be in 0 … {vocab - 1}")
+        if params.grammar is not None:
+            check_grammar(params.grammar)
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name}: token ids must be in 0 … {vocab - 1}")
         total = len(prompt) + params.max_new_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
@@ -259,9 +267,22 @@ class EngineCore:
         r = Request(rid, list(prompt), params, self.models.eos_token_ids, self.models.tokenizer,
                     self.models.generator(params), spec, arrival, random_kv)
         r.proposer = self._proposer(r)
+        if needs_history(params):
+            r.history = TokenHistory(params, r.prompt, self.model.config.vocab_size, self.model.device, r.eos)
+        if params.prompt_logprobs is not None:
+            r.prompt_logprobs = [None]
+        if params.grammar is not None:
+            r.grammar = GrammarState(self.grammar_tokenizer(), params.grammar)
         self.requests[rid] = r
         self.scheduler.add(r)
         return rid
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The grammar library's view of the tokenizer (made on the first structured request)."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(self.models.tokenizer.backend.to_str(),
+                                                       self.model.config.vocab_size, self.models.eos_token_ids)
+        return self._grammar_tokenizer
 
     @property
     def uses_suffix(self) -> bool:

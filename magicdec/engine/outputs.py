@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from magicdec.runtime.logprobs import TokenLogprob
+
 
 @dataclass(slots=True)
 class Acceptance:
@@ -90,6 +92,10 @@ class StepOutput:
     token_ids: list[int] = field(default_factory=list)  # the whole output: on the final output only
     text: str = ""  # … and its text (cut before a stop string)
     error: str | None = None  # why the request failed, when finish_reason == "error"
+    new_logprobs: list[TokenLogprob] | None = None  # the delta's tokens' (when its params ask for logprobs)
+    logprobs: list[TokenLogprob] | None = None  # … the whole output's: on the final output only
+    # the prompt's tokens' (the first None): on the first output with a token, and on the final one
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def to_dict(self, with_spec: bool = False) -> dict[str, Any]:
         """The output as JSON (a final output's whole tokens and text)."""

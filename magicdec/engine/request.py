@@ -21,6 +21,9 @@ import torch
 
 from magicdec.engine.outputs import Acceptance, RequestMetrics, StepOutput
 from magicdec.loading.tokenizer import Tokenizer
+from magicdec.runtime.grammar import GrammarState
+from magicdec.runtime.logprobs import TokenLogprob
+from magicdec.runtime.penalties import TokenHistory
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.spec.hybrid import SourceAcceptance
 from magicdec.spec.lookup import Draft, Proposer
@@ -62,8 +65,10 @@ class TextStream:
     each (emoji) is found once its last character is whole. The text is handed out (`take`) as far as no
     later token can turn it into a stop string; it ends where the first stop string starts (`end`)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], include_stop: bool = False,
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer, self.stop = tokenizer, stop
+        self.include_stop, self.skip_special = include_stop, skip_special_tokens
         self.ids: list[int] = []
         self.prefix, self.read = 0, 0  # ids[prefix:read]: the tokens decoded last (their text is known)
         self.pieces: list[str] = []
@@ -74,20 +79,22 @@ class TextStream:
         self.given = 0  # characters handed out by `take`
         self.pending = ""  # decoded characters not handed out yet
 
-    def add(self, token: int) -> bool:
-        """Decode one more token; True if the text now holds a stop string."""
+    def add(self, token: int, search: bool = True) -> bool:
+        """Decode one more token; True if the text now holds a stop string (searched for only when `search`:
+        not before min_tokens). With `include_stop` the text ends after the stop string, not before it."""
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix :])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip_special)
+        after = self.tokenizer.decode(self.ids[self.prefix :], self.skip_special)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return False
         new = after[len(before) :]
         self.prefix, self.read = self.read, len(self.ids)
         if self.stop and self.end is None:
             window = self.tail + new
-            hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+            hits = [(i, len(s)) for i, s in ((window.find(s), s) for s in self.stop) if i >= 0] if search else []
             if hits:
-                self.end = self.chars - len(self.tail) + min(hits)
+                i, n = min(hits)
+                self.end = self.chars - len(self.tail) + i + (n if self.include_stop else 0)
             self.tail = window[-self.keep :] if self.keep else ""
         self.pieces.append(new)
         self.pending += new
@@ -115,7 +122,7 @@ class Request:
                  tokenizer: Tokenizer, generator: torch.Generator | None, spec: RequestSpec | None = None,
                  arrival: float | None = None, random_kv: bool = False) -> None:
         self.request_id, self.prompt, self.params = request_id, prompt, params
-        self.eos = set() if params.ignore_eos else eos
+        self.eos = (set() if params.ignore_eos else set(eos)) | set(params.stop_token_ids)  # tokens that stop it
         self.generator, self.spec = generator, spec or RequestSpec()
         self.output: list[int] = []
         self.finish_reason: str | None = None
@@ -137,8 +144,13 @@ class Request:
         self.admitted = False  # admitted once: its prefix-cache lookup counted and its cached_tokens set
         self.acceptance = Acceptance()
         self.metrics = RequestMetrics(time.monotonic() if arrival is None else arrival)
-        self.text = TextStream(tokenizer, params.stop)
+        self.text = TextStream(tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
         self.streamed_tokens = 0
+        self.history: TokenHistory | None = None  # its token counts, when penalties or bias adjust its logits
+        self.grammar: GrammarState | None = None  # its structured output's matcher (through its committed tokens)
+        self.logprobs: list[TokenLogprob] = []  # its output tokens' (when params.logprobs is not None)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # its prompt tokens' (the first: None)
+        self.prompt_logprobs_sent = False
 
     @property
     def tokens(self) -> list[int]:
@@ -181,18 +193,28 @@ class Request:
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.output)
 
-    def append(self, tokens: list[int], now: float) -> None:
-        """Commit new output tokens through the stop rules (EOS, stop strings, max_new_tokens)."""
+    def append(self, tokens: list[int], now: float, logprobs: list[TokenLogprob] | None = None) -> None:
+        """Commit new output tokens (and their log-probabilities) through the stop rules (EOS and stop token
+        ids, stop strings — neither before min_tokens — and max_new_tokens)."""
         added, reason = 0, None
         for token in tokens:
             self.output.append(token)
             added += 1
-            if self.text.add(token) or token in self.eos:
+            armed = len(self.output) >= self.params.min_tokens  # (EOS before then is masked in the logits)
+            if self.grammar is not None:
+                self.grammar.commit([token])
+            if self.text.add(token, armed) or (armed and token in self.eos):
+                reason = "stop"
+            elif self.grammar is not None and self.grammar.finished:  # nothing more may follow (even ignoring EOS)
                 reason = "stop"
             elif len(self.output) >= self.params.max_new_tokens:
                 reason = "length"
             if reason:
                 break
+        if self.history is not None:
+            self.history.add(tokens[:added])
+        if logprobs is not None:
+            self.logprobs += logprobs[:added]
         if added and self.metrics.first_token is None:
             self.metrics.first_token = now
         self.metrics.token_times.extend([now] * added)
@@ -212,8 +234,16 @@ class Request:
         new_tokens = self.output[self.streamed_tokens :]
         self.streamed_tokens = len(self.output)
         new_text = self.text.take(self.finished)
+        start = len(self.output) - len(new_tokens)
         out = StepOutput(self.request_id, self.prompt, new_tokens, new_text, len(self.output), self.finished,
                          self.finish_reason, self.acceptance, self.metrics, error=self.error)
+        if self.params.logprobs is not None:
+            out.new_logprobs = self.logprobs[start:]
+        if self.prompt_logprobs is not None and (self.output or self.finished) and not self.prompt_logprobs_sent:
+            out.prompt_logprobs, self.prompt_logprobs_sent = self.prompt_logprobs, True
         if self.finished:
             out.token_ids, out.text = list(self.output), self.final_text()
+            if self.params.logprobs is not None:
+                out.logprobs = list(self.logprobs)
+            out.prompt_logprobs = self.prompt_logprobs
         return out

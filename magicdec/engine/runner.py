@@ -27,6 +27,8 @@ from magicdec.engine.request import Request
 from magicdec.engine.scheduler import ModelOutput, Plan
 from magicdec.model.llama import Transformer
 from magicdec.runtime.graphs import GraphRunner
+from magicdec.runtime.logprobs import token_logprobs
+from magicdec.runtime.penalties import processed
 from magicdec.runtime.sampling import next_tokens, probabilities, sample
 from magicdec.spec.draft import Drafter
 from magicdec.spec.onehot import onehot_probs
@@ -96,7 +98,17 @@ class ModelRunner:
         ids = torch.tensor([r.token_slice(start, end)], device=device)
         pos = torch.arange(start, end, device=device)[None]
         index = torch.tensor([[end - start - 1]], device=device)
-        logits = self.model(ids, pos, PagedView(self.cache, table), logits_index=index)[0, 0]
+        scoring = r.prompt_logprobs is not None and len(r.prompt_logprobs) == start + 1  # (not a recompute)
+        if scoring:  # the prompt's log-probabilities: the logits of every position of the chunk
+            every = self.model(ids, pos, PagedView(self.cache, table),
+                               logits_index=torch.arange(end - start, device=device)[None])[0]
+            logits = every[-1]
+            assert r.prompt_logprobs is not None
+            upto = min(end, len(r.prompt) - 1) - start  # rows predicting prompt tokens start+1 … upto+start
+            k = r.params.prompt_logprobs or 0
+            r.prompt_logprobs += token_logprobs(every[:upto], r.prompt[start + 1 : start + 1 + upto], k)
+        else:
+            logits = self.model(ids, pos, PagedView(self.cache, table), logits_index=index)[0, 0]
         if self.drafter is not None:
             self.drafter.prefill(ids, pos, table, index)
             r.draft_seen = end if self.drafter.pool is not None else r.draft_seen
@@ -107,7 +119,11 @@ class ModelRunner:
         try:
             if bool(logits.isnan().any()):
                 raise NumericalError(NAN.format(where="in the prefill"))
-            out.first[i] = int(next_tokens(logits, r.params, r.generator))
+            constrained = r.history is not None or r.grammar is not None
+            scored = processed(logits[None], (), r.history, r.grammar)[0] if constrained else logits
+            out.first[i] = int(next_tokens(scored, r.params, r.generator))
+            if r.params.logprobs is not None:
+                out.first_logprobs[i] = token_logprobs(logits[None], [out.first[i]], r.params.logprobs)[0]
         except Exception as e:
             out.errors[r.request_id] = e
 
@@ -164,7 +180,7 @@ class ModelRunner:
             k = torch.minimum(k, g)
             nxt = logits.argmax(-1).gather(1, k[:, None])[:, 0]
         else:
-            self._verify(rows, gammas, drafts, q, logits, k, nxt, failed)
+            self._verify(rows, gammas, drafts, q, penalised(rows, gammas, drafts, logits), k, nxt, failed)
         bad = logits.isnan().flatten(1).any(1)
         host = torch.cat([k[:, None], nxt[:, None], bad[:, None].long(), drafts], 1).tolist()  # one device read
         if self.drafter is not None:
@@ -177,9 +193,13 @@ class ModelRunner:
                 out.errors[r.request_id] = failed[i]
                 out.accepted.append(None)
                 out.tokens.append([])
+                out.logprobs.append(None)
             else:
                 out.accepted.append(row[0])
                 out.tokens.append(row[3 : 3 + row[0]] + [row[1]])
+                # the target's verification logits at each accepted position (never the draft's)
+                out.logprobs.append(None if r.params.logprobs is None else
+                                    token_logprobs(logits[i], out.tokens[-1], r.params.logprobs))
         clock.mark()
         out.draft_s, out.verify_s, out.other_s = clock.seconds()
 
@@ -210,3 +230,15 @@ class ModelRunner:
                     k[i], nxt[i] = ki[0], ti[0]
             except Exception as e:
                 failed[i] = e
+
+
+def penalised(rows: list[Request], gammas: list[int], drafts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The verification's logits with each row's penalties, bias, min_tokens and grammar mask applied: position
+    j of a row sees its committed tokens and its first j drafts (`processed`); rows without any: unchanged."""
+    if all(r.history is None and r.grammar is None for r in rows):
+        return logits
+    out = logits.to(torch.float32, copy=True)  # (the raw logits give the log-probabilities)
+    for i, (r, g) in enumerate(zip(rows, gammas)):
+        if r.history is not None or r.grammar is not None:
+            out[i, : g + 1] = processed(logits[i, : g + 1], drafts[i, :g], r.history, r.grammar)
+    return out

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from magicdec.cache.blocks import BlockPool, chain_hashes
 from magicdec.engine.request import Request, Status
 from magicdec.kernels.cpu import MAX_DECODE_TOKENS
+from magicdec.runtime.logprobs import TokenLogprob
 from magicdec.spec.config import SpecConfig
 
 
@@ -100,6 +101,8 @@ class ModelOutput:
     accepted: list[int | None] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
     first: dict[int, int] = field(default_factory=dict)  # index of the chunk in the plan → its first token
+    logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)  # per decoding request (if asked)
+    first_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # … per first token (if asked)
     errors: dict[str, BaseException] = field(default_factory=dict)
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -141,7 +144,8 @@ class Scheduler:
         cache; the chunk that completes a prompt gives the first token), each failed request's error; finished
         requests leave and free their blocks. Returns the requests that advanced, in the plan's order."""
         advanced: dict[str, Request] = {}
-        for r, g, k, tokens in zip(plan.decode, plan.gammas, output.accepted, output.tokens):
+        logprobs = output.logprobs or [None] * len(plan.decode)
+        for r, g, k, tokens, lps in zip(plan.decode, plan.gammas, output.accepted, output.tokens, logprobs):
             advanced[r.request_id] = r
             if k is None:
                 continue
@@ -150,7 +154,7 @@ class Scheduler:
             if g:
                 r.acceptance.record(g, k)
             r.computed += k + 1
-            self._append(r, tokens, now, output)
+            self._append(r, tokens, now, output, lps)
             r.index(len(r.prompt) + len(r.output))
         for i, chunk in enumerate(plan.chunks):
             r = chunk.request
@@ -163,7 +167,8 @@ class Scheduler:
             if not r.to_compute and r.status is Status.PREFILLING:
                 r.status = Status.DECODING
             if i in output.first:
-                self._append(r, [output.first[i]], now, output)
+                lp = output.first_logprobs.get(i)
+                self._append(r, [output.first[i]], now, output, None if lp is None else [lp])
                 r.index(len(r.prompt) + len(r.output))
         for rid, error in output.errors.items():
             r = advanced[rid]
@@ -176,10 +181,11 @@ class Scheduler:
         return list(advanced.values())
 
     @staticmethod
-    def _append(r: Request, tokens: list[int], now: float, output: ModelOutput) -> None:
+    def _append(r: Request, tokens: list[int], now: float, output: ModelOutput,
+                logprobs: list[TokenLogprob] | None = None) -> None:
         """Commit tokens through r's stop rules; what its stop rules or text raise is r's own error."""
         try:
-            r.append(tokens, now)
+            r.append(tokens, now, logprobs)
         except Exception as e:
             output.errors[r.request_id] = e
 
@@ -242,7 +248,8 @@ class Scheduler:
     def _admit(self, r: Request) -> bool:
         """Give r its blocks (from the prefix cache where it can) if the pool can hold what it needs."""
         cached: list[int] = []
-        if self.config.enable_prefix_caching and not r.random_kv:
+        if self.config.enable_prefix_caching and not r.random_kv and r.prompt_logprobs is None:
+            # (a request for its prompt's log-probabilities computes every chunk: it needs their logits)
             c, P = self.config.prefill_chunk, self.pool.block_size
             # only whole prefill chunks are shared (their keys do not depend on what follows them), and never
             # the prompt's last token (its logits give the first output token)

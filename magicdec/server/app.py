@@ -39,6 +39,7 @@ from magicdec.engine.outputs import StepOutput
 from magicdec.engine.request import RequestSpec
 from magicdec.llm import PromptError
 from magicdec.runtime.sampling import SamplingParams
+from magicdec.server.logprobs import chat_logprobs, completion_logprobs, join
 from magicdec.server.metrics import ServerMetrics
 from magicdec.server.protocol import (
     APIError,
@@ -53,6 +54,7 @@ from magicdec.server.protocol import (
     completion_prompts,
     error_body,
     stop_strings,
+    structured_grammar,
     usage,
 )
 from magicdec.server.runner import (
@@ -315,11 +317,16 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
         texts = completion_prompts(body.prompt)
         check_choices(engine, runner, len(texts), body.n)
         try:  # (off the event loop: a long prompt takes a while to tokenize)
-            prompts = await asyncio.to_thread(engine.llm.encode, texts)
+            whole = await asyncio.to_thread(engine.llm.encode, texts)
         except PromptError as e:
             raise bad(str(e), "prompt") from None
+        prompts = [truncated(engine, body, ids) for ids in whole]
+        echo = None
+        if body.echo:  # the prompt as given (as its tokens decode when it was tokens, or was cut)
+            echo = [t if isinstance(t, str) and len(ids) == len(w) else engine.llm.tokenizer.decode(ids)
+                    for t, ids, w in zip(texts, prompts, whole)]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        return await serve(state, engine, runner, body, request, prompts, max_tokens, chat=False)
+        return await serve(state, engine, runner, body, request, prompts, max_tokens, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -330,6 +337,7 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
         ids = await asyncio.to_thread(encode_chat, engine, body.messages)
         if not ids:
             raise bad("the messages render to an empty prompt", "messages")
+        ids = truncated(engine, body, ids)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # up to the context (and what the KV cache holds)
             max_tokens = max(token_limit(engine) - len(ids), 1)
@@ -361,6 +369,15 @@ def render_chat(engine: Engine, messages: list[dict[str, Any]], add_generation_p
 def encode_chat(engine: Engine, messages: list[dict[str, Any]]) -> list[int]:
     """The chat template's prompt as tokens (the template writes the special tokens itself)."""
     return engine.llm.tokenizer.encode(render_chat(engine, messages, True), add_special_tokens=False)
+
+
+def truncated(engine: Engine, body: Common, ids: list[int]) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: as many as the context holds)."""
+    k = body.truncate_prompt_tokens
+    if k is None:
+        return ids
+    k = engine.max_model_len if k == -1 else k
+    return ids[-k:]
 
 
 def kv_capacity(engine: Engine) -> int:
@@ -398,9 +415,15 @@ def check_choices(engine: Engine, runner: EngineRunner, prompts: int, n: int) ->
 
 
 def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_tokens: int, rid: str,
-               arrival: float, param: str) -> list[Job]:
+               arrival: float, param: str, grammar: str | None = None) -> list[Job]:
     if max_tokens < 1:
         raise bad(f"max_tokens must be ≥ 1, got {max_tokens}", "max_tokens")
+    if body.min_tokens > max_tokens:
+        raise bad(f"min_tokens ({body.min_tokens}) must be ≤ max_tokens ({max_tokens})", "min_tokens")
+    vocab = engine.llm.config.vocab_size
+    for name, ids in (("stop_token_ids", body.stop_token_ids or []), ("logit_bias", map(int, body.logit_bias or {}))):
+        if any(not 0 <= t < vocab for t in ids):
+            raise bad(f"{name}: token ids must be in 0 … {vocab - 1}", name)
     for ids in prompts:
         check_prompt(engine, ids, max_tokens, param)
     spec = None
@@ -417,11 +440,7 @@ def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_token
         for j in range(n):
             seed = None if body.seed is None else body.seed + j  # choice j of each prompt: seed + j
             try:
-                params = SamplingParams(max_new_tokens=max_tokens,
-                                        temperature=1.0 if body.temperature is None else body.temperature,
-                                        top_k=max(body.top_k or 0, 0),
-                                        top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
-                                        stop=stop_strings(body.stop), ignore_eos=body.ignore_eos)
+                params = sampling_params(body, max_tokens, seed, grammar)
             except ValueError as e:
                 raise bad(str(e)) from None
             if j == 0:  # the engine's own checks, once per prompt, before anything is queued
@@ -432,6 +451,23 @@ def build_jobs(engine: Engine, body: Common, prompts: list[list[int]], max_token
                         from None
             jobs.append(Job(f"{rid}-{p * n + j}", ids, params, spec, arrival))
     return jobs
+
+
+def sampling_params(body: Common, max_tokens: int, seed: int | None, grammar: str | None = None) -> SamplingParams:
+    """The engine's sampling parameters of a request body (one choice)."""
+    k = body.top_logprobs_k()
+    echo = isinstance(body, CompletionRequest) and bool(body.echo)
+    return SamplingParams(
+        max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
+        stop=stop_strings(body.stop), ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()}, min_p=body.min_p or 0.0,
+        min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
+        include_stop_str_in_output=body.include_stop_str_in_output or body.no_stop_trim,
+        skip_special_tokens=body.skip_special_tokens, logprobs=k, prompt_logprobs=k if echo else None,
+        grammar=grammar)
 
 
 def dumps(obj: Any) -> str:
@@ -454,10 +490,11 @@ class EventStream(StreamingResponse):
 
 
 async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: Common, request: Request,
-                prompts: list[list[int]], max_tokens: int, chat: bool) -> Response:
+                prompts: list[list[int]], max_tokens: int, chat: bool, echo: list[str] | None = None) -> Response:
     arrival = time.monotonic()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    jobs = build_jobs(engine, body, prompts, max_tokens, rid, arrival, "messages" if chat else "prompt")
+    grammar = await asyncio.to_thread(structured_grammar, body)  # (compiling a schema takes a moment)
+    jobs = build_jobs(engine, body, prompts, max_tokens, rid, arrival, "messages" if chat else "prompt", grammar)
     try:
         stream = runner.submit(jobs)
     except QueueFull:
@@ -475,7 +512,7 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
             "model": state.config.served_model_name}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(sse(stream, request, head, prompts, body, chat, include_usage), stream)
+        return EventStream(sse(stream, request, head, prompts, body, chat, include_usage, engine, echo), stream)
     try:
         finals: dict[int, StepOutput] = {}
         async for index, out in stream.outputs(request):
@@ -490,13 +527,22 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
     if failed is not None:
         raise request_error(output_error(failed))
     choices = []
+    tok = engine.llm.tokenizer
     for i, out in enumerate(outs):
         choice: dict[str, Any] = {"index": i}
+        prefix = echo[i // body.n] if echo is not None else ""
+        logprobs = None
         if chat:
             choice["message"] = {"role": "assistant", "content": out.text}
+            if out.logprobs is not None:
+                logprobs = chat_logprobs(tok, out.logprobs)
         else:
-            choice["text"] = out.text
-        choice.update(logprobs=None, finish_reason=out.finish_reason, stop_reason=None)
+            choice["text"] = prefix + out.text
+            if out.logprobs is not None:
+                logprobs = completion_logprobs(tok, out.logprobs, out.token_ids, len(prefix))
+                if out.prompt_logprobs is not None:
+                    logprobs = join(completion_logprobs(tok, out.prompt_logprobs, out.prompt_token_ids), logprobs)
+        choice.update(logprobs=logprobs, finish_reason=out.finish_reason, stop_reason=None)
         if body.return_token_ids:
             choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=out.token_ids)
         choices.append(choice)
@@ -510,19 +556,32 @@ def usage_of(prompts: list[list[int]], n: int, outs: list[StepOutput]) -> dict[s
 
 
 async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: list[list[int]], body: Common,
-              chat: bool, include_usage: bool) -> AsyncIterator[str]:
+              chat: bool, include_usage: bool, engine: Engine, echo: list[str] | None = None) -> AsyncIterator[str]:
     """OpenAI's stream: chat opens each choice with a role delta; deltas carry finish_reason null until a
-    choice's last one; then (stream_options.include_usage) a usage chunk with no choices; then [DONE]. A
-    choice the engine failed on ends the stream: its chunk with finish_reason "error", an error event
-    (`data: {"error": …}`, which OpenAI's clients raise), then [DONE]."""
+    choice's last one; then (stream_options.include_usage) a usage chunk with no choices; then [DONE]. With
+    vLLM's stream_options.continuous_usage_stats every chunk carries the usage so far. Echo: a choice's first
+    text chunk starts with its prompt (and its log-probabilities). A choice the engine failed on ends the
+    stream: its chunk with finish_reason "error", an error event (`data: {"error": …}`, which OpenAI's
+    clients raise), then [DONE]."""
+    tok = engine.llm.tokenizer
+    continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
+    n_choices = len(stream.request_ids)
+    prompt_tokens = sum(len(p) for p in prompts)
+    produced = [0] * n_choices  # output tokens per choice so far
+    offsets = [0] * n_choices  # completions' text_offset so far, per choice
+    echoed: set[int] = set()
+    wants_logprobs = body.top_logprobs_k() is not None
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         out = {**head, "choices": choices, **extra}
-        if include_usage and "usage" not in extra:
+        if continuous and "usage" not in extra:
+            done = sum(produced)
+            out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                            "total_tokens": prompt_tokens + done}
+        elif include_usage and "usage" not in extra:
             out["usage"] = None
         return f"data: {dumps(out)}\n\n"
 
-    n_choices = len(stream.request_ids)
     finals: dict[int, StepOutput] = {}
     try:
         if chat:
@@ -530,16 +589,33 @@ async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: l
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
         async for index, out in stream.outputs(request):
+            produced[index] = out.num_tokens
+            first = echo is not None and index not in echoed and bool(out.new_token_ids or out.finished)
             if out.finished:
                 finals[index] = out
-            elif not out.new_text and not (body.return_token_ids and out.new_token_ids):
+            elif not (out.new_text or first or (out.new_token_ids and (body.return_token_ids or wants_logprobs))):
                 continue
             choice: dict[str, Any] = {"index": index}
+            logprobs = None
             if chat:
                 choice["delta"] = {"content": out.new_text} if out.new_text or not out.finished else {}
+                if wants_logprobs:
+                    logprobs = chat_logprobs(tok, out.new_logprobs or [])
             else:
-                choice["text"] = out.new_text
-            choice.update(logprobs=None, finish_reason=out.finish_reason if out.finished else None)
+                prefix = ""
+                if first:
+                    assert echo is not None
+                    prefix = echo[index // body.n]
+                    echoed.add(index)
+                    if wants_logprobs and out.prompt_logprobs is not None:
+                        logprobs = completion_logprobs(tok, out.prompt_logprobs, out.prompt_token_ids)
+                        offsets[index] = len(prefix)
+                choice["text"] = prefix + out.new_text
+                if wants_logprobs:
+                    mine = completion_logprobs(tok, out.new_logprobs or [], out.new_token_ids, offsets[index])
+                    offsets[index] += sum(len(t) for t in mine["tokens"])
+                    logprobs = join(logprobs, mine)
+            choice.update(logprobs=logprobs, finish_reason=out.finish_reason if out.finished else None)
             if body.return_token_ids:
                 choice["token_ids"] = out.new_token_ids
             yield chunk([choice])

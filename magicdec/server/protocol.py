@@ -1,17 +1,24 @@
 """The OpenAI-compatible request bodies, their checks, and the response shapes.
 
 Every request body is a pydantic model with `extra="forbid"`: a parameter magicdec does not know is a 400
-that names it. OpenAI parameters magicdec does not implement (logprobs, echo, penalties, tools, …) are
-declared, but accepted only at their neutral values (`presence_penalty: 0`, `echo: false`, …); any other
-value is a 400 naming them (log-probabilities too: `logprobs: 0` asks for them as much as 2 does).
-An explicit `null` is the parameter's default, as OpenAI takes it. Extensions (vLLM's where vLLM has one):
-`top_k`, `ignore_eos`, `return_token_ids`, and `speculation: {"gamma": k}` (0: no speculation for this
-request; k: always γ = k).
+that names it. OpenAI parameters magicdec does not implement (tools, suffix, best_of) are declared, but
+accepted only at their neutral values (`tools: []`, `best_of: 1`, …); any other value is a 400 naming
+them. An explicit `null` is the parameter's default, as OpenAI takes it. Log-probabilities, echo,
+penalties, logit bias, structured outputs (`response_format`, vLLM's `structured_outputs`: compiled here by
+`structured_grammar`) and vLLM's extensions are served; docs/server.md has the table of every field.
+Extensions (vLLM's where vLLM has one): `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `spaces_between_special_tokens`,
+`truncate_prompt_tokens`, `priority` (0 only), `ignore_eos`, `return_token_ids`,
+`stream_options.continuous_usage_stats`, and `speculation: {"gamma": k}` (0: no speculation for this request;
+k: always γ = k). What the SGLang router forwards (`skip_special_tokens`, `no_stop_trim` — vLLM's
+include_stop_str_in_output —, `return_hidden_states`: false only) is accepted too.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -19,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
 from magicdec.engine.outputs import Acceptance, StepOutput
+from magicdec.runtime.grammar import json_schema_grammar, lark_grammar, regex_grammar
+from magicdec.runtime.sampling import MAX_LOGPROBS
 
 MAX_N = 64  # choices per request (each one is an engine request)
 MAX_STOP = 4  # stop strings per request (OpenAI's limit): each is matched against every new token's text
@@ -84,6 +93,7 @@ def check_unicode(data: dict[str, Any]) -> None:
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
 class Speculation(Strict):
@@ -99,16 +109,8 @@ class Speculation(Strict):
 Neutral = Callable[[Any], bool]
 
 
-def _zero(v: Any) -> bool:
-    return v == 0
-
-
 def _falsy(v: Any) -> bool:
     return not v
-
-
-def _text_format(v: Any) -> bool:
-    return isinstance(v, dict) and v.get("type") == "text" and len(v) == 1
 
 
 def _false(v: Any) -> bool:
@@ -135,14 +137,30 @@ class Common(Strict):
     ignore_eos: bool = False
     return_token_ids: bool = False
     speculation: Speculation | None = None
-    # OpenAI's, neutral values only
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
+    logprobs: Any = None  # completions: an int (0 … 20); chat: a bool
+    # vLLM's extensions
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True  # (no effect: fast tokenizers, as in vLLM)
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    # what a router forwards (the SGLang Model Gateway), accepted at the values magicdec serves
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    return_hidden_states: bool = False
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: one of json, regex, choice, grammar
 
-    NEUTRAL: ClassVar[dict[str, Neutral]] = {
-        "presence_penalty": _zero, "frequency_penalty": _zero, "logit_bias": _falsy, "logprobs": _false}
+    NEUTRAL: ClassVar[dict[str, Neutral]] = {"return_hidden_states": _false}
+
+    def top_logprobs_k(self) -> int | None:
+        """The log-probabilities asked for: None, or how many alternatives per token."""
+        return None
 
     def unsupported(self) -> list[str]:
         return [name for name, ok in self.NEUTRAL.items()
@@ -155,8 +173,10 @@ class CompletionRequest(Common):
     suffix: str | None = None
     best_of: int | None = None
 
-    NEUTRAL: ClassVar[dict[str, Neutral]] = {
-        **Common.NEUTRAL, "echo": _falsy, "suffix": _falsy, "best_of": lambda v: v == 1}
+    NEUTRAL: ClassVar[dict[str, Neutral]] = {**Common.NEUTRAL, "suffix": _falsy, "best_of": lambda v: v == 1}
+
+    def top_logprobs_k(self) -> int | None:
+        return None if self.logprobs is None else int(self.logprobs)
 
 
 class ChatRequest(Common):
@@ -168,9 +188,10 @@ class ChatRequest(Common):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # meaningless without tools: accepted, unused
 
-    NEUTRAL: ClassVar[dict[str, Neutral]] = {
-        **Common.NEUTRAL, "top_logprobs": _falsy, "response_format": _text_format, "tools": _falsy,
-        "tool_choice": _no_tool_choice}
+    NEUTRAL: ClassVar[dict[str, Neutral]] = {**Common.NEUTRAL, "tools": _falsy, "tool_choice": _no_tool_choice}
+
+    def top_logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TokenizeRequest(Strict):
@@ -192,9 +213,10 @@ def check_common(body: Common) -> None:
     names = body.unsupported()
     if names:
         raise bad(f"unsupported parameter{'s' * (len(names) > 1)}: {', '.join(names)} (magicdec generates text "
-                  "only: no log-probabilities, echo, penalties, logit bias, tools or structured output); drop "
+                  "only: no tools, suffix, best_of or hidden states); drop "
                   f"{'them' if len(names) > 1 else 'it'} or set {'them' if len(names) > 1 else 'it'} to the default",
                   names[0], "unsupported_parameter")
+    check_extensions(body)
     if not 1 <= body.n <= MAX_N:
         raise bad(f"n must be in 1 … {MAX_N}, got {body.n}", "n")
     if body.temperature is not None and not (math.isfinite(body.temperature) and body.temperature >= 0):
@@ -218,6 +240,95 @@ def check_common(body: Common) -> None:
     if body.speculation is not None and body.speculation.gamma is not None and body.speculation.gamma < 0:
         raise bad(f"speculation.gamma must be ≥ 0 (0: no speculation), got {body.speculation.gamma}",
                   "speculation.gamma")
+
+
+def check_extensions(body: Common) -> None:
+    """Log-probabilities, penalties and vLLM's extensions (a 400 naming the parameter)."""
+    if isinstance(body, ChatRequest):
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise bad(f"logprobs must be true or false in chat completions, got {body.logprobs!r}", "logprobs")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise bad(f"top_logprobs must be in 0 … {MAX_LOGPROBS}, got {body.top_logprobs}", "top_logprobs")
+        if body.top_logprobs and not body.logprobs:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    elif body.logprobs is not None and (isinstance(body.logprobs, bool) or not isinstance(body.logprobs, int)
+                                        or not 0 <= body.logprobs <= MAX_LOGPROBS):
+        raise bad(f"logprobs must be an integer in 0 … {MAX_LOGPROBS} (alternatives per token), got "
+                  f"{body.logprobs!r}", "logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(body, name)
+        if v is not None and not -2 <= v <= 2:
+            raise bad(f"{name} must be in [-2, 2], got {v}", name)
+    if body.repetition_penalty is not None and not (math.isfinite(body.repetition_penalty)
+                                                    and body.repetition_penalty > 0):
+        raise bad(f"repetition_penalty must be > 0 (1: off), got {body.repetition_penalty}", "repetition_penalty")
+    if body.min_p is not None and not 0 <= body.min_p <= 1:
+        raise bad(f"min_p must be in [0, 1], got {body.min_p}", "min_p")
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit():
+            raise bad(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        if not (math.isfinite(value) and -100 <= value <= 100):
+            raise bad(f"logit_bias values must be in [-100, 100], got {value}", "logit_bias")
+    if body.min_tokens < 0:
+        raise bad(f"min_tokens must be ≥ 0, got {body.min_tokens}", "min_tokens")
+    if body.truncate_prompt_tokens is not None and not (body.truncate_prompt_tokens >= 1
+                                                        or body.truncate_prompt_tokens == -1):
+        raise bad(f"truncate_prompt_tokens must be ≥ 1 (keep the prompt's last k tokens) or -1 (the model's "
+                  f"context), got {body.truncate_prompt_tokens}", "truncate_prompt_tokens")
+    if body.priority != 0:
+        raise bad(f"priority {body.priority}: magicdec schedules first come, first served; only priority 0 is "
+                  "accepted", "priority", "unsupported_parameter")
+    if body.stream_options is not None and body.stream_options.continuous_usage_stats and not body.stream:
+        raise bad("stream_options.continuous_usage_stats needs stream: true", "stream_options")
+
+
+def regex_literal(text: str) -> str:
+    """`text` as a regular expression that matches it alone (Rust's regex syntax: punctuation escaped)."""
+    return re.sub(r"([\\.+*?()|\[\]{}^$#&\-~])", r"\\\1", text)
+
+
+def structured_grammar(body: Common) -> str | None:
+    """The grammar of a request's structured output (chat's response_format, vLLM's structured_outputs), or
+    None; a 400 naming the parameter when it cannot be compiled."""
+    fmt = body.response_format if isinstance(body, ChatRequest) else None
+    so = body.structured_outputs
+    if fmt is not None and fmt.get("type") not in (None, "text") and so:
+        raise bad("give response_format or structured_outputs, not both", "structured_outputs")
+    try:
+        if fmt is not None and fmt.get("type") not in (None, "text"):
+            kind = fmt.get("type")
+            if kind == "json_object":
+                return json_schema_grammar(None)
+            if kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise bad("response_format json_schema needs {'json_schema': {'name': …, 'schema': {…}}}",
+                              "response_format")
+                return json_schema_grammar(spec.get("schema", {}))
+            raise bad(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                      "response_format")
+        if so:
+            given = [k for k in ("json", "regex", "choice", "grammar") if so.get(k) is not None]
+            extra = sorted(set(so) - {"json", "regex", "choice", "grammar"})
+            if len(given) != 1 or extra:
+                raise bad("structured_outputs takes exactly one of json, regex, choice, grammar", "structured_outputs")
+            value = so[given[0]]
+            if given[0] == "json":
+                return json_schema_grammar(json.loads(value) if isinstance(value, str) else value)
+            if given[0] == "regex":
+                return regex_grammar(str(value))
+            if given[0] == "choice":
+                if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+                    raise bad("structured_outputs.choice must be a list of strings", "structured_outputs")
+                return regex_grammar("(" + "|".join(regex_literal(c) for c in value) + ")")
+            return lark_grammar(str(value))
+    except APIError:
+        raise
+    except Exception as e:  # (the grammar library's errors on a schema it cannot compile)
+        param = "response_format" if fmt is not None and fmt.get("type") not in (None, "text") else \
+            "structured_outputs"
+        raise bad(f"{param}: {e}", param) from None
+    return None
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

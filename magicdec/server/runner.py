@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from magicdec.engine.outputs import StepOutput
 from magicdec.engine.request import RequestSpec
+from magicdec.runtime.logprobs import TokenLogprob
 from magicdec.runtime.sampling import SamplingParams
 from magicdec.server.metrics import ServerMetrics
 from magicdec.server.protocol import APIError
@@ -87,6 +88,8 @@ class Pending:
     token_ids: list[int]
     texts: list[str]
     last: StepOutput
+    logprobs: list[TokenLogprob] | None = None  # the deltas' log-probabilities (when asked for)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Stream:
@@ -109,11 +112,19 @@ class Stream:
         """(event loop) One output of choice `index`, joined to what its handler has not taken yet."""
         p = self.pending.get(index)
         if p is None:
-            self.pending[index] = Pending(list(out.new_token_ids), [out.new_text], out)
+            p = self.pending[index] = Pending(list(out.new_token_ids), [out.new_text], out)
+            if out.new_logprobs is not None:
+                p.logprobs = list(out.new_logprobs)
         else:
             p.token_ids += out.new_token_ids
             p.texts.append(out.new_text)
             p.last = out
+            if out.new_logprobs is not None:
+                if p.logprobs is None:
+                    p.logprobs = []
+                p.logprobs += out.new_logprobs  # (in place: a slow reader costs O(output))
+        if out.prompt_logprobs is not None:
+            p.prompt_logprobs = out.prompt_logprobs
         self.ready.set()
 
     def fail(self, error: BaseException) -> None:
@@ -123,8 +134,8 @@ class Stream:
 
     def take(self) -> list[tuple[int, StepOutput]]:
         """Everything pending, one output per choice, and nothing pending after."""
-        outs = [(i, replace(p.last, new_token_ids=p.token_ids, new_text="".join(p.texts)))
-                for i, p in self.pending.items()]
+        outs = [(i, replace(p.last, new_token_ids=p.token_ids, new_text="".join(p.texts), new_logprobs=p.logprobs,
+                            prompt_logprobs=p.prompt_logprobs)) for i, p in self.pending.items()]
         self.pending.clear()
         self.ready.clear()
         return outs

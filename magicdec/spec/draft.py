@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from magicdec.cache.paged import PagedKVCache, PagedView
 from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.model.llama import Transformer
+from magicdec.runtime.grammar import GrammarState
 from magicdec.runtime.graphs import GraphRunner
+from magicdec.runtime.penalties import TokenHistory, processed
 from magicdec.runtime.sampling import SamplingParams, probabilities, sample
 from magicdec.spec.snapkv import select_paged
 from magicdec.spec.views import draft_view
@@ -43,6 +45,8 @@ class Drafting(Protocol):
     kept: list[int]
     kept_slots: int
     scores: torch.Tensor | None
+    history: TokenHistory | None  # its penalties' token counts (None: no penalties, bias or min_tokens)
+    grammar: GrammarState | None  # its structured output's matcher
 
     def token_slice(self, start: int, end: int) -> list[int]: ...
 
@@ -182,6 +186,15 @@ class Drafter:
             else:
                 pos = torch.where(g[:, None] > 0, pos, -1)
             logits = self.forward(s.known(ids.masked_fill(pos < 0, 0)), pos, view, logits_index=index)[:, -1]
+            if any(r.history is not None or r.grammar is not None for r in rows):
+                logits = logits.to(torch.float32, copy=True)  # the target's rule: committed tokens + drafts[:j]
+                for i, r in enumerate(rows):
+                    if (r.history is not None or r.grammar is not None) and j < gammas[i] and i not in failed:
+                        try:
+                            logits[i] = processed(logits[i : i + 1], [int(t[i]) for t in out], r.history,
+                                                  r.grammar)[0]
+                        except Exception as e:
+                            failed[i] = e
             nxt = logits.argmax(-1)
             for i, r in enumerate(rows):
                 if not r.params.greedy and j < gammas[i] and i not in failed:

@@ -1,0 +1,34 @@
+"""Log-probabilities of chosen tokens, from the target's logits before any processing (vLLM's default: no
+temperature, penalties or truncation), so speculative and plain decoding report the same numbers: under
+speculation they come from the verification forward's logits at each accepted position."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability and the `top` most likely tokens at its position, (id, logprob) best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """logits [T, V] of the positions that chose `tokens` [T] → each token's log-probability and the `top`
+    best alternatives (one device read)."""
+    if not len(tokens):
+        return []
+    lp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+    ids = torch.as_tensor(list(tokens), device=lp.device)
+    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+    if top:
+        values, index = lp.topk(top, dim=-1)
+        vs, ix = values.tolist(), index.tolist()
+        return [TokenLogprob(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, ix, vs)]
+    return [TokenLogprob(t, c) for t, c in zip(tokens, chosen)]
