@@ -6,7 +6,8 @@ declared, but accepted only at their neutral values (`presence_penalty: 0`, `ech
 value is a 400 naming them (log-probabilities too: `logprobs: 0` asks for them as much as 2 does).
 An explicit `null` is the parameter's default, as OpenAI takes it. Extensions (vLLM's where vLLM has one):
 `top_k`, `ignore_eos`, `return_token_ids`, and `speculation: {"gamma": k}` (0: no speculation for this
-request; k: always γ = k).
+request; k: always γ = k). What routers forward (`skip_special_tokens`, `no_stop_trim`, `return_hidden_states`)
+is accepted at its default only.
 """
 
 from __future__ import annotations
@@ -140,9 +141,14 @@ class Common(Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
+    # what a router forwards (the SGLang Model Gateway), accepted at the values magicdec serves
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    return_hidden_states: bool = False
 
     NEUTRAL: ClassVar[dict[str, Neutral]] = {
-        "presence_penalty": _zero, "frequency_penalty": _zero, "logit_bias": _falsy, "logprobs": _false}
+        "presence_penalty": _zero, "frequency_penalty": _zero, "logit_bias": _falsy, "logprobs": _false,
+        "skip_special_tokens": lambda v: v is True, "no_stop_trim": _false, "return_hidden_states": _false}
 
     def unsupported(self) -> list[str]:
         return [name for name, ok in self.NEUTRAL.items()
