@@ -102,11 +102,13 @@ class Router:
 
     def __init__(self, workers: list[str], policy: str, log: Path) -> None:
         self.port, self.log = free_port(), log
+        self.model = httpx.get(f"{workers[0]}/v1/models", timeout=10).json()["data"][0]["id"]
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
                    str(self.port), "--policy", policy, "--worker-urls", *workers,
                    "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
-                   "--worker-startup-check-interval", "1", "--log-level", "warn"]
+                   "--worker-startup-check-interval", "1", "--log-level", "warn",
+                   "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
         with open(log, "w") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
@@ -124,10 +126,14 @@ class Router:
             time.sleep(0.2)
         raise RuntimeError(f"the router was not ready within {timeout} s:\n{self.log.read_text()[-3000:]}")
 
-    def complete(self, prompt: str, max_tokens: int, timeout: float = 60, **extra: Any) -> dict[str, Any]:
-        r = httpx.post(f"{self.url}/v1/completions", timeout=timeout,
-                       json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra})
-        r.raise_for_status()
+    def chat(self, text: str, max_tokens: int, timeout: float = 60, **extra: Any) -> dict[str, Any]:
+        """A greedy chat completion of one user message (sglang-router 0.3 routes chat requests by their text,
+        not completions requests)."""
+        r = httpx.post(f"{self.url}/v1/chat/completions", timeout=timeout,
+                       json={"model": self.model, "messages": [{"role": "user", "content": text}],
+                             "max_tokens": max_tokens, "temperature": 0, **extra})
+        if r.is_error:
+            raise httpx.HTTPStatusError(f"{r.status_code}: {r.text[:500]}", request=r.request, response=r)
         return r.json()
 
     def stop(self) -> None:

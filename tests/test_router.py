@@ -1,8 +1,8 @@
 """Replicas behind a router (docs/deploy.md, as run there): two `magicdec serve` replicas of the tiny model
 (`--data-parallel-size 2`) behind the SGLang Model Gateway on 127.0.0.1, round-robin and cache-aware.
 
-40 requests of 8 shared long prefixes (5 rounds, each visiting the 8 prefixes in a shuffled order) go through
-each router: every request succeeds and its greedy text is offline generation's; with the replicas' KV cache
+40 requests of 8 shared long prefixes (5 rounds, each sending the 8 prefixes at once in a shuffled order) go
+through each router: every request succeeds and its greedy text is offline generation's; with the replicas' KV cache
 holding about 4 prefixes each, cache-aware routing keeps each prefix on one replica, and the prefix-cache hit
 rate is at least twice round-robin's (the two runs take two word sets of the same shape: the first run's
 prefixes would otherwise be cached for the second). A KV-event subscriber on each replica sees BlockStored
@@ -29,13 +29,14 @@ import pytest
 import zmq
 from router_fleet import Fleet, Router, Subscriber, replay
 
+from app_server import chat_checkpoint
 from magicdec import LLM, SamplingParams
 from magicdec.cache.blocks import BlockPool, chain_hashes
 from magicdec.server.kv_events import KVEventPublisher, external_hash
 
 P = 64  # tokens per block (the server's)
-PREFIX_WORDS, SUFFIX_WORDS, MAX_TOKENS = 383, 20, 8  # with BOS: a 384-token (6-block) shared prefix
-ENGINE = ["--num-blocks", "32", "--prefill-chunk", "64", "--max-model-len", "1024", "--max-num-batched-tokens", "512"]
+PREFIX_WORDS, SUFFIX_WORDS, MAX_TOKENS = 383, 20, 8  # after the chat template's 'user': 6 shared blocks
+ENGINE = ["--num-blocks", "28", "--prefill-chunk", "64", "--max-model-len", "1024", "--max-num-batched-tokens", "512"]
 
 
 def workload(seed: int) -> list[str]:
@@ -148,9 +149,14 @@ def test_publisher_drops_and_resyncs_instead_of_blocking() -> None:
 
 # ---- the fleet ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def fleet(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chat_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def fleet(chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     logs = tmp_path_factory.mktemp("fleet")
-    fleet = Fleet(tiny_dir, 2, logs / "fleet.log", *ENGINE)
+    fleet = Fleet(chat_dir, 2, logs / "fleet.log", *ENGINE)
     try:
         fleet.wait_ready()
         yield fleet
@@ -159,12 +165,22 @@ def fleet(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_dir: Path) -> LLM:
-    return LLM(tiny_dir, device="cpu", prefill_chunk=64)
+def offline(chat_dir: Path) -> LLM:
+    return LLM(chat_dir, device="cpu", prefill_chunk=64)
+
+
+def chat_ids(llm: LLM, texts: list[str]) -> list[list[int]]:
+    """The prompts the server makes of one user message each (its chat template, no added special tokens)."""
+    tok = llm.tokenizer
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], True), add_special_tokens=False)
+            for t in texts]
 
 
 def run(router: Router, prompts: list[str]) -> list[dict[str, Any]]:
-    return [router.complete(p, MAX_TOKENS) for p in prompts]
+    """The prompts round by round, each round's 8 at once (a router balances new prefixes by load)."""
+    with ThreadPoolExecutor(8) as pool:
+        return [a for i in range(0, len(prompts), 8)
+                for a in pool.map(lambda p: router.chat(p, MAX_TOKENS), prompts[i : i + 8])]
 
 
 def hit_rate(answers: list[dict[str, Any]]) -> float:
@@ -191,8 +207,8 @@ def test_cache_aware_routing_events_and_a_replica_killed(fleet: Fleet, offline: 
 
         # greedy text is offline generation's
         everything = prompts["round_robin"] + prompts["cache_aware"]
-        expected = offline.generate(everything, SamplingParams(max_new_tokens=MAX_TOKENS))
-        got = [a["choices"][0]["text"] for policy in routers for a in answers[policy]]
+        expected = offline.generate(chat_ids(offline, everything), SamplingParams(max_new_tokens=MAX_TOKENS))
+        got = [a["choices"][0]["message"]["content"] for policy in routers for a in answers[policy]]
         assert got == [o.text for o in expected.outputs]
 
         # KV events: every cached prompt block stored, hashes chaining, removals of stored blocks only
@@ -213,12 +229,12 @@ def test_cache_aware_routing_events_and_a_replica_killed(fleet: Fleet, offline: 
                         assert h in seen, "BlockRemoved for a block never stored"
                         del seen[h]
                     removed += len(e["block_hashes"])
-            assert removed > 0  # 8 prefixes of 6 blocks do not fit 32 blocks: evictions
+            assert removed > 0  # 8 prefixes of 6 blocks do not fit 28 blocks: evictions
             stored_all |= {h for e in sub.events if e["type"] == "BlockStored" for h in e["block_hashes"]}
             # a late subscriber's replay gives the same batches
             assert replay(fleet.replay_endpoint(rank)) == [(s, ev) for s, ev, _ in sub.batches]
         chains = {}
-        for ids in offline.encode(everything):
+        for ids in chat_ids(offline, everything):
             hashes = [external_hash(h) for h in chain_hashes(ids[: (len(ids) - 1) // P * P], P)]
             assert set(hashes) <= stored_all
             chains.update({h: (hashes[i - 1] if i else None) for i, h in enumerate(hashes)})
@@ -237,7 +253,7 @@ def test_cache_aware_routing_events_and_a_replica_killed(fleet: Fleet, offline: 
             with lock:
                 state["running"] += 1
             try:
-                router.complete(prompt, 32, timeout=60, ignore_eos=True)
+                router.chat(prompt, 32, timeout=60, ignore_eos=True)
                 return True
             except httpx.HTTPStatusError:
                 return False

@@ -200,7 +200,7 @@ def kv_event_publisher(args: argparse.Namespace, device_type: str) -> KVEventPub
         return None
     if args.no_prefix_caching:
         raise ValueError("--kv-events-endpoint publishes the prefix cache's changes: drop --no-prefix-caching")
-    from magicdec.server.kv_events import KVEventPublisher, local_endpoint
+    from magicdec.server.kv_events import KVEventPublisher, binds, local_endpoint
 
     endpoint = local_endpoint(args.kv_events_endpoint, args.host, WILDCARDS)
     replay = args.kv_events_replay_endpoint
@@ -210,7 +210,8 @@ def kv_event_publisher(args: argparse.Namespace, device_type: str) -> KVEventPub
               "without authentication", file=sys.stderr)
     publisher = KVEventPublisher(endpoint, replay, topic=args.kv_events_topic,
                                  data_parallel_rank=args.data_parallel_rank,
-                                 medium="GPU" if device_type == "cuda" else "CPU", fmt=args.kv_events_format)
+                                 medium="GPU" if device_type == "cuda" else "CPU", fmt=args.kv_events_format,
+                                 bind=binds(args.kv_events_endpoint))
     logging.getLogger("magicdec.server").info("KV events on %s%s", publisher.endpoint,
                                               f", replay on {publisher.replay_endpoint}" if replay else "")
     return publisher

@@ -83,8 +83,10 @@ class KVEventPublisher:
     """A `PrefixEvents` listener that publishes vLLM's KV-event stream over ZMQ (see the module)."""
 
     def __init__(self, endpoint: str, replay_endpoint: str | None = None, *, topic: str = "",
-                 data_parallel_rank: int = 0, medium: str = "GPU", fmt: Format = "map",
+                 data_parallel_rank: int = 0, medium: str = "GPU", fmt: Format = "map", bind: bool | None = None,
                  buffer_steps: int = 10_000, max_pending: int = 100_000, hwm: int = 100_000) -> None:
+        """`bind`: bind the PUB socket to `endpoint` (True) or connect to it (False); None: vLLM's rule
+        (`binds`). The replay socket is always bound."""
         if fmt not in ("map", "array"):
             raise ValueError(f"the KV-event format must be 'map' or 'array', got {fmt!r}")
         self.topic, self.rank, self.medium, self.fmt = topic.encode(), data_parallel_rank, medium, fmt
@@ -103,7 +105,7 @@ class KVEventPublisher:
             self.pub.set_hwm(hwm)
             self.pub.setsockopt(zmq.LINGER, 0)
             try:
-                (self.pub.bind if binds(endpoint) else self.pub.connect)(endpoint)
+                (self.pub.bind if (binds(endpoint) if bind is None else bind) else self.pub.connect)(endpoint)
             except zmq.ZMQError as e:
                 raise ValueError(f"--kv-events-endpoint {endpoint}: {e}") from None
             if replay_endpoint is not None:

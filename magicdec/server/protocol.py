@@ -6,8 +6,8 @@ declared, but accepted only at their neutral values (`presence_penalty: 0`, `ech
 value is a 400 naming them (log-probabilities too: `logprobs: 0` asks for them as much as 2 does).
 An explicit `null` is the parameter's default, as OpenAI takes it. Extensions (vLLM's where vLLM has one):
 `top_k`, `ignore_eos`, `return_token_ids`, and `speculation: {"gamma": k}` (0: no speculation for this
-request; k: always γ = k). What routers forward (`skip_special_tokens`, `no_stop_trim`, `return_hidden_states`)
-is accepted at its default only.
+request; k: always γ = k). What routers forward (`skip_special_tokens`, `no_stop_trim`, `return_hidden_states`;
+for chat `continue_final_message`, `separate_reasoning`, `stream_reasoning`) is accepted at its default only.
 """
 
 from __future__ import annotations
@@ -173,10 +173,15 @@ class ChatRequest(Common):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # meaningless without tools: accepted, unused
+    # what a router forwards (the SGLang Model Gateway), accepted at its defaults
+    continue_final_message: bool = False
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
     NEUTRAL: ClassVar[dict[str, Neutral]] = {
         **Common.NEUTRAL, "top_logprobs": _falsy, "response_format": _text_format, "tools": _falsy,
-        "tool_choice": _no_tool_choice}
+        "tool_choice": _no_tool_choice, "continue_final_message": _false,
+        "separate_reasoning": lambda v: v is True, "stream_reasoning": lambda v: v is True}
 
 
 class TokenizeRequest(Strict):
