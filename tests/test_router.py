@@ -27,12 +27,12 @@ import httpx
 import msgpack
 import pytest
 import zmq
-from router_fleet import Fleet, Router, Subscriber, replay
 
 from app_server import chat_checkpoint
 from magicdec import LLM, SamplingParams
 from magicdec.cache.blocks import BlockPool, chain_hashes
 from magicdec.server.kv_events import KVEventPublisher, external_hash
+from router_fleet import Fleet, Router, Subscriber, replay
 
 P = 64  # tokens per block (the server's)
 PREFIX_WORDS, SUFFIX_WORDS, MAX_TOKENS = 383, 20, 8  # after the chat template's 'user': 6 shared blocks
