@@ -276,6 +276,9 @@ def test_cache_aware_routing_events_and_a_replica_killed(fleet: Fleet, offline: 
         print(f"killed replica 1: {lost} of {len(during)} requests lost, {in_flight} were in flight at the kill")
         assert lost <= in_flight
         assert all(after), after
+        # SIGTERM to the launcher: the replica left drains and exits 0; the launcher reports the killed one
+        assert fleet.stop() == 128 + signal.SIGKILL
+        assert fleet.log.read_text().count("Finished server process") == 1
     finally:
         for router in routers.values():
             router.stop()
