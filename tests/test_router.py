@@ -32,6 +32,7 @@ from app_server import chat_checkpoint
 from magicdec import LLM, SamplingParams
 from magicdec.cache.blocks import BlockPool, chain_hashes
 from magicdec.server.kv_events import KVEventPublisher, external_hash
+from magicdec.server.protocol import ChatRequest, CompletionRequest
 from router_fleet import Fleet, Router, Subscriber, replay
 
 P = 64  # tokens per block (the server's)
@@ -145,6 +146,17 @@ def test_publisher_drops_and_resyncs_instead_of_blocking() -> None:
     finally:
         sub.close(linger=0)
         pub.close()
+
+
+def test_what_a_router_forwards_is_accepted_at_its_defaults_only() -> None:
+    forwarded = {"skip_special_tokens": True, "no_stop_trim": False, "return_hidden_states": False}
+    assert CompletionRequest(prompt="a", **forwarded).unsupported() == []
+    chat = ChatRequest(messages=[], continue_final_message=False, separate_reasoning=True, stream_reasoning=True,
+                       **forwarded)
+    assert chat.unsupported() == []
+    assert CompletionRequest(prompt="a", skip_special_tokens=False, no_stop_trim=True).unsupported() == [
+        "skip_special_tokens", "no_stop_trim"]
+    assert ChatRequest(messages=[], continue_final_message=True).unsupported() == ["continue_final_message"]
 
 
 # ---- the fleet ------------------------------------------------------------------------------------------
