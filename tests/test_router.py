@@ -152,7 +152,7 @@ def test_what_a_router_forwards_is_accepted_at_its_defaults_only() -> None:
     forwarded = {"skip_special_tokens": True, "no_stop_trim": False, "return_hidden_states": False}
     assert CompletionRequest(prompt="a", **forwarded).unsupported() == []
     chat = ChatRequest(messages=[], continue_final_message=False, separate_reasoning=True, stream_reasoning=True,
-                       **forwarded)
+                       include_reasoning=True, **forwarded)
     assert chat.unsupported() == []
     assert CompletionRequest(prompt="a", skip_special_tokens=False, no_stop_trim=True).unsupported() == [
         "skip_special_tokens", "no_stop_trim"]

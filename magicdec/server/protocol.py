@@ -7,7 +7,8 @@ value is a 400 naming them (log-probabilities too: `logprobs: 0` asks for them a
 An explicit `null` is the parameter's default, as OpenAI takes it. Extensions (vLLM's where vLLM has one):
 `top_k`, `ignore_eos`, `return_token_ids`, and `speculation: {"gamma": k}` (0: no speculation for this
 request; k: always γ = k). What routers forward (`skip_special_tokens`, `no_stop_trim`, `return_hidden_states`;
-for chat `continue_final_message`, `separate_reasoning`, `stream_reasoning`) is accepted at its default only.
+for chat `continue_final_message`, `separate_reasoning`, `stream_reasoning`, `include_reasoning`) is accepted
+at its default only.
 """
 
 from __future__ import annotations
@@ -177,11 +178,13 @@ class ChatRequest(Common):
     continue_final_message: bool = False
     separate_reasoning: bool = True
     stream_reasoning: bool = True
+    include_reasoning: bool = True  # (vllm-router's)
 
     NEUTRAL: ClassVar[dict[str, Neutral]] = {
         **Common.NEUTRAL, "top_logprobs": _falsy, "response_format": _text_format, "tools": _falsy,
         "tool_choice": _no_tool_choice, "continue_final_message": _false,
-        "separate_reasoning": lambda v: v is True, "stream_reasoning": lambda v: v is True}
+        "separate_reasoning": lambda v: v is True, "stream_reasoning": lambda v: v is True,
+        "include_reasoning": lambda v: v is True}
 
 
 class TokenizeRequest(Strict):
