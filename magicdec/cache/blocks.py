@@ -8,6 +8,10 @@ hash, not Python's). When its last holder lets it go, a hashed block keeps its c
 findable until the pool reuses it. Free blocks holding no known prefix are handed out first (oldest-freed
 first); only when none is left is a cached block evicted, the least recently freed one, losing its hash
 (LRU eviction of the prefix cache, which keeps every prefix the pool has room for).
+
+`BlockPool.events` (a `PrefixEvents`, or None) is told of every change to the set of cached prefixes: a
+block registered (its hash, its parent's, its tokens), a cached block evicted, the cache cleared. The
+server publishes them as vLLM's KV events (`magicdec.server.kv_events`); the cache imports nothing of it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 ROOT = b"magicdec-prefix-v1"
 
@@ -30,6 +35,21 @@ def chain_hashes(tokens: Sequence[int], block_size: int, parent: bytes = ROOT) -
         parent = h.digest()
         out.append(parent)
     return out
+
+
+class PrefixEvents(Protocol):
+    """What a listener hears of the prefix cache (called on the engine's thread: must not block)."""
+
+    def stored(self, hashes: Sequence[bytes], parent: bytes | None, token_ids: Sequence[int],
+               block_size: int) -> None:
+        """Consecutive blocks of one prefix became findable: their hashes, the hash of the block before
+        the first (None: it starts the prompt) and their tokens (block_size per hash)."""
+
+    def removed(self, hashes: Sequence[bytes]) -> None:
+        """Cached blocks were evicted: their prefixes are no longer findable."""
+
+    def cleared(self) -> None:
+        """Every cached prefix was forgotten."""
 
 
 class KVLeakError(RuntimeError):
@@ -59,6 +79,7 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # uncached, reuse order
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free but cached: LRU order
         self.stats = PrefixStats()
+        self.events: PrefixEvents | None = None
 
     # ---- counts ------------------------------------------------------------------------------------
     @property
@@ -79,16 +100,21 @@ class BlockPool:
         """`n` blocks for one holder; raises MemoryError if fewer are free (check `num_free` first)."""
         if n > self.num_free:
             raise MemoryError(f"{n} KV blocks asked, {self.num_free} free")
-        out = []
+        out, evicted = [], []
         for _ in range(n):
             if self.free:
                 block, _ = self.free.popitem(last=False)
             else:  # evict the least recently freed cached block from the prefix cache
                 block, _ = self.evictable.popitem(last=False)
-                del self.cached[self.hash_of[block]]  # type: ignore[index]
+                h = self.hash_of[block]
+                assert h is not None
+                del self.cached[h]
                 self.hash_of[block] = None
+                evicted.append(h)
             self.refs[block] = 1
             out.append(block)
+        if evicted and self.events is not None:
+            self.events.removed(evicted)
         return out
 
     def release(self, blocks: Sequence[int]) -> None:
@@ -119,11 +145,36 @@ class BlockPool:
         self.stats.queries += query_tokens
         self.stats.hits += hit_tokens
 
-    def register(self, block: int, h: bytes) -> None:
-        """Mark a held block as holding the prefix with hash `h` (if that prefix is not cached yet)."""
+    def register(self, block: int, h: bytes) -> bool:
+        """Mark a held block as holding the prefix with hash `h` (if that prefix is not cached yet): whether
+        it was (`register_chain` tells the listener)."""
         if self.hash_of[block] is None and h not in self.cached:
             self.hash_of[block] = h
             self.cached[h] = block
+            return True
+        return False
+
+    def register_chain(self, blocks: Sequence[int], hashes: Sequence[bytes], parent: bytes | None,
+                       tokens: Sequence[int]) -> None:
+        """Register consecutive blocks of one prompt (`hashes[i]` for `blocks[i]`; `parent`: the hash of the
+        block before the first, None at the prompt's start; `tokens`: theirs), and tell the listener of the
+        runs of them that became findable, each with its parent."""
+        P = self.block_size
+        run: list[int] = []  # indices of a run of newly stored blocks
+
+        def flush() -> None:
+            if run and self.events is not None:
+                first = run[0]
+                self.events.stored([hashes[i] for i in run], hashes[first - 1] if first else parent,
+                                   tokens[first * P : (run[-1] + 1) * P], P)
+            run.clear()
+
+        for i, (block, h) in enumerate(zip(blocks, hashes)):
+            if self.register(block, h):
+                run.append(i)
+            else:
+                flush()
+        flush()
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix (e.g. when a draft model's pool, which they have no KV in, starts):
@@ -133,6 +184,8 @@ class BlockPool:
         self.cached.clear()
         self.free.update(self.evictable)
         self.evictable.clear()
+        if self.events is not None:
+            self.events.cleared()
 
     def check_empty(self) -> None:
         """Raise if any block is still held (a leak: every request must release what it holds)."""

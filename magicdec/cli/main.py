@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in given if a in COMMANDS), None)  # named before parsing, for a Ctrl-C while importing
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(given)  # (serve --data-parallel-size starts replicas with the same arguments)
         command = args.command
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -26,13 +26,16 @@ from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magicdec.cli.args import add_spec_flags, fit_budget, parse_count, parse_size, spec_from_args
 from magicdec.engine.scheduler import SchedulerConfig
 from magicdec.llm import LLM
 from magicdec.loading import builtin_model_path, resolve_device
 from magicdec.parallel.tp import init_from_env
+
+if TYPE_CHECKING:
+    from magicdec.server.kv_events import KVEventPublisher
 
 
 def register(subparsers: Any) -> None:
@@ -69,6 +72,21 @@ def register(subparsers: Any) -> None:
     e.add_argument("--kv-cache-memory", type=parse_size, help="bytes for the KV cache, e.g. 4GiB")
     e.add_argument("--max-model-len", type=parse_count, help="longest prompt + output (default: the model's)")
     e.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    k = p.add_argument_group("KV events and replicas (docs/deploy.md)")
+    k.add_argument("--kv-events-endpoint", metavar="ENDPOINT",
+                   help="publish the prefix cache's changes as vLLM's KV events (ZMQ PUB, msgpack), e.g. "
+                        "tcp://*:5557: a wildcard binds 127.0.0.1 unless --host listens on every interface; "
+                        "any other address is connected to (vLLM's rule)")
+    k.add_argument("--kv-events-replay-endpoint", metavar="ENDPOINT",
+                   help="a ROUTER socket that replays buffered event batches to late subscribers, e.g. tcp://*:5558")
+    k.add_argument("--kv-events-topic", default="", help="the ZMQ topic of the events (default: none, vLLM's)")
+    k.add_argument("--kv-events-format", choices=("map", "array"), default="map",
+                   help="events as tagged maps (vLLM ≥ PR 42892, default) or positional tagged arrays (earlier vLLM)")
+    k.add_argument("--data-parallel-size", type=parse_count, default=1,
+                   help="start N servers on ports --port … --port+N-1 (one device each where there are CUDA "
+                        "devices), each with its KV-event ports offset by its rank (default 1)")
+    k.add_argument("--data-parallel-rank", type=int, default=0,
+                   help="the rank this server publishes in its KV events (set by --data-parallel-size)")
     add_spec_flags(p)
     p.set_defaults(func=run)
 
@@ -86,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from magicdec.server import ServerConfig, create_app
     from magicdec.serving import Engine
 
+    if args.data_parallel_size > 1:
+        from magicdec.cli.replicas import run_replicas
+
+        return run_replicas(args)
     # checked before the server starts, so that a typo costs no wait
     spec = spec_from_args(args)
     SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.prefill_chunk,
@@ -107,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"magicdec serve: warning: listening on every interface ({args.host or 'all'}) without --api-key: "
               "anyone who reaches this machine can use the server", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    events = kv_event_publisher(args, device_type) if leader else None
 
     # under torchrun: every rank loads its shard; rank 0 answers HTTP and schedules, broadcasting each step's
     # new and aborted requests; the other ranks follow its steps (a rank that fails ends all: the watchdog)
@@ -117,11 +140,13 @@ def run(args: argparse.Namespace) -> int:
                   prefill_chunk=args.prefill_chunk, tp=tp)
         context = min(args.max_model_len or llm.config.max_position_embeddings, llm.config.max_position_embeddings)
         fitted = fit_budget(spec, context, "serve")
-        return Engine(llm=llm, spec=fitted if spec.enabled else None, max_num_seqs=args.max_num_seqs,
+        engine = Engine(llm=llm, spec=fitted if spec.enabled else None, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
                       num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
                       enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
                       quiet=tp is not None and tp.rank != 0)
+        engine.core.pool.events = events
+        return engine
 
     if tp is not None and tp.rank != 0:
         from magicdec.server.runner import follow
@@ -152,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
         server.run(sockets=sockets)
     except KeyboardInterrupt:  # a Ctrl-C outside uvicorn's signal handlers (its setup, or a second one at its end)
         return leave(130, "magicdec serve: interrupted")
+    finally:
+        if events is not None:
+            events.close()
     if failure:
         e = failure[0]
         if isinstance(e, ValueError | MemoryError | FileNotFoundError):
@@ -162,6 +190,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def kv_event_publisher(args: argparse.Namespace, device_type: str) -> KVEventPublisher | None:
+    """The KV-event publisher `--kv-events-endpoint` asks for (bound now: a busy port is one line), or None."""
+    if args.kv_events_endpoint is None:
+        if args.kv_events_replay_endpoint is not None:
+            raise ValueError("--kv-events-replay-endpoint needs --kv-events-endpoint")
+        return None
+    if args.no_prefix_caching:
+        raise ValueError("--kv-events-endpoint publishes the prefix cache's changes: drop --no-prefix-caching")
+    from magicdec.server.kv_events import KVEventPublisher, binds, local_endpoint
+
+    endpoint = local_endpoint(args.kv_events_endpoint, args.host, WILDCARDS)
+    replay = args.kv_events_replay_endpoint
+    replay = None if replay is None else local_endpoint(replay, args.host, WILDCARDS)
+    if args.host in WILDCARDS and "*" in endpoint and args.api_key is None:
+        print("magicdec serve: warning: KV events (prompts' token ids) are published on every interface, "
+              "without authentication", file=sys.stderr)
+    publisher = KVEventPublisher(endpoint, replay, topic=args.kv_events_topic,
+                                 data_parallel_rank=args.data_parallel_rank,
+                                 medium="GPU" if device_type == "cuda" else "CPU", fmt=args.kv_events_format,
+                                 bind=binds(args.kv_events_endpoint))
+    logging.getLogger("magicdec.server").info("KV events on %s%s", publisher.endpoint,
+                                              f", replay on {publisher.replay_endpoint}" if replay else "")
+    return publisher
 WORKERS = ("magicdec-load", "magicdec-engine")  # the server's threads that run the model (magicdec.server)
 
 

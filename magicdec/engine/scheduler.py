@@ -289,8 +289,10 @@ class Scheduler:
         c, P = self.config.prefill_chunk, self.pool.block_size
         done = min(r.computed, len(r.prompt)) // c * c // P
         hashes = self._hashes(r)
-        for i in range(r.registered // P, min(done, len(hashes))):
-            self.pool.register(r.blocks[i], hashes[i])
+        first, end = r.registered // P, min(done, len(hashes))
+        if first < end:
+            self.pool.register_chain(r.blocks[first:end], hashes[first:end], hashes[first - 1] if first else None,
+                                     r.prompt[first * P : end * P])
         r.registered = max(r.registered, done * P)
 
     def _preempt(self, victim: Request, plan: Plan) -> None:

@@ -11,7 +11,7 @@ A request the engine fails on is answered 500 (or its stream ends with an error 
 The model loads in a thread after the server starts listening: /health answers 503 until it is ready.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
-POST /tokenize, POST /detokenize.
+POST /tokenize, POST /detokenize; GET /server_info (the served name, for routers that discover it).
 """
 
 from __future__ import annotations
@@ -288,6 +288,14 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(state.started),
                                             "owned_by": "magicdec", "root": name, "parent": None,
                                             "max_model_len": engine.max_model_len}]}
+
+    @app.get("/server_info")
+    async def server_info() -> dict[str, Any]:
+        """The model a router (the SGLang Model Gateway) registers this server under: its served name."""
+        engine, _ = state.ready()
+        name = config.served_model_name
+        return {"model_path": name, "served_model_name": name, "tp_size": engine.llm.models.tp_world,
+                "dp_size": 1, "max_running_requests": engine.core.config.max_num_seqs}
 
     # (tokenizing is CPU work, a long body's for a while: these run in a worker thread, off the event loop)
     @app.post("/tokenize")

@@ -11,7 +11,8 @@ Extensions (vLLM's where vLLM has one): `top_k`, `min_p`, `repetition_penalty`, 
 `truncate_prompt_tokens`, `priority` (0 only), `ignore_eos`, `return_token_ids`,
 `stream_options.continuous_usage_stats`, and `speculation: {"gamma": k}` (0: no speculation for this request;
 k: always γ = k). What the SGLang router forwards (`skip_special_tokens`, `no_stop_trim` — vLLM's
-include_stop_str_in_output —, `return_hidden_states`: false only) is accepted too.
+include_stop_str_in_output —, `return_hidden_states`: false only) is accepted too, and for chat what vllm-router adds
+(`continue_final_message`, `separate_reasoning`, `stream_reasoning`, `include_reasoning`) at its defaults.
 """
 
 from __future__ import annotations
@@ -187,8 +188,16 @@ class ChatRequest(Common):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # meaningless without tools: accepted, unused
+    # what a router forwards (the SGLang Model Gateway), accepted at its defaults
+    continue_final_message: bool = False
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+    include_reasoning: bool = True  # (vllm-router's)
 
-    NEUTRAL: ClassVar[dict[str, Neutral]] = {**Common.NEUTRAL, "tools": _falsy, "tool_choice": _no_tool_choice}
+    NEUTRAL: ClassVar[dict[str, Neutral]] = {
+        **Common.NEUTRAL, "tools": _falsy, "tool_choice": _no_tool_choice, "continue_final_message": _false,
+        "separate_reasoning": lambda v: v is True, "stream_reasoning": lambda v: v is True,
+        "include_reasoning": lambda v: v is True}
 
     def top_logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
