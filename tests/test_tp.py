@@ -25,6 +25,10 @@ SPECS = {
     "self-snapkv": SpecConfig(method="self", drafter="snapkv", budget=24, tuning=DraftTuning(snapkv_window=8), gamma=2),
     # each rank times its own steps; rank 0's choice of γ is the one every rank runs
     "self-auto": SpecConfig(method="self", budget=24, sinks=4, gamma=Auto(profile="cpu")),
+    # model-free drafts: every rank proposes from the same tokens; hybrid's per-round choice is rank 0's
+    "ngram": SpecConfig(method="self", drafter="ngram", gamma=4),
+    "suffix": SpecConfig(method="self", drafter="suffix", gamma=4),
+    "hybrid": SpecConfig(method="self", drafter="hybrid", budget=24, sinks=4, gamma=Auto(max_gamma=4, profile="cpu")),
 }
 
 
@@ -32,7 +36,7 @@ def run_all(llm: LLM, draft: str) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(3, llm.config.vocab_size, (2, 37))
     logits = full_logits(llm.model, ids)
-    prompts = random_prompts(3, [50, 17, 33], llm.config.vocab_size, seed=5)
+    prompts = [p + p[3:15] for p in random_prompts(3, [50, 17, 33], llm.config.vocab_size, seed=5)]  # quoted back
     out = {"logits": logits}
     specs = dict(SPECS, draft=SpecConfig(method="draft", drafter="streaming", budget=20, sinks=2, draft_model=draft))
     for name, spec in specs.items():
