@@ -68,7 +68,17 @@ from magicdec.server.runner import (
     output_error,
     request_error,
 )
-from magicdec.server.tools import ToolError, ToolStream, check_tools, parse_tool_calls, tool_grammar, uses_hermes
+from magicdec.server.tools import (
+    CLOSE,
+    OPEN,
+    ToolError,
+    ToolStream,
+    check_tools,
+    parse_tool_calls,
+    tag_expr,
+    tool_grammar,
+    uses_hermes,
+)
 from magicdec.serving import Engine
 
 log = logging.getLogger("magicdec.server")
@@ -400,7 +410,8 @@ def chat_tools(engine: Engine, body: ChatRequest) -> ChatTools | None:
                       "tool definitions in a system message instead", "tools")
         if choice == "none":
             return None
-        hermes = uses_hermes(tok.chat_template)
+        hermes = (tag_expr(OPEN, tok.token_id(OPEN)), tag_expr(CLOSE, tok.token_id(CLOSE))) \
+            if uses_hermes(tok.chat_template) else None
         return ChatTools({t.name for t in tools},
                          tool_grammar(tools, choice, body.parallel_tool_calls is not False, hermes))
     except ToolError as e:

@@ -7,7 +7,8 @@ more `{"name": …, "parameters": …}` objects separated by `;` (an optional `<
 whose JSON does not parse, or that names no given tool, stays in the content. The content is the text
 outside the calls, stripped (None when empty). `tool_choice: "required"` or a named function becomes a
 llguidance grammar of the call(s) in the template's form (Hermes when the template writes `<tool_call>`,
-else the JSON form): the structured-output machinery then masks target and draft alike.
+else the JSON form): the structured-output machinery then masks target and draft alike. Its JSON is
+written as `json.dumps` writes it (no free whitespace, which a weak model would fill its budget with).
 """
 
 from __future__ import annotations
@@ -102,17 +103,25 @@ def check_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool | None
     return out, choice
 
 
-def tool_grammar(tools: list[Tool], choice: Any, parallel: bool, hermes: bool) -> str | None:
+def tag_expr(tag: str, token_id: int | None) -> str:
+    """A tag in a Lark grammar: its token when the tokenizer has one (llguidance takes an added token such as
+    Qwen's <tool_call> for a special one, which only the token itself spells), else its text."""
+    return f"<[{token_id}]>" if token_id is not None else json.dumps(tag)
+
+
+def tool_grammar(tools: list[Tool], choice: Any, parallel: bool, hermes: tuple[str, str] | None) -> str | None:
     """The grammar of the output `tool_choice` forces (None for "none" and "auto"): one call (a named
-    function, or parallel_tool_calls false) or one or more, in the Hermes form or Llama's JSON form."""
+    function, or parallel_tool_calls false) or one or more, in the Hermes form (`hermes`: the Lark
+    expressions of the open and close tags, `tag_expr`) or Llama's JSON form."""
     if choice in ("none", "auto"):
         return None
     chosen = [t for t in tools if choice == "required" or t.name == choice]
-    key = "arguments" if hermes else "parameters"
-    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters},
-                         "required": ["name", key], "additionalProperties": False} for t in chosen]}
-    if hermes:
-        call, sep = f'{json.dumps(OPEN + chr(10))} body {json.dumps(chr(10) + CLOSE)}', '"\\n"'
+    key = "arguments" if hermes is not None else "parameters"
+    schema = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+              "anyOf": [{"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters},
+                          "required": ["name", key], "additionalProperties": False} for t in chosen]}
+    if hermes is not None:
+        call, sep = f'{hermes[0]} "\\n" body "\\n" {hermes[1]}', '"\\n"'
     else:
         call, sep = "body", '"; "'
     many = choice == "required" and parallel
