@@ -253,11 +253,14 @@ def test_streamed_tool_call_deltas_reassemble_to_the_whole_answer(server: AppSer
     assert sorted(calls) == list(range(len(calls))) and all(c["id"].startswith("call_") for c in calls.values())
 
 
-def test_auto_and_none_are_served(server: AppServer) -> None:
+def test_auto_and_none_are_served_and_tokenize_renders_the_tools(server: AppServer) -> None:
     for choice in ("auto", "none"):
-        out = chat(server, tool_choice=choice, max_tokens=8)["choices"][0]
-        assert out["message"]["role"] == "assistant"
-        assert "tool_calls" not in out["message"] or choice == "auto"
+        out = chat(server, tool_choice=choice, max_tokens=8)
+        message = out["choices"][0]["message"]
+        assert message["role"] == "assistant"
+        assert "tool_calls" not in message or choice == "auto"
+    counted = server.post("/tokenize", {"messages": ASK, "tools": TOOLS}).json()["count"]
+    assert counted == out["usage"]["prompt_tokens"] > server.post("/tokenize", {"messages": ASK}).json()["count"]
 
 
 def test_bad_tools_are_a_400_naming_the_field(server: AppServer) -> None:

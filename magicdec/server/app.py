@@ -371,7 +371,12 @@ def tokenize_body(engine: Engine, body: TokenizeRequest) -> list[int]:
     messages (the template writes its own)."""
     tok = engine.llm.tokenizer
     if body.messages is not None:
-        text = render_chat(engine, body.messages, body.add_generation_prompt)
+        if body.tools:
+            try:
+                check_tools(body.tools, None, None)
+            except ToolError as e:
+                raise bad(str(e), e.param) from None
+        text = render_chat(engine, body.messages, body.add_generation_prompt, body.tools or None)
         return tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
     assert body.prompt is not None
     return tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
