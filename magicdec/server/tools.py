@@ -13,6 +13,7 @@ written as `json.dumps` writes it (no free whitespace, which a weak model would 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import uuid
@@ -53,6 +54,7 @@ def check_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool | None
     if len(json.dumps(tools)) > MAX_TOOL_BYTES:
         raise ToolError(f"the tools take more than {MAX_TOOL_BYTES} bytes of JSON", "tools")
     out: list[Tool] = []
+    grammars = importlib.util.find_spec("llguidance") is not None
     for i, t in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict) \
@@ -78,10 +80,11 @@ def check_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool | None
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise ToolError(f"{where}.function.parameters must be a JSON schema of an object",
                             f"{where}.function.parameters")
-        try:
-            json_schema_grammar(params)
-        except ValueError as e:
-            raise ToolError(f"{where}.function.parameters: {e}", f"{where}.function.parameters") from None
+        if grammars:  # (without llguidance a tool is still rendered and its calls parsed, not checked)
+            try:
+                json_schema_grammar(params)
+            except ValueError as e:
+                raise ToolError(f"{where}.function.parameters: {e}", f"{where}.function.parameters") from None
         out.append(Tool(name, params))
     choice = "auto" if out else "none"
     if tool_choice is not None:
