@@ -200,6 +200,27 @@ def test_a_stream_fed_in_pieces_reassembles_to_the_whole(text: str) -> None:
         assert [c["function"] for c in calls] == [c["function"] for c in want_calls]
 
 
+def test_the_json_form_grammar_takes_llama_calls_as_json_dumps_writes_them() -> None:
+    """Without <tool_call> in the template, a forced call is Llama-3.x's JSON object (`;` between calls)."""
+    import llguidance
+
+    from magicdec.server.tools import check_tools, tool_grammar
+
+    tokenizer = byte_tokenizer(384)
+    ll = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=384, eos_token=[2])
+    tools, _ = check_tools(TOOLS, None, None)
+    one = '{"name": "get_time", "parameters": {"zone": "CET", "exact": true}}'
+    two = one + '; {"name": "get_weather", "parameters": {"city": "Lima", "unit": "F"}}'
+    for choice, parallel, text, ok in (("required", True, two, True), ("required", False, two, False),
+                                       ("get_time", True, one, True), ("get_weather", True, one, False),
+                                       ("required", True, one.replace(", ", ","), False)):
+        matcher = llguidance.LLMatcher(ll, tool_grammar(tools, choice, parallel, None), log_level=0)
+        ids = tokenizer.encode(text).ids
+        accepted = matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+        assert accepted == ok, (choice, parallel, text)
+        assert parse_tool_calls(text, NAMES)[1]
+
+
 # ---- served -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_time"}}, "required"])
 def test_a_forced_call_parses_and_fits_the_schema_with_speculation_on_and_off(server: AppServer,
