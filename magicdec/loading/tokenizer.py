@@ -7,6 +7,7 @@ the file's conversion directory (see `magicdec.loading.gguf_file`) so later load
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ class Tokenizer:
             raise ValueError(f"the chat template tried an unsafe operation ({e}) and was stopped: the model's "
                              "chat template is not trustworthy; fix or replace it") from None
 
-    @property
+    @functools.cached_property
     def template_uses_tools(self) -> bool:
         """The chat template reads the `tools` variable (so it can render tool definitions)."""
         if not self.chat_template:
