@@ -7,6 +7,7 @@ the file's conversion directory (see `magicdec.loading.gguf_file`) so later load
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,13 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the checkpoint's own Jinja template, in Jinja's immutable sandbox (as
-        transformers and vLLM do): a template comes with the model, and a template that reaches for Python's
-        internals (`''.__class__`, a function's globals) or mutates its inputs is refused, not run."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render chat messages (and `tools`, OpenAI's function definitions, as transformers passes them) with
+        the checkpoint's own Jinja template, in Jinja's immutable sandbox (as transformers and vLLM do): a
+        template comes with the model, and a template that reaches for Python's internals (`''.__class__`, a
+        function's globals) or mutates its inputs is refused, not run. `tojson` is transformers' (no HTML
+        escapes), so a template renders its tools as under transformers."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template; pass plain prompts instead")
         from jinja2.exceptions import SecurityError
@@ -54,16 +58,28 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = tojson
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                tools=tools or None,
             )
         except SecurityError as e:
             raise ValueError(f"the chat template tried an unsafe operation ({e}) and was stopped: the model's "
                              "chat template is not trustworthy; fix or replace it") from None
+
+    @functools.cached_property
+    def template_uses_tools(self) -> bool:
+        """The chat template reads the `tools` variable (so it can render tool definitions)."""
+        if not self.chat_template:
+            return False
+        from jinja2 import Environment, meta
+
+        return "tools" in meta.find_undeclared_variables(Environment(extensions=["jinja2.ext.loopcontrols"]).parse(
+            self.chat_template))
 
     # ---- constructors ------------------------------------------------------------------------------
     @classmethod
@@ -106,6 +122,11 @@ class Tokenizer:
             return cls.from_dir(cache_dir)
         except LoadError as e:
             raise LoadError(f"{e} [the conversion of {path.name}: delete {cache_dir} to convert it again]") from None
+
+
+def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+           sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _token_text(token: Any) -> str | None:

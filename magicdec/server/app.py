@@ -68,6 +68,17 @@ from magicdec.server.runner import (
     output_error,
     request_error,
 )
+from magicdec.server.tools import (
+    CLOSE,
+    OPEN,
+    ToolError,
+    ToolStream,
+    check_tools,
+    parse_tool_calls,
+    tag_expr,
+    tool_grammar,
+    uses_hermes,
+)
 from magicdec.serving import Engine
 
 log = logging.getLogger("magicdec.server")
@@ -342,14 +353,15 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
         state.check_model(body.model)
         check_common(body)
         check_choices(engine, runner, 1, body.n)
-        ids = await asyncio.to_thread(encode_chat, engine, body.messages)
+        tools = await asyncio.to_thread(chat_tools, engine, body)
+        ids = await asyncio.to_thread(encode_chat, engine, body.messages, body.tools or None)
         if not ids:
             raise bad("the messages render to an empty prompt", "messages")
         ids = truncated(engine, body, ids)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # up to the context (and what the KV cache holds)
             max_tokens = max(token_limit(engine) - len(ids), 1)
-        return await serve(state, engine, runner, body, request, [ids], max_tokens, chat=True)
+        return await serve(state, engine, runner, body, request, [ids], max_tokens, chat=True, tools=tools)
 
     return app
 
@@ -359,24 +371,56 @@ def tokenize_body(engine: Engine, body: TokenizeRequest) -> list[int]:
     messages (the template writes its own)."""
     tok = engine.llm.tokenizer
     if body.messages is not None:
-        text = render_chat(engine, body.messages, body.add_generation_prompt)
+        if body.tools:
+            try:
+                check_tools(body.tools, None, None)
+            except ToolError as e:
+                raise bad(str(e), e.param) from None
+        text = render_chat(engine, body.messages, body.add_generation_prompt, body.tools or None)
         return tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
     assert body.prompt is not None
     return tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
 
 
-def render_chat(engine: Engine, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+def render_chat(engine: Engine, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
     try:
-        return engine.llm.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt)
+        return engine.llm.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt, tools)
     except APIError:
         raise
     except Exception as e:  # the template's own raise_exception, or a template error
         raise bad(f"the chat template cannot render these messages: {e}", "messages") from None
 
 
-def encode_chat(engine: Engine, messages: list[dict[str, Any]]) -> list[int]:
+def encode_chat(engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The chat template's prompt as tokens (the template writes the special tokens itself)."""
-    return engine.llm.tokenizer.encode(render_chat(engine, messages, True), add_special_tokens=False)
+    return engine.llm.tokenizer.encode(render_chat(engine, messages, True, tools), add_special_tokens=False)
+
+
+@dataclass
+class ChatTools:
+    """A chat request's tools: the names its output's calls may have, and the grammar tool_choice forces."""
+
+    names: set[str]
+    grammar: str | None
+
+
+def chat_tools(engine: Engine, body: ChatRequest) -> ChatTools | None:
+    """The request's tools checked against the chat template (None: no tools, or tool_choice "none")."""
+    try:
+        tools, choice = check_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        tok = engine.llm.tokenizer
+        if tools and not tok.template_uses_tools:
+            raise bad("tools: this model's chat template does not render tools (it never reads `tools`); send the "
+                      "tool definitions in a system message instead", "tools")
+        if choice == "none":
+            return None
+        hermes = (tag_expr(OPEN, tok.token_id(OPEN)), tag_expr(CLOSE, tok.token_id(CLOSE))) \
+            if uses_hermes(tok.chat_template) else None
+        return ChatTools({t.name for t in tools},
+                         tool_grammar(tools, choice, body.parallel_tool_calls is not False, hermes))
+    except ToolError as e:
+        raise bad(str(e), e.param) from None
 
 
 def truncated(engine: Engine, body: Common, ids: list[int]) -> list[int]:
@@ -498,10 +542,16 @@ class EventStream(StreamingResponse):
 
 
 async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: Common, request: Request,
-                prompts: list[list[int]], max_tokens: int, chat: bool, echo: list[str] | None = None) -> Response:
+                prompts: list[list[int]], max_tokens: int, chat: bool, echo: list[str] | None = None,
+                tools: ChatTools | None = None) -> Response:
     arrival = time.monotonic()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     grammar = await asyncio.to_thread(structured_grammar, body)  # (compiling a schema takes a moment)
+    if tools is not None and tools.grammar is not None:
+        if grammar is not None:
+            raise bad("tool_choice 'required' or a named function forces the output's form: drop response_format "
+                      "or structured_outputs", "tool_choice")
+        grammar = tools.grammar
     jobs = build_jobs(engine, body, prompts, max_tokens, rid, arrival, "messages" if chat else "prompt", grammar)
     try:
         stream = runner.submit(jobs)
@@ -520,7 +570,7 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
             "model": state.config.served_model_name}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(sse(stream, request, head, prompts, body, chat, include_usage, engine, echo), stream)
+        return EventStream(sse(stream, request, head, prompts, body, chat, include_usage, engine, echo, tools), stream)
     try:
         finals: dict[int, StepOutput] = {}
         async for index, out in stream.outputs(request):
@@ -540,8 +590,14 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
         choice: dict[str, Any] = {"index": i}
         prefix = echo[i // body.n] if echo is not None else ""
         logprobs = None
+        finish = out.finish_reason
         if chat:
             choice["message"] = {"role": "assistant", "content": out.text}
+            if tools is not None:
+                content, calls = parse_tool_calls(out.text, tools.names)
+                choice["message"]["content"] = content
+                if calls:
+                    choice["message"]["tool_calls"], finish = calls, "tool_calls"
             if out.logprobs is not None:
                 logprobs = chat_logprobs(tok, out.logprobs)
         else:
@@ -550,7 +606,7 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
                 logprobs = completion_logprobs(tok, out.logprobs, out.token_ids, len(prefix))
                 if out.prompt_logprobs is not None:
                     logprobs = join(completion_logprobs(tok, out.prompt_logprobs, out.prompt_token_ids), logprobs)
-        choice.update(logprobs=logprobs, finish_reason=out.finish_reason, stop_reason=None)
+        choice.update(logprobs=logprobs, finish_reason=finish, stop_reason=None)
         if body.return_token_ids:
             choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=out.token_ids)
         choices.append(choice)
@@ -564,13 +620,15 @@ def usage_of(prompts: list[list[int]], n: int, outs: list[StepOutput]) -> dict[s
 
 
 async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: list[list[int]], body: Common,
-              chat: bool, include_usage: bool, engine: Engine, echo: list[str] | None = None) -> AsyncIterator[str]:
+              chat: bool, include_usage: bool, engine: Engine, echo: list[str] | None = None,
+              tools: ChatTools | None = None) -> AsyncIterator[str]:
     """OpenAI's stream: chat opens each choice with a role delta; deltas carry finish_reason null until a
     choice's last one; then (stream_options.include_usage) a usage chunk with no choices; then [DONE]. With
     vLLM's stream_options.continuous_usage_stats every chunk carries the usage so far. Echo: a choice's first
     text chunk starts with its prompt (and its log-probabilities). A choice the engine failed on ends the
     stream: its chunk with finish_reason "error", an error event (`data: {"error": …}`, which OpenAI's
-    clients raise), then [DONE]."""
+    clients raise), then [DONE]. With tools, text that may start a tool call is held back, and each call is
+    sent whole once its text is complete (`delta.tool_calls`, with its index among the choice's calls)."""
     tok = engine.llm.tokenizer
     continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
     n_choices = len(stream.request_ids)
@@ -579,6 +637,7 @@ async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: l
     offsets = [0] * n_choices  # completions' text_offset so far, per choice
     echoed: set[int] = set()
     wants_logprobs = body.top_logprobs_k() is not None
+    parsers = [ToolStream(tools.names) for _ in range(n_choices)] if tools is not None else None
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         out = {**head, "choices": choices, **extra}
@@ -605,7 +664,23 @@ async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: l
                 continue
             choice: dict[str, Any] = {"index": index}
             logprobs = None
-            if chat:
+            finish = out.finish_reason if out.finished else None
+            if chat and parsers is not None:
+                parser = parsers[index]
+                sent = len(parser.calls)
+                text, calls = parser.feed(out.new_text)
+                if out.finished:
+                    more, last = parser.finish()
+                    text, calls = text + more, calls + last
+                    finish = "tool_calls" if parser.calls and finish != "error" else finish
+                choice["delta"] = {"content": text} if text else {}
+                if calls:
+                    choice["delta"]["tool_calls"] = [{"index": sent + k, **c} for k, c in enumerate(calls)]
+                if not (choice["delta"] or out.finished or wants_logprobs or body.return_token_ids):
+                    continue
+                if wants_logprobs:
+                    logprobs = chat_logprobs(tok, out.new_logprobs or [])
+            elif chat:
                 choice["delta"] = {"content": out.new_text} if out.new_text or not out.finished else {}
                 if wants_logprobs:
                     logprobs = chat_logprobs(tok, out.new_logprobs or [])
@@ -623,7 +698,7 @@ async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: l
                     mine = completion_logprobs(tok, out.new_logprobs or [], out.new_token_ids, offsets[index])
                     offsets[index] += sum(len(t) for t in mine["tokens"])
                     logprobs = join(logprobs, mine)
-            choice.update(logprobs=logprobs, finish_reason=out.finish_reason if out.finished else None)
+            choice.update(logprobs=logprobs, finish_reason=finish)
             if body.return_token_ids:
                 choice["token_ids"] = out.new_token_ids
             yield chunk([choice])

@@ -1,10 +1,10 @@
 """The OpenAI-compatible request bodies, their checks, and the response shapes.
 
 Every request body is a pydantic model with `extra="forbid"`: a parameter magicdec does not know is a 400
-that names it. OpenAI parameters magicdec does not implement (tools, suffix, best_of) are declared, but
-accepted only at their neutral values (`tools: []`, `best_of: 1`, …); any other value is a 400 naming
-them. An explicit `null` is the parameter's default, as OpenAI takes it. Log-probabilities, echo,
-penalties, logit bias, structured outputs (`response_format`, vLLM's `structured_outputs`: compiled here by
+that names it. OpenAI parameters magicdec does not implement (suffix, best_of) are declared, but accepted
+only at their neutral values (`best_of: 1`, …); any other value is a 400 naming them. An explicit `null` is
+the parameter's default, as OpenAI takes it. Log-probabilities, echo, penalties, logit bias, tools
+(`magicdec.server.tools`), structured outputs (`response_format`, vLLM's `structured_outputs`: compiled here by
 `structured_grammar`) and vLLM's extensions are served; docs/server.md has the table of every field.
 Extensions (vLLM's where vLLM has one): `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
 `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `spaces_between_special_tokens`,
@@ -118,10 +118,6 @@ def _false(v: Any) -> bool:
     return v is False
 
 
-def _no_tool_choice(v: Any) -> bool:
-    return v == "none"
-
-
 class Common(Strict):
     model: str | None = None
     max_tokens: int | None = None
@@ -187,7 +183,7 @@ class ChatRequest(Common):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: bool | None = None  # meaningless without tools: accepted, unused
+    parallel_tool_calls: bool | None = None  # (default: true)
     # what a router forwards (the SGLang Model Gateway), accepted at its defaults
     continue_final_message: bool = False
     separate_reasoning: bool = True
@@ -195,7 +191,7 @@ class ChatRequest(Common):
     include_reasoning: bool = True  # (vllm-router's)
 
     NEUTRAL: ClassVar[dict[str, Neutral]] = {
-        **Common.NEUTRAL, "tools": _falsy, "tool_choice": _no_tool_choice, "continue_final_message": _false,
+        **Common.NEUTRAL, "continue_final_message": _false,
         "separate_reasoning": lambda v: v is True, "stream_reasoning": lambda v: v is True,
         "include_reasoning": lambda v: v is True}
 
@@ -207,6 +203,7 @@ class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None  # rendered with the messages (vLLM's)
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM's)
     add_generation_prompt: bool = True
 
@@ -222,7 +219,7 @@ def check_common(body: Common) -> None:
     names = body.unsupported()
     if names:
         raise bad(f"unsupported parameter{'s' * (len(names) > 1)}: {', '.join(names)} (magicdec generates text "
-                  "only: no tools, suffix, best_of or hidden states); drop "
+                  "only: no suffix, best_of or hidden states); drop "
                   f"{'them' if len(names) > 1 else 'it'} or set {'them' if len(names) > 1 else 'it'} to the default",
                   names[0], "unsupported_parameter")
     check_extensions(body)
@@ -358,22 +355,26 @@ def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) ->
     return list(prompt)  # type: ignore[arg-type]
 
 
-def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Messages for the chat template: roles system / developer (as system) / user / assistant; the content
-    a string or a list of text parts."""
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for the chat template: roles system / developer (as system) / user / assistant / tool; the
+    content a string or a list of text parts. An assistant's `tool_calls` keep their ids and names, their
+    arguments parsed into objects (as vLLM gives them to templates, which write them with `tojson`); a tool
+    message keeps its `tool_call_id`."""
     if not messages:
         raise bad("messages is empty", "messages")
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        extra = sorted(set(m) - {"role", "content", "name"})
-        if extra:
-            raise bad(f"unsupported parameter{'s' * (len(extra) > 1)} in {where}: {', '.join(extra)} (text chat "
-                      "only: role, content and name)", f"{where}.{extra[0]}", "unsupported_parameter")
         role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise bad(f"{where}.role must be 'system', 'developer', 'user' or 'assistant', got {role!r} (text chat "
-                      "only: no tool messages)", f"{where}.role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad(f"{where}.role must be 'system', 'developer', 'user', 'assistant' or 'tool', got {role!r}",
+                      f"{where}.role")
+        allowed = {"role", "content", "name"} | ({"tool_calls"} if role == "assistant" else set()) \
+            | ({"tool_call_id"} if role == "tool" else set())
+        extra = sorted(set(m) - allowed)
+        if extra:
+            raise bad(f"unsupported parameter{'s' * (len(extra) > 1)} in {where}: {', '.join(extra)} (a {role} "
+                      f"message has {', '.join(sorted(allowed))})", f"{where}.{extra[0]}", "unsupported_parameter")
         content = m.get("content")
         if isinstance(content, list):
             parts = []
@@ -384,9 +385,39 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
                               f"got {kind!r}", f"{where}.content")
                 parts.append(part["text"])
             content = "".join(parts)
+        calls = m.get("tool_calls")
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if m.get("name") is not None:
+            msg["name"] = m["name"]
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise bad(f"{where}.tool_call_id must be the id of the call this answers", f"{where}.tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
+        if calls:
+            msg["tool_calls"] = message_tool_calls(calls, f"{where}.tool_calls")
+        out.append(msg)
+    return out
+
+
+def message_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool calls for the template: {id, type, function: {name, arguments: {...}}}."""
+    if not isinstance(calls, list):
+        raise bad(f"{where} must be a list of tool calls", where)
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), str):
+            raise bad(f"{where}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', 'arguments': "
+                      "<a JSON string>}}", f"{where}[{j}]")
+        try:
+            arguments = json.loads(f["arguments"])
+        except ValueError:
+            raise bad(f"{where}[{j}].function.arguments is not JSON", f"{where}[{j}].function.arguments") from None
+        out.append({"id": c.get("id"), "type": "function", "function": {"name": f["name"], "arguments": arguments}})
     return out
 
 
