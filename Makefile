@@ -24,7 +24,7 @@ setup: $(STAMP) corpus
 
 demo: setup
 	$(VENV)/bin/magicdec generate --corpus austen --context 4096 --batch 8 --max-new-tokens 128 \
-		--spec self --drafter streaming --budget 256 --gamma 2 --draft-weights int8 --compare
+		--spec self --drafter streaming --budget 256 --gamma 2 --draft-weights int8 --compare --repeats 3
 
 test: setup
 	$(PY) -m pytest -q tests
