@@ -216,7 +216,10 @@ def test_cache_aware_routing_events_and_a_replica_killed(fleet: Fleet, offline: 
             answers[policy] = run(router, prompts[policy])
         rates = {policy: hit_rate(a) for policy, a in answers.items()}
         print(f"prefix-cache hit rate: {rates}")
-        assert rates["cache_aware"] >= 2 * rates["round_robin"], rates
+        # two replicas whose pools each hold about half the prefixes: round-robin lands a prefix where it was
+        # cached about half the time, so the expected ratio is about 2 (measured 1.7–3.4× over six runs, as the
+        # arrival order within a round varies); 1.5× separates cache-aware routing from blind routing (~1×)
+        assert rates["cache_aware"] >= 1.5 * rates["round_robin"], rates
 
         # greedy text is offline generation's
         everything = prompts["round_robin"] + prompts["cache_aware"]
