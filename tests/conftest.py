@@ -240,3 +240,22 @@ def _rank_main(rank: int, fn: Callable[..., None], world: int, port: int, timeou
 def spawn_ranks(fn: Callable[..., None], world: int, *args: Any, timeout_s: float = 120) -> None:
     """Run `fn(rank, world, *args)` on `world` CPU ranks joined in a gloo process group; raise if one fails."""
     mp.spawn(_rank_main, args=(fn, world, free_port(), timeout_s, args), nprocs=world, join=True)
+
+
+def save_sharp(config: Any, path: Path, seed: int = 0, norms: tuple[float, float] = (0.8, 1.2)) -> Path:
+    """A transformers model of `config` with large random weights (with the default init greedy tokens repeat
+    one), norm weights drawn from `norms`, saved with `save_pretrained` beside a word tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(*norms)
+            else:
+                p.normal_(0, 0.12 if p.dim() > 1 else 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    word_vocabulary(config.vocab_size).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))
+    return path

@@ -3,14 +3,13 @@ magicdec's greedy output must be transformers' greedy output, token for token.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from conftest import full_logits, hf_greedy, random_prompts, spawn_ranks, word_vocabulary
+from conftest import full_logits, hf_greedy, random_prompts, save_sharp, spawn_ranks
 from magicdec import LLM, SamplingParams
 from magicdec.parallel.tp import TensorParallel
 
@@ -42,22 +41,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def write_hf_checkpoint(path: Path, model_type: str, overrides: dict[str, Any], seed: int = 0) -> Path:
     """A random model of transformers' own config class for `model_type`, saved with `save_pretrained`.
     Every parameter is drawn at random (biases and norms too, so that each one matters to the output)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
-    config = config_class(**{**BASE, **overrides})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # large weights: varied greedy tokens (with the default init they repeat one)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0, 0.12 if p.dim() > 1 else 0.1)
-    model.save_pretrained(path, safe_serialization=True)
-    word_vocabulary(config.vocab_size).save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))
-    return path
+    return save_sharp(config_class(**{**BASE, **overrides}), path, seed)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

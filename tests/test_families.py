@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import hf_greedy, random_prompts, spawn_ranks, word_vocabulary
+from conftest import hf_greedy, random_prompts, save_sharp, spawn_ranks
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 from magicdec.config import RopeScaling
 from magicdec.parallel.tp import TensorParallel
@@ -50,22 +50,10 @@ def write_family(path: Path, family: str, seed: int = 0, **changes: Any) -> Path
     """A random model of the family's transformers config class, saved with `save_pretrained`; weights are large
     (N(0, 0.12)) so that greedy tokens vary and ties are rare."""
     import transformers
-    from transformers import AutoModelForCausalLM
 
     name, overrides = FAMILIES[family]
     config = getattr(transformers, name)(**{**BASE, **overrides, **changes})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.uniform_(0.8, 1.2) if not family.startswith("gemma") else p.uniform_(-0.2, 0.2)
-            else:
-                p.normal_(0, 0.12 if p.dim() > 1 else 0.1)
-    model.save_pretrained(path, safe_serialization=True)
-    word_vocabulary(config.vocab_size).save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))
-    return path
+    return save_sharp(config, path, seed, (-0.2, 0.2) if family.startswith("gemma") else (0.8, 1.2))
 
 
 @pytest.fixture(scope="module")
