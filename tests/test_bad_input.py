@@ -198,6 +198,27 @@ def test_ctrl_c_while_starting_is_one_line(tiny_dir: Path, tmp_path: Path, delay
     assert (rc, err.strip()) == (130, "magicdec generate: interrupted") or (rc == 0 and "Traceback" not in err), err
 
 
+def test_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command(tmp_path: Path) -> None:
+    """An interrupt landing where Python cannot raise it (a weakref callback, as importlib's module locks have:
+    "Exception ignored in ...") is not swallowed: the command stops there with the one line and status 130."""
+    script = (
+        "import signal, sys, weakref\n"
+        "import magicdec.cli.main as cli\n"
+        "class Held: pass\n"
+        "def main(argv=None):\n"
+        "    held = Held()\n"
+        "    ref = weakref.ref(held, lambda r: signal.raise_signal(signal.SIGINT))\n"
+        "    del held\n"
+        "    print('ran on')\n"
+        "    return 0\n"
+        "cli.main = main\n"
+        "sys.argv = ['magicdec', 'generate']\n"
+        "cli.entry()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (130, "magicdec generate: interrupted", ""), done
+
+
 def test_ctrl_c_while_the_model_loads_stops_cleanly(tmp_path: Path) -> None:
     """The built-in model loads for a few seconds behind the listening server: Ctrl-C then ends the process at once
     (no C++ abort of the loading thread at the interpreter's exit), repeatedly."""

@@ -38,16 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def named_command(argv: list[str]) -> str | None:
+    """The sub-command named on the command line, found before parsing (for a Ctrl-C while importing)."""
+    return next((a for a in argv if a in COMMANDS), None)
+
+
+def interrupted_line(command: str | None) -> str:
+    return f"magicdec{' ' + command if command else ''}: interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
-    command = next((a for a in given if a in COMMANDS), None)  # named before parsing, for a Ctrl-C while importing
+    command = named_command(given)
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(given)  # (serve --data-parallel-size starts replicas with the same arguments)
         command = args.command
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"magicdec{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        print(interrupted_line(command), file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
         if e.name not in LAB_PACKAGES or os.environ.get("MAGICDEC_DEBUG"):
@@ -77,17 +86,34 @@ def entry() -> NoReturn:
     Once Ctrl-C has been pressed the process ends with `os._exit` (streams flushed, main's own clean-up done):
     CPython kills itself with SIGINT at exit when an interrupt ever landed in an `exec` of source text (as
     `dataclasses` runs while modules import), even one that was caught, so the status would be -2, not 130.
+    An interrupt that lands where Python cannot raise it (a weakref callback, a `__del__`: "Exception ignored
+    in ...") would be swallowed and the command would run on; it ends the process there, with the same line.
     Once main has returned, Ctrl-C is ignored: the process is only exiting (a signal then would kill it)."""
     interrupted = False
+    default_hook = sys.unraisablehook
 
     def on_interrupt(signum: int, frame: object) -> None:
         nonlocal interrupted
         interrupted = True
         raise KeyboardInterrupt
 
+    def on_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            print(interrupted_line(named_command(sys.argv[1:])), file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        default_hook(unraisable)
+
+    sys.unraisablehook = on_unraisable
     signal.signal(signal.SIGINT, on_interrupt)
-    code = main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: a Ctrl-C while exiting changes nothing
+    try:
+        code = main()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: a Ctrl-C while exiting changes nothing
+    except KeyboardInterrupt:  # pressed just as main returned
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(interrupted_line(named_command(sys.argv[1:])), file=sys.stderr)
+        code, interrupted = 130, True
     if interrupted:
         sys.stdout.flush()
         sys.stderr.flush()
