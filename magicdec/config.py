@@ -125,6 +125,12 @@ class ModelConfig:
     norm_placement: str = "pre"  # see NORM_PLACEMENTS
     hidden_act: str = "silu"  # the gate's activation (GeGLU: gelu_pytorch_tanh)
     family: str = "llama"  # the Hugging Face model_type whose tensor names the checkpoint uses
+    # ---- mixture of experts (n_experts 0: every MLP dense) ---------------------------------------------
+    n_experts: int = 0  # routed experts of a MoE layer (num_experts / num_local_experts)
+    n_experts_per_token: int = 0  # top-k: experts each token is routed to
+    moe_intermediate_size: int = 0  # each routed expert's hidden size (0: intermediate_size)
+    shared_expert_intermediate_size: int = 0  # an always-on shared expert's hidden size (0: none)
+    dense_layers: tuple[int, ...] = ()  # layers whose MLP stays dense in a MoE model (Qwen3-MoE mlp_only_layers)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -158,7 +164,15 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unsupported {name} {getattr(self, name)!r}; supported: {allowed}")
 
+        if self.n_experts and not 0 < self.n_experts_per_token <= self.n_experts:
+            raise ConfigError(f"n_experts_per_token must be in 1 … n_experts {self.n_experts}, "
+                              f"got {self.n_experts_per_token}")
+
     # ---- per layer -----------------------------------------------------------------------------------
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is a mixture of experts."""
+        return bool(self.n_experts) and layer not in self.dense_layers
+
     def layer_window(self, layer: int) -> int:
         """The sliding window of `layer` (0: a global layer, which sees the whole context)."""
         if not self.sliding_window:
