@@ -257,6 +257,10 @@ class Engine:
         """What the last step did: each decoding request's γ and accepted drafts, prefill tokens, timings."""
         return self.core.last_report
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's /reset_prefix_cache): later prompts are computed afresh."""
+        self.core.pool.clear_prefix_cache()
+
     def check_no_leaks(self) -> None:
         """Raise KVLeakError if any KV block is still held while no request is left."""
         if not self.has_unfinished_requests():

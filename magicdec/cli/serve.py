@@ -63,6 +63,8 @@ def register(subparsers: Any) -> None:
                    help="on SIGTERM, seconds running requests may take to finish (default 30)")
     h.add_argument("--log-interval", type=float, default=10.0, help="seconds between throughput lines (default 10)")
     h.add_argument("--no-access-log", action="store_true", help="no line per HTTP request")
+    h.add_argument("--dev-endpoints", action="store_true",
+                   help="serve POST /reset_prefix_cache (as vLLM's VLLM_SERVER_DEV_MODE; off: 404)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=parse_count, default=8, help="requests in the running batch (default 8)")
     e.add_argument("--max-num-batched-tokens", type=parse_count, default=1024,
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
     failure: list[BaseException] = []
     config = ServerConfig(name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                          log_interval=args.log_interval)
+                          log_interval=args.log_interval, dev_endpoints=args.dev_endpoints)
     app = create_app(config, load)
     server = make_server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                    access_log=not args.no_access_log,

@@ -95,6 +95,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     log_interval: float = 10.0  # seconds between throughput lines while busy
     on_fatal: Callable[[BaseException], None] | None = None  # the engine failed to load or to step
+    dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM's VLLM_SERVER_DEV_MODE)
 
 
 @dataclass
@@ -307,6 +308,14 @@ def create_app(config: ServerConfig, load: Callable[[], Engine]) -> FastAPI:
         name = config.served_model_name
         return {"model_path": name, "served_model_name": name, "tp_size": engine.llm.models.tp_world,
                 "dp_size": 1, "max_running_requests": engine.core.config.max_num_seqs}
+
+    if config.dev_endpoints:
+        @app.post("/reset_prefix_cache")
+        async def reset_prefix_cache() -> Response:
+            """Forget every cached prefix (benchmarks compare policies on the same prompts); 200 once done."""
+            _, runner = state.ready()
+            await runner.reset_prefix_cache()
+            return Response(status_code=200)
 
     # (tokenizing is CPU work, a long body's for a while: these run in a worker thread, off the event loop)
     @app.post("/tokenize")

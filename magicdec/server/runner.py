@@ -186,6 +186,8 @@ class EngineRunner:
         self.outstanding = 0  # submitted engine requests not finished yet (guarded by _count)
         # event-loop side only
         self._streams: dict[str, tuple[Stream, int]] = {}
+        self._resets: dict[int, asyncio.Future[None]] = {}  # prefix-cache resets asked for, by number
+        self._reset_number = 0
         self.draining = False
         self.error: BaseException | None = None
         # engine thread only
@@ -215,6 +217,16 @@ class EngineRunner:
     def abort(self, request_ids: list[str]) -> None:
         self._post([("abort", r) for r in request_ids])
 
+    async def reset_prefix_cache(self) -> None:
+        """Forget the engine's cached prefixes, between two steps (on every rank); returns once done."""
+        if self.error is not None:
+            raise EngineDead(str(self.error))
+        done: asyncio.Future[None] = self.loop.create_future()
+        self._reset_number += 1
+        self._resets[self._reset_number] = done
+        self._post([("reset_prefix_cache", self._reset_number)])
+        await done
+
     def _post(self, ops: list[tuple[str, Any]]) -> None:
         with self._cond:
             self._inbox.extend(ops)
@@ -239,6 +251,17 @@ class EngineRunner:
         for stream, _ in list(self._streams.values()):
             stream.fail(err)
         self._streams.clear()
+        for done in self._resets.values():
+            if not done.done():
+                done.set_exception(err)
+        self._resets.clear()
+
+    def _reset_done(self, upto: int) -> None:
+        """(event loop) The prefix-cache resets asked for up to the `upto`-th are done."""
+        for number in [n for n in self._resets if n <= upto]:
+            done = self._resets.pop(number)
+            if not done.done():
+                done.set_result(None)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Abort what is left, let the engine thread report it and end, then free the engine."""
@@ -276,6 +299,9 @@ class EngineRunner:
                 ops, stopping = self._take()
                 ops = self.sync(ops)
                 errors, aborted = apply_ops(engine, ops)
+                resets = [n for kind, n in ops if kind == "reset_prefix_cache"]
+                if resets:
+                    self._call(self._reset_done, max(resets))
                 outs: list[StepOutput] = []
                 if engine.has_unfinished_requests() or aborted:
                     outs = engine.step()  # (raising: an engine-wide fault; one request's failure is its output)
@@ -343,6 +369,8 @@ def apply_ops(engine: Engine, ops: list[tuple[str, Any]]) -> tuple[list[tuple[st
             except Exception as e:  # this request's own fault: it fails, the engine goes on
                 log.exception("the engine could not add request %s", x.request_id)
                 errors.append((x.request_id, request_error(str(e))))
+        elif kind == "reset_prefix_cache":
+            engine.reset_prefix_cache()
         else:
             engine.abort_request(x)
             aborted = True
