@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import msgpack
+import psutil
 import pytest
 import zmq
 
@@ -352,3 +353,44 @@ def test_cache_aware_routing_events_and_a_replica_killed(fleet: Fleet, offline: 
             router.stop()
         for sub in subs:
             sub.close()
+
+
+def test_a_draining_replica_loses_no_request(chat_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to one replica behind the router while requests run (a rolling restart): it finishes what it
+    runs and refuses new requests with 503 until it exits, the router sends them to the other; none is lost."""
+    fleet = Fleet(chat_dir, 2, tmp_path / "fleet.log", *ENGINE)
+    router: Router | None = None
+    try:
+        fleet.wait_ready()
+        router = Router(fleet.urls, "round_robin", tmp_path / "router.log")
+        router.wait_ready()
+        lock, done = threading.Lock(), [0]
+
+        def send(prompt: str) -> str:
+            assert router is not None
+            try:
+                return router.chat(prompt, 64, timeout=60, ignore_eos=True)["choices"][0]["finish_reason"]
+            except httpx.HTTPStatusError as e:
+                return str(e)
+            finally:
+                with lock:
+                    done[0] += 1
+
+        drained = fleet.replica_pid(1)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(send, p) for p in workload(5)[:24]]
+            while done[0] < 4:
+                time.sleep(0.01)
+            os.kill(drained, signal.SIGTERM)
+            during = [f.result(timeout=120) for f in futures]
+        after = [send(p) for p in workload(6)[:6]]
+        assert during + after == ["length"] * 30, during + after
+        try:  # it exits once drained (the launcher reaps it)
+            psutil.Process(drained).wait(30)
+        except psutil.NoSuchProcess:
+            pass
+        assert "Finished server process" in fleet.log.read_text()
+    finally:
+        if router is not None:
+            router.stop()
+        fleet.stop()
