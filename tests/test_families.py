@@ -133,9 +133,10 @@ def tp_generate_worker(rank: int, world: int, path: str, result: str) -> None:
         Path(result).write_text(json.dumps([o.token_ids for o in out.outputs]))
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3", "olmo2"])
 def test_two_gloo_ranks_give_one_process_tokens(family: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    """Tensor parallelism splits the q/k norms (whole on each rank), the sandwich norms and the windows right."""
+    """Tensor parallelism splits the q/k norms (per head: whole on each rank; OLMo 2's over all heads: split,
+    their sums of squares all-reduced), the sandwich norms and the windows right."""
     path = checkpoints[family]
     spawn_ranks(tp_generate_worker, 2, str(path), str(tmp_path / "tokens.json"))
     one = LLM(path, device="cpu").generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))

@@ -57,9 +57,6 @@ def init_from_env(device_type: str) -> TensorParallel | None:
 def check_shardable(cfg: ModelConfig, world: int) -> None:
     """Refuse, with the reason and the fix, a world size that does not divide the model."""
     parts = {"KV heads": cfg.n_kv_heads, "MLP columns": cfg.intermediate_size, "vocabulary rows": cfg.vocab_size}
-    if cfg.qk_norm == "full" and world > 1:
-        raise ValueError(f"tensor parallelism: {cfg.name or 'this model'} normalises q and k over all heads "
-                         "(OLMo 2), which a split by heads cannot compute; run it on one process")
     bad = [f"{n} {name}" for name, n in parts.items() if n % world]
     if bad:
         ok = [w for w in range(1, cfg.n_kv_heads + 1) if all(n % w == 0 for n in parts.values())]
@@ -103,6 +100,8 @@ def hf_slice(cfg: ModelConfig, tp: TensorParallel, hf_name: str) -> tuple[int, i
         "self_attn.o_proj": (1, rg.q), "mlp.gate_proj": (0, rg.ffn), "mlp.up_proj": (0, rg.ffn),
         "mlp.down_proj": (1, rg.ffn),
     }
+    if cfg.qk_norm == "full":  # (OLMo 2) one weight per q/k feature: each rank's heads' part
+        table.update({"self_attn.q_norm": (0, rg.q), "self_attn.k_norm": (0, rg.kv)})
     for key, (dim, (a, b)) in table.items():
         if f".{key}." in hf_name:
             return dim, a, b
@@ -131,6 +130,9 @@ def shard_model(model: nn.Module, tp: TensorParallel, weights_sharded: bool = Fa
             gate, up = mlp.w_gate_up.weight.split(cfg.intermediate_size)
             mlp.w_gate_up.weight = _param(torch.cat([gate[slice(*rg.ffn)], up[slice(*rg.ffn)]]))
             mlp.w_down.weight = _param(mlp.w_down.weight[:, slice(*rg.ffn)])
+        if cfg.qk_norm == "full":  # normalised over every head's features: the sums of squares all-reduced
+            attn.q_norm = SplitRMSNorm(attn.q_norm.weight, rg.q, cfg.q_size, attn.q_norm.eps, tp, weights_sharded)
+            attn.k_norm = SplitRMSNorm(attn.k_norm.weight, rg.kv, cfg.kv_size, attn.k_norm.eps, tp, weights_sharded)
         attn.n_heads, attn.n_kv_heads = cfg.n_heads // w, cfg.n_kv_heads // w
         mlp.intermediate = cfg.intermediate_size // w
         for lin in (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down):
@@ -143,6 +145,23 @@ def shard_model(model: nn.Module, tp: TensorParallel, weights_sharded: bool = Fa
     model.lm_head.out_features = model.lm_head.weight.shape[0]
     model.lm_head.register_forward_hook(_all_gather_hook(tp))
     model.tp = tp
+
+
+class SplitRMSNorm(nn.Module):
+    """An RMSNorm over features split across the ranks (OLMo 2's q and k norms, over all heads): each rank
+    holds its features' weights; the sum of squares is all-reduced, so every rank divides by the whole RMS."""
+
+    def __init__(self, weight: torch.Tensor, part: tuple[int, int], total: int, eps: float, tp: TensorParallel,
+                 sharded: bool) -> None:
+        super().__init__()
+        self.weight = _param(weight if sharded else weight[slice(*part)])
+        self.total, self.eps, self.tp = total, eps, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        squares = x32.pow(2).sum(-1, keepdim=True)
+        dist.all_reduce(squares, group=self.tp.group)
+        return self.weight * (x32 * torch.rsqrt(squares / self.total + self.eps)).to(x.dtype)
 
 
 def _all_reduce_hook(tp: TensorParallel) -> Any:
