@@ -6,6 +6,7 @@ and speculation gives plain decoding's tokens."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -209,12 +210,14 @@ def test_plan_prints_a_table_for_the_new_presets(model: str, tmp_path: Path, cap
 
 
 def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
-    """The float32 GGUF llama.cpp's converter writes for a Qwen3 or Gemma 3 checkpoint: its metadata keys and
-    tensor names, Gemma's norms with the one added, the layer pattern as a per-layer list."""
+    """The float32 GGUF llama.cpp's converter writes for a checkpoint of the family: its metadata keys and tensor
+    names, Gemma's norms with the one added, Granite's q/k rows permuted (its Llama rule), Phi-3's fused
+    projections and LongRoPE factors as tensors, Gemma 3's layer pattern as a per-layer list."""
     import gguf
+    import numpy as np
     from safetensors.torch import load_file
 
-    from magicdec.loading.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES, _NORM_NAMES
+    from magicdec.loading.gguf_file import _FUSED_NAMES, _GLOBAL_NAMES, _LAYER_NAMES, _NORM_NAMES
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     t = load_file(hf_dir / "model.safetensors")
@@ -229,23 +232,43 @@ def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
     w.add_value_length(cfg["head_dim"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_eos_token_id(2)
-    names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **_NORM_NAMES["pre"]}
+    norms = {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post"}.get(arch, "pre")
+    names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **_NORM_NAMES[norms], **(_FUSED_NAMES if arch == "phi3" else {})}
+    rope = cfg["rope_parameters"]
     if arch == "gemma3":
-        rope = cfg["rope_parameters"]["full_attention"]
-        w.add_rope_freq_base(rope["rope_theta"])
+        rope = rope["full_attention"]
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
-        w.add_sliding_window(cfg["sliding_window"])
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+    w.add_rope_freq_base(rope["rope_theta"])
+    if arch in ("gemma2", "gemma3"):
+        w.add_sliding_window(cfg["sliding_window"])
         w.add_attention_scale(cfg["query_pre_attn_scalar"] ** -0.5)  # not llama.cpp's rule (head_dim) here
-        names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **_NORM_NAMES["sandwich"]}
-    else:
-        w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if arch == "granite":
+        w.add_attention_scale(cfg["attention_multiplier"])
+        w.add_embedding_scale(cfg["embedding_multiplier"])
+        w.add_residual_scale(cfg["residual_multiplier"])
+        w.add_logit_scale(cfg["logits_scaling"])
+    if arch == "phi3":
+        original = cfg["original_max_position_embeddings"]
+        w.add_rope_dimension_count(int(cfg["head_dim"] * rope["partial_rotary_factor"]))
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(
+            (1 + math.log(cfg["max_position_embeddings"] / original) / math.log(original)) ** 0.5)
+        w.add_sliding_window(0)
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     for name, tensor in t.items():
         short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
         gg = names[short] if not name.startswith("model.layers.") else f"blk.{name.split('.')[2]}.{names[short]}"
-        if arch == "gemma3" and name.endswith("norm.weight"):
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
             tensor = tensor + 1
+        if arch == "granite" and short in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            heads = cfg["num_attention_heads" if ".q_proj." in short else "num_key_value_heads"]
+            tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(tensor.shape)
         w.add_tensor(gg, tensor.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -254,7 +277,13 @@ def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("family", "arch"), [("qwen3", "qwen3"), ("gemma3", "gemma3")])
+GGUF_ARCHS = [("qwen3", "qwen3"), ("gemma3", "gemma3"), ("gemma2", "gemma2"), ("olmo2", "olmo2"),
+              ("granite", "granite"), ("phi3", "phi3")]
+FLOAT32_FIELDS = ("rms_norm_eps", "attn_scale", "embed_scale", "residual_scale", "logits_scale", "attn_softcap",
+                  "final_softcap")
+
+
+@pytest.mark.parametrize(("family", "arch"), GGUF_ARCHS)
 def test_gguf_of_the_family_loads_like_its_checkpoint(family: str, arch: str, checkpoints: dict[str, Path],
                                                       tmp_path: Path) -> None:
     """The GGUF's description and weights are the Hugging Face checkpoint's (which decodes like transformers)."""
@@ -265,12 +294,17 @@ def test_gguf_of_the_family_loads_like_its_checkpoint(family: str, arch: str, ch
     ref = load_model(checkpoints[family], device="cpu")
     for limit in (1 << 30, 0):  # converted once to safetensors, or dequantized at load
         ours, cfg = load_gguf(path, torch.float32, "cpu", tmp_path / f"conv{limit}", cache_limit_bytes=limit)
-        for key in ("rms_norm_eps", "attn_scale"):  # float32 in the GGUF
-            assert getattr(cfg, key) == pytest.approx(getattr(ref.config, key))
+        for key in FLOAT32_FIELDS:  # float32 in the GGUF
+            assert getattr(cfg, key) == pytest.approx(getattr(ref.config, key)), key
         rs, ref_rs = cfg.rope_scaling, ref.config.rope_scaling
         assert (rs.rope_type, rs.factor) == (ref_rs.rope_type, ref_rs.factor)
-        same = dict(name="", eos_token_ids=(), bos_token_id=None, rms_norm_eps=0.0, attn_scale=0.0,
-                    rope_scaling=RopeScaling())
+        if rs.rope_type == "longrope":  # (the context past which the long factors apply)
+            assert rs.original_max_position_embeddings == ref_rs.original_max_position_embeddings
+        assert rs.short_factor == pytest.approx(ref_rs.short_factor) and rs.long_factor == pytest.approx(
+            ref_rs.long_factor)
+        assert rs.attention_scaling == pytest.approx(ref_rs.attention_scaling)
+        same = dict(name="", eos_token_ids=(), bos_token_id=None, rope_scaling=RopeScaling(),
+                    **{key: 0.0 for key in FLOAT32_FIELDS})
         assert cfg.with_(**same) == ref.config.with_(**same)
         theirs = ref.model.state_dict()
         for name, p in ours.state_dict().items():

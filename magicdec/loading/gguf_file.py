@@ -27,7 +27,8 @@ from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
 from magicdec.parallel.tp import TensorParallel
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite", "phi3")
+PERMUTED = ("llama", "granite")  # llama.cpp's converter permutes q/k rows for these (its LlamaModel's rule)
 FAMILIES = {"gemma3": "gemma3_text"}  # a GGUF architecture → the family (Hugging Face model_type) it translates to
 # the models whose "27B" size llama.cpp scales attention by hidden/heads instead of head_dim (layers → family)
 _SCALE_BY_HIDDEN = {46: "gemma2", 62: "gemma3_text"}
@@ -46,6 +47,11 @@ _LAYER_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+_FUSED_NAMES = {  # Phi-3's fused projections, as llama.cpp keeps them
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
+}
+_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # read as metadata
 # norms by where the family puts them
 _NORM_NAMES = {
     "pre": {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"},
@@ -95,18 +101,31 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
 
     n_heads = int(need("attention.head_count"))
     context = int(field(reader, f"{arch}.context_length", 4096))
+    def floats(name: str) -> tuple[float, ...]:
+        return tuple(float(x) for x in np.asarray(tensors[name].data, dtype=np.float32))
+
     try:
-        scaling = _rope_scaling(reader, arch, context)
+        if "rope_factors_long.weight" in tensors:  # Phi-3's LongRoPE
+            original = int(field(reader, f"{arch}.rope.scaling.original_context_length") or context)
+            attn = field(reader, f"{arch}.rope.scaling.attn_factor")
+            scaling = RopeScaling("longrope", factor=context / original, original_max_position_embeddings=original,
+                                  short_factor=floats("rope_factors_short.weight"),
+                                  long_factor=floats("rope_factors_long.weight"),
+                                  attention_factor=None if attn is None else float(attn))
+        else:
+            scaling = _rope_scaling(reader, arch, context)
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
     if "rope_freqs.weight" in tensors:
-        factors = tuple(float(x) for x in np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32))
-        scaling = RopeScaling("llama3", freq_factors=factors)
+        scaling = RopeScaling("llama3", freq_factors=floats("rope_freqs.weight"))
+    hidden = int(need("embedding_length"))
+    head_dim = int(field(reader, f"{arch}.attention.key_length", 0) or hidden // n_heads)
+    rotary = int(field(reader, f"{arch}.rope.dimension_count", 0) or head_dim)
     eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     try:
         cfg = ModelConfig(
             vocab_size=_vocab_size(reader, tensors, path),
-            hidden_size=int(need("embedding_length")),
+            hidden_size=hidden,
             intermediate_size=int(need("feed_forward_length")),
             n_layers=int(need("block_count")),
             n_heads=n_heads,
@@ -122,14 +141,11 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
             bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
             name=str(field(reader, "general.name", path.stem)),
+            rotary_dim=rotary if rotary != head_dim else 0,  # (Phi-3's partial rotary)
             **_family_fields(reader, arch, n_heads),
         )
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
-    rotary = field(reader, f"{arch}.rope.dimension_count")
-    if rotary is not None and int(rotary) != cfg.head_dim:
-        raise LoadError(f"{path}: RoPE over {rotary} of {cfg.head_dim} head dimensions (partial rotary) "
-                        "is not supported")
     return cfg
 
 
@@ -139,6 +155,13 @@ def _family_fields(reader: Any, arch: str, n_heads: int) -> dict[str, Any]:
     GeGLU, √d embeddings and attention scale (hidden/heads for the 27B models, else head_dim)."""
     family = FAMILIES.get(arch, arch)
     out: dict[str, Any] = {"family": family, **FAMILY_TRAITS.get(family, {})}
+    if family == "granite":  # its multipliers, as llama.cpp's converter writes them
+        for key, name in (("attn_scale", "attention.scale"), ("embed_scale", "embedding_scale"),
+                          ("residual_scale", "residual_scale"), ("logits_scale", "logit_scale")):
+            if field(reader, f"{arch}.{name}") is not None:
+                out[key] = float(field(reader, f"{arch}.{name}"))
+    if family == "phi3" and field(reader, f"{arch}.attention.sliding_window"):  # (0: none)
+        out["sliding_window"] = int(field(reader, f"{arch}.attention.sliding_window"))
     if family not in ("gemma2", "gemma3_text"):
         return out
     hidden, layers = int(field(reader, f"{arch}.embedding_length")), int(field(reader, f"{arch}.block_count"))
@@ -215,13 +238,13 @@ def gguf_tensors(reader: Any, cfg: ModelConfig, path: Path) -> dict[str, torch.T
     the model is an error naming it."""
     import gguf
 
-    permuted = field(reader, "general.architecture") == "llama"
+    permuted = field(reader, "general.architecture") in PERMUTED
     out: dict[str, torch.Tensor] = {}
     known = set(_GLOBAL_NAMES).union(*(expected_shapes(cfg, i) for i in range(cfg.n_layers)))
     for t in reader.tensors:
-        hf_name = hf_tensor_name(t.name, cfg.norm_placement)
+        hf_name = hf_tensor_name(t.name, cfg.norm_placement, fused=cfg.family == "phi3")
         if hf_name not in known:
-            if t.name == "rope_freqs.weight" or ".attn_rot_embd" in t.name:  # read by read_config; unused
+            if t.name in _ROPE_TENSORS or ".attn_rot_embd" in t.name:  # read by read_config; unused
                 continue  # by llama.cpp too
             raise LoadError(f"{path}: GGUF tensor {t.name!r} has no role in the model magicdec runs; "
                             "magicdec drops no weights silently")
@@ -237,15 +260,17 @@ def gguf_tensors(reader: Any, cfg: ModelConfig, path: Path) -> dict[str, torch.T
     return out
 
 
-def hf_tensor_name(name: str, norm_placement: str = "pre") -> str | None:
-    """The Hugging Face name of a GGUF tensor (None for a tensor with no such name, e.g. rope_freqs)."""
+def hf_tensor_name(name: str, norm_placement: str = "pre", fused: bool = False) -> str | None:
+    """The Hugging Face name of a GGUF tensor (None for a tensor with no such name, e.g. rope_freqs);
+    `fused`: the family keeps q/k/v and gate/up fused (Phi-3)."""
     for hf, gg in _GLOBAL_NAMES.items():
         if name == gg:
             return hf
     parts = name.split(".", 2)
     if parts[0] != "blk":
         return None
-    inverse = {v: k for k, v in {**_LAYER_NAMES, **_NORM_NAMES[norm_placement]}.items()}
+    names = {**_LAYER_NAMES, **_NORM_NAMES[norm_placement], **(_FUSED_NAMES if fused else {})}
+    inverse = {v: k for k, v in names.items()}
     return f"model.layers.{parts[1]}.{inverse[parts[2]]}" if parts[2] in inverse else None
 
 
