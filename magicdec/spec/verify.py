@@ -11,23 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from magicdec.runtime.sampling import SamplingParams, probabilities
-
 Verdict = tuple[torch.Tensor, torch.Tensor]  # accepted counts [B], next tokens [B]
 # (draft tokens [B, γ], draft distributions [B, γ, V] | None, target logits [B, γ+1, V]) → verdict
 Verifier = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], Verdict]
-
-
-def verifier_for(params: SamplingParams, generator: torch.Generator | None) -> Verifier:
-    """The exact acceptance rule for these sampling parameters: greedy, or speculative sampling."""
-    if params.greedy:
-        return lambda d, q, logits: verify_greedy(d, logits)
-
-    def sampling(d: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor) -> Verdict:
-        assert q is not None
-        return verify_sampling(d, q, probabilities(logits, params), generator)
-
-    return sampling
 
 
 def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
