@@ -399,10 +399,16 @@ def encode_chat(engine: Engine, messages: list[dict[str, Any]], tools: list[dict
 
 @dataclass
 class ChatTools:
-    """A chat request's tools: the names its output's calls may have, and the grammar tool_choice forces."""
+    """A chat request's tools: the names its output's calls may have, the grammar tool_choice forces, and
+    whether tool_choice names a function (then finish_reason stays the output's, "stop", as OpenAI and vLLM
+    answer a forced call; "auto" and "required" calls finish with "tool_calls")."""
 
     names: set[str]
     grammar: str | None
+    named: bool = False
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason != "error" and not self.named else reason
 
 
 def chat_tools(engine: Engine, body: ChatRequest) -> ChatTools | None:
@@ -417,8 +423,8 @@ def chat_tools(engine: Engine, body: ChatRequest) -> ChatTools | None:
             return None
         hermes = (tag_expr(OPEN, tok.token_id(OPEN)), tag_expr(CLOSE, tok.token_id(CLOSE))) \
             if uses_hermes(tok.chat_template) else None
-        return ChatTools({t.name for t in tools},
-                         tool_grammar(tools, choice, body.parallel_tool_calls is not False, hermes))
+        return ChatTools({t.name for t in tools}, tool_grammar(tools, choice, body.parallel_tool_calls is not False,
+                                                               hermes), named=choice not in ("auto", "required"))
     except ToolError as e:
         raise bad(str(e), e.param) from None
 
@@ -597,7 +603,8 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
                 content, calls = parse_tool_calls(out.text, tools.names)
                 choice["message"]["content"] = content
                 if calls:
-                    choice["message"]["tool_calls"], finish = calls, "tool_calls"
+                    choice["message"]["tool_calls"] = calls
+                finish = tools.finish_reason(finish, bool(calls))
             if out.logprobs is not None:
                 logprobs = chat_logprobs(tok, out.logprobs)
         else:
@@ -665,14 +672,14 @@ async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: l
             choice: dict[str, Any] = {"index": index}
             logprobs = None
             finish = out.finish_reason if out.finished else None
-            if chat and parsers is not None:
+            if chat and parsers is not None and tools is not None:
                 parser = parsers[index]
                 sent = len(parser.calls)
                 text, calls = parser.feed(out.new_text)
                 if out.finished:
                     more, last = parser.finish()
                     text, calls = text + more, calls + last
-                    finish = "tool_calls" if parser.calls and finish != "error" else finish
+                    finish = tools.finish_reason(finish, bool(parser.calls))
                 choice["delta"] = {"content": text} if text else {}
                 if calls:
                     choice["delta"]["tool_calls"] = [{"index": sent + k, **c} for k, c in enumerate(calls)]
