@@ -39,7 +39,7 @@ from magicdec.engine.outputs import StepOutput
 from magicdec.engine.request import RequestSpec
 from magicdec.llm import PromptError
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.server.logprobs import chat_logprobs, completion_logprobs, join
+from magicdec.server.logprobs import chat_logprobs, completion_logprobs, join, prompt_logprobs
 from magicdec.server.metrics import ServerMetrics
 from magicdec.server.protocol import (
     APIError,
@@ -515,6 +515,8 @@ def sampling_params(body: Common, max_tokens: int, seed: int | None, grammar: st
     """The engine's sampling parameters of a request body (one choice)."""
     k = body.top_logprobs_k()
     echo = isinstance(body, CompletionRequest) and bool(body.echo)
+    # the prompt's: echo's (k alternatives) and vLLM's prompt_logprobs (its own k), the more of the two
+    ks = [x for x in (k if echo else None, None if body.stream else body.prompt_logprobs) if x is not None]
     return SamplingParams(
         max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
@@ -524,7 +526,7 @@ def sampling_params(body: Common, max_tokens: int, seed: int | None, grammar: st
         logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()}, min_p=body.min_p or 0.0,
         min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
         include_stop_str_in_output=body.include_stop_str_in_output or body.no_stop_trim,
-        skip_special_tokens=body.skip_special_tokens, logprobs=k, prompt_logprobs=k if echo else None,
+        skip_special_tokens=body.skip_special_tokens, logprobs=k, prompt_logprobs=max(ks, default=None),
         grammar=grammar)
 
 
@@ -611,14 +613,21 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
             choice["text"] = prefix + out.text
             if out.logprobs is not None:
                 logprobs = completion_logprobs(tok, out.logprobs, out.token_ids, len(prefix))
-                if out.prompt_logprobs is not None:
-                    logprobs = join(completion_logprobs(tok, out.prompt_logprobs, out.prompt_token_ids), logprobs)
+                if echo is not None and out.prompt_logprobs is not None:
+                    k = body.top_logprobs_k() or 0
+                    echoed = [None if lp is None else lp.keep(k) for lp in out.prompt_logprobs]
+                    logprobs = join(completion_logprobs(tok, echoed, out.prompt_token_ids), logprobs)
         choice.update(logprobs=logprobs, finish_reason=finish, stop_reason=None)
         if body.return_token_ids:
             choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=out.token_ids)
+        if not chat and body.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs(tok, out.prompt_logprobs, body.prompt_logprobs)
         choices.append(choice)
-    return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                         "usage": usage_of(prompts, body.n, outs)})
+    answer = {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+              "usage": usage_of(prompts, body.n, outs)}
+    if chat and body.prompt_logprobs is not None and outs[0].prompt_logprobs is not None:  # (vLLM's place)
+        answer["prompt_logprobs"] = prompt_logprobs(tok, outs[0].prompt_logprobs, body.prompt_logprobs)
+    return JSONResponse(answer)
 
 
 def usage_of(prompts: list[list[int]], n: int, outs: list[StepOutput]) -> dict[str, Any]:
