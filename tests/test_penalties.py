@@ -86,6 +86,34 @@ def test_min_tokens_holds_back_eos(pair: tuple[LLM, Path]) -> None:
     assert len(out.token_ids) == 7 and out.token_ids[-1] == eos and out.finish_reason == "stop"
 
 
+def test_stop_strings_wait_for_min_tokens_as_in_vllm(pair: tuple[LLM, Path]) -> None:
+    """vLLM's rule: a stop string counts only when text of a token past the first min_tokens completes it; one
+    that ends within them is not searched for, one that begins within them and ends after cuts the text where
+    it begins. The same with speculation on."""
+    llm, _ = pair
+    prompt = random_prompts(1, [30], 380, seed=7)
+    base = dict(max_new_tokens=14, ignore_eos=True, presence_penalty=2.0)  # (no repeated words)
+    tokens = llm.generate(prompt, SamplingParams(**base)).outputs[0].token_ids
+    pieces = [llm.tokenizer.decode(tokens[:i]) for i in range(len(tokens) + 1)]
+    text = pieces[-1]
+    # m: a token whose text " wNN" occurs once in the output, ending where the first m tokens' text ends
+    m = next(i for i in range(3, 11) if text.count(pieces[i][len(pieces[i - 1]):]) == 1)
+    own, edge = pieces[m][len(pieces[m - 1]):], len(pieces[m])
+    across = text[edge - 2 : edge + 3]  # the last 2 characters of token m's text and 3 of token m + 1's
+    assert text.count(across) == 1 and own.startswith(" ")
+    spec = SpecConfig(method="self", drafter="ngram", gamma=4, tuning=DraftTuning(ngram_min=1))
+
+    def run(stop: str, min_tokens: int, cfg: SpecConfig | None) -> tuple[str, int, str | None]:
+        o = llm.generate(prompt, SamplingParams(**base, stop=(stop,), min_tokens=min_tokens), cfg).outputs[0]
+        return o.text, len(o.token_ids), o.finish_reason
+
+    for cfg in (None, spec):
+        assert run(own, m - 1, cfg) == (pieces[m - 1], m, "stop")  # ends in token m's text: found
+        assert run(own, m, cfg) == (text, len(tokens), "length")  # ends within the first m tokens': not searched
+        assert run(across, m, cfg) == (text[: edge - 2], m + 1, "stop")  # begins within them, ends after: found
+        assert run(across, m + 1, cfg) == (text, len(tokens), "length")
+
+
 VOCAB, N = 32, 4000
 
 

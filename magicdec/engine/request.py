@@ -203,7 +203,9 @@ class Request:
             armed = len(self.output) >= self.params.min_tokens  # (EOS before then is masked in the logits)
             if self.grammar is not None:
                 self.grammar.commit([token])
-            if self.text.add(token, armed) or (armed and token in self.eos):
+            # stop strings as vLLM searches them: only in text that tokens past the first min_tokens complete
+            # (one that began earlier counts: the text ends where it starts)
+            if self.text.add(token, len(self.output) > self.params.min_tokens) or (armed and token in self.eos):
                 reason = "stop"
             elif self.grammar is not None and self.grammar.finished:  # nothing more may follow (even ignoring EOS)
                 reason = "stop"

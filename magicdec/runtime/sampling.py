@@ -36,7 +36,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs (a dict is taken too)
     min_p: float = 0.0
     # stop rules
-    min_tokens: int = 0  # EOS and stop_token_ids masked, stop strings not searched, until this many tokens
+    min_tokens: int = 0  # EOS and stop_token_ids masked until this many tokens; stop strings in later tokens only
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the output like EOS (even with ignore_eos)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True

@@ -39,7 +39,7 @@ from magicdec.engine.outputs import StepOutput
 from magicdec.engine.request import RequestSpec
 from magicdec.llm import PromptError
 from magicdec.runtime.sampling import SamplingParams
-from magicdec.server.logprobs import chat_logprobs, completion_logprobs, join
+from magicdec.server.logprobs import chat_logprobs, completion_logprobs, join, prompt_logprobs
 from magicdec.server.metrics import ServerMetrics
 from magicdec.server.protocol import (
     APIError,
@@ -408,10 +408,16 @@ def encode_chat(engine: Engine, messages: list[dict[str, Any]], tools: list[dict
 
 @dataclass
 class ChatTools:
-    """A chat request's tools: the names its output's calls may have, and the grammar tool_choice forces."""
+    """A chat request's tools: the names its output's calls may have, the grammar tool_choice forces, and
+    whether tool_choice names a function (then finish_reason stays the output's, "stop", as OpenAI and vLLM
+    answer a forced call; "auto" and "required" calls finish with "tool_calls")."""
 
     names: set[str]
     grammar: str | None
+    named: bool = False
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason != "error" and not self.named else reason
 
 
 def chat_tools(engine: Engine, body: ChatRequest) -> ChatTools | None:
@@ -426,8 +432,8 @@ def chat_tools(engine: Engine, body: ChatRequest) -> ChatTools | None:
             return None
         hermes = (tag_expr(OPEN, tok.token_id(OPEN)), tag_expr(CLOSE, tok.token_id(CLOSE))) \
             if uses_hermes(tok.chat_template) else None
-        return ChatTools({t.name for t in tools},
-                         tool_grammar(tools, choice, body.parallel_tool_calls is not False, hermes))
+        return ChatTools({t.name for t in tools}, tool_grammar(tools, choice, body.parallel_tool_calls is not False,
+                                                               hermes), named=choice not in ("auto", "required"))
     except ToolError as e:
         raise bad(str(e), e.param) from None
 
@@ -518,6 +524,8 @@ def sampling_params(body: Common, max_tokens: int, seed: int | None, grammar: st
     """The engine's sampling parameters of a request body (one choice)."""
     k = body.top_logprobs_k()
     echo = isinstance(body, CompletionRequest) and bool(body.echo)
+    # the prompt's: echo's (k alternatives) and vLLM's prompt_logprobs (its own k), the more of the two
+    ks = [x for x in (k if echo else None, None if body.stream else body.prompt_logprobs) if x is not None]
     return SamplingParams(
         max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
@@ -527,7 +535,7 @@ def sampling_params(body: Common, max_tokens: int, seed: int | None, grammar: st
         logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()}, min_p=body.min_p or 0.0,
         min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
         include_stop_str_in_output=body.include_stop_str_in_output or body.no_stop_trim,
-        skip_special_tokens=body.skip_special_tokens, logprobs=k, prompt_logprobs=k if echo else None,
+        skip_special_tokens=body.skip_special_tokens, logprobs=k, prompt_logprobs=max(ks, default=None),
         grammar=grammar)
 
 
@@ -606,21 +614,29 @@ async def serve(state: ServerState, engine: Engine, runner: EngineRunner, body: 
                 content, calls = parse_tool_calls(out.text, tools.names)
                 choice["message"]["content"] = content
                 if calls:
-                    choice["message"]["tool_calls"], finish = calls, "tool_calls"
+                    choice["message"]["tool_calls"] = calls
+                finish = tools.finish_reason(finish, bool(calls))
             if out.logprobs is not None:
                 logprobs = chat_logprobs(tok, out.logprobs)
         else:
             choice["text"] = prefix + out.text
             if out.logprobs is not None:
                 logprobs = completion_logprobs(tok, out.logprobs, out.token_ids, len(prefix))
-                if out.prompt_logprobs is not None:
-                    logprobs = join(completion_logprobs(tok, out.prompt_logprobs, out.prompt_token_ids), logprobs)
+                if echo is not None and out.prompt_logprobs is not None:
+                    k = body.top_logprobs_k() or 0
+                    echoed = [None if lp is None else lp.keep(k) for lp in out.prompt_logprobs]
+                    logprobs = join(completion_logprobs(tok, echoed, out.prompt_token_ids), logprobs)
         choice.update(logprobs=logprobs, finish_reason=finish, stop_reason=None)
         if body.return_token_ids:
             choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=out.token_ids)
+        if not chat and body.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs(tok, out.prompt_logprobs, body.prompt_logprobs)
         choices.append(choice)
-    return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                         "usage": usage_of(prompts, body.n, outs)})
+    answer = {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+              "usage": usage_of(prompts, body.n, outs)}
+    if chat and body.prompt_logprobs is not None and outs[0].prompt_logprobs is not None:  # (vLLM's place)
+        answer["prompt_logprobs"] = prompt_logprobs(tok, outs[0].prompt_logprobs, body.prompt_logprobs)
+    return JSONResponse(answer)
 
 
 def usage_of(prompts: list[list[int]], n: int, outs: list[StepOutput]) -> dict[str, Any]:
@@ -674,14 +690,14 @@ async def sse(stream: Stream, request: Request, head: dict[str, Any], prompts: l
             choice: dict[str, Any] = {"index": index}
             logprobs = None
             finish = out.finish_reason if out.finished else None
-            if chat and parsers is not None:
+            if chat and parsers is not None and tools is not None:
                 parser = parsers[index]
                 sent = len(parser.calls)
                 text, calls = parser.feed(out.new_text)
                 if out.finished:
                     more, last = parser.finish()
                     text, calls = text + more, calls + last
-                    finish = "tool_calls" if parser.calls and finish != "error" else finish
+                    finish = tools.finish_reason(finish, bool(parser.calls))
                 choice["delta"] = {"content": text} if text else {}
                 if calls:
                     choice["delta"]["tool_calls"] = [{"index": sent + k, **c} for k, c in enumerate(calls)]

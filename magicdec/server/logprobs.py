@@ -1,7 +1,9 @@
 """Log-probabilities in OpenAI's response shapes: completions' (`tokens`, `token_logprobs`, `top_logprobs`,
 `text_offset`; with echo the prompt's tokens first, the very first without a log-probability) and chat's
-(`content`: one entry per token with its bytes and its `top_logprobs`). A token's text is its own decoding
-(special tokens spelled out); the numbers are the target's log-probabilities before any processing."""
+(`content`: one entry per token with its bytes and its `top_logprobs`); vLLM's `prompt_logprobs` (None for
+the first prompt token, then {token id: {logprob, rank, decoded_token}} of the token and the k best). A
+token's text is its own decoding (special tokens spelled out); the numbers are the target's
+log-probabilities before any processing."""
 
 from __future__ import annotations
 
@@ -53,3 +55,22 @@ def chat_logprobs(tokenizer: Tokenizer, lps: Sequence[TokenLogprob]) -> dict[str
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
                         for lp in lps], "refusal": None}
+
+
+def prompt_logprobs(tokenizer: Tokenizer, lps: Sequence[TokenLogprob | None], k: int) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {"logprob", "rank",
+    "decoded_token"}} of the prompt token and its position's k best (ranks 1 … k); -inf as vLLM writes it."""
+
+    def entry(token_id: int, value: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": max(value, -9999.0), "rank": rank, "decoded_token": token_text(tokenizer, token_id)}
+
+    out: list[dict[str, Any] | None] = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        ranked = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+        for r, (i, v) in enumerate(lp.top[:k], 1):
+            ranked[str(i)] = entry(i, v, r)
+        out.append(ranked)
+    return out

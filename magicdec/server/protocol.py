@@ -8,7 +8,7 @@ the parameter's default, as OpenAI takes it. Log-probabilities, echo, penalties,
 `structured_grammar`) and vLLM's extensions are served; docs/server.md has the table of every field.
 Extensions (vLLM's where vLLM has one): `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
 `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `spaces_between_special_tokens`,
-`truncate_prompt_tokens`, `priority` (0 only), `ignore_eos`, `return_token_ids`,
+`truncate_prompt_tokens`, `priority` (0 only), `ignore_eos`, `return_token_ids`, `prompt_logprobs`,
 `stream_options.continuous_usage_stats`, and `speculation: {"gamma": k}` (0: no speculation for this request;
 k: always γ = k). What the SGLang router forwards (`skip_special_tokens`, `no_stop_trim` — vLLM's
 include_stop_str_in_output —, `return_hidden_states`: false only) is accepted too, and for chat what vllm-router adds
@@ -138,6 +138,7 @@ class Common(Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None  # completions: an int (0 … 20); chat: a bool
+    prompt_logprobs: Any = None  # vLLM's: the prompt tokens' log-probabilities and k alternatives (0 … 20)
     # vLLM's extensions
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -261,6 +262,12 @@ def check_extensions(body: Common) -> None:
                                         or not 0 <= body.logprobs <= MAX_LOGPROBS):
         raise bad(f"logprobs must be an integer in 0 … {MAX_LOGPROBS} (alternatives per token), got "
                   f"{body.logprobs!r}", "logprobs")
+    k = body.prompt_logprobs
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+        raise bad(f"prompt_logprobs must be an integer in 0 … {MAX_LOGPROBS} (alternatives per prompt token), got "
+                  f"{k!r}", "prompt_logprobs")
+    if k and body.stream:  # (vLLM's rule: a stream has no place for them)
+        raise bad("prompt_logprobs are not available when stream is true", "prompt_logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
         v = getattr(body, name)
         if v is not None and not -2 <= v <= 2:
