@@ -141,6 +141,21 @@ def test_presets_have_published_sizes_and_gpt_oss_experts_weigh_4_25_bits() -> N
         4.25 / 16, rel=0.01)
 
 
+def test_memory_counts_every_expert_and_a_quantized_drafts_copy() -> None:
+    llama = resolve_model("llama-3.1-8b")
+    for cfg, params in ((llama, llama.num_parameters()), (QWEN_MOE, 30.5e9)):
+        quantized = params - cfg.vocab_size * cfg.hidden_size  # all but the embedding (and the norms)
+        full = _model(cfg).memory_bytes(1, 4096)
+        int4 = _model(cfg, DraftSpec("self", 512, weight_bits=4)).memory_bytes(1, 4096)
+        # the copy: every linear weight at 0.625 bytes (the embedding is not one, the untied LM head is)
+        assert int4 - full == pytest.approx(quantized * 0.625, rel=0.03), cfg.name
+    assert _model(QWEN_MOE).memory_bytes(1, 4096) / 1e9 == pytest.approx(61.1 + 0.4, rel=0.01)  # bf16 + 4K of KV
+    oss = resolve_model("gpt-oss-120b")
+    added = (_model(oss, DraftSpec("self", 512, weight_bits=4)).memory_bytes(1, 4096)
+             - _model(oss).memory_bytes(1, 4096))
+    assert added < 0.05 * stored_weight_bytes(oss, 2)  # its MXFP4 experts are read as they are, not copied
+
+
 def test_critical_context_counts_the_parameters_a_token_computes_with() -> None:
     assert critical_context(QWEN_MOE, H100) == pytest.approx(critical_context(QWEN_DENSE, H100), rel=0.01)
 

@@ -153,6 +153,16 @@ def stored_weight_bytes(model: ModelConfig, dtype_bytes: int) -> float:
     return dtype_bytes * _dense_without_moe_mlps(model) + n_moe * (routed + other)
 
 
+def linear_weights(model: ModelConfig) -> tuple[float, float]:
+    """Weights of the linear layers a quantized self-draft copies (q/k/v/o, MLPs, shared experts and the LM
+    head, tied or not): (those outside the routed experts, those of the routed experts)."""
+    d, L, n_moe = model.hidden_size, model.n_layers, moe_layer_count(model)
+    attention = d * (model.q_size + 2 * model.kv_size) + model.q_size * d
+    mlps = (L - n_moe) * 3 * d * model.intermediate_size + n_moe * 3 * d * model.shared_expert_intermediate_size
+    routed = n_moe * model.n_experts * 3 * d * expert_size(model)
+    return float(L * attention + mlps + model.vocab_size * d), float(routed)
+
+
 def _dense_without_moe_mlps(model: ModelConfig) -> float:
     """Parameters of the model's dense shape less the MLPs of its MoE layers."""
     dense = model.with_(n_experts=0, n_experts_per_token=0).num_parameters()

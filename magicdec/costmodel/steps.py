@@ -274,7 +274,8 @@ class CostModel:
             self.hardware.round_overhead_s if gamma > 0 else 0.0)
 
     def memory_bytes(self, batch: int, context: Context, gamma: int = 0) -> float:
-        """Device memory per GPU for weights and KV caches (activations neglected)."""
+        """Device memory per GPU for weights (a quantized self-draft's copy included) and KV caches (activations
+        neglected)."""
         ctx, dt = _contexts(batch, context), self.dtype_bytes
         t, m = self.target, self._draft_model
         assert m is not None
@@ -282,6 +283,11 @@ class CostModel:
         total = experts.stored_weight_bytes(t, dt) / self.tp + kv_t * sum(n + gamma + 1 for n in ctx)
         if self.draft.kind == "draft":
             total += experts.stored_weight_bytes(m, dt) / self._draft_tp
+        elif self.draft.weight_bits is not None:  # the quantized copy of the linear layers, beside the target's
+            q = QUANT_WEIGHT_BYTES[self.draft.weight_bits]
+            other, routed = experts.linear_weights(t)
+            stored = t.expert_weight_bits / 8  # experts stored at most as small are read as they are, not copied
+            total += (other * q + (routed * q if not stored or stored > q else 0.0)) / self.tp
         if self.draft.budget is not None or self.draft.kind == "draft":
             kv_d = m.kv_bytes_per_token(dt, math.ceil(m.n_kv_heads / self._draft_tp))
             b = self.draft.budget
