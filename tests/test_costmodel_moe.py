@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import random
+import statistics
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
+from magicdec.bench.policy_sim import Noise, StepTimes, simulate
 from magicdec.cli import plan
 from magicdec.costmodel import CostModel, DraftSpec, critical_context, load_profile, resolve_model
 from magicdec.costmodel.experts import (
@@ -19,7 +21,7 @@ from magicdec.costmodel.experts import (
     moe_layer_count,
     stored_weight_bytes,
 )
-from magicdec.costmodel.policy import AutoGamma, BatchView
+from magicdec.costmodel.policy import AutoGamma, BatchView, StepReport
 from magicdec.costmodel.steps import count_step
 
 H100 = load_profile("h100")
@@ -116,6 +118,36 @@ def test_auto_gamma_and_the_per_request_threshold_weigh_the_experts_verification
         auto.choose(view)
         thresholds.append(auto.token_threshold(2))
     assert thresholds[0] > 3 * thresholds[1] > 0  # one more verified position costs the MoE its new experts
+
+
+class _Recording:
+    """A γ policy that records what the policy it wraps chooses."""
+
+    def __init__(self, policy: AutoGamma) -> None:
+        self.policy, self.chosen = policy, []
+
+    def choose(self, view: BatchView) -> int:
+        self.chosen.append(self.policy.choose(view))
+        return self.chosen[-1]
+
+    def observe(self, report: StepReport) -> None:
+        self.policy.observe(report)
+
+    def stats(self) -> dict:
+        return {}
+
+
+def test_auto_gamma_run_on_the_models_own_step_times_settles_lower_for_the_moe() -> None:
+    chosen = {}
+    for name, cost in (("moe", _model(QWEN_MOE)), ("dense", _model(QWEN_DENSE))):
+        b, n = 16, 32768
+        times = StepTimes(cost.t_target(b, n), cost.t_draft(b, n), {g: cost.t_verify(b, n, g) for g in range(1, 9)},
+                          H100.round_overhead_s)
+        auto = _Recording(AutoGamma(cost, 8))
+        simulate(auto, times, b, n, 256, 0.8, random.Random(1), Noise(step=0.0, drift=0.0, alpha_spread=0.0))
+        chosen[name] = statistics.mode(g for g in auto.chosen if g)  # the speculative γ it settles on
+    assert chosen["moe"] == _model(QWEN_MOE).best_gamma(16, 32768, 0.8)[0] == 2
+    assert chosen["dense"] == _model(QWEN_DENSE).best_gamma(16, 32768, 0.8)[0] == 4
 
 
 def test_presets_have_published_sizes_and_gpt_oss_experts_weigh_4_25_bits() -> None:
