@@ -13,6 +13,8 @@ read) cannot hide a compute-bound one (a large verification matmul). A per-layer
 overlap them and underestimate T_V at large batch. Add to that 2 all-reduces per layer (ring:
 2(tp−1)/tp × message / link bandwidth + latency), one all-gather of the logits, and the fixed
 overheads (per step, and per layer). RMSNorms, RoPE and activations of the norms are neglected.
+A mixture of experts' MLP reads the experts its step's tokens route to (`costmodel.experts`): more with
+every token, so for a MoE T_V(γ)/T_T grows with γ where a dense model's weight term stays flat.
 Everything is plain Python arithmetic: `CostModel` is called every speculation round.
 """
 
