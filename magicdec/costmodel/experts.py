@@ -51,13 +51,14 @@ class Routing:
     def from_counts(cls, counts: Sequence[float] | Sequence[Sequence[float]], top_k: int) -> Routing:
         """From how often each expert was picked (one list, or one per MoE layer): a row's counts over its
         tokens (their sum / top_k) give each expert's chance of being among a token's picks."""
-        rows = [counts] if counts and not isinstance(counts[0], Sequence) else counts
+        nested = bool(counts) and isinstance(counts[0], Sequence)
+        rows = [[float(c) for c in row] for row in (counts if nested else [counts])]  # type: ignore[union-attr]
         out = []
         for row in rows:
-            total = float(sum(row))  # type: ignore[arg-type]
-            if top_k < 1 or total <= 0 or min(row) < 0:  # type: ignore[type-var]
+            total = sum(row)
+            if top_k < 1 or total <= 0 or min(row) < 0:
                 raise ValueError("routing counts must be non-negative with a positive sum, and top_k >= 1")
-            out.append([min(1.0, top_k * float(c) / total) for c in row])  # type: ignore[union-attr]
+            out.append([min(1.0, top_k * c / total) for c in row])
         return cls(out)
 
     @property
