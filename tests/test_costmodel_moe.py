@@ -188,6 +188,19 @@ def test_memory_counts_every_expert_and_a_quantized_drafts_copy() -> None:
     assert added < 0.05 * stored_weight_bytes(oss, 2)  # its MXFP4 experts are read as they are, not copied
 
 
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen3-8b"])
+def test_a_quantized_drafts_copy_is_what_the_engine_allocates(name: str) -> None:
+    from magicdec.model.llama import Transformer
+    from magicdec.model.quant import quantized_bytes
+
+    cfg = resolve_model(name)
+    added = {bits: _model(cfg, DraftSpec("self", 512, weight_bits=bits)).memory_bytes(1, 4096)
+             - _model(cfg).memory_bytes(1, 4096) for bits in (8, 4)}
+    model = Transformer(cfg, device="meta")
+    assert added[4] == pytest.approx(quantized_bytes(model, 4))
+    assert added[8] == pytest.approx(quantized_bytes(model, 8), rel=3e-3)  # the model neglects int8 row scales
+
+
 def test_critical_context_counts_the_parameters_a_token_computes_with() -> None:
     assert critical_context(QWEN_MOE, H100) == pytest.approx(critical_context(QWEN_DENSE, H100), rel=0.01)
 
