@@ -131,6 +131,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # each routed expert's hidden size (0: intermediate_size)
     shared_expert_intermediate_size: int = 0  # an always-on shared expert's hidden size (0: none)
     dense_layers: tuple[int, ...] = ()  # layers whose MLP stays dense in a MoE model (Qwen3-MoE mlp_only_layers)
+    expert_weight_bits: float = 0.0  # bits per routed-expert weight as stored (GPT-OSS MXFP4: 4.25; 0: the dtype's)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -167,6 +168,8 @@ class ModelConfig:
         if self.n_experts and not 0 < self.n_experts_per_token <= self.n_experts:
             raise ConfigError(f"n_experts_per_token must be in 1 … n_experts {self.n_experts}, "
                               f"got {self.n_experts_per_token}")
+        if self.expert_weight_bits < 0:
+            raise ConfigError(f"expert_weight_bits must be >= 0, got {self.expert_weight_bits}")
 
     # ---- per layer -----------------------------------------------------------------------------------
     def is_moe_layer(self, layer: int) -> bool:

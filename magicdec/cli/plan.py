@@ -15,6 +15,7 @@ from typing import Any
 
 from magicdec.cli.args import parse_count
 from magicdec.costmodel import CostModel, DraftSpec, critical_context, load_profile, resolve_model
+from magicdec.costmodel.experts import expected_active_experts, expert_weight_bytes, load_routing, moe_layer_count
 from magicdec.costmodel.hardware import BUILTIN_PROFILES, DTYPE_BYTES
 from magicdec.costmodel.steps import WEIGHT_BITS
 from magicdec.parallel.tp import check_shardable
@@ -57,6 +58,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gamma", type=int, help="fix gamma instead of choosing the best one")
     p.add_argument("--max-gamma", type=int, default=8, help="largest gamma searched (default 8)")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
+    p.add_argument("--routing", help="a mixture of experts' measured routing, JSON: {\"counts\": [...]} (how often "
+                                     "each expert was picked; one list, or one per MoE layer) or {\"probs\": "
+                                     "[[...]]} (default: uniform routing)")
     p.add_argument("--round-overhead-ms", type=float,
                    help="override the profile's fixed cost per speculation round (ms)")
     p.add_argument("--png",
@@ -82,7 +86,12 @@ def build_model(args: argparse.Namespace) -> CostModel:
         if args.draft_model:
             raise ValueError("--draft-model is only used with --spec draft")
         draft = DraftSpec("self", args.budget, weight_bits=WEIGHT_BITS[args.draft_weights])
-    return CostModel(target, hardware, draft, DTYPE_BYTES[args.dtype], args.tp)
+    routing = None
+    if getattr(args, "routing", None):
+        if not target.n_experts:
+            raise ValueError(f"--routing: {target.name} is a model without experts")
+        routing = load_routing(args.routing, target.n_experts_per_token)
+    return CostModel(target, hardware, draft, DTYPE_BYTES[args.dtype], args.tp, routing)
 
 
 def plan_rows(model: CostModel, batches: list[int], contexts: list[int], alpha: float, gamma: int | None,
@@ -94,13 +103,17 @@ def plan_rows(model: CostModel, batches: list[int], contexts: list[int], alpha: 
                 g, s = model.best_gamma(b, n, alpha, max_gamma)
             else:
                 g, s = gamma, model.speedup(b, n, gamma, alpha)
-            rows.append({
+            row = {
                 "batch": b, "context": n, "gamma": g,
                 "t_target_ms": model.t_target(b, n) * 1e3,
                 "t_verify_ms": model.t_verify(b, n, g) * 1e3,
                 "t_draft_ms": model.t_draft(b, n) * 1e3,
                 "speedup": s,
-            })
+            }
+            if model.target.n_experts:  # expected distinct experts a MoE layer reads: decoding, verifying
+                row["experts_target"] = expected_active_experts(model.target, b, model.routing)
+                row["experts_verify"] = expected_active_experts(model.target, b * (g + 1), model.routing)
+            rows.append(row)
     return rows
 
 
@@ -115,6 +128,7 @@ def format_table(model: CostModel, rows: list[dict[str, Any]], alpha: float) -> 
         f"target {model.target.name}  drafter {drafter} ({budget})  hardware {hw.name} [{hw.source}]  "
         f"tp {model.tp}  alpha {alpha}",
         f"critical context (memory-bound at any batch, decode): {crit:,.0f} tokens",
+        *_moe_line(model),
         f"{'batch':>6} {'context':>8} {'gamma':>5} {'T_T ms':>9} {'T_V ms':>9} {'T_D ms':>9} "
         f"{'speedup':>8}  memory",
     ]
@@ -126,6 +140,16 @@ def format_table(model: CostModel, rows: list[dict[str, Any]], alpha: float) -> 
             f"{'ok' if fits else 'OUT OF MEMORY'}"
         )
     return "\n".join(lines)
+
+
+def _moe_line(model: CostModel) -> list[str]:
+    t = model.target
+    if not t.n_experts:
+        return []
+    bits = 8 * expert_weight_bytes(t, model.dtype_bytes)
+    routing = "uniform routing" if model.routing is None else "measured routing"
+    return [f"mixture of experts: {moe_layer_count(t)} MoE layers, {t.n_experts} experts, top-{t.n_experts_per_token}, "
+            f"{bits:g} bits a weight, {routing}; a step reads the experts its batch x (gamma+1) tokens route to"]
 
 
 def draw_png(rows: list[dict[str, Any]], path: str, title: str, fixed_gamma: int | None = None,

@@ -3,6 +3,7 @@
 - `hardware`: `HardwareProfile`, the built-in datasheet profiles, `load_profile` / `save_profile`;
 - `shapes`: known model shapes by name, `resolve_model`;
 - `steps`: bytes/FLOPs and roofline time of target, verification and draft steps, `CostModel`;
+- `experts`: the experts a mixture-of-experts step reads (uniform or measured `Routing`), MoE weight bytes;
 - `analysis`: Ω(γ, α), the speedup of paper Eq. 1, best γ, critical context length;
 - `device`: which profile describes this device (a saved `magicdec profile`, else a built-in);
 - `placement`: whether a draft model is sharded or replicated under tensor parallelism;

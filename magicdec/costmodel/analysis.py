@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 from magicdec.config import ModelConfig
+from magicdec.costmodel.experts import active_parameters
 from magicdec.costmodel.hardware import HardwareProfile
 
 # Below this distance from 1, α is treated as 1 (the closed form divides by 1 − α).
@@ -64,7 +65,7 @@ def critical_context(model: ModelConfig, hardware: HardwareProfile, dtype_bytes:
                      query_tokens: int = 1) -> float:
     """Context length beyond which a step stays memory-bound at any batch size (math.inf if never).
 
-    Per sequence and step (per GPU), the linear layers do 2·P·q FLOPs (P = parameters read per step,
+    Per sequence and step (per GPU), the linear layers do 2·P·q FLOPs (P = parameters a token computes with,
     q = query tokens, 1 for decoding, γ+1 for verification) and attention does 4·q·n·L·H·h FLOPs
     over 2·n·L·K·h·dtype bytes of KV (L layers, H query and K KV heads of size h). Weight bytes are
     shared by the batch, so as the batch grows the step's FLOP per byte rises towards
@@ -77,7 +78,7 @@ def critical_context(model: ModelConfig, hardware: HardwareProfile, dtype_bytes:
     heads = math.ceil(model.n_heads / tp)
     kv_heads = math.ceil(model.n_kv_heads / tp)
     embedding = 0 if model.tie_word_embeddings else model.vocab_size * model.hidden_size  # gathered, not read
-    p = (model.num_parameters() - embedding) / tp
+    p = (active_parameters(model) - embedding) / tp
     balance = hardware.effective_flops(dt) / hardware.effective_bandwidth
     # bytes per context token: of the global layers only (a sliding layer's reads stop growing at its window)
     if not model.n_global_layers:

@@ -28,6 +28,20 @@ def _gemma3(n_layers: int, query_pre_attn_scalar: int) -> dict[str, object]:
                 bos_token_id=2, eos_token_ids=(1, 106))
 
 
+def _gpt_oss(n_layers: int, n_experts: int) -> dict[str, object]:
+    """What GPT-OSS-20B and -120B share: sliding (128 tokens) and global layers alternating, YaRN ×32, biases on
+    q/k/v/o, top-4 routing over experts stored in MXFP4 (4-bit weights, an 8-bit scale per 32: 4.25 bits a weight;
+    attention, router, embeddings and head in bf16). Its per-head attention sinks are a few bytes a layer."""
+    return dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, n_layers=n_layers, n_heads=64,
+                n_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=150000.0,
+                rope_scaling=RopeScaling(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096,
+                                         truncate=False),
+                max_position_embeddings=131072, attention_bias=True, o_proj_bias=True, sliding_window=128,
+                layer_types=tuple("sliding" if i % 2 == 0 else "full" for i in range(n_layers)),
+                n_experts=n_experts, n_experts_per_token=4, expert_weight_bits=4.25, family="gpt_oss",
+                bos_token_id=199998, eos_token_ids=(200002,))
+
+
 def _shape(name: str, **kw: object) -> ModelConfig:
     return ModelConfig(name=name, **kw)  # type: ignore[arg-type]
 
@@ -105,6 +119,19 @@ KNOWN_SHAPES: dict[str, ModelConfig] = {
                n_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=131072,
                rotary_dim=96, tie_word_embeddings=True, family="phi3", bos_token_id=199999,
                eos_token_ids=(199999,)),
+        # ---- mixtures of experts ----
+        # Qwen/Qwen3-30B-A3B: 128 experts of width 768, top-8, on every layer (mlp_only_layers empty)
+        _shape("Qwen3-30B-A3B", vocab_size=151936, hidden_size=2048, intermediate_size=6144, n_layers=48, n_heads=32,
+               n_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+               qk_norm="head", n_experts=128, n_experts_per_token=8, moe_intermediate_size=768, family="qwen3_moe",
+               bos_token_id=151643, eos_token_ids=(151645,)),
+        # openai/gpt-oss-20b and openai/gpt-oss-120b
+        _shape("GPT-OSS-20B", **_gpt_oss(24, 32)),
+        _shape("GPT-OSS-120B", **_gpt_oss(36, 128)),
+        # mistralai/Mixtral-8x7B-v0.1: 8 experts of width 14336, top-2, no sliding window
+        _shape("Mixtral-8x7B", vocab_size=32000, hidden_size=4096, intermediate_size=14336, n_layers=32, n_heads=32,
+               n_kv_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768, n_experts=8,
+               n_experts_per_token=2, family="mixtral", bos_token_id=1, eos_token_ids=(2,)),
     )
 }
 # Other spellings people use for the same checkpoints.
@@ -123,6 +150,9 @@ _ALIASES = {
     "gemma-3-27b-pt": "gemma-3-27b", "gemma-3-27b-it": "gemma-3-27b",
     "ministral-8b-instruct-2410": "ministral-8b",
     "phi-4-mini-instruct": "phi-4-mini",
+    "qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b", "qwen3-30b-a3b-base": "qwen3-30b-a3b",
+    "gpt-oss-20b-bf16": "gpt-oss-20b",
+    "mixtral-8x7b-v0.1": "mixtral-8x7b", "mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
 }
 
 

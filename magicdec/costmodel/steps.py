@@ -13,6 +13,8 @@ read) cannot hide a compute-bound one (a large verification matmul). A per-layer
 overlap them and underestimate T_V at large batch. Add to that 2 all-reduces per layer (ring:
 2(tp−1)/tp × message / link bandwidth + latency), one all-gather of the logits, and the fixed
 overheads (per step, and per layer). RMSNorms, RoPE and activations of the norms are neglected.
+A mixture of experts' MLP reads the experts its step's tokens route to (`costmodel.experts`): more with
+every token, so for a MoE T_V(γ)/T_T grows with γ where a dense model's weight term stays flat.
 Everything is plain Python arithmetic: `CostModel` is called every speculation round.
 """
 
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 from itertools import repeat
 
 from magicdec.config import ModelConfig
-from magicdec.costmodel import analysis
+from magicdec.costmodel import analysis, experts
+from magicdec.costmodel.experts import Routing
 from magicdec.costmodel.hardware import HardwareProfile
 from magicdec.spec.config import SpecConfig
 
@@ -71,10 +74,12 @@ def _contexts(batch: int, context: Context) -> list[int]:
 
 
 def count_step(model: ModelConfig, batch: int, q_tokens: int, attended: float, dtype_bytes: int = 2,
-               tp: int = 1, weight_bytes: float | None = None) -> StepCost:
+               tp: int = 1, weight_bytes: float | None = None, routing: Routing | None = None) -> StepCost:
     """Bytes and FLOPs of a forward of `q_tokens` new tokens per sequence for `batch` sequences
     whose attention reads `attended` KV tokens in total (summed over sequences, new ones included).
-    `weight_bytes`: bytes per weight of the linear layers when they are quantized (default: dtype_bytes)."""
+    `weight_bytes`: bytes per weight of the linear layers when they are quantized (default: dtype_bytes).
+    A MoE layer reads its router, its shared expert and the routed experts its batch·q_tokens tokens are
+    expected to pick (`experts.expected_active_experts`; uniform routing unless `routing`)."""
     if tp < 1 or q_tokens < 1:
         raise ValueError(f"tp and q_tokens must be >= 1 (got tp={tp}, q_tokens={q_tokens})")
     dt, d, hd, L = dtype_bytes, model.hidden_size, model.head_dim, model.n_layers
@@ -85,19 +90,43 @@ def count_step(model: ModelConfig, batch: int, q_tokens: int, attended: float, d
     f = math.ceil(model.intermediate_size / tp)
     v = math.ceil(model.vocab_size / tp)
     qkv = (qh + 2 * kvh) * hd
-    ops = (
+    n_moe = experts.moe_layer_count(model)
+    ld = L - n_moe  # layers with a dense MLP: all of a dense model's
+    ops = [
         Op("qkv", L * (w * d * qkv + dt * t * (d + qkv)), L * 2 * t * d * qkv),
         Op("attention", L * dt * (2 * kvh * hd * attended + 2 * t * qh * hd),
            L * 4 * q_tokens * attended * qh * hd),
         Op("kv_write", L * dt * t * 2 * kvh * hd, 0.0),
         Op("o_proj", L * (w * qh * hd * d + dt * t * (qh * hd + d)), L * 2 * t * qh * hd * d),
-        Op("mlp_gate_up", L * (w * 2 * d * f + dt * t * (d + 2 * f)), L * 4 * t * d * f),
-        Op("mlp_down", L * (w * f * d + dt * t * (f + d)), L * 2 * t * f * d),
-        Op("lm_head", w * v * d + dt * t * (d + v), 2 * t * d * v),
-        Op("embedding", dt * 2 * t * d, 0.0),
-    )
+    ]
+    if ld:
+        ops += [Op("mlp_gate_up", ld * (w * 2 * d * f + dt * t * (d + 2 * f)), ld * 4 * t * d * f),
+                Op("mlp_down", ld * (w * f * d + dt * t * (f + d)), ld * 2 * t * f * d)]
+    if n_moe:
+        ops += _moe_ops(model, t, n_moe, dt, w, tp, routing)
+    ops += [Op("lm_head", w * v * d + dt * t * (d + v), 2 * t * d * v), Op("embedding", dt * 2 * t * d, 0.0)]
     n_ar = 2 * L if tp > 1 else 0
-    return StepCost(ops, L, n_ar, float(t * d * dt), float(t * model.vocab_size * dt) if tp > 1 else 0.0, tp)
+    return StepCost(tuple(ops), L, n_ar, float(t * d * dt), float(t * model.vocab_size * dt) if tp > 1 else 0.0,
+                    tp)
+
+
+def _moe_ops(model: ModelConfig, t: int, n_moe: int, dt: int, w: float, tp: int,
+             routing: Routing | None) -> list[Op]:
+    """The MLPs of the MoE layers for `t` tokens: the router (E columns, replicated), the routed experts (the
+    expected distinct ones read, each token computing through k of them), the shared expert if any."""
+    d, e, k = model.hidden_size, model.n_experts, model.n_experts_per_token
+    fm = math.ceil(experts.expert_size(model) / tp)
+    we = experts.expert_weight_bytes(model, w)
+    read = n_moe * experts.expected_active_experts(model, t, routing)  # experts read, summed over MoE layers
+    ops = [
+        Op("router", n_moe * dt * (d * e + t * (d + e)), n_moe * 2 * t * d * e),
+        Op("experts_gate_up", we * read * 2 * d * fm + n_moe * dt * t * k * (d + 2 * fm), n_moe * 4 * t * k * d * fm),
+        Op("experts_down", we * read * fm * d + n_moe * dt * t * k * (fm + d), n_moe * 2 * t * k * fm * d),
+    ]
+    if model.shared_expert_intermediate_size:
+        fs = math.ceil(model.shared_expert_intermediate_size / tp)
+        ops.append(Op("shared_expert", n_moe * (w * 3 * d * fs + dt * t * (2 * d + 3 * fs)), n_moe * 6 * t * d * fs))
+    return ops
 
 
 def step_time(cost: StepCost, hw: HardwareProfile, dtype_bytes: int = 2) -> float:
@@ -167,16 +196,20 @@ QUANT_WEIGHT_BYTES = {8: 1.0, 4: 0.5 + 4 / 32}
 class CostModel:
     """Predicted step times and speculative speedup for one target, drafter and machine."""
 
-    __slots__ = ("target", "hardware", "draft", "dtype_bytes", "tp", "_draft_model", "_draft_tp")
+    __slots__ = ("target", "hardware", "draft", "dtype_bytes", "tp", "routing", "_draft_model", "_draft_tp")
 
     def __init__(self, target: ModelConfig, hardware: HardwareProfile, draft: DraftSpec,
-                 dtype_bytes: int = 2, tp: int = 1) -> None:
+                 dtype_bytes: int = 2, tp: int = 1, routing: Routing | None = None) -> None:
+        """`routing`: the target's measured routing distribution (a MoE; default uniform), which a self-draft
+        shares."""
+        if routing is not None:
+            routing.check(target)
         if dtype_bytes not in (2, 4):
             raise ValueError(f"dtype_bytes must be 2 or 4, got {dtype_bytes}")
         if tp < 1:
             raise ValueError(f"tp must be >= 1, got {tp}")
         self.target, self.hardware, self.draft = target, hardware, draft
-        self.dtype_bytes, self.tp = dtype_bytes, tp
+        self.dtype_bytes, self.tp, self.routing = dtype_bytes, tp, routing
         self._draft_model = target if draft.kind == "self" else draft.model
         self._draft_tp = tp if draft.tp is None else draft.tp
 
@@ -200,7 +233,7 @@ class CostModel:
 
     def target_cost(self, batch: int, context: Context, q_tokens: int = 1) -> StepCost:
         attended = self._attended(self.target, _contexts(batch, context), None, q_tokens)
-        return count_step(self.target, batch, q_tokens, attended, self.dtype_bytes, self.tp)
+        return count_step(self.target, batch, q_tokens, attended, self.dtype_bytes, self.tp, routing=self.routing)
 
     def draft_cost(self, batch: int, context: Context) -> StepCost:
         m = self._draft_model
@@ -208,7 +241,8 @@ class CostModel:
         attended = self._attended(m, _contexts(batch, context), self.draft.budget, 1)
         bits = self.draft.weight_bits
         return count_step(m, batch, 1, attended, self.dtype_bytes, self._draft_tp,
-                          None if bits is None else QUANT_WEIGHT_BYTES[bits])
+                          None if bits is None else QUANT_WEIGHT_BYTES[bits],
+                          self.routing if self.draft.kind == "self" else None)
 
     # ---- times (seconds) -----------------------------------------------------------------------
     def t_target(self, batch: int, context: Context) -> float:
@@ -242,14 +276,20 @@ class CostModel:
             self.hardware.round_overhead_s if gamma > 0 else 0.0)
 
     def memory_bytes(self, batch: int, context: Context, gamma: int = 0) -> float:
-        """Device memory per GPU for weights and KV caches (activations neglected)."""
+        """Device memory per GPU for weights (a quantized self-draft's copy included) and KV caches (activations
+        neglected)."""
         ctx, dt = _contexts(batch, context), self.dtype_bytes
         t, m = self.target, self._draft_model
         assert m is not None
         kv_t = t.kv_bytes_per_token(dt, math.ceil(t.n_kv_heads / self.tp))
-        total = t.weight_bytes(dt) / self.tp + kv_t * sum(n + gamma + 1 for n in ctx)
+        total = experts.stored_weight_bytes(t, dt) / self.tp + kv_t * sum(n + gamma + 1 for n in ctx)
         if self.draft.kind == "draft":
-            total += m.weight_bytes(dt) / self._draft_tp
+            total += experts.stored_weight_bytes(m, dt) / self._draft_tp
+        elif self.draft.weight_bits is not None:  # the quantized copy of the linear layers, beside the target's
+            q = QUANT_WEIGHT_BYTES[self.draft.weight_bits]
+            other, routed = experts.linear_weights(t)
+            stored = t.expert_weight_bits / 8  # experts stored at most as small are read as they are, not copied
+            total += (other * q + (routed * q if not stored or stored > q else 0.0)) / self.tp
         if self.draft.budget is not None or self.draft.kind == "draft":
             kv_d = m.kv_bytes_per_token(dt, math.ceil(m.n_kv_heads / self._draft_tp))
             b = self.draft.budget
