@@ -35,7 +35,7 @@
 // of each and the kernel blocks of the page of 2^(m_blk - m_row) / l_row), i.e. the largest attention
 // probability that any query row (all g·T of them, padding rows included) gives to a slot of the page;
 // m_blk is the block's max score recorded by softmax_block, m_row and l_row the row's final max and sum
-// (known after the fold). The block maxima go to a scratch array indexed by (head, row, block), written by
+// (known after the fold), l_row including the sinks' terms when there are sinks. The block maxima go to a scratch array indexed by (head, row, block), written by
 // whichever thread computes the chunk (disjoint entries), and are reduced after the fold in a fixed order,
 // so the scores are deterministic and the attention output is bitwise unchanged.
 
@@ -135,6 +135,9 @@ struct Problem {
   int64_t ss_b = 0;
   float* blk_m = nullptr;
   int64_t nblk = 0;
+  // Attention sinks (nullptr: none): sinks[h] · log2(e), one logit per query head that adds 2^(sink - m) to
+  // the row's sum (a slot with a zero value that every row of the head sees).
+  const float* sinks = nullptr;
 };
 
 // One thread's scratch for one (batch, KV head): R rows of prescaled queries, scores of a block, and the
@@ -419,6 +422,15 @@ void reset_total(Work& w) {
   std::fill(w.tot_acc.begin(), w.tot_acc.end(), 0.0f);
 }
 
+// The sinks' terms added to the rows' totals, once they are final (rows that saw nothing keep l = 0).
+void add_sinks(const Problem& P, Work& w, int64_t kvh) {
+  if (P.sinks == nullptr) return;
+  for (int64_t r = 0; r < P.R; ++r) {
+    if (!(w.tot_l[r] > 0.0f)) continue;
+    w.tot_l[r] += std::exp2(P.sinks[kvh * P.g + r / P.T] - w.tot_m[r]);  // any range (a sink may dominate)
+  }
+}
+
 // out[b, kvh·g + jg, t] = total acc / total l (0 for a row that saw nothing).
 void write_out(const Problem& P, const Work& w, int64_t b, int64_t kvh) {
   for (int64_t r = 0; r < P.R; ++r) {
@@ -479,9 +491,10 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
                    int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
                    const uint8_t* mask, int64_t ms_b, int64_t ms_t, const int32_t* table, int64_t ts_b,
                    int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D,
-                   float* scores, int64_t ss_b) {
+                   float* scores, int64_t ss_b, const float* sinks) {
   Problem P{q, qs_b, qs_h, qs_t, k, ks_b, ks_h, ks_s, v, vs_b, vs_h, vs_s, mask, ms_b, ms_t, table, ts_b, page,
             out, B, Hq, Hkv, T, S, D, Hq / Hkv, (Hq / Hkv) * T, (S + kChunk - 1) / kChunk, kv};
+  P.sinks = sinks;
   const int64_t heads = B * Hkv;
   if (heads == 0 || T == 0) return;
   std::vector<float> blk_m, hs;  // block scores: the rows' block maxima, then each head's page scores
@@ -509,6 +522,7 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
           compute_chunk_any(P, w, b, kvh, c);
           fold(P, w.m.data(), w.l.data(), w.acc.data(), w.tot_m.data(), w.tot_l.data(), w.tot_acc.data());
         }
+        add_sinks(P, w, kvh);
         write_out(P, w, b, kvh);
         if (P.blk_m != nullptr) head_scores(P, w, h, hs.data() + h * (S / page));
       }
@@ -546,6 +560,7 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
         const float* src = partials.data() + (h * P.chunks + c) * per;
         fold(P, src + P.R * D, src + P.R * D + P.R, src, w.tot_m.data(), w.tot_l.data(), w.tot_acc.data());
       }
+      add_sinks(P, w, h % Hkv);
       write_out(P, w, h / Hkv, h % Hkv);
       if (P.blk_m != nullptr) head_scores(P, w, h, hs.data() + h * (S / page));
     }
