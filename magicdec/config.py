@@ -261,7 +261,10 @@ class ModelConfig:
             attn += d
         if self.attn_sinks:
             attn += self.n_heads
-        layers = sum(attn + self.mlp_parameters(i) + 2 * d for i in range(self.n_layers))
+        if self.qk_norm:
+            attn += self.q_size + self.kv_size if self.qk_norm == "full" else 2 * self.head_dim
+        norms = (4 if self.norm_placement == "sandwich" else 2) * d
+        layers = sum(attn + self.mlp_parameters(i) + norms for i in range(self.n_layers))
         head = 0 if self.tie_word_embeddings else v * d
         return layers + v * d + head + d
 

@@ -62,3 +62,135 @@ def test_greedy_equals_transformers(family: str, checkpoints: dict[str, Path]) -
     result = ours.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
     for prompt, out in zip(PROMPTS, result.outputs):
         assert out.token_ids == hf_greedy(hf, prompt, 12), (family, len(prompt))
+
+
+def test_serving_engine_decodes_like_transformers(checkpoints: dict[str, Path]) -> None:
+    """The online `Engine`, requests queued one by one (GPT-OSS: sinks, sliding and full layers)."""
+    from transformers import AutoModelForCausalLM
+
+    from magicdec import Engine
+
+    path = checkpoints["gpt_oss"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine(llm=LLM(path, device="cpu"), max_num_seqs=4, quiet=True)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=10, ignore_eos=True)) for p in PROMPTS]
+    outs: dict[Any, list[int]] = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    engine.close()
+    for i, prompt in zip(ids, PROMPTS):
+        assert outs[i] == hf_greedy(hf, prompt, 10), len(prompt)
+
+
+SELF_DRAFTS = {
+    "streaming": dict(drafter="streaming", budget=24, sinks=4),
+    "snapkv": dict(drafter="snapkv", budget=24, tuning=DraftTuning(snapkv_window=8, observe=8)),
+    "guided": dict(drafter="guided", budget=192),
+}
+
+
+@pytest.mark.parametrize("drafter", sorted(SELF_DRAFTS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_self_speculation_equals_plain_decoding(family: str, drafter: str, checkpoints: dict[str, Path]) -> None:
+    """Drafts read the experts (full weights, or int8 ones: alternating, so that each drafter meets both) and
+    verification gives plain decoding's tokens: the MoE forward is batch-invariant."""
+    llm = LLM(checkpoints[family], device="cpu")
+    prompts = random_prompts(3, [200, 23, 90], 384, seed=3)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    plain = [o.token_ids for o in llm.generate(prompts, params).outputs]
+    weights = ("full", "int8")[(sorted(FAMILIES).index(family) + sorted(SELF_DRAFTS).index(drafter)) % 2]
+    spec = SpecConfig(method="self", gamma=3, draft_weights=weights, **SELF_DRAFTS[drafter])
+    result = llm.generate(prompts, params, spec)
+    assert [o.token_ids for o in result.outputs] == plain, (family, drafter, weights)
+    assert result.stats.acceptance.rounds > 0
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_moe_forward_is_batch_invariant(family: str, checkpoints: dict[str, Path], kernels: None) -> None:
+    """A decode-shaped row alone and the same row among different rows (other experts active): bitwise equal,
+    for the MoE module and for the whole model's logits."""
+    from conftest import PagedRows
+
+    from magicdec.model.moe import MoE
+
+    model = LLM(checkpoints[family], device="cpu").model
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 64, generator=g)
+    with torch.inference_mode():
+        batch = moe(x)
+        for b in range(6):
+            assert torch.equal(moe(x[b:b + 1]), batch[b:b + 1]), b
+            assert torch.equal(moe(x[b:b + 1, 1:2]), batch[b:b + 1, 1:2]), b
+    ids = torch.tensor(random_prompts(5, [4], 384, seed=1))
+    pos = torch.arange(4).expand(5, -1)
+    together = PagedRows(model, 5, 64)(ids, pos)
+    for b in range(5):
+        alone = PagedRows(model, 1, 64)(ids[b:b + 1], pos[b:b + 1])
+        assert torch.equal(alone, together[b:b + 1]), b
+
+
+def test_counting_the_experts_a_forward_reads(checkpoints: dict[str, Path]) -> None:
+    """`track_expert_reads`: each MoE layer records how many distinct experts each forward ran (≤ n_experts, ≥ k);
+    one token reads exactly k per layer; off again, nothing is recorded."""
+    from conftest import PagedRows
+
+    from magicdec.model.moe import track_expert_reads
+
+    llm = LLM(checkpoints["qwen3_moe"], device="cpu")
+    modules = track_expert_reads(llm.model)
+    assert len(modules) == 2  # layer 1 is dense (mlp_only_layers)
+    rows = PagedRows(llm.model, 1, 64)
+    rows(torch.tensor([PROMPTS[0][:40]]), torch.arange(40)[None])
+    rows(torch.tensor([[5]]), torch.tensor([[40]]))
+    for m in modules:
+        assert m.reads is not None and len(m.reads) == 2
+        assert 2 <= m.reads[0] <= 8 and m.reads[1] == 2
+    track_expert_reads(llm.model, on=False)
+    rows(torch.tensor([[6]]), torch.tensor([[41]]))
+    assert all(m.reads is None for m in modules)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_parameter_count_is_transformers(family: str, checkpoints: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32)
+    assert LLM(checkpoints[family], device="cpu").config.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+def test_sinks_in_the_cpu_kernels_match_pytorch(kernels: None) -> None:
+    """The dense and paged kernels with sinks (large ones and small ones, a row that sees one slot) against the
+    float32 PyTorch reference; without sinks, the kernel's result is unchanged."""
+    from magicdec.kernels import cpu
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, S, D = 2, 4, 2, 3, 130, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, T), (Hkv, S), (Hkv, S)))
+    allowed = torch.rand(B, T, S, generator=g) < 0.5
+    allowed[0, 0] = False
+    allowed[0, 0, 7] = True
+    sinks = torch.tensor([-3.0, 0.0, 2.0, 30.0])
+    out = cpu.attention(q, k, v, allowed, sinks)
+    ref = cpu.attention_with_sinks(q, k, v, allowed, sinks)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out, cpu.attention(q, k, v, allowed), atol=1e-3)
+    pool_k, pool_v = (torch.cat([t, torch.zeros(B, Hkv, 192 - S, D)], 2).view(B, Hkv, 3, 64, D)
+                      .permute(0, 2, 1, 3, 4).reshape(B * 3, Hkv, 64, D) for t in (k, v))
+    table = torch.arange(B * 3).view(B, 3)
+    wide = torch.nn.functional.pad(allowed, (0, 192 - S))
+    assert torch.equal(cpu.paged_attention(q, pool_k, pool_v, table, wide, sinks=sinks), out)
+
+
+def test_mxfp4_checkpoint_is_refused_with_the_fix(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from magicdec.loading import LoadError
+
+    path = shutil.copytree(checkpoints["gpt_oss"], tmp_path / "mxfp4")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="MXFP4.*dequantize"):
+        LLM(path, device="cpu")
