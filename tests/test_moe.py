@@ -194,3 +194,54 @@ def test_mxfp4_checkpoint_is_refused_with_the_fix(checkpoints: dict[str, Path], 
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LoadError, match="MXFP4.*dequantize"):
         LLM(path, device="cpu")
+
+
+def test_served_greedy_equals_transformers(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """`magicdec serve` on the GPT-OSS checkpoint (self-speculation on): the completions of token-id prompts, one
+    past the window, are transformers' greedy tokens."""
+    import httpx
+    from test_server import ENGINE, started
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoints["gpt_oss"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = LLM(path, device="cpu").tokenizer
+    args = ["--model", str(path), *ENGINE, "--spec", "self", "--budget", "24", "--sinks", "4", "--gamma", "2"]
+    for server in started(tmp_path, "gpt_oss", args):
+        name = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        for prompt in PROMPTS:
+            body = {"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf, prompt, 12)), len(prompt)
+
+
+def test_speculative_sampling_on_a_moe_keeps_the_target_distribution(tmp_path: Path, threads: None) -> None:
+    """χ² of 3 sampled tokens against the exact joint distribution, on a GPT-OSS-like model (sinks, a sliding
+    layer of window 16 and a global one, 4 experts) with a 40-token prompt, drafting with int8 experts."""
+    from test_spec_sampling import PROMPT_LEN, VOCAB, N, check, exact_joint
+
+    from magicdec import Engine
+
+    torch.set_num_threads(1)
+    path = write_moe(tmp_path / "gpt_oss", "gpt_oss", seed=5, vocab_size=VOCAB, sliding_window=16)
+    llm = LLM(path, device="cpu")
+    assert llm.config.layer_windows == (16, 0) and llm.config.attn_sinks
+    spec = SpecConfig(method="self", gamma=2, drafter="streaming", budget=8, sinks=2, draft_weights="int8")
+    prompt = random_prompts(1, [PROMPT_LEN], VOCAB - 5, seed=3)[0]
+    engine = Engine(llm=llm, spec=spec, max_num_seqs=64, max_num_batched_tokens=4096, quiet=True)
+    ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=3, seed=s, ignore_eos=True, temperature=1.0))
+           for s in range(N)]
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    rate = engine.stats.spec.acceptance_rate
+    engine.close()
+    assert rate is not None and 0.05 <= rate <= 0.99
+    counts = torch.zeros(VOCAB, VOCAB, VOCAB)
+    for i in ids:
+        a, b, c = outs[i]
+        counts[a, b, c] += 1
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=1.0)
+    pvalues = check(counts, exact_joint(llm, prompt, params))
+    assert min(pvalues.values()) > 1e-3, pvalues
