@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import hf_greedy, random_prompts, save_sharp
+from conftest import PagedRows, hf_greedy, random_prompts, save_sharp
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 
 WINDOW = 32
@@ -109,8 +109,6 @@ def test_self_speculation_equals_plain_decoding(family: str, drafter: str, check
 def test_moe_forward_is_batch_invariant(family: str, checkpoints: dict[str, Path], kernels: None) -> None:
     """A decode-shaped row alone and the same row among different rows (other experts active): bitwise equal,
     for the MoE module and for the whole model's logits."""
-    from conftest import PagedRows
-
     from magicdec.model.moe import MoE
 
     model = LLM(checkpoints[family], device="cpu").model
@@ -133,8 +131,6 @@ def test_moe_forward_is_batch_invariant(family: str, checkpoints: dict[str, Path
 def test_counting_the_experts_a_forward_reads(checkpoints: dict[str, Path]) -> None:
     """`track_expert_reads`: each MoE layer records how many distinct experts each forward ran (≤ n_experts, ≥ k);
     one token reads exactly k per layer; off again, nothing is recorded."""
-    from conftest import PagedRows
-
     from magicdec.model.moe import track_expert_reads
 
     llm = LLM(checkpoints["qwen3_moe"], device="cpu")
