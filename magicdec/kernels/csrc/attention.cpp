@@ -35,9 +35,13 @@
 // of each and the kernel blocks of the page of 2^(m_blk - m_row) / l_row), i.e. the largest attention
 // probability that any query row (all g·T of them, padding rows included) gives to a slot of the page;
 // m_blk is the block's max score recorded by softmax_block, m_row and l_row the row's final max and sum
-// (known after the fold), l_row including the sinks' terms when there are sinks. The block maxima go to a scratch array indexed by (head, row, block), written by
-// whichever thread computes the chunk (disjoint entries), and are reduced after the fold in a fixed order,
-// so the scores are deterministic and the attention output is bitwise unchanged.
+// (known after the fold; l_row without the sinks' terms when there are sinks). The block maxima go to a scratch
+// array indexed by (head, row, block), written by whichever thread computes the chunk (disjoint entries), and
+// are reduced after the fold in a fixed order, so the scores are deterministic and the attention output is
+// bitwise unchanged.
+//
+// Attention sinks (optional, GPT-OSS): a logit per query head in every softmax's denominator, as a slot with a
+// zero value that every row sees: write_out divides by l_row + 2^(sink - m_row).
 
 #include <immintrin.h>
 #include <omp.h>
@@ -422,22 +426,16 @@ void reset_total(Work& w) {
   std::fill(w.tot_acc.begin(), w.tot_acc.end(), 0.0f);
 }
 
-// The sinks' terms added to the rows' totals, once they are final (rows that saw nothing keep l = 0).
-void add_sinks(const Problem& P, Work& w, int64_t kvh) {
-  if (P.sinks == nullptr) return;
-  for (int64_t r = 0; r < P.R; ++r) {
-    if (!(w.tot_l[r] > 0.0f)) continue;
-    w.tot_l[r] += std::exp2(P.sinks[kvh * P.g + r / P.T] - w.tot_m[r]);  // any range (a sink may dominate)
-  }
-}
-
-// out[b, kvh·g + jg, t] = total acc / total l (0 for a row that saw nothing).
+// out[b, kvh·g + jg, t] = total acc / (total l + the head's sink term 2^(sink - total m)) (0 for a row that saw
+// nothing). The block scores (head_scores) are relative to the keys only, without the sink, as the Triton kernels'.
 void write_out(const Problem& P, const Work& w, int64_t b, int64_t kvh) {
   for (int64_t r = 0; r < P.R; ++r) {
     const int64_t jg = r / P.T, t = r % P.T;
     float* dst = P.out + (((b * P.Hq) + kvh * P.g + jg) * P.T + t) * P.D;
     const float* src = w.tot_acc.data() + r * P.D;
-    const float l = w.tot_l[r];
+    float l = w.tot_l[r];
+    if (l > 0.0f && P.sinks != nullptr)  // std::exp2: any range (a sink may dominate)
+      l += std::exp2(P.sinks[kvh * P.g + jg] - w.tot_m[r]);
     if (l > 0.0f) {
       const __m256 lv = _mm256_set1_ps(l);
       for (int64_t d = 0; d < P.D; d += 8) _mm256_storeu_ps(dst + d, _mm256_div_ps(_mm256_loadu_ps(src + d), lv));
@@ -522,7 +520,6 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
           compute_chunk_any(P, w, b, kvh, c);
           fold(P, w.m.data(), w.l.data(), w.acc.data(), w.tot_m.data(), w.tot_l.data(), w.tot_acc.data());
         }
-        add_sinks(P, w, kvh);
         write_out(P, w, b, kvh);
         if (P.blk_m != nullptr) head_scores(P, w, h, hs.data() + h * (S / page));
       }
@@ -560,7 +557,6 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
         const float* src = partials.data() + (h * P.chunks + c) * per;
         fold(P, src + P.R * D, src + P.R * D + P.R, src, w.tot_m.data(), w.tot_l.data(), w.tot_acc.data());
       }
-      add_sinks(P, w, h % Hkv);
       write_out(P, w, h / Hkv, h % Hkv);
       if (P.blk_m != nullptr) head_scores(P, w, h, hs.data() + h * (S / page));
     }
