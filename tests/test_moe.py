@@ -241,3 +241,86 @@ def test_speculative_sampling_on_a_moe_keeps_the_target_distribution(tmp_path: P
     params = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=1.0)
     pvalues = check(counts, exact_joint(llm, prompt, params))
     assert min(pvalues.values()) > 1e-3, pvalues
+
+
+TRITON_SINKS_SCRIPT = '''
+from magicdec.kernels.cpu import attention_with_sinks, gather_pages
+from magicdec.kernels.decode_attention import MIN_SPLIT, decode_attention
+from magicdec.kernels.paged_attention import paged_attention
+
+g = torch.Generator().manual_seed(0)
+D = 16
+for B, S in ((2, MIN_SPLIT * 2 + 100), (40, 300)):  # several splits (the merge adds the sinks), then one
+    Hq, Hkv, T = 4, 2, 2
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    qpos = torch.randint(0, S, (B, T), generator=g, dtype=torch.int32)
+    qpos[0, 0] = 0  # a row that sees one slot
+    sinks = torch.tensor([-3.0, 0.0, 2.0, 9.0])
+    allowed = torch.arange(S)[None, None, :] <= qpos[..., None]
+    ref = attention_with_sinks(q, k, v, allowed, sinks)
+    out = decode_attention(q, k, v, qpos, sinks=sinks)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4), (B, (out - ref).abs().max())
+    P = 64
+    nb = -(-S // P)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, nb * P - S))
+    perm = torch.randperm(B * nb, generator=g)
+    pool_k, pool_v = (torch.empty(B * nb, Hkv, P, D) for _ in range(2))
+    for pool, t in ((pool_k, k), (pool_v, v)):
+        pool[perm] = pad(t).view(B, Hkv, nb, P, D).permute(0, 2, 1, 3, 4).reshape(B * nb, Hkv, P, D)
+    table = perm.view(B, nb)
+    assert torch.equal(gather_pages(pool_k, table)[:, :, :S], k)
+    out = paged_attention(q, pool_k, pool_v, table, qpos, sinks=sinks)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4), (B, (out - ref).abs().max())
+print("ok")
+'''
+
+
+def test_sinks_in_the_triton_kernels_in_the_interpreter() -> None:
+    """The dense and paged split-KV kernels with sinks, with several splits (the merge) and one, against PyTorch."""
+    pytest.importorskip("triton")
+    from test_triton_attention import SCRIPT, interpret
+
+    interpret(SCRIPT.split("from magicdec.kernels.decode_attention")[0] + TRITON_SINKS_SCRIPT, 16)
+
+
+MOE_MODEL_SCRIPT = '''
+import os
+from magicdec.cache.paged import PagedKVCache, PagedView
+from magicdec.config import ModelConfig
+from magicdec.loading.random_init import random_model
+
+cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                  head_dim=16, name="t", sliding_window=16, layer_types=("sliding", "full"), n_experts=4,
+                  n_experts_per_token=2, router_softmax="after", router_bias=True, expert_bias=True,
+                  swiglu_alpha=1.702, swiglu_limit=7.0, attn_sinks=True, attention_bias=True, o_proj_bias=True)
+model = random_model(cfg, "cpu", torch.float32, seed=0)
+for layer in model.layers:
+    layer.attn.sinks.normal_(0, 2)
+ids = torch.randint(0, 96, (2, 40))
+pos = torch.arange(40).expand(2, -1)
+
+def run():
+    pool = PagedKVCache.for_model(model, 4, 64)
+    cache = PagedView(pool, torch.tensor([[2, 0], [1, 3]]))
+    with torch.inference_mode():
+        a = model(ids[:, :30], pos[:, :30], cache)  # a prefill chunk (PyTorch)
+        b = model(ids[:, 30:31], pos[:, 30:31], cache)  # a decode step
+        c = model(ids[:, 31:35], pos[:, 31:35], cache)  # a verification block
+    return torch.cat([a, b, c], 1)
+
+eager = run()
+os.environ["MAGICDEC_TRITON_ON_CPU"] = "1"
+triton_path = run()
+assert (triton_path - eager).abs().max() < 1e-4, (triton_path - eager).abs().max()
+print("ok")
+'''
+
+
+def test_gpt_oss_like_forward_through_the_triton_kernels_equals_eager() -> None:
+    """A prefill chunk, a decode step and a verification block of a random GPT-OSS-shaped model (sinks, a sliding
+    and a full layer, 4 experts) through the Triton paths (interpreted) equal the CPU paths."""
+    pytest.importorskip("triton")
+    from test_triton_attention import SCRIPT, interpret
+
+    interpret(SCRIPT.split("from magicdec.kernels.decode_attention")[0] + MOE_MODEL_SCRIPT, 16)

@@ -239,8 +239,7 @@ class PagedStep:
                          scores: torch.Tensor | None, window: int = 0,
                          sinks: torch.Tensor | None = None) -> torch.Tensor:
         """A sliding layer (or any layer of a soft-capped model): the row's whole table, as the target reads it,
-        with the layer's window. Soft-capping runs the PyTorch path (no kernel has it); attention sinks the CPU
-        kernel's or the PyTorch path (the Triton kernels do not have them yet)."""
+        with the layer's window. Soft-capping runs the PyTorch path (no kernel has it)."""
         c = self.cache
         K, V = c.k[layer], c.v[layer]
         self._store(K, k)
@@ -249,10 +248,10 @@ class PagedStep:
             read, mask = self.read[0 if self.shared else layer], self._layer_mask(layer)
         else:
             read, mask = self.table, self.window_mask(window)
-        if not c.softcap and self.triton and sinks is None:
+        if not c.softcap and self.triton:
             qpos, _ = mask.int32_positions()
             return triton_paged.paged_attention(q, K, V, read, qpos[: self.B], None, window, 0,
-                                                block_scores=scores, rows_hint=mask.rows_hint)
+                                                block_scores=scores, rows_hint=mask.rows_hint, sinks=sinks)
         if not c.softcap and self.kernel:
             return cpu_kernels.paged_attention(q, K, V, read, self._window_allowed(window), block_scores=scores,
                                                sinks=sinks)
@@ -273,12 +272,12 @@ class PagedStep:
         self._store(K, k)
         self._store(V, v)
         read = self.read[0 if self.shared else layer]
-        if self.triton and sinks is None:  # CUDA: the paged split-KV kernel reads the pages itself
+        if self.triton:  # CUDA: the paged split-KV kernel reads the pages itself
             qpos, kpos = self.mask.int32_positions()
             rows = self._rows(layer)
             return triton_paged.paged_attention(q, K, V, read, qpos[: self.B], None if kpos is None else kpos[rows],
                                                 self.mask.window, self.mask.n_kept, block_scores=scores,
-                                                rows_hint=self.mask.rows_hint)
+                                                rows_hint=self.mask.rows_hint, sinks=sinks)
         if self.kernel:
             return cpu_kernels.paged_attention(q, K, V, read, self._kernel_allowed(layer), block_scores=scores,
                                                sinks=sinks)
