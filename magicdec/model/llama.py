@@ -116,12 +116,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU (or GeGLU: the tanh-approximated GELU gate of Gemma) with gate and up fused as [gate | up]."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None, size: int = 0) -> None:
-        """`size`: the hidden size (default the config's intermediate_size; a MoE's shared expert has its own)."""
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.intermediate, self.act = size or cfg.intermediate_size, cfg.hidden_act
-        self.w_gate_up = Linear(cfg.hidden_size, 2 * self.intermediate, bias=False, device=device)
-        self.w_down = Linear(self.intermediate, cfg.hidden_size, bias=False, device=device)
+        self.intermediate, self.act = cfg.intermediate_size, cfg.hidden_act
+        self.w_gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, device=device)
+        self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.w_gate_up(x)

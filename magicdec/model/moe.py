@@ -32,11 +32,15 @@ from magicdec.model.linear import Linear
 class Expert(nn.Module):
     """One SwiGLU expert, gate and up fused as [gate | up]; GPT-OSS's clamped variant and biases when configured."""
 
-    def __init__(self, cfg: ModelConfig, size: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, size: int, device: torch.device | str | None = None,
+                 routed: bool = True) -> None:
+        """`routed`: a routed expert (biases and GPT-OSS's activation where configured); else a shared one (SiLU)."""
         super().__init__()
-        self.size, self.alpha, self.limit = size, cfg.swiglu_alpha, cfg.swiglu_limit
-        self.w_gate_up = Linear(cfg.hidden_size, 2 * size, bias=cfg.expert_bias, device=device)
-        self.w_down = Linear(size, cfg.hidden_size, bias=cfg.expert_bias, device=device)
+        self.size = size
+        self.alpha, self.limit = (cfg.swiglu_alpha, cfg.swiglu_limit) if routed else (0.0, 0.0)
+        bias = cfg.expert_bias and routed
+        self.w_gate_up = Linear(cfg.hidden_size, 2 * size, bias=bias, device=device)
+        self.w_down = Linear(size, cfg.hidden_size, bias=bias, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).split(self.size, dim=-1)
@@ -52,8 +56,6 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
-        from magicdec.model.llama import MLP
-
         self.n_experts, self.top_k = cfg.n_experts, cfg.n_experts_per_token
         self.softmax_first, self.renormalise = cfg.router_softmax == "before", cfg.norm_topk_prob
         self.router = Linear(cfg.hidden_size, cfg.n_experts, bias=cfg.router_bias, device=device)
@@ -61,7 +63,7 @@ class MoE(nn.Module):
         self.shared = None
         self.shared_gate = None
         if cfg.shared_expert_intermediate_size:
-            self.shared = MLP(cfg, device, cfg.shared_expert_intermediate_size)
+            self.shared = Expert(cfg, cfg.shared_expert_intermediate_size, device, routed=False)
             if cfg.shared_expert_gate:
                 self.shared_gate = Linear(cfg.hidden_size, 1, bias=False, device=device)
         self.reads: list[int] | None = None  # a list: each forward appends how many distinct experts it ran
