@@ -324,3 +324,88 @@ def test_gpt_oss_like_forward_through_the_triton_kernels_equals_eager() -> None:
     from test_triton_attention import SCRIPT, interpret
 
     interpret(SCRIPT.split("from magicdec.kernels.decode_attention")[0] + MOE_MODEL_SCRIPT, 16)
+
+
+def write_moe_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
+    """The float32 GGUF llama.cpp's converter writes for a Mixtral ("llama": q/k rows permuted for its interleaved
+    RoPE), Qwen3-MoE or OLMoE checkpoint: expert metadata, the router as ffn_gate_inp, the experts stacked."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    from magicdec.loading.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES, _NORM_NAMES
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    t = load_file(hf_dir / "model.safetensors")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_eos_token_id(2)
+    n = cfg.get("num_experts") or cfg["num_local_experts"]
+    w.add_expert_count(n)
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if cfg.get("moe_intermediate_size"):
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **_NORM_NAMES["pre"]}
+    mixtral = arch == "llama"
+    prefix, router = ("block_sparse_moe.experts.", "block_sparse_moe.gate.weight") if mixtral else (
+        "mlp.experts.", "mlp.gate.weight")
+    roles = {"w1": "gate", "w3": "up", "w2": "down"} if mixtral else {f"{r}_proj": r for r in ("gate", "up", "down")}
+
+    def perm(x: torch.Tensor, heads: int) -> Any:
+        a = x.numpy()
+        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for role, short in roles.items():
+            stacked = torch.stack([t[f"{p}{prefix}{e}.{role}.weight"] for e in range(n)])
+            w.add_tensor(f"blk.{i}.ffn_{short}_exps.weight", stacked.numpy())
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", t[p + router].numpy())
+    for name, tensor in t.items():
+        short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        if name.startswith("model.layers.") and ("experts" in short or short == router):
+            continue
+        gg = names[short] if not name.startswith("model.layers.") else f"blk.{name.split('.')[2]}.{names[short]}"
+        heads = {"self_attn.q_proj.weight": cfg["num_attention_heads"], "self_attn.k_proj.weight":
+                 cfg["num_key_value_heads"]}.get(short)
+        w.add_tensor(gg, perm(tensor, heads) if mixtral and heads else tensor.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(("family", "arch"), [("mixtral", "llama"), ("qwen3_moe", "qwen3moe"), ("olmoe", "olmoe")])
+def test_gguf_of_a_moe_loads_like_its_checkpoint(family: str, arch: str, checkpoints: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    """The GGUF's description and weights are the Hugging Face checkpoint's (which decodes like transformers);
+    llama.cpp's Qwen3-MoE has no dense layers and its Mixtral no sliding window: those checkpoints are written
+    without them."""
+    from magicdec.config import RopeScaling
+    from magicdec.loading import load_model
+    from magicdec.loading.gguf_file import load_gguf
+
+    plain = {"qwen3_moe": {"mlp_only_layers": []}, "mixtral": {"sliding_window": None}}
+    hf_dir = write_moe(tmp_path / "hf", family, **plain[family]) if family in plain else checkpoints[family]
+    path = write_moe_gguf(tmp_path / f"{family}.gguf", hf_dir, arch)
+    ref = load_model(hf_dir, device="cpu")
+    for limit in (1 << 30, 0):  # converted once to safetensors, or dequantized at load
+        ours, cfg = load_gguf(path, torch.float32, "cpu", tmp_path / f"conv{limit}", cache_limit_bytes=limit)
+        same = dict(name="", eos_token_ids=(), bos_token_id=None, rms_norm_eps=0.0, rope_scaling=RopeScaling(),
+                    max_position_embeddings=0)
+        assert cfg.with_(**same) == ref.config.with_(**same)
+        theirs = ref.model.state_dict()
+        assert set(ours.state_dict()) == set(theirs)
+        for name, p in ours.state_dict().items():
+            assert torch.allclose(p, theirs[name], atol=1e-6, rtol=0), name
