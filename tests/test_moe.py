@@ -409,3 +409,11 @@ def test_gguf_of_a_moe_loads_like_its_checkpoint(family: str, arch: str, checkpo
         assert set(ours.state_dict()) == set(theirs)
         for name, p in ours.state_dict().items():
             assert torch.allclose(p, theirs[name], atol=1e-6, rtol=0), name
+
+
+def test_tensor_parallelism_of_a_moe_is_refused(checkpoints: dict[str, Path]) -> None:
+    from magicdec.loading import LoadError, load_model
+    from magicdec.parallel.tp import TensorParallel
+
+    with pytest.raises(LoadError, match="tensor parallelism of mixture-of-experts"):
+        load_model(checkpoints["mixtral"], device="cpu", tp=TensorParallel(0, 2))
