@@ -1,5 +1,6 @@
 """Model shape: the one description of a decoder that every module reads, layer by layer (sliding or global
-attention, RoPE or none, q/k norms, soft-caps, norm placement, multipliers: what the families differ in).
+attention, RoPE or none, q/k norms, soft-caps, norm placement, multipliers, experts and their routing, attention
+sinks: what the families differ in).
 
 `ModelConfig` is built from a Hugging Face `config.json` dict (each family's fields translated in `from_hf`),
 from GGUF metadata, or by hand (tests, the cost model's table of known shapes). It asserts its own invariants
@@ -95,7 +96,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Shape and numerics of a decoder (Llama 2/3, Mistral/Ministral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2, Granite,
-    SmolLM2/3); the fields after `name` default to the Llama decoder."""
+    SmolLM2/3; the mixtures of experts Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GPT-OSS); the fields after `name`
+    default to the Llama decoder."""
 
     vocab_size: int
     hidden_size: int
