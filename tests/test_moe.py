@@ -417,3 +417,19 @@ def test_tensor_parallelism_of_a_moe_is_refused(checkpoints: dict[str, Path]) ->
 
     with pytest.raises(LoadError, match="tensor parallelism of mixture-of-experts"):
         load_model(checkpoints["mixtral"], device="cpu", tp=TensorParallel(0, 2))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_dense_layers_are_transformers(family: str) -> None:
+    """decoder_sparse_step and mlp_only_layers pick the same dense layers as transformers' own model."""
+    import transformers
+
+    from magicdec.config import ModelConfig
+
+    name, overrides = FAMILIES[family]
+    config = getattr(transformers, name)(**{**BASE, **overrides, "num_hidden_layers": 6, "decoder_sparse_step": 2,
+                                            "mlp_only_layers": [3]})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    ours = ModelConfig.from_hf(config.to_dict())
+    sparse = [hasattr(layer.mlp, "experts") for layer in hf.model.layers]
+    assert sparse == [ours.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
