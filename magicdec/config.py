@@ -1,5 +1,6 @@
 """Model shape: the one description of a decoder that every module reads, layer by layer (sliding or global
-attention, RoPE or none, q/k norms, soft-caps, norm placement, multipliers: what the families differ in).
+attention, RoPE or none, q/k norms, soft-caps, norm placement, multipliers, experts and their routing, attention
+sinks: what the families differ in).
 
 `ModelConfig` is built from a Hugging Face `config.json` dict (each family's fields translated in `from_hf`),
 from GGUF metadata, or by hand (tests, the cost model's table of known shapes). It asserts its own invariants
@@ -24,10 +25,16 @@ SUPPORTED_ARCHITECTURES = {
     "Olmo2ForCausalLM": "olmo2",
     "GraniteForCausalLM": "granite",
     "SmolLM3ForCausalLM": "smollm3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "MixtralForCausalLM": "mixtral",
+    "OlmoeForCausalLM": "olmoe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 NORM_PLACEMENTS = ("pre", "sandwich", "post")  # Llama: before; Gemma 2/3: before and after; OLMo 2: after
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+ROUTER_SOFTMAX = ("before", "after")  # softmax over all experts then top-k (Mixtral, Qwen, OLMoE), or after (GPT-OSS)
 
 
 class ConfigError(ValueError):
@@ -89,7 +96,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Shape and numerics of a decoder (Llama 2/3, Mistral/Ministral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2, Granite,
-    SmolLM2/3); the fields after `name` default to the Llama decoder."""
+    SmolLM2/3; the mixtures of experts Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GPT-OSS); the fields after `name`
+    default to the Llama decoder."""
 
     vocab_size: int
     hidden_size: int
@@ -132,6 +140,14 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # an always-on shared expert's hidden size (0: none)
     dense_layers: tuple[int, ...] = ()  # layers whose MLP stays dense in a MoE model (Qwen3-MoE mlp_only_layers)
     expert_weight_bits: float = 0.0  # bits per routed-expert weight as stored (GPT-OSS MXFP4: 4.25; 0: the dtype's)
+    router_softmax: str = "before"  # see ROUTER_SOFTMAX
+    norm_topk_prob: bool = False  # the top-k weights renormalised to sum to 1 (Mixtral; Qwen-MoE, OLMoE if set)
+    router_bias: bool = False  # a bias on the router's logits (GPT-OSS)
+    expert_bias: bool = False  # biases on the experts' gate/up and down projections (GPT-OSS)
+    swiglu_alpha: float = 0.0  # GPT-OSS's clamped SwiGLU: (clamp(up) + 1)·g·σ(α·g), g = min(gate, limit); 0: SiLU
+    swiglu_limit: float = 0.0  # its clamp (gate ≤ limit, |up| ≤ limit)
+    shared_expert_gate: bool = False  # the shared expert's output times σ(x·w) (Qwen2-MoE)
+    attn_sinks: bool = False  # a learned logit per query head in each softmax's denominator (GPT-OSS)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -165,6 +181,8 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unsupported {name} {getattr(self, name)!r}; supported: {allowed}")
 
+        if self.router_softmax not in ROUTER_SOFTMAX:
+            raise ConfigError(f"unsupported router_softmax {self.router_softmax!r}; supported: {ROUTER_SOFTMAX}")
         if self.n_experts and not 0 < self.n_experts_per_token <= self.n_experts:
             raise ConfigError(f"n_experts_per_token must be in 1 … n_experts {self.n_experts}, "
                               f"got {self.n_experts_per_token}")
@@ -223,16 +241,37 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    @property
+    def expert_size(self) -> int:
+        """A routed expert's hidden size."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def mlp_parameters(self, layer: int) -> int:
+        """Parameters of `layer`'s MLP: dense, or router + every expert (+ the shared expert and its gate)."""
+        d = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * d * self.intermediate_size
+        f, e = self.expert_size, self.n_experts
+        n = e * d + (e if self.router_bias else 0) + e * 3 * d * f + (e * (2 * f + d) if self.expert_bias else 0)
+        if self.shared_expert_intermediate_size:
+            n += 3 * d * self.shared_expert_intermediate_size + (d if self.shared_expert_gate else 0)
+        return n
+
     def num_parameters(self) -> int:
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        d, v = self.hidden_size, self.vocab_size
         attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
         if self.o_proj_bias:
             attn += d
-        per_layer = attn + 3 * d * f + 2 * d
+        if self.attn_sinks:
+            attn += self.n_heads
+        if self.qk_norm:
+            attn += self.q_size + self.kv_size if self.qk_norm == "full" else 2 * self.head_dim
+        norms = (4 if self.norm_placement == "sandwich" else 2) * d
+        layers = sum(attn + self.mlp_parameters(i) + norms for i in range(self.n_layers))
         head = 0 if self.tie_word_embeddings else v * d
-        return self.n_layers * per_layer + v * d + head + d
+        return layers + v * d + head + d
 
     def weight_bytes(self, dtype_bytes: int) -> int:
         return self.num_parameters() * dtype_bytes
@@ -274,6 +313,8 @@ class ModelConfig:
             raise ConfigError(f"unsupported hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
         if cfg.get("mlp_bias"):
             raise ConfigError("mlp_bias=True is not supported")
+        if cfg.get("clip_qkv"):
+            raise ConfigError("clip_qkv (OLMoE's clamp of q, k, v) is not supported")
         n_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -282,7 +323,8 @@ class ModelConfig:
         family = model_type if model_type in known_types else next(SUPPORTED_ARCHITECTURES[a] for a in archs
                                                                    if a in SUPPORTED_ARCHITECTURES)
         bias = bool(cfg.get("attention_bias", False))
-        qkv_bias = family == "qwen2" or (family in BIAS_ON_ALL_FOUR and bias)
+        qkv_bias = (family == "qwen2" or (family == "qwen2_moe" and cfg.get("qkv_bias", True))
+                    or (family in BIAS_ON_ALL_FOUR and bias))
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
         global_rope = _rope_parameters(cfg, "full_attention")
         local_rope = _rope_parameters(cfg, "sliding_attention") if _per_type(cfg) else None
@@ -305,6 +347,7 @@ class ModelConfig:
                            attn_scale=float(cfg.get("attention_multiplier") or head_dim ** -0.5))
         if cfg.get("no_rope_layers"):  # SmolLM3: 1 = RoPE, 0 = none
             changes["nope_layers"] = tuple(i for i, use in enumerate(cfg["no_rope_layers"]) if not use)
+        changes.update(_experts(cfg, family))
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -319,7 +362,7 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family in ("gemma2", "gemma3_text"))),
             attention_bias=qkv_bias,
-            o_proj_bias=qkv_bias and family != "qwen2",
+            o_proj_bias=qkv_bias and family not in ("qwen2", "qwen2_moe"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=name or cfg.get("_name_or_path", "") or model_type,
@@ -397,10 +440,47 @@ FAMILY_TRAITS: dict[str, dict[str, Any]] = {
     "gemma3_text": {"qk_norm": "head", "norm_placement": "sandwich"},
     "gemma2": {"norm_placement": "sandwich"},
     "olmo2": {"qk_norm": "full", "norm_placement": "post"},
+    "qwen3_moe": {"qk_norm": "head"},
+    "olmoe": {"qk_norm": "full"},
+    "mixtral": {"norm_topk_prob": True},
+    "gpt_oss": {"router_softmax": "after", "router_bias": True, "expert_bias": True, "attn_sinks": True},
 }
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 
 # families whose attention_bias puts a bias on q, k, v and o (Qwen2 has q/k/v biases only, always)
-BIAS_ON_ALL_FOUR = ("llama", "qwen3", "olmo2", "granite", "smollm3", "gemma2", "gemma3_text")
+BIAS_ON_ALL_FOUR = ("llama", "qwen3", "olmo2", "granite", "smollm3", "gemma2", "gemma3_text", "qwen3_moe", "olmoe",
+                    "gpt_oss")
+
+
+def _experts(cfg: dict[str, Any], family: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a MoE family's config: expert counts and sizes, which layers stay
+    dense (Qwen-MoE's mlp_only_layers and decoder_sparse_step), the top-k renormalisation, GPT-OSS's SwiGLU."""
+    if family not in MOE_FAMILIES:
+        return {}
+    n = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    k = int(cfg.get("num_experts_per_tok") or 0)
+    if not n or not k:
+        raise ConfigError(f"a {family} config needs num_experts (or num_local_experts) and num_experts_per_tok")
+    out: dict[str, Any] = {"n_experts": n, "n_experts_per_token": k}
+    if family in ("qwen3_moe", "qwen2_moe"):
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        only = set(cfg.get("mlp_only_layers") or ())
+        out.update(moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+                   dense_layers=tuple(i for i in range(cfg["num_hidden_layers"])
+                                      if i in only or (i + 1) % step))
+    if family in ("qwen3_moe", "qwen2_moe", "olmoe"):
+        out["norm_topk_prob"] = bool(cfg.get("norm_topk_prob", False))
+    if family == "qwen2_moe" and cfg.get("shared_expert_intermediate_size"):
+        out.update(shared_expert_intermediate_size=int(cfg["shared_expert_intermediate_size"]),
+                   shared_expert_gate=True)
+    if family == "gpt_oss":
+        out.update(swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
+        quant = cfg.get("quantization_config") or {}
+        if quant.get("quant_method") == "mxfp4":
+            raise ConfigError("this GPT-OSS checkpoint's experts are MXFP4-quantized, which magicdec does not read; "
+                              "dequantize it first (transformers: load with Mxfp4Config(dequantize=True), then "
+                              "save_pretrained) and pass that directory")
+    return out
 
 
 def _per_type(cfg: dict[str, Any]) -> bool:
@@ -422,14 +502,14 @@ def _windows(cfg: dict[str, Any], family: str) -> dict[str, Any]:
     Gemma 3's sliding_window_pattern (every n-th layer global), Mistral's window on every layer."""
     window = cfg.get("sliding_window")
     n = cfg["num_hidden_layers"]
-    if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not cfg.get("use_sliding_window", False):
         window = None
-    if family in ("smollm3", "olmo2", "granite", "llama") and not cfg.get("use_sliding_window", False):
+    if family in ("smollm3", "olmo2", "granite", "llama", "olmoe") and not cfg.get("use_sliding_window", False):
         window = None
     if not window:
         return {}
     types = cfg.get("layer_types")
-    if types is None and family in ("qwen2", "qwen3"):
+    if types is None and family in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         start = cfg.get("max_window_layers", n)
         types = ["sliding_attention" if i >= start else "full_attention" for i in range(n)]
     if types is None and family == "gemma2":

@@ -242,9 +242,12 @@ def spawn_ranks(fn: Callable[..., None], world: int, *args: Any, timeout_s: floa
     mp.spawn(_rank_main, args=(fn, world, free_port(), timeout_s, args), nprocs=world, join=True)
 
 
-def save_sharp(config: Any, path: Path, seed: int = 0, norms: tuple[float, float] = (0.8, 1.2)) -> Path:
+def save_sharp(config: Any, path: Path, seed: int = 0, norms: tuple[float, float] = (0.8, 1.2),
+               scales: dict[str, float] | None = None) -> Path:
     """A transformers model of `config` with large random weights (with the default init greedy tokens repeat
-    one), norm weights drawn from `norms`, saved with `save_pretrained` beside a word tokenizer."""
+    one), norm weights drawn from `norms`, saved with `save_pretrained` beside a word tokenizer. `scales`: a
+    parameter whose name ends with a key is multiplied by its value (e.g. a MoE router's, so that ties between
+    experts are rare)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -255,6 +258,9 @@ def save_sharp(config: Any, path: Path, seed: int = 0, norms: tuple[float, float
                 p.uniform_(*norms)
             else:
                 p.normal_(0, 0.12 if p.dim() > 1 else 0.1)
+            for suffix, factor in (scales or {}).items():
+                if name.endswith(suffix):
+                    p.mul_(factor)
     model.save_pretrained(path, safe_serialization=True)
     word_vocabulary(config.vocab_size).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))

@@ -219,23 +219,25 @@ class PagedStep:
             self._windowed[window] = (mask, padded)
         return padded
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         window = self.cache.windows[layer]
         if window:  # a sliding layer reads the target's blocks, as the target does; its scores rank nothing
-            return self._attend_windowed(layer, q, k, v, None, window)
+            return self._attend_windowed(layer, q, k, v, None, window, sinks)
         attend_fn = self._attend_windowed if self.cache.softcap else self._attend
         if self.total_scores is None or self.mode == "max":
-            return attend_fn(layer, q, k, v, self.total_scores)
+            return attend_fn(layer, q, k, v, self.total_scores, sinks=sinks)
         if self.mode == "layer":
-            return attend_fn(layer, q, k, v, self.total_scores[layer])
+            return attend_fn(layer, q, k, v, self.total_scores[layer], sinks=sinks)
         assert self.layer_buf is not None
         self.layer_buf.zero_()
-        out = attend_fn(layer, q, k, v, self.layer_buf)
+        out = attend_fn(layer, q, k, v, self.layer_buf, sinks=sinks)
         self.total_scores += self.layer_buf
         return out
 
     def _attend_windowed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scores: torch.Tensor | None, window: int = 0) -> torch.Tensor:
+                         scores: torch.Tensor | None, window: int = 0,
+                         sinks: torch.Tensor | None = None) -> torch.Tensor:
         """A sliding layer (or any layer of a soft-capped model): the row's whole table, as the target reads it,
         with the layer's window. Soft-capping runs the PyTorch path (no kernel has it)."""
         c = self.cache
@@ -249,9 +251,10 @@ class PagedStep:
         if not c.softcap and self.triton:
             qpos, _ = mask.int32_positions()
             return triton_paged.paged_attention(q, K, V, read, qpos[: self.B], None, window, 0,
-                                                block_scores=scores, rows_hint=mask.rows_hint)
+                                                block_scores=scores, rows_hint=mask.rows_hint, sinks=sinks)
         if not c.softcap and self.kernel:
-            return cpu_kernels.paged_attention(q, K, V, read, self._window_allowed(window), block_scores=scores)
+            return cpu_kernels.paged_attention(q, K, V, read, self._window_allowed(window), block_scores=scores,
+                                               sinks=sinks)
         S = mask.kv_len
         Kd = self._gather(K, S, read)
         if scores is not None:
@@ -260,10 +263,10 @@ class PagedStep:
             keys = torch.nn.functional.pad(Kd, (0, 0, 0, width - S))
             allowed = torch.nn.functional.pad(mask.allowed, (0, width - S))
             cpu_kernels.block_scores_reference(q, keys, allowed, P, scores)
-        return attend(q, Kd, self._gather(V, S, read), mask, softcap=c.softcap)
+        return attend(q, Kd, self._gather(V, S, read), mask, softcap=c.softcap, sinks=sinks)
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scores: torch.Tensor | None) -> torch.Tensor:
+                scores: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cache
         K, V = c.k[layer], c.v[layer]
         self._store(K, k)
@@ -274,9 +277,10 @@ class PagedStep:
             rows = self._rows(layer)
             return triton_paged.paged_attention(q, K, V, read, qpos[: self.B], None if kpos is None else kpos[rows],
                                                 self.mask.window, self.mask.n_kept, block_scores=scores,
-                                                rows_hint=self.mask.rows_hint)
+                                                rows_hint=self.mask.rows_hint, sinks=sinks)
         if self.kernel:
-            return cpu_kernels.paged_attention(q, K, V, read, self._kernel_allowed(layer), block_scores=scores)
+            return cpu_kernels.paged_attention(q, K, V, read, self._kernel_allowed(layer), block_scores=scores,
+                                               sinks=sinks)
         mask = self._layer_mask(layer)
         S = mask.kv_len
         Kd = self._gather(K, S, read)

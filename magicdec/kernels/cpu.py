@@ -287,7 +287,8 @@ def linear_int8(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tensor,
     return F.linear(x, dequantize_int8(weight_q, scales, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ/√D, where allowed) v with grouped-query heads.
 
     q [B, Hq, T, D]; k, v [B, Hkv, S, D] (strided views of a larger cache are fine as long as D is
@@ -297,16 +298,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 
     With the kernels: bitwise invariant to T, B and the other queries (and to S beyond the slots a row
     may see); float32 arithmetic, the result in q's dtype; D must be a multiple of 8. Otherwise SDPA with a
-    boolean mask."""
+    boolean mask. `sinks` [Hq] (optional): attention sinks, a logit per query head in each softmax's denominator
+    (GPT-OSS; without the kernels `attention_with_sinks`)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or allowed.dim() != 3:
         raise ValueError(f"attention: want q [B, Hq, T, D], k, v [B, Hkv, S, D], allowed [B, T, S]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(allowed.shape)}")
     if allowed.dtype != torch.bool:
         raise ValueError(f"attention: allowed must be a bool tensor, got {allowed.dtype}")
     if _kernel_ok(q, k, v) and q.shape[-1] % 8 == 0:
-        return _state["module"].attention(q, k, v, allowed)  # type: ignore[attr-defined]
+        return _state["module"].attention(q, k, v, allowed, sinks)  # type: ignore[attr-defined]
+    if sinks is not None:
+        return attention_with_sinks(q, k, v, allowed, sinks)
     Hq, Hkv = q.shape[1], k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=Hq != Hkv)
+
+
+def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                         sinks: torch.Tensor | None, softcap: float = 0.0) -> torch.Tensor:
+    """softmax over [q kᵀ/√D where allowed, sink of the head] of v (the sink's value is zero), in float32 PyTorch:
+    GPT-OSS's attention sinks (`sinks` [Hq] logits; None: none), and Gemma 2's soft-cap (`softcap` > 0: logits →
+    softcap·tanh(logits / softcap) before the mask). Shapes as `attention`; a row that sees nothing gets zeros."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    s = torch.einsum("bhgtd,bhsd->bhgts", q.float().view(B, Hkv, g, T, D), k.float()) * D ** -0.5
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~allowed[:, None, None], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, Hkv, g, 1, 1).expand(B, Hkv, g, T, 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1)
+    out = torch.einsum("bhgts,bhsd->bhgtd", p.nan_to_num(0.0), v.float())
+    return out.reshape(B, Hq, T, D).to(q.dtype)
 
 
 def gather_pages(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -338,7 +363,8 @@ def block_scores_reference(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tens
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
-                    allowed: torch.Tensor, block_scores: torch.Tensor | None = None) -> torch.Tensor:
+                    allowed: torch.Tensor, block_scores: torch.Tensor | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`attention` over a paged KV cache.
 
     q [B, Hq, T, D]; k_pool, v_pool [N, Hkv, P, D]: one layer's pool of N pages of P slots (strided views
@@ -388,13 +414,13 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                          f"{block_scores.device}")
     if _kernel_ok(q, k_pool, v_pool) and D % 8 == 0:
         return _state["module"].paged_attention(q, k_pool, v_pool, table, allowed,  # type: ignore[attr-defined]
-                                                block_scores)
+                                                block_scores, sinks)
     if table.numel() and (int(table.min()) < 0 or int(table.max()) >= N):
         raise ValueError(f"paged_attention: table holds page ids outside [0, {N})")
     k = gather_pages(k_pool, table)
     if block_scores is not None:
         block_scores_reference(q, k, allowed, P, block_scores)
-    return attention(q, k, gather_pages(v_pool, table), allowed)
+    return attention(q, k, gather_pages(v_pool, table), allowed, sinks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ if triton is not None:
 
     @triton.jit
     def _partial_kernel(
-        Q, K, V, TABLE, QPOS, KPOS, O, LSE, OUT, BMAX,
+        Q, K, V, TABLE, QPOS, KPOS, O, LSE, OUT, BMAX, SINKS,
         sqb, sqh, sqt,
         skb, skh, sks,
         svb, svh, svs,
@@ -81,12 +81,14 @@ if triton is not None:
         S, T, R, G, P, window, n_kept, scale, SPLIT,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_KPOS: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
-        PAGED: tl.constexpr, SCORES: tl.constexpr,
+        PAGED: tl.constexpr, SCORES: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
         """Dense (PAGED false): K, V [B, Hkv, S, D], skb / svb their batch strides; TABLE and P unused.
         Paged: K, V pools [N, Hkv, P, D], skb / svb their page strides, logical slot s of row b is slot s % P
         of page TABLE[b, s // P] (P % BLOCK_N == 0). SCORES: store each row's largest scaled logit per block
-        of BLOCK_N keys in BMAX[b, h, row, block] and each split's LSE even with a single split."""
+        of BLOCK_N keys in BMAX[b, h, row, block] and each split's LSE even with a single split. HAS_SINKS: SINKS
+        [Hq] float32 logits added to the softmax's denominator (here with a single split, else by the merge; the
+        LSEs stay the keys' own)."""
         b = tl.program_id(0).to(tl.int64)  # 64-bit: batch × stride overflows 32 bits for big caches
         h = tl.program_id(1).to(tl.int64)
         sp = tl.program_id(2)
@@ -141,7 +143,11 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_safe[:, None]
+        if HAS_SINKS and DIRECT:
+            sink = tl.load(SINKS + head, mask=rmask, other=0.0)
+            out = acc / (l_safe + tl.where(l_i > 0, tl.exp(sink - m_i), 0.0))[:, None]
+        else:
+            out = acc / l_safe[:, None]
         if SCORES or not DIRECT:  # the merge needs each split's LSE, the block scores the row's
             lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
             tl.store(LSE + b * slb + h * slh + sp * sls + rows, lse, mask=rmask)
@@ -154,12 +160,12 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(
-        O, LSE, OUT,
+        O, LSE, OUT, SINKS,
         sob, soh, sos, sor,
         slb, slh, sls,
         s_outb, s_outt, s_outh,
         NS, T, G,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
@@ -173,9 +179,12 @@ if triton is not None:
         w = tl.where(smask, tl.exp(lse - m), 0.0)
         o = tl.load(O + b * sob + h * soh + splits[:, None] * sos + r * sor + dims[None, :],
                     mask=smask[:, None] & dmask[None, :], other=0.0)
-        out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
         t = r % T
         head = h * G + r // T
+        denominator = tl.sum(w, axis=0)
+        if HAS_SINKS:
+            denominator = denominator + tl.where(m > float("-inf"), tl.exp(tl.load(SINKS + head) - m), 0.0)
+        out = tl.sum(o * w[:, None], axis=0) / denominator
         tl.store(OUT + b * s_outb + t * s_outt + head * s_outh + dims, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
@@ -191,11 +200,12 @@ def split_kv_attention(
     S: int,
     table: torch.Tensor | None = None,
     scores: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Launches the partial kernel over S logical slots and, with several splits, the merge; no checks.
     k, v: dense caches [B, Hkv, S, D] (table None) or pools [N, Hkv, P, D] read through table [B, S / P].
     Returns the output [B, T, Hq, D]; the splits' LSEs [B, Hkv, splits, R] (scores or several splits);
-    the block maxima [B, Hkv, R, S / BLOCK_N] (scores); the number of splits."""
+    the block maxima [B, Hkv, R, S / BLOCK_N] (scores); the number of splits. sinks [Hq]: attention sinks."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -213,8 +223,9 @@ def split_kv_attention(
     kpos = key_pos if key_pos is not None else query_pos
     paged = table is not None
     tab = table if paged else query_pos  # not read by the dense kernel
+    sink = lse if sinks is None else sinks.to(device=dev, dtype=f32).contiguous()  # (not read without sinks)
     _partial_kernel[(B, Hkv, splits)](
-        q, k, v, tab, query_pos, kpos, part, lse, final, bmax,
+        q, k, v, tab, query_pos, kpos, part, lse, final, bmax, sink,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -226,16 +237,16 @@ def split_kv_attention(
         S, T, R, G, k.shape[2] if paged else BLOCK_N, window, n_kept, 1.0 / math.sqrt(D), split,
         D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=BLOCK_N, HAS_KPOS=key_pos is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
-        DIRECT=direct, PAGED=paged, SCORES=scores,
+        DIRECT=direct, PAGED=paged, SCORES=scores, HAS_SINKS=sinks is not None,
     )
     if not direct:
         _merge_kernel[(B, Hkv, R)](
-            part, lse, final,
+            part, lse, final, sink,
             part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
             final.stride(0), final.stride(1), final.stride(2),
             splits, T, G,
-            D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), HAS_SINKS=sinks is not None,
         )
     return final, lse, bmax, splits
 
@@ -249,14 +260,16 @@ def decode_attention(
     window: int = 0,
     n_kept: int = 0,
     rows_hint: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, T, D] (any strides with a contiguous last dimension); k, v [B, Hkv, S, D] (likewise);
     query_pos [B, T] int32 (-1: padding); key_pos [B, S] int32 or None (slot index = position);
-    rows_hint: the cache's allocated batch (chooses the split; default B).
+    rows_hint: the cache's allocated batch (chooses the split; default B); sinks [Hq] or None: attention sinks
+    (a logit per query head in the softmax's denominator, GPT-OSS).
     Returns the attention output as a [B, Hq, T, D] view of a contiguous [B, T, Hq, D] tensor."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("queries, keys and values need a contiguous last dimension")
-    final = split_kv_attention(q, k, v, query_pos, key_pos, window, n_kept, rows_hint, k.shape[2])[0]
+    final = split_kv_attention(q, k, v, query_pos, key_pos, window, n_kept, rows_hint, k.shape[2], sinks=sinks)[0]
     return final.transpose(1, 2)

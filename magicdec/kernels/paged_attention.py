@@ -85,12 +85,14 @@ if triton is not None:
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
                     query_pos: torch.Tensor, key_pos: torch.Tensor | None = None, window: int = 0, n_kept: int = 0,
-                    block_scores: torch.Tensor | None = None, rows_hint: int | None = None) -> torch.Tensor:
+                    block_scores: torch.Tensor | None = None, rows_hint: int | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, T, D] (any strides, contiguous last dim); k_pool, v_pool [N, Hkv, P, D] (likewise; P a
     multiple of 64); table [B, nb] int32/int64 page ids (columns a row does not use hold any valid id);
     query_pos [B, T] int32 (-1: padding); key_pos [B, nb·P] int32 or None (logical slot = position);
     window / n_kept as in `decode_attention`; block_scores [B, nb] float32 (contiguous last dim) or None:
-    max-accumulated block scores (module docstring); rows_hint: the allocated batch (chooses the split).
+    max-accumulated block scores (module docstring); rows_hint: the allocated batch (chooses the split); sinks
+    [Hq] or None: attention sinks (block scores stay relative to the keys).
     Returns the attention output as a [B, Hq, T, D] view of a contiguous [B, T, Hq, D] tensor."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -113,7 +115,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         raise ValueError(f"paged_attention: block_scores must be a float32 [{B}, {nb}] tensor with a contiguous "
                          f"last dimension, got {block_scores.dtype} {tuple(block_scores.shape)}")
     final, lse, bmax, splits = split_kv_attention(q, k_pool, v_pool, query_pos, key_pos, window, n_kept, rows_hint,
-                                                  S, table=table, scores=scores)
+                                                  S, table=table, scores=scores, sinks=sinks)
     if scores:
         R = Hq // Hkv * T  # query rows per KV head
         cpp = P // BLOCK_N  # key blocks per page

@@ -32,11 +32,16 @@ def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     shapes[p + "self_attn.o_proj.weight"] = (d, cfg.q_size)
     for hf_name in NORM_NAMES[cfg.norm_placement].values():
         shapes[p + hf_name] = (d,)
-    if cfg.family == "phi3":
+    if cfg.is_moe_layer(layer):
+        shapes.update(moe_shapes(cfg, layer))
+    elif cfg.family == "phi3":
         shapes[p + "mlp.gate_up_proj.weight"] = (2 * f, d)
     else:
         shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d)})
-    shapes[p + "mlp.down_proj.weight"] = (d, f)
+    if not cfg.is_moe_layer(layer):
+        shapes[p + "mlp.down_proj.weight"] = (d, f)
+    if cfg.attn_sinks:
+        shapes[p + "self_attn.sinks"] = (cfg.n_heads,)
     if cfg.qk_norm:
         full = cfg.qk_norm == "full"
         shapes[p + "self_attn.q_norm.weight"] = (cfg.q_size if full else cfg.head_dim,)
@@ -50,6 +55,61 @@ def expected_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     if cfg.o_proj_bias:
         shapes[p + "self_attn.o_proj.bias"] = (d,)
     return shapes
+
+
+# each MoE family's names of the router and of one expert's gate, up and down projections (under the layer)
+EXPERT_NAMES = {"mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{}.", "w1", "w3", "w2")}
+DEFAULT_EXPERT_NAMES = ("mlp.gate", "mlp.experts.{}.", "gate_proj", "up_proj", "down_proj")
+
+
+def moe_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of a MoE layer's feed-forward: router, experts (one tensor per expert and projection; GPT-OSS:
+    all experts in one tensor per projection, gate and up interleaved), the shared expert and its gate."""
+    d, f, e, p = cfg.hidden_size, cfg.expert_size, cfg.n_experts, f"model.layers.{layer}."
+    if cfg.family == "gpt_oss":
+        return {p + "mlp.router.weight": (e, d), p + "mlp.router.bias": (e,),
+                p + "mlp.experts.gate_up_proj": (e, d, 2 * f), p + "mlp.experts.gate_up_proj_bias": (e, 2 * f),
+                p + "mlp.experts.down_proj": (e, f, d), p + "mlp.experts.down_proj_bias": (e, d)}
+    router, expert, gate, up, down = EXPERT_NAMES.get(cfg.family, DEFAULT_EXPERT_NAMES)
+    shapes = {p + router + ".weight": (e, d)}
+    for i in range(e):
+        x = p + expert.format(i)
+        shapes.update({x + gate + ".weight": (f, d), x + up + ".weight": (f, d), x + down + ".weight": (d, f)})
+    if cfg.shared_expert_intermediate_size:
+        s = cfg.shared_expert_intermediate_size
+        shapes.update({p + "mlp.shared_expert.gate_proj.weight": (s, d), p + "mlp.shared_expert.up_proj.weight": (s, d),
+                       p + "mlp.shared_expert.down_proj.weight": (d, s)})
+        if cfg.shared_expert_gate:
+            shapes[p + "mlp.shared_expert_gate.weight"] = (1, d)
+    return shapes
+
+
+def moe_state(cfg: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our MoE module's tensors (under `mlp.`) from a layer's checkpoint tensors `t` (named under the layer)."""
+    out: dict[str, torch.Tensor] = {}
+    if cfg.family == "gpt_oss":  # [E, d, 2f] with gate = [..., ::2], up = [..., 1::2]; down [E, f, d]
+        out["router.weight"], out["router.bias"] = t["mlp.router.weight"], t["mlp.router.bias"]
+        gu, gub = t["mlp.experts.gate_up_proj"], t["mlp.experts.gate_up_proj_bias"]
+        for i in range(cfg.n_experts):
+            x = f"experts.{i}."
+            out[x + "w_gate_up.weight"] = torch.cat([gu[i, :, ::2].T, gu[i, :, 1::2].T]).contiguous()
+            out[x + "w_gate_up.bias"] = torch.cat([gub[i, ::2], gub[i, 1::2]])
+            out[x + "w_down.weight"] = t["mlp.experts.down_proj"][i].T.contiguous()
+            out[x + "w_down.bias"] = t["mlp.experts.down_proj_bias"][i]
+        return out
+    router, expert, gate, up, down = EXPERT_NAMES.get(cfg.family, DEFAULT_EXPERT_NAMES)
+    out["router.weight"] = t[router + ".weight"]
+    for i in range(cfg.n_experts):
+        x = expert.format(i)
+        out[f"experts.{i}.w_gate_up.weight"] = torch.cat([t[x + gate + ".weight"], t[x + up + ".weight"]])
+        out[f"experts.{i}.w_down.weight"] = t[x + down + ".weight"]
+    if cfg.shared_expert_intermediate_size:
+        out["shared.w_gate_up.weight"] = torch.cat([t["mlp.shared_expert.gate_proj.weight"],
+                                                    t["mlp.shared_expert.up_proj.weight"]])
+        out["shared.w_down.weight"] = t["mlp.shared_expert.down_proj.weight"]
+        if cfg.shared_expert_gate:
+            out["shared_gate.weight"] = t["mlp.shared_expert_gate.weight"]
+    return out
 
 
 # our norm → the checkpoint's, by where the model puts its norms
@@ -97,6 +157,9 @@ def build_model(
     whole model is built and then cut. `names`: every tensor the checkpoint holds; one the model does
     not use is an error."""
     used: set[str] = set()
+    if tp is not None and cfg.n_experts:
+        raise LoadError(f"{source}: tensor parallelism of mixture-of-experts models is not supported yet; "
+                        "run it in one process")
     if cfg.family == "phi3":  # fused q/k/v and gate/up: read whole, cut after the split
         sliced = False
 
@@ -139,13 +202,19 @@ def build_model(
             state[o + "mlp.w_gate_up.weight"] = t["mlp.gate_up_proj.weight"]
         else:
             state[o + "attn.wqkv.weight"] = torch.cat([t[f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        if cfg.is_moe_layer(i):
+            state.update({o + "mlp." + k: w for k, w in moe_state(cfg, t).items()})
+        elif cfg.family != "phi3":
             state[o + "mlp.w_gate_up.weight"] = torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]])
+        if cfg.attn_sinks:
+            state[o + "attn.sinks"] = t["self_attn.sinks"]
         if cfg.attention_bias:
             state[o + "attn.wqkv.bias"] = torch.cat([t[f"self_attn.{x}_proj.bias"] for x in "qkv"])
         state[o + "attn.wo.weight"] = t["self_attn.o_proj.weight"]
         if cfg.o_proj_bias:
             state[o + "attn.wo_bias"] = t["self_attn.o_proj.bias"]
-        state[o + "mlp.w_down.weight"] = t["mlp.down_proj.weight"]
+        if not cfg.is_moe_layer(i):
+            state[o + "mlp.w_down.weight"] = t["mlp.down_proj.weight"]
 
     check_all_used(cfg, names, used, source)
     model = Transformer(cfg, device="meta")

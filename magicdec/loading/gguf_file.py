@@ -21,15 +21,22 @@ import numpy as np
 import torch
 
 from magicdec.config import FAMILY_TRAITS, ConfigError, ModelConfig, RopeScaling
-from magicdec.loading.assemble import PLUS_ONE_NORMS, build_model, expected_shapes
+from magicdec.loading.assemble import (
+    DEFAULT_EXPERT_NAMES,
+    EXPERT_NAMES,
+    PLUS_ONE_NORMS,
+    build_model,
+    expected_shapes,
+)
 from magicdec.loading.conversion import convert_once, damage
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
 from magicdec.parallel.tp import TensorParallel
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite", "phi3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite", "phi3", "qwen3moe", "olmoe")
 PERMUTED = ("llama", "granite")  # llama.cpp's converter permutes q/k rows for these (its LlamaModel's rule)
-FAMILIES = {"gemma3": "gemma3_text"}  # a GGUF architecture → the family (Hugging Face model_type) it translates to
+# a GGUF architecture → the family (Hugging Face model_type) it translates to
+FAMILIES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
 # the models whose "27B" size llama.cpp scales attention by hidden/heads instead of head_dim (layers → family)
 _SCALE_BY_HIDDEN = {46: "gemma2", 62: "gemma3_text"}
 _LAYER_NAMES = {
@@ -52,6 +59,11 @@ _FUSED_NAMES = {  # Phi-3's fused projections, as llama.cpp keeps them
     "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
 _ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # read as metadata
+# a MoE layer's router and its experts, stacked [E, ...] in one tensor per projection (llama.cpp's names)
+_EXPERT_TENSORS = {"ffn_gate_exps.weight": 2, "ffn_up_exps.weight": 3, "ffn_down_exps.weight": 4}
+_ROUTER_TENSOR = "ffn_gate_inp.weight"
+# llama.cpp's top-k renormalisation per architecture (its `expert_weights_norm` key when the file has one)
+_NORM_TOPK = {"llama": True, "qwen3moe": True, "olmoe": False}
 # norms by where the family puts them
 _NORM_NAMES = {
     "pre": {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"},
@@ -142,7 +154,7 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
             name=str(field(reader, "general.name", path.stem)),
             rotary_dim=rotary if rotary != head_dim else 0,  # (Phi-3's partial rotary)
-            **_family_fields(reader, arch, n_heads),
+            **{**_family_fields(reader, arch, n_heads), **_expert_fields(reader, arch)},
         )
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
@@ -183,6 +195,21 @@ def _family_fields(reader: Any, arch: str, n_heads: int) -> dict[str, Any]:
     for key, name in (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping")):
         if field(reader, f"{arch}.{name}"):
             out[key] = float(field(reader, f"{arch}.{name}"))
+    return out
+
+
+def _expert_fields(reader: Any, arch: str) -> dict[str, Any]:
+    """A mixture of experts' fields (Mixtral is llama.cpp's "llama" with experts; Qwen3-MoE, OLMoE): every layer
+    sparse, as llama.cpp runs these architectures."""
+    n = int(field(reader, f"{arch}.expert_count", 0) or 0)
+    if not n:
+        return {}
+    out: dict[str, Any] = {"n_experts": n, "n_experts_per_token": int(field(reader, f"{arch}.expert_used_count")),
+                           "norm_topk_prob": bool(field(reader, f"{arch}.expert_weights_norm", _NORM_TOPK[arch]))}
+    if arch == "llama":
+        out["family"] = "mixtral"
+    if field(reader, f"{arch}.expert_feed_forward_length"):
+        out["moe_intermediate_size"] = int(field(reader, f"{arch}.expert_feed_forward_length"))
     return out
 
 
@@ -242,6 +269,10 @@ def gguf_tensors(reader: Any, cfg: ModelConfig, path: Path) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     known = set(_GLOBAL_NAMES).union(*(expected_shapes(cfg, i) for i in range(cfg.n_layers)))
     for t in reader.tensors:
+        experts = (*_EXPERT_TENSORS, _ROUTER_TENSOR)
+        if cfg.n_experts and t.name.startswith("blk.") and t.name.split(".", 2)[2] in experts:
+            out.update(_expert_tensors(t, cfg))
+            continue
         hf_name = hf_tensor_name(t.name, cfg.norm_placement, fused=cfg.family == "phi3")
         if hf_name not in known:
             if t.name in _ROPE_TENSORS or ".attn_rot_embd" in t.name:  # read by read_config; unused
@@ -258,6 +289,20 @@ def gguf_tensors(reader: Any, cfg: ModelConfig, path: Path) -> dict[str, torch.T
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norms with the one added; Hugging Face's w without
         out[hf_name] = torch.from_numpy(np.array(w, dtype=np.float32))
     return out
+
+
+def _expert_tensors(t: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A GGUF router or stacked-experts tensor under the family's Hugging Face names (one tensor per expert)."""
+    import gguf
+
+    _, layer, short = t.name.split(".", 2)
+    names = EXPERT_NAMES.get(cfg.family, DEFAULT_EXPERT_NAMES)
+    p = f"model.layers.{layer}."
+    w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+    if short == _ROUTER_TENSOR:
+        return {p + names[0] + ".weight": w}
+    role = names[_EXPERT_TENSORS[short]]
+    return {p + names[1].format(e) + role + ".weight": w[e].contiguous() for e in range(cfg.n_experts)}
 
 
 def hf_tensor_name(name: str, norm_placement: str = "pre", fused: bool = False) -> str | None:

@@ -96,23 +96,21 @@ class AttentionMask:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
-           softcap: float = 0.0) -> torch.Tensor:
+           softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, T, D]; k, v [B, Hkv, S, D] → [B, Hq, T, D]. Every query row must see ≥ 1 slot.
-    `softcap` > 0: logits → softcap·tanh(logits / softcap) before the mask (Gemma 2), in PyTorch."""
+    `softcap` > 0: logits → softcap·tanh(logits / softcap) before the mask (Gemma 2), in PyTorch. `sinks` [Hq]:
+    attention sinks (GPT-OSS), in the decode kernels (Triton, CPU), else in PyTorch."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    if softcap:
-        g = Hq // Hkv
-        s = torch.einsum("bhgtd,bhsd->bhgts", q.float().view(B, Hkv, g, T, D), k.float()) * D ** -0.5
-        s = torch.tanh(s / softcap) * softcap
-        s = s.masked_fill(~mask.allowed[:, None, None], float("-inf"))
-        out = torch.einsum("bhgts,bhsd->bhgtd", torch.softmax(s, -1), v.float())
-        return out.reshape(B, Hq, T, D).to(q.dtype)
-    if T <= MAX_DECODE_TOKENS and mask.positional and use_triton(q):
+    triton = T <= MAX_DECODE_TOKENS and mask.positional and use_triton(q)
+    decode_kernel = T <= MAX_DECODE_TOKENS and D % 8 == 0 and cpu_kernels.applies(q, T, max_tokens=MAX_DECODE_TOKENS)
+    if softcap or (sinks is not None and not (decode_kernel or triton)):
+        return cpu_kernels.attention_with_sinks(q, k, v, mask.allowed, sinks, softcap)
+    if triton:
         qpos, kpos = mask.int32_positions()
-        return triton_decode.decode_attention(q, k, v, qpos, kpos, mask.window, mask.n_kept, mask.rows_hint)
-    if T <= MAX_DECODE_TOKENS and D % 8 == 0 and cpu_kernels.applies(q, T, max_tokens=MAX_DECODE_TOKENS):
-        return cpu_kernels.attention(q, k, v, mask.allowed)
+        return triton_decode.decode_attention(q, k, v, qpos, kpos, mask.window, mask.n_kept, mask.rows_hint, sinks)
+    if decode_kernel:
+        return cpu_kernels.attention(q, k, v, mask.allowed, sinks)
     if T * (Hq // Hkv) <= FOLD_MAX_ROWS:
         qf = q.reshape(B, Hkv, (Hq // Hkv) * T, D)
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask.sdpa_mask(folded=True))

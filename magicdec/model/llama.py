@@ -1,7 +1,8 @@
 """The one decoder, driven by its `ModelConfig` layer by layer (Llama 2/3, Mistral, Qwen2/3, Gemma 2/3,
-Phi-3, OLMo 2, Granite, SmolLM2/3): RMSNorm (where the model puts it), RoPE per layer (or none), grouped-query
-attention with optional q/k/v (and output) biases and q/k norms, sliding or global per layer (the cache
-applies the window), SwiGLU or GeGLU, tied or untied embeddings, the Gemma and Granite multipliers.
+Phi-3, OLMo 2, Granite, SmolLM2/3, and the mixtures of experts Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GPT-OSS):
+RMSNorm (where the model puts it), RoPE per layer (or none), grouped-query attention with optional q/k/v (and
+output) biases, q/k norms and attention sinks, sliding or global per layer (the cache applies the window),
+SwiGLU or GeGLU, or a mixture of experts (`moe.py`), tied or untied embeddings, the Gemma and Granite multipliers.
 
 `forward(input_ids, positions, cache)` knows nothing about speculation or parallelism: it asks the
 cache to prepare one step for the given positions and hands each layer's new keys and values to that
@@ -18,16 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from magicdec.config import ModelConfig
-from magicdec.kernels import cpu as cpu_kernels
 from magicdec.kernels import fused
-from magicdec.kernels.cpu import MAX_DECODE_TOKENS
 from magicdec.kernels.fused import use_triton
+from magicdec.model.linear import Linear
+from magicdec.model.moe import MoE
 from magicdec.model.rope import RotaryEmbedding, apply_rope
 
 
 class CacheStep(Protocol):
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k, v [B, Hkv, T, D] for this step and return attention of q [B, Hq, T, D]."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Store k, v [B, Hkv, T, D] for this step and return attention of q [B, Hq, T, D]; `sinks` [Hq]: a
+        learned logit per query head added to each softmax's denominator (GPT-OSS), or None."""
         ...
 
 
@@ -35,17 +38,6 @@ class Cache(Protocol):
     def begin(self, positions: torch.Tensor) -> CacheStep:
         """Prepare one forward of tokens at `positions` [B, T] (-1 marks padding)."""
         ...
-
-
-class Linear(nn.Linear):
-    """nn.Linear; decode-shaped forwards on the CPU (≤ MAX_DECODE_TOKENS tokens per sequence, float32/bf16/fp16) use the
-    batch-invariant kernel of `magicdec.kernels.cpu`, so a token's logits do not depend on how many tokens
-    share its forward (verification and plain decoding agree bit for bit)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and cpu_kernels.applies(x, x.shape[1], max_tokens=MAX_DECODE_TOKENS):
-            return cpu_kernels.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -95,6 +87,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.q_size if full else cfg.head_dim, cfg.rms_norm_eps, device)
             self.k_norm = RMSNorm(cfg.kv_size if full else cfg.head_dim, cfg.rms_norm_eps, device)
         self.q_mult = cfg.scale * cfg.head_dim ** 0.5  # 1 unless the model's scale is not 1/√d
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads, device=device)) if cfg.attn_sinks else None
         self.full_rotary = cfg.rope_dim == cfg.head_dim
 
     def forward(self, x: torch.Tensor, rope: Rotation, step: CacheStep) -> torch.Tensor:
@@ -115,7 +108,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.q_mult != 1.0:
             q = q * self.q_mult
-        out = self.wo(step.attend(self.layer, q, k, v).transpose(1, 2).reshape(B, T, hq * d))
+        att = step.attend(self.layer, q, k, v) if self.sinks is None else step.attend(self.layer, q, k, v, self.sinks)
+        out = self.wo(att.transpose(1, 2).reshape(B, T, hq * d))
         return out if self.wo_bias is None else out + self.wo_bias
 
 
@@ -157,7 +151,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer, device)
         self.post_attn_norm = norm() if post else None
         self.mlp_norm = norm() if pre else None
-        self.mlp = MLP(cfg, device)
+        self.mlp: nn.Module = MoE(cfg, device) if cfg.is_moe_layer(layer) else MLP(cfg, device)
         self.post_mlp_norm = norm() if post else None
         self.residual_scale = cfg.residual_scale
 

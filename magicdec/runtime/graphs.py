@@ -66,8 +66,9 @@ class GraphRunner:
     CUDA, or `pad=True` to pad without graphs), the rest eagerly."""
 
     def __init__(self, model: Transformer, cuda_graphs: bool | None = None, pad: bool = False) -> None:
-        if cuda_graphs is None:
-            cuda_graphs = model.device.type == "cuda" and os.environ.get("MAGICDEC_CUDA_GRAPHS", "1") != "0"
+        if cuda_graphs is None:  # a mixture of experts picks its experts on the host: not capturable
+            cuda_graphs = (model.device.type == "cuda" and os.environ.get("MAGICDEC_CUDA_GRAPHS", "1") != "0"
+                           and not model.config.n_experts)
         self.model, self.cuda_graphs, self.pad = model, cuda_graphs, pad or cuda_graphs
         self._shapes: dict[Shape, _Buffers] = {}
         self._pool: Any = None

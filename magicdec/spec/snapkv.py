@@ -76,13 +76,14 @@ class _ObservedStep(PagedStep):
         super().__init__(view, positions)
         self.observer = view.observer
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         # the observed tokens' keys are in the cache already (the prefill put them there): read, never write
         mask = self.window_mask(self.cache.windows[layer])  # a sliding layer sees its window only
         S = mask.kv_len
         keys = self._gather(self.cache.k[layer], S)
         self.observer(layer, q, keys, mask)
-        return attend(q, keys, self._gather(self.cache.v[layer], S), mask, softcap=self.cache.softcap)
+        return attend(q, keys, self._gather(self.cache.v[layer], S), mask, softcap=self.cache.softcap, sinks=sinks)
 
 
 @torch.inference_mode()

@@ -35,9 +35,13 @@
 // of each and the kernel blocks of the page of 2^(m_blk - m_row) / l_row), i.e. the largest attention
 // probability that any query row (all g·T of them, padding rows included) gives to a slot of the page;
 // m_blk is the block's max score recorded by softmax_block, m_row and l_row the row's final max and sum
-// (known after the fold). The block maxima go to a scratch array indexed by (head, row, block), written by
-// whichever thread computes the chunk (disjoint entries), and are reduced after the fold in a fixed order,
-// so the scores are deterministic and the attention output is bitwise unchanged.
+// (known after the fold; l_row without the sinks' terms when there are sinks). The block maxima go to a scratch
+// array indexed by (head, row, block), written by whichever thread computes the chunk (disjoint entries), and
+// are reduced after the fold in a fixed order, so the scores are deterministic and the attention output is
+// bitwise unchanged.
+//
+// Attention sinks (optional, GPT-OSS): a logit per query head in every softmax's denominator, as a slot with a
+// zero value that every row sees: write_out divides by l_row + 2^(sink - m_row).
 
 #include <immintrin.h>
 #include <omp.h>
@@ -135,6 +139,9 @@ struct Problem {
   int64_t ss_b = 0;
   float* blk_m = nullptr;
   int64_t nblk = 0;
+  // Attention sinks (nullptr: none): sinks[h] · log2(e), one logit per query head that adds 2^(sink - m) to
+  // the row's sum (a slot with a zero value that every row of the head sees).
+  const float* sinks = nullptr;
 };
 
 // One thread's scratch for one (batch, KV head): R rows of prescaled queries, scores of a block, and the
@@ -419,13 +426,16 @@ void reset_total(Work& w) {
   std::fill(w.tot_acc.begin(), w.tot_acc.end(), 0.0f);
 }
 
-// out[b, kvh·g + jg, t] = total acc / total l (0 for a row that saw nothing).
+// out[b, kvh·g + jg, t] = total acc / (total l + the head's sink term 2^(sink - total m)) (0 for a row that saw
+// nothing). The block scores (head_scores) are relative to the keys only, without the sink, as the Triton kernels'.
 void write_out(const Problem& P, const Work& w, int64_t b, int64_t kvh) {
   for (int64_t r = 0; r < P.R; ++r) {
     const int64_t jg = r / P.T, t = r % P.T;
     float* dst = P.out + (((b * P.Hq) + kvh * P.g + jg) * P.T + t) * P.D;
     const float* src = w.tot_acc.data() + r * P.D;
-    const float l = w.tot_l[r];
+    float l = w.tot_l[r];
+    if (l > 0.0f && P.sinks != nullptr)  // std::exp2: any range (a sink may dominate)
+      l += std::exp2(P.sinks[kvh * P.g + jg] - w.tot_m[r]);
     if (l > 0.0f) {
       const __m256 lv = _mm256_set1_ps(l);
       for (int64_t d = 0; d < P.D; d += 8) _mm256_storeu_ps(dst + d, _mm256_div_ps(_mm256_loadu_ps(src + d), lv));
@@ -479,9 +489,10 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
                    int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
                    const uint8_t* mask, int64_t ms_b, int64_t ms_t, const int32_t* table, int64_t ts_b,
                    int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D,
-                   float* scores, int64_t ss_b) {
+                   float* scores, int64_t ss_b, const float* sinks) {
   Problem P{q, qs_b, qs_h, qs_t, k, ks_b, ks_h, ks_s, v, vs_b, vs_h, vs_s, mask, ms_b, ms_t, table, ts_b, page,
             out, B, Hq, Hkv, T, S, D, Hq / Hkv, (Hq / Hkv) * T, (S + kChunk - 1) / kChunk, kv};
+  P.sinks = sinks;
   const int64_t heads = B * Hkv;
   if (heads == 0 || T == 0) return;
   std::vector<float> blk_m, hs;  // block scores: the rows' block maxima, then each head's page scores

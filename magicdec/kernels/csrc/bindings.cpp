@@ -25,7 +25,7 @@ void attention_f32(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, con
                    int64_t ks_h, int64_t ks_s, const void* v, int64_t vs_b, int64_t vs_h, int64_t vs_s, Elem kv,
                    const uint8_t* mask, int64_t ms_b, int64_t ms_t, const int32_t* table, int64_t ts_b,
                    int64_t page, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D,
-                   float* scores, int64_t ss_b);
+                   float* scores, int64_t ss_b, const float* sinks);
 
 namespace {
 
@@ -136,7 +136,7 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Te
 // none): float32 [B, nb] with a contiguous last dimension, max-accumulated in place (attention.cpp).
 at::Tensor attention_any(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                          const at::Tensor& allowed_in, const at::Tensor& table_in, const char* fn,
-                         const at::Tensor& scores = at::Tensor()) {
+                         const at::Tensor& scores = at::Tensor(), const at::Tensor& sinks_in = at::Tensor()) {
   const bool paged = table_in.defined();
   check_cpu(q_in, "q");
   const Elem kv = check_cpu(k_in, paged ? "k_pool" : "k");
@@ -191,6 +191,12 @@ at::Tensor attention_any(const at::Tensor& q_in, const at::Tensor& k_in, const a
                 "] with a contiguous last dimension, got ", scores.scalar_type(), " ", scores.sizes(), " on ",
                 scores.device());
   }
+  at::Tensor sinks;  // log2(e) · the per-head logits, float32
+  if (sinks_in.defined()) {
+    TORCH_CHECK(sinks_in.device().is_cpu() && sinks_in.dim() == 1 && sinks_in.size(0) == Hq, "magicdec cpu ", fn,
+                ": sinks must be a CPU tensor [", Hq, "], got ", sinks_in.sizes(), " on ", sinks_in.device());
+    sinks = (sinks_in.to(at::kFloat) * 1.4426950408889634).contiguous();
+  }
   at::Tensor out = at::empty({B, Hq, T, D}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.to(q_in.scalar_type());
   TORCH_CHECK(S > 0, "magicdec cpu ", fn, ": no keys to attend to");
@@ -205,21 +211,25 @@ at::Tensor attention_any(const at::Tensor& q_in, const at::Tensor& k_in, const a
                   reinterpret_cast<const uint8_t*>(allowed.data_ptr<bool>()), allowed.stride(0), allowed.stride(1),
                   paged ? table.data_ptr<int32_t>() : nullptr, paged ? table.stride(0) : 0, page,
                   out.data_ptr<float>(), B, Hq, Hkv, T, S, D,
-                  scores.defined() ? scores.data_ptr<float>() : nullptr, scores.defined() ? scores.stride(0) : 0);
+                  scores.defined() ? scores.data_ptr<float>() : nullptr, scores.defined() ? scores.stride(0) : 0,
+                  sinks.defined() ? sinks.data_ptr<float>() : nullptr);
   }
   return out.to(q_in.scalar_type());  // no copy for float32
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed) {
-  return attention_any(q, k, v, allowed, at::Tensor(), "attention");
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
+                     const std::optional<at::Tensor>& sinks) {
+  return attention_any(q, k, v, allowed, at::Tensor(), "attention", at::Tensor(),
+                       sinks.has_value() ? *sinks : at::Tensor());
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                            const at::Tensor& table, const at::Tensor& allowed,
-                           const std::optional<at::Tensor>& block_scores) {
+                           const std::optional<at::Tensor>& block_scores, const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(table.defined(), "magicdec cpu paged_attention: table is undefined");
   const at::Tensor scores = block_scores.has_value() ? *block_scores : at::Tensor();
-  return attention_any(q, k_pool, v_pool, allowed, table, "paged_attention", scores);
+  return attention_any(q, k_pool, v_pool, allowed, table, "paged_attention", scores,
+                       sinks.has_value() ? *sinks : at::Tensor());
 }
 
 }  // namespace
@@ -239,11 +249,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &magicdec_cpu::attention,
         "GQA attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] where allowed [B, T, S] (float32, bfloat16 "
         "or float16; float32 arithmetic)",
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("allowed"));
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("allowed"),
+        pybind11::arg("sinks") = pybind11::none());
   m.def("paged_attention", &magicdec_cpu::paged_attention,
         "attention of q [B, Hq, T, D] over the pages table [B, nb] of the pools k_pool, v_pool [N, Hkv, P, D] "
         "where allowed [B, T, nb·P]: bitwise `attention` on the gathered cache (P a multiple of 64); block_scores "
-        "[B, nb] float32 (optional): max-accumulates each page's largest attention probability",
+        "[B, nb] float32 (optional): max-accumulates each page's largest attention probability; sinks [Hq] (optional): "
+        "a logit per query head added to each softmax's denominator",
         pybind11::arg("q"), pybind11::arg("k_pool"), pybind11::arg("v_pool"), pybind11::arg("table"),
-        pybind11::arg("allowed"), pybind11::arg("block_scores") = pybind11::none());
+        pybind11::arg("allowed"), pybind11::arg("block_scores") = pybind11::none(),
+        pybind11::arg("sinks") = pybind11::none());
 }

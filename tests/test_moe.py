@@ -1,0 +1,435 @@
+"""Mixtures of experts in the one decoder (issue 26): Qwen3-MoE (a dense layer among sparse ones), Qwen2-MoE
+(a gated shared expert), Mixtral (a sliding window), OLMoE (q/k norms over all heads) and GPT-OSS (attention
+sinks, alternating sliding and full layers, the router's bias and softmax after top-k, the clamped SwiGLU with
+biases) as tiny random checkpoints saved by transformers' own config classes: magicdec's greedy tokens are
+transformers', speculation gives plain decoding's tokens, and the MoE forward is batch-invariant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import PagedRows, hf_greedy, random_prompts, save_sharp
+from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
+
+WINDOW = 32
+BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0, num_experts_per_tok=2)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "moe_intermediate_size": 32, "mlp_only_layers": [1],
+                                     "norm_topk_prob": True}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 48}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "sliding_window": WINDOW}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 8}),
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "sliding_window": WINDOW, "num_hidden_layers": 2,
+                                 "layer_types": ["sliding_attention", "full_attention"],
+                                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+}
+# the router's logits (and GPT-OSS's sinks) larger than the other weights: decisive routing, sinks that matter
+SCALES = {"gate.weight": 4.0, "router.weight": 4.0, "sinks": 10.0}
+
+
+def write_moe(path: Path, family: str, seed: int = 0, **changes: Any) -> Path:
+    import transformers
+
+    name, overrides = FAMILIES[family]
+    config = getattr(transformers, name)(**{**BASE, **overrides, **changes})
+    return save_sharp(config, path, seed, scales=SCALES)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    return {f: write_moe(root / f, f) for f in FAMILIES}
+
+
+PROMPTS = random_prompts(3, [70, 23, 45], 384, seed=7)  # the first past the window (32)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_equals_transformers(family: str, checkpoints: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoints[family]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = LLM(path, device="cpu")
+    assert ours.config.n_experts == FAMILIES[family][1].get("num_experts", FAMILIES[family][1].get("num_local_experts"))
+    result = ours.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, result.outputs):
+        assert out.token_ids == hf_greedy(hf, prompt, 12), (family, len(prompt))
+
+
+def test_serving_engine_decodes_like_transformers(checkpoints: dict[str, Path]) -> None:
+    """The online `Engine`, requests queued one by one (GPT-OSS: sinks, sliding and full layers)."""
+    from transformers import AutoModelForCausalLM
+
+    from magicdec import Engine
+
+    path = checkpoints["gpt_oss"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine(llm=LLM(path, device="cpu"), max_num_seqs=4, quiet=True)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=10, ignore_eos=True)) for p in PROMPTS]
+    outs: dict[Any, list[int]] = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    engine.close()
+    for i, prompt in zip(ids, PROMPTS):
+        assert outs[i] == hf_greedy(hf, prompt, 10), len(prompt)
+
+
+SELF_DRAFTS = {
+    "streaming": dict(drafter="streaming", budget=24, sinks=4),
+    "snapkv": dict(drafter="snapkv", budget=24, tuning=DraftTuning(snapkv_window=8, observe=8)),
+    "guided": dict(drafter="guided", budget=192),
+}
+
+
+@pytest.mark.parametrize("drafter", sorted(SELF_DRAFTS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_self_speculation_equals_plain_decoding(family: str, drafter: str, checkpoints: dict[str, Path]) -> None:
+    """Drafts read the experts (full weights, or int8 ones: alternating, so that each drafter meets both) and
+    verification gives plain decoding's tokens: the MoE forward is batch-invariant."""
+    llm = LLM(checkpoints[family], device="cpu")
+    prompts = random_prompts(3, [200, 23, 90], 384, seed=3)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    plain = [o.token_ids for o in llm.generate(prompts, params).outputs]
+    weights = ("full", "int8")[(sorted(FAMILIES).index(family) + sorted(SELF_DRAFTS).index(drafter)) % 2]
+    spec = SpecConfig(method="self", gamma=3, draft_weights=weights, **SELF_DRAFTS[drafter])
+    result = llm.generate(prompts, params, spec)
+    assert [o.token_ids for o in result.outputs] == plain, (family, drafter, weights)
+    assert result.stats.acceptance.rounds > 0
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_moe_forward_is_batch_invariant(family: str, checkpoints: dict[str, Path], kernels: None) -> None:
+    """A decode-shaped row alone and the same row among different rows (other experts active): bitwise equal,
+    for the MoE module and for the whole model's logits."""
+    from magicdec.model.moe import MoE
+
+    model = LLM(checkpoints[family], device="cpu").model
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 64, generator=g)
+    with torch.inference_mode():
+        batch = moe(x)
+        for b in range(6):
+            assert torch.equal(moe(x[b:b + 1]), batch[b:b + 1]), b
+            assert torch.equal(moe(x[b:b + 1, 1:2]), batch[b:b + 1, 1:2]), b
+    ids = torch.tensor(random_prompts(5, [4], 384, seed=1))
+    pos = torch.arange(4).expand(5, -1)
+    together = PagedRows(model, 5, 64)(ids, pos)
+    for b in range(5):
+        alone = PagedRows(model, 1, 64)(ids[b:b + 1], pos[b:b + 1])
+        assert torch.equal(alone, together[b:b + 1]), b
+
+
+def test_counting_the_experts_a_forward_reads(checkpoints: dict[str, Path]) -> None:
+    """`track_expert_reads`: each MoE layer records how many distinct experts each forward ran (≤ n_experts, ≥ k);
+    one token reads exactly k per layer; off again, nothing is recorded."""
+    from magicdec.model.moe import track_expert_reads
+
+    llm = LLM(checkpoints["qwen3_moe"], device="cpu")
+    modules = track_expert_reads(llm.model)
+    assert len(modules) == 2  # layer 1 is dense (mlp_only_layers)
+    rows = PagedRows(llm.model, 1, 64)
+    rows(torch.tensor([PROMPTS[0][:40]]), torch.arange(40)[None])
+    rows(torch.tensor([[5]]), torch.tensor([[40]]))
+    for m in modules:
+        assert m.reads is not None and len(m.reads) == 2
+        assert 2 <= m.reads[0] <= 8 and m.reads[1] == 2
+    track_expert_reads(llm.model, on=False)
+    rows(torch.tensor([[6]]), torch.tensor([[41]]))
+    assert all(m.reads is None for m in modules)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_parameter_count_is_transformers(family: str, checkpoints: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32)
+    assert LLM(checkpoints[family], device="cpu").config.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+def test_sinks_in_the_cpu_kernels_match_pytorch(kernels: None) -> None:
+    """The dense and paged kernels with sinks (large ones and small ones, a row that sees one slot) against the
+    float32 PyTorch reference; without sinks, the kernel's result is unchanged."""
+    from magicdec.kernels import cpu
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, S, D = 2, 4, 2, 3, 130, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, T), (Hkv, S), (Hkv, S)))
+    allowed = torch.rand(B, T, S, generator=g) < 0.5
+    allowed[0, 0] = False
+    allowed[0, 0, 7] = True
+    sinks = torch.tensor([-3.0, 0.0, 2.0, 30.0])
+    out = cpu.attention(q, k, v, allowed, sinks)
+    ref = cpu.attention_with_sinks(q, k, v, allowed, sinks)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out, cpu.attention(q, k, v, allowed), atol=1e-3)
+    pool_k, pool_v = (torch.cat([t, torch.zeros(B, Hkv, 192 - S, D)], 2).view(B, Hkv, 3, 64, D)
+                      .permute(0, 2, 1, 3, 4).reshape(B * 3, Hkv, 64, D) for t in (k, v))
+    table = torch.arange(B * 3).view(B, 3)
+    wide = torch.nn.functional.pad(allowed, (0, 192 - S))
+    assert torch.equal(cpu.paged_attention(q, pool_k, pool_v, table, wide, sinks=sinks), out)
+
+
+def test_mxfp4_checkpoint_is_refused_with_the_fix(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from magicdec.loading import LoadError
+
+    path = shutil.copytree(checkpoints["gpt_oss"], tmp_path / "mxfp4")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="MXFP4.*dequantize"):
+        LLM(path, device="cpu")
+
+
+def test_served_greedy_equals_transformers(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """`magicdec serve` on the GPT-OSS checkpoint (self-speculation on): the completions of token-id prompts, one
+    past the window, are transformers' greedy tokens."""
+    import httpx
+    from test_server import ENGINE, started
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoints["gpt_oss"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = LLM(path, device="cpu").tokenizer
+    args = ["--model", str(path), *ENGINE, "--spec", "self", "--budget", "24", "--sinks", "4", "--gamma", "2"]
+    for server in started(tmp_path, "gpt_oss", args):
+        name = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        for prompt in PROMPTS:
+            body = {"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == tokenizer.decode(hf_greedy(hf, prompt, 12)), len(prompt)
+
+
+def test_speculative_sampling_on_a_moe_keeps_the_target_distribution(tmp_path: Path, threads: None) -> None:
+    """χ² of 3 sampled tokens against the exact joint distribution, on a GPT-OSS-like model (sinks, a sliding
+    layer of window 16 and a global one, 4 experts) with a 40-token prompt, drafting with int8 experts."""
+    from test_spec_sampling import PROMPT_LEN, VOCAB, N, check, exact_joint
+
+    from magicdec import Engine
+
+    torch.set_num_threads(1)
+    path = write_moe(tmp_path / "gpt_oss", "gpt_oss", seed=5, vocab_size=VOCAB, sliding_window=16)
+    llm = LLM(path, device="cpu")
+    assert llm.config.layer_windows == (16, 0) and llm.config.attn_sinks
+    spec = SpecConfig(method="self", gamma=2, drafter="streaming", budget=8, sinks=2, draft_weights="int8")
+    prompt = random_prompts(1, [PROMPT_LEN], VOCAB - 5, seed=3)[0]
+    engine = Engine(llm=llm, spec=spec, max_num_seqs=64, max_num_batched_tokens=4096, quiet=True)
+    ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=3, seed=s, ignore_eos=True, temperature=1.0))
+           for s in range(N)]
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    rate = engine.stats.spec.acceptance_rate
+    engine.close()
+    assert rate is not None and 0.05 <= rate <= 0.99
+    counts = torch.zeros(VOCAB, VOCAB, VOCAB)
+    for i in ids:
+        a, b, c = outs[i]
+        counts[a, b, c] += 1
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=1.0)
+    pvalues = check(counts, exact_joint(llm, prompt, params))
+    assert min(pvalues.values()) > 1e-3, pvalues
+
+
+TRITON_SINKS_SCRIPT = '''
+from magicdec.kernels.cpu import attention_with_sinks, gather_pages
+from magicdec.kernels.decode_attention import MIN_SPLIT, decode_attention
+from magicdec.kernels.paged_attention import paged_attention
+
+g = torch.Generator().manual_seed(0)
+D = 16
+for B, S in ((2, MIN_SPLIT * 2 + 100), (40, 300)):  # several splits (the merge adds the sinks), then one
+    Hq, Hkv, T = 4, 2, 2
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    qpos = torch.randint(0, S, (B, T), generator=g, dtype=torch.int32)
+    qpos[0, 0] = 0  # a row that sees one slot
+    sinks = torch.tensor([-3.0, 0.0, 2.0, 9.0])
+    allowed = torch.arange(S)[None, None, :] <= qpos[..., None]
+    ref = attention_with_sinks(q, k, v, allowed, sinks)
+    out = decode_attention(q, k, v, qpos, sinks=sinks)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4), (B, (out - ref).abs().max())
+    P = 64
+    nb = -(-S // P)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, nb * P - S))
+    perm = torch.randperm(B * nb, generator=g)
+    pool_k, pool_v = (torch.empty(B * nb, Hkv, P, D) for _ in range(2))
+    for pool, t in ((pool_k, k), (pool_v, v)):
+        pool[perm] = pad(t).view(B, Hkv, nb, P, D).permute(0, 2, 1, 3, 4).reshape(B * nb, Hkv, P, D)
+    table = perm.view(B, nb)
+    assert torch.equal(gather_pages(pool_k, table)[:, :, :S], k)
+    out = paged_attention(q, pool_k, pool_v, table, qpos, sinks=sinks)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4), (B, (out - ref).abs().max())
+print("ok")
+'''
+
+
+def test_sinks_in_the_triton_kernels_in_the_interpreter() -> None:
+    """The dense and paged split-KV kernels with sinks, with several splits (the merge) and one, against PyTorch."""
+    pytest.importorskip("triton")
+    from test_triton_attention import SCRIPT, interpret
+
+    interpret(SCRIPT.split("from magicdec.kernels.decode_attention")[0] + TRITON_SINKS_SCRIPT, 16)
+
+
+MOE_MODEL_SCRIPT = '''
+import os
+from magicdec.cache.paged import PagedKVCache, PagedView
+from magicdec.config import ModelConfig
+from magicdec.loading.random_init import random_model
+
+cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                  head_dim=16, name="t", sliding_window=16, layer_types=("sliding", "full"), n_experts=4,
+                  n_experts_per_token=2, router_softmax="after", router_bias=True, expert_bias=True,
+                  swiglu_alpha=1.702, swiglu_limit=7.0, attn_sinks=True, attention_bias=True, o_proj_bias=True)
+model = random_model(cfg, "cpu", torch.float32, seed=0)
+for layer in model.layers:
+    layer.attn.sinks.normal_(0, 2)
+ids = torch.randint(0, 96, (2, 40))
+pos = torch.arange(40).expand(2, -1)
+
+def run():
+    pool = PagedKVCache.for_model(model, 4, 64)
+    cache = PagedView(pool, torch.tensor([[2, 0], [1, 3]]))
+    with torch.inference_mode():
+        a = model(ids[:, :30], pos[:, :30], cache)  # a prefill chunk (PyTorch)
+        b = model(ids[:, 30:31], pos[:, 30:31], cache)  # a decode step
+        c = model(ids[:, 31:35], pos[:, 31:35], cache)  # a verification block
+    return torch.cat([a, b, c], 1)
+
+eager = run()
+os.environ["MAGICDEC_TRITON_ON_CPU"] = "1"
+triton_path = run()
+assert (triton_path - eager).abs().max() < 1e-4, (triton_path - eager).abs().max()
+print("ok")
+'''
+
+
+def test_gpt_oss_like_forward_through_the_triton_kernels_equals_eager() -> None:
+    """A prefill chunk, a decode step and a verification block of a random GPT-OSS-shaped model (sinks, a sliding
+    and a full layer, 4 experts) through the Triton paths (interpreted) equal the CPU paths."""
+    pytest.importorskip("triton")
+    from test_triton_attention import SCRIPT, interpret
+
+    interpret(SCRIPT.split("from magicdec.kernels.decode_attention")[0] + MOE_MODEL_SCRIPT, 16)
+
+
+def write_moe_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
+    """The float32 GGUF llama.cpp's converter writes for a Mixtral ("llama": q/k rows permuted for its interleaved
+    RoPE), Qwen3-MoE or OLMoE checkpoint: expert metadata, the router as ffn_gate_inp, the experts stacked."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    from magicdec.loading.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES, _NORM_NAMES
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    t = load_file(hf_dir / "model.safetensors")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_eos_token_id(2)
+    n = cfg.get("num_experts") or cfg["num_local_experts"]
+    w.add_expert_count(n)
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if cfg.get("moe_intermediate_size"):
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **_NORM_NAMES["pre"]}
+    mixtral = arch == "llama"
+    prefix, router = ("block_sparse_moe.experts.", "block_sparse_moe.gate.weight") if mixtral else (
+        "mlp.experts.", "mlp.gate.weight")
+    roles = {"w1": "gate", "w3": "up", "w2": "down"} if mixtral else {f"{r}_proj": r for r in ("gate", "up", "down")}
+
+    def perm(x: torch.Tensor, heads: int) -> Any:
+        a = x.numpy()
+        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for role, short in roles.items():
+            stacked = torch.stack([t[f"{p}{prefix}{e}.{role}.weight"] for e in range(n)])
+            w.add_tensor(f"blk.{i}.ffn_{short}_exps.weight", stacked.numpy())
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", t[p + router].numpy())
+    for name, tensor in t.items():
+        short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        if name.startswith("model.layers.") and ("experts" in short or short == router):
+            continue
+        gg = names[short] if not name.startswith("model.layers.") else f"blk.{name.split('.')[2]}.{names[short]}"
+        heads = {"self_attn.q_proj.weight": cfg["num_attention_heads"], "self_attn.k_proj.weight":
+                 cfg["num_key_value_heads"]}.get(short)
+        w.add_tensor(gg, perm(tensor, heads) if mixtral and heads else tensor.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(("family", "arch"), [("mixtral", "llama"), ("qwen3_moe", "qwen3moe"), ("olmoe", "olmoe")])
+def test_gguf_of_a_moe_loads_like_its_checkpoint(family: str, arch: str, checkpoints: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    """The GGUF's description and weights are the Hugging Face checkpoint's (which decodes like transformers);
+    llama.cpp's Qwen3-MoE has no dense layers and its Mixtral no sliding window: those checkpoints are written
+    without them."""
+    from magicdec.config import RopeScaling
+    from magicdec.loading import load_model
+    from magicdec.loading.gguf_file import load_gguf
+
+    plain = {"qwen3_moe": {"mlp_only_layers": []}, "mixtral": {"sliding_window": None}}
+    hf_dir = write_moe(tmp_path / "hf", family, **plain[family]) if family in plain else checkpoints[family]
+    path = write_moe_gguf(tmp_path / f"{family}.gguf", hf_dir, arch)
+    ref = load_model(hf_dir, device="cpu")
+    for limit in (1 << 30, 0):  # converted once to safetensors, or dequantized at load
+        ours, cfg = load_gguf(path, torch.float32, "cpu", tmp_path / f"conv{limit}", cache_limit_bytes=limit)
+        same = dict(name="", eos_token_ids=(), bos_token_id=None, rms_norm_eps=0.0, rope_scaling=RopeScaling(),
+                    max_position_embeddings=0)
+        assert cfg.with_(**same) == ref.config.with_(**same)
+        theirs = ref.model.state_dict()
+        assert set(ours.state_dict()) == set(theirs)
+        for name, p in ours.state_dict().items():
+            assert torch.allclose(p, theirs[name], atol=1e-6, rtol=0), name
+
+
+def test_tensor_parallelism_of_a_moe_is_refused(checkpoints: dict[str, Path]) -> None:
+    from magicdec.loading import LoadError, load_model
+    from magicdec.parallel.tp import TensorParallel
+
+    with pytest.raises(LoadError, match="tensor parallelism of mixture-of-experts"):
+        load_model(checkpoints["mixtral"], device="cpu", tp=TensorParallel(0, 2))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_dense_layers_are_transformers(family: str) -> None:
+    """decoder_sparse_step and mlp_only_layers pick the same dense layers as transformers' own model."""
+    import transformers
+
+    from magicdec.config import ModelConfig
+
+    name, overrides = FAMILIES[family]
+    config = getattr(transformers, name)(**{**BASE, **overrides, "num_hidden_layers": 6, "decoder_sparse_step": 2,
+                                            "mlp_only_layers": [3]})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    ours = ModelConfig.from_hf(config.to_dict())
+    sparse = [hasattr(layer.mlp, "experts") for layer in hf.model.layers]
+    assert sparse == [ours.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
