@@ -13,8 +13,8 @@ sum are row-wise. So a token's output does not depend on which other tokens shar
 verification gives plain decoding's tokens bit for bit.
 
 Counting the experts a forward reads (the cost model's check): set `reads` of the MoE modules to a list
-(`track_expert_reads(model)`); each forward then appends how many distinct experts it ran. None (the default)
-costs nothing.
+(`track_expert_reads(model)`); each forward then appends (its tokens, how many distinct experts it ran) and
+adds each expert's picks to `picks`. None (the default) costs nothing.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class MoE(nn.Module):
             self.shared = Expert(cfg, cfg.shared_expert_intermediate_size, device, routed=False)
             if cfg.shared_expert_gate:
                 self.shared_gate = Linear(cfg.hidden_size, 1, bias=False, device=device)
-        self.reads: list[int] | None = None  # a list: each forward appends how many distinct experts it ran
+        self.reads: list[tuple[int, int]] | None = None  # a list: each forward's (tokens, distinct experts run)
+        self.picks = [0] * cfg.n_experts  # while reads is a list: how often each expert was picked
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, d] → each token's top-k experts [B·T, k] and their weights [B·T, k] (in x's dtype)."""
@@ -97,7 +98,8 @@ class MoE(nn.Module):
                 out_rows[start:start + n] = self.experts[e](part[:, None] if decode else part[None]).reshape(n, d)
                 start += n
         if self.reads is not None:
-            self.reads.append(sum(1 for n in counts if n))
+            self.reads.append((B * T, sum(1 for n in counts if n)))
+            self.picks = [a + b for a, b in zip(self.picks, counts)]
         y = torch.empty_like(out_rows)
         y[order] = out_rows
         y = y.view(B * T, k, d)
@@ -115,8 +117,10 @@ class MoE(nn.Module):
 
 def track_expert_reads(model: nn.Module, on: bool = True) -> list[MoE]:
     """Turn the counting of experts read on (each MoE module's `reads` a fresh list) or off (None); returns the
-    MoE modules in layer order, whose `reads[i]` is the number of distinct experts the i-th forward ran."""
+    MoE modules in layer order, whose `reads[i]` is the i-th forward's (tokens, distinct experts it ran) and
+    `picks[e]` how often expert e was picked since."""
     modules = [m for m in model.modules() if isinstance(m, MoE)]
     for m in modules:
         m.reads = [] if on else None
+        m.picks = [0] * m.n_experts
     return modules
