@@ -349,7 +349,8 @@ class Scheduler:
     def _preempt(self, victim: Request, plan: Plan) -> None:
         self.running.remove(victim)
         self.pool.release(victim.held)
-        victim.blocks, victim.kept, victim.rings, victim.computed, victim.registered, victim.draft_seen = [], [], [], 0, 0, 0
+        victim.blocks, victim.kept, victim.rings = [], [], []
+        victim.computed, victim.registered, victim.draft_seen = 0, 0, 0
         victim.status = Status.WAITING
         victim.metrics.preemptions += 1
         self.waiting.appendleft(victim)
