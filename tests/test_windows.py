@@ -16,7 +16,7 @@ from test_families import write_family
 
 from conftest import hf_greedy, random_prompts
 from magicdec import LLM, DraftTuning, Engine, SamplingParams, SpecConfig
-from magicdec.cache.paged import layer_groups
+from magicdec.config import layer_groups
 
 WINDOW = 32  # against blocks of 64 and chunks of 64: a 300-token request wraps its ring of 3 blocks
 
@@ -24,14 +24,35 @@ WINDOW = 32  # against blocks of 64 and chunks of 64: a 300-token request wraps 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("windows")
-    return {f: write_family(root / f, f, seed=3, sliding_window=WINDOW) for f in ("ministral", "gemma2")}
+    out = {f: write_family(root / f, f, seed=3, sliding_window=WINDOW) for f in ("ministral", "gemma2")}
+    five = ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]  # groups [1, 3], [0, 2], [4]
+    out["ministral5"] = write_family(root / "ministral5", "ministral", seed=3, sliding_window=WINDOW,
+                                     num_hidden_layers=5, layer_types=five)
+    return out
 
 
 def test_layer_groups_split_global_and_sliding_layers_evenly() -> None:
     assert layer_groups((32, 0, 32, 0)) == [[1, 3], [0, 2]]
     assert layer_groups((8, 8, 0, 8, 8, 16, 16, 0)) == [[2, 7], [0, 1], [3, 4], [5, 6]]
+    assert layer_groups((32, 32, 32, 0, 0)) == [[3, 4], [0, 1], [2]]  # the last group's blocks have a free slot
     assert layer_groups((0, 0)) is None and layer_groups((32, 32)) is None  # one kind only: nothing to release
-    assert layer_groups((32, 32, 32, 0, 0)) is None  # 3 sliding layers do not split into groups of 2
+    assert layer_groups((32, 0, 0)) is None  # fewer sliding layers than global: their blocks would be mostly empty
+
+
+def test_plan_counts_a_sliding_layers_window_not_its_context() -> None:
+    """`magicdec plan`'s memory: Gemma-3-27B's 52 sliding layers hold their window, not 32K tokens."""
+    from magicdec.costmodel.hardware import load_profile
+    from magicdec.costmodel.shapes import resolve_model
+    from magicdec.costmodel.steps import CostModel, DraftSpec
+
+    gemma = resolve_model("gemma-3-27b")
+    groups = gemma.layer_groups
+    assert groups is not None and [len(g) for g in groups] == [10, 10, 10, 10, 10, 10, 2]
+    dense = gemma.with_(layer_types=(), sliding_window=None)
+    hw = load_profile("h100")
+    kv = {name: CostModel(m, hw, DraftSpec("self")).memory_bytes(8, 32768) - m.weight_bytes(2)
+          for name, m in (("mixed", gemma), ("dense", dense))}
+    assert 0.15 < kv["mixed"] / kv["dense"] < 0.25
 
 
 def held_bytes(e: Engine) -> int:
@@ -75,7 +96,8 @@ SPECS = {
 
 
 @pytest.mark.parametrize("family,drafter", [("ministral", "streaming"), ("gemma2", "streaming"),
-                                            ("ministral", "snapkv"), ("ministral", "guided")])
+                                            ("ministral5", "guided"), ("ministral", "snapkv"),
+                                            ("ministral", "guided")])
 def test_greedy_with_release_equals_transformers_under_speculation(family: str, drafter: str,
                                                                   mixed: dict[str, Path]) -> None:
     """Prompts far past the window (rings wrapped many times), four at once in a pool that preempts: the
@@ -91,7 +113,7 @@ def test_greedy_with_release_equals_transformers_under_speculation(family: str, 
     for release in (True, False):
         core = llm.core(llm.engine_config(SPECS[drafter], release_windows=release, max_num_seqs=4, num_blocks=30,
                                           max_num_batched_tokens=128, pad_shapes=release))
-        assert core.scheduler.ring_sizes == ([3] if release else [])
+        assert core.scheduler.ring_sizes == ([3] * (len(core.model.config.layer_groups or []) - 1) if release else [])
         outs[release] = [o.token_ids for o in llm.run(core, prompts, params).outputs]
         core.pool.check_empty()
     assert outs[True] == outs[False]

@@ -25,6 +25,16 @@ stay its own. The guided self-draft ranks blocks by it. Its per-layer variant re
 layer's best blocks: its view then holds one read table and one set of slot positions per layer
 ([L, B, nr], [L, B, nr · P]); each layer's attention reads through its own (the visibility of every layer is
 computed in one go, over the layers' rows stacked).
+
+Sliding layers' blocks are released on a model whose layers split into groups of equal size
+(`magicdec.config.layer_groups`: its global layers, then each window's layers in groups as large), when the
+cache is made `grouped`. A block then holds one group's layers (buffers [layers per group, blocks + 1, …]) and
+belongs to one group at a time: the row's table gives the global group's blocks, and `rings` maps each of
+those blocks, per sliding group, to that group's block for the same columns — a request's ring of a few
+blocks that its columns cycle through (the scheduler sizes it so that a block is reused only when no query
+can see it any more). Each sliding layer reads and writes through its group's table (`rings[g][table]`,
+gathered on the device, so a CUDA graph replays the current map); its window masks the columns whose ring
+block holds newer keys, so every kernel sees the same visible slots as without release.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from magicdec.config import layer_groups
 from magicdec.kernels import cpu as cpu_kernels
 from magicdec.kernels import paged_attention as triton_paged
 from magicdec.kernels.fused import use_triton
@@ -42,23 +53,6 @@ if TYPE_CHECKING:
     from magicdec.model.llama import Transformer
 
 SCORE_LAYERS = ("max", "sum", "layer")  # block scores over a forward's layers: their max, their sum, or each
-
-
-def layer_groups(windows: tuple[int, ...]) -> list[list[int]] | None:
-    """The layers of a model split into groups of equal size for sliding-window release: group 0 its global
-    layers, then each sliding window's layers in groups of as many (a 1:1 model: one of each; 5:1, five
-    sliding groups). None where that split does not exist (no global or no sliding layer, or a window's
-    layer count not a multiple of the global layers')."""
-    glob = [i for i, w in enumerate(windows) if not w]
-    if not glob or len(glob) == len(windows):
-        return None
-    groups = [glob]
-    for w in sorted({w for w in windows if w}):
-        layers = [i for i, x in enumerate(windows) if x == w]
-        if len(layers) % len(glob):
-            return None
-        groups += [layers[i : i + len(glob)] for i in range(0, len(layers), len(glob))]
-    return groups
 
 
 class PagedKVCache:

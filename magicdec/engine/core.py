@@ -27,7 +27,7 @@ import torch
 
 from magicdec.cache.blocks import BlockPool
 from magicdec.cache.memory import OutOfMemoryPlan, available_bytes, fmt_bytes, prefill_transient_bytes
-from magicdec.cache.paged import PagedKVCache, layer_groups
+from magicdec.cache.paged import PagedKVCache
 from magicdec.costmodel.drafts import DraftChoice
 from magicdec.costmodel.policy import GammaPolicy, RequestGamma, StepReport
 from magicdec.engine.config import EngineConfig
@@ -145,7 +145,7 @@ class EngineCore:
         limit = model.config.max_position_embeddings
         max_len = min(config.max_model_len or limit, limit)
         spec = config.spec.fitted(max_len, config.block_size) if config.spec and config.speculating else None
-        groups = layer_groups(model.config.layer_windows) if config.release_windows else None
+        groups = model.config.layer_groups if config.release_windows else None
         rings = tuple(model.config.layer_windows[g[0]] for g in groups[1:]) if groups else ()
         sched = scheduling_for(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                config.prefill_chunk, 0, config.enable_prefix_caching and not rings,
