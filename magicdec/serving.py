@@ -69,7 +69,9 @@ class Engine:
         """`model`: as for `LLM` (or an `llm` already loaded). `spec`: the engine's speculation (None: plain
         decoding). The KV pool takes `num_blocks` blocks of `block_size` tokens, or as many as `kv_cache_memory`
         bytes hold, or a share of the free memory (never more than `max_num_seqs` requests at the model's
-        context need). `cuda_graphs`: replay decode-shaped forwards as CUDA graphs (default: on CUDA)."""
+        context need). `cuda_graphs`: replay decode-shaped forwards as CUDA graphs (default: on CUDA).
+        `release_windows`: on a model with global and sliding layers, a sliding layer holds its window only
+        (prefix caching off); False keeps every block (and the prefix cache)."""
         config = EngineConfig(spec=spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               prefill_chunk=prefill_chunk, block_size=block_size, num_blocks=num_blocks,
                               kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
