@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_engine_fuzz import PROFILE, alone, check_books, scenarios
+from test_engine_fuzz import PROFILE, Req, Scenario, check_books
 from test_families import write_family
 
 from conftest import hf_greedy, random_prompts
@@ -135,6 +135,20 @@ def test_rings_bound_admission_and_the_capacity_report(mixed: dict[str, Path]) -
 
 
 FUZZ_SPECS = {"plain": None, "self": SPECS["streaming"], "snapkv": SPECS["snapkv"]}
+FUZZ_NEW = 90  # long outputs: decoding requests outgrow their blocks, so the pool preempts
+
+
+@st.composite
+def traffic(draw: st.DrawFn) -> Scenario:
+    """Requests arriving together into a tight pool, decoding long enough to need blocks and preempt."""
+    reqs = []
+    for _ in range(draw(st.integers(2, 5))):
+        length, seed = draw(st.integers(1, 200)), draw(st.integers(0, 1 << 16))
+        prompt = tuple((seed * 7919 + i * 104729) % 381 + 3 for i in range(length))
+        reqs.append(Req(prompt, draw(st.integers(20, FUZZ_NEW)), draw(st.one_of(st.none(), st.integers(0, 2))),
+                        draw(st.booleans()), draw(st.integers(0, 3)), draw(st.one_of(st.none(), st.integers(0, 40)))))
+    return Scenario("", draw(st.sampled_from([64, 96, 128])), draw(st.integers(2, 4)), draw(st.integers(0, 2)),
+                    tuple(reqs))
 
 
 @pytest.fixture(scope="module")
@@ -143,19 +157,45 @@ def mixed_llm(mixed: dict[str, Path]) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def mixed_reference() -> dict:
+def kept_reference() -> dict:
+    """Prompt and prefill chunk → its greedy tokens alone without release (FUZZ_NEW of them), filled lazily."""
     return {}
+
+
+def kept_alone(llm: LLM, ref: dict, prompt: tuple[int, ...], chunk: int) -> list[int]:
+    if (prompt, chunk) not in ref:
+        e = Engine(llm=llm, prefill_chunk=chunk, num_blocks=16, release_windows=False, quiet=True)
+        out = e.run([list(prompt)], SamplingParams(max_new_tokens=FUZZ_NEW, ignore_eos=True))
+        ref[prompt, chunk] = out[0].token_ids
+    return ref[prompt, chunk]
 
 
 @pytest.mark.parametrize("spec", sorted(FUZZ_SPECS))
 @settings.get_profile(PROFILE)
-@given(data=st.data())
-def test_ring_books_hold_under_preemption_and_abort(mixed_llm: LLM, mixed_reference: dict, spec: str,
-                                                     data: st.DataObject) -> None:
+@given(s=traffic())
+def test_ring_books_hold_under_preemption_and_abort(mixed_llm: LLM, kept_reference: dict, spec: str,
+                                                     s: Scenario) -> None:
     """Random traffic on the 1:1 model with rings (a pool small enough to preempt, aborts during prefill and
     decoding): after every step each block's references are its holders' (rings included), at the end nothing
-    is held, and greedy requests decode as alone."""
-    s = data.draw(scenarios("self" if spec != "plain" else "plain"))
+    is held, and greedy requests decode as alone without release."""
+    run_traffic(mixed_llm, kept_reference, spec, s)
+
+
+@pytest.mark.parametrize("spec", sorted(FUZZ_SPECS))
+def test_rings_survive_preemption(mixed_llm: LLM, kept_reference: dict, spec: str) -> None:
+    """Three short prompts decoding past a block in a pool of 4 blocks (+ SnapKV's for two): the newest are preempted
+    and recomputed (their rings given back and rebuilt), one is aborted, the books hold and tokens are kept."""
+    prompts = [tuple((k * 31 + i * 7) % 381 + 3 for i in range(n)) for k, n in ((1, 10), (2, 30), (3, 20))]
+    config = FUZZ_SPECS[spec]
+    kept = -(-config.n_kept // 64) if config is not None and config.drafter == "snapkv" else 0
+    s = Scenario("", 64, 3, kept, (Req(prompts[0], 90, None, False, 0, None), Req(prompts[1], 80, None, False, 0, None),
+                                Req(prompts[2], 70, 1, False, 0, 50)))
+    assert run_traffic(mixed_llm, kept_reference, spec, s).core.scheduler.preemptions > 0
+
+
+def run_traffic(mixed_llm: LLM, kept_reference: dict, spec: str, s: Scenario) -> Engine:
+    """Run scenario `s` on the 1:1 model with rings, checking the books after every step and the greedy tokens
+    (those of the request alone without release) at the end."""
     config = FUZZ_SPECS[spec]
     lookahead = config.gamma_bound + 1 if config is not None else 1
     kept = -(-config.n_kept // 64) if config is not None and config.drafter == "snapkv" else 0
@@ -172,7 +212,7 @@ def test_ring_books_hold_under_preemption_and_abort(mixed_llm: LLM, mixed_refere
             if r.arrive == step:
                 params = SamplingParams(max_new_tokens=r.max_new, ignore_eos=True,
                                         temperature=0.8 if r.sampled else 0.0, seed=i)
-                ids[e.add_request(list(r.prompt), params, r.gamma)] = i
+                ids[e.add_request(list(r.prompt), params, r.gamma if config is not None else None)] = i
             if r.abort is not None and r.arrive + r.abort == step:
                 e.abort_request(next(k for k, v in ids.items() if v == i))
         check_books(e.core)
@@ -186,5 +226,6 @@ def test_ring_books_hold_under_preemption_and_abort(mixed_llm: LLM, mixed_refere
     assert set(final) == set(range(len(s.requests)))
     for i, (reason, tokens) in final.items():
         if not s.requests[i].sampled:
-            ref = alone(mixed_llm, mixed_reference, s.requests[i].prompt, s.chunk)
+            ref = kept_alone(mixed_llm, kept_reference, s.requests[i].prompt, s.chunk)
             assert tokens == ref[: len(tokens)], f"request {i} ({reason})"
+    return e
