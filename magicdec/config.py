@@ -88,6 +88,21 @@ class RopeScaling:
         return yarn_mscale(self.factor)
 
 
+def layer_groups(windows: tuple[int, ...]) -> list[list[int]] | None:
+    """The layers of a model split into groups for sliding-window release: group 0 its global layers, then
+    each sliding window's layers in groups of as many (a 1:1 model: one of each; Gemma 3's 52 sliding and 10
+    global layers: six sliding groups, the last of 2 layers, its blocks' other slots unused). None where there
+    is nothing to gain: no global or no sliding layer, or fewer sliding layers than global ones."""
+    glob = [i for i, w in enumerate(windows) if not w]
+    if not glob or len(windows) - len(glob) < len(glob):
+        return None
+    groups = [glob]
+    for w in sorted({w for w in windows if w}):
+        layers = [i for i, x in enumerate(windows) if x == w]
+        groups += [layers[i : i + len(glob)] for i in range(0, len(layers), len(glob))]
+    return groups
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature 0.1·mscale·ln(factor) + 1 (1 for factor ≤ 1)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -205,6 +220,11 @@ class ModelConfig:
     @property
     def layer_windows(self) -> tuple[int, ...]:
         return tuple(self.layer_window(i) for i in range(self.n_layers))
+
+    @property
+    def layer_groups(self) -> list[list[int]] | None:
+        """Its layers in groups of equal size whose sliding blocks can be released (`layer_groups`), or None."""
+        return layer_groups(self.layer_windows)
 
     @property
     def n_global_layers(self) -> int:

@@ -63,16 +63,20 @@ class Engine:
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         cuda_graphs: bool | None = None,
+        release_windows: bool = True,
         quiet: bool = False,
     ) -> None:
         """`model`: as for `LLM` (or an `llm` already loaded). `spec`: the engine's speculation (None: plain
         decoding). The KV pool takes `num_blocks` blocks of `block_size` tokens, or as many as `kv_cache_memory`
         bytes hold, or a share of the free memory (never more than `max_num_seqs` requests at the model's
-        context need). `cuda_graphs`: replay decode-shaped forwards as CUDA graphs (default: on CUDA)."""
+        context need). `cuda_graphs`: replay decode-shaped forwards as CUDA graphs (default: on CUDA).
+        `release_windows`: on a model with global and sliding layers, a sliding layer holds its window only
+        (prefix caching off); False keeps every block (and the prefix cache)."""
         config = EngineConfig(spec=spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               prefill_chunk=prefill_chunk, block_size=block_size, num_blocks=num_blocks,
                               kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
-                              max_model_len=max_model_len, cuda_graphs=cuda_graphs)  # checked before loading
+                              max_model_len=max_model_len, cuda_graphs=cuda_graphs,
+                              release_windows=release_windows)  # checked before loading
         self.llm = llm or LLM(model, dtype=dtype, device=device, prefill_chunk=prefill_chunk)
         self.core = self.llm.core(config)
         self.max_model_len = self.core.max_model_len
@@ -91,8 +95,15 @@ class Engine:
             if drafter is not None and drafter.pool is not None:
                 per_block += drafter.pool.nbytes // (blocks + 1)
             ctx = min(self.max_model_len, 8192)
-            say(f"KV cache: {blocks} blocks × {P} tokens = {blocks * P} tokens ({fmt_bytes(blocks * per_block)}); "
-                f"maximum concurrency for {ctx}-token requests: {blocks * P / ctx:.2f}×")
+            rings = self.core.scheduler.ring_sizes
+            if rings:  # per request: blocks for the context (global layers) and each sliding group's ring
+                need = self.core.scheduler.blocks_needed(ctx)
+                say(f"KV cache: {blocks} blocks × {P} tokens ({fmt_bytes(blocks * per_block)}), global layers in "
+                    f"one group, sliding layers in {len(rings)} of ≤ {max(rings)} blocks per request; maximum "
+                    f"concurrency for {ctx}-token requests: {blocks / need:.2f}×")
+            else:
+                say(f"KV cache: {blocks} blocks × {P} tokens = {blocks * P} tokens ({fmt_bytes(blocks * per_block)}); "
+                    f"maximum concurrency for {ctx}-token requests: {blocks * P / ctx:.2f}×")
 
     @property
     def spec(self) -> SpecConfig | None:

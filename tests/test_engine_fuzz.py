@@ -7,8 +7,8 @@ that arrive at random steps, share prefixes with earlier ones, fix their own γ 
 sample or decode greedily, and are aborted at random steps (during their prefill too). After every step:
 
 - every block's reference count is the number of running requests holding it (the prefix cache holds no
-  reference: a cached block nobody holds is free), waiting requests hold nothing, a block two requests share
-  carries a prefix hash;
+  reference: a cached block nobody holds is free; a sliding group's ring counts), waiting requests hold
+  nothing, a block two requests share carries a prefix hash;
 - the free blocks — uncached ones, and cached ones (evictable) — are exactly the blocks of count 0, each in one
   list, the cached ones hashed and the others not; the prefix cache's two maps (hash → block, block → hash) agree;
 - each stream's deltas add up (`num_tokens`), and a final output's `token_ids` are its deltas.
@@ -123,13 +123,16 @@ def check_books(core: EngineCore) -> None:
     """The block pool's invariants against the requests that hold blocks now."""
     pool = core.pool
     holders: Counter[int] = Counter()
+    sizes = core.scheduler.ring_sizes
     for r in core.scheduler.running:
         assert r.status in (Status.PREFILLING, Status.DECODING)
-        assert len(set(r.blocks + r.kept)) == len(r.blocks) + len(r.kept)
+        assert len(set(r.held)) == len(r.held)
         assert len(r.blocks) * pool.block_size >= r.computed
-        holders.update(r.blocks + r.kept)
+        # a sliding group's ring: as many blocks as the row's columns, up to its size
+        assert [len(ring) for ring in r.rings] == [min(n, len(r.blocks)) for n in sizes]
+        holders.update(r.held)
     for r in core.scheduler.waiting:
-        assert not r.blocks and not r.kept and r.status is Status.WAITING
+        assert not r.held and r.status is Status.WAITING
     for b in range(pool.num_blocks):
         assert pool.refs[b] == holders[b], f"block {b}: {pool.refs[b]} references, {holders[b]} holders"
         if holders[b] > 1:

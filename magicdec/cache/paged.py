@@ -25,6 +25,16 @@ stay its own. The guided self-draft ranks blocks by it. Its per-layer variant re
 layer's best blocks: its view then holds one read table and one set of slot positions per layer
 ([L, B, nr], [L, B, nr · P]); each layer's attention reads through its own (the visibility of every layer is
 computed in one go, over the layers' rows stacked).
+
+Sliding layers' blocks are released on a model whose layers split into groups of equal size
+(`magicdec.config.layer_groups`: its global layers, then each window's layers in groups as large), when the
+cache is made `grouped`. A block then holds one group's layers (buffers [layers per group, blocks + 1, …]) and
+belongs to one group at a time: the row's table gives the global group's blocks, and `rings` maps each of
+those blocks, per sliding group, to that group's block for the same columns — a request's ring of a few
+blocks that its columns cycle through (the scheduler sizes it so that a block is reused only when no query
+can see it any more). Each sliding layer reads and writes through its group's table (`rings[g][table]`,
+gathered on the device, so a CUDA graph replays the current map); its window masks the columns whose ring
+block holds newer keys, so every kernel sees the same visible slots as without release.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from magicdec.config import layer_groups
 from magicdec.kernels import cpu as cpu_kernels
 from magicdec.kernels import paged_attention as triton_paged
 from magicdec.kernels.fused import use_triton
@@ -46,27 +57,54 @@ SCORE_LAYERS = ("max", "sum", "layer")  # block scores over a forward's layers: 
 
 class PagedKVCache:
     def __init__(self, n_layers: int, num_blocks: int, n_kv_heads: int, block_size: int, head_dim: int,
-                 group: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (n_layers, num_blocks + 1, n_kv_heads, block_size, head_dim)
+                 group: int, dtype: torch.dtype, device: torch.device | str,
+                 groups: list[list[int]] | None = None) -> None:
+        per_block = len(groups[0]) if groups else n_layers
+        shape = (per_block, num_blocks + 1, n_kv_heads, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_blocks, self.block_size, self.group = num_blocks, block_size, group
+        self.num_blocks, self.block_size, self.group, self.n_layers = num_blocks, block_size, group, n_layers
         self.trash = num_blocks
         self.windows: tuple[int, ...] = (0,) * n_layers  # each layer's sliding window (0: global)
         self.softcap = 0.0  # attention-logit soft-capping (Gemma 2)
+        # each layer's group (0: read through the row's table) and its index in a block's layers
+        self.layer_group, self.layer_slot = [0] * n_layers, list(range(n_layers))
+        for g, layers in enumerate(groups or []):
+            for j, layer in enumerate(layers):
+                self.layer_group[layer], self.layer_slot[layer] = g, j
+        self.n_groups = len(groups) if groups else 1
+        # per sliding group, block of the row's table → the group's block for the same columns (its ring)
+        self.rings = torch.full((self.n_groups - 1, num_blocks + 1), num_blocks, dtype=torch.long, device=device)
 
     @classmethod
-    def for_model(cls, model: Transformer, num_blocks: int, block_size: int) -> PagedKVCache:
+    def for_model(cls, model: Transformer, num_blocks: int, block_size: int, grouped: bool = False) -> PagedKVCache:
+        """`grouped`: the layers in `layer_groups` (sliding layers' blocks in rings, see the module docstring)."""
         cfg = model.config
+        groups = layer_groups(cfg.layer_windows) if grouped else None
         cache = cls(cfg.n_layers, num_blocks, model.kv_heads, block_size, cfg.head_dim, cfg.group_size, model.dtype,
-                    model.device)
+                    model.device, groups)
         cache.windows, cache.softcap = cfg.layer_windows, cfg.attn_softcap
         return cache
 
     @staticmethod
-    def bytes_per_block(model: Transformer, block_size: int) -> int:
+    def bytes_per_block(model: Transformer, block_size: int, grouped: bool = False) -> int:
         cfg = model.config
-        return cfg.kv_bytes_per_token(model.dtype.itemsize, model.kv_heads) * block_size
+        groups = layer_groups(cfg.layer_windows) if grouped else None
+        layers = len(groups[0]) if groups else cfg.n_layers
+        return cfg.kv_bytes_per_token(model.dtype.itemsize, model.kv_heads) * layers // cfg.n_layers * block_size
+
+    def map_rings(self, updates: list[tuple[int, int, int]]) -> None:
+        """(sliding group ≥ 1, block of a row's table, the group's block for its columns) into the ring maps."""
+        if updates:  # the last word on each block (a block freed and handed out again in one step)
+            last = {(g, b): ring for g, b, ring in updates}
+            rows = [(g, b, ring) for (g, b), ring in last.items()]
+            g, b, ring = torch.tensor(rows, dtype=torch.long, device=self.rings.device).unbind(1)
+            self.rings[g - 1, b] = ring
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s K and V buffers [blocks + 1, kv_heads, block_size, head_dim]."""
+        j = self.layer_slot[layer]
+        return self.k[j], self.v[j]
 
     @property
     def nbytes(self) -> int:
@@ -136,6 +174,7 @@ class PagedStep:
         kv_len = view.table.shape[1] * P if view.static else top + 1
         self.full_len, self.sparse = kv_len, view.read is not None
         self._windowed: dict[int, tuple[AttentionMask, torch.Tensor | None]] = {}
+        self._groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if view.read is None:  # the target: every block of the row, slot = position
             self.read = view.table[None]
             self.mask = AttentionMask(c.group, c.k.dtype, positions, kv_len, rows_hint=B)
@@ -156,12 +195,26 @@ class PagedStep:
         self.kernel = self.T <= MAX_DECODE_TOKENS and c.k.shape[-1] % 8 == 0 and cpu_kernels.applies(
             c.k, self.T, max_tokens=MAX_DECODE_TOKENS)
 
-    def _store(self, buf: torch.Tensor, x: torch.Tensor) -> None:
+    def _store(self, buf: torch.Tensor, x: torch.Tensor, pages: torch.Tensor) -> None:
         """x [B, H, T, D] into its pages and offsets (16-bit values as int16 bits: faster on the CPU)."""
         rows = x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])
         if buf.dtype in (torch.bfloat16, torch.float16) and not buf.is_cuda:
             buf, rows = buf.view(torch.int16), rows.view(torch.int16)
-        buf[self.pages, :, self.offsets] = rows
+        buf[pages, :, self.offsets] = rows
+
+    def group_of(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`layer`'s K and V buffers, the table it reads the row's whole context through and the pages its
+        tokens go to: the row's own, or for a sliding group's layer the same columns of its ring (the cache's
+        ring map, read on the device: a CUDA graph replays it too)."""
+        K, V = self.cache.layer_kv(layer)
+        g = self.cache.layer_group[layer]
+        if not g:
+            return K, V, self.table, self.pages
+        if g not in self._groups:
+            ring = self.cache.rings[g - 1]
+            self._groups[g] = (ring[self.table], ring[self.pages])
+        table, pages = self._groups[g]
+        return K, V, table, pages
 
     def _gather(self, buf: torch.Tensor, S: int, read: torch.Tensor | None = None) -> torch.Tensor:
         """The rows' read blocks `read` [B, nr] (default: the shared read table) as dense [B, H, S, D] (the
@@ -241,13 +294,13 @@ class PagedStep:
         """A sliding layer (or any layer of a soft-capped model): the row's whole table, as the target reads it,
         with the layer's window. Soft-capping runs the PyTorch path (no kernel has it)."""
         c = self.cache
-        K, V = c.k[layer], c.v[layer]
-        self._store(K, k)
-        self._store(V, v)
+        K, V, table, pages = self.group_of(layer)
+        self._store(K, k, pages)
+        self._store(V, v, pages)
         if self.sparse and not window:  # a sparse draft's global layer of a soft-capped model
             read, mask = self.read[0 if self.shared else layer], self._layer_mask(layer)
         else:
-            read, mask = self.table, self.window_mask(window)
+            read, mask = table, self.window_mask(window)
         if not c.softcap and self.triton:
             qpos, _ = mask.int32_positions()
             return triton_paged.paged_attention(q, K, V, read, qpos[: self.B], None, window, 0,
@@ -268,9 +321,9 @@ class PagedStep:
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scores: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cache
-        K, V = c.k[layer], c.v[layer]
-        self._store(K, k)
-        self._store(V, v)
+        K, V, _, pages = self.group_of(layer)
+        self._store(K, k, pages)
+        self._store(V, v, pages)
         read = self.read[0 if self.shared else layer]
         if self.triton:  # CUDA: the paged split-KV kernel reads the pages itself
             qpos, kpos = self.mask.int32_positions()

@@ -74,6 +74,11 @@ def register(subparsers: Any) -> None:
     e.add_argument("--kv-cache-memory", type=parse_size, help="bytes for the KV cache, e.g. 4GiB")
     e.add_argument("--max-model-len", type=parse_count, help="longest prompt + output (default: the model's)")
     e.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    e.add_argument("--keep-windows", action="store_true",
+                   help="on a model with sliding and global layers, keep every block of the sliding layers (their "
+                        "KV then grows with the context) so the prefix cache works (implied by "
+                        "--kv-events-endpoint); by default a sliding layer holds its window only, without prefix "
+                        "caching")
     k = p.add_argument_group("KV events and replicas (docs/deploy.md)")
     k.add_argument("--kv-events-endpoint", metavar="ENDPOINT",
                    help="publish the prefix cache's changes as vLLM's KV events (ZMQ PUB, msgpack), e.g. "
@@ -146,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
                       max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
                       num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
                       enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
+                      release_windows=not (args.keep_windows or args.kv_events_endpoint),
                       quiet=tp is not None and tp.rank != 0)
         engine.core.pool.events = events
         return engine

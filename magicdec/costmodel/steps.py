@@ -193,6 +193,23 @@ WEIGHT_BITS = {"full": None, "int8": 8, "int4": 4}
 QUANT_WEIGHT_BYTES = {8: 1.0, 4: 0.5 + 4 / 32}
 
 
+RING_SLACK = 512 + 2 * 64  # what a sliding layer holds beyond its window: a default prefill chunk and two blocks
+
+
+def _held_tokens(model: ModelConfig, ctx: list[int], extra: int) -> float:
+    """KV tokens the pool holds for contexts `ctx` (each plus `extra`), on average over the layers: every
+    token for a global layer; a sliding layer, where the engine releases its blocks (`layer_groups`), at
+    most its window and a step's tokens (the scheduler's rings)."""
+    full = float(sum(n + extra for n in ctx))
+    if model.layer_groups is None:
+        return full
+    windows = model.layer_windows
+    total = model.n_global_layers * full
+    for w in set(windows) - {0}:
+        total += windows.count(w) * float(sum(min(n + extra, w + RING_SLACK) for n in ctx))
+    return total / model.n_layers
+
+
 class CostModel:
     """Predicted step times and speculative speedup for one target, drafter and machine."""
 
@@ -282,7 +299,7 @@ class CostModel:
         t, m = self.target, self._draft_model
         assert m is not None
         kv_t = t.kv_bytes_per_token(dt, math.ceil(t.n_kv_heads / self.tp))
-        total = experts.stored_weight_bytes(t, dt) / self.tp + kv_t * sum(n + gamma + 1 for n in ctx)
+        total = experts.stored_weight_bytes(t, dt) / self.tp + kv_t * _held_tokens(t, ctx, gamma + 1)
         if self.draft.kind == "draft":
             total += experts.stored_weight_bytes(m, dt) / self._draft_tp
         elif self.draft.weight_bits is not None:  # the quantized copy of the linear layers, beside the target's

@@ -34,6 +34,8 @@ class EngineConfig:
       than requests of the `pool_lengths` need: an offline run that knows its requests).
     - `cuda_graphs`: replay decode-shaped forwards as CUDA graphs (None: on CUDA unless MAGICDEC_CUDA_GRAPHS=0);
       `pad_shapes`: run the graphs' padded shapes without capturing (what tests exercise on the CPU).
+    - `release_windows`: on a model whose layers split into global and sliding groups (`layer_groups`), a
+      sliding layer holds only the blocks of its window (a ring per request); prefix caching is then off.
     """
 
     spec: SpecConfig | None = None
@@ -48,6 +50,7 @@ class EngineConfig:
     pool_lengths: tuple[int, ...] | None = None
     cuda_graphs: bool | None = None
     pad_shapes: bool = False
+    release_windows: bool = True
 
     def __post_init__(self) -> None:
         if self.spec is not None and not isinstance(self.spec, SpecConfig):
@@ -62,7 +65,7 @@ class EngineConfig:
         if self.block_size % BLOCK_MULTIPLE:
             raise ValueError(f"block_size must be a positive multiple of {BLOCK_MULTIPLE} tokens (the CPU kernel reads "
                              f"keys in {BLOCK_MULTIPLE}-slot blocks), got {self.block_size}")
-        for name in ("enable_prefix_caching", "pad_shapes"):
+        for name in ("enable_prefix_caching", "pad_shapes", "release_windows"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):

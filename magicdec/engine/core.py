@@ -81,13 +81,13 @@ def pool_blocks(models: ModelSet, config: EngineConfig, sched: SchedulerConfig, 
     """How many KV blocks the pool gets (see `EngineConfig`): refused, with the bytes and the fix, when the
     longest request would not fit alone. Under tensor parallelism every rank gets the smallest any holds."""
     P = config.block_size
-    target_bytes = PagedKVCache.bytes_per_block(models.model, P)
+    target_bytes = PagedKVCache.bytes_per_block(models.model, P, grouped=bool(sched.ring_windows))
     per_block = target_bytes + draft_bytes
     if config.num_blocks is not None:
         return config.num_blocks
-    lookahead = sched.max_gamma + 1
     lengths = list(config.pool_lengths) if config.pool_lengths else [max_len] * config.max_num_seqs
-    want = sum(-(-(n + lookahead) // P) + sched.kept_blocks for n in lengths)
+    need = Scheduler(sched, BlockPool(1, P)).blocks_needed  # blocks per request: its own, kept, rings
+    want = sum(need(n) for n in lengths)
     memory, transient = config.kv_cache_memory, 0
     if memory is None:
         if models.memory_budget is not None:  # what the weights and one prefill chunk's transients leave
@@ -99,7 +99,7 @@ def pool_blocks(models: ModelSet, config: EngineConfig, sched: SchedulerConfig, 
     blocks = min(memory // per_block, want)
     if models.tp_world > 1:  # every rank's pool the same: the smallest
         blocks = agree_min(models.tp, blocks, models.device)  # type: ignore[arg-type]
-    one = -(-(max(lengths) + lookahead) // P) + sched.kept_blocks  # the longest request alone
+    one = need(max(lengths))  # the longest request alone
     if blocks < one:  # the plan names everything the budget must hold: weights, both pools, prefill transients
         plan = models.memory_plan()
         plan.to_allocate["target KV cache"] = one * target_bytes
@@ -145,14 +145,18 @@ class EngineCore:
         limit = model.config.max_position_embeddings
         max_len = min(config.max_model_len or limit, limit)
         spec = config.spec.fitted(max_len, config.block_size) if config.spec and config.speculating else None
+        groups = model.config.layer_groups if config.release_windows else None
+        rings = tuple(model.config.layer_windows[g[0]] for g in groups[1:]) if groups else ()
         sched = scheduling_for(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                               config.prefill_chunk, 0, config.enable_prefix_caching),
+                                               config.prefill_chunk, 0, config.enable_prefix_caching and not rings,
+                                               ring_windows=rings),
                                spec, config.block_size)
         draft_bytes = 0
         if spec is not None and cls._own_kv(spec):
             draft_bytes = PagedKVCache.bytes_per_block(models.drafting(spec), config.block_size)
         blocks = pool_blocks(models, config, sched, draft_bytes, max_len)
-        core = cls(models, config, PagedKVCache.for_model(model, blocks, config.block_size), sched, max_len)
+        cache = PagedKVCache.for_model(model, blocks, config.block_size, grouped=bool(rings))
+        core = cls(models, config, cache, sched, max_len)
         core.set_speculation(spec)
         return core
 
@@ -211,7 +215,8 @@ class EngineCore:
     @property
     def limits(self) -> EngineLimits:
         c = self.scheduler.config
-        capacity = (self.pool.num_blocks - c.kept_blocks) * self.pool.block_size - (c.max_gamma + 1)
+        rings = sum(self.scheduler.ring_sizes)  # a long request's rings, whole
+        capacity = max((self.pool.num_blocks - c.kept_blocks - rings) * self.pool.block_size - (c.max_gamma + 1), 0)
         return EngineLimits(self.max_model_len, capacity, c.max_num_seqs, c.max_gamma)
 
     def check_request(self, prompt: list[int], params: SamplingParams, spec: RequestSpec | None = None) -> None:
@@ -332,6 +337,8 @@ class EngineCore:
         capture = self._capture_s()
         choose: Callable = self.policy.choose if self.policy is not None else (lambda rs: [0] * len(rs))
         plan = self.scheduler.schedule(choose)
+        self.cache.map_rings(self.scheduler.remap)  # the sliding groups' blocks of the rows' new columns
+        self.scheduler.remap = []
         sources = [r.draft.source if g else "" for r, g in zip(plan.decode, plan.gammas)]
         output = self.runner.execute(plan)
         advanced = self._aborted + self.scheduler.update(plan, output, time.monotonic())

@@ -130,6 +130,7 @@ class Request:
         self.status = Status.WAITING
         self.blocks: list[int] = []
         self.kept: list[int] = []  # private blocks of its draft's selection (SnapKV), beside `blocks`
+        self.rings: list[list[int]] = []  # per sliding group, the blocks its columns cycle through (`Scheduler`)
         self.kept_slots = 0  # … of which slots hold a selected position (per layer and KV head)
         self.computed = 0  # tokens with KV in the cache
         self.registered = 0  # leading tokens whose blocks were offered to the prefix cache
@@ -155,6 +156,11 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def held(self) -> list[int]:
+        """Every block it holds: its own, its kept ones, its rings'."""
+        return self.blocks + self.kept + [b for ring in self.rings for b in ring]
 
     @property
     def finished(self) -> bool:

@@ -21,6 +21,14 @@ first admission (not at each attempt that found no room, nor at a preempted requ
 When a decoding request needs a block for its next round and none is free, the newest running
 request is preempted: its blocks go back to the pool (its prompt's
 full blocks stay in the prefix cache) and it waits at the head of the queue to be recomputed.
+
+Sliding layers' blocks are released (`ring_windows`: the windows of the pool's sliding groups, see
+`PagedKVCache`'s `layer_groups`). Each request holds its blocks for the global layers as above, and for each
+sliding group a ring of at most S = ⌈(W + span) / block_size⌉ + 1 blocks (W its window, span the most
+positions a request writes in one step: a prompt chunk, a round's lookahead or a 16-token recompute piece,
+a request getting one chunk per step), column c of its table in ring[c mod S]: a block is reused only once
+every key it holds is older than any query can see (a query at q sees keys > q − W). Admission, growth and
+the capacity count both kinds. A ring keeps no prefix, so prefix caching is off for such a pool.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class SchedulerConfig:
     max_gamma: int = 0  # the most drafts a round may make (0: no speculation)
     enable_prefix_caching: bool = True
     kept_blocks: int = 0  # blocks each request holds privately for its draft's selection (SnapKV)
+    ring_windows: tuple[int, ...] = ()  # the window of each sliding group whose blocks are rings (none: kept)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -116,6 +125,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the newest is preempted first
         self.preemptions = 0
+        self.remap: list[tuple[int, int, int]] = []  # (sliding group, row block, ring block) for the cache's maps
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -126,16 +136,51 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.pool.release(request.blocks + request.kept)
-        request.blocks, request.kept = [], []
+        self.pool.release(request.held)
+        request.blocks, request.kept, request.rings = [], [], []
 
     @property
     def lookahead(self) -> int:
         return self.config.max_gamma + 1
 
     def blocks_needed(self, tokens: int) -> int:
-        """Blocks a request of `tokens` tokens holds at most: its tokens, a round's lookahead, its kept blocks."""
-        return self.pool.blocks_for(tokens + self.lookahead) + self.config.kept_blocks
+        """Blocks a request of `tokens` tokens holds at most: its tokens, a round's lookahead, its kept blocks,
+        its rings."""
+        n = self.pool.blocks_for(tokens + self.lookahead)
+        return n + self.config.kept_blocks + sum(min(s, n) for s in self.ring_sizes)
+
+    @property
+    def span(self) -> int:
+        """The most positions one request writes in one step (with rings: one chunk per request per step)."""
+        return max(self.config.prefill_chunk, self.lookahead, MAX_DECODE_TOKENS)
+
+    @property
+    def ring_sizes(self) -> list[int]:
+        """Blocks of each sliding group's ring per request (see the module docstring)."""
+        P = self.pool.block_size
+        return [-(-(w + self.span) // P) + 1 for w in self.config.ring_windows]
+
+    def _ring_growth(self, r: Request, n: int) -> int:
+        """Ring blocks r lacks once it holds `n` blocks of its own."""
+        if not self.config.ring_windows:
+            return 0
+        have = r.rings or [[] for _ in self.config.ring_windows]
+        return sum(max(min(s, n) - len(ring), 0) for s, ring in zip(self.ring_sizes, have))
+
+    def _grow_rings(self, r: Request, mapped: int, new: list[int]) -> None:
+        """Extend r's rings from the blocks `new` (exactly `_ring_growth`'s count) and map the row's blocks from
+        column `mapped` on to their ring blocks."""
+        if not self.config.ring_windows:
+            return
+        if not r.rings:
+            r.rings = [[] for _ in self.config.ring_windows]
+        n = len(r.blocks)
+        for g, (s, ring) in enumerate(zip(self.ring_sizes, r.rings), 1):
+            take = max(min(s, n) - len(ring), 0)
+            ring += new[:take]
+            new = new[take:]
+            self.remap += [(g, r.blocks[c], ring[c % s]) for c in range(mapped, n)]
+        assert not new
 
     # ---- one step ----------------------------------------------------------------------------------
     def update(self, plan: Plan, output: ModelOutput, now: float) -> list[Request]:
@@ -202,13 +247,16 @@ class Scheduler:
         for r, g in zip(decoding, gammas):
             if r.status is not Status.DECODING:  # preempted below for an older request
                 continue
-            need = self.pool.blocks_for(r.computed + g + 1) - len(r.blocks)
-            while need > self.pool.num_free and r.status is Status.DECODING:
+            need = max(self.pool.blocks_for(r.computed + g + 1) - len(r.blocks), 0)
+            rings = self._ring_growth(r, len(r.blocks) + need)
+            while need + rings > self.pool.num_free and r.status is Status.DECODING:
                 self._preempt(self.running[-1], plan)
             if r.status is not Status.DECODING:
                 continue
             if need > 0:
+                mapped = len(r.blocks)
                 r.blocks += self.pool.allocate(need)
+                self._grow_rings(r, mapped, self.pool.allocate(rings))
             plan.decode.append(r)
             plan.gammas.append(g)
             budget -= g + 1
@@ -228,7 +276,7 @@ class Scheduler:
         end = r.computed + r.to_compute
         while pos < end:
             n = self._chunk_end(r, pos) - pos
-            if n > budget and plan.chunks:
+            if n > budget and plan.chunks or self.config.ring_windows and pos + n - r.computed > self.span:
                 break
             plan.chunks.append(Chunk(r, pos, pos + n))
             pos, budget = pos + n, budget - n
@@ -266,7 +314,10 @@ class Scheduler:
             return False
         self.waiting.popleft()
         new = self.pool.allocate(need)
-        r.kept, r.blocks = new[: self.config.kept_blocks], cached + new[self.config.kept_blocks :]
+        k = self.config.kept_blocks
+        own = self.pool.blocks_for(len(r.prompt) + len(r.output) + self.lookahead) - len(cached)
+        r.kept, r.blocks = new[:k], cached + new[k : k + own]
+        self._grow_rings(r, 0, new[k + own :])
         r.computed = r.registered = len(cached) * self.pool.block_size
         if not r.admitted:  # counted once: not per failed attempt, nor a preempted request's recompute
             r.admitted = True
@@ -297,8 +348,9 @@ class Scheduler:
 
     def _preempt(self, victim: Request, plan: Plan) -> None:
         self.running.remove(victim)
-        self.pool.release(victim.blocks + victim.kept)
-        victim.blocks, victim.kept, victim.computed, victim.registered, victim.draft_seen = [], [], 0, 0, 0
+        self.pool.release(victim.held)
+        victim.blocks, victim.kept, victim.rings = [], [], []
+        victim.computed, victim.registered, victim.draft_seen = 0, 0, 0
         victim.status = Status.WAITING
         victim.metrics.preemptions += 1
         self.waiting.appendleft(victim)

@@ -123,7 +123,7 @@ class GraphRunner:
             read_pos = torch.full((*lead, s.rows, s.read[-1] * P), -1, dtype=torch.long, device=dev)
         if s.scores is not None:
             cols = s.read[-1] if s.read is not None else s.width
-            lead = (cache.k.shape[0],) if s.scores == "layer" else ()
+            lead = (cache.n_layers,) if s.scores == "layer" else ()
             scores = torch.zeros((*lead, s.rows, cols), dtype=torch.float32, device=dev)
         padded = PagedView(cache, table, read=read, read_pos=read_pos, window=s.window, sinks=s.sinks,
                            scores=scores, score_layers=s.scores or "max", static=True)

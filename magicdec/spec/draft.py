@@ -109,7 +109,7 @@ class Drafter:
         """A zeroed buffer for the verification's block scores (guided drafts only)."""
         if not self.setup.select:
             return None
-        lead = (self.target.k.shape[0],) if self.setup.score_layers == "layer" else ()
+        lead = (self.target.n_layers,) if self.setup.score_layers == "layer" else ()
         return torch.zeros((*lead, *table.shape), dtype=torch.float32, device=table.device)
 
     @staticmethod
@@ -122,7 +122,7 @@ class Drafter:
 
     def _batch_scores(self, rows: Sequence[Drafting], nb: int) -> torch.Tensor:
         """The requests' last block scores as one [B, nb] (or [L, B, nb]) tensor; blocks never scored count 0."""
-        lead = (self.target.k.shape[0],) if self.setup.score_layers == "layer" else ()
+        lead = (self.target.n_layers,) if self.setup.score_layers == "layer" else ()
         out = torch.zeros((*lead, len(rows), nb), dtype=torch.float32, device=self.target.k.device)
         for i, r in enumerate(rows):
             if r.scores is not None:

@@ -81,9 +81,10 @@ class _ObservedStep(PagedStep):
         # the observed tokens' keys are in the cache already (the prefill put them there): read, never write
         mask = self.window_mask(self.cache.windows[layer])  # a sliding layer sees its window only
         S = mask.kv_len
-        keys = self._gather(self.cache.k[layer], S)
+        K, V, table, _ = self.group_of(layer)
+        keys = self._gather(K, S, table)
         self.observer(layer, q, keys, mask)
-        return attend(q, keys, self._gather(self.cache.v[layer], S), mask, softcap=self.cache.softcap, sinks=sinks)
+        return attend(q, keys, self._gather(V, S, table), mask, softcap=self.cache.softcap, sinks=sinks)
 
 
 @torch.inference_mode()
@@ -111,10 +112,13 @@ def select_paged(model: Transformer, cache: PagedKVCache, tokens: list[int], blo
     count = int(valid[0, 0, 0].sum())
     if count == 0:
         return 0
+    # the selection of the layers read through the row's own blocks (a sliding group's are read in its window)
+    own = [i for i in range(cache.n_layers) if not cache.layer_group[i]]
+    kept_pos = kept_pos[own]
     L, _, H, _ = kept_pos.shape
     P = cache.block_size
     src = kept_pos[:, 0, :, :count]  # [L, H, count]
-    layer = torch.arange(L, device=device)[:, None, None]
+    layer = torch.tensor([cache.layer_slot[i] for i in own], device=device)[:, None, None]
     head = torch.arange(H, device=device)[None, :, None]
     pages = table[0][src // P]
     slots = torch.arange(count, device=device)
