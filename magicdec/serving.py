@@ -100,7 +100,8 @@ class Engine:
                 need = self.core.scheduler.blocks_needed(ctx)
                 say(f"KV cache: {blocks} blocks × {P} tokens ({fmt_bytes(blocks * per_block)}), global layers in "
                     f"one group, sliding layers in {len(rings)} of ≤ {max(rings)} blocks per request; maximum "
-                    f"concurrency for {ctx}-token requests: {blocks / need:.2f}×")
+                    f"concurrency for {ctx}-token requests: {blocks / need:.2f}×; prefix caching off (sliding layers "
+                    "keep only their window: release_windows=False / serve --keep-windows keep every block)")
             else:
                 say(f"KV cache: {blocks} blocks × {P} tokens = {blocks * P} tokens ({fmt_bytes(blocks * per_block)}); "
                     f"maximum concurrency for {ctx}-token requests: {blocks * P / ctx:.2f}×")
