@@ -266,7 +266,7 @@ def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
         gg = names[short] if not name.startswith("model.layers.") else f"blk.{name.split('.')[2]}.{names[short]}"
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             tensor = tensor + 1
-        if arch == "granite" and short in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+        if arch in ("granite", "smollm3") and short in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
             heads = cfg["num_attention_heads" if ".q_proj." in short else "num_key_value_heads"]
             tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(tensor.shape)
         w.add_tensor(gg, tensor.numpy())
@@ -278,7 +278,7 @@ def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
 
 
 GGUF_ARCHS = [("qwen3", "qwen3"), ("gemma3", "gemma3"), ("gemma2", "gemma2"), ("olmo2", "olmo2"),
-              ("granite", "granite"), ("phi3", "phi3")]
+              ("granite", "granite"), ("phi3", "phi3"), ("smollm3", "smollm3")]
 FLOAT32_FIELDS = ("rms_norm_eps", "attn_scale", "embed_scale", "residual_scale", "logits_scale", "attn_softcap",
                   "final_softcap")
 
@@ -290,8 +290,11 @@ def test_gguf_of_the_family_loads_like_its_checkpoint(family: str, arch: str, ch
     from magicdec.loading import load_model
     from magicdec.loading.gguf_file import load_gguf
 
-    path = write_family_gguf(tmp_path / f"{family}.gguf", checkpoints[family], arch)
-    ref = load_model(checkpoints[family], device="cpu")
+    hf_dir = checkpoints[family]
+    if family == "smollm3":  # llama.cpp's rule: every 4th layer without RoPE
+        hf_dir = write_family(tmp_path / "smollm3-4", "smollm3", num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0])
+    path = write_family_gguf(tmp_path / f"{family}.gguf", hf_dir, arch)
+    ref = load_model(hf_dir, device="cpu")
     for limit in (1 << 30, 0):  # converted once to safetensors, or dequantized at load
         ours, cfg = load_gguf(path, torch.float32, "cpu", tmp_path / f"conv{limit}", cache_limit_bytes=limit)
         for key in FLOAT32_FIELDS:  # float32 in the GGUF

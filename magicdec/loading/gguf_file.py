@@ -33,8 +33,9 @@ from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
 from magicdec.parallel.tp import TensorParallel
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite", "phi3", "qwen3moe", "olmoe")
-PERMUTED = ("llama", "granite")  # llama.cpp's converter permutes q/k rows for these (its LlamaModel's rule)
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite", "phi3", "qwen3moe", "olmoe",
+                 "smollm3")
+PERMUTED = ("llama", "granite", "smollm3")  # llama.cpp's converter permutes q/k rows for these (its LlamaModel's rule)
 # a GGUF architecture → the family (Hugging Face model_type) it translates to
 FAMILIES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
 # the models whose "27B" size llama.cpp scales attention by hidden/heads instead of head_dim (layers → family)
@@ -172,6 +173,9 @@ def _family_fields(reader: Any, arch: str, n_heads: int) -> dict[str, Any]:
                           ("residual_scale", "residual_scale"), ("logits_scale", "logit_scale")):
             if field(reader, f"{arch}.{name}") is not None:
                 out[key] = float(field(reader, f"{arch}.{name}"))
+    if family == "smollm3":  # llama.cpp fixes its NoPE layers: every 4th (its n_no_rope_layer_step)
+        layers = int(field(reader, f"{arch}.block_count"))
+        out["nope_layers"] = tuple(i for i in range(layers) if (i + 1) % 4 == 0)
     if family == "phi3" and field(reader, f"{arch}.attention.sliding_window"):  # (0: none)
         out["sliding_window"] = int(field(reader, f"{arch}.attention.sliding_window"))
     if family not in ("gemma2", "gemma3_text"):
