@@ -495,11 +495,9 @@ def _experts(cfg: dict[str, Any], family: str) -> dict[str, Any]:
                    shared_expert_gate=True)
     if family == "gpt_oss":
         out.update(swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
-        quant = cfg.get("quantization_config") or {}
-        if quant.get("quant_method") == "mxfp4":
-            raise ConfigError("this GPT-OSS checkpoint's experts are MXFP4-quantized, which magicdec does not read; "
-                              "dequantize it first (transformers: load with Mxfp4Config(dequantize=True), then "
-                              "save_pretrained) and pass that directory")
+        quant = (cfg.get("quantization_config") or {}).get("quant_method")
+        if quant not in (None, "mxfp4"):  # MXFP4 experts are dequantized at load (loading/mxfp4.py)
+            raise ConfigError(f"this GPT-OSS checkpoint is quantized with {quant!r}, which magicdec does not read")
     return out
 
 

@@ -179,17 +179,50 @@ def test_sinks_in_the_cpu_kernels_match_pytorch(kernels: None) -> None:
     assert torch.equal(cpu.paged_attention(q, pool_k, pool_v, table, wide, sinks=sinks), out)
 
 
-def test_mxfp4_checkpoint_is_refused_with_the_fix(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_mxfp4_checkpoint_is_dequantized_at_load(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """A GPT-OSS checkpoint whose experts are MXFP4 (`*_blocks`, `*_scales`, as published): the weights are
+    transformers' own dequantization of them (`Mxfp4Config(dequantize=True)`), and greedy tokens are its."""
     import json
     import shutil
 
-    from magicdec.loading import LoadError
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from magicdec.loading.mxfp4 import dequantize
 
     path = shutil.copytree(checkpoints["gpt_oss"], tmp_path / "mxfp4")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, w in load_file(path / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] → [E, out, in/32, 16]
+            e, rows, cols = w.shape
+            tensors[name + "_blocks"] = torch.randint(0, 256, (e, cols, rows // 32, 16), dtype=torch.uint8,
+                                                      generator=gen)
+            tensors[name + "_scales"] = torch.randint(123, 128, (e, cols, rows // 32), dtype=torch.uint8,
+                                                      generator=gen)
+        else:
+            tensors[name] = w
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match="MXFP4.*dequantize"):
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                              quantization_config=Mxfp4Config(dequantize=True)).eval()
+    experts = hf.model.layers[0].mlp.experts
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(dequantize(tensors[name + "_blocks"], tensors[name + "_scales"]), experts.gate_up_proj)
+    ours = LLM(path, device="cpu")
+    gate_up = ours.model.layers[0].mlp.experts[1].w_gate_up.weight
+    assert torch.equal(gate_up, torch.cat([experts.gate_up_proj[1, :, ::2].T, experts.gate_up_proj[1, :, 1::2].T]))
+    result = ours.generate(PROMPTS, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, result.outputs):
+        assert out.token_ids == hf_greedy(hf, prompt, 10), len(prompt)
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    from magicdec.loading import LoadError
+
+    with pytest.raises(LoadError, match="bitsandbytes"):
         LLM(path, device="cpu")
 
 

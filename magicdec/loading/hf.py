@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from magicdec.config import ConfigError, ModelConfig
+from magicdec.loading import mxfp4
 from magicdec.loading.assemble import build_model
 from magicdec.loading.errors import LoadError
 from magicdec.model.llama import Transformer
@@ -76,8 +77,17 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str,
     cfg = read_config(path)
     files = weight_files(path)
     handles: dict[Path, Any] = {}
+    packed = mxfp4.packed_names(set(files))  # (GPT-OSS's MXFP4 experts: dequantized here)
+    names = {n for n in files if not any(n.endswith(s) and n[: -len(s)] in packed for s in mxfp4.SUFFIXES)}
 
     def get(name: str, part: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+        if name in packed and part is None:
+            blocks, scales = (get(n) for n in packed[name])
+            assert blocks is not None and scales is not None
+            try:
+                return mxfp4.dequantize(blocks, scales)
+            except ValueError as e:
+                raise LoadError(f"{path}: tensor {name!r}: {e}") from None
         f = files.get(name)
         if f is None:
             return None
@@ -92,4 +102,4 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str,
         except Exception as e:
             raise LoadError(f"{f}: cannot read tensor {name!r} ({e}); the file is corrupt") from None
 
-    return build_model(cfg, get, dtype, device, source=str(path), tp=tp, sliced=True, names=files), cfg
+    return build_model(cfg, get, dtype, device, source=str(path), tp=tp, sliced=True, names=names | set(packed)), cfg
