@@ -265,3 +265,23 @@ def save_sharp(config: Any, path: Path, seed: int = 0, norms: tuple[float, float
     word_vocabulary(config.vocab_size).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2", "bos_token": "w1"}))
     return path
+
+
+def gguf_writer(path: Path, hf_dir: Path, arch: str) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+    """A `gguf.GGUFWriter` for `arch` at `path` holding the metadata every llama.cpp conversion writes, from the
+    checkpoint in `hf_dir`; with the checkpoint's config and tensors."""
+    import gguf
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_eos_token_id(2)
+    return w, cfg, load_file(hf_dir / "model.safetensors")

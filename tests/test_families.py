@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import hf_greedy, random_prompts, save_sharp, spawn_ranks
+from conftest import gguf_writer, hf_greedy, random_prompts, save_sharp, spawn_ranks
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 from magicdec.config import RopeScaling
 from magicdec.parallel.tp import TensorParallel
@@ -149,9 +149,8 @@ def test_speculative_sampling_on_a_mixed_model_keeps_the_target_distribution(dra
                                                                              threads: None) -> None:
     """χ² of 3 sampled tokens against the exact joint distribution, on a Gemma-3-like model (a sliding layer of
     window 16 and a global one) with a 40-token prompt: the draft reads the sliding layer as the target does."""
-    from test_spec_sampling import PROMPT_LEN, VOCAB, N, check, exact_joint
+    from test_spec_sampling import VOCAB, engine_chi2
 
-    from magicdec import Engine
 
     torch.set_num_threads(1)
     path = write_family(tmp_path / "gemma3", "gemma3", seed=5, vocab_size=VOCAB, sliding_window=16)
@@ -160,22 +159,8 @@ def test_speculative_sampling_on_a_mixed_model_keeps_the_target_distribution(dra
     spec = SpecConfig(method="self", gamma=2, **(
         dict(drafter="streaming", budget=8, sinks=2) if drafter == "streaming"
         else dict(drafter="guided", budget=128, draft_weights="int8", tuning=DraftTuning(snapkv_window=2))))
-    prompt = random_prompts(1, [PROMPT_LEN], VOCAB - 5, seed=3)[0]
-    engine = Engine(llm=llm, spec=spec, max_num_seqs=64, max_num_batched_tokens=4096, quiet=True)
-    ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=3, seed=s, ignore_eos=True, temperature=1.0))
-           for s in range(N)]
-    outs = {}
-    while engine.has_unfinished_requests():
-        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
-    rate = engine.stats.spec.acceptance_rate
-    engine.close()
+    pvalues, rate = engine_chi2(llm, spec)
     assert rate is not None and 0.05 <= rate <= 0.99
-    counts = torch.zeros(VOCAB, VOCAB, VOCAB)
-    for i in ids:
-        a, b, c = outs[i]
-        counts[a, b, c] += 1
-    params = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=1.0)
-    pvalues = check(counts, exact_joint(llm, prompt, params))
     assert min(pvalues.values()) > 1e-3, pvalues
 
 
@@ -215,23 +200,10 @@ def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
     projections and LongRoPE factors as tensors, Gemma 3's layer pattern as a per-layer list."""
     import gguf
     import numpy as np
-    from safetensors.torch import load_file
 
     from magicdec.loading.gguf_file import _FUSED_NAMES, _GLOBAL_NAMES, _LAYER_NAMES, _NORM_NAMES
 
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    t = load_file(hf_dir / "model.safetensors")
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_eos_token_id(2)
+    w, cfg, t = gguf_writer(path, hf_dir, arch)
     norms = {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post"}.get(arch, "pre")
     names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **_NORM_NAMES[norms], **(_FUSED_NAMES if arch == "phi3" else {})}
     rope = cfg["rope_parameters"]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import PagedRows, hf_greedy, random_prompts, save_sharp
+from conftest import PagedRows, gguf_writer, hf_greedy, random_prompts, save_sharp
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 
 WINDOW = 32
@@ -249,31 +249,16 @@ def test_served_greedy_equals_transformers(checkpoints: dict[str, Path], tmp_pat
 def test_speculative_sampling_on_a_moe_keeps_the_target_distribution(tmp_path: Path, threads: None) -> None:
     """χ² of 3 sampled tokens against the exact joint distribution, on a GPT-OSS-like model (sinks, a sliding
     layer of window 16 and a global one, 4 experts) with a 40-token prompt, drafting with int8 experts."""
-    from test_spec_sampling import PROMPT_LEN, VOCAB, N, check, exact_joint
+    from test_spec_sampling import VOCAB, engine_chi2
 
-    from magicdec import Engine
 
     torch.set_num_threads(1)
     path = write_moe(tmp_path / "gpt_oss", "gpt_oss", seed=5, vocab_size=VOCAB, sliding_window=16)
     llm = LLM(path, device="cpu")
     assert llm.config.layer_windows == (16, 0) and llm.config.attn_sinks
     spec = SpecConfig(method="self", gamma=2, drafter="streaming", budget=8, sinks=2, draft_weights="int8")
-    prompt = random_prompts(1, [PROMPT_LEN], VOCAB - 5, seed=3)[0]
-    engine = Engine(llm=llm, spec=spec, max_num_seqs=64, max_num_batched_tokens=4096, quiet=True)
-    ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=3, seed=s, ignore_eos=True, temperature=1.0))
-           for s in range(N)]
-    outs = {}
-    while engine.has_unfinished_requests():
-        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
-    rate = engine.stats.spec.acceptance_rate
-    engine.close()
+    pvalues, rate = engine_chi2(llm, spec)
     assert rate is not None and 0.05 <= rate <= 0.99
-    counts = torch.zeros(VOCAB, VOCAB, VOCAB)
-    for i in ids:
-        a, b, c = outs[i]
-        counts[a, b, c] += 1
-    params = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=1.0)
-    pvalues = check(counts, exact_joint(llm, prompt, params))
     assert min(pvalues.values()) > 1e-3, pvalues
 
 
@@ -363,27 +348,10 @@ def test_gpt_oss_like_forward_through_the_triton_kernels_equals_eager() -> None:
 def write_moe_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
     """The float32 GGUF llama.cpp's converter writes for a Mixtral ("llama": q/k rows permuted for its interleaved
     RoPE), Qwen3-MoE or OLMoE checkpoint: expert metadata, the router as ffn_gate_inp, the experts stacked."""
-    import json
-
-    import gguf
-    from safetensors.torch import load_file
-
     from magicdec.loading.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES, _NORM_NAMES
 
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    t = load_file(hf_dir / "model.safetensors")
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w, cfg, t = gguf_writer(path, hf_dir, arch)
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_eos_token_id(2)
     n = cfg.get("num_experts") or cfg["num_local_experts"]
     w.add_expert_count(n)
     w.add_expert_used_count(cfg["num_experts_per_tok"])

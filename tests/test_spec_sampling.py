@@ -72,6 +72,26 @@ def sample_counts(llm: LLM, prompt: list[int], params: SamplingParams, spec: Spe
     return counts
 
 
+def engine_chi2(llm: LLM, spec: SpecConfig) -> tuple[dict[str, float], float | None]:
+    """N seeded requests of 3 tokens sampled at temperature 1 after one prompt, through an `Engine` with `spec`:
+    the χ² p-values against the exact joint distribution, and the acceptance rate."""
+    prompt = random_prompts(1, [PROMPT_LEN], VOCAB - 5, seed=3)[0]
+    engine = Engine(llm=llm, spec=spec, max_num_seqs=64, max_num_batched_tokens=4096, quiet=True)
+    ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=3, seed=s, ignore_eos=True, temperature=1.0))
+           for s in range(N)]
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    rate = engine.stats.spec.acceptance_rate
+    engine.close()
+    counts = torch.zeros(VOCAB, VOCAB, VOCAB)
+    for i in ids:
+        a, b, c = outs[i]
+        counts[a, b, c] += 1
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=1.0)
+    return check(counts, exact_joint(llm, prompt, params)), rate
+
+
 def check(counts: torch.Tensor, joint: torch.Tensor) -> dict[str, float]:
     return {
         "t2": chi2_pvalue(counts.sum((0, 2)), joint.sum((0, 2))),
