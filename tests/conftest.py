@@ -285,3 +285,16 @@ def gguf_writer(path: Path, hf_dir: Path, arch: str) -> tuple[Any, dict[str, Any
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_eos_token_id(2)
     return w, cfg, load_file(hf_dir / "model.safetensors")
+
+
+def check_self_draft_is_plain(llm: LLM, drafter: dict[str, Any], weights: str, max_new_tokens: int) -> None:
+    """Self-speculation (γ 3, the drafter's settings, `weights` "full" or "int8") gives plain decoding's greedy
+    tokens on three prompts (200, 23 and 90 tokens), and speculates."""
+    from magicdec import SamplingParams, SpecConfig
+
+    prompts = random_prompts(3, [200, 23, 90], 384, seed=3)
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    plain = [o.token_ids for o in llm.generate(prompts, params).outputs]
+    result = llm.generate(prompts, params, SpecConfig(method="self", gamma=3, draft_weights=weights, **drafter))
+    assert [o.token_ids for o in result.outputs] == plain, (drafter, weights)
+    assert result.stats.acceptance.rounds > 0

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import gguf_writer, hf_greedy, random_prompts, save_sharp, spawn_ranks
+from conftest import check_self_draft_is_plain, gguf_writer, hf_greedy, random_prompts, save_sharp, spawn_ranks
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 from magicdec.config import RopeScaling
 from magicdec.parallel.tp import TensorParallel
@@ -92,15 +92,8 @@ SELF_DRAFTS = {
 def test_self_speculation_equals_plain_decoding(family: str, drafter: str, checkpoints: dict[str, Path]) -> None:
     """Sliding layers are read as the target reads them, the global ones sparsely; full draft weights or int8
     (alternating by family, so that each drafter meets both)."""
-    llm = LLM(checkpoints[family], device="cpu")
-    prompts = random_prompts(3, [200, 23, 90], 384, seed=3)  # none crosses Phi-3's original context (64)
-    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
-    plain = [o.token_ids for o in llm.generate(prompts, params).outputs]
     weights = ("full", "int8")[(sorted(FAMILIES).index(family) + sorted(SELF_DRAFTS).index(drafter)) % 2]
-    spec = SpecConfig(method="self", gamma=3, draft_weights=weights, **SELF_DRAFTS[drafter])
-    result = llm.generate(prompts, params, spec)
-    assert [o.token_ids for o in result.outputs] == plain, (family, drafter, weights)
-    assert result.stats.acceptance.rounds > 0
+    check_self_draft_is_plain(LLM(checkpoints[family], device="cpu"), SELF_DRAFTS[drafter], weights, 20)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3"])

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import PagedRows, gguf_writer, hf_greedy, random_prompts, save_sharp
+from conftest import PagedRows, check_self_draft_is_plain, gguf_writer, hf_greedy, random_prompts, save_sharp
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 
 WINDOW = 32
@@ -94,15 +94,8 @@ SELF_DRAFTS = {
 def test_self_speculation_equals_plain_decoding(family: str, drafter: str, checkpoints: dict[str, Path]) -> None:
     """Drafts read the experts (full weights, or int8 ones: alternating, so that each drafter meets both) and
     verification gives plain decoding's tokens: the MoE forward is batch-invariant."""
-    llm = LLM(checkpoints[family], device="cpu")
-    prompts = random_prompts(3, [200, 23, 90], 384, seed=3)
-    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    plain = [o.token_ids for o in llm.generate(prompts, params).outputs]
     weights = ("full", "int8")[(sorted(FAMILIES).index(family) + sorted(SELF_DRAFTS).index(drafter)) % 2]
-    spec = SpecConfig(method="self", gamma=3, draft_weights=weights, **SELF_DRAFTS[drafter])
-    result = llm.generate(prompts, params, spec)
-    assert [o.token_ids for o in result.outputs] == plain, (family, drafter, weights)
-    assert result.stats.acceptance.rounds > 0
+    check_self_draft_is_plain(LLM(checkpoints[family], device="cpu"), SELF_DRAFTS[drafter], weights, 16)
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
