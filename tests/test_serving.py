@@ -177,6 +177,31 @@ def test_prefix_cache_hit_skips_the_shared_prefill(tiny_llm: LLM) -> None:
     e.check_no_leaks()
 
 
+def test_an_own_kv_draft_keeps_the_prefix_cache_it_wrote(tiny_llm: LLM) -> None:
+    """Speculation off then on again: prompts cached while the own-KV draft was on stay findable (its pool
+    holds their KV), so a benchmark's plain and speculative runs both start warm; prompts cached while it was
+    off are forgotten when it comes back (its pool has no KV of them). Tokens are plain decoding's throughout."""
+    docs = random_prompts(3, [600], tiny_llm.config.vocab_size, seed=8)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = alone(tiny_llm, docs, [6] * 3)
+    core = tiny_llm.core_for(docs, params, OWN, runs=3, prefill_chunk=CHUNK)
+    try:
+        def run(spec: SpecConfig | None, ids: list[list[int]]) -> list:
+            core.set_speculation(spec)
+            return tiny_llm.run(core, ids, params).outputs
+
+        warm = run(OWN, docs[:2])
+        assert [o.metrics.cached_tokens for o in warm] == [0, 0]
+        assert [o.token_ids for o in run(None, docs[:2])] == want[:2]
+        back = run(OWN, docs[:2])  # nothing new was cached while it was off: the prefix cache is kept
+        assert [o.metrics.cached_tokens for o in back] == [512, 512] and [o.token_ids for o in back] == want[:2]
+        run(None, docs[2:])  # a new prompt cached while the draft is off …
+        again = run(OWN, docs)  # … empties the cache when it comes back
+        assert [o.metrics.cached_tokens for o in again] == [0, 0, 0] and [o.token_ids for o in again] == want
+    finally:
+        core.close()
+
+
 def test_abort_frees_blocks_at_once(tiny_llm: LLM) -> None:
     e = engine(tiny_llm, SELF)
     prompts = random_prompts(2, [400], tiny_llm.config.vocab_size, seed=7)

@@ -1,8 +1,8 @@
 """Speculative against plain decoding of the same prompts, like for like (`magicdec generate --compare`).
 
 Both sides run in one engine core (the path `LLM.generate` and `magicdec serve` run) under the same
-conditions: first a warm-up puts every prompt's whole prefill chunks in the prefix cache (one plain run of
-a single token each), then plain and speculative runs alternate — `repeats` of each, the order flipped
+conditions: first a warm-up puts every prompt's whole prefill chunks in the prefix cache (one run of a
+single token each, speculation on: a draft with a KV pool of its own holds them too), then plain and speculative runs alternate — `repeats` of each, the order flipped
 every repeat (plain, spec, spec, plain, …) so that neither side always runs first while the machine's speed
 drifts — each admitting every prompt at once and served from the same warm cache (each recomputes only its
 prompt's last partial chunk). Decode time excludes those prefill chunks on both sides. The speedup is the
@@ -92,7 +92,7 @@ def compare(llm: LLM, prompts: Sequence[Prompt], params: SamplingParams, spec: S
     llm.check_context(ids, params)
     core = llm.core_for(ids, params, spec, runs=2)
     try:
-        core.set_speculation(None)  # warm-up: every prompt's whole chunks into the prefix cache
+        core.set_speculation(spec)  # warm-up: every prompt's whole chunks into the prefix cache (and a draft's)
         llm.run(core, ids, replace(params, max_new_tokens=1, stop=()))
         runs: list[GenerationResult] = []
         baselines: list[GenerationResult] = []

@@ -80,6 +80,7 @@ class BlockPool:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free but cached: LRU order
         self.stats = PrefixStats()
         self.events: PrefixEvents | None = None
+        self.stored = 0  # prefixes ever registered (a draft pool that was off since can tell it missed some)
 
     # ---- counts ------------------------------------------------------------------------------------
     @property
@@ -151,6 +152,7 @@ class BlockPool:
         if self.hash_of[block] is None and h not in self.cached:
             self.hash_of[block] = h
             self.cached[h] = block
+            self.stored += 1
             return True
         return False
 

@@ -128,6 +128,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model, cache, self.graphs)
         self._draft_forwards: dict[int, GraphRunner] = {}  # by draft model: its forward and its own KV pool
         self._draft_pools: dict[int, PagedKVCache] = {}
+        self._pool_marks: dict[int, int] = {}  # id of a draft pool → `pool.stored` when it was last turned off
         self.spec: SpecConfig | None = None
         self.policy: DraftChoice | None = None
         self.shared_outputs = SuffixTrie()  # recent outputs of every request, for suffix drafts (bounded, LRU)
@@ -171,8 +172,8 @@ class EngineCore:
         over which KV (its budget cut to the engine's longest request: `SpecConfig.fitted`), the scheduler's γ
         bound, the γ policy (`gamma_policy`: one batch-wide policy instead of
         the setting's, for experiments); `verifier` replaces the exact acceptance rule (systems benchmarks'
-        synthetic acceptance). A draft with KV of its own keeps its pool between settings, but turning it on
-        empties the prefix cache: the blocks cached while it was off have no draft KV in its pool."""
+        synthetic acceptance). A draft with KV of its own keeps its pool between settings; turning it on
+        empties the prefix cache only if prefixes were cached while it was off (it has no KV of them)."""
         if spec is not None and not isinstance(spec, SpecConfig):
             raise TypeError(f"spec must be a SpecConfig (or None), got {type(spec).__name__}: {spec!r:.80}")
         if self.has_unfinished_requests():
@@ -200,13 +201,17 @@ class EngineCore:
             drafter = Drafter(setup, self.cache, forward, self._draft_pools.get(id(model)))
             if drafter.pool is not None:
                 self._draft_pools[id(model)] = drafter.pool
-                if old is None or old.pool is not drafter.pool:  # its KV was not written while it was off
-                    self.pool.clear_prefix_cache()
+                on = old is not None and old.pool is drafter.pool
+                if not on and self._pool_marks.get(id(drafter.pool)) != self.pool.stored:
+                    self.pool.clear_prefix_cache()  # prefixes were cached while it was off: it has no KV of them
             model_policy = RequestGamma(gamma_policy or self.models.gamma_policy(side, model.config))
             cost = self.models.cost_model(side, model.config)  # what a hybrid request weighs with
         method = "none" if spec is None else spec.drafter if spec.drafter in ("ngram", "suffix", "hybrid") else "self"
         policy = DraftChoice(model_policy, spec.gamma_bound if spec is not None else 0, method, cost,
                              deterministic=self.models.tp_world > 1)
+        old = self.runner.drafter
+        if old is not None and old.pool is not None and (drafter is None or drafter.pool is not old.pool):
+            self._pool_marks[id(old.pool)] = self.pool.stored
         self.spec, self.policy = spec, policy
         self.scheduler.config = sched
         self.runner.drafter, self.runner.verifier = drafter, verifier
