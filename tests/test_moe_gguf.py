@@ -35,10 +35,10 @@ def write_hf(path: Path, family: str) -> Path:
 
 def write_llama_cpp_gguf(path: Path, hf_dir: Path, family: str, fused: bool = False,
                          experts: dict[str, Any] | None = None, skip: tuple[str, ...] = (),
-                         extra: dict[str, np.ndarray] | None = None) -> Path:
+                         extra: dict[str, np.ndarray] | None = None, meta: dict[str, int] | None = None) -> Path:
     """The GGUF llama.cpp's converter writes for the checkpoint in `hf_dir`: float32 tensors (GPT-OSS's expert
     weights: `experts`, MXFP4 GGUF tensors by name, when given), `fused` gate/up experts (its --fuse-gate-up-exps);
-    metadata keys in `skip` left out, `extra` tensors added."""
+    metadata keys in `skip` left out, `extra` tensors and `meta` keys (uint32, under the architecture) added."""
     import gguf
 
     arch = ARCHS[family]
@@ -58,9 +58,13 @@ def write_llama_cpp_gguf(path: Path, hf_dir: Path, family: str, fused: bool = Fa
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
         w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
-    else:
-        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
-        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    else:  # (files of older converters lack the sizes: the tensors have them)
+        if "expert_feed_forward_length" not in skip:
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if "expert_shared_feed_forward_length" not in skip:
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    for key, value in (meta or {}).items():
+        w.add_uint32(f"{arch}.{key}", value)
 
     def add(hf_name: str, tensor: torch.Tensor | np.ndarray) -> None:
         gg = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -128,13 +132,19 @@ def check_like_checkpoint(path: Path, hf_dir: Path, tmp_path: Path) -> None:
         assert out.token_ids == hf_greedy(hf, prompt, 12), len(prompt)
 
 
-@pytest.mark.parametrize(("family", "fused"), [("gpt_oss", False), ("gpt_oss", True), ("qwen2_moe", False)])
-def test_gguf_of_a_moe_loads_like_its_checkpoint(family: str, fused: bool, tmp_path: Path) -> None:
+SIZES = ("expert_feed_forward_length", "expert_shared_feed_forward_length")
+
+
+@pytest.mark.parametrize(("family", "fused", "skip"), [("gpt_oss", False, ()), ("gpt_oss", True, ()),
+                                                       ("qwen2_moe", False, ()), ("qwen2_moe", False, SIZES)])
+def test_gguf_of_a_moe_loads_like_its_checkpoint(family: str, fused: bool, skip: tuple[str, ...],
+                                                 tmp_path: Path) -> None:
     """GPT-OSS: sinks, q/k/v/o biases, the router's bias, gate/up/down experts with their biases (separate or fused
     gate/up), sliding layers alternating with full ones (the window from the metadata), YaRN without rounding,
-    the clamped SwiGLU. Qwen2-MoE: experts of their own size beside a shared expert of another, and its gate."""
+    the clamped SwiGLU. Qwen2-MoE: experts of their own size beside a shared expert of another (from the metadata,
+    or the tensors' shapes), and its gate."""
     hf_dir = write_hf(tmp_path / "hf", family)
-    path = write_llama_cpp_gguf(tmp_path / f"{family}.gguf", hf_dir, family, fused=fused)
+    path = write_llama_cpp_gguf(tmp_path / f"{family}.gguf", hf_dir, family, fused=fused, skip=skip)
     cfg = load_model(hf_dir, device="cpu").config  # (what the checkpoint, hence the file, has to carry)
     if family == "gpt_oss":
         assert cfg.layer_types == ("sliding", "full") and cfg.rope_scaling.rope_type == "yarn"
@@ -204,8 +214,8 @@ def check_like_checkpoint_tokens(ours: Any, path: Path, hf: Any, hf_dir: Path) -
 
 
 def test_unreadable_variants_are_named(tmp_path: Path) -> None:
-    """A GPT-OSS file without its window, router biases in a Qwen2-MoE file, a tensor type the `gguf` package cannot
-    dequantize: each refused, naming what is wrong."""
+    """A GPT-OSS file without its window, router biases in a Qwen2-MoE file or a sigmoid router, a tensor type the
+    `gguf` package cannot dequantize: each refused, naming what is wrong."""
     import gguf
 
     from magicdec.loading.gguf_file import gguf_tensors, open_gguf
@@ -219,6 +229,9 @@ def test_unreadable_variants_are_named(tmp_path: Path) -> None:
                                 extra={"blk.0.ffn_gate_inp.bias": np.zeros(4, dtype=np.float32)})
     with pytest.raises(LoadError, match="biases on the router or experts.*drops no weights"):
         load_gguf(path, torch.float32, "cpu", tmp_path / "c2", cache_limit_bytes=0)
+    path = write_llama_cpp_gguf(tmp_path / "sigmoid.gguf", qwen, "qwen2_moe", meta={"expert_gating_func": 2})
+    with pytest.raises(LoadError, match="expert_gating_func is sigmoid"):
+        load_gguf(path, torch.float32, "cpu", tmp_path / "c3", cache_limit_bytes=0)
     w, _, _ = gguf_writer(tmp_path / "q81.gguf", qwen, "qwen2moe")
     w.add_tensor("token_embd.weight", np.zeros((384, 80), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
     w.write_header_to_file()

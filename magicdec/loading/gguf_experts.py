@@ -30,6 +30,7 @@ FUSED_EXPERTS = "ffn_gate_up_exps"
 ROUTER = "ffn_gate_inp"
 # llama.cpp's top-k renormalisation per architecture (its `expert_weights_norm` key when the file has one)
 NORM_TOPK = {"llama": True, "qwen3moe": True, "olmoe": False, "qwen2moe": False, "gpt-oss": False}
+SIGMOID_GATING = 2  # llama.cpp's expert_gating_func for σ(scores) (1: softmax; GPT-OSS: softmax of the top k)
 # GPT-OSS's clamped SwiGLU, constants in llama.cpp (its swiglu_oai) as in transformers' config
 GPT_OSS_SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
 # Qwen2-MoE's shared expert: our name (under the layer) → llama.cpp's
@@ -56,6 +57,8 @@ def expert_fields(meta: Callable[[str], Any], arch: str, tensors: dict[str, Any]
         return {}
     if meta("expert_used_count") is None:
         raise LoadError(f"GGUF metadata lacks {arch}.expert_used_count (the experts each token uses)")
+    if meta("expert_gating_func") == SIGMOID_GATING:
+        raise LoadError(f"{arch}.expert_gating_func is sigmoid; magicdec's routers take a softmax of the scores")
     norm = meta("expert_weights_norm")
     out: dict[str, Any] = {"n_experts": n, "n_experts_per_token": int(meta("expert_used_count")),
                            "norm_topk_prob": bool(NORM_TOPK[arch] if norm is None else norm)}
@@ -63,11 +66,15 @@ def expert_fields(meta: Callable[[str], Any], arch: str, tensors: dict[str, Any]
         out["family"] = "mixtral"
     if arch == "gpt-oss":  # its experts' size is the model's intermediate_size (as in transformers' config)
         size = meta("expert_feed_forward_length") or meta("feed_forward_length")
+        if not size:
+            raise LoadError(f"GGUF metadata lacks {arch}.expert_feed_forward_length (the experts' hidden size)")
         return {**out, **GPT_OSS_SWIGLU, "intermediate_size": int(size)}
     if meta("expert_feed_forward_length"):
         out["moe_intermediate_size"] = int(meta("expert_feed_forward_length"))
-    if "blk.0.ffn_up_shexp.weight" in tensors:  # Qwen2-MoE: [d, s] in GGUF's order, so s is the last
-        shared = meta("expert_shared_feed_forward_length") or tensors["blk.0.ffn_up_shexp.weight"].shape[-1]
+    elif arch == "qwen2moe" and "blk.0.ffn_up_exps.weight" in tensors:  # [d, f, E] in GGUF's order
+        out["moe_intermediate_size"] = int(tensors["blk.0.ffn_up_exps.weight"].shape[1])
+    if "blk.0.ffn_up_shexp.weight" in tensors:  # Qwen2-MoE: [d, s] in GGUF's order
+        shared = meta("expert_shared_feed_forward_length") or tensors["blk.0.ffn_up_shexp.weight"].shape[1]
         out.update(shared_expert_intermediate_size=int(shared),
                    shared_expert_gate="blk.0.ffn_gate_inp_shexp.weight" in tensors)
     return out
