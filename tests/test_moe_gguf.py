@@ -17,7 +17,7 @@ from test_moe import write_moe
 from conftest import gguf_writer, hf_greedy, random_prompts
 from magicdec import LLM, SamplingParams
 from magicdec.config import ModelConfig
-from magicdec.loading import LoadedModel, LoadError, load_model
+from magicdec.loading import LoadedModel, LoadError, Tokenizer, load_model
 from magicdec.loading.gguf_file import load_gguf
 
 ARCHS = {"gpt_oss": "gpt-oss", "qwen2_moe": "qwen2moe"}
@@ -125,8 +125,12 @@ def check_like_checkpoint(path: Path, hf_dir: Path, tmp_path: Path) -> None:
         assert set(ours.state_dict()) == set(theirs)
         for name, p in ours.state_dict().items():
             assert torch.equal(p, theirs[name]), name
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    llm = LLM(loaded=LoadedModel(ours, ref.tokenizer, cfg, path), device="cpu")
+    check_greedy(ours, cfg, path, AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval(), hf_dir)
+
+
+def check_greedy(ours: Any, cfg: ModelConfig, path: Path, hf: Any, hf_dir: Path) -> None:
+    """The GGUF's model decodes the prompts (one past the window) greedily like transformers' `hf`."""
+    llm = LLM(loaded=LoadedModel(ours, Tokenizer.from_dir(hf_dir), cfg, path), device="cpu")
     result = llm.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
     for prompt, out in zip(PROMPTS, result.outputs):
         assert out.token_ids == hf_greedy(hf, prompt, 12), len(prompt)
@@ -196,21 +200,13 @@ def test_mxfp4_experts_are_dequantized_like_transformers(tmp_path: Path) -> None
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                               quantization_config=Mxfp4Config(dequantize=True)).eval()
-    ours, _ = load_gguf(path, torch.float32, "cpu", tmp_path / "conv", cache_limit_bytes=0)
+    ours, ours_cfg = load_gguf(path, torch.float32, "cpu", tmp_path / "conv", cache_limit_bytes=0)
     for i, layer in enumerate(hf.model.layers):
         gu, down = layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj
         for e, expert in enumerate(ours.layers[i].mlp.experts):
             assert torch.equal(expert.w_gate_up.weight, torch.cat([gu[e, :, ::2].T, gu[e, :, 1::2].T])), (i, e)
             assert torch.equal(expert.w_down.weight, down[e].T), (i, e)
-    check_like_checkpoint_tokens(ours, path, hf, hf_dir)
-
-
-def check_like_checkpoint_tokens(ours: Any, path: Path, hf: Any, hf_dir: Path) -> None:
-    ref = load_model(hf_dir, device="cpu")
-    llm = LLM(loaded=LoadedModel(ours, ref.tokenizer, ref.config, path), device="cpu")
-    result = llm.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True))
-    for prompt, out in zip(PROMPTS, result.outputs):
-        assert out.token_ids == hf_greedy(hf, prompt, 12), len(prompt)
+    check_greedy(ours, ours_cfg, path, hf, hf_dir)
 
 
 def test_unreadable_variants_are_named(tmp_path: Path) -> None:
