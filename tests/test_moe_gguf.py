@@ -226,7 +226,7 @@ def test_unreadable_variants_are_named(tmp_path: Path) -> None:
     with pytest.raises(LoadError, match="biases on the router or experts.*drops no weights"):
         load_gguf(path, torch.float32, "cpu", tmp_path / "c2", cache_limit_bytes=0)
     path = write_llama_cpp_gguf(tmp_path / "sigmoid.gguf", qwen, "qwen2_moe", meta={"expert_gating_func": 2})
-    with pytest.raises(LoadError, match="expert_gating_func is sigmoid"):
+    with pytest.raises(LoadError, match="sigmoid.gguf: qwen2moe.expert_gating_func is sigmoid"):
         load_gguf(path, torch.float32, "cpu", tmp_path / "c3", cache_limit_bytes=0)
     w, _, _ = gguf_writer(tmp_path / "q81.gguf", qwen, "qwen2moe")
     w.add_tensor("token_embd.weight", np.zeros((384, 80), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)

@@ -145,7 +145,10 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
     head_dim = int(field(reader, f"{arch}.attention.key_length", 0) or hidden // n_heads)
     rotary = int(field(reader, f"{arch}.rope.dimension_count", 0) or head_dim)
     eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    experts = expert_fields(lambda key: field(reader, f"{arch}.{key}"), arch, tensors)
+    try:
+        experts = expert_fields(lambda key: field(reader, f"{arch}.{key}"), arch, tensors)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
     intermediate = experts.pop("intermediate_size", None) or int(need("feed_forward_length"))
     try:
         cfg = ModelConfig(
