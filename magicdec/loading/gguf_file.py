@@ -8,12 +8,13 @@ Reading and dequantizing a GGUF file takes seconds (the `gguf` reader parses eve
 so small models are converted once into a Hugging Face-style directory under
 `$MAGICDEC_HOME/gguf/` (config.json, float32 model.safetensors, tokenizer files) and loaded from
 there by the ordinary safetensors loader (`magicdec.loading.conversion`: one process converts,
-concurrent ones wait).
+concurrent ones wait). Mixtures of experts (their metadata, routers and stacked experts): `gguf_experts`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +22,24 @@ import numpy as np
 import torch
 
 from magicdec.config import FAMILY_TRAITS, ConfigError, ModelConfig, RopeScaling
-from magicdec.loading.assemble import (
-    DEFAULT_EXPERT_NAMES,
-    EXPERT_NAMES,
-    PLUS_ONE_NORMS,
-    build_model,
-    expected_shapes,
-)
+from magicdec.loading.assemble import PLUS_ONE_NORMS, build_model, expected_shapes
 from magicdec.loading.conversion import convert_once, damage
 from magicdec.loading.errors import LoadError
+from magicdec.loading.gguf_experts import (
+    SHARED_EXPERT_NAMES,
+    as_float32,
+    expert_fields,
+    expert_tensors,
+    is_expert_tensor,
+)
 from magicdec.model.llama import Transformer
 from magicdec.parallel.tp import TensorParallel
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite", "phi3", "qwen3moe", "olmoe",
-                 "smollm3")
+                 "smollm3", "qwen2moe", "gpt-oss")
 PERMUTED = ("llama", "granite", "smollm3")  # llama.cpp's converter permutes q/k rows for these (its LlamaModel's rule)
 # a GGUF architecture → the family (Hugging Face model_type) it translates to
-FAMILIES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
+FAMILIES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "gpt-oss": "gpt_oss"}
 # the models whose "27B" size llama.cpp scales attention by hidden/heads instead of head_dim (layers → family)
 _SCALE_BY_HIDDEN = {46: "gemma2", 62: "gemma3_text"}
 _LAYER_NAMES = {
@@ -60,11 +62,15 @@ _FUSED_NAMES = {  # Phi-3's fused projections, as llama.cpp keeps them
     "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
 _ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # read as metadata
-# a MoE layer's router and its experts, stacked [E, ...] in one tensor per projection (llama.cpp's names)
-_EXPERT_TENSORS = {"ffn_gate_exps.weight": 2, "ffn_up_exps.weight": 3, "ffn_down_exps.weight": 4}
-_ROUTER_TENSOR = "ffn_gate_inp.weight"
-# llama.cpp's top-k renormalisation per architecture (its `expert_weights_norm` key when the file has one)
-_NORM_TOPK = {"llama": True, "qwen3moe": True, "olmoe": False}
+# what an architecture names differently: GPT-OSS's pre-MLP norm and its sinks, Qwen2-MoE's shared expert
+_ARCH_NAMES = {
+    "gpt-oss": {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                "self_attn.sinks": "attn_sinks.weight"},
+    "qwen2moe": SHARED_EXPERT_NAMES,
+}
+# the sliding/global alternation llama.cpp fixes per architecture without a sliding_window_pattern key: every n-th
+# layer global (GPT-OSS: its set_swa_pattern(2), sliding layers first)
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2}
 # norms by where the family puts them
 _NORM_NAMES = {
     "pre": {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"},
@@ -127,6 +133,10 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
                                   attention_factor=None if attn is None else float(attn))
         else:
             scaling = _rope_scaling(reader, arch, context)
+        if arch == "gpt-oss" and scaling.rope_type == "yarn":
+            # GPT-OSS's YaRN ramp keeps fractional bounds (transformers' truncate=False, OpenAI's reference);
+            # llama.cpp rounds them for every model, and a GGUF file has no key for it: we run the model's own
+            scaling = replace(scaling, truncate=False)
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
     if "rope_freqs.weight" in tensors:
@@ -136,10 +146,15 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
     rotary = int(field(reader, f"{arch}.rope.dimension_count", 0) or head_dim)
     eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     try:
+        experts = expert_fields(lambda key: field(reader, f"{arch}.{key}"), arch, tensors)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
+    intermediate = experts.pop("intermediate_size", None) or int(need("feed_forward_length"))
+    try:
         cfg = ModelConfig(
             vocab_size=_vocab_size(reader, tensors, path),
             hidden_size=hidden,
-            intermediate_size=int(need("feed_forward_length")),
+            intermediate_size=intermediate,
             n_layers=int(need("block_count")),
             n_heads=n_heads,
             n_kv_heads=int(field(reader, f"{arch}.attention.head_count_kv", n_heads)),
@@ -155,17 +170,18 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
             name=str(field(reader, "general.name", path.stem)),
             rotary_dim=rotary if rotary != head_dim else 0,  # (Phi-3's partial rotary)
-            **{**_family_fields(reader, arch, n_heads), **_expert_fields(reader, arch)},
+            **{**_family_fields(reader, arch, n_heads, path), **experts},
         )
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
     return cfg
 
 
-def _family_fields(reader: Any, arch: str, n_heads: int) -> dict[str, Any]:
+def _family_fields(reader: Any, arch: str, n_heads: int, path: Path) -> dict[str, Any]:
     """What a family adds to the Llama shape, from its GGUF metadata and what llama.cpp fixes for it: Gemma's
     windows (every other layer for Gemma 2, five of six for Gemma 3, whose local θ is 10 000), soft-caps,
-    GeGLU, √d embeddings and attention scale (hidden/heads for the 27B models, else head_dim)."""
+    GeGLU, √d embeddings and attention scale (hidden/heads for the 27B models, else head_dim); GPT-OSS's
+    window on every other layer (sliding first)."""
     family = FAMILIES.get(arch, arch)
     out: dict[str, Any] = {"family": family, **FAMILY_TRAITS.get(family, {})}
     if family == "granite":  # its multipliers, as llama.cpp's converter writes them
@@ -178,6 +194,10 @@ def _family_fields(reader: Any, arch: str, n_heads: int) -> dict[str, Any]:
         out["nope_layers"] = tuple(i for i in range(layers) if (i + 1) % 4 == 0)
     if family == "phi3" and field(reader, f"{arch}.attention.sliding_window"):  # (0: none)
         out["sliding_window"] = int(field(reader, f"{arch}.attention.sliding_window"))
+    if family == "gpt_oss":
+        if not field(reader, f"{arch}.attention.sliding_window"):  # llama.cpp requires it too
+            raise LoadError(f"{path}: GGUF metadata lacks {arch}.attention.sliding_window (GPT-OSS's window)")
+        out.update(_windows(reader, arch))
     if family not in ("gemma2", "gemma3_text"):
         return out
     hidden, layers = int(field(reader, f"{arch}.embedding_length")), int(field(reader, f"{arch}.block_count"))
@@ -186,14 +206,7 @@ def _family_fields(reader: Any, arch: str, n_heads: int) -> dict[str, Any]:
     scale = field(reader, f"{arch}.attention.scale")  # explicit, when the file has it
     out.update(hidden_act="gelu_pytorch_tanh", embed_scale=hidden ** 0.5,
                attn_scale=float(scale) if scale else scalar ** -0.5)
-    window = field(reader, f"{arch}.attention.sliding_window")
-    if window:
-        pattern = field(reader, f"{arch}.attention.sliding_window_pattern", 2 if family == "gemma2" else 6)
-        if isinstance(pattern, list):  # per layer, True for a sliding one
-            sliding = [bool(x) for x in pattern]
-        else:  # every n-th layer global
-            sliding = [(i + 1) % int(pattern) != 0 for i in range(layers)]
-        out.update(sliding_window=int(window), layer_types=tuple("sliding" if x else "full" for x in sliding))
+    out.update(_windows(reader, arch))
     if family == "gemma3_text":
         out.update(rope_local_theta=10000.0, rope_local_scaling=RopeScaling())
     for key, name in (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping")):
@@ -202,19 +215,19 @@ def _family_fields(reader: Any, arch: str, n_heads: int) -> dict[str, Any]:
     return out
 
 
-def _expert_fields(reader: Any, arch: str) -> dict[str, Any]:
-    """A mixture of experts' fields (Mixtral is llama.cpp's "llama" with experts; Qwen3-MoE, OLMoE): every layer
-    sparse, as llama.cpp runs these architectures."""
-    n = int(field(reader, f"{arch}.expert_count", 0) or 0)
-    if not n:
+def _windows(reader: Any, arch: str) -> dict[str, Any]:
+    """The sliding window and which layers have it: the file's sliding_window_pattern (a per-layer list, True
+    for a sliding layer, or n: every n-th layer global), else llama.cpp's fixed pattern for the architecture."""
+    window = field(reader, f"{arch}.attention.sliding_window")
+    if not window:
         return {}
-    out: dict[str, Any] = {"n_experts": n, "n_experts_per_token": int(field(reader, f"{arch}.expert_used_count")),
-                           "norm_topk_prob": bool(field(reader, f"{arch}.expert_weights_norm", _NORM_TOPK[arch]))}
-    if arch == "llama":
-        out["family"] = "mixtral"
-    if field(reader, f"{arch}.expert_feed_forward_length"):
-        out["moe_intermediate_size"] = int(field(reader, f"{arch}.expert_feed_forward_length"))
-    return out
+    layers = int(field(reader, f"{arch}.block_count"))
+    pattern = field(reader, f"{arch}.attention.sliding_window_pattern", _SWA_PATTERN[arch])
+    if isinstance(pattern, list):
+        sliding = [bool(x) for x in pattern]
+    else:
+        sliding = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+    return {"sliding_window": int(window), "layer_types": tuple("sliding" if x else "full" for x in sliding)}
 
 
 def _rope_scaling(reader: Any, arch: str, context: int) -> RopeScaling:
@@ -267,58 +280,53 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def gguf_tensors(reader: Any, cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     """All weights, dequantized to float32, under their Hugging Face names; a tensor with no role in
     the model is an error naming it."""
-    import gguf
-
-    permuted = field(reader, "general.architecture") in PERMUTED
+    arch = field(reader, "general.architecture")
+    permuted = arch in PERMUTED
     out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}  # layer → its router and stacked experts, by short name
     known = set(_GLOBAL_NAMES).union(*(expected_shapes(cfg, i) for i in range(cfg.n_layers)))
     for t in reader.tensors:
-        experts = (*_EXPERT_TENSORS, _ROUTER_TENSOR)
-        if cfg.n_experts and t.name.startswith("blk.") and t.name.split(".", 2)[2] in experts:
-            out.update(_expert_tensors(t, cfg))
+        if cfg.n_experts and t.name.startswith("blk.") and is_expert_tensor(t.name.split(".", 2)[2]):
+            _, layer, short = t.name.split(".", 2)
+            experts.setdefault(layer, {})[short] = as_float32(t.data, t.tensor_type, t.name)
             continue
-        hf_name = hf_tensor_name(t.name, cfg.norm_placement, fused=cfg.family == "phi3")
+        hf_name = hf_tensor_name(t.name, cfg.norm_placement, fused=cfg.family == "phi3", arch=arch)
         if hf_name not in known:
             if t.name in _ROPE_TENSORS or ".attn_rot_embd" in t.name:  # read by read_config; unused
                 continue  # by llama.cpp too
             raise LoadError(f"{path}: GGUF tensor {t.name!r} has no role in the model magicdec runs; "
                             "magicdec drops no weights silently")
         assert hf_name is not None
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = as_float32(t.data, t.tensor_type, t.name)
         if permuted and ".q_proj." in hf_name:
             w = _unpermute(w, cfg.n_heads)
         elif permuted and ".k_proj." in hf_name:
             w = _unpermute(w, cfg.n_kv_heads)
         if cfg.family in PLUS_ONE_NORMS and hf_name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norms with the one added; Hugging Face's w without
-        out[hf_name] = torch.from_numpy(np.array(w, dtype=np.float32))
+        if hf_name.endswith("shared_expert_gate.weight"):
+            w = w.reshape(1, -1)  # llama.cpp's [d], transformers' [1, d]
+        out[hf_name] = w
+    for layer, parts in experts.items():
+        try:
+            out.update(expert_tensors(parts, layer, cfg))
+        except LoadError as e:
+            raise LoadError(f"{path}: {e}") from None
     return out
 
 
-def _expert_tensors(t: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A GGUF router or stacked-experts tensor under the family's Hugging Face names (one tensor per expert)."""
-    import gguf
-
-    _, layer, short = t.name.split(".", 2)
-    names = EXPERT_NAMES.get(cfg.family, DEFAULT_EXPERT_NAMES)
-    p = f"model.layers.{layer}."
-    w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-    if short == _ROUTER_TENSOR:
-        return {p + names[0] + ".weight": w}
-    role = names[_EXPERT_TENSORS[short]]
-    return {p + names[1].format(e) + role + ".weight": w[e].contiguous() for e in range(cfg.n_experts)}
-
-
-def hf_tensor_name(name: str, norm_placement: str = "pre", fused: bool = False) -> str | None:
+def hf_tensor_name(name: str, norm_placement: str = "pre", fused: bool = False, arch: str = "") -> str | None:
     """The Hugging Face name of a GGUF tensor (None for a tensor with no such name, e.g. rope_freqs);
-    `fused`: the family keeps q/k/v and gate/up fused (Phi-3)."""
+    `fused`: the family keeps q/k/v and gate/up fused (Phi-3); `arch`: the GGUF architecture, for the names
+    that only it has."""
     for hf, gg in _GLOBAL_NAMES.items():
         if name == gg:
             return hf
     parts = name.split(".", 2)
     if parts[0] != "blk":
         return None
-    names = {**_LAYER_NAMES, **_NORM_NAMES[norm_placement], **(_FUSED_NAMES if fused else {})}
+    names = {**_LAYER_NAMES, **_NORM_NAMES[norm_placement], **(_FUSED_NAMES if fused else {}),
+             **_ARCH_NAMES.get(arch, {})}
     inverse = {v: k for k, v in names.items()}
     return f"model.layers.{parts[1]}.{inverse[parts[2]]}" if parts[2] in inverse else None
 
