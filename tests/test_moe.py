@@ -2,7 +2,8 @@
 (a gated shared expert), Mixtral (a sliding window), OLMoE (q/k norms over all heads) and GPT-OSS (attention
 sinks, alternating sliding and full layers, the router's bias and softmax after top-k, the clamped SwiGLU with
 biases) as tiny random checkpoints saved by transformers' own config classes: magicdec's greedy tokens are
-transformers', speculation gives plain decoding's tokens, and the MoE forward is batch-invariant."""
+transformers', speculation gives plain decoding's tokens, the MoE forward is batch-invariant, and two tensor-parallel
+gloo ranks give one process's tokens."""
 
 from __future__ import annotations
 
@@ -430,14 +431,22 @@ def test_gguf_of_a_moe_loads_like_its_checkpoint(family: str, arch: str, checkpo
 def tp_worker(rank: int, world: int, path: str, speculate: bool, result: str) -> None:
     """This rank's greedy tokens and logits, loaded sharded and loaded whole then cut; with `speculate`, the
     tokens of self-speculation (full and int8 draft weights)."""
+    import torch.distributed as dist
+
     from magicdec.loading import load_model
     from magicdec.parallel.tp import TensorParallel, shard_model
 
     tp = TensorParallel(rank, world)
     llm = LLM(path, device="cpu", tp=tp)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    out: dict[str, Any] = {"plain": [o.token_ids for o in llm.generate(PROMPTS, params).outputs],
-                           "logits": full_logits(llm.model, TP_IDS)}
+    out: dict[str, Any] = {"plain": [o.token_ids for o in llm.generate(PROMPTS, params).outputs]}
+    all_reduce, calls = dist.all_reduce, []
+    dist.all_reduce = lambda *args, **kwargs: calls.append(1) or all_reduce(*args, **kwargs)
+    try:
+        out["logits"] = full_logits(llm.model, TP_IDS)
+    finally:
+        dist.all_reduce = all_reduce
+    out["all_reduces"] = len(calls)  # in one forward
     whole = load_model(path, device="cpu").model
     shard_model(whole, tp)
     out["cut"] = full_logits(whole, TP_IDS)
@@ -454,10 +463,11 @@ def tp_worker(rank: int, world: int, path: str, speculate: bool, result: str) ->
 TP_IDS = torch.tensor(random_prompts(2, [40], 384, seed=11))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "qwen2_moe", "gpt_oss_mxfp4"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "qwen2_moe", "mixtral", "olmoe", "gpt_oss_mxfp4"])
 def test_two_gloo_ranks_give_one_process_tokens(family: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """Each rank holds every expert's share of columns (GPT-OSS: its interleaved gate/up and their biases; the
-    down bias on rank 0), the router and the shared expert's gate whole; one all-reduce per MoE layer. Greedy
+    down bias on rank 0), the router and the shared expert's gate whole; one all-reduce per MoE layer, not per
+    expert. Greedy
     tokens are one process's, so is self-speculation under TP (GPT-OSS), and a model loaded whole then cut
     computes what a sharded load does."""
     path = write_mxfp4(checkpoints["gpt_oss"], tmp_path / "mxfp4") if family == "gpt_oss_mxfp4" else checkpoints[family]
@@ -469,6 +479,8 @@ def test_two_gloo_ranks_give_one_process_tokens(family: str, checkpoints: dict[s
     assert sharded["plain"] == plain
     assert (sharded["logits"] - full_logits(one.model, TP_IDS)).abs().max() <= 1e-4
     assert torch.equal(sharded["cut"], sharded["logits"])
+    per_layer = 4 if one.config.qk_norm == "full" else 2  # attention, the MLP or MoE (+ OLMoE's q and k norms)
+    assert sharded["all_reduces"] == per_layer * one.config.n_layers
     if speculate:
         assert sharded["full"] == sharded["int8"] == plain
 
