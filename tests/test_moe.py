@@ -2,7 +2,8 @@
 (a gated shared expert), Mixtral (a sliding window), OLMoE (q/k norms over all heads) and GPT-OSS (attention
 sinks, alternating sliding and full layers, the router's bias and softmax after top-k, the clamped SwiGLU with
 biases) as tiny random checkpoints saved by transformers' own config classes: magicdec's greedy tokens are
-transformers', speculation gives plain decoding's tokens, and the MoE forward is batch-invariant."""
+transformers', speculation gives plain decoding's tokens, the MoE forward is batch-invariant, and two tensor-parallel
+gloo ranks give one process's tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import PagedRows, check_self_draft_is_plain, gguf_writer, hf_greedy, random_prompts, save_sharp
+from conftest import (
+    PagedRows,
+    check_self_draft_is_plain,
+    full_logits,
+    gguf_writer,
+    hf_greedy,
+    random_prompts,
+    save_sharp,
+    spawn_ranks,
+)
 from magicdec import LLM, DraftTuning, SamplingParams, SpecConfig
 
 WINDOW = 32
@@ -172,18 +182,14 @@ def test_sinks_in_the_cpu_kernels_match_pytorch(kernels: None) -> None:
     assert torch.equal(cpu.paged_attention(q, pool_k, pool_v, table, wide, sinks=sinks), out)
 
 
-def test_mxfp4_checkpoint_is_dequantized_at_load(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    """A GPT-OSS checkpoint whose experts are MXFP4 (`*_blocks`, `*_scales`, as published): the weights are
-    transformers' own dequantization of them (`Mxfp4Config(dequantize=True)`), and greedy tokens are its."""
+def write_mxfp4(source: Path, path: Path) -> Path:
+    """A copy of a GPT-OSS checkpoint whose experts are random MXFP4 (`*_blocks`, `*_scales`, as published)."""
     import json
     import shutil
 
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    from magicdec.loading.mxfp4 import dequantize
-
-    path = shutil.copytree(checkpoints["gpt_oss"], tmp_path / "mxfp4")
+    path = shutil.copytree(source, path)
     gen = torch.Generator().manual_seed(0)
     tensors = {}
     for name, w in load_file(path / "model.safetensors").items():
@@ -200,6 +206,22 @@ def test_mxfp4_checkpoint_is_dequantized_at_load(checkpoints: dict[str, Path], t
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_mxfp4_checkpoint_is_dequantized_at_load(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """A GPT-OSS checkpoint whose experts are MXFP4 (`*_blocks`, `*_scales`, as published): the weights are
+    transformers' own dequantization of them (`Mxfp4Config(dequantize=True)`), and greedy tokens are its."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from magicdec.loading.mxfp4 import dequantize
+
+    path = write_mxfp4(checkpoints["gpt_oss"], tmp_path / "mxfp4")
+    tensors = load_file(path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                               quantization_config=Mxfp4Config(dequantize=True)).eval()
     experts = hf.model.layers[0].mlp.experts
@@ -406,12 +428,86 @@ def test_gguf_of_a_moe_loads_like_its_checkpoint(family: str, arch: str, checkpo
             assert torch.allclose(p, theirs[name], atol=1e-6, rtol=0), name
 
 
-def test_tensor_parallelism_of_a_moe_is_refused(checkpoints: dict[str, Path]) -> None:
-    from magicdec.loading import LoadError, load_model
-    from magicdec.parallel.tp import TensorParallel
+def tp_worker(rank: int, world: int, path: str, speculate: bool, result: str) -> None:
+    """This rank's greedy tokens and logits, loaded sharded and loaded whole then cut; with `speculate`, the
+    tokens of self-speculation (full and int8 draft weights)."""
+    import torch.distributed as dist
 
-    with pytest.raises(LoadError, match="tensor parallelism of mixture-of-experts"):
-        load_model(checkpoints["mixtral"], device="cpu", tp=TensorParallel(0, 2))
+    from magicdec.loading import load_model
+    from magicdec.parallel.tp import TensorParallel, shard_model
+
+    tp = TensorParallel(rank, world)
+    llm = LLM(path, device="cpu", tp=tp)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    out: dict[str, Any] = {"plain": [o.token_ids for o in llm.generate(PROMPTS, params).outputs]}
+    all_reduce, calls = dist.all_reduce, []
+    dist.all_reduce = lambda *args, **kwargs: calls.append(1) or all_reduce(*args, **kwargs)
+    try:
+        out["logits"] = full_logits(llm.model, TP_IDS)
+    finally:
+        dist.all_reduce = all_reduce
+    out["all_reduces"] = len(calls)  # in one forward
+    whole = load_model(path, device="cpu").model
+    shard_model(whole, tp)
+    out["cut"] = full_logits(whole, TP_IDS)
+    if speculate:
+        for weights, drafter in (("full", "streaming"), ("int8", "snapkv")):
+            spec = SpecConfig(method="self", gamma=3, draft_weights=weights, **SELF_DRAFTS[drafter])
+            r = llm.generate(PROMPTS, params, spec)
+            assert r.stats.acceptance.rounds > 0
+            out[weights] = [o.token_ids for o in r.outputs]
+    if rank == 0:
+        torch.save(out, result)
+
+
+TP_IDS = torch.tensor(random_prompts(2, [40], 384, seed=11))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "qwen2_moe", "mixtral", "olmoe", "gpt_oss_mxfp4"])
+def test_two_gloo_ranks_give_one_process_tokens(family: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Each rank holds every expert's share of columns (GPT-OSS: its interleaved gate/up and their biases; the
+    down bias on rank 0), the router and the shared expert's gate whole; one all-reduce per MoE layer, not per
+    expert. Greedy
+    tokens are one process's, so is self-speculation under TP (GPT-OSS), and a model loaded whole then cut
+    computes what a sharded load does."""
+    path = write_mxfp4(checkpoints["gpt_oss"], tmp_path / "mxfp4") if family == "gpt_oss_mxfp4" else checkpoints[family]
+    speculate = family == "gpt_oss"
+    spawn_ranks(tp_worker, 2, str(path), speculate, str(tmp_path / "rank0.pt"), timeout_s=300)
+    sharded = torch.load(tmp_path / "rank0.pt")
+    one = LLM(path, device="cpu")
+    plain = [o.token_ids for o in one.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True)).outputs]
+    assert sharded["plain"] == plain
+    assert (sharded["logits"] - full_logits(one.model, TP_IDS)).abs().max() <= 1e-4
+    assert torch.equal(sharded["cut"], sharded["logits"])
+    per_layer = 4 if one.config.qk_norm == "full" else 2  # attention, the MLP or MoE (+ OLMoE's q and k norms)
+    assert sharded["all_reduces"] == per_layer * one.config.n_layers
+    if speculate:
+        assert sharded["full"] == sharded["int8"] == plain
+
+
+def test_an_indivisible_expert_size_is_refused_with_the_fix(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """An expert's (or the shared expert's) columns that the world size does not divide: a clear error naming
+    them and the world sizes that work. A dense intermediate size that no layer uses does not matter."""
+    import transformers
+
+    from magicdec.config import ModelConfig
+    from magicdec.parallel.tp import TensorParallel, check_shardable
+
+    def config(family: str, **changes: Any) -> ModelConfig:
+        name, overrides = FAMILIES[family]
+        return ModelConfig.from_hf(getattr(transformers, name)(**{**BASE, **overrides, **changes}).to_dict())
+
+    with pytest.raises(ValueError, match=r"36 expert columns are not divisible by 8 \(attention is split by KV "
+                                         r"heads, each expert by its columns\)\. Use a world size of 1, 2"):
+        check_shardable(config("qwen3_moe", moe_intermediate_size=36), 8)
+    with pytest.raises(ValueError, match=r"split 2 ways: 49 shared expert columns are not divisible by 2 "):
+        check_shardable(config("qwen2_moe", shared_expert_intermediate_size=49), 2)
+    check_shardable(config("qwen3_moe", intermediate_size=97, mlp_only_layers=[]), 2)  # every layer sparse
+    with pytest.raises(ValueError, match="97 MLP columns"):
+        check_shardable(config("qwen3_moe", intermediate_size=97), 2)  # layer 1 dense
+    path = write_moe(tmp_path / "odd", "mixtral", intermediate_size=33)
+    with pytest.raises(ValueError, match="33 expert columns are not divisible by 2"):
+        LLM(path, device="cpu", tp=TensorParallel(0, 2))
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])

@@ -157,9 +157,6 @@ def build_model(
     whole model is built and then cut. `names`: every tensor the checkpoint holds; one the model does
     not use is an error."""
     used: set[str] = set()
-    if tp is not None and cfg.n_experts:
-        raise LoadError(f"{source}: tensor parallelism of mixture-of-experts models is not supported yet; "
-                        "run it in one process")
     if cfg.family == "phi3":  # fused q/k/v and gate/up: read whole, cut after the split
         sliced = False
 

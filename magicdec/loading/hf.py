@@ -81,13 +81,14 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str,
     names = {n for n in files if not any(n.endswith(s) and n[: -len(s)] in packed for s in mxfp4.SUFFIXES)}
 
     def get(name: str, part: tuple[int, int, int] | None = None) -> torch.Tensor | None:
-        if name in packed and part is None:
+        if name in packed:  # dequantized whole, then this rank's part taken
             blocks, scales = (get(n) for n in packed[name])
             assert blocks is not None and scales is not None
             try:
-                return mxfp4.dequantize(blocks, scales)
+                t = mxfp4.dequantize(blocks, scales)
             except ValueError as e:
                 raise LoadError(f"{path}: tensor {name!r}: {e}") from None
+            return t if part is None else t.narrow(part[0], part[1], part[2] - part[1]).clone()
         f = files.get(name)
         if f is None:
             return None
@@ -97,8 +98,7 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device | str,
             if part is None:
                 return handles[f].get_tensor(name)
             dim, a, b = part
-            sl = handles[f].get_slice(name)
-            return sl[a:b] if dim == 0 else sl[:, a:b]
+            return handles[f].get_slice(name)[(slice(None),) * dim + (slice(a, b),)]
         except Exception as e:
             raise LoadError(f"{f}: cannot read tensor {name!r} ({e}); the file is corrupt") from None
 

@@ -3,11 +3,16 @@ it is built: the model code knows nothing about it.
 
 `shard_model` cuts a model in place for one rank:
 - attention by KV heads, query heads following (the fused q/k/v projection keeps this rank's query,
-  key and value rows; the output projection its columns), so each rank's KV cache holds its heads;
+  key and value rows; the output projection its columns; GPT-OSS's sinks its heads' logits), so each
+  rank's KV cache holds its heads;
 - the MLP by columns, then rows (gate/up rows, down-projection columns);
+- a mixture of experts likewise, expert by expert (each expert's gate/up rows and down-projection columns,
+  the shared expert's too); the router and the shared expert's gate are replicated, so every rank routes
+  every token alike; a down-projection bias (GPT-OSS) stays on rank 0 only, so the sum adds it once;
 - the LM head by vocabulary rows; the embedding stays whole (a lookup, not a matmul);
 and installs the communication as forward hooks: an all-reduce after the attention output and the
-MLP down projections, an all-gather of the logits, so every rank sees the whole distribution and
+MLP down projections (after the whole MoE module: one per MoE layer, of its experts' summed partial
+outputs, shared expert included), an all-gather of the logits, so every rank sees the whole distribution and
 samples, with the same seed, the same tokens.
 
 A meta model can be sharded before its weights are loaded: `hf_slice` tells a loader which part of
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from magicdec.config import ModelConfig
+from magicdec.model.linear import Linear
+from magicdec.model.moe import MoE
 from magicdec.parallel.watchdog import start_watchdog
 
 
@@ -54,27 +62,43 @@ def init_from_env(device_type: str) -> TensorParallel | None:
     return TensorParallel(dist.get_rank(), dist.get_world_size())
 
 
+def _split_parts(cfg: ModelConfig) -> dict[str, int]:
+    """What tensor parallelism splits, by name: each must divide by the world size."""
+    parts = {"KV heads": cfg.n_kv_heads}
+    if not cfg.n_experts or any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
+        parts["MLP columns"] = cfg.intermediate_size
+    if cfg.n_experts:
+        parts["expert columns"] = cfg.expert_size
+    if cfg.shared_expert_intermediate_size:
+        parts["shared expert columns"] = cfg.shared_expert_intermediate_size
+    parts["vocabulary rows"] = cfg.vocab_size
+    return parts
+
+
 def check_shardable(cfg: ModelConfig, world: int) -> None:
     """Refuse, with the reason and the fix, a world size that does not divide the model."""
-    parts = {"KV heads": cfg.n_kv_heads, "MLP columns": cfg.intermediate_size, "vocabulary rows": cfg.vocab_size}
+    parts = _split_parts(cfg)
     bad = [f"{n} {name}" for name, n in parts.items() if n % world]
     if bad:
         ok = [w for w in range(1, cfg.n_kv_heads + 1) if all(n % w == 0 for n in parts.values())]
+        how = "attention is split by KV heads" + (", each expert by its columns" if cfg.n_experts else "")
         raise ValueError(
             f"tensor parallelism: {cfg.name or 'this model'} cannot be split {world} ways: {', '.join(bad)} "
-            f"are not divisible by {world} (attention is split by KV heads). Use a world size of "
-            f"{', '.join(map(str, ok))}."
+            f"are not divisible by {world} ({how}). Use a world size of {', '.join(map(str, ok))}."
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Ranges:
-    """This rank's rows/columns: query features, key/value features, MLP columns, vocabulary rows."""
+    """This rank's rows/columns: query features, key/value features, MLP columns, vocabulary rows, a routed
+    expert's columns, the shared expert's columns ((0, 0) where the model has none)."""
 
     q: tuple[int, int]
     kv: tuple[int, int]
     ffn: tuple[int, int]
     vocab: tuple[int, int]
+    expert: tuple[int, int] = (0, 0)
+    shared: tuple[int, int] = (0, 0)
 
 
 def ranges(cfg: ModelConfig, tp: TensorParallel) -> Ranges:
@@ -87,7 +111,17 @@ def ranges(cfg: ModelConfig, tp: TensorParallel) -> Ranges:
 
     q = part(cfg.n_heads)
     kv = part(cfg.n_kv_heads)
-    return Ranges((q[0] * d, q[1] * d), (kv[0] * d, kv[1] * d), part(cfg.intermediate_size), part(cfg.vocab_size))
+    return Ranges((q[0] * d, q[1] * d), (kv[0] * d, kv[1] * d), part(cfg.intermediate_size), part(cfg.vocab_size),
+                  part(cfg.expert_size) if cfg.n_experts else (0, 0), part(cfg.shared_expert_intermediate_size))
+
+
+# a routed or shared expert's projection in a checkpoint: Qwen-MoE/OLMoE `experts.{e}.gate_proj`, Mixtral
+# `experts.{e}.w1` (gate), `w3` (up), `w2` (down), Qwen2-MoE `shared_expert.gate_proj`
+_EXPERT_PROJ = re.compile(r"\.(experts\.\d+|shared_expert)\.(gate_proj|up_proj|w1|w3|down_proj|w2)\.")
+# GPT-OSS: all experts in one tensor per projection, gate and up interleaved in the last dimension (column j's
+# gate at 2j, its up at 2j + 1), so a rank's columns a..b are the contiguous 2a..2b
+_STACKED_EXPERTS = {"mlp.experts.gate_up_proj": (2, 2), "mlp.experts.gate_up_proj_bias": (1, 2),
+                    "mlp.experts.down_proj": (1, 1)}
 
 
 def hf_slice(cfg: ModelConfig, tp: TensorParallel, hf_name: str) -> tuple[int, int, int] | None:
@@ -105,7 +139,15 @@ def hf_slice(cfg: ModelConfig, tp: TensorParallel, hf_name: str) -> tuple[int, i
     for key, (dim, (a, b)) in table.items():
         if f".{key}." in hf_name:
             return dim, a, b
-    return None
+    if hf_name.endswith(".self_attn.sinks"):  # (GPT-OSS) one logit per query head
+        return 0, rg.q[0] // cfg.head_dim, rg.q[1] // cfg.head_dim
+    if m := _EXPERT_PROJ.search(hf_name):
+        a, b = rg.shared if m[1] == "shared_expert" else rg.expert
+        return (1 if m[2] in ("down_proj", "w2") else 0), a, b
+    for key, (dim, scale) in _STACKED_EXPERTS.items():
+        if hf_name.endswith(f".{key}"):
+            return dim, scale * rg.expert[0], scale * rg.expert[1]
+    return None  # also GPT-OSS's down-projection bias: whole, kept on rank 0 (see shard_model)
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -127,24 +169,52 @@ def shard_model(model: nn.Module, tp: TensorParallel, weights_sharded: bool = Fa
                 qb, kb, vb = attn.wqkv.bias.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
                 attn.wqkv.bias = _param(torch.cat([qb[slice(*rg.q)], kb[slice(*rg.kv)], vb[slice(*rg.kv)]]))
             attn.wo.weight = _param(attn.wo.weight[:, slice(*rg.q)])
-            gate, up = mlp.w_gate_up.weight.split(cfg.intermediate_size)
-            mlp.w_gate_up.weight = _param(torch.cat([gate[slice(*rg.ffn)], up[slice(*rg.ffn)]]))
-            mlp.w_down.weight = _param(mlp.w_down.weight[:, slice(*rg.ffn)])
+            if attn.sinks is not None:  # (GPT-OSS) one logit per query head: this rank's heads'
+                attn.sinks = _param(attn.sinks[rg.q[0] // cfg.head_dim: rg.q[1] // cfg.head_dim])
         if cfg.qk_norm == "full":  # normalised over every head's features: the sums of squares all-reduced
             attn.q_norm = SplitRMSNorm(attn.q_norm.weight, rg.q, cfg.q_size, attn.q_norm.eps, tp, weights_sharded)
             attn.k_norm = SplitRMSNorm(attn.k_norm.weight, rg.kv, cfg.kv_size, attn.k_norm.eps, tp, weights_sharded)
         attn.n_heads, attn.n_kv_heads = cfg.n_heads // w, cfg.n_kv_heads // w
-        mlp.intermediate = cfg.intermediate_size // w
-        for lin in (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down):
+        for lin in (attn.wqkv, attn.wo):
             lin.out_features, lin.in_features = lin.weight.shape
         attn.wo.register_forward_hook(_all_reduce_hook(tp))
-        mlp.w_down.register_forward_hook(_all_reduce_hook(tp))
+        if isinstance(mlp, MoE):
+            for expert in mlp.experts:
+                _split_swiglu(expert.w_gate_up, expert.w_down, expert.size, rg.expert, tp, weights_sharded)
+                expert.size //= w
+            if mlp.shared is not None:
+                _split_swiglu(mlp.shared.w_gate_up, mlp.shared.w_down, mlp.shared.size, rg.shared, tp, weights_sharded)
+                mlp.shared.size //= w
+            mlp.register_forward_hook(_all_reduce_hook(tp))  # once per layer: every expert's partial sums
+        else:
+            _split_swiglu(mlp.w_gate_up, mlp.w_down, mlp.intermediate, rg.ffn, tp, weights_sharded)
+            mlp.intermediate //= w
+            mlp.w_down.register_forward_hook(_all_reduce_hook(tp))
     if not weights_sharded or cfg.tie_word_embeddings:  # a tied head is cut from the (whole) embedding
         source = model.embed.weight if cfg.tie_word_embeddings else model.lm_head.weight
         model.lm_head.weight = _param(source[slice(*rg.vocab)])
     model.lm_head.out_features = model.lm_head.weight.shape[0]
     model.lm_head.register_forward_hook(_all_gather_hook(tp))
     model.tp = tp
+
+
+def _split_swiglu(gate_up: Linear, down: Linear, size: int, part: tuple[int, int], tp: TensorParallel,
+                  sharded: bool) -> None:
+    """Cut a SwiGLU (fused [gate | up] of `size` columns each, then down) to this rank's columns `part`: the
+    gate/up rows (and biases) of those columns, the down projection's columns. The down projection's bias is
+    kept on rank 0 only: the all-reduce of the partial outputs adds it once."""
+    if not sharded:
+        cols = slice(*part)
+        gate, up = gate_up.weight.split(size)
+        gate_up.weight = _param(torch.cat([gate[cols], up[cols]]))
+        if gate_up.bias is not None:
+            gate_b, up_b = gate_up.bias.split(size)
+            gate_up.bias = _param(torch.cat([gate_b[cols], up_b[cols]]))
+        down.weight = _param(down.weight[:, cols])
+    if down.bias is not None and tp.rank != 0:
+        down.bias = None
+    for lin in (gate_up, down):
+        lin.out_features, lin.in_features = lin.weight.shape
 
 
 class SplitRMSNorm(nn.Module):
