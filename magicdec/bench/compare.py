@@ -1,17 +1,16 @@
 """Speculative against plain decoding of the same prompts, like for like (`magicdec generate --compare`).
 
-Both sides run in one engine core (the path `LLM.generate` and `magicdec serve` run) under the same
-conditions: first a warm-up puts every prompt's whole prefill chunks in the prefix cache (one run of a
-single token each, speculation on: a draft with a KV pool of its own holds them too), then plain and speculative runs alternate — `repeats` of each, the order flipped
-every repeat (plain, spec, spec, plain, …) so that neither side always runs first while the machine's speed
-drifts — each admitting every prompt at once and served from the same warm cache (each recomputes only its
-prompt's last partial chunk). Decode time excludes those prefill chunks on both sides. The speedup is the
-median, over the repeats, of plain decode time per token over the speculative one of the same repeat (the
-two runs adjacent in time, so a machine whose speed drifts between repeats moves both sides of a ratio
-alike); the whole run, its tail of requests finishing one by one included, and the same for the steady
-state: the steps in which every request decoded and none prefilled. With speculation off on both sides the
-method reports 1.00× within noise (`benchmarks/compare_null.py` measures it).
-"""
+Both sides run in one engine core (the path `LLM.generate` and `magicdec serve` run) under the same conditions:
+first a warm-up puts every prompt's whole prefill chunks in the prefix cache (one run of a single token each,
+speculation on: a draft with a KV pool of its own holds them too), then plain and speculative runs alternate —
+`repeats` of each, the order flipped every repeat (plain, spec, spec, plain, …) so that neither side always runs
+first while the machine's speed drifts — each admitting every prompt at once and served from the same warm cache
+(each recomputes only its prompt's last partial chunk). Decode time excludes those prefill chunks on both sides. The
+speedup is the median, over the repeats, of plain decode time per token over the speculative one of the same repeat
+(the two runs adjacent in time, so a machine whose speed drifts between repeats moves both sides of a ratio alike);
+the whole run, its tail of requests finishing one by one included, and the same for the steady state: the steps in
+which every request decoded and none prefilled. With speculation off on both sides the method reports 1.00× within
+noise (`benchmarks/compare_null.py` measures it). """
 
 from __future__ import annotations
 
