@@ -60,6 +60,7 @@ def main() -> None:
         rows = []
         for name, spec in specs.items():
             core.set_speculation(spec)
+            core.forget_outputs()
             r = llm.run(core, prompts, params)
             s = r.stats
             row = {"choice": name, "config": spec.label, "kv_source": spec.tuning.kv_source,

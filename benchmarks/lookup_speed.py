@@ -70,6 +70,7 @@ def point(llm: LLM, workload: str, batch: int, context: int, names: list[str], a
             shift = rnd % len(order)
             for name in order[shift:] + order[:shift]:
                 core.set_speculation(None if name == "plain" else specs[name])
+                core.forget_outputs()  # suffix drafts propose from recent outputs: never this prompt's last run
                 runs[name].append(llm.run(core, ids, params))
     finally:
         core.close()

@@ -270,8 +270,10 @@ class Engine:
         return self.core.last_report
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (vLLM's /reset_prefix_cache): later prompts are computed afresh."""
+        """Forget every cached prefix (vLLM's /reset_prefix_cache) and the recent outputs suffix drafts propose
+        from: later prompts are computed and drafted afresh."""
         self.core.pool.clear_prefix_cache()
+        self.core.forget_outputs()
 
     def check_no_leaks(self) -> None:
         """Raise KVLeakError if any KV block is still held while no request is left."""

@@ -51,6 +51,24 @@ def test_preempted_requests_keep_their_proposers(tiny_llm: LLM, repeating: list[
     e.check_no_leaks()
 
 
+def test_forget_outputs_makes_a_rerun_draft_as_the_first_run(tiny_llm: LLM, repeating: list[list[int]],
+                                                              plain: list[list[int]]) -> None:
+    """The same prompts again: suffix drafts find the last run's outputs in the shared store and accept more —
+    what a benchmark must not measure; after `forget_outputs` the rerun drafts exactly as the first run."""
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    core = tiny_llm.core_for(repeating, params, SUFFIX)
+    try:
+        first, again = (tiny_llm.run(core, repeating, params) for _ in range(2))
+        core.forget_outputs()
+        fresh = tiny_llm.run(core, repeating, params)
+    finally:
+        core.close()
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in fresh.outputs] == plain
+    assert again.stats.acceptance.accepted_tokens > first.stats.acceptance.accepted_tokens
+    assert (fresh.stats.acceptance.accepted_tokens, fresh.stats.acceptance.draft_tokens) == \
+        (first.stats.acceptance.accepted_tokens, first.stats.acceptance.draft_tokens)
+
+
 def test_each_request_its_own_method(tiny_llm: LLM, repeating: list[list[int]], plain: list[list[int]]) -> None:
     """One engine (a streaming self-draft), five requests side by side: off, the model draft, prompt lookup,
     suffix matching, hybrid — every one plain decoding's tokens; each drafted with what it asked for."""

@@ -99,6 +99,7 @@ def compare(llm: LLM, prompts: Sequence[Prompt], params: SamplingParams, spec: S
             sides = [(None, baselines), (spec, runs)]
             for s, into in sides if i % 2 == 0 else sides[::-1]:
                 core.set_speculation(s)
+                core.forget_outputs()  # suffix drafts must not replay the last run's outputs
                 into.append(llm.run(core, ids, params, progress=progress))
     finally:
         core.close()

@@ -204,6 +204,7 @@ class Runner:
                             timed = rnd >= g.warmup  # warm-up runs stop after WARMUP_TOKENS: every path, less time
                             core.set_speculation(cfg if cfg.enabled else None,
                                                  verifier=synthetic if cfg.enabled else None)
+                            core.forget_outputs()  # suffix drafts must not replay the last run's outputs
                             result = llm.run(core, ids, params if timed else warm_params)
                             if timed:
                                 runs[cfg.label].append(result)

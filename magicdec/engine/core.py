@@ -381,6 +381,11 @@ class EngineCore:
     def _capture_s(self) -> float:
         return self.graphs.capture_s + sum(f.capture_s for f in self._draft_forwards.values() if f is not self.graphs)
 
+    def forget_outputs(self) -> None:
+        """Forget the recent outputs suffix drafts propose from. A benchmark that runs the same prompts again
+        must call it before each run, or suffix drafts replay the last run's outputs and it measures memory."""
+        self.shared_outputs.clear()
+
     def close(self) -> None:
         """Abort every request and free the KV pools now (the core is unusable after)."""
         for rid in list(self.requests):

@@ -144,6 +144,10 @@ class SuffixTrie:
             raise ValueError(f"a suffix trie needs depth ≥ 2 and capacity ≥ 1 token, got depth={depth}, "
                              f"capacity={capacity}")
         self.depth, self.capacity = depth, capacity
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every output."""
         self.root = _Node()
         self.outputs: OrderedDict[Hashable, list[int]] = OrderedDict()  # least recently used first
         self.tokens = 0
