@@ -5,8 +5,9 @@
 
 The server binds its address first (a bad --host or a busy --port is one line, before anything loads), then
 listens at once; the model loads behind it (GET /health: 503 while loading, 200 when ready).
-SIGTERM (or Ctrl-C): new requests get 503, running ones finish (at most --shutdown-timeout seconds,
-then they are aborted), and the process exits 0; stopped while the model still loads, it exits at once.
+SIGTERM (or Ctrl-C): new requests get 503, running ones finish; after a SIGTERM the server listens until none
+has arrived for 2 s (a router sees it leave). All within --shutdown-timeout seconds,
+then they are aborted, and the process exits 0; stopped while the model still loads, it exits at once.
 An empty --api-key (or $MAGICDEC_API_KEY) is refused rather than taken as "no authentication"; listening
 on every interface (0.0.0.0, ::) without a key is allowed, with a warning.
 """
@@ -22,7 +23,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Generator
+import time
+from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     server = make_server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                    access_log=not args.no_access_log,
                                    timeout_graceful_shutdown=args.shutdown_timeout),
-                         app.state.magicdec.drain)
+                         app.state.magicdec)
 
     def fatal(e: BaseException) -> None:
         failure.append(e)
@@ -198,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 WILDCARDS = ("0.0.0.0", "::", "")
+DRAIN_QUIET_S = 2.0  # a draining server listens until no request has arrived for this long
 
 
 def kv_event_publisher(args: argparse.Namespace, device_type: str) -> KVEventPublisher | None:
@@ -295,15 +298,44 @@ def leave(status: int, line: str | None = None) -> int:
     os._exit(status)
 
 
-def make_server(config: Any, on_exit: Callable[[], None]) -> Any:
-    """uvicorn's server, but a SIGTERM or SIGINT first drains the app (new requests: 503) and, once the
-    graceful shutdown is over, the process exits 0 (uvicorn would re-raise the signal and die of it)."""
+def make_server(config: Any, state: Any, quiet_s: float = DRAIN_QUIET_S) -> Any:
+    """uvicorn's server, but a SIGTERM or SIGINT first drains the app: new requests (and `/health`) get 503
+    while running ones finish; after a SIGTERM (what an orchestrator sends) it also listens until no request has
+    arrived for `quiet_s` seconds, so that a router sees the replica leave and none of its requests meets a
+    closed socket. All within --shutdown-timeout seconds (at once while the model still loads); then uvicorn's
+    shutdown, and the process exits 0 (uvicorn would re-raise the signal and die of it). A second signal shuts
+    down at once (a third Ctrl-C forces)."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        draining_since: float | None = None
+        quiet_needed = 0.0
+        last_seen: tuple[int, float] = (-1, 0.0)  # (requests served, when that count last changed)
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            on_exit()
+            if self.draining_since is None and not self.should_exit:
+                self.draining_since = time.monotonic()
+                self.quiet_needed = quiet_s if sig == signal.SIGTERM else 0.0
+                state.drain()
+                return
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if await super().on_tick(counter):
+                return True
+            if self.draining_since is None:
+                return False
+            now = time.monotonic()
+            if self.server_state.total_requests != self.last_seen[0]:
+                self.last_seen = (self.server_state.total_requests, now)
+            timeout = self.config.timeout_graceful_shutdown
+            quiet = now - max(self.last_seen[1], self.draining_since) >= self.quiet_needed
+            late = timeout is not None and now - self.draining_since >= timeout
+            if not state.serving or (state.drained() and quiet) or late:
+                self.should_exit = True
+                if timeout is not None:  # uvicorn's graceful shutdown has what is left of it
+                    self.config.timeout_graceful_shutdown = max(0.1, timeout - (now - self.draining_since))
+            return self.should_exit
 
         @contextmanager
         def capture_signals(self) -> Generator[None, None, None]:

@@ -114,6 +114,15 @@ class ServerState:
         if self.runner is not None:
             self.runner.draining = True
 
+    @property
+    def serving(self) -> bool:
+        """The model is loaded and the engine runs (a router may be sending requests here)."""
+        return self.runner is not None and self.runner.error is None
+
+    def drained(self) -> bool:
+        """No submitted request is still running."""
+        return self.runner is None or self.runner.outstanding == 0
+
     def ready(self) -> tuple[Engine, EngineRunner]:
         if self.load_error is not None or (self.runner is not None and self.runner.error is not None):
             raise APIError(503, "the engine failed; see the server's log", type="server_error", code="engine_error")
