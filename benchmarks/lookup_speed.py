@@ -53,7 +53,7 @@ def paired_steady(plain: list[GenerationResult], runs: list[GenerationResult]) -
 
 def point(llm: LLM, workload: str, batch: int, context: int, names: list[str], args: argparse.Namespace,
           corpus: object) -> list[dict]:
-    prompts = build_workload(workload, llm.tokenizer, corpus, context, batch, seed=args.seed, split="eval")
+    prompts = build_workload(workload, llm.tokenizer, corpus, context, batch, seed=args.seed, split=args.split)
     ids = [p.tokens for p in prompts]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     specs = {n: CONFIGS[n] for n in names}
@@ -101,6 +101,8 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("eval", "tune"), default="eval",
+                   help="passages: held out (eval, reported) or the tuning half (tune, to try changes on)")
     p.add_argument("--out", type=Path, help="append the records (JSON lines) to this file")
     args = p.parse_args()
     names = [n for n in args.configs.split(",") if n]

@@ -168,3 +168,42 @@ def test_request_gamma_verifies_only_the_positions_that_pay() -> None:
     good, poor = policy.choose(rs[:2])
     assert good == 3 and poor == 0  # α_poor ≈ 0: its first position (≈ α) is below the threshold 0.3
     assert batch.seen[-1].gammas == [3, 3] and batch.seen[-1].accepted == [3, 0]  # the batch sees every row
+
+
+def test_rounds_of_model_free_drafts_calibrate_at_their_padded_width_and_open_the_model_draft() -> None:
+    """Under hybrid drafting every round may carry some rows' model-free proposals, so no round is a plain
+    step: the policy must still learn the machine from those rounds (else it never lets the model draft in).
+    The verification is padded to its widest row: a round of widths 2 and 0 calibrates γ 2."""
+    cost = CostModel(resolve_model("llama-3.1-8b"), BUILTIN_PROFILES["h100"], DraftSpec("self", 512))
+    auto, state = AutoGamma(cost, 8, AlphaEstimate(prior=0.8)), batch_at(32768, 32)
+    assert auto.choose(state) == 0  # nothing measured yet
+    widths = [2, 0] * 16  # half the rows verify a 2-token proposal, half a plain step
+    predicted = cost.t_verify(32, state.contexts, 2)
+    auto.observe(StepReport([f"r{i}" for i in range(32)], widths, [0] * 32, verify_s=1.5 * predicted,
+                            sources=["suffix" if w else "" for w in widths]))
+    assert auto.calibration.get(2) == pytest.approx(1.5) and auto.calibration.get("target") is None
+    assert auto.choose(state) >= 1  # the round measured the machine: the model draft may run
+
+
+def test_verification_past_the_widest_measured_grows_as_measured_not_as_modelled() -> None:
+    """Where the model overstates how verification time grows with the width (compute-bound here: 256 × 512),
+    a width past the widest measured is priced by extending the measured times linearly, never above the
+    model's own (calibrated) prediction; measured widths keep their calibrated times."""
+    cost = CostModel(resolve_model("llama-3.1-8b"), BUILTIN_PROFILES["h100"], DraftSpec("self", 512))
+    auto, state = AutoGamma(cost, 8, AlphaEstimate(prior=0.8)), batch_at(512, 256)
+    rows, ctx = 256, state.contexts
+    tt = cost.t_target(rows, ctx)
+    measured = {0: tt, 1: 1.1 * tt, 2: 1.2 * tt}  # flatter than the model's 1.35, 1.74
+    for g, t in measured.items():
+        auto.choose(state)
+        widths = [g] * rows
+        auto.observe(StepReport([f"r{i}" for i in range(rows)], widths, [0] * rows, verify_s=t,
+                                sources=["suffix" if g else "" for _ in widths]))
+    _, _, verify = auto.costs(rows, ctx)
+    assert verify(0) == pytest.approx(tt) and verify(2) == pytest.approx(1.2 * tt)
+    assert verify(6) == pytest.approx(1.6 * tt)  # 1.2 + 4 × 0.1
+    assert verify(6) < cost.t_verify(rows, ctx, 6) * auto.calibration.get(2)
+    # where the model's own prediction is the lower, it stands
+    auto.calibration.ratios[1], auto.calibration.ratios[2] = 0.001, 0.01  # measured: steeper than the model
+    _, _, verify = auto.costs(rows, ctx)
+    assert verify(6) == pytest.approx(cost.t_verify(rows, ctx, 6) * 0.01)

@@ -249,7 +249,29 @@ def test_hybrid_batch_choice_bounds_each_request_and_runs_the_largest_self_gamma
     choices, steps = choose_batch([sure, None, None], [SourceAcceptance() for _ in range(3)], costs, [3, 4, 0])
     assert choices[0].source == "ngram" and choices[0].n == 3  # cut to its bound
     assert choices[1].source == SELF and steps == choices[1].n
-    assert choices[2] == Choice(PLAIN, 0, 1.0)
+    assert choices[2].source == PLAIN and choices[2].n == 0
+
+
+def test_hybrid_batch_choice_prices_the_padded_width_once_for_the_batch() -> None:
+    """The verification is padded to the widest row: one row's long proposal makes every row's round cost its
+    width. Where verifying is compute-bound (T_V grows with the width), seven rows that draft well with the
+    model at γ 2 are not made to verify 8 wide for one row's 8-token proposal; where it is nearly free, the
+    round goes wide and the others take the self-draft within it."""
+    long = Proposal(list(range(8)), [0.9] * 8, "suffix", 8)
+    accs = [SourceAcceptance() for _ in range(8)]
+    for a in accs:
+        for _ in range(10):
+            a.record(SELF, 2, 2)  # the model draft is accepted throughout
+    steep = RoundCosts(verify=lambda n: 1.0 + 0.5 * n, draft_step=0.2)
+    choices, steps = choose_batch([long] + [None] * 7, accs, steep, [2] * 8, bounds=[8] * 8)
+    assert max(c.n for c in choices) == 2 and steps == 2
+    assert all(c.source == SELF for c in choices[1:])
+    flat = RoundCosts(verify=lambda n: 1.0 + 0.01 * n, draft_step=0.2)
+    choices, steps = choose_batch([long] + [None] * 7, accs, flat, [2] * 8, bounds=[8] * 8)
+    assert choices[0].source == "suffix" and choices[0].n == 8 and steps == 2
+    # a plan imposed by other requests (a fixed-γ self row of γ 3) is a floor
+    choices, steps = choose_batch([long], accs[:1], steep, [2], bounds=[8], min_width=3, min_steps=3)
+    assert choices[0].n >= 2 and steps <= 3
 
 
 # ---- exactness: a deterministic draft is a one-hot draft distribution ------------------------------------

@@ -7,9 +7,10 @@ own `RequestSpec.method` says, else as the engine's setting:
 - "self": the model draft, γ as `RequestGamma` chooses it;
 - "ngram" / "suffix": its proposer's proposal of at most its bound (the engine's γ bound, or its own γ) —
   whatever the proposer found, nothing when nothing matches (a plain step);
-- "hybrid": the proposal cut to its best length, the model draft at γ, or a plain step, whichever the cost
-  model expects to commit the most tokens per unit of time (`spec/hybrid.py`): T_T, T_D and T_V(n) of the
-  batch as it is (calibrated by the measured steps when γ is automatic), the measured matching time, and the
+- "hybrid": the proposal cut to the round's width, the model draft at γ, or a plain step: the round's width
+  and draft steps chosen for the batch to commit the most tokens per unit of time (`spec/hybrid.py`
+  `choose_batch`: the verification is padded to its widest row), from T_T, T_D and T_V(n) of the batch as it
+  is (calibrated by the measured steps when γ is automatic), the measured matching time, and each
   request's acceptance per source, learned from its rounds (`observe`).
 Under tensor parallelism (`deterministic`) the choice uses the cost model's predictions only and no
 measured time, so every rank makes the same choice from the same committed tokens.
@@ -23,7 +24,7 @@ from typing import Any
 
 from magicdec.costmodel.policy import AutoGamma, RequestGamma, StepReport
 from magicdec.costmodel.steps import CostModel
-from magicdec.spec.hybrid import SELF, MatchCost, RoundCosts, choose
+from magicdec.spec.hybrid import SELF, MatchCost, RoundCosts, choose_batch
 from magicdec.spec.lookup import Draft, Proposal
 
 LOOKUP_METHODS = ("ngram", "suffix")
@@ -64,14 +65,20 @@ class DraftChoice:
                 draft, n = Draft(SELF), g
             elif m in LOOKUP_METHODS and prop is not None and len(prop):
                 draft, n = Draft(prop.source, tuple(prop.tokens)), len(prop)
-            elif m == "hybrid" and costs is not None:
-                c = choose(prop, r.sources, costs, g)
-                if c.source == SELF:
-                    draft, n = Draft(SELF), c.n
-                elif c.n:
-                    draft, n = Draft(c.source, c.tokens), c.n
             r.draft = draft
             out.append(n)
+        hybrid = [i for i, m in enumerate(methods) if m == "hybrid"]
+        if hybrid and costs is not None:
+            # one choice for the hybrid requests, around the width and draft steps the others impose
+            others = [i for i in range(len(requests)) if methods[i] != "hybrid"]
+            choices, _ = choose_batch([proposals[i] for i in hybrid], [requests[i].sources for i in hybrid], costs,
+                                      [gammas[i] for i in hybrid],
+                                      bounds=[max(gammas[i], len(proposals[i] or ())) for i in hybrid],
+                                      min_width=max((out[i] for i in others), default=0),
+                                      min_steps=max((out[i] for i in others if methods[i] == "self"), default=0))
+            for i, c in zip(hybrid, choices):
+                requests[i].draft = Draft(SELF) if c.source == SELF else Draft(c.source, c.tokens) if c.n else Draft()
+                out[i] = c.n
         return out
 
     def _costs(self, requests: Any) -> RoundCosts | None:

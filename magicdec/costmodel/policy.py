@@ -172,6 +172,7 @@ class AutoGamma:
         self.probe_every, self._plain_steps = probe_every, 0
         self.plain_every, self._spec_rounds = plain_every, 0
         self._step: dict[object, float] | None = None  # the last choice's uncalibrated predictions, by kind
+        self._view: tuple[int, list[int]] | None = None  # the last choice's rows and contexts
 
     def _verify_ratio(self, gamma: int) -> float:
         """Measured/predicted verification time at γ; an untried γ takes the nearest tried one's (the
@@ -202,14 +203,14 @@ class AutoGamma:
             self._plain_steps += 1
             if spec_gamma and self._plain_steps >= self._probe_gap(spec_best, omega(spec_gamma, alpha)):
                 gamma, self._plain_steps = spec_gamma, 0
-        elif "target" not in cal.ratios:
-            gamma = 0  # measure the baseline first
+        elif not cal.ratios:
+            gamma = 0  # measure the machine first (a plain step; under hybrid drafting, the round's proposals)
         else:
             self._plain_steps = 0
             self._spec_rounds += 1
             if self._spec_rounds % self.plain_every == 0:
                 gamma = 0  # and again now and then
-        self._step = raw
+        self._step, self._view = raw, (rows, contexts)
         return gamma
 
     def token_threshold(self, gamma: int) -> float | None:
@@ -239,8 +240,8 @@ class AutoGamma:
 
     def observe(self, report: StepReport) -> None:
         """After a round: its accepted counts and the seconds it spent drafting, verifying (a plain
-        step: the step) and otherwise. A round whose verification was wider than any γ this policy
-        considered (model-free drafts of other requests) teaches it nothing about verification."""
+        step: the step) and otherwise. Rows verify ragged widths (per-request γ, model-free drafts) in one
+        forward padded to the widest, so a round calibrates T_V at its widest row's γ."""
         raw, gamma, steps = self._step, report.gamma, report.draft_steps
         if raw is None:
             return  # not a round this policy chose
@@ -252,6 +253,8 @@ class AutoGamma:
             gammas, accepted = report.drafted
             self.alpha.update(steps, accepted, gammas)
             self.calibration.update("draft", draft_s / steps, raw["draft"])
+        if gamma not in raw and self._view is not None and len(report.gammas) == self._view[0]:
+            raw[gamma] = self.cost.t_verify(*self._view, gamma)  # a model-free draft wider than γ* went
         if gamma in raw:
             self.calibration.update(gamma, verify_s, raw[gamma])
         f = RATIO_FORGET
@@ -259,12 +262,27 @@ class AutoGamma:
 
     def costs(self, rows: int, contexts: list[int]) -> tuple[float, float, Callable[[int], float]]:
         """This batch's T_T, T_D and T_V(n) in seconds, as the policy predicts them (calibrated by the steps
-        it has measured)."""
+        it has measured). Past the widest γ measured, T_V(n) grows no faster than the measured times did up
+        to it (linearly from the two widest measured), nor faster than the model says: a model that
+        overstates how a wide verification's time grows would otherwise never let one be tried."""
         cal, cost = self.calibration, self.cost
         t_target = cost.t_target(rows, contexts) * cal.get("target", self._verify_ratio(1))
         t_draft = cost.t_draft(rows, contexts) * cal.get("draft", self._verify_ratio(1))
-        return t_target, t_draft, lambda n: cost.t_verify(rows, contexts, n) * self._verify_ratio(n) if n else \
-            t_target
+        tried = sorted(k for k in cal.ratios if isinstance(k, int))
+        known: dict[int, float] = {}
+
+        def verify(n: int) -> float:
+            if n == 0:
+                return t_target
+            if n not in known:
+                known[n] = cost.t_verify(rows, contexts, n) * self._verify_ratio(n)
+                if tried and n > tried[-1]:
+                    top, low = tried[-1], tried[-2] if len(tried) > 1 else 0
+                    slope = max(verify(top) - verify(low), 0.0) / (top - low)
+                    known[n] = min(known[n], verify(top) + (n - top) * slope)
+            return known[n]
+
+        return t_target, t_draft, verify
 
     def stats(self) -> dict[str, Any]:
         return {"alpha_estimate": self.alpha.value}

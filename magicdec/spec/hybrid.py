@@ -13,15 +13,16 @@ For each option, expected tokens committed per T_T (the bonus token counted):
 The largest rate wins; ties go to the cheaper option (plain, then model-free, then self-draft).
 
 Learned acceptance (`SourceAcceptance`): per request and source, Beta-like counts of draft positions
-tried (up to and including the first rejection) and accepted, older rounds forgotten geometrically (like
-`magicdec.costmodel.policy.AlphaEstimate`). A position's chance blends the source's own estimate for it
-(the proposer's per-token probability, or the self-draft's prior α) with what this request observed:
-a_i = (w · p_i + accepted) / (w + tried), where the estimate's weight w starts at `weight` positions and is
-forgotten like the counts. A new request follows its proposer; after a few rounds its own record decides.
+tried (up to and including the first rejection) and accepted, the first position apart from the later ones,
+older rounds forgotten geometrically (like `magicdec.costmodel.policy.AlphaEstimate`). A position's chance
+blends the source's own estimate for it (the proposer's per-token probability, or the self-draft's prior α)
+with what this request observed there: a_i = (w · p_i + accepted) / (w + tried), where the estimate's weight
+w starts at `weight` positions and is forgotten like the counts. A new request follows its proposer; after a
+few rounds its own record decides.
 
-T_V and T_D are the batch's (the cost model's view, as `AutoGamma` takes it: every row doing the same);
-the engine pays the self-draft's γ steps once for the batch (the largest γ chosen), and verifies all rows
-in one forward of ragged lengths.
+The round's cost is the batch's: one verification forward padded to its widest row, T_V(W), and S draft
+steps, S · T_D (the cost model's view, calibrated as `AutoGamma` does), so the batch's width and steps are
+chosen together (`choose_batch`); `choose` is the one-request case.
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ SELF_PRIOR = 0.8  # the self-draft's acceptance before any round (the MagicDec p
 
 
 class SourceAcceptance:
-    """One request's acceptance per draft source (see the module docstring)."""
+    """One request's acceptance per draft source (see the module docstring), kept apart for a draft's first
+    position and its later ones: a model-free draft is often all or nothing (a wrong first token, or a
+    copied span taken whole), which one rate per position would flatten into a short expected run."""
 
     def __init__(self, weight: float = WEIGHT, forget: float = FORGET) -> None:
         if weight <= 0 or not 0 < forget <= 1:
             raise ValueError(f"acceptance estimates need weight > 0 and forget in (0, 1], got weight={weight}, "
                              f"forget={forget}")
         self.weight, self.forget = weight, forget
-        self.counts: dict[str, tuple[float, float, float]] = {}  # source → (accepted, tried, the prior's weight)
+        # source → (accepted, tried) at the first position, (accepted, tried) at later ones, the prior's weight
+        self.counts: dict[str, tuple[float, float, float, float, float]] = {}
 
     def record(self, source: str, drafted: int, accepted: int) -> None:
         """A round in which `source` drafted `drafted` tokens and the target accepted `accepted` of them."""
@@ -53,14 +57,18 @@ class SourceAcceptance:
             raise ValueError(f"accepted drafts must be in 0 … {drafted}, got {accepted}")
         if drafted == 0:
             return
-        a, t, w = self.counts.get(source, (0.0, 0.0, self.weight))
+        a1, t1, a2, t2, w = self.counts.get(source, (0.0, 0.0, 0.0, 0.0, self.weight))
         f = self.forget
-        self.counts[source] = (f * a + accepted, f * t + min(accepted + 1, drafted), f * w)
+        later = min(accepted + 1, drafted) - 1  # later positions tried: up to and including the first rejection
+        self.counts[source] = (f * a1 + min(accepted, 1), f * t1 + 1, f * a2 + max(accepted - 1, 0), f * t2 + later,
+                               f * w)
 
-    def chance(self, source: str, prior: float) -> float:
-        """A draft position's chance of acceptance: `prior` (the source's own estimate) blended with this
-        request's record for the source."""
-        a, t, w = self.counts.get(source, (0.0, 0.0, self.weight))
+    def chance(self, source: str, prior: float, position: int | None = None) -> float:
+        """A draft position's chance of acceptance given the ones before it: `prior` (the source's own
+        estimate) blended with this request's record for the source at that position (1: the first, later
+        ones pooled; None: all positions pooled)."""
+        a1, t1, a2, t2, w = self.counts.get(source, (0.0, 0.0, 0.0, 0.0, self.weight))
+        a, t = (a1, t1) if position == 1 else (a2, t2) if position is not None else (a1 + a2, t1 + t2)
         return min(max((w * prior + a) / (w + t), 0.0), 1.0)
 
 
@@ -92,7 +100,7 @@ def choose(proposal: Proposal | None, acceptance: SourceAcceptance, costs: Round
     """The best of plain, the proposal (cut to its best length) and the self-draft at its best γ ≤ max_gamma."""
     best = Choice(PLAIN, 0, 1.0 / costs.verify(0))
     if proposal is not None and len(proposal):
-        chances = [acceptance.chance(proposal.source, p) for p in proposal.probs]
+        chances = [acceptance.chance(proposal.source, p, j) for j, p in enumerate(proposal.probs, 1)]
         for m in range(1, len(proposal) + 1):
             rate = (1.0 + expected_accepted(chances[:m])) / (costs.verify(m) + costs.match)
             if rate > best.rate:
@@ -107,19 +115,59 @@ def choose(proposal: Proposal | None, acceptance: SourceAcceptance, costs: Round
 
 
 def choose_batch(proposals: Sequence[Proposal | None], acceptances: Sequence[SourceAcceptance], costs: RoundCosts,
-                 max_gammas: Sequence[int], self_prior: float = SELF_PRIOR) -> tuple[list[Choice], int]:
-    """Each request's choice, and the self-draft's steps this round (the largest γ chosen; 0: no draft
-    steps). `max_gammas`: per request, the most positions it may verify (its own bound, and its remaining
-    tokens − 1)."""
-    if not len(proposals) == len(acceptances) == len(max_gammas):
+                 max_gammas: Sequence[int], self_prior: float = SELF_PRIOR, bounds: Sequence[int] | None = None,
+                 min_width: int = 0, min_steps: int = 0) -> tuple[list[Choice], int]:
+    """Each request's choice, and the self-draft's steps this round (0: no draft steps), chosen for the batch.
+
+    The round is one verification forward padded to its widest row and S draft steps for every row that
+    drafts with the model, so its cost is T_V(W) + S · T_D whatever the other rows verify: the choice is the
+    width W and the steps S ≤ W that commit the most expected tokens per unit of time over the whole batch,
+    each request then taking its best option within them (its proposal cut to W, the self-draft at
+    min(S, its γ), or a plain step). A request's own choice (`choose`) would price every row's width as the
+    batch's, and let a few long proposals make everyone's round cost their width.
+    `max_gammas`: per request, the most positions the self-draft may run (its γ; 0: none); `bounds`: per
+    request, the most positions it may verify (default: its γ); `min_width`/`min_steps`: the width and
+    draft steps other requests of the round impose anyway."""
+    bounds = list(max_gammas) if bounds is None else list(bounds)
+    if not len(proposals) == len(acceptances) == len(max_gammas) == len(bounds):
         raise ValueError(f"one proposal, acceptance record and bound per request: got {len(proposals)}, "
-                         f"{len(acceptances)} and {len(max_gammas)}")
+                         f"{len(acceptances)}, {len(max_gammas)} and {len(bounds)}")
+    widest = max([min_width, *bounds], default=0)
+    # per request: expected tokens committed (bonus included) at each width, by the proposal and by the draft
+    lookup: list[list[tuple[float, int]]] = []  # [W] → (tokens, the proposal's length used)
+    drafted: list[list[float]] = []  # [g] → tokens of the self-draft at γ g (index 0: a plain step)
+    for prop, acc, g, b in zip(proposals, acceptances, max_gammas, bounds):
+        best, row = (1.0, 0), [(1.0, 0)]
+        chances = [acc.chance(prop.source, q, j) for j, q in enumerate(prop.probs[:b], 1)] if prop is not None else []
+        for w in range(1, widest + 1):
+            if w <= len(chances):
+                best = max(best, (1.0 + expected_accepted(chances[:w]), w))
+            row.append(best)
+        lookup.append(row)
+        alpha = acc.chance(SELF, self_prior) if costs.draft_step is not None else 0.0
+        drafted.append([1.0 + expected_accepted([alpha] * k) for k in range(min(g, b) + 1)])
+    steps_limit = max((len(d) - 1 for d in drafted), default=0) if costs.draft_step is not None else 0
+    best_plan, best_rate = (min_width, min_steps), -1.0
+    for w in range(min_width, widest + 1):
+        for s in range(min_steps, min(max(steps_limit, min_steps), w) + 1):
+            tokens = sum(max(lk[w][0], dr[min(s, len(dr) - 1)]) for lk, dr in zip(lookup, drafted))
+            cost = costs.verify(w) + s * (costs.draft_step or 0.0) + (costs.match if w else 0.0)
+            rate = tokens / cost
+            if rate > best_rate * (1 + 1e-9):
+                best_plan, best_rate = (w, s), rate
+    w, s = best_plan
+    cost = costs.verify(w) + s * (costs.draft_step or 0.0) + (costs.match if w else 0.0)
     choices = []
-    for prop, acc, g in zip(proposals, acceptances, max_gammas):
-        prop = prop.cut(g) if prop is not None and len(prop) > g else prop
-        choices.append(choose(prop, acc, costs, g, self_prior) if g > 0 else Choice(PLAIN, 0, 1.0))
-    steps = max((c.n for c in choices if c.source == SELF), default=0)
-    return choices, steps
+    for prop, lk, dr in zip(proposals, lookup, drafted):
+        by_lookup, n = lk[w]
+        g = min(s, len(dr) - 1)
+        if dr[g] > by_lookup and g:
+            choices.append(Choice(SELF, g, dr[g] / cost))
+        elif n and prop is not None:
+            choices.append(Choice(prop.source, n, by_lookup / cost, tuple(prop.tokens[:n])))
+        else:
+            choices.append(Choice(PLAIN, 0, 1.0 / cost))
+    return choices, max((c.n for c in choices if c.source == SELF), default=0)
 
 
 class MatchCost:
